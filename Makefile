@@ -1,0 +1,47 @@
+# The README's commands. Each does its own set-up on a fresh machine:
+#   make test    venv + pinned CPU torch + triton, build fastdl._C, run the tests
+#   make bench   same set-up, then `python -m fastdl.bench` (tables, JSON, plots)
+#
+# On a machine whose python3 already has a CUDA torch (the H100 image) use
+# scripts/gpu_check.sh instead: it builds against that torch, no venv, no network.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned for development and CI (see ../shared/NOTES-ENV.md): the CPU wheel of torch,
+# the Triton the H100 image has, and numpy < 2.4 for Triton 3.6's interpreter.
+TORCH_PIN ?= torch==2.13.0
+DEV_REQS = $(TORCH_PIN) triton==3.6.0 "numpy<2.4" pytest pytest-benchmark ninja tqdm matplotlib
+# The CUDA 13 build of torch that lies on the dev machine's disk: used only to
+# compile-check the torch-facing CUDA code (csrc/ops) without a GPU.
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_PIN ?= torch==2.14.1
+PYTEST_ARGS ?=
+
+.PHONY: test bench venv build check-cuda-build clean
+
+$(VENV)/.installed:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(DEV_REQS)
+	touch $@
+
+venv: $(VENV)/.installed
+
+build: venv
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	FASTDL_CUDA_VENV=$(CUDA_VENV) FASTDL_CUDA_TORCH_PIN=$(CUDA_TORCH_PIN) \
+	  $(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m fastdl.bench
+
+# Builds fastdl._C with its CUDA part against a CUDA torch, in a separate venv
+# (tests/test_build.py runs this too).
+check-cuda-build:
+	bash scripts/check_cuda_build.sh $(CUDA_VENV) $(CUDA_TORCH_PIN)
+
+clean:
+	rm -rf build fastdl/_C*.so *.egg-info

@@ -1,0 +1,46 @@
+// The schemas of fastdl's native ops, in the `fastdl` namespace.
+//
+// Each op works on a 2-D (rows, cols) view whose last dim is contiguous; the Python
+// layer (fastdl/ops) moves the reduced dim last and handles dtype, autograd and
+// torch.compile. Implementations register per device:
+//   CPU  -> csrc/cpu/<op>.cpp        CUDA -> csrc/ops/<op>.cpp (+ kernels/<op>.cu)
+//
+// No pybind11: importing fastdl._C runs the static registrations below and the
+// ops are reached as torch.ops.fastdl.<name>.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "csrc/common/outputs.h"
+
+TORCH_LIBRARY(fastdl, m) {
+  // true when this build has the CUDA kernels (FASTDL_BUILD_CUDA=ON)
+  m.def("native_built_with_cuda() -> bool");
+  // test hook: fill every output with NaN before kernels write it (csrc/common/outputs.h)
+  m.def("set_poison_outputs(bool enabled) -> ()");
+  // softmax / log_softmax over the last dim of a (rows, cols) tensor; the output is a
+  // new contiguous tensor of the input's dtype
+  m.def("softmax_rows_forward(Tensor x, bool log) -> Tensor");
+  // grad_x from grad_out and the forward's output
+  m.def("softmax_rows_backward(Tensor grad_out, Tensor out, bool log) -> Tensor");
+}
+
+static bool native_built_with_cuda() {
+#ifdef FASTDL_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+static void set_poison_outputs(bool enabled) { fastdl::poison_outputs_flag().store(enabled); }
+
+TORCH_LIBRARY_IMPL(fastdl, CompositeExplicitAutograd, m) {
+  m.impl("native_built_with_cuda", &native_built_with_cuda);
+  m.impl("set_poison_outputs", &set_poison_outputs);
+}
+
+// `import fastdl._C` needs a module init function; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,168 @@
+// softmax / log_softmax over rows on the CPU: forward and backward.
+//
+// at::parallel_for splits the rows over threads; each row is three vectorised passes
+// over memory that stays in L1/L2 (max, exp-and-sum into the output, scale), the same
+// traffic as torch's own kernel. Accumulation in float (double for double inputs).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "csrc/common/outputs.h"
+#include "csrc/cpu/vec_math.h"
+
+namespace fastdl::cpu {
+namespace {
+
+// Built once per ISA (AVX-512, AVX2, baseline) and picked at load time by the
+// dynamic loader (GCC function multiversioning), so the wheel runs on any x86-64.
+// The per-row functions are forced inline so that each clone gets its own vector code.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTDL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTDL_MULTIVERSION
+#endif
+#define FASTDL_INLINE inline __attribute__((always_inline))
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+FASTDL_INLINE float exp_acc(float x) { return exp_approx(x); }
+FASTDL_INLINE double exp_acc(double x) { return std::exp(x); }
+
+// Rows per parallel task: at least ~32k elements of work each, so threads are not
+// woken for tiny rows.
+int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
+
+
+template <typename T, bool kLog>
+FASTDL_INLINE void softmax_row_forward(const T* __restrict x, T* __restrict y, int64_t cols) {
+  using acc_t = typename Acc<T>::type;
+  acc_t max_val = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : max_val)
+  for (int64_t j = 0; j < cols; ++j) {
+    const acc_t v = static_cast<acc_t>(x[j]);
+    max_val = v > max_val ? v : max_val;
+  }
+  // A row of -inf gives max = -inf and NaN outputs, as torch does.
+  acc_t sum = 0;
+  if constexpr (kLog) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) sum += exp_acc(static_cast<acc_t>(x[j]) - max_val);
+    // (x - max) - log(sum), not x - (max + log(sum)): near +-3e38 the latter rounds away log(sum)
+    const acc_t log_sum = std::log(sum);
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) y[j] = static_cast<T>((static_cast<acc_t>(x[j]) - max_val) - log_sum);
+  } else if constexpr (std::is_same_v<T, acc_t>) {
+    // write exp(x - max) once, then scale in place: x is read once
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) {
+      const acc_t e = exp_acc(x[j] - max_val);
+      y[j] = e;
+      sum += e;
+    }
+    const acc_t inv = acc_t(1) / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) y[j] *= inv;
+  } else {
+    // reduced-precision output: do not round exp(x - max) before scaling it
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) sum += exp_acc(static_cast<acc_t>(x[j]) - max_val);
+    const acc_t inv = acc_t(1) / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) y[j] = static_cast<T>(exp_acc(static_cast<acc_t>(x[j]) - max_val) * inv);
+  }
+}
+
+// softmax:      dx = y * (dy - sum(dy * y))
+// log_softmax:  dx = dy - exp(y) * sum(dy)
+template <typename T, bool kLog>
+FASTDL_INLINE void softmax_row_backward(const T* __restrict dy, const T* __restrict y, T* __restrict dx, int64_t cols) {
+  using acc_t = typename Acc<T>::type;
+  acc_t dot = 0;
+  if constexpr (kLog) {
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < cols; ++j) dot += static_cast<acc_t>(dy[j]);
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j)
+      dx[j] = static_cast<T>(static_cast<acc_t>(dy[j]) - exp_acc(static_cast<acc_t>(y[j])) * dot);
+  } else {
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < cols; ++j) dot += static_cast<acc_t>(dy[j]) * static_cast<acc_t>(y[j]);
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j)
+      dx[j] = static_cast<T>(static_cast<acc_t>(y[j]) * (static_cast<acc_t>(dy[j]) - dot));
+  }
+}
+
+template <typename T, bool kLog>
+FASTDL_MULTIVERSION void forward_rows(const T* x, int64_t x_stride, T* y, int64_t begin, int64_t end, int64_t cols) {
+  for (int64_t r = begin; r < end; ++r) softmax_row_forward<T, kLog>(x + r * x_stride, y + r * cols, cols);
+}
+
+template <typename T, bool kLog>
+FASTDL_MULTIVERSION void backward_rows(const T* dy, int64_t dy_stride, const T* y, int64_t y_stride, T* dx,
+                                       int64_t begin, int64_t end, int64_t cols) {
+  for (int64_t r = begin; r < end; ++r)
+    softmax_row_backward<T, kLog>(dy + r * dy_stride, y + r * y_stride, dx + r * cols, cols);
+}
+
+void check_rows(const char* fn, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, fn, ": ", name, " must be 2-D (rows, cols), got ", t.dim(), "-D");
+  TORCH_CHECK(t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1, fn, ": ", name, " must have a contiguous last dim");
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              fn, ": ", name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
+  check_rows("fastdl.softmax (cpu)", "x", x);
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  const int64_t rows = x.size(0), cols = x.size(1);
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastdl_softmax_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const int64_t stride = x.stride(0);
+    at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+      if (log) forward_rows<scalar_t, true>(xp, stride, yp, begin, end, cols);
+      else forward_rows<scalar_t, false>(xp, stride, yp, begin, end, cols);
+    });
+  });
+  return y;
+}
+
+at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& out, bool log) {
+  check_rows("fastdl.softmax_backward (cpu)", "grad_out", grad_out);
+  check_rows("fastdl.softmax_backward (cpu)", "out", out);
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "fastdl.softmax_backward (cpu): grad_out of shape ", grad_out.sizes(),
+              " does not match out of shape ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == out.scalar_type(), "fastdl.softmax_backward (cpu): grad_out is ",
+              grad_out.scalar_type(), " but out is ", out.scalar_type());
+  at::Tensor dx = empty_output(out.sizes(), out.options());
+  const int64_t rows = out.size(0), cols = out.size(1);
+  if (dx.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fastdl_softmax_backward_cpu", [&] {
+    const scalar_t* dyp = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* yp = out.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+    const int64_t dy_stride = grad_out.stride(0), y_stride = out.stride(0);
+    at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+      if (log) backward_rows<scalar_t, true>(dyp, dy_stride, yp, y_stride, dxp, begin, end, cols);
+      else backward_rows<scalar_t, false>(dyp, dy_stride, yp, y_stride, dxp, begin, end, cols);
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("softmax_rows_forward", &softmax_rows_forward);
+  m.impl("softmax_rows_backward", &softmax_rows_backward);
+}
+
+}  // namespace fastdl::cpu

@@ -1,0 +1,142 @@
+"""Which backends exist on this machine, and which one runs each op on each device.
+
+Backends:
+  triton  Triton kernels (fastdl/triton): CUDA tensors; CPU tensors only under
+          TRITON_INTERPRET=1 (how CI tests them without a GPU)
+  cuda    CUDA C++ kernels (kernels/ + csrc/ops) in fastdl._C built with CUDA
+  cpu     C++ CPU kernels (csrc/cpu) in fastdl._C
+  torch   plain PyTorch; always there
+
+The choice, in order of precedence: `with fastdl.use_backend(...)`, then
+`fastdl.set_backend(...)`, then the FASTDL_BACKEND environment variable, then "auto".
+"auto" walks PREFERENCE for the op and device and takes the first backend that can
+run the call; a named backend that cannot run it raises BackendUnavailableError.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+import torch
+
+from fastdl import _native
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+
+# op -> device type -> backends to try in order, under "auto".
+# Justify each entry with a committed benchmark run (benchmarks/results/<device>/).
+PREFERENCE = {
+    "softmax": {
+        # cuda: no GPU run committed yet; triton first as the issue's primary kernel,
+        # revisit with benchmarks/results/h100 once measured.
+        "cuda": ("triton", "cuda", "torch"),
+        # cpu: benchmarks/results/cpu (fp32 4096x4096: fastdl cpu vs torch eager)
+        "cpu": ("cpu", "torch"),
+    },
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run this call here; the message says why."""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({exc})"
+    return None
+
+
+def why_unavailable(backend: str, device_type: str, op: str | None = None) -> str | None:
+    """None when `backend` can run on `device_type` here, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if (err := _triton_import_error()) is not None:
+            return err
+        if device_type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA device"
+        if device_type == "cpu":
+            return None if triton_interpreting() else "triton runs CPU tensors only under TRITON_INTERPRET=1"
+        return f"triton does not run on {device_type} tensors"
+    if backend in ("cpu", "cuda"):
+        if not _native.LOADED:
+            return f"the native extension fastdl._C is not built ({_native.LOAD_ERROR})"
+        if backend != device_type:
+            return f"the {backend} backend runs {backend} tensors, not {device_type} tensors"
+        if backend == "cuda" and not _native.built_with_cuda():
+            return "fastdl._C was built without CUDA (rebuild with a CUDA torch and nvcc, FASTDL_BUILD_CUDA=1)"
+        if backend == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device"
+        if op is not None and not _native.has_kernel(f"{op}_rows_forward", device_type):
+            return f"fastdl._C has no {backend} kernel for {op}"
+        return None
+    raise ValueError(f"fastdl: unknown backend {backend!r}; expected one of {BACKENDS + ('auto',)}")
+
+
+def available_backends(device_type: str | None = None) -> list[str]:
+    """Backends that can run here, for `device_type` ("cpu"/"cuda") or for any device."""
+    devices = (device_type,) if device_type else ("cuda", "cpu")
+    return [b for b in BACKENDS if any(why_unavailable(b, d) is None for d in devices)]
+
+
+def _check_name(name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"fastdl: unknown backend {name!r}; expected one of {BACKENDS + ('auto',)}")
+    return name
+
+
+_global_choice: str | None = None
+_scoped_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastdl_backend", default=None)
+
+
+def set_backend(name: str) -> None:
+    """Use backend `name` ("auto", "triton", "cuda", "cpu", "torch") for every op from now on."""
+    global _global_choice
+    _global_choice = _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend choice in force: "auto" or a backend name."""
+    choice = _scoped_choice.get() or _global_choice or os.environ.get("FASTDL_BACKEND") or "auto"
+    return _check_name(choice)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """`with fastdl.use_backend("cuda"): ...` runs the block with that backend."""
+    token = _scoped_choice.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _scoped_choice.reset(token)
+
+
+def resolve(op: str, device: torch.device, supports=None) -> str:
+    """The backend that runs `op` on `device` now.
+
+    `supports(backend) -> str | None` lets the op veto a backend for this call (a dtype
+    or size it does not take) with a reason.
+    """
+    choice = get_backend()
+    device_type = device.type
+    if choice != "auto":
+        reason = why_unavailable(choice, device_type, op)
+        if reason is None and supports is not None:
+            reason = supports(choice)
+        if reason is not None:
+            raise BackendUnavailableError(f"fastdl.{op}: backend {choice!r} cannot run here: {reason}")
+        return choice
+    for backend in PREFERENCE.get(op, {}).get(device_type, ("torch",)):
+        if why_unavailable(backend, device_type, op) is None and (supports is None or supports(backend) is None):
+            return backend
+    return "torch"

@@ -1,0 +1,70 @@
+"""Input checks and layout helpers shared by fastdl.ops."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(op: str, name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"fastdl.{op}: argument {name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"fastdl.{op}: argument {name} must be a floating-point tensor "
+            f"(float32, float16, bfloat16 or float64), got {t.dtype}"
+        )
+
+
+def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    """t has ref's device, dtype and shape."""
+    if t.device != ref.device:
+        raise ValueError(f"fastdl.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; expected one device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"fastdl.{op}: {name} is {t.dtype} but {ref_name} is {ref.dtype}; expected one dtype")
+    if t.shape != ref.shape:
+        raise ValueError(f"fastdl.{op}: {name} has shape {tuple(t.shape)} but {ref_name} has {tuple(ref.shape)}")
+
+
+def normalize_dim(op: str, dim: int, ndim: int) -> int:
+    """dim in [-ndim, ndim) -> [0, ndim); a 0-d tensor takes dim 0 or -1 (as torch)."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"fastdl.{op}: argument dim must be an int, got {type(dim).__name__}")
+    rank = max(ndim, 1)
+    if not -rank <= dim < rank:
+        raise IndexError(
+            f"fastdl.{op}: dim {dim} is out of range for a {ndim}-D tensor (expected {-rank}..{rank - 1})"
+        )
+    return dim % rank
+
+
+def as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """A 2-D (rows, cols) view or copy of t with `dim` last and that dim contiguous.
+
+    No copy when dim is already last and the leading dims collapse to one stride.
+    """
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    if dim != t.dim() - 1:
+        t = t.movedim(dim, -1)
+    rows = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse of as_rows for a contiguous (rows, cols) result: a contiguous tensor of like's shape."""
+    if like.dim() == 0:
+        return rows.reshape(())
+    if dim == like.dim() - 1:
+        return rows.view(like.shape)
+    moved = list(like.shape)
+    moved.append(moved.pop(dim))
+    return rows.view(moved).movedim(-1, dim).contiguous()

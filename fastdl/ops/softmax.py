@@ -1,0 +1,153 @@
+"""fastdl.ops.softmax / log_softmax: the public functions, their torch.library
+registration and autograd, and dispatch to the triton / cuda / cpu / torch backends.
+
+Every backend works on a 2-D (rows, cols) tensor with the softmax dim last and
+contiguous (see ops/_common.as_rows); this file does the reshaping once for all.
+
+Two entries into the same forward/backward:
+  * eager: a torch.autograd.Function (about 6 us of Python overhead a call on the
+    dev machine, against 11-20 us through the custom op's dispatcher)
+  * under torch.compile: the custom op torch.ops.fastdl.softmax, with a fake
+    implementation and registered autograd, so graphs are traced without breaks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastdl import backends
+from fastdl.ops._common import as_rows, check_float, check_same, check_tensor, from_rows, normalize_dim
+
+# dtypes each backend's kernels take
+_DTYPES = {
+    "triton": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "cpu": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+    "torch": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+}
+
+
+def _rows_forward(backend: str, x: Tensor, log: bool) -> Tensor:
+    if backend == "triton":
+        from fastdl.triton.softmax import softmax_forward
+
+        return softmax_forward(x, log)
+    if backend in ("cuda", "cpu"):
+        return torch.ops.fastdl.softmax_rows_forward(x, log)
+    return torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
+
+
+def _rows_backward(backend: str, grad_out: Tensor, out: Tensor, log: bool) -> Tensor:
+    if backend == "triton":
+        from fastdl.triton.softmax import softmax_backward
+
+        return softmax_backward(grad_out, out, log)
+    if backend in ("cuda", "cpu"):
+        return torch.ops.fastdl.softmax_rows_backward(grad_out, out, log)
+    if log:
+        return torch.ops.aten._log_softmax_backward_data(grad_out, out, -1, out.dtype)
+    return torch.ops.aten._softmax_backward_data(grad_out, out, -1, out.dtype)
+
+
+def _pick_backend(t: Tensor) -> str:
+    def supports(backend: str):
+        if t.dtype not in _DTYPES[backend]:
+            return f"its kernels do not take {t.dtype}"
+        return None
+
+    return backends.resolve("softmax", t.device, supports)
+
+
+def _forward(x: Tensor, dim: int, log: bool) -> Tensor:
+    backend = _pick_backend(x)
+    return from_rows(_rows_forward(backend, as_rows(x, dim), log), x, dim)
+
+
+def _backward(grad_out: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
+    backend = _pick_backend(out)
+    return from_rows(_rows_backward(backend, as_rows(grad_out, dim), as_rows(out, dim), log), out, dim)
+
+
+# --- torch.library registration (the torch.compile path) -------------------------
+@torch.library.custom_op("fastdl::softmax", mutates_args=())
+def _softmax_op(x: Tensor, dim: int, log: bool) -> Tensor:
+    return _forward(x, dim, log)
+
+
+@_softmax_op.register_fake
+def _(x, dim, log):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastdl::softmax_backward", mutates_args=())
+def _softmax_backward_op(grad_out: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
+    return _backward(grad_out, out, dim, log)
+
+
+@_softmax_backward_op.register_fake
+def _(grad_out, out, dim, log):
+    return torch.empty_like(out, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    _, ctx.dim, ctx.log = inputs
+    ctx.save_for_backward(output)
+
+
+def _op_backward(ctx, grad_out):
+    (out,) = ctx.saved_tensors
+    return _softmax_backward_op(grad_out, out, ctx.dim, ctx.log), None, None
+
+
+_softmax_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+# --- eager path ----------------------------------------------------------------
+class _SoftmaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, log):
+        out = _forward(x, dim, log)
+        ctx.dim, ctx.log = dim, log
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (out,) = ctx.saved_tensors
+        return _backward(grad_out, out, ctx.dim, ctx.log), None, None
+
+
+# --- public API ------------------------------------------------------------------
+def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
+    check_tensor(op, "x", x)
+    if dtype is not None:
+        x = x.to(dtype)  # as torch: cast first, then compute in dtype
+    check_float(op, "x", x)
+    dim = normalize_dim(op, dim, x.dim())
+    if torch.compiler.is_compiling():
+        return torch.ops.fastdl.softmax(x, dim, log)
+    return _SoftmaxFunction.apply(x, dim, log)
+
+
+def softmax(x: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tensor:
+    """softmax of x along dim, as torch.softmax(x, dim, dtype=dtype).
+
+    The output is a new contiguous tensor of x's shape (in dtype when given).
+    """
+    return _softmax("softmax", x, dim, dtype, log=False)
+
+
+def log_softmax(x: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tensor:
+    """log_softmax of x along dim, as torch.log_softmax(x, dim, dtype=dtype)."""
+    return _softmax("log_softmax", x, dim, dtype, log=True)
+
+
+def softmax_backward(grad_out: Tensor, out: Tensor, dim: int = -1, log: bool = False) -> Tensor:
+    """Gradient of (log_)softmax's input from its output `out` and `grad_out`."""
+    op = "softmax_backward"
+    check_tensor(op, "grad_out", grad_out)
+    check_tensor(op, "out", out)
+    check_float(op, "out", out)
+    check_same(op, "out", out, "grad_out", grad_out)
+    return _backward(grad_out, out, normalize_dim(op, dim, out.dim()), bool(log))

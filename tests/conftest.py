@@ -1,0 +1,71 @@
+"""Shared test set-up.
+
+On a machine without a GPU the Triton kernels run under the interpreter on CPU
+tensors: TRITON_INTERPRET=1 must be set before any kernel is decorated, so it is
+set here, before fastdl.triton is imported. On a GPU machine it is left unset.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastdl  # noqa: E402
+from fastdl import _outputs, backends  # noqa: E402
+
+# ||out - ref|| / ||ref|| against the float64 reference (../shared/DESIGN.md)
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ON_CI = os.environ.get("CI") == "true"
+
+
+def backend_cases():
+    """(backend, device) pairs that can run on this machine."""
+    return [(b, d) for d in DEVICES for b in backends.available_backends(d)]
+
+
+def case_id(case):
+    return f"{case[0]}-{case[1]}"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere in out gives inf (never passes)."""
+    out = out.detach().to(torch.float64)
+    ref = ref.detach().to(device=out.device, dtype=torch.float64)
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    if out.isnan().any() and not ref.isnan().any():
+        return float("inf")
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close(out, ref, dtype, what=""):
+    err = rel_err(out, ref)
+    assert err <= TOLERANCE[dtype], f"{what} relative error {err:.3g} > {TOLERANCE[dtype]:.0e} for {dtype}"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Every kernel output starts as NaN, so an element a kernel does not write fails."""
+    _outputs.set_poison_outputs(True)
+    yield
+    _outputs.set_poison_outputs(False)
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """Fresh inputs per test, reproducible: seeded from the test's id."""
+    import zlib
+
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def default_backend():
+    fastdl.set_backend("auto")
+    yield
+    fastdl.set_backend("auto")

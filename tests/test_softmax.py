@@ -1,0 +1,247 @@
+"""fastdl.ops.softmax / log_softmax: every backend x dtype x shape against float64."""
+import importlib
+
+import pytest
+import torch
+
+import fastdl
+from fastdl.reference import log_softmax as ref_log_softmax
+from fastdl.reference import softmax as ref_softmax
+
+from conftest import DEVICES, assert_close, backend_cases, case_id, rel_err
+
+CASES = backend_cases()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# rows x cols: batch 1, odd sizes, powers of two, one column, the one-pass / online
+# boundary (16384) and a long row for the online kernels
+SHAPES = [(1, 1), (3, 17), (1, 1000), (7, 256), (5, 4097), (2, 16384), (2, 16385), (3, 40000), (130, 3)]
+
+
+def _run(backend, fn, *args, **kwargs):
+    with fastdl.use_backend(backend):
+        return fn(*args, **kwargs)
+
+
+def _reference(x, dim, log):
+    return (ref_log_softmax if log else ref_softmax)(x.double(), dim)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_backward(case, dtype, shape, log):
+    backend, device = case
+    fn = fastdl.ops.log_softmax if log else fastdl.ops.softmax
+    x = (torch.randn(shape, device=device) * 3).to(dtype).requires_grad_()
+    x_before = x.detach().clone()
+    grad = torch.randn(shape, device=device).to(dtype)
+    with fastdl.use_backend(backend):
+        y = fn(x, -1)
+        (dx,) = torch.autograd.grad(y, x, grad)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+    assert_close(y, _reference(x, -1, log), dtype, "forward")
+
+    x64 = x.detach().double().requires_grad_()
+    (ref_dx,) = torch.autograd.grad(_reference(x64, -1, log), x64, grad.double())
+    assert_close(dx, ref_dx, dtype, "backward")
+    assert torch.equal(x.detach(), x_before), "the input was modified"
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1, -3])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_any_dim_and_leading_dims(case, dim):
+    backend, device = case
+    x = torch.randn(4, 9, 33, device=device, requires_grad=True)
+    for log in (False, True):
+        fn = fastdl.ops.log_softmax if log else fastdl.ops.softmax
+        grad = torch.randn(x.shape, device=device)
+        with fastdl.use_backend(backend):
+            y = fn(x, dim)
+            (dx,) = torch.autograd.grad(y, x, grad)
+        assert y.is_contiguous()
+        assert_close(y, _reference(x, dim, log), torch.float32, f"dim={dim}")
+        x64 = x.detach().double().requires_grad_()
+        (ref_dx,) = torch.autograd.grad(_reference(x64, dim, log), x64, grad.double())
+        assert_close(dx, ref_dx, torch.float32, f"backward dim={dim}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_non_contiguous_inputs(case):
+    backend, device = case
+    base = torch.randn(48, 70, device=device)
+    views = {
+        "transposed": base.t(),  # last dim strided
+        "row_slice": base[:, 5:60],  # rows of stride 70, 55 columns
+        "step": base[::3, ::2],  # every other column
+        "expanded": torch.randn(1, 70, device=device).expand(6, 70),  # row stride 0
+    }
+    for name, x in views.items():
+        y = _run(backend, fastdl.ops.softmax, x, -1)
+        assert_close(y, ref_softmax(x.double(), -1), torch.float32, name)
+        # an expanded gradient (stride 0 along the softmax dim) reaches the backward
+        xg = x.detach().clone().requires_grad_()
+        with fastdl.use_backend(backend):
+            (dx,) = torch.autograd.grad(fastdl.ops.softmax(xg, -1).sum(), xg)
+        x64 = x.detach().double().requires_grad_()
+        (ref_dx,) = torch.autograd.grad(ref_softmax(x64, -1).sum(), x64)
+        assert dx.abs().max().item() < 1e-5 and ref_dx.abs().max().item() < 1e-12, name
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0,), (2, 0, 3), ()], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_zero_size_and_scalar(case, shape):
+    backend, device = case
+    x = torch.randn(shape, device=device, requires_grad=True)
+    for fn, ref in ((fastdl.ops.softmax, torch.softmax), (fastdl.ops.log_softmax, torch.log_softmax)):
+        with fastdl.use_backend(backend):
+            y = fn(x, -1)
+            y.sum().backward()
+        expected = ref(x.detach(), -1)
+        assert y.shape == expected.shape
+        torch.testing.assert_close(y, expected)
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("cols", [5, 40000], ids=["one_pass", "online"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_special_values_match_torch(case, cols):
+    """-inf entries, whole rows of -inf, huge magnitudes and NaN behave as in torch."""
+    backend, device = case
+    x = torch.randn(6, cols, device=device)
+    x[0, : cols // 2] = float("-inf")  # some -inf: those give 0
+    x[1, :] = float("-inf")  # all -inf: NaN (as torch)
+    x[2, :] = x[2, :] * 1e30  # huge values: no overflow
+    x[3, 1] = float("nan")  # NaN poisons its row
+    x[4, 0] = 3e38
+    x[5, :] = -3e38
+    for fn, ref in ((fastdl.ops.softmax, torch.softmax), (fastdl.ops.log_softmax, torch.log_softmax)):
+        y = _run(backend, fn, x, -1)
+        expected = ref(x, -1)
+        torch.testing.assert_close(y, expected, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_half_precision_large_values(case, dtype):
+    """fp16 near its max (65504): the max subtraction keeps exp finite."""
+    backend, device = case
+    x = (torch.rand(4, 300, device=device) * 60000).to(dtype)
+    y = _run(backend, fastdl.ops.softmax, x, -1)
+    assert_close(y, ref_softmax(x.double(), -1), dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES], ids=case_id)
+def test_gradcheck_float64(case):
+    backend, device = case
+    for log in (False, True):
+        fn = fastdl.ops.log_softmax if log else fastdl.ops.softmax
+        x = torch.randn(3, 2, 11, device=device, dtype=torch.float64, requires_grad=True)
+        with fastdl.use_backend(backend):
+            assert torch.autograd.gradcheck(lambda t: fn(t, 1), (x,))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_dtype_argument(case):
+    backend, device = case
+    x = torch.randn(4, 50, device=device, dtype=torch.float16)
+    for fn, ref in ((fastdl.ops.softmax, torch.softmax), (fastdl.ops.log_softmax, torch.log_softmax)):
+        y = _run(backend, fn, x, -1, dtype=torch.float32)
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, ref(x, -1, dtype=torch.float32))
+    ints = torch.arange(12, device=device).reshape(3, 4)
+    torch.testing.assert_close(_run(backend, fastdl.ops.softmax, ints, 1, dtype=torch.float64),
+                               torch.softmax(ints, 1, dtype=torch.float64))
+
+
+def test_softmax_backward_public_function():
+    y = torch.softmax(torch.randn(3, 8, dtype=torch.float64), -1)
+    g = torch.randn_like(y)
+    ref = torch.ops.aten._softmax_backward_data(g, y, -1, y.dtype)
+    assert rel_err(fastdl.ops.softmax_backward(g, y, -1), ref) < 1e-12
+
+
+class TestBadInputs:
+    def test_integer_dtype(self):
+        with pytest.raises(TypeError, match=r"fastdl\.softmax: argument x must be a floating-point tensor.*int64"):
+            fastdl.ops.softmax(torch.arange(6).reshape(2, 3))
+        with pytest.raises(TypeError, match=r"fastdl\.log_softmax: argument x"):
+            fastdl.ops.log_softmax(torch.ones(2, 3, dtype=torch.int32))
+
+    def test_not_a_tensor(self):
+        with pytest.raises(TypeError, match=r"fastdl\.softmax: argument x must be a torch\.Tensor, got list"):
+            fastdl.ops.softmax([1.0, 2.0])
+
+    @pytest.mark.parametrize("dim", [2, -3, 7])
+    def test_dim_out_of_range(self, dim):
+        with pytest.raises(IndexError, match=rf"fastdl\.softmax: dim {dim} is out of range for a 2-D tensor"):
+            fastdl.ops.softmax(torch.randn(2, 3), dim)
+
+    def test_dim_not_int(self):
+        with pytest.raises(TypeError, match=r"fastdl\.softmax: argument dim must be an int"):
+            fastdl.ops.softmax(torch.randn(2, 3), 1.0)
+
+    def test_mixed_devices(self):
+        y = torch.randn(2, 3)
+        with pytest.raises(ValueError, match=r"fastdl\.softmax_backward: grad_out is on meta but out is on cpu"):
+            fastdl.ops.softmax_backward(torch.empty(2, 3, device="meta"), y)
+
+    def test_mismatched_shapes_and_dtypes(self):
+        y = torch.randn(2, 3)
+        with pytest.raises(ValueError, match=r"grad_out has shape \(3, 2\) but out has \(2, 3\)"):
+            fastdl.ops.softmax_backward(torch.randn(3, 2), y)
+        with pytest.raises(TypeError, match=r"grad_out is torch.float64 but out is torch.float32"):
+            fastdl.ops.softmax_backward(torch.randn(2, 3, dtype=torch.float64), y)
+
+    def test_backend_that_cannot_run(self):
+        x = torch.randn(2, 3)
+        with pytest.raises(fastdl.BackendUnavailableError, match=r"fastdl\.softmax: backend 'cuda' cannot run here"):
+            with fastdl.use_backend("cuda"):
+                fastdl.ops.softmax(x)
+
+    def test_backend_without_the_dtype(self, monkeypatch):
+        softmax_module = importlib.import_module("fastdl.ops.softmax")  # the module, not the function
+        monkeypatch.setitem(softmax_module._DTYPES, "cpu", (torch.float32,))
+        with pytest.raises(fastdl.BackendUnavailableError, match=r"backend 'cpu' cannot run here: .*float16"):
+            with fastdl.use_backend("cpu"):
+                fastdl.ops.softmax(torch.randn(2, 3, dtype=torch.float16))
+        # under auto the call goes on to the next backend instead
+        torch.testing.assert_close(fastdl.ops.softmax(torch.ones(2, 3, dtype=torch.float16)),
+                                   torch.full((2, 3), 1 / 3, dtype=torch.float16))
+
+    def test_native_op_checks(self):
+        """The C++ ops check what they are given, too (called directly, bypassing Python)."""
+        if "cpu" not in fastdl.available_backends("cpu"):
+            pytest.skip("fastdl._C not built")
+        with pytest.raises(RuntimeError, match=r"fastdl\.softmax \(cpu\): x must be 2-D"):
+            torch.ops.fastdl.softmax_rows_forward(torch.randn(2, 3, 4), False)
+        with pytest.raises(RuntimeError, match=r"must be float32, float64, float16 or bfloat16"):
+            torch.ops.fastdl.softmax_rows_forward(torch.ones(2, 3, dtype=torch.int64), False)
+        with pytest.raises(RuntimeError, match=r"contiguous last dim"):
+            torch.ops.fastdl.softmax_rows_forward(torch.randn(4, 6).t(), False)
+        with pytest.raises(RuntimeError, match=r"does not match out"):
+            torch.ops.fastdl.softmax_rows_backward(torch.randn(2, 3), torch.randn(3, 2), False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"] + (["triton", "cuda"] if "cuda" in DEVICES else []))
+def test_torch_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) of a function calling the op traces through the
+    custom op and matches eager, forward and backward. (Triton under the interpreter
+    cannot be compiled: fake tensors reach it; it is tested on the GPU.)"""
+    device = "cuda" if backend in ("triton", "cuda") else "cpu"
+    if backend not in fastdl.available_backends(device):
+        pytest.skip(f"backend {backend} not available")
+
+    def f(x):
+        return fastdl.ops.softmax(x * 2.0, -1).sum(0) + fastdl.ops.log_softmax(x, 0).mean(1)[:, None].sum(0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(8, 24, device=device, requires_grad=True)
+    with fastdl.use_backend(backend):
+        eager = f(x)
+        (g_eager,) = torch.autograd.grad(eager.sum(), x)
+        out = compiled(x)
+        (g_out,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_out, g_eager)
