@@ -34,20 +34,6 @@ def _find_nvcc():
     return shutil.which("nvcc")
 
 
-def _cuda_archs_for_cmake():
-    """TORCH_CUDA_ARCH_LIST ("8.0;9.0a" or "8.0 9.0+PTX") -> CMAKE_CUDA_ARCHITECTURES ("80;90a")."""
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if not archs:
-        return "80;90a"
-    out = []
-    for arch in archs.replace(" ", ";").split(";"):
-        if not arch:
-            continue
-        arch = arch.replace("+PTX", "")
-        out.append(arch.replace(".", ""))
-    return ";".join(out)
-
-
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         try:
@@ -81,7 +67,7 @@ class CMakeBuild(build_ext):
             f"-DFASTDL_BUILD_CUDA={'ON' if with_cuda else 'OFF'}",
         ]
         if with_cuda:
-            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DFASTDL_CUDA_ARCHS={_cuda_archs_for_cmake()}"]
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}"]  # architectures: TORCH_CUDA_ARCH_LIST (CMakeLists.txt)
         print(f"fastdl: building fastdl._C ({'CPU + CUDA' if with_cuda else 'CPU only'})", flush=True)
         subprocess.check_call(args, env=env)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)

@@ -41,6 +41,6 @@ TORCH_LIBRARY_IMPL(fastdl, CompositeExplicitAutograd, m) {
 
 // `import fastdl._C` needs a module init function; the module itself is empty.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }

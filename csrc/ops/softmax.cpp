@@ -1,0 +1,58 @@
+// softmax / log_softmax on CUDA tensors: checks, allocation and the launch of
+// kernels/softmax.cu, registered as the CUDA implementation of the fastdl ops.
+#include <torch/library.h>
+
+#include "csrc/common/outputs.h"
+#include "csrc/ops/common.h"
+#include "softmax.h"
+
+namespace fastdl {
+namespace {
+
+void check_rows(const char* fn, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), fn, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, fn, ": ", name, " must be 2-D (rows, cols), got ", t.dim(), "-D");
+  TORCH_CHECK(t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1, fn, ": ", name, " must have a contiguous last dim");
+  TORCH_CHECK(t.size(0) <= INT_MAX && t.size(1) <= INT_MAX, fn, ": ", name, " of shape ", t.sizes(),
+              " is too large (rows and cols must each be below 2^31)");
+}
+
+at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
+  const char* fn = "fastdl.softmax (cuda)";
+  check_rows(fn, "x", x);
+  const auto dtype = kernel_dtype(fn, "x", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = empty_output(x.sizes(), x.options());
+  check_cuda_launch(fn, kernels::softmax_forward(dtype, x.const_data_ptr(), y.mutable_data_ptr(), x.size(0), x.size(1),
+                                                 x.stride(0), log, at::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& out, bool log) {
+  const char* fn = "fastdl.softmax_backward (cuda)";
+  check_rows(fn, "grad_out", grad_out);
+  check_rows(fn, "out", out);
+  TORCH_CHECK(grad_out.device() == out.device(), fn, ": grad_out is on ", grad_out.device(), " but out is on ",
+              out.device());
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), fn, ": grad_out of shape ", grad_out.sizes(),
+              " does not match out of shape ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == out.scalar_type(), fn, ": grad_out is ", grad_out.scalar_type(),
+              " but out is ", out.scalar_type());
+  const auto dtype = kernel_dtype(fn, "out", out);
+  const c10::cuda::CUDAGuard guard(out.device());
+  at::Tensor grad_in = empty_output(out.sizes(), out.options());
+  check_cuda_launch(fn, kernels::softmax_backward(dtype, grad_out.const_data_ptr(), out.const_data_ptr(),
+                                                  grad_in.mutable_data_ptr(), out.size(0), out.size(1),
+                                                  grad_out.stride(0), out.stride(0), log,
+                                                  at::cuda::getCurrentCUDAStream()));
+  return grad_in;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdl, CUDA, m) {
+  m.impl("softmax_rows_forward", &softmax_rows_forward);
+  m.impl("softmax_rows_backward", &softmax_rows_backward);
+}
+
+}  // namespace fastdl

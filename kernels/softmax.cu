@@ -1,0 +1,303 @@
+// softmax / log_softmax over rows: CUDA C++ forward and backward kernels.
+//
+// Two shapes of kernel, picked by row length:
+//   * warp per row (cols <= 1024): a warp holds its row in registers (up to 32 values a
+//     lane), reduces max and sum with shuffles and writes: one read, one write per element.
+//   * block per row (longer rows): the block walks the row in 16-byte vectors keeping an
+//     online (max, sum) state per thread (Milakov & Gimelshein 2018), combines the states
+//     across the block, then a second sweep writes the output. The second read of the row
+//     usually hits L2. Scalar loads when the row is not 16-byte aligned.
+// Arithmetic in fp32 (fp64 for fp64); loads and stores in the element type.
+#include <climits>
+
+#include "common/reduce.cuh"
+#include "softmax.h"
+
+namespace fastdl::kernels {
+namespace {
+
+constexpr int kWarpRowsPerBlock = 4;  // rows (one per warp) in a block of the warp kernels
+constexpr int kMaxWarpCols = 1024;    // longest row for the warp kernels: 32 values a lane
+constexpr int kBlockThreads = 512;    // threads of the block-per-row kernels
+
+// Load / store kVec consecutive elements (one 16-byte transaction when kVec > 1).
+template <int kVec, typename T, typename A>
+__device__ __forceinline__ void load_acc(const T* p, A (&out)[kVec]) {
+  if constexpr (kVec == 1) {
+    out[0] = to_acc(*p);
+  } else {
+    const Vec<T> v = *reinterpret_cast<const Vec<T>*>(p);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) out[k] = to_acc(v.v[k]);
+  }
+}
+
+template <int kVec, typename T, typename A>
+__device__ __forceinline__ void store_acc(T* p, const A (&in)[kVec]) {
+  if constexpr (kVec == 1) {
+    *p = from_acc<T>(in[0]);
+  } else {
+    Vec<T> v;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v.v[k] = from_acc<T>(in[k]);
+    *reinterpret_cast<Vec<T>*>(p) = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------
+template <typename T, int kPerLane, bool kLog>
+__global__ void __launch_bounds__(kWarpSize* kWarpRowsPerBlock)
+    softmax_forward_warp_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int cols,
+                                int64_t x_row_stride) {
+  using A = typename Acc<T>::type;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRowsPerBlock + threadIdx.y;
+  if (row >= rows) return;  // the whole warp leaves together: shuffles below stay full-warp
+  const int lane = threadIdx.x;
+  const T* x_row = x + row * x_row_stride;
+  A v[kPerLane];
+  A m = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int col = lane + i * kWarpSize;
+    v[i] = col < cols ? to_acc(x_row[col]) : A(-INFINITY);
+    m = nan_max(m, v[i]);
+  }
+  m = warp_max(m);
+  A s = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    v[i] -= m;  // padding: -inf - m = -inf, exp = 0
+    const A e = exp_acc(v[i]);
+    s += e;
+    if constexpr (!kLog) v[i] = e;
+  }
+  s = warp_sum(s);  // an all -inf row gives NaN, as torch
+  T* y_row = y + row * cols;
+  // log_softmax = (x - max) - log(sum): never x - (max + log(sum)), which loses log(sum) near 3e38
+  const A scale = kLog ? log_acc(s) : A(1) / s;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int col = lane + i * kWarpSize;
+    if (col < cols) y_row[col] = from_acc<T>(kLog ? v[i] - scale : v[i] * scale);
+  }
+}
+
+template <typename T, bool kLog, int kVec>
+__global__ void __launch_bounds__(kBlockThreads)
+    softmax_forward_block_kernel(const T* __restrict__ x, T* __restrict__ y, int cols, int64_t x_row_stride) {
+  using A = typename Acc<T>::type;
+  __shared__ MaxSum<A> scratch[kBlockThreads / kWarpSize];
+  const int64_t row = blockIdx.x;
+  const T* x_row = x + row * x_row_stride;
+  T* y_row = y + row * cols;
+
+  // pass 1: online max and sum (cols is a multiple of kVec)
+  MaxSum<A> state{-INFINITY, A(0)};
+  for (int col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
+    A v[kVec];
+    load_acc<kVec>(x_row + col, v);
+    MaxSum<A> chunk{v[0], A(0)};
+#pragma unroll
+    for (int k = 1; k < kVec; ++k) chunk.m = nan_max(chunk.m, v[k]);
+    if (chunk.m != -INFINITY) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) chunk.s += exp_acc(v[k] - chunk.m);
+    }
+    state = combine(state, chunk);
+  }
+  state = block_combine<kBlockThreads>(state, scratch);
+  const A scale = kLog ? log_acc(state.s) : A(1) / state.s;
+
+  // pass 2: write
+  for (int col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
+    A v[kVec];
+    load_acc<kVec>(x_row + col, v);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v[k] = kLog ? (v[k] - state.m) - scale : exp_acc(v[k] - state.m) * scale;
+    store_acc<kVec>(y_row + col, v);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// backward:  softmax dx = y * (dy - sum(dy * y));  log_softmax dx = dy - exp(y) * sum(dy)
+// ---------------------------------------------------------------------------------
+template <typename T, int kPerLane, bool kLog>
+__global__ void __launch_bounds__(kWarpSize* kWarpRowsPerBlock)
+    softmax_backward_warp_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int64_t rows,
+                                 int cols, int64_t dy_row_stride, int64_t y_row_stride) {
+  using A = typename Acc<T>::type;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRowsPerBlock + threadIdx.y;
+  if (row >= rows) return;
+  const int lane = threadIdx.x;
+  const T* dy_row = dy + row * dy_row_stride;
+  const T* y_row = y + row * y_row_stride;
+  A g[kPerLane], o[kPerLane];
+  A total = 0;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int col = lane + i * kWarpSize;
+    g[i] = col < cols ? to_acc(dy_row[col]) : A(0);
+    o[i] = col < cols ? to_acc(y_row[col]) : A(0);
+    total += kLog ? g[i] : g[i] * o[i];
+  }
+  total = warp_sum(total);
+  T* dx_row = dx + row * cols;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int col = lane + i * kWarpSize;
+    if (col < cols) dx_row[col] = from_acc<T>(kLog ? g[i] - exp_acc(o[i]) * total : o[i] * (g[i] - total));
+  }
+}
+
+template <typename T, bool kLog, int kVec>
+__global__ void __launch_bounds__(kBlockThreads)
+    softmax_backward_block_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int cols,
+                                  int64_t dy_row_stride, int64_t y_row_stride) {
+  using A = typename Acc<T>::type;
+  __shared__ A scratch[kBlockThreads / kWarpSize];
+  const int64_t row = blockIdx.x;
+  const T* dy_row = dy + row * dy_row_stride;
+  const T* y_row = y + row * y_row_stride;
+  T* dx_row = dx + row * cols;
+  A total = 0;
+  for (int col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
+    A g[kVec], o[kVec];
+    load_acc<kVec>(dy_row + col, g);
+    if constexpr (!kLog) load_acc<kVec>(y_row + col, o);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) total += kLog ? g[k] : g[k] * o[k];
+  }
+  total = block_sum<kBlockThreads>(total, scratch);
+  for (int col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
+    A g[kVec], o[kVec];
+    load_acc<kVec>(dy_row + col, g);
+    load_acc<kVec>(y_row + col, o);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) g[k] = kLog ? g[k] - exp_acc(o[k]) * total : o[k] * (g[k] - total);
+    store_acc<kVec>(dx_row + col, g);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// launch
+// ---------------------------------------------------------------------------------
+int values_per_lane(int64_t cols) {
+  int per_lane = 1;
+  while (per_lane * kWarpSize < cols) per_lane *= 2;
+  return per_lane;
+}
+
+// 16-byte loads need every row start 16-byte aligned: base pointer, row stride and
+// row length all multiples of the vector.
+template <typename T> bool vector_aligned(const void* p, int64_t row_stride, int64_t cols) {
+  constexpr int kVec = Vec<T>::kSize;
+  return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0 && row_stride % kVec == 0 && cols % kVec == 0;
+}
+
+#define FASTDL_WARP_KERNEL_CASES(KERNEL, ...)                                                    \
+  switch (values_per_lane(cols)) {                                                                 \
+    case 1: KERNEL<T, 1, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                    \
+    case 2: KERNEL<T, 2, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                    \
+    case 4: KERNEL<T, 4, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                    \
+    case 8: KERNEL<T, 8, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                    \
+    case 16: KERNEL<T, 16, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                  \
+    default: KERNEL<T, 32, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                  \
+  }
+
+template <typename T, bool kLog>
+cudaError_t forward(const T* x, T* y, int64_t rows, int cols, int64_t x_row_stride, cudaStream_t stream) {
+  if (cols <= kMaxWarpCols) {
+    const dim3 block(kWarpSize, kWarpRowsPerBlock);
+    const dim3 grid(static_cast<unsigned>((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock));
+    FASTDL_WARP_KERNEL_CASES(softmax_forward_warp_kernel, x, y, rows, cols, x_row_stride)
+  } else if (vector_aligned<T>(x, x_row_stride, cols) && vector_aligned<T>(y, cols, cols)) {
+    softmax_forward_block_kernel<T, kLog, Vec<T>::kSize>
+        <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(x, y, cols, x_row_stride);
+  } else {
+    softmax_forward_block_kernel<T, kLog, 1>
+        <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(x, y, cols, x_row_stride);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, bool kLog>
+cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int cols, int64_t dy_row_stride,
+                     int64_t y_row_stride, cudaStream_t stream) {
+  if (cols <= kMaxWarpCols) {
+    const dim3 block(kWarpSize, kWarpRowsPerBlock);
+    const dim3 grid(static_cast<unsigned>((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock));
+    FASTDL_WARP_KERNEL_CASES(softmax_backward_warp_kernel, dy, y, dx, rows, cols, dy_row_stride, y_row_stride)
+  } else if (vector_aligned<T>(dy, dy_row_stride, cols) && vector_aligned<T>(y, y_row_stride, cols) &&
+             vector_aligned<T>(dx, cols, cols)) {
+    softmax_backward_block_kernel<T, kLog, Vec<T>::kSize>
+        <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(dy, y, dx, cols, dy_row_stride, y_row_stride);
+  } else {
+    softmax_backward_block_kernel<T, kLog, 1>
+        <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(dy, y, dx, cols, dy_row_stride, y_row_stride);
+  }
+  return cudaGetLastError();
+}
+
+#undef FASTDL_WARP_KERNEL_CASES
+
+// Grid limits: one block per row (block kernels), rows / 4 blocks (warp kernels).
+bool sizes_supported(int64_t rows, int64_t cols) { return rows <= INT_MAX && cols <= INT_MAX; }
+
+template <typename T>
+cudaError_t forward_typed(const void* x, void* y, int64_t rows, int64_t cols, int64_t stride, bool log,
+                          cudaStream_t stream) {
+  const T* xp = static_cast<const T*>(x);
+  T* yp = static_cast<T*>(y);
+  const int c = static_cast<int>(cols);
+  return log ? forward<T, true>(xp, yp, rows, c, stride, stream) : forward<T, false>(xp, yp, rows, c, stride, stream);
+}
+
+template <typename T>
+cudaError_t backward_typed(const void* dy, const void* y, void* dx, int64_t rows, int64_t cols, int64_t dy_stride,
+                           int64_t y_stride, bool log, cudaStream_t stream) {
+  const T* dyp = static_cast<const T*>(dy);
+  const T* yp = static_cast<const T*>(y);
+  T* dxp = static_cast<T*>(dx);
+  const int c = static_cast<int>(cols);
+  return log ? backward<T, true>(dyp, yp, dxp, rows, c, dy_stride, y_stride, stream)
+             : backward<T, false>(dyp, yp, dxp, rows, c, dy_stride, y_stride, stream);
+}
+
+}  // namespace
+
+cudaError_t softmax_forward(DType dtype, const void* x, void* y, int64_t rows, int64_t cols, int64_t x_row_stride,
+                            bool log, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  if (!sizes_supported(rows, cols)) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32: return forward_typed<float>(x, y, rows, cols, x_row_stride, log, stream);
+    case DType::kFloat16: return forward_typed<__half>(x, y, rows, cols, x_row_stride, log, stream);
+    case DType::kBFloat16: return forward_typed<__nv_bfloat16>(x, y, rows, cols, x_row_stride, log, stream);
+    case DType::kFloat64: return forward_typed<double>(x, y, rows, cols, x_row_stride, log, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t softmax_backward(DType dtype, const void* grad_out, const void* out, void* grad_in, int64_t rows,
+                             int64_t cols, int64_t grad_out_row_stride, int64_t out_row_stride, bool log,
+                             cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return cudaSuccess;
+  if (!sizes_supported(rows, cols)) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kFloat32:
+      return backward_typed<float>(grad_out, out, grad_in, rows, cols, grad_out_row_stride, out_row_stride, log, stream);
+    case DType::kFloat16:
+      return backward_typed<__half>(grad_out, out, grad_in, rows, cols, grad_out_row_stride, out_row_stride, log, stream);
+    case DType::kBFloat16:
+      return backward_typed<__nv_bfloat16>(grad_out, out, grad_in, rows, cols, grad_out_row_stride, out_row_stride,
+                                           log, stream);
+    case DType::kFloat64:
+      return backward_typed<double>(grad_out, out, grad_in, rows, cols, grad_out_row_stride, out_row_stride, log,
+                                    stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace fastdl::kernels

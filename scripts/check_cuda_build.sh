@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Compile-check the CUDA part of fastdl._C on a machine without a GPU.
+#
+# Builds fastdl._C with FASTDL_BUILD_CUDA=ON (kernels/ + csrc/ops) against a CUDA build
+# of torch installed in a separate venv, in its own build folder (the CPU build in
+# fastdl/ is left alone), then loads the library and checks that the CUDA kernels
+# are registered. Nothing runs on a GPU.
+#
+#   scripts/check_cuda_build.sh [VENV=.venv-cuda] [TORCH_PIN=torch==2.14.1]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${1:-.venv-cuda}
+pin=${2:-torch==2.14.1}
+build=build/cuda-check
+
+cuda_home=${CUDA_HOME:-/usr/local/cuda}
+if [ ! -x "$cuda_home/bin/nvcc" ]; then
+  echo "check_cuda_build: no nvcc under CUDA_HOME=$cuda_home (set CUDA_HOME to the toolkit folder that has bin/nvcc and lib64)" >&2
+  exit 2
+fi
+
+if [ ! -f "$venv/.installed" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q "$pin" ninja "numpy<2.4"
+  touch "$venv/.installed"
+fi
+py="$venv/bin/python"
+# What the minimal toolkit here lacks and the CUDA torch wheel ships: headers that
+# ATen/cuda/CUDAContext.h includes (cuBLAS, cuSPARSE...) and libnvrtc, which torch's
+# CMake config puts on the link line.
+read -r torch_cmake cu_include nvrtc < <("$py" - <<'PY'
+import glob, os, torch, site
+assert torch.version.cuda, "this torch has no CUDA"
+def find(pattern):
+    hits = [p for s in site.getsitepackages() for p in sorted(glob.glob(os.path.join(s, "nvidia", pattern)))]
+    return hits[0] if hits else "-"
+print(torch.utils.cmake_prefix_path, find("cu*/include"), find("cu*/lib/libnvrtc.so.*"))
+PY
+)
+
+export PATH="$(dirname "$py"):$cuda_home/bin:$PATH"
+export CUDA_HOME="$cuda_home" CUDAToolkit_ROOT="$cuda_home"
+extra_include=""
+[ "$cu_include" != "-" ] && extra_include="-isystem $cu_include"
+extra_args=()
+[ "$nvrtc" != "-" ] && extra_args+=("-DCUDA_nvrtc_LIBRARY=$nvrtc")
+cmake -S . -B "$build" -GNinja -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$torch_cmake" -DPython_EXECUTABLE="$py" \
+  -DFASTDL_BUILD_CUDA=ON -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc" \
+  -DCMAKE_CXX_FLAGS="$extra_include" "${extra_args[@]}" >"$build.cmake.log" 2>&1 || { cat "$build.cmake.log"; exit 1; }
+cmake --build "$build" -j "$(nproc)"
+
+lib=$(ls "$build"/_C.*.so)
+"$py" - "$lib" <<'PY'
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+assert torch.ops.fastdl.native_built_with_cuda(), "built without FASTDL_WITH_CUDA"
+for op in ("softmax_rows_forward", "softmax_rows_backward"):
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdl::{op}", key), f"fastdl::{op} has no {key} kernel"
+print(f"check_cuda_build: {sys.argv[1]} built against torch {torch.__version__} (CUDA {torch.version.cuda}); "
+      "CUDA kernels registered")
+PY

@@ -1,0 +1,87 @@
+"""Compile every Triton kernel for an sm_90 GPU on a machine that has none.
+
+The interpreter misses what a real compile rejects (dot shapes, unsupported casts,
+register-file limits); triton.compile with a GPU target needs no GPU. Run it in a
+process WITHOUT TRITON_INTERPRET (tests/test_build.py does):
+
+    python tests/triton_compile_check.py [--arch 90]
+
+Each op lists the (kernel, signature, constexprs, num_warps) it launches with; add a
+line here when you add a kernel.
+"""
+import argparse
+import os
+import sys
+import time
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+POINTER = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64"}
+# largest shared memory a block may use (opt-in), by compute capability
+MAX_SHARED_BYTES = {80: 166912, 90: 232448}
+ACC = {"fp32": tl.float32, "fp16": tl.float32, "bf16": tl.float32, "fp64": tl.float64}
+
+
+def softmax_specs():
+    from fastdl.triton import softmax as k
+
+    specs = []
+    tile_shapes = [(1, 4096), (32, 128), (1024, 4), (k.SINGLE_PASS_MAX_COLS, 1)]
+    for dtype in POINTER:
+        for log in (False, True):
+            for block_cols, rows in tile_shapes if dtype == "fp32" else tile_shapes[-1:]:
+                for warps in (4, 16):
+                    const = dict(BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=ACC[dtype])
+                    sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "x_row_stride": "i64",
+                           "n_rows": "i32", "n_cols": "i32", **{c: "constexpr" for c in const}}
+                    specs.append((k._softmax_forward_tile_kernel, sig, const, warps))
+                    sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype],
+                           "dy_row_stride": "i64", "y_row_stride": "i64", "n_rows": "i32", "n_cols": "i32",
+                           **{c: "constexpr" for c in const}}
+                    specs.append((k._softmax_backward_tile_kernel, sig, const, warps))
+            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, LOG=log, ACC=ACC[dtype])
+            sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "x_row_stride": "i64", "n_cols": "i32",
+                   **{c: "constexpr" for c in const}}
+            specs.append((k._softmax_forward_loop_kernel, sig, const, 8))
+            sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype],
+                   "dy_row_stride": "i64", "y_row_stride": "i64", "n_cols": "i32", **{c: "constexpr" for c in const}}
+            specs.append((k._softmax_backward_loop_kernel, sig, const, 8))
+    return specs
+
+
+ALL_SPECS = [softmax_specs]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    failures, count, start = [], 0, time.time()
+    for make_specs in ALL_SPECS:
+        for kernel, signature, constexprs, num_warps in make_specs():
+            fn = getattr(kernel, "fn", kernel)  # unwrap @triton.autotune
+            try:
+                compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target,
+                                          options={"num_warps": num_warps})
+                count += 1
+                # a launch asking for more shared memory than a block may have fails on the GPU
+                if compiled.metadata.shared > MAX_SHARED_BYTES[args.arch]:
+                    failures.append(f"{fn.__name__} {constexprs} num_warps={num_warps}: needs "
+                                    f"{compiled.metadata.shared} bytes of shared memory")
+            except Exception as exc:  # report every failure, not just the first
+                failures.append(f"{fn.__name__} {constexprs} num_warps={num_warps}: {type(exc).__name__}: {exc}")
+    for f in failures:
+        print("FAILED", f)
+    print(f"compiled {count} Triton kernel variants for sm_{args.arch} in {time.time() - start:.1f}s; "
+          f"{len(failures)} failed")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
