@@ -10,10 +10,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# one Triton config per kernel: tests check results, autotuning only costs time
+os.environ.setdefault("FASTDL_TRITON_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
-import fastdl  # noqa: E402
 from fastdl import _outputs, backends  # noqa: E402
 
 # ||out - ref|| / ||ref|| against the float64 reference (../shared/DESIGN.md)
@@ -65,7 +66,7 @@ def seeded(request):
 
 
 @pytest.fixture(autouse=True)
-def default_backend():
-    fastdl.set_backend("auto")
-    yield
-    fastdl.set_backend("auto")
+def default_backend(monkeypatch):
+    """No backend chosen: neither set_backend() nor FASTDL_BACKEND."""
+    monkeypatch.setattr(backends, "_global_choice", None)
+    monkeypatch.delenv("FASTDL_BACKEND", raising=False)

@@ -5,16 +5,19 @@ import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# FASTDL_TRITON_AUTOTUNE=0 keeps only the first config: the test suite sets it, since it
+# checks results, not speed, and every config is compile-checked (tests/triton_compile_check.py).
+AUTOTUNE = os.environ.get("FASTDL_TRITON_AUTOTUNE", "1") != "0"
 
 
 def autotune_configs(*num_warps_choices, **constexprs):
-    """Candidate configs for @triton.autotune.
+    """Candidate configs for @triton.autotune, the default first.
 
     Under the interpreter only the first is used: autotuning there fails ("0 active
     drivers") and would measure nothing real anyway.
     """
     configs = [triton.Config(dict(constexprs), num_warps=w) for w in num_warps_choices]
-    return configs[:1] if INTERPRET else configs
+    return configs if AUTOTUNE and not INTERPRET else configs[:1]
 
 
 def accumulator_dtype(dtype: torch.dtype):

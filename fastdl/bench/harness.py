@@ -1,0 +1,287 @@
+"""The benchmark harness behind `python -m fastdl.bench`.
+
+Every case is timed side by side in one run: torch eager, torch.compile, each fastdl
+backend that runs here. Medians and 20/80% quantiles; GB/s from the bytes each input
+is read and each output written once, against the device-to-device copy bandwidth
+measured in the same run.
+
+Timing: on a GPU `triton.testing.do_bench` (CUDA events; it clears L2 before every
+rep, so no input is served from cache); on the CPU `torch.utils.benchmark`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import fastdl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass
+class Impl:
+    """One implementation of a case: a name ("torch", "torch.compile", "fastdl-cuda"...),
+    a function of no arguments that runs it once, and for fastdl the backend in force
+    while it is timed."""
+
+    name: str
+    fn: Callable[[], object]
+    backend: str | None = None
+
+
+@dataclasses.dataclass
+class Case:
+    op: str  # "softmax"
+    direction: str  # "fwd" / "bwd"
+    dtype: torch.dtype
+    shape: tuple
+    bytes_moved: int  # each input read once, each output written once
+    impls: Callable[[], list]  # builds the Impls (allocates inputs) when the case runs
+
+
+@dataclasses.dataclass
+class Record:
+    op: str
+    direction: str
+    dtype: str
+    shape: list
+    impl: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    gbps: float
+    pct_of_copy: float
+    vs_eager: float | None = None  # eager time / this time: > 1 is faster than eager
+    vs_compile: float | None = None
+    error: str | None = None
+
+
+def device_slug(device: torch.device) -> str:
+    """The folder under benchmarks/results/ for this device: h100, h200, a100, cpu..."""
+    if device.type == "cpu":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    for known in ("h100", "h200", "a100", "l40s", "b200", "gb200"):
+        if known in name.lower().replace(" ", ""):
+            return known
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds."""
+    if device.type == "cuda":
+        import triton.testing
+
+        q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                    quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2])
+    from torch.utils import benchmark
+
+    fn()  # warm up
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2 if quick else 1.0)
+    times = sorted(m.times)
+    if len(times) >= 2:
+        q = statistics.quantiles(times, n=10, method="inclusive")
+        p20, p80 = q[1], q[7]
+    else:
+        p20 = p80 = times[0]
+    return m.median * 1e3, p20 * 1e3, p80 * 1e3
+
+
+def copy_bandwidth_gbps(device: torch.device, quick: bool = False) -> float:
+    """Device-to-device copy, bytes read + written per second: the ceiling for memory-bound ops."""
+    n_bytes = (512 << 20) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    median, _, _ = time_ms(lambda: dst.copy_(src), device, quick)
+    return 2 * n_bytes / (median * 1e-3) / 1e9
+
+
+def git_commit() -> str:
+    if os.environ.get("FASTDL_COMMIT"):
+        return os.environ["FASTDL_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device, copy_gbps: float) -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "device_slug": device_slug(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "copy_bandwidth_gbps": round(copy_gbps, 1),
+    }
+    if device.type == "cpu":
+        env["threads"] = torch.get_num_threads()
+        try:
+            model = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
+            env["device"] = model[0].split(":", 1)[1].strip() if model else env["device"]
+        except OSError:
+            pass
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+class Progress:
+    """tqdm when it is installed, else a plain counter on stderr."""
+
+    def __init__(self, total: int, desc: str):
+        try:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            self._bar = None
+        self.total, self.done, self.desc = total, 0, desc
+
+    def update(self, label: str):
+        self.done += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(label, refresh=False)
+            self._bar.update(1)
+        else:
+            print(f"\r{self.desc} [{self.done}/{self.total}] {label:60s}", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            print(file=sys.stderr)
+
+
+def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: bool = False) -> list[Record]:
+    records = []
+    progress = Progress(len(cases), "fastdl.bench")
+    for case in cases:
+        dtype_name = str(case.dtype).replace("torch.", "")
+        label = f"{case.op} {case.direction} {dtype_name} {'x'.join(map(str, case.shape))}"
+        case_records = []
+        try:
+            impls = case.impls()
+        except torch.OutOfMemoryError as exc:  # skip a case the device cannot hold
+            impls = []
+            print(f"\n{label}: skipped, out of memory ({exc})", file=sys.stderr)
+        for impl in impls:
+            try:
+                with fastdl.use_backend(impl.backend or "auto"):
+                    median, p20, p80 = time_ms(impl.fn, device, quick)
+                gbps = case.bytes_moved / (median * 1e-3) / 1e9
+                case_records.append(Record(case.op, case.direction, dtype_name, list(case.shape), impl.name,
+                                           median, p20, p80, gbps, 100 * gbps / copy_gbps))
+            except Exception as exc:  # one implementation failing must not end the run
+                case_records.append(Record(case.op, case.direction, dtype_name, list(case.shape), impl.name,
+                                           float("nan"), float("nan"), float("nan"), 0.0, 0.0,
+                                           error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+        del impls
+        by_name = {r.impl: r for r in case_records if r.error is None}
+        for r in case_records:
+            if r.error is None:
+                if "torch" in by_name:
+                    r.vs_eager = by_name["torch"].median_ms / r.median_ms
+                if "torch.compile" in by_name:
+                    r.vs_compile = by_name["torch.compile"].median_ms / r.median_ms
+        records.extend(case_records)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        progress.update(label)
+    progress.close()
+    return records
+
+
+def _fmt(v, spec):
+    return "-" if v is None or v != v else format(v, spec)
+
+
+def markdown_table(records: list[Record]) -> str:
+    lines = ["| op | dir | dtype | shape | impl | median ms | GB/s | % of copy | vs eager | vs compile |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in records:
+        if r.error:
+            lines.append(f"| {r.op} | {r.direction} | {r.dtype} | {'x'.join(map(str, r.shape))} | {r.impl} | "
+                         f"error: {r.error} | | | | |")
+            continue
+        lines.append(
+            f"| {r.op} | {r.direction} | {r.dtype} | {'x'.join(map(str, r.shape))} | {r.impl} | "
+            f"{r.median_ms:.4f} | {r.gbps:.1f} | {r.pct_of_copy:.1f} | {_fmt(r.vs_eager, '.2f')} | "
+            f"{_fmt(r.vs_compile, '.2f')} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[Record], env: dict, path: Path, op: str) -> bool:
+    """GB/s against row length, one panel per (direction, dtype), one line per impl."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("fastdl.bench: matplotlib is not installed; no plot", file=sys.stderr)
+        return False
+    rows = [r for r in records if r.op == op and r.error is None]
+    panels = sorted({(r.direction, r.dtype) for r in rows})
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (direction, dtype) in zip(axes[0], panels):
+        sel = [r for r in rows if r.direction == direction and r.dtype == dtype]
+        for impl in sorted({r.impl for r in sel}):
+            pts = sorted((r.shape[-1], r.gbps) for r in sel if r.impl == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.axhline(env["copy_bandwidth_gbps"], color="gray", linestyle="--", label="copy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("row length (cols)")
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{op} {direction} {dtype}")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{env['device']} | torch {env['torch']} | {env['commit'][:12]} | {env['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_results(records: list[Record], env: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    json_path = out_dir / "bench.json"
+    json_path.write_text(json.dumps({"environment": env, "records": [dataclasses.asdict(r) for r in records]},
+                                    indent=1))
+    written.append(json_path)
+    md_path = out_dir / "bench.md"
+    header = (f"# fastdl benchmarks: {env['device']}\n\n"
+              + "".join(f"- {k}: {v}\n" for k, v in env.items())
+              + "\nGB/s counts each input read once and each output written once; % of copy is against "
+              "the device-to-device copy measured in the same run; vs eager / vs compile are "
+              "speed-ups (> 1 is faster).\n\n")
+    md_path.write_text(header + markdown_table(records) + "\n")
+    written.append(md_path)
+    for op in sorted({r.op for r in records}):
+        png = out_dir / f"{op}.png"
+        if plot(records, env, png, op):
+            written.append(png)
+    return written

@@ -1,0 +1,59 @@
+"""softmax benchmark cases: forward and backward, torch eager, torch.compile and every
+fastdl backend that runs on the device."""
+import functools
+
+import torch
+
+import fastdl
+from fastdl.bench.harness import Case, Impl
+
+GPU_ROWS, GPU_COLS = 4096, (256, 1024, 4096, 16384, 65536)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# sizes fit for a 2-core machine; 4096 x 4096 fp32 is the CPU target of the foundation issue
+CPU_ROWS, CPU_COLS = 4096, (256, 1024, 4096)
+CPU_DTYPES = (torch.float32,)
+
+
+def _compiled(fn):
+    torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no stale graph
+    return torch.compile(fn, dynamic=False)
+
+
+def _fastdl_backends(device: torch.device):
+    return [b for b in fastdl.available_backends(device.type) if b != "torch"]
+
+
+def _impls(device, dtype, shape, direction):
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if direction == "fwd":
+        compiled = _compiled(lambda t: torch.softmax(t, -1))
+        impls = [Impl("torch", lambda: torch.softmax(x, -1)), Impl("torch.compile", lambda: compiled(x))]
+        impls += [Impl(f"fastdl-{b}", lambda: fastdl.ops.softmax(x, -1), backend=b) for b in _fastdl_backends(device)]
+        return impls
+    y = torch.softmax(x, -1)
+    g = torch.randn_like(y)
+    del x
+    aten_backward = torch.ops.aten._softmax_backward_data
+    compiled = _compiled(lambda g_, y_: aten_backward(g_, y_, -1, g_.dtype))
+    impls = [Impl("torch", lambda: aten_backward(g, y, -1, dtype)), Impl("torch.compile", lambda: compiled(g, y))]
+    impls += [Impl(f"fastdl-{b}", lambda: fastdl.ops.softmax_backward(g, y, -1), backend=b)
+              for b in _fastdl_backends(device)]
+    return impls
+
+
+def cases(device: torch.device, quick: bool = False):
+    if device.type == "cuda":
+        rows, all_cols, dtypes = GPU_ROWS, GPU_COLS, GPU_DTYPES
+    else:
+        rows, all_cols, dtypes = CPU_ROWS, CPU_COLS, CPU_DTYPES
+    if quick:
+        all_cols = all_cols[::2]
+    out = []
+    for dtype in dtypes:
+        size = torch.tensor([], dtype=dtype).element_size()
+        for cols in all_cols:
+            for direction, tensors in (("fwd", 2), ("bwd", 3)):  # x, y  /  dy, y, dx
+                shape = (rows, cols)
+                out.append(Case("softmax", direction, dtype, shape, tensors * rows * cols * size,
+                                functools.partial(_impls, device, dtype, shape, direction)))
+    return out

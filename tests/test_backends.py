@@ -1,0 +1,95 @@
+"""fastdl.backends: what exists here, the choice and its overrides, clear errors."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdl
+from fastdl import backends
+
+
+def test_torch_always_available():
+    assert "torch" in fastdl.available_backends()
+    assert "torch" in fastdl.available_backends("cpu")
+
+
+def test_cpu_backend_when_native_built():
+    from fastdl import _native
+
+    assert ("cpu" in fastdl.available_backends("cpu")) == _native.LOADED
+
+
+def test_choice_precedence(monkeypatch):
+    monkeypatch.setenv("FASTDL_BACKEND", "torch")
+    assert fastdl.get_backend() == "torch"
+    fastdl.set_backend("cpu")
+    assert fastdl.get_backend() == "cpu"
+    with fastdl.use_backend("triton"):
+        assert fastdl.get_backend() == "triton"
+        with fastdl.use_backend("auto"):
+            assert fastdl.get_backend() == "auto"
+    assert fastdl.get_backend() == "cpu"
+
+
+def test_env_var_picks_the_backend(monkeypatch):
+    monkeypatch.setenv("FASTDL_BACKEND", "torch")
+    calls = []
+    monkeypatch.setattr(torch, "softmax", lambda *a, **k: calls.append(1) or torch.log_softmax(*a, **k).exp())
+    fastdl.ops.softmax(torch.randn(2, 3))
+    assert calls, "FASTDL_BACKEND=torch did not reach the torch backend"
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ValueError, match=r"fastdl: unknown backend 'cudnn'; expected one of"):
+        fastdl.set_backend("cudnn")
+    with pytest.raises(ValueError, match="unknown backend"):
+        with fastdl.use_backend("fast"):
+            pass
+
+
+def test_auto_prefers_native_cpu_kernel():
+    expected = "cpu" if "cpu" in fastdl.available_backends("cpu") else "torch"
+    assert backends.resolve("softmax", torch.device("cpu")) == expected
+
+
+def test_unavailable_reasons_are_specific():
+    reason = backends.why_unavailable("cuda", "cpu")
+    assert reason is not None and "runs cuda tensors, not cpu tensors" in reason
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in backends.why_unavailable("triton", "cuda")
+
+
+def test_import_without_native_or_triton(tmp_path):
+    """`import fastdl` works with fastdl._C and triton both unimportable; ops run on torch."""
+    code = f"""
+import sys, builtins
+real_import = builtins.__import__
+def fake_import(name, globals=None, locals=None, fromlist=(), level=0):
+    if name == "triton" or name.startswith("triton.") or (name == "fastdl" and fromlist and "_C" in fromlist):
+        raise ImportError("hidden for the test: " + name)
+    return real_import(name, globals, locals, fromlist, level)
+builtins.__import__ = fake_import
+import torch, fastdl
+print(fastdl.available_backends())
+assert fastdl.available_backends() == ["torch"], fastdl.available_backends()
+y = fastdl.ops.softmax(torch.randn(3, 4))
+assert torch.allclose(y.sum(-1), torch.ones(3))
+try:
+    with fastdl.use_backend("cpu"):
+        fastdl.ops.softmax(torch.randn(3, 4))
+except fastdl.BackendUnavailableError as e:
+    assert "fastdl._C is not built" in str(e), e
+else:
+    raise AssertionError("expected BackendUnavailableError")
+try:
+    with fastdl.use_backend("triton"):
+        fastdl.ops.softmax(torch.randn(3, 4))
+except fastdl.BackendUnavailableError as e:
+    assert "triton is not importable" in str(e), e
+else:
+    raise AssertionError("expected BackendUnavailableError")
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr

@@ -1,0 +1,70 @@
+"""fastdl.nn modules: drop-in for torch.nn, fallback rule, strict mode."""
+import warnings
+
+import pytest
+import torch
+
+import fastdl
+from fastdl.nn import _fallback
+
+from conftest import backend_cases, case_id
+
+PAIRS = [(torch.nn.Softmax, fastdl.nn.Softmax), (torch.nn.LogSoftmax, fastdl.nn.LogSoftmax)]
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p[1].__name__)
+@pytest.mark.parametrize("case", backend_cases(), ids=case_id)
+def test_matches_torch_module(case, pair):
+    backend, device = case
+    torch_cls, fast_cls = pair
+    x = torch.randn(3, 5, 7, device=device, requires_grad=True)
+    for dim in (0, 1, 2, -1):
+        ours, theirs = fast_cls(dim), torch_cls(dim)
+        assert isinstance(ours, torch_cls)
+        with fastdl.use_backend(backend):
+            out = ours(x)
+            (g,) = torch.autograd.grad(out.sum() * 0 + (out * out).sum(), x)
+        ref = theirs(x)
+        (g_ref,) = torch.autograd.grad((ref * ref).sum(), x)
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(g, g_ref)
+        assert repr(ours) == repr(theirs)
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p[1].__name__)
+def test_implicit_dim_as_torch(pair):
+    torch_cls, fast_cls = pair
+    x = torch.randn(2, 3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about the implicit dim; so may we
+        torch.testing.assert_close(fast_cls()(x), torch_cls()(x))
+
+
+def test_fallback_warns_once_then_matches_torch(monkeypatch):
+    monkeypatch.setattr(_fallback, "_warned", set())
+    monkeypatch.delenv("FASTDL_STRICT", raising=False)
+    module = fastdl.nn.Softmax(-1)
+    x = torch.randn(4, 6)
+    with fastdl.use_backend("cuda"):  # cannot run CPU tensors
+        with pytest.warns(UserWarning, match=r"Softmax: falling back to torch: fastdl\.softmax: backend 'cuda'"):
+            out = module(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second call is silent
+            module(x)
+    torch.testing.assert_close(out, torch.softmax(x, -1))
+
+
+def test_strict_raises(monkeypatch):
+    x = torch.randn(4, 6)
+    with fastdl.use_backend("cuda"):
+        with pytest.raises(fastdl.BackendUnavailableError, match="cannot run here"):
+            fastdl.nn.LogSoftmax(-1, strict=True)(x)
+        monkeypatch.setenv("FASTDL_STRICT", "1")
+        with pytest.raises(fastdl.BackendUnavailableError):
+            fastdl.nn.LogSoftmax(-1)(x)
+
+
+def test_bad_input_error_names_op():
+    with pytest.raises(TypeError, match=r"fastdl\.softmax: argument x must be a floating-point tensor"):
+        fastdl.nn.Softmax(-1)(torch.arange(4))
