@@ -56,6 +56,7 @@ def _triton_import_error() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def why_unavailable(backend: str, device_type: str, op: str | None = None) -> str | None:
     """None when `backend` can run on `device_type` here, else the reason it cannot."""
     if backend == "torch":
@@ -121,22 +122,43 @@ def use_backend(name: str):
         _scoped_choice.reset(token)
 
 
-def resolve(op: str, device: torch.device, supports=None) -> str:
-    """The backend that runs `op` on `device` now.
+# op -> backend -> dtypes its kernels take; each op registers its own (register_dtypes)
+_OP_DTYPES: dict[str, dict[str, tuple]] = {}
 
-    `supports(backend) -> str | None` lets the op veto a backend for this call (a dtype
-    or size it does not take) with a reason.
-    """
-    choice = get_backend()
-    device_type = device.type
+
+def register_dtypes(op: str, dtypes_by_backend: dict[str, tuple]) -> None:
+    """Declare which dtypes each backend's kernels for `op` take."""
+    _OP_DTYPES[op] = dict(dtypes_by_backend)
+    _resolve_cached.cache_clear()
+
+
+def _why_not(op: str, backend: str, device_type: str, dtype: torch.dtype) -> str | None:
+    reason = why_unavailable(backend, device_type, op)
+    if reason is None and dtype not in _OP_DTYPES.get(op, {}).get(backend, (dtype,)):
+        reason = f"its {op} kernels do not take {dtype}"
+    return reason
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve_cached(op: str, device_type: str, dtype: torch.dtype, choice: str) -> tuple[str | None, str | None]:
+    """(backend, None) or (None, error message). What can run never changes within a process."""
     if choice != "auto":
-        reason = why_unavailable(choice, device_type, op)
-        if reason is None and supports is not None:
-            reason = supports(choice)
+        reason = _why_not(op, choice, device_type, dtype)
         if reason is not None:
-            raise BackendUnavailableError(f"fastdl.{op}: backend {choice!r} cannot run here: {reason}")
-        return choice
+            return None, f"fastdl.{op}: backend {choice!r} cannot run here: {reason}"
+        return choice, None
     for backend in PREFERENCE.get(op, {}).get(device_type, ("torch",)):
-        if why_unavailable(backend, device_type, op) is None and (supports is None or supports(backend) is None):
-            return backend
-    return "torch"
+        if _why_not(op, backend, device_type, dtype) is None:
+            return backend, None
+    return "torch", None
+
+
+def resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs `op` on a `dtype` tensor on `device` now.
+
+    Raises BackendUnavailableError when a named backend cannot run it.
+    """
+    backend, error = _resolve_cached(op, device.type, dtype, get_backend())
+    if error is not None:
+        raise BackendUnavailableError(error)
+    return backend

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 venv=${1:-.venv-cuda}
 pin=${2:-torch==2.14.1}
 build=build/cuda-check
+mkdir -p "$build"
 
 cuda_home=${CUDA_HOME:-/usr/local/cuda}
 if [ ! -x "$cuda_home/bin/nvcc" ]; then
@@ -48,7 +49,7 @@ extra_args=()
 cmake -S . -B "$build" -GNinja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$torch_cmake" -DPython_EXECUTABLE="$py" \
   -DFASTDL_BUILD_CUDA=ON -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc" \
-  -DCMAKE_CXX_FLAGS="$extra_include" "${extra_args[@]}" >"$build.cmake.log" 2>&1 || { cat "$build.cmake.log"; exit 1; }
+  -DCMAKE_CXX_FLAGS="$extra_include" "${extra_args[@]}" >"$build/configure.log" 2>&1 || { cat "$build/configure.log"; exit 1; }
 cmake --build "$build" -j "$(nproc)"
 
 lib=$(ls "$build"/_C.*.so)

@@ -89,5 +89,7 @@ def test_cuda_part_builds_against_cuda_torch():
     _require(_nvcc(), "nvcc")
     result = subprocess.run(["bash", str(ROOT / "scripts" / "check_cuda_build.sh"), venv, pin],
                             capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    # pip's notes about unreachable index folders would bury the real error
+    log = "\n".join(l for l in (result.stdout + result.stderr).splitlines() if not l.startswith("WARNING: Location"))
+    assert result.returncode == 0, log[-8000:]
     assert "CUDA kernels registered" in result.stdout

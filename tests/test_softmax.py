@@ -1,6 +1,4 @@
 """fastdl.ops.softmax / log_softmax: every backend x dtype x shape against float64."""
-import importlib
-
 import pytest
 import torch
 
@@ -200,14 +198,21 @@ class TestBadInputs:
                 fastdl.ops.softmax(x)
 
     def test_backend_without_the_dtype(self, monkeypatch):
-        softmax_module = importlib.import_module("fastdl.ops.softmax")  # the module, not the function
-        monkeypatch.setitem(softmax_module._DTYPES, "cpu", (torch.float32,))
-        with pytest.raises(fastdl.BackendUnavailableError, match=r"backend 'cpu' cannot run here: .*float16"):
-            with fastdl.use_backend("cpu"):
-                fastdl.ops.softmax(torch.randn(2, 3, dtype=torch.float16))
-        # under auto the call goes on to the next backend instead
-        torch.testing.assert_close(fastdl.ops.softmax(torch.ones(2, 3, dtype=torch.float16)),
-                                   torch.full((2, 3), 1 / 3, dtype=torch.float16))
+        from fastdl import backends
+
+        only_fp32 = dict(backends._OP_DTYPES["softmax"], cpu=(torch.float32,))
+        monkeypatch.setitem(backends._OP_DTYPES, "softmax", only_fp32)
+        backends._resolve_cached.cache_clear()
+        try:
+            with pytest.raises(fastdl.BackendUnavailableError, match=r"backend 'cpu' cannot run here: .*float16"):
+                with fastdl.use_backend("cpu"):
+                    fastdl.ops.softmax(torch.randn(2, 3, dtype=torch.float16))
+            # under auto the call goes on to the next backend instead
+            torch.testing.assert_close(fastdl.ops.softmax(torch.ones(2, 3, dtype=torch.float16)),
+                                       torch.full((2, 3), 1 / 3, dtype=torch.float16))
+        finally:
+            monkeypatch.undo()
+            backends._resolve_cached.cache_clear()
 
     def test_native_op_checks(self):
         """The C++ ops check what they are given, too (called directly, bypassing Python)."""

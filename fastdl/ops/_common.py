@@ -49,9 +49,12 @@ def as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
 
     No copy when dim is already last and the leading dims collapse to one stride.
     """
-    if t.dim() == 0:
+    ndim = t.dim()
+    if ndim == 2 and dim == 1 and (t.stride(1) == 1 or t.shape[1] <= 1):
+        return t  # the common case, without the reshape's cost
+    if ndim == 0:
         return t.reshape(1, 1)
-    if dim != t.dim() - 1:
+    if dim != ndim - 1:
         t = t.movedim(dim, -1)
     rows = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
     if rows.shape[1] > 1 and rows.stride(1) != 1:
@@ -61,6 +64,8 @@ def as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     """Inverse of as_rows for a contiguous (rows, cols) result: a contiguous tensor of like's shape."""
+    if rows.shape == like.shape:
+        return rows
     if like.dim() == 0:
         return rows.reshape(())
     if dim == like.dim() - 1:
