@@ -8,6 +8,8 @@
 //     across the block, then a second sweep writes the output. The second read of the row
 //     usually hits L2. Scalar loads when the row is not 16-byte aligned.
 // Arithmetic in fp32 (fp64 for fp64); loads and stores in the element type.
+// Column indices in the block kernels are 64-bit: cols may come close to 2^31, where
+// col + blockDim * kVec would overflow an int.
 #include <climits>
 
 #include "common/reduce.cuh"
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   // pass 1: online max and sum (cols is a multiple of kVec)
   MaxSum<A> state{-INFINITY, A(0)};
-  for (int col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
+  for (int64_t col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
     A v[kVec];
     load_acc<kVec>(x_row + col, v);
     MaxSum<A> chunk{v[0], A(0)};
@@ -111,7 +113,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const A scale = kLog ? log_acc(state.s) : A(1) / state.s;
 
   // pass 2: write
-  for (int col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
+  for (int64_t col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
     A v[kVec];
     load_acc<kVec>(x_row + col, v);
 #pragma unroll
@@ -162,7 +164,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const T* y_row = y + row * y_row_stride;
   T* dx_row = dx + row * cols;
   A total = 0;
-  for (int col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
+  for (int64_t col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
     A g[kVec], o[kVec];
     load_acc<kVec>(dy_row + col, g);
     if constexpr (!kLog) load_acc<kVec>(y_row + col, o);
@@ -170,7 +172,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     for (int k = 0; k < kVec; ++k) total += kLog ? g[k] : g[k] * o[k];
   }
   total = block_sum<kBlockThreads>(total, scratch);
-  for (int col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
+  for (int64_t col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
     A g[kVec], o[kVec];
     load_acc<kVec>(dy_row + col, g);
     load_acc<kVec>(y_row + col, o);

@@ -50,7 +50,7 @@ def test_unknown_backend_names_the_choices():
 
 def test_auto_prefers_native_cpu_kernel():
     expected = "cpu" if "cpu" in fastdl.available_backends("cpu") else "torch"
-    assert backends.resolve("softmax", torch.device("cpu")) == expected
+    assert backends.resolve("softmax", torch.device("cpu"), torch.float32) == expected
 
 
 def test_unavailable_reasons_are_specific():

@@ -13,6 +13,10 @@ Backward likewise, with y the forward output and dy the incoming gradient:
   softmax:      dx = y * (dy - sum(dy * y))
   log_softmax:  dx = dy - exp(y) * sum(dy)
 All arithmetic in fp32 (fp64 for fp64 tensors); loads and stores in the tensor's dtype.
+
+Autotuning (num_warps) is keyed on the tile shape, not the exact row length, so a
+model whose lengths vary tunes once per power of two. It runs on the first call of
+each shape: warm up before capturing a CUDA graph.
 """
 import torch
 import triton
@@ -32,7 +36,7 @@ TILE_ELEMENTS = 4096
 # ---------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------
-@triton.autotune(configs=autotune_configs(4, 8, 16), key=["n_cols", "BLOCK_COLS", "ROWS"])
+@triton.autotune(configs=autotune_configs(4, 8, 16), key=["BLOCK_COLS", "ROWS"])
 @triton.jit
 def _softmax_forward_tile_kernel(
     x_ptr,  # input, (n_rows, n_cols), last dim contiguous
@@ -60,7 +64,7 @@ def _softmax_forward_tile_kernel(
     tl.store(y_ptr + row * n_cols + col, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=autotune_configs(8, 4, 16), key=["n_cols", "BLOCK_COLS"])
+@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
 @triton.jit
 def _softmax_forward_loop_kernel(
     x_ptr,  # input, (n_rows, n_cols), last dim contiguous
@@ -103,7 +107,7 @@ def _softmax_forward_loop_kernel(
 # ---------------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------------
-@triton.autotune(configs=autotune_configs(4, 8, 16), key=["n_cols", "BLOCK_COLS", "ROWS"])
+@triton.autotune(configs=autotune_configs(4, 8, 16), key=["BLOCK_COLS", "ROWS"])
 @triton.jit
 def _softmax_backward_tile_kernel(
     dy_ptr,  # gradient of the output, (n_rows, n_cols), last dim contiguous
@@ -130,7 +134,7 @@ def _softmax_backward_tile_kernel(
     tl.store(dx_ptr + row * n_cols + col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=autotune_configs(8, 4, 16), key=["n_cols", "BLOCK_COLS"])
+@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
 @triton.jit
 def _softmax_backward_loop_kernel(
     dy_ptr,
