@@ -48,10 +48,21 @@ FASTDL_INLINE void softmax_row_forward(const T* __restrict x, T* __restrict y, i
   }
   // A row of -inf gives max = -inf and NaN outputs, as torch does.
   acc_t sum = 0;
-  if constexpr (kLog) {
+  if constexpr (kLog && std::is_same_v<T, acc_t>) {
+    // store x - max while summing its exp, then subtract log(sum) in place. Always
+    // (x - max) - log(sum), never x - (max + log(sum)): near +-3e38 that rounds log(sum) away.
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < cols; ++j) {
+      const acc_t shifted = x[j] - max_val;
+      y[j] = shifted;
+      sum += exp_acc(shifted);
+    }
+    const acc_t log_sum = std::log(sum);
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) y[j] -= log_sum;
+  } else if constexpr (kLog) {
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < cols; ++j) sum += exp_acc(static_cast<acc_t>(x[j]) - max_val);
-    // (x - max) - log(sum), not x - (max + log(sum)): near +-3e38 the latter rounds away log(sum)
     const acc_t log_sum = std::log(sum);
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) y[j] = static_cast<T>((static_cast<acc_t>(x[j]) - max_val) - log_sum);
