@@ -35,6 +35,11 @@ PREFERENCE = {
         # cpu: benchmarks/results/cpu (fp32 4096x4096: fastdl cpu vs torch eager)
         "cpu": ("cpu", "torch"),
     },
+    # layer_norm, rms_norm and the fused residual-add forms: no run committed yet
+    "layer_norm": {
+        "cuda": ("triton", "cuda", "torch"),
+        "cpu": ("cpu", "torch"),
+    },
 }
 
 

@@ -11,31 +11,13 @@
 #include <limits>
 
 #include "csrc/common/outputs.h"
-#include "csrc/cpu/vec_math.h"
+#include "csrc/cpu/common.h"
 
 namespace fastdl::cpu {
 namespace {
 
-// Built once per ISA (AVX-512, AVX2, baseline) and picked at load time by the
-// dynamic loader (GCC function multiversioning), so the wheel runs on any x86-64.
-// The per-row functions are forced inline so that each clone gets its own vector code.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTDL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTDL_MULTIVERSION
-#endif
-#define FASTDL_INLINE inline __attribute__((always_inline))
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
 FASTDL_INLINE float exp_acc(float x) { return exp_approx(x); }
 FASTDL_INLINE double exp_acc(double x) { return std::exp(x); }
-
-// Rows per parallel task: at least ~32k elements of work each, so threads are not
-// woken for tiny rows.
-int64_t grain_rows(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
-
 
 template <typename T, bool kLog>
 FASTDL_INLINE void softmax_row_forward(const T* __restrict x, T* __restrict y, int64_t cols) {

@@ -1,9 +1,28 @@
-// Branch-free float math that GCC vectorises inside `#pragma omp simd` loops.
+// Shared by the CPU kernels: multiversioning, accumulation types, work split, and
+// branch-free float math that GCC vectorises inside `#pragma omp simd` loops.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
 namespace fastdl::cpu {
+
+// Row kernels are built once per ISA (AVX-512, AVX2, baseline) and the dynamic loader
+// picks one at load time (GCC function multiversioning), so the wheel runs on any
+// x86-64. Per-row helpers are forced inline so that each clone gets its own vector code.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTDL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTDL_MULTIVERSION
+#endif
+#define FASTDL_INLINE inline __attribute__((always_inline))
+
+// Accumulation type: float for 16/32-bit floats, double for double.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// Rows per parallel task: at least ~32k elements of work each, so threads are not
+// woken for tiny rows.
+inline int64_t grain_rows(int64_t cols) { return cols >= 32768 ? 1 : 32768 / (cols > 0 ? cols : 1); }
 
 // exp(x) for float, max relative error 8e-8 (1 ulp) on [-87.3, 1].
 // Cody & Waite range reduction: n = round(x / ln2), r = x - n*ln2 with ln2 split in a

@@ -1,0 +1,248 @@
+// LayerNorm / RMSNorm over rows on the CPU, optionally fused with a residual add:
+// forward and backward (see fastdl/reference/layer_norm.py for the math).
+//
+// Forward: rows split over threads; per row a mean pass (LayerNorm), a variance pass
+// over deviations (not sum of squares minus square of sums, which cancels in float)
+// and a normalise-and-write pass, all vectorised. With a residual the sum is written
+// first and the passes read it back from L1/L2.
+// Backward: dweight / dbias are reduced in two deterministic stages: the rows are cut
+// into a number of chunks that depends on the row count only, each chunk sums its rows
+// into one partial row, then the partial rows are summed in order. Same inputs, same
+// bits, whatever the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "csrc/common/outputs.h"
+#include "csrc/cpu/common.h"
+
+namespace fastdl::cpu {
+namespace {
+
+constexpr int64_t kMaxChunks = 256;  // partial rows of the dweight / dbias reduction
+
+template <typename T, typename A>
+FASTDL_INLINE void norm_row_forward(const T* __restrict x, const T* __restrict residual, T* __restrict h,
+                                    const A* __restrict weight, const A* __restrict bias, T* __restrict y,
+                                    int64_t n, A eps, bool rms, A* mean_out, A* rstd_out) {
+  const T* src = x;
+  if (residual != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) h[j] = static_cast<T>(static_cast<A>(x[j]) + static_cast<A>(residual[j]));
+    src = h;  // normalise the sum as stored, as the unfused add would
+  }
+  A mean = 0;
+  if (!rms) {
+    A sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) sum += static_cast<A>(src[j]);
+    mean = sum / static_cast<A>(n);
+  }
+  A sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < n; ++j) {
+    const A d = static_cast<A>(src[j]) - mean;
+    sq += d * d;
+  }
+  const A rstd = A(1) / std::sqrt(sq / static_cast<A>(n) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] = static_cast<T>((static_cast<A>(src[j]) - mean) * rstd * weight[j] + bias[j]);
+  if (mean_out != nullptr) *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+template <typename T>
+FASTDL_MULTIVERSION void norm_forward_rows(const T* x, int64_t x_stride, const T* residual, int64_t residual_stride,
+                                           T* h, const typename Acc<T>::type* weight,
+                                           const typename Acc<T>::type* bias, T* y, typename Acc<T>::type* mean,
+                                           typename Acc<T>::type* rstd, int64_t begin, int64_t end, int64_t n,
+                                           typename Acc<T>::type eps, bool rms) {
+  for (int64_t r = begin; r < end; ++r)
+    norm_row_forward<T>(x + r * x_stride, residual ? residual + r * residual_stride : nullptr, h ? h + r * n : nullptr,
+                        weight, bias, y + r * n, n, eps, rms, mean ? mean + r : nullptr, rstd + r);
+}
+
+// dx for one row; adds this row's dy * xhat and dy to the chunk's partial rows.
+template <typename T, typename A>
+FASTDL_INLINE void norm_row_backward(const T* __restrict dy, const T* __restrict dsum, const T* __restrict x,
+                                     const A* __restrict weight, A mean, A rstd, T* __restrict dx,
+                                     A* __restrict dweight_partial, A* __restrict dbias_partial, int64_t n, bool rms) {
+  A sum_gx = 0, sum_g = 0;
+#pragma omp simd reduction(+ : sum_gx, sum_g)
+  for (int64_t j = 0; j < n; ++j) {
+    const A xhat = (static_cast<A>(x[j]) - mean) * rstd;
+    const A g = static_cast<A>(dy[j]) * weight[j];
+    sum_gx += g * xhat;
+    sum_g += g;
+  }
+  const A c1 = sum_gx / static_cast<A>(n);
+  const A c2 = rms ? A(0) : sum_g / static_cast<A>(n);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const A xhat = (static_cast<A>(x[j]) - mean) * rstd;
+    const A d = static_cast<A>(dy[j]);
+    A v = (d * weight[j] - c2 - xhat * c1) * rstd;
+    if (dsum != nullptr) v += static_cast<A>(dsum[j]);
+    dx[j] = static_cast<T>(v);
+    if (dweight_partial != nullptr) dweight_partial[j] += d * xhat;
+    if (dbias_partial != nullptr) dbias_partial[j] += d;
+  }
+}
+
+template <typename T>
+FASTDL_MULTIVERSION void norm_backward_rows(const T* dy, int64_t dy_stride, const T* dsum, int64_t dsum_stride,
+                                            const T* x, int64_t x_stride, const typename Acc<T>::type* weight,
+                                            const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd,
+                                            T* dx, typename Acc<T>::type* dweight_partial,
+                                            typename Acc<T>::type* dbias_partial, int64_t begin, int64_t end,
+                                            int64_t n, bool rms) {
+  for (int64_t r = begin; r < end; ++r)
+    norm_row_backward<T>(dy + r * dy_stride, dsum ? dsum + r * dsum_stride : nullptr, x + r * x_stride, weight,
+                         mean ? mean[r] : typename Acc<T>::type(0), rstd[r], dx + r * n, dweight_partial,
+                         dbias_partial, n, rms);
+}
+
+// out[j] = sum over c of partial[c][j], in order of c: the same bits for any thread count.
+template <typename A> void sum_partial_rows(const A* partial, A* out, int64_t chunks, int64_t n) {
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) out[j] = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+#pragma omp simd
+      for (int64_t j = begin; j < end; ++j) out[j] += partial[c * n + j];
+    }
+  });
+}
+
+void check_rows(const char* fn, const char* name, const at::Tensor& t, int64_t rows, int64_t n) {
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n, fn, ": ", name, " must be (", rows, ", ", n,
+              "), got ", t.sizes());
+  TORCH_CHECK(t.numel() == 0 || n <= 1 || t.stride(1) == 1, fn, ": ", name, " must have a contiguous last dim");
+}
+
+void check_dtype(const char* fn, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, fn, ": ",
+              name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+// weight / bias of any float dtype, as a contiguous vector of the accumulation type;
+// absent ones become ones / zeros, so the kernels have one loop for every case.
+at::Tensor param_or(const std::optional<at::Tensor>& p, int64_t n, at::ScalarType acc, double fill, const char* fn,
+                    const char* name) {
+  if (!p.has_value()) return at::full({n}, fill, at::TensorOptions().dtype(acc));
+  TORCH_CHECK(p->device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", p->device());
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == n, fn, ": ", name, " must have shape (", n, "), got ", p->sizes());
+  check_dtype(fn, name, *p);
+  return p->to(acc).contiguous();
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool rms) {
+  const char* fn = "fastdl.layer_norm (cpu)";
+  TORCH_CHECK(x.dim() == 2, fn, ": x must be 2-D (rows, cols), got ", x.dim(), "-D");
+  const int64_t rows = x.size(0), n = x.size(1);
+  check_rows(fn, "x", x, rows, n);
+  check_dtype(fn, "x", x);
+  if (residual.has_value()) {
+    check_rows(fn, "residual", *residual, rows, n);
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), fn, ": residual is ", residual->scalar_type(),
+                " but x is ", x.scalar_type());
+  }
+  const auto acc = acc_type(x.scalar_type());
+  const at::Tensor w = param_or(weight, n, acc, 1.0, fn, "weight");
+  const at::Tensor b = param_or(bias, n, acc, 0.0, fn, "bias");
+  at::Tensor y = empty_output({rows, n}, x.options());
+  at::Tensor h = residual.has_value() ? empty_output({rows, n}, x.options()) : at::empty({0}, x.options());
+  at::Tensor mean = rms ? at::empty({0}, x.options().dtype(acc)) : empty_output({rows}, x.options().dtype(acc));
+  at::Tensor rstd = empty_output({rows}, x.options().dtype(acc));
+  if (rows == 0 || n == 0) return {y, h, mean, rstd};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastdl_norm_forward_cpu", [&] {
+    using A = typename Acc<scalar_t>::type;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = residual.has_value() ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t r_stride = residual.has_value() ? residual->stride(0) : 0;
+    scalar_t* hp = residual.has_value() ? h.mutable_data_ptr<scalar_t>() : nullptr;
+    A* mp = rms ? nullptr : mean.mutable_data_ptr<A>();
+    at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+      norm_forward_rows<scalar_t>(xp, x.stride(0), rp, r_stride, hp, w.const_data_ptr<A>(), b.const_data_ptr<A>(),
+                                  y.mutable_data_ptr<scalar_t>(), mp, rstd.mutable_data_ptr<A>(), begin, end, n,
+                                  static_cast<A>(eps), rms);
+    });
+  });
+  return {y, h, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
+    const at::Tensor& dy, const std::optional<at::Tensor>& dsum, const at::Tensor& x,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
+    bool has_bias, bool rms) {
+  const char* fn = "fastdl.layer_norm_backward (cpu)";
+  TORCH_CHECK(x.dim() == 2, fn, ": x must be 2-D (rows, cols), got ", x.dim(), "-D");
+  const int64_t rows = x.size(0), n = x.size(1);
+  check_rows(fn, "x", x, rows, n);
+  check_rows(fn, "dy", dy, rows, n);
+  check_dtype(fn, "x", x);
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), fn, ": dy is ", dy.scalar_type(), " but x is ", x.scalar_type());
+  if (dsum.has_value()) {
+    check_rows(fn, "dsum", *dsum, rows, n);
+    TORCH_CHECK(dsum->scalar_type() == x.scalar_type(), fn, ": dsum is ", dsum->scalar_type(), " but x is ",
+                x.scalar_type());
+  }
+  const auto acc = acc_type(x.scalar_type());
+  TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == rows && rstd.scalar_type() == acc && rstd.is_contiguous(), fn,
+              ": rstd must be a contiguous (", rows, ") ", acc, " tensor, got ", rstd.sizes(), " ", rstd.scalar_type());
+  TORCH_CHECK(rms || (mean.has_value() && mean->dim() == 1 && mean->size(0) == rows && mean->scalar_type() == acc &&
+                      mean->is_contiguous()),
+              fn, ": mean must be a contiguous (", rows, ") ", acc, " tensor for layer_norm");
+  const at::Tensor w = param_or(weight, n, acc, 1.0, fn, "weight");
+  at::Tensor dx = empty_output({rows, n}, x.options());
+  // stage 1 buffers: one partial row per chunk of rows; the chunking depends on rows only
+  const int64_t chunks = std::max<int64_t>(1, std::min(rows, kMaxChunks));
+  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  at::Tensor dweight_partial = weight.has_value() ? at::zeros({chunks, n}, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor dbias_partial = has_bias ? at::zeros({chunks, n}, x.options().dtype(acc)) : at::Tensor();
+  if (rows > 0 && n > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastdl_norm_backward_cpu", [&] {
+      using A = typename Acc<scalar_t>::type;
+      const scalar_t* dsp = dsum.has_value() ? dsum->const_data_ptr<scalar_t>() : nullptr;
+      const int64_t ds_stride = dsum.has_value() ? dsum->stride(0) : 0;
+      const A* mp = rms ? nullptr : mean->const_data_ptr<A>();
+      at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+        for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+          const int64_t begin = c * rows_per_chunk, end = std::min(rows, begin + rows_per_chunk);
+          norm_backward_rows<scalar_t>(
+              dy.const_data_ptr<scalar_t>(), dy.stride(0), dsp, ds_stride, x.const_data_ptr<scalar_t>(), x.stride(0),
+              w.const_data_ptr<A>(), mp, rstd.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(),
+              dweight_partial.defined() ? dweight_partial.mutable_data_ptr<A>() + c * n : nullptr,
+              dbias_partial.defined() ? dbias_partial.mutable_data_ptr<A>() + c * n : nullptr, begin, end, n, rms);
+        }
+      });
+    });
+  }
+  // stage 2: the partial rows, summed in chunk order
+  auto reduce = [&](const at::Tensor& partial) {
+    if (!partial.defined()) return at::empty({0}, x.options().dtype(acc));
+    at::Tensor out = at::empty({n}, partial.options());
+    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "fastdl_norm_reduce_cpu", [&] {
+      sum_partial_rows(partial.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), chunks, n);
+    });
+    return out;
+  };
+  return {dx, reduce(dweight_partial), reduce(dbias_partial)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("layer_norm_rows_forward", &layer_norm_rows_forward);
+  m.impl("layer_norm_rows_backward", &layer_norm_rows_backward);
+}
+
+}  // namespace fastdl::cpu

@@ -1,0 +1,388 @@
+"""LayerNorm / RMSNorm over the rows of a (rows, cols) tensor, optionally fused with
+a residual add: Triton kernels.
+
+One forward and one backward kernel serve all four ops through constexpr flags
+(RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS), each in two shapes by row length:
+  * tile: a program holds ROWS whole rows in registers; one read and one write of
+    every element (plus the residual and the sum when fused).
+  * loop: for rows too long for registers, a program walks its row in chunks:
+    sum -> mean, sum of squared deviations -> variance (two sweeps, not sum of squares
+    minus square of sums, which cancels catastrophically in fp32), then a sweep that
+    writes. The repeated reads of a row just read are served by L2.
+Fused residual: the forward writes h = x + residual (rounded to the input dtype, as
+the unfused add would) and normalises h; the backward adds the gradient that reaches h
+from its other uses (dsum) to dx, which is then both d(x) and d(residual).
+
+Backward (xhat = normalised input, g = dy * weight, means over the row):
+    layer_norm: dx = rstd * (g - mean(g) - xhat * mean(g * xhat));  rms_norm drops mean(g)
+    dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
+dweight / dbias are reduced in two deterministic stages: each program sums its own
+block of rows into one fp32 row of a partial buffer, then the partial rows are summed
+in a fixed order. No atomics: two runs give bitwise-equal gradients.
+Statistics (mean, rstd) are saved in fp32 (fp64 for fp64 inputs); arithmetic likewise.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastdl._outputs import empty_output
+from fastdl.triton._launch import accumulator_dtype, autotune_configs
+
+# Longest row the tile kernels keep whole in registers.
+FORWARD_TILE_MAX_COLS = 16384
+BACKWARD_TILE_MAX_COLS = 8192
+# Chunk of a row per iteration of the loop kernels.
+LOOP_BLOCK_COLS = 2048
+# Elements a tile program aims to hold (several short rows each).
+TILE_ELEMENTS = 4096
+# Backward programs per SM: each reduces its rows' dweight into one partial row.
+PROGRAMS_PER_SM = 4
+
+
+# ---------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------
+@triton.autotune(configs=autotune_configs(4, 8, 16), key=["BLOCK_COLS", "ROWS"])
+@triton.jit
+def _norm_forward_tile_kernel(
+    x_ptr,  # input (n_rows, n_cols), last dim contiguous
+    residual_ptr,  # residual, same shape (read when HAS_RESIDUAL)
+    weight_ptr,  # (n_cols,) (read when HAS_WEIGHT)
+    bias_ptr,  # (n_cols,) (read when HAS_BIAS)
+    y_ptr,  # output (n_rows, n_cols), contiguous
+    sum_ptr,  # x + residual (n_rows, n_cols), contiguous (written when HAS_RESIDUAL)
+    mean_ptr,  # (n_rows,) statistics (written unless RMS)
+    rstd_ptr,  # (n_rows,) 1 / sqrt(var + eps)
+    x_row_stride,
+    residual_row_stride,
+    n_rows,
+    n_cols,
+    eps,
+    BLOCK_COLS: tl.constexpr,
+    ROWS: tl.constexpr,
+    RMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row = rows[:, None]
+    col = tl.arange(0, BLOCK_COLS)[None, :]
+    col_mask = col < n_cols
+    mask = (row < n_rows) & col_mask
+    x = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(ACC)
+    if HAS_RESIDUAL:
+        x += tl.load(residual_ptr + row * residual_row_stride + col, mask=mask, other=0.0).to(ACC)
+        h = x.to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * n_cols + col, h, mask=mask)
+        x = h.to(ACC)  # normalise the sum as stored, as the unfused add would
+    if RMS:
+        centred = x
+    else:
+        mean = tl.sum(x, axis=1) / n_cols
+        centred = tl.where(col_mask, x - mean[:, None], 0.0)
+        tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
+    var = tl.sum(centred * centred, axis=1) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+    y = centred * rstd[:, None]
+    if HAS_WEIGHT:
+        y *= tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + col, mask=col_mask, other=0.0).to(ACC)
+    tl.store(y_ptr + row * n_cols + col, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
+@triton.jit
+def _norm_forward_loop_kernel(
+    x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, sum_ptr, mean_ptr, rstd_ptr,
+    x_row_stride, residual_row_stride, n_cols, eps,
+    BLOCK_COLS: tl.constexpr,
+    RMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_row_stride
+    sum_row = sum_ptr + row * n_cols
+    # sweep 1: the sum (written when fused), and sum and sum of squares of the row
+    acc_sum = tl.zeros([BLOCK_COLS], ACC)
+    acc_sq = tl.zeros([BLOCK_COLS], ACC)
+    for start in range(0, n_cols, BLOCK_COLS):
+        col = start + tl.arange(0, BLOCK_COLS)
+        mask = col < n_cols
+        x = tl.load(x_row + col, mask=mask, other=0.0).to(ACC)
+        if HAS_RESIDUAL:
+            x += tl.load(residual_ptr + row * residual_row_stride + col, mask=mask, other=0.0).to(ACC)
+            h = x.to(sum_ptr.dtype.element_ty)
+            tl.store(sum_row + col, h, mask=mask)
+            x = h.to(ACC)
+        acc_sum += x
+        acc_sq += x * x
+    if RMS:
+        mean = 0.0
+        var = tl.sum(acc_sq, axis=0) / n_cols
+    else:
+        mean = tl.sum(acc_sum, axis=0) / n_cols
+        tl.store(mean_ptr + row, mean)
+        # sweep 2: variance from deviations (numerically safe), rows re-read from L2
+        acc_sq = tl.zeros([BLOCK_COLS], ACC)
+        for start in range(0, n_cols, BLOCK_COLS):
+            col = start + tl.arange(0, BLOCK_COLS)
+            mask = col < n_cols
+            if HAS_RESIDUAL:
+                x = tl.load(sum_row + col, mask=mask, other=0.0).to(ACC)
+            else:
+                x = tl.load(x_row + col, mask=mask, other=0.0).to(ACC)
+            d = tl.where(mask, x - mean, 0.0)
+            acc_sq += d * d
+        var = tl.sum(acc_sq, axis=0) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(rstd_ptr + row, rstd)
+    # last sweep: normalise and write
+    for start in range(0, n_cols, BLOCK_COLS):
+        col = start + tl.arange(0, BLOCK_COLS)
+        mask = col < n_cols
+        if HAS_RESIDUAL:
+            x = tl.load(sum_row + col, mask=mask, other=0.0).to(ACC)
+        else:
+            x = tl.load(x_row + col, mask=mask, other=0.0).to(ACC)
+        y = (x - mean) * rstd
+        if HAS_WEIGHT:
+            y *= tl.load(weight_ptr + col, mask=mask, other=0.0).to(ACC)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + col, mask=mask, other=0.0).to(ACC)
+        tl.store(y_ptr + row * n_cols + col, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------
+@triton.autotune(configs=autotune_configs(4, 8, 16), key=["BLOCK_COLS", "ROWS"])
+@triton.jit
+def _norm_backward_tile_kernel(
+    dy_ptr,  # gradient of y (n_rows, n_cols), last dim contiguous
+    dsum_ptr,  # gradient reaching x + residual from elsewhere (read when HAS_DSUM)
+    x_ptr,  # the normalised input: x, or x + residual when fused
+    weight_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dx_ptr,  # (n_rows, n_cols) contiguous
+    dweight_partial_ptr,  # (programs, n_cols) fp32: this program's sum of dy * xhat
+    dbias_partial_ptr,  # (programs, n_cols) fp32: this program's sum of dy
+    dy_row_stride,
+    dsum_row_stride,
+    x_row_stride,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    BLOCK_COLS: tl.constexpr,
+    ROWS: tl.constexpr,
+    RMS: tl.constexpr,
+    HAS_DSUM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_COLS)
+    col = cols[None, :]
+    col_mask = col < n_cols
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(ACC)
+    dweight_acc = tl.zeros([BLOCK_COLS], ACC)
+    dbias_acc = tl.zeros([BLOCK_COLS], ACC)
+    first = pid.to(tl.int64) * rows_per_program
+    last = tl.minimum(first + rows_per_program, n_rows)
+    for start in range(first, last, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        row = rows[:, None]
+        row_mask = rows < last
+        mask = row_mask[:, None] & col_mask
+        x = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + row * dy_row_stride + col, mask=mask, other=0.0).to(ACC)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
+        if RMS:
+            xhat = x * rstd
+        else:
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        if HAS_WEIGHT:
+            g = dy * w
+        else:
+            g = dy
+        c1 = tl.sum(g * xhat, axis=1)[:, None] / n_cols
+        if RMS:
+            dx = (g - xhat * c1) * rstd
+        else:
+            c2 = tl.sum(g, axis=1)[:, None] / n_cols
+            dx = (g - c2 - xhat * c1) * rstd
+        if HAS_DSUM:
+            dx += tl.load(dsum_ptr + row * dsum_row_stride + col, mask=mask, other=0.0).to(ACC)
+        tl.store(dx_ptr + row * n_cols + col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_WEIGHT:
+            dweight_acc += tl.sum(dy * xhat, axis=0)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(dy, axis=0)
+    if HAS_WEIGHT:
+        tl.store(dweight_partial_ptr + pid * n_cols + cols, dweight_acc, mask=cols < n_cols)
+    if HAS_BIAS:
+        tl.store(dbias_partial_ptr + pid * n_cols + cols, dbias_acc, mask=cols < n_cols)
+
+
+@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
+@triton.jit
+def _norm_backward_loop_kernel(
+    dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr,
+    dweight_partial_ptr,  # (programs, n_cols) fp32, zero-filled: accumulated chunk by chunk
+    dbias_partial_ptr,
+    dy_row_stride, dsum_row_stride, x_row_stride, n_rows, n_cols, rows_per_program,
+    BLOCK_COLS: tl.constexpr,
+    RMS: tl.constexpr,
+    HAS_DSUM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    first = pid.to(tl.int64) * rows_per_program
+    last = tl.minimum(first + rows_per_program, n_rows)
+    for row in range(first, last):
+        x_row = x_ptr + row * x_row_stride
+        dy_row = dy_ptr + row * dy_row_stride
+        rstd = tl.load(rstd_ptr + row).to(ACC)
+        if RMS:
+            mean = 0.0
+        else:
+            mean = tl.load(mean_ptr + row).to(ACC)
+        # sweep 1: mean(g * xhat) and mean(g)
+        acc_gx = tl.zeros([BLOCK_COLS], ACC)
+        acc_g = tl.zeros([BLOCK_COLS], ACC)
+        for start in range(0, n_cols, BLOCK_COLS):
+            cols = start + tl.arange(0, BLOCK_COLS)
+            mask = cols < n_cols
+            xhat = tl.where(mask, (tl.load(x_row + cols, mask=mask, other=0.0).to(ACC) - mean) * rstd, 0.0)
+            g = tl.load(dy_row + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_WEIGHT:
+                g *= tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+            acc_gx += g * xhat
+            acc_g += g
+        c1 = tl.sum(acc_gx, axis=0) / n_cols
+        c2 = tl.sum(acc_g, axis=0) / n_cols
+        # sweep 2: dx, and this program's running dweight / dbias
+        for start in range(0, n_cols, BLOCK_COLS):
+            cols = start + tl.arange(0, BLOCK_COLS)
+            mask = cols < n_cols
+            xhat = tl.where(mask, (tl.load(x_row + cols, mask=mask, other=0.0).to(ACC) - mean) * rstd, 0.0)
+            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(ACC)
+            if HAS_WEIGHT:
+                g = dy * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+            else:
+                g = dy
+            if RMS:
+                dx = (g - xhat * c1) * rstd
+            else:
+                dx = (g - c2 - xhat * c1) * rstd
+            if HAS_DSUM:
+                dx += tl.load(dsum_ptr + row * dsum_row_stride + cols, mask=mask, other=0.0).to(ACC)
+            tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            # each program owns its partial row: read-modify-write without atomics
+            if HAS_WEIGHT:
+                p = dweight_partial_ptr + pid * n_cols + cols
+                tl.store(p, tl.load(p, mask=mask, other=0.0) + dy * xhat, mask=mask)
+            if HAS_BIAS:
+                p = dbias_partial_ptr + pid * n_cols + cols
+                tl.store(p, tl.load(p, mask=mask, other=0.0) + dy, mask=mask)
+
+
+# ---------------------------------------------------------------------------------
+# launchers: (rows, cols) tensors whose last dim is contiguous; None for absent operands
+# ---------------------------------------------------------------------------------
+def _tile_shape(n_cols: int):
+    block_cols = triton.next_power_of_2(n_cols)
+    return block_cols, max(1, TILE_ELEMENTS // block_cols)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def norm_forward(x, residual, weight, bias, eps: float, rms: bool):
+    """-> (y, x + residual or None, mean or None (RMS), rstd)."""
+    n_rows, n_cols = x.shape
+    y = empty_output((n_rows, n_cols), x.dtype, x.device)
+    h = empty_output((n_rows, n_cols), x.dtype, x.device) if residual is not None else None
+    mean = None if rms else empty_output((n_rows,), stats_dtype(x.dtype), x.device)
+    rstd = empty_output((n_rows,), stats_dtype(x.dtype), x.device)
+    if x.numel() == 0:
+        return y, h, mean, rstd
+    operands = dict(
+        residual_ptr=residual if residual is not None else x,  # placeholders are never read
+        weight_ptr=weight if weight is not None else x,
+        bias_ptr=bias if bias is not None else x,
+        sum_ptr=h if h is not None else y,
+        mean_ptr=mean if mean is not None else rstd,
+    )
+    flags = dict(RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+                 HAS_BIAS=bias is not None, ACC=accumulator_dtype(x.dtype))
+    residual_stride = residual.stride(0) if residual is not None else 0
+    if n_cols <= FORWARD_TILE_MAX_COLS:
+        block_cols, rows = _tile_shape(n_cols)
+        _norm_forward_tile_kernel[(triton.cdiv(n_rows, rows),)](
+            x_ptr=x, y_ptr=y, rstd_ptr=rstd, x_row_stride=x.stride(0), residual_row_stride=residual_stride,
+            n_rows=n_rows, n_cols=n_cols, eps=eps, BLOCK_COLS=block_cols, ROWS=rows, **operands, **flags)
+    else:
+        _norm_forward_loop_kernel[(n_rows,)](
+            x_ptr=x, y_ptr=y, rstd_ptr=rstd, x_row_stride=x.stride(0), residual_row_stride=residual_stride,
+            n_cols=n_cols, eps=eps, BLOCK_COLS=LOOP_BLOCK_COLS, **operands, **flags)
+    return y, h, mean, rstd
+
+
+def _backward_programs(n_rows: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 2  # the interpreter: few programs, so each walks several rows
+    return max(1, min(n_rows, PROGRAMS_PER_SM * sms))
+
+
+def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
+    """-> (dx, dweight or None, dbias or None); dweight/dbias in fp32 (the caller casts)."""
+    n_rows, n_cols = x.shape
+    dx = empty_output((n_rows, n_cols), x.dtype, x.device)
+    programs = _backward_programs(n_rows, x.device)
+    acc_dtype = stats_dtype(x.dtype)
+    # zero-filled: the loop kernel accumulates into it, and rows a tile program never
+    # reaches must add nothing
+    dweight_partial = torch.zeros((programs, n_cols), dtype=acc_dtype, device=x.device) if weight is not None else None
+    dbias_partial = torch.zeros((programs, n_cols), dtype=acc_dtype, device=x.device) if has_bias else None
+    if x.numel() > 0:
+        rows_per_program = triton.cdiv(n_rows, programs)
+        operands = dict(
+            dsum_ptr=dsum if dsum is not None else dy,
+            weight_ptr=weight if weight is not None else dy,
+            mean_ptr=mean if mean is not None else rstd,
+            dweight_partial_ptr=dweight_partial if dweight_partial is not None else rstd,
+            dbias_partial_ptr=dbias_partial if dbias_partial is not None else rstd,
+        )
+        flags = dict(RMS=rms, HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
+                     ACC=accumulator_dtype(x.dtype))
+        strides = dict(dy_row_stride=dy.stride(0), dsum_row_stride=dsum.stride(0) if dsum is not None else 0,
+                       x_row_stride=x.stride(0))
+        if n_cols <= BACKWARD_TILE_MAX_COLS:
+            block_cols, rows = _tile_shape(n_cols)
+            _norm_backward_tile_kernel[(programs,)](
+                dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, n_cols=n_cols,
+                rows_per_program=rows_per_program, BLOCK_COLS=block_cols, ROWS=rows, **operands, **strides, **flags)
+        else:
+            _norm_backward_loop_kernel[(programs,)](
+                dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, n_cols=n_cols,
+                rows_per_program=rows_per_program, BLOCK_COLS=LOOP_BLOCK_COLS, **operands, **strides, **flags)
+    # stage 2: the partial rows, summed in a fixed order
+    dweight = dweight_partial.sum(0) if dweight_partial is not None else None
+    dbias = dbias_partial.sum(0) if dbias_partial is not None else None
+    return dx, dweight, dbias
