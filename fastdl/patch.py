@@ -15,6 +15,8 @@ from fastdl import nn as fnn
 REPLACEMENTS: dict[type, type] = {
     torch.nn.Softmax: fnn.Softmax,
     torch.nn.LogSoftmax: fnn.LogSoftmax,
+    torch.nn.LayerNorm: fnn.LayerNorm,
+    torch.nn.RMSNorm: fnn.RMSNorm,
 }
 
 

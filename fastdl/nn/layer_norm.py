@@ -1,0 +1,73 @@
+"""Drop-in torch.nn.LayerNorm / torch.nn.RMSNorm, and their fused residual-add forms.
+
+AddLayerNorm / AddRMSNorm are the pre-norm Transformer's "x + sublayer(x)" followed by the
+next sublayer's norm, in one pass over memory:
+
+    class PreNormBlock(torch.nn.Module):           # h = x + attn(norm1(x)); out = h + mlp(norm2(h))
+        def __init__(self, d):
+            super().__init__()
+            self.norm1, self.attn = fastdl.nn.LayerNorm(d), Attention(d)
+            self.norm2, self.mlp = fastdl.nn.AddLayerNorm(d), MLP(d)
+        def forward(self, x):
+            h, normed = self.norm2(x, self.attn(self.norm1(x)))   # h = x + attn(...), normed = norm2(h)
+            return h + self.mlp(normed)
+
+They have the parameters and state_dict keys of LayerNorm / RMSNorm.
+"""
+import torch
+
+from fastdl import ops
+from fastdl.nn._fallback import FastModule, run_or_fall_back
+
+
+class LayerNorm(FastModule, torch.nn.LayerNorm):
+    """torch.nn.LayerNorm on fastdl's kernels. `strict=True` raises instead of falling back."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None, *,
+                 strict: bool = False):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.strict = strict
+
+    def forward(self, input):
+        return run_or_fall_back(
+            self, lambda x: ops.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps),
+            super().forward, input)
+
+
+class RMSNorm(FastModule, torch.nn.RMSNorm):
+    """torch.nn.RMSNorm on fastdl's kernels. `strict=True` raises instead of falling back."""
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *,
+                 strict: bool = False):
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.strict = strict
+
+    def forward(self, input):
+        return run_or_fall_back(
+            self, lambda x: ops.rms_norm(x, self.normalized_shape, self.weight, self.eps), super().forward, input)
+
+
+class AddLayerNorm(LayerNorm):
+    """forward(x, residual) -> (x + residual, layer_norm(x + residual)), fused."""
+
+    def forward(self, x, residual):
+        def unfused(a, b):
+            h = a + b
+            return h, torch.nn.LayerNorm.forward(self, h)
+
+        return run_or_fall_back(
+            self, lambda a, b: ops.add_layer_norm(a, b, self.normalized_shape, self.weight, self.bias, self.eps),
+            unfused, x, residual)
+
+
+class AddRMSNorm(RMSNorm):
+    """forward(x, residual) -> (x + residual, rms_norm(x + residual)), fused."""
+
+    def forward(self, x, residual):
+        def unfused(a, b):
+            h = a + b
+            return h, torch.nn.RMSNorm.forward(self, h)
+
+        return run_or_fall_back(
+            self, lambda a, b: ops.add_rms_norm(a, b, self.normalized_shape, self.weight, self.eps), unfused,
+            x, residual)

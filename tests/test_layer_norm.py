@@ -1,0 +1,287 @@
+"""layer_norm, rms_norm, add_layer_norm, add_rms_norm: every backend x dtype x shape
+against float64, forward and backward, determinism, modules, bad inputs."""
+import pytest
+import torch
+
+import fastdl
+from fastdl import reference as R
+
+from conftest import TOLERANCE, assert_close, backend_cases, case_id
+
+CASES = backend_cases()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# (rows, hidden): the issue's hidden sizes 1, 7, 768, 1000, 4096, 8193 and rows 1, 3,
+# 1024, plus a row long enough for the loop kernels
+SHAPES = [(1, 1), (3, 7), (1024, 768), (3, 1000), (1, 4096), (3, 8193), (2, 20000)]
+# name -> (fastdl function, reference, has residual, has weight, has bias, rms)
+VARIANTS = {
+    "layer_norm": (fastdl.ops.layer_norm, R.layer_norm, False, True, True, False),
+    "layer_norm_no_bias": (fastdl.ops.layer_norm, R.layer_norm, False, True, False, False),
+    "layer_norm_plain": (fastdl.ops.layer_norm, R.layer_norm, False, False, False, False),
+    "rms_norm": (fastdl.ops.rms_norm, R.rms_norm, False, True, False, True),
+    "add_layer_norm": (fastdl.ops.add_layer_norm, R.add_layer_norm, True, True, True, False),
+    "add_rms_norm": (fastdl.ops.add_rms_norm, R.add_rms_norm, True, True, False, True),
+}
+
+
+def _inputs(shape, dtype, device, variant, weight_dtype=None):
+    _, _, has_res, has_w, has_b, _ = VARIANTS[variant]
+    rows, n = shape
+    weight_dtype = weight_dtype or dtype
+    x = (torch.randn(rows, n, device=device) * 2 + 0.5).to(dtype).requires_grad_()
+    res = torch.randn(rows, n, device=device).to(dtype).requires_grad_() if has_res else None
+    w = (torch.rand(n, device=device) + 0.5).to(weight_dtype).requires_grad_() if has_w else None
+    b = torch.randn(n, device=device).to(weight_dtype).requires_grad_() if has_b else None
+    return x, res, w, b
+
+
+def _call(fn, variant, x, res, w, b, n, eps):
+    rms = VARIANTS[variant][5]
+    args = (x, res) if res is not None else (x,)
+    return fn(*args, n, w, eps) if rms else fn(*args, n, w, b, eps)
+
+
+def _check(backend, variant, x, res, w, b, dtype, eps=None):
+    fn, ref_fn, has_res, *_ = VARIANTS[variant]
+    n = x.shape[-1]
+    eps = torch.finfo(dtype).eps if eps is None and VARIANTS[variant][5] else (1e-5 if eps is None else eps)
+    leaves = [t for t in (x, res, w, b) if t is not None]
+    with fastdl.use_backend(backend):
+        out = _call(fn, variant, x, res, w, b, n, eps)
+        outs = out if has_res else (out,)
+        grads_out = [torch.randn_like(o) for o in outs]
+        grads = torch.autograd.grad(outs, leaves, grads_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(leaves64)
+    x64 = next(it)
+    res64 = next(it) if res is not None else None
+    w64 = next(it) if w is not None else None
+    b64 = next(it) if b is not None else None
+    ref = _call(ref_fn, variant, x64, res64, w64, b64, n, eps)
+    refs = ref if has_res else (ref,)
+    ref_grads = torch.autograd.grad(refs, leaves64, [g.double() for g in grads_out])
+    for o, r in zip(outs, refs):
+        assert o.dtype == x.dtype and o.shape == x.shape
+        assert_close(o, r, dtype, f"{variant} forward")
+    # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) cancels: for hidden 1 (RMS) it is
+    # ~1e-7 from terms ~1. Its error is measured against the size of those terms,
+    # ||dy * w * rstd||, when that is the larger (a wrong formula still misses by ~1).
+    h64 = x64 + res64 if res is not None else x64
+    centred = h64 if VARIANTS[variant][5] else h64 - h64.mean(-1, keepdim=True)
+    rstd64 = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
+    dy64 = grads_out[-1].double()
+    term_scale = (dy64 * (w64.detach() if w is not None else 1.0) * rstd64).norm().item()
+    names = ("x", "residual", "weight", "bias") if res is not None else ("x", "weight", "bias")
+    names = [nm for nm, t in zip(names, [x, res, w, b] if res is not None else [x, w, b]) if t is not None]
+    for name, g, r, leaf in zip(names, grads, ref_grads, leaves):
+        assert g.dtype == leaf.dtype, f"grad of {name} is {g.dtype}, expected {leaf.dtype}"
+        if name in ("x", "residual") and not torch.isnan(g).any():
+            err = (g.double() - r).norm().item() / max(r.norm().item(), term_scale, 1e-300)
+            assert err <= TOLERANCE[dtype], f"{variant} grad {name}: error {err:.3g} > {TOLERANCE[dtype]:.0e}"
+        else:
+            assert_close(g, r, dtype, f"{variant} grad {name}")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_forward_backward(case, dtype, shape, variant):
+    backend, device = case
+    _check(backend, variant, *_inputs(shape, dtype, device, variant), dtype)
+
+
+@pytest.mark.parametrize("variant", ["layer_norm", "rms_norm", "add_layer_norm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fp32_weights_with_half_inputs(case, dtype, variant):
+    """Mixed-precision training keeps the parameters in fp32."""
+    backend, device = case
+    _check(backend, variant, *_inputs((33, 300), dtype, device, variant, weight_dtype=torch.float32), dtype)
+
+
+@pytest.mark.parametrize("shape", [(1000, 512), (64, 20000)], ids=["tile", "loop"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_parameter_gradients_are_deterministic(case, shape):
+    backend, device = case
+    x, res, w, b = _inputs(shape, torch.float32, device, "add_layer_norm")
+    dy = torch.randn(shape, device=device)
+    results = []
+    for _ in range(2):
+        with fastdl.use_backend(backend):
+            h, y = fastdl.ops.add_layer_norm(x, res, shape[-1], w, b)
+            results.append(torch.autograd.grad((y,), (w, b), (dy,)))
+    for first, second in zip(*results):
+        assert torch.equal(first, second), "two runs gave different parameter gradients"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_gradcheck_float64(case):
+    backend, device = case
+    for variant in ("layer_norm", "rms_norm", "add_layer_norm"):
+        x, res, w, b = _inputs((3, 9), torch.float64, device, variant)
+        leaves = [t for t in (x, res, w, b) if t is not None]
+        fn = VARIANTS[variant][0]
+
+        def f(*args):
+            it = iter(args)
+            xx = next(it)
+            rr = next(it) if res is not None else None
+            ww = next(it)
+            bb = next(it) if b is not None else None
+            return _call(fn, variant, xx, rr, ww, bb, 9, 1e-5)
+
+        with fastdl.use_backend(backend):
+            assert torch.autograd.gradcheck(f, leaves), variant
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_leading_dims_multi_dim_shape_and_views(case):
+    backend, device = case
+    base = torch.randn(4, 6, 5, 8, device=device)
+    x = base.transpose(0, 1)[:, :, 1:, :]  # non-contiguous, (6, 4, 4, 8)
+    w = torch.rand(4, 8, device=device) + 0.5
+    b = torch.randn(4, 8, device=device)
+    with fastdl.use_backend(backend):
+        y = fastdl.ops.layer_norm(x, (4, 8), w, b)
+    assert_close(y, R.layer_norm(x.double(), (4, 8), w.double(), b.double()), torch.float32)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_zero_rows(case):
+    backend, device = case
+    x = torch.randn(0, 16, device=device, requires_grad=True)
+    w = torch.ones(16, device=device, requires_grad=True)
+    with fastdl.use_backend(backend):
+        y = fastdl.ops.layer_norm(x, 16, w)
+        y.sum().backward()
+    assert y.shape == (0, 16) and torch.equal(w.grad, torch.zeros(16, device=device))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_inputs_not_modified(case):
+    backend, device = case
+    x, res, w, b = _inputs((5, 33), torch.float32, device, "add_layer_norm")
+    before = [t.detach().clone() for t in (x, res, w, b)]
+    with fastdl.use_backend(backend):
+        h, y = fastdl.ops.add_layer_norm(x, res, 33, w, b)
+        torch.autograd.grad((h, y), (x, res, w, b), (torch.ones_like(h), torch.ones_like(y)))
+    for t, saved in zip((x, res, w, b), before):
+        assert torch.equal(t.detach(), saved)
+
+
+class TestBadInputs:
+    def test_normalized_shape_mismatch(self):
+        with pytest.raises(ValueError, match=r"fastdl\.layer_norm: normalized_shape \(5,\) does not match the last "
+                                             r"dims of x of shape \(3, 4\)"):
+            fastdl.ops.layer_norm(torch.randn(3, 4), 5)
+
+    def test_weight_wrong_shape(self):
+        with pytest.raises(ValueError, match=r"fastdl\.rms_norm: weight has shape \(5,\), expected normalized_shape \(4,\)"):
+            fastdl.ops.rms_norm(torch.randn(3, 4), 4, torch.ones(5))
+
+    def test_mixed_devices(self):
+        with pytest.raises(ValueError, match=r"fastdl\.layer_norm: weight is on meta but x is on cpu"):
+            fastdl.ops.layer_norm(torch.randn(3, 4), 4, torch.ones(4, device="meta"))
+        with pytest.raises(ValueError, match=r"fastdl\.add_layer_norm: residual is on meta but x is on cpu"):
+            fastdl.ops.add_layer_norm(torch.randn(3, 4), torch.randn(3, 4, device="meta"), 4)
+
+    def test_residual_mismatch(self):
+        with pytest.raises(ValueError, match=r"residual has shape \(3, 5\) but x has \(3, 4\)"):
+            fastdl.ops.add_rms_norm(torch.randn(3, 4), torch.randn(3, 5), 4)
+
+    def test_integer_input(self):
+        with pytest.raises(TypeError, match=r"fastdl\.layer_norm: argument x must be a floating-point tensor"):
+            fastdl.ops.layer_norm(torch.ones(3, 4, dtype=torch.int64), 4)
+
+    def test_bad_normalized_shape_type(self):
+        with pytest.raises(TypeError, match=r"normalized_shape must be an int or a tuple of ints"):
+            fastdl.ops.layer_norm(torch.randn(3, 4), (4.0,))
+
+    def test_native_op_checks(self):
+        if "cpu" not in fastdl.available_backends("cpu"):
+            pytest.skip("fastdl._C not built")
+        with pytest.raises(RuntimeError, match=r"weight must have shape \(4\)"):
+            torch.ops.fastdl.layer_norm_rows_forward(torch.randn(3, 4), None, torch.ones(5), None, 1e-5, False)
+        with pytest.raises(RuntimeError, match=r"x must be 2-D"):
+            torch.ops.fastdl.layer_norm_rows_forward(torch.randn(3), None, None, None, 1e-5, False)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_modules_match_torch(case):
+    backend, device = case
+    x = torch.randn(4, 6, 10, device=device)
+    for ours, theirs in [(fastdl.nn.LayerNorm((6, 10), device=device), torch.nn.LayerNorm((6, 10), device=device)),
+                         (fastdl.nn.LayerNorm(10, bias=False, device=device),
+                          torch.nn.LayerNorm(10, bias=False, device=device)),
+                         (fastdl.nn.LayerNorm(10, elementwise_affine=False), torch.nn.LayerNorm(10, elementwise_affine=False)),
+                         (fastdl.nn.RMSNorm(10, device=device), torch.nn.RMSNorm(10, device=device)),
+                         (fastdl.nn.RMSNorm(10, eps=1e-6, device=device), torch.nn.RMSNorm(10, eps=1e-6, device=device))]:
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.uniform_(0.5, 1.5)
+        theirs.load_state_dict(ours.state_dict())  # the round trip, torch <- fastdl
+        assert ours.state_dict().keys() == theirs.state_dict().keys() and repr(ours) == repr(theirs)
+        with fastdl.use_backend(backend):
+            out = ours(x)
+        torch.testing.assert_close(out, theirs(x), rtol=1e-5, atol=1e-5)
+        ours.load_state_dict(theirs.state_dict())  # and back
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_add_modules(case):
+    backend, device = case
+    x, res = torch.randn(5, 12, device=device), torch.randn(5, 12, device=device)
+    for fused, plain in [(fastdl.nn.AddLayerNorm(12, device=device), torch.nn.LayerNorm(12, device=device)),
+                         (fastdl.nn.AddRMSNorm(12, device=device), torch.nn.RMSNorm(12, device=device))]:
+        plain.load_state_dict(fused.state_dict())
+        with fastdl.use_backend(backend):
+            h, y = fused(x, res)
+        torch.testing.assert_close(h, x + res)
+        torch.testing.assert_close(y, plain(x + res), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_swaps_norms_and_keeps_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.RMSNorm(8))
+    params = list(model.parameters())
+    x = torch.randn(3, 8)
+    before = model(x)
+    fastdl.patch(model)
+    assert type(model[1]) is fastdl.nn.LayerNorm and type(model[2]) is fastdl.nn.RMSNorm
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    torch.testing.assert_close(model(x), before)
+
+
+def test_module_fallback_and_strict():
+    x = torch.randn(3, 8)
+    with fastdl.use_backend("cuda"):
+        with pytest.warns(UserWarning, match="LayerNorm: falling back to torch"):
+            out = fastdl.nn.LayerNorm(8)(x)
+        torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (8,)))
+        with pytest.raises(fastdl.BackendUnavailableError):
+            fastdl.nn.AddRMSNorm(8, strict=True)(x, x)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_torch_compile_fullgraph(backend):
+    if backend not in fastdl.available_backends("cpu"):
+        pytest.skip(f"backend {backend} not available")
+    w = torch.rand(16) + 0.5
+    b = torch.randn(16)
+
+    def f(x, r):
+        h, y = fastdl.ops.add_layer_norm(x, r, 16, w, b)
+        return fastdl.ops.rms_norm(y * 2, 16, w).sum() + h.mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(4, 16, requires_grad=True)
+    r = torch.randn(4, 16, requires_grad=True)
+    with fastdl.use_backend(backend):
+        eager = f(x, r)
+        g_eager = torch.autograd.grad(eager, (x, r))
+        out = compiled(x, r)
+        g_out = torch.autograd.grad(out, (x, r))
+    torch.testing.assert_close(out, eager)
+    for a, c in zip(g_out, g_eager):
+        torch.testing.assert_close(a, c)
