@@ -57,7 +57,7 @@ lib=$(ls "$build"/_C.*.so)
 import sys, torch
 torch.ops.load_library(sys.argv[1])
 assert torch.ops.fastdl.native_built_with_cuda(), "built without FASTDL_WITH_CUDA"
-for op in ("softmax_rows_forward", "softmax_rows_backward"):
+for op in ("softmax_rows_forward", "softmax_rows_backward", "layer_norm_rows_forward", "layer_norm_rows_backward"):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdl::{op}", key), f"fastdl::{op} has no {key} kernel"
 print(f"check_cuda_build: {sys.argv[1]} built against torch {torch.__version__} (CUDA {torch.version.cuda}); "

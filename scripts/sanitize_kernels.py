@@ -9,19 +9,40 @@ import torch
 import fastdl
 
 assert torch.cuda.is_available(), "needs a GPU"
-shapes = [(1, 1), (3, 17), (5, 1000), (2, 1025), (3, 4097), (2, 16385), (1, 70000)]
 dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 count = 0
+
+
+def softmax_calls(dtype):
+    global count
+    for rows, cols in [(1, 1), (3, 17), (5, 1000), (2, 1025), (3, 4097), (2, 16385), (1, 70000)]:
+        base = torch.randn(rows, cols + 1, device="cuda", dtype=dtype)
+        for x in (base[:, :cols], base[:, 1:]):  # row stride cols+1; the second starts misaligned
+            for log in (False, True):
+                y = (fastdl.ops.log_softmax if log else fastdl.ops.softmax)(x, -1)
+                fastdl.ops.softmax_backward(torch.randn_like(y), y, -1, log)
+                count += 2
+
+
+def norm_calls(dtype):
+    global count
+    for rows, cols in [(1, 1), (3, 7), (5, 1000), (2, 8193), (1, 20000), (300, 33)]:
+        base = torch.randn(rows, cols + 1, device="cuda", dtype=dtype)
+        x = base[:, 1:].requires_grad_()
+        res = torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True)
+        w = torch.rand(cols, device="cuda", requires_grad=True)
+        b = torch.randn(cols, device="cuda", requires_grad=True)
+        h, y = fastdl.ops.add_layer_norm(x, res, cols, w, b)
+        torch.autograd.grad((h, y), (x, res, w, b), (torch.randn_like(h), torch.randn_like(y)))
+        y = fastdl.ops.rms_norm(x, cols)
+        torch.autograd.grad(y, x, torch.randn_like(y))
+        count += 4
+
+
 for backend in [b for b in fastdl.available_backends("cuda") if b != "torch"]:
     with fastdl.use_backend(backend):
         for dtype in dtypes:
-            for rows, cols in shapes:
-                base = torch.randn(rows, cols + 1, device="cuda", dtype=dtype)
-                for x in (base[:, :cols], base[:, 1:]):  # row stride cols+1; second view starts misaligned
-                    for log in (False, True):
-                        fn = fastdl.ops.log_softmax if log else fastdl.ops.softmax
-                        y = fn(x, -1)
-                        fastdl.ops.softmax_backward(torch.randn_like(y), y, -1, log)
-                        count += 2
+            softmax_calls(dtype)
+            norm_calls(dtype)
 torch.cuda.synchronize()
 print(f"sanitize_kernels: ran {count} kernel calls")

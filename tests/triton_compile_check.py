@@ -54,7 +54,44 @@ def softmax_specs():
     return specs
 
 
-ALL_SPECS = [softmax_specs]
+def layer_norm_specs():
+    from fastdl.triton import layer_norm as k
+
+    specs = []
+    variants = [  # (RMS, residual/dsum, weight, bias)
+        (False, False, True, True), (False, True, True, True), (True, False, True, False),
+        (True, True, True, False), (False, False, False, False)]
+    for dtype in POINTER:
+        p = POINTER[dtype]
+        for rms, fused, has_w, has_b in variants if dtype == "fp32" else variants[:2]:
+            flags = dict(RMS=rms, HAS_WEIGHT=has_w, HAS_BIAS=has_b, ACC=ACC[dtype])
+            stat = "*fp64" if dtype == "fp64" else "*fp32"
+            fwd_ptrs = {"x_ptr": p, "residual_ptr": p, "weight_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": p,
+                        "sum_ptr": p, "mean_ptr": stat, "rstd_ptr": stat}
+            bwd_ptrs = {"dy_ptr": p, "dsum_ptr": p, "x_ptr": p, "weight_ptr": "*fp32", "mean_ptr": stat,
+                        "rstd_ptr": stat, "dx_ptr": p, "dweight_partial_ptr": stat, "dbias_partial_ptr": stat}
+            for block_cols, rows in [(1024, 4), (k.FORWARD_TILE_MAX_COLS, 1)]:
+                const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_RESIDUAL=fused, **flags)
+                sig = {**fwd_ptrs, "x_row_stride": "i64", "residual_row_stride": "i64", "n_rows": "i32",
+                       "n_cols": "i32", "eps": "fp32", **{c: "constexpr" for c in const}}
+                specs.append((k._norm_forward_tile_kernel, sig, const, 8))
+            for block_cols, rows in [(1024, 4), (k.BACKWARD_TILE_MAX_COLS, 1)]:
+                const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_DSUM=fused, **flags)
+                sig = {**bwd_ptrs, "dy_row_stride": "i64", "dsum_row_stride": "i64", "x_row_stride": "i64",
+                       "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", **{c: "constexpr" for c in const}}
+                specs.append((k._norm_backward_tile_kernel, sig, const, 8))
+            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_RESIDUAL=fused, **flags)
+            sig = {**fwd_ptrs, "x_row_stride": "i64", "residual_row_stride": "i64", "n_cols": "i32", "eps": "fp32",
+                   **{c: "constexpr" for c in const}}
+            specs.append((k._norm_forward_loop_kernel, sig, const, 8))
+            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_DSUM=fused, **flags)
+            sig = {**bwd_ptrs, "dy_row_stride": "i64", "dsum_row_stride": "i64", "x_row_stride": "i64",
+                   "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", **{c: "constexpr" for c in const}}
+            specs.append((k._norm_backward_loop_kernel, sig, const, 8))
+    return specs
+
+
+ALL_SPECS = [softmax_specs, layer_norm_specs]
 
 
 def main():

@@ -1,0 +1,116 @@
+// LayerNorm / RMSNorm (optionally fused with a residual add) on CUDA tensors: checks,
+// allocation and the launch of kernels/layer_norm.cu, registered as the CUDA
+// implementation of the fastdl ops (same schema and results as csrc/cpu/layer_norm.cpp).
+#include <torch/library.h>
+
+#include "csrc/common/outputs.h"
+#include "csrc/ops/common.h"
+#include "layer_norm.h"
+
+namespace fastdl {
+namespace {
+
+void check_rows(const char* fn, const char* name, const at::Tensor& t, int64_t rows, int64_t n) {
+  TORCH_CHECK(t.is_cuda(), fn, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n, fn, ": ", name, " must be (", rows, ", ", n,
+              "), got ", t.sizes());
+  TORCH_CHECK(t.numel() == 0 || n <= 1 || t.stride(1) == 1, fn, ": ", name, " must have a contiguous last dim");
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// weight / bias as a contiguous vector of the accumulation type on x's device (the
+// kernels read them so); undefined when absent.
+at::Tensor param_as_acc(const std::optional<at::Tensor>& p, const at::Tensor& x, int64_t n, const char* fn,
+                        const char* name) {
+  if (!p.has_value()) return at::Tensor();
+  TORCH_CHECK(p->device() == x.device(), fn, ": ", name, " is on ", p->device(), " but x is on ", x.device());
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == n, fn, ": ", name, " must have shape (", n, "), got ", p->sizes());
+  kernel_dtype(fn, name, *p);
+  return p->to(acc_type(x.scalar_type())).contiguous();
+}
+
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool rms) {
+  const char* fn = "fastdl.layer_norm (cuda)";
+  TORCH_CHECK(x.dim() == 2, fn, ": x must be 2-D (rows, cols), got ", x.dim(), "-D");
+  const int64_t rows = x.size(0), n = x.size(1);
+  check_rows(fn, "x", x, rows, n);
+  const auto dtype = kernel_dtype(fn, "x", x);
+  if (residual.has_value()) {
+    check_rows(fn, "residual", *residual, rows, n);
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(), fn,
+                ": residual must match x's dtype and device");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor w = param_as_acc(weight, x, n, fn, "weight");
+  const at::Tensor b = param_as_acc(bias, x, n, fn, "bias");
+  const auto acc = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor y = empty_output({rows, n}, x.options());
+  at::Tensor h = residual.has_value() ? empty_output({rows, n}, x.options()) : at::empty({0}, x.options());
+  at::Tensor mean = rms ? at::empty({0}, acc) : empty_output({rows}, acc);
+  at::Tensor rstd = empty_output({rows}, acc);
+  check_cuda_launch(fn, kernels::norm_forward(
+                            dtype, x.const_data_ptr(), residual.has_value() ? residual->const_data_ptr() : nullptr,
+                            ptr_or_null(w), ptr_or_null(b), y.mutable_data_ptr(),
+                            residual.has_value() ? h.mutable_data_ptr() : nullptr,
+                            rms ? nullptr : mean.mutable_data_ptr(), rstd.mutable_data_ptr(), rows, n, x.stride(0),
+                            residual.has_value() ? residual->stride(0) : 0, eps, rms, at::cuda::getCurrentCUDAStream()));
+  return {y, h, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
+    const at::Tensor& dy, const std::optional<at::Tensor>& dsum, const at::Tensor& x,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
+    bool has_bias, bool rms) {
+  const char* fn = "fastdl.layer_norm_backward (cuda)";
+  TORCH_CHECK(x.dim() == 2, fn, ": x must be 2-D (rows, cols), got ", x.dim(), "-D");
+  const int64_t rows = x.size(0), n = x.size(1);
+  check_rows(fn, "x", x, rows, n);
+  check_rows(fn, "dy", dy, rows, n);
+  const auto dtype = kernel_dtype(fn, "x", x);
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.device() == x.device(), fn,
+              ": dy must match x's dtype and device");
+  if (dsum.has_value()) {
+    check_rows(fn, "dsum", *dsum, rows, n);
+    TORCH_CHECK(dsum->scalar_type() == x.scalar_type() && dsum->device() == x.device(), fn,
+                ": dsum must match x's dtype and device");
+  }
+  const auto acc = acc_type(x.scalar_type());
+  TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == rows && rstd.scalar_type() == acc && rstd.is_contiguous() &&
+                  rstd.device() == x.device(),
+              fn, ": rstd must be a contiguous (", rows, ") ", acc, " tensor on x's device");
+  TORCH_CHECK(rms || (mean.has_value() && mean->dim() == 1 && mean->size(0) == rows && mean->scalar_type() == acc &&
+                      mean->is_contiguous() && mean->device() == x.device()),
+              fn, ": mean must be a contiguous (", rows, ") ", acc, " tensor on x's device for layer_norm");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor w = param_as_acc(weight, x, n, fn, "weight");
+  const auto acc_opts = x.options().dtype(acc);
+  at::Tensor dx = empty_output({rows, n}, x.options());
+  const int64_t chunks = kernels::norm_backward_chunks(rows);
+  at::Tensor dweight = weight.has_value() ? at::zeros({n}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor dbias = has_bias ? at::zeros({n}, acc_opts) : at::empty({0}, acc_opts);
+  at::Tensor dweight_partial = weight.has_value() ? at::empty({chunks, n}, acc_opts) : at::Tensor();
+  at::Tensor dbias_partial = has_bias ? at::empty({chunks, n}, acc_opts) : at::Tensor();
+  auto mutable_or_null = [](at::Tensor& t) -> void* { return t.defined() && t.numel() ? t.mutable_data_ptr() : nullptr; };
+  check_cuda_launch(fn, kernels::norm_backward(
+                            dtype, dy.const_data_ptr(), dsum.has_value() ? dsum->const_data_ptr() : nullptr,
+                            x.const_data_ptr(), ptr_or_null(w), rms ? nullptr : mean->const_data_ptr(),
+                            rstd.const_data_ptr(), dx.mutable_data_ptr(), mutable_or_null(dweight_partial),
+                            mutable_or_null(dbias_partial), mutable_or_null(dweight), mutable_or_null(dbias), rows, n,
+                            dy.stride(0), dsum.has_value() ? dsum->stride(0) : 0, x.stride(0), rms,
+                            at::cuda::getCurrentCUDAStream()));
+  return {dx, dweight, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdl, CUDA, m) {
+  m.impl("layer_norm_rows_forward", &layer_norm_rows_forward);
+  m.impl("layer_norm_rows_backward", &layer_norm_rows_backward);
+}
+
+}  // namespace fastdl

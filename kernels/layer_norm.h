@@ -1,0 +1,32 @@
+// LayerNorm / RMSNorm over the rows of a (rows, cols) matrix, optionally fused with a
+// residual add: CUDA launchers. Framework-free: raw pointers, sizes, strides (elements)
+// and a stream. Inputs have a contiguous last dim; outputs are written contiguous.
+// weight / bias / statistics / parameter gradients are in the accumulation type A:
+// float, or double for double inputs. Absent operands are nullptr.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/types.cuh"
+
+namespace fastdl::kernels {
+
+// y = norm(x [+ residual]) * weight + bias; sum = x + residual when residual is given;
+// mean (not for rms) and rstd per row.
+cudaError_t norm_forward(DType dtype, const void* x, const void* residual, const void* weight, const void* bias,
+                         void* y, void* sum, void* mean, void* rstd, int64_t rows, int64_t cols, int64_t x_row_stride,
+                         int64_t residual_row_stride, double eps, bool rms, cudaStream_t stream);
+
+// Rows of the partial buffers the parameter-gradient reduction uses for `rows` rows
+// (the caller allocates chunks x cols of A for each of dweight_partial / dbias_partial).
+int64_t norm_backward_chunks(int64_t rows);
+
+// dx (+ dsum, the gradient reaching x + residual from elsewhere); dweight / dbias
+// (when non-null) reduced deterministically through the partial buffers.
+cudaError_t norm_backward(DType dtype, const void* dy, const void* dsum, const void* x, const void* weight,
+                          const void* mean, const void* rstd, void* dx, void* dweight_partial, void* dbias_partial,
+                          void* dweight, void* dbias, int64_t rows, int64_t cols, int64_t dy_row_stride,
+                          int64_t dsum_row_stride, int64_t x_row_stride, bool rms, cudaStream_t stream);
+
+}  // namespace fastdl::kernels
