@@ -65,8 +65,9 @@ FASTDL_MULTIVERSION void norm_forward_rows(const T* x, int64_t x_stride, const T
                         weight, bias, y + r * n, n, eps, rms, mean ? mean + r : nullptr, rstd + r);
 }
 
-// dx for one row; adds this row's dy * xhat and dy to the chunk's partial rows.
-template <typename T, typename A>
+// dx for one row; adds this row's dy * xhat and dy to the chunk's partial rows. The
+// optional operands are template flags, so the vector loop has no branches.
+template <typename T, typename A, bool kDsum, bool kDweight, bool kDbias>
 FASTDL_INLINE void norm_row_backward(const T* __restrict dy, const T* __restrict dsum, const T* __restrict x,
                                      const A* __restrict weight, A mean, A rstd, T* __restrict dx,
                                      A* __restrict dweight_partial, A* __restrict dbias_partial, int64_t n, bool rms) {
@@ -85,14 +86,14 @@ FASTDL_INLINE void norm_row_backward(const T* __restrict dy, const T* __restrict
     const A xhat = (static_cast<A>(x[j]) - mean) * rstd;
     const A d = static_cast<A>(dy[j]);
     A v = (d * weight[j] - c2 - xhat * c1) * rstd;
-    if (dsum != nullptr) v += static_cast<A>(dsum[j]);
+    if constexpr (kDsum) v += static_cast<A>(dsum[j]);
     dx[j] = static_cast<T>(v);
-    if (dweight_partial != nullptr) dweight_partial[j] += d * xhat;
-    if (dbias_partial != nullptr) dbias_partial[j] += d;
+    if constexpr (kDweight) dweight_partial[j] += d * xhat;
+    if constexpr (kDbias) dbias_partial[j] += d;
   }
 }
 
-template <typename T>
+template <typename T, bool kDsum, bool kDweight, bool kDbias>
 FASTDL_MULTIVERSION void norm_backward_rows(const T* dy, int64_t dy_stride, const T* dsum, int64_t dsum_stride,
                                             const T* x, int64_t x_stride, const typename Acc<T>::type* weight,
                                             const typename Acc<T>::type* mean, const typename Acc<T>::type* rstd,
@@ -100,9 +101,25 @@ FASTDL_MULTIVERSION void norm_backward_rows(const T* dy, int64_t dy_stride, cons
                                             typename Acc<T>::type* dbias_partial, int64_t begin, int64_t end,
                                             int64_t n, bool rms) {
   for (int64_t r = begin; r < end; ++r)
-    norm_row_backward<T>(dy + r * dy_stride, dsum ? dsum + r * dsum_stride : nullptr, x + r * x_stride, weight,
-                         mean ? mean[r] : typename Acc<T>::type(0), rstd[r], dx + r * n, dweight_partial,
-                         dbias_partial, n, rms);
+    norm_row_backward<T, typename Acc<T>::type, kDsum, kDweight, kDbias>(
+        dy + r * dy_stride, dsum + r * dsum_stride, x + r * x_stride, weight,
+        mean ? mean[r] : typename Acc<T>::type(0), rstd[r], dx + r * n, dweight_partial, dbias_partial, n, rms);
+}
+
+// norm_backward_rows with the flags picked at run time
+template <typename T, typename... Args>
+void norm_backward_rows_dispatch(bool has_dsum, bool has_dweight, bool has_dbias, Args... args) {
+  const int which = (has_dsum ? 4 : 0) | (has_dweight ? 2 : 0) | (has_dbias ? 1 : 0);
+  switch (which) {
+    case 0: return norm_backward_rows<T, false, false, false>(args...);
+    case 1: return norm_backward_rows<T, false, false, true>(args...);
+    case 2: return norm_backward_rows<T, false, true, false>(args...);
+    case 3: return norm_backward_rows<T, false, true, true>(args...);
+    case 4: return norm_backward_rows<T, true, false, false>(args...);
+    case 5: return norm_backward_rows<T, true, false, true>(args...);
+    case 6: return norm_backward_rows<T, true, true, false>(args...);
+    default: return norm_backward_rows<T, true, true, true>(args...);
+  }
 }
 
 // out[j] = sum over c of partial[c][j], in order of c: the same bits for any thread count.
@@ -217,9 +234,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
       at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
         for (int64_t c = chunk_begin; c < chunk_end; ++c) {
           const int64_t begin = c * rows_per_chunk, end = std::min(rows, begin + rows_per_chunk);
-          norm_backward_rows<scalar_t>(
-              dy.const_data_ptr<scalar_t>(), dy.stride(0), dsp, ds_stride, x.const_data_ptr<scalar_t>(), x.stride(0),
-              w.const_data_ptr<A>(), mp, rstd.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(),
+          norm_backward_rows_dispatch<scalar_t>(
+              dsp != nullptr, dweight_partial.defined(), dbias_partial.defined(), dy.const_data_ptr<scalar_t>(),
+              dy.stride(0), dsp, ds_stride, x.const_data_ptr<scalar_t>(), x.stride(0), w.const_data_ptr<A>(), mp,
+              rstd.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(),
               dweight_partial.defined() ? dweight_partial.mutable_data_ptr<A>() + c * n : nullptr,
               dbias_partial.defined() ? dbias_partial.mutable_data_ptr<A>() + c * n : nullptr, begin, end, n, rms);
         }

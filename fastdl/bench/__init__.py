@@ -2,6 +2,6 @@
 
 Each op module lists its cases: fastdl/bench/<op>.py with `cases(device, quick)`.
 """
-from fastdl.bench import softmax
+from fastdl.bench import layer_norm, softmax
 
-OPS = {"softmax": softmax}
+OPS = {"softmax": softmax, "layer_norm": layer_norm}

@@ -173,12 +173,22 @@ class Progress:
             print(file=sys.stderr)
 
 
-def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: bool = False) -> list[Record]:
+def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: bool = False,
+              max_seconds: float | None = None) -> list[Record]:
+    """Time every case; past max_seconds the remaining cases are recorded as skipped."""
+    import time
+
     records = []
     progress = Progress(len(cases), "fastdl.bench")
+    start = time.time()
     for case in cases:
         dtype_name = str(case.dtype).replace("torch.", "")
         label = f"{case.op} {case.direction} {dtype_name} {'x'.join(map(str, case.shape))}"
+        if max_seconds is not None and time.time() - start > max_seconds:
+            records.append(Record(case.op, case.direction, dtype_name, list(case.shape), "-", float("nan"),
+                                  float("nan"), float("nan"), 0.0, 0.0, error="skipped: over the time budget"))
+            progress.update(label)
+            continue
         case_records = []
         try:
             impls = case.impls()
@@ -242,15 +252,20 @@ def plot(records: list[Record], env: dict, path: Path, op: str) -> bool:
         print("fastdl.bench: matplotlib is not installed; no plot", file=sys.stderr)
         return False
     rows = [r for r in records if r.op == op and r.error is None]
+    # one line per impl and row count: x is the row length
     panels = sorted({(r.direction, r.dtype) for r in rows})
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, (direction, dtype) in zip(axes[0], panels):
         sel = [r for r in rows if r.direction == direction and r.dtype == dtype]
+        row_counts = sorted({r.shape[0] for r in sel})
         for impl in sorted({r.impl for r in sel}):
-            pts = sorted((r.shape[-1], r.gbps) for r in sel if r.impl == impl)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            for n_rows in row_counts:
+                pts = sorted((r.shape[-1], r.gbps) for r in sel if r.impl == impl and r.shape[0] == n_rows)
+                label = impl if len(row_counts) == 1 else f"{impl} ({n_rows} rows)"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                        linestyle="-" if n_rows == row_counts[0] else ":")
         ax.axhline(env["copy_bandwidth_gbps"], color="gray", linestyle="--", label="copy")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("row length (cols)")

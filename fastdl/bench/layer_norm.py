@@ -1,0 +1,105 @@
+"""LayerNorm / RMSNorm / fused add + LayerNorm benchmark cases: forward and
+forward+backward, torch eager, torch.compile, apex's FusedLayerNorm when importable,
+and every fastdl backend that runs on the device."""
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import fastdl
+from fastdl.bench.harness import Case, Impl
+
+GPU_ROWS, GPU_HIDDEN = (4096, 16384), (512, 1024, 4096, 8192, 16384)
+GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+CPU_ROWS, CPU_HIDDEN, CPU_DTYPES = (4096,), (1024, 4096), (torch.float32,)
+
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+def _apex_layer_norm():
+    try:
+        from apex.normalization import fused_layer_norm_affine  # noqa: F401
+
+        return fused_layer_norm_affine
+    except ImportError:
+        return None
+
+
+def _fastdl_backends(device):
+    return [b for b in fastdl.available_backends(device.type) if b != "torch"]
+
+
+def _timed(fn, direction, inputs, dy):
+    """forward only, or forward + backward to every input (no .grad accumulation)."""
+    if direction == "fwd":
+        return lambda: fn(*inputs)
+
+    def fwd_bwd():
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.grad(outs, inputs, dy[: len(outs)])
+
+    return fwd_bwd
+
+
+def _impls(op, device, dtype, shape, direction):
+    rows, n = shape
+    grad = direction != "fwd"
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
+    w = torch.rand(n, device=device, dtype=dtype, requires_grad=grad)
+    b = torch.randn(n, device=device, dtype=dtype, requires_grad=grad)
+    dy = (torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
+    if op == "layer_norm":
+        inputs = (x, w, b)
+        eager = lambda x_, w_, b_: F.layer_norm(x_, (n,), w_, b_)  # noqa: E731
+        fast = lambda x_, w_, b_: fastdl.ops.layer_norm(x_, n, w_, b_)  # noqa: E731
+    elif op == "rms_norm":
+        inputs = (x, w)
+        eager = lambda x_, w_: F.rms_norm(x_, (n,), w_, 1e-6)  # noqa: E731
+        fast = lambda x_, w_: fastdl.ops.rms_norm(x_, n, w_, 1e-6)  # noqa: E731
+    else:  # add_layer_norm: torch's separate add then layer_norm, against the fused op
+        r = torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
+        inputs = (x, r, w, b)
+
+        def eager(x_, r_, w_, b_):
+            h = x_ + r_
+            return h, F.layer_norm(h, (n,), w_, b_)
+
+        fast = lambda x_, r_, w_, b_: fastdl.ops.add_layer_norm(x_, r_, n, w_, b_)  # noqa: E731
+    compiled = _compiled(eager)
+    impls = [Impl("torch", _timed(eager, direction, inputs, dy)),
+             Impl("torch.compile", _timed(compiled, direction, inputs, dy))]
+    apex = _apex_layer_norm() if device.type == "cuda" and op == "layer_norm" else None
+    if apex is not None:
+        impls.append(Impl("apex", _timed(lambda x_, w_, b_: apex(x_, w_, b_, (n,), 1e-5), direction, inputs, dy)))
+    impls += [Impl(f"fastdl-{be}", _timed(fast, direction, inputs, dy), backend=be) for be in _fastdl_backends(device)]
+    return impls
+
+
+def _bytes(op, direction, rows, n, size):
+    # each tensor read or written once: x, y (+ residual, sum); backward dy, x, dx (+ dsum)
+    fwd = {"layer_norm": 2, "rms_norm": 2, "add_layer_norm": 4}[op]
+    bwd = {"layer_norm": 3, "rms_norm": 3, "add_layer_norm": 4}[op]
+    return (fwd if direction == "fwd" else fwd + bwd) * rows * n * size
+
+
+def cases(device: torch.device, quick: bool = False):
+    if device.type == "cuda":
+        all_rows, all_hidden, dtypes = GPU_ROWS, GPU_HIDDEN, GPU_DTYPES
+    else:
+        all_rows, all_hidden, dtypes = CPU_ROWS, CPU_HIDDEN, CPU_DTYPES
+    if quick:
+        all_rows, all_hidden = all_rows[:1], all_hidden[::2]
+    out = []
+    for op in ("layer_norm", "rms_norm", "add_layer_norm"):
+        for dtype in dtypes:
+            size = torch.tensor([], dtype=dtype).element_size()
+            for rows in all_rows:
+                for n in all_hidden:
+                    for direction in ("fwd", "fwd+bwd"):
+                        out.append(Case(op, direction, dtype, (rows, n), _bytes(op, direction, rows, n, size),
+                                        functools.partial(_impls, op, device, dtype, (rows, n), direction)))
+    return out
