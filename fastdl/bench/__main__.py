@@ -1,7 +1,7 @@
 """python -m fastdl.bench [--ops softmax] [--device cuda|cpu] [--quick] [--out DIR]
 
 Times every case side by side (torch eager, torch.compile, each fastdl backend),
-prints a table, and writes bench.json, bench.md and <op>.png under
+prints a table, and writes <op>.json, <op>.md and PNG plots under
 benchmarks/results/<device>/ (or --out).
 """
 import argparse
@@ -35,15 +35,18 @@ def main(argv=None):
     env = environment(device, copy_gbps)
     print(f"fastdl.bench on {env['device']} (torch {env['torch']}, commit {env['commit'][:12]}); "
           f"copy bandwidth {copy_gbps:.1f} GB/s", flush=True)
-    cases = [c for op in args.ops for c in OPS[op].cases(device, args.quick)]
-    records = run_cases(cases, device, copy_gbps, args.quick, args.max_seconds)
-    print(markdown_table(records))
     out_dir = args.out or ROOT / "benchmarks" / "results" / device_slug(device)
-    for path in write_results(records, env, out_dir):
-        print(f"wrote {path}")
-    failed = [r for r in records if r.error and not r.error.startswith("skipped")]
-    print(f"{len(records)} timings, {len(failed)} failed, in {time.time() - start:.0f}s")
-    return 1 if failed and all(r.error for r in records) else 0
+    failed = total = 0
+    for op in args.ops:  # one set of result files per benchmark module
+        budget = None if args.max_seconds is None else max(0.0, args.max_seconds - (time.time() - start))
+        records = run_cases(OPS[op].cases(device, args.quick), device, copy_gbps, args.quick, budget)
+        print(markdown_table(records), flush=True)
+        for path in write_results(records, env, out_dir, op):
+            print(f"wrote {path}")
+        total += len(records)
+        failed += sum(1 for r in records if r.error and not r.error.startswith("skipped"))
+    print(f"{total} timings, {failed} failed, in {time.time() - start:.0f}s")
+    return 1 if total and failed == total else 0
 
 
 if __name__ == "__main__":

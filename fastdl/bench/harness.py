@@ -280,15 +280,17 @@ def plot(records: list[Record], env: dict, path: Path, op: str) -> bool:
     return True
 
 
-def write_results(records: list[Record], env: dict, out_dir: Path) -> list[Path]:
+def write_results(records: list[Record], env: dict, out_dir: Path, name: str) -> list[Path]:
+    """<name>.json (every timing and the environment), <name>.md (the table) and one PNG
+    per op under out_dir; `name` is the benchmark module (softmax, layer_norm...)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    json_path = out_dir / "bench.json"
+    json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps({"environment": env, "records": [dataclasses.asdict(r) for r in records]},
                                     indent=1))
     written.append(json_path)
-    md_path = out_dir / "bench.md"
-    header = (f"# fastdl benchmarks: {env['device']}\n\n"
+    md_path = out_dir / f"{name}.md"
+    header = (f"# fastdl benchmarks: {name} on {env['device']}\n\n"
               + "".join(f"- {k}: {v}\n" for k, v in env.items())
               + "\nGB/s counts each input read once and each output written once; % of copy is against "
               "the device-to-device copy measured in the same run; vs eager / vs compile are "
