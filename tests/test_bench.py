@@ -1,0 +1,39 @@
+"""`python -m fastdl.bench` end to end on tiny CPU sizes: tables, JSON, Markdown, plots."""
+import json
+
+import torch
+
+from fastdl.bench import __main__ as bench_main
+from fastdl.bench import layer_norm as bench_layer_norm
+from fastdl.bench import softmax as bench_softmax
+
+
+def test_bench_runs_and_writes_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_softmax, "CPU_ROWS", 8)
+    monkeypatch.setattr(bench_softmax, "CPU_COLS", (16,))
+    monkeypatch.setattr(bench_layer_norm, "CPU_ROWS", (8,))
+    monkeypatch.setattr(bench_layer_norm, "CPU_HIDDEN", (32,))
+    monkeypatch.setattr(bench_main, "copy_bandwidth_gbps", lambda device, quick: 10.0)
+    # torch.compile is timed too, but compiling it here would take minutes: time eager twice instead
+    monkeypatch.setattr(bench_softmax, "_compiled", lambda fn: fn)
+    monkeypatch.setattr(bench_layer_norm, "_compiled", lambda fn: fn)
+    assert bench_main.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| softmax | fwd | float32 | 8x16 | torch |" in out
+    for name in ("softmax", "layer_norm"):
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert data["environment"]["torch"] == torch.__version__
+        impls = {r["impl"] for r in data["records"]}
+        assert {"torch", "torch.compile"} <= impls
+        assert all(r["error"] is None and r["median_ms"] > 0 and r["gbps"] > 0 for r in data["records"]), data
+        assert (tmp_path / f"{name}.md").read_text().count("\n|") >= 3
+    for png in ("softmax", "layer_norm", "rms_norm", "add_layer_norm"):
+        assert (tmp_path / f"{png}.png").stat().st_size > 1000
+
+
+def test_time_budget_skips_the_rest(tmp_path, monkeypatch):
+    from fastdl.bench.harness import run_cases
+
+    cases = bench_softmax.cases(torch.device("cpu"), quick=True)
+    records = run_cases(cases, torch.device("cpu"), 10.0, quick=True, max_seconds=0)
+    assert records and all(r.error == "skipped: over the time budget" for r in records)
