@@ -67,6 +67,17 @@ class Record:
     error: str | None = None
 
 
+def compiled(fn):
+    """torch.compile(fn) with static shapes and a fresh cache (no recompile limit, no stale graph)."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+def fastdl_backends(device: torch.device) -> list[str]:
+    """The fastdl backends to time on device (torch is timed as itself)."""
+    return [b for b in fastdl.available_backends(device.type) if b != "torch"]
+
+
 def device_slug(device: torch.device) -> str:
     """The folder under benchmarks/results/ for this device: h100, h200, a100, cpu..."""
     if device.type == "cpu":

@@ -7,16 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import fastdl
+from fastdl.bench import harness
 from fastdl.bench.harness import Case, Impl
 
 GPU_ROWS, GPU_HIDDEN = (4096, 16384), (512, 1024, 4096, 8192, 16384)
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CPU_ROWS, CPU_HIDDEN, CPU_DTYPES = (4096,), (1024, 4096), (torch.float32,)
-
-
-def _compiled(fn):
-    torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False)
 
 
 def _apex_layer_norm():
@@ -26,10 +22,6 @@ def _apex_layer_norm():
         return fused_layer_norm_affine
     except ImportError:
         return None
-
-
-def _fastdl_backends(device):
-    return [b for b in fastdl.available_backends(device.type) if b != "torch"]
 
 
 def _timed(fn, direction, inputs, dy):
@@ -69,13 +61,14 @@ def _impls(op, device, dtype, shape, direction):
             return h, F.layer_norm(h, (n,), w_, b_)
 
         fast = lambda x_, r_, w_, b_: fastdl.ops.add_layer_norm(x_, r_, n, w_, b_)  # noqa: E731
-    compiled = _compiled(eager)
+    compiled = harness.compiled(eager)
     impls = [Impl("torch", _timed(eager, direction, inputs, dy)),
              Impl("torch.compile", _timed(compiled, direction, inputs, dy))]
     apex = _apex_layer_norm() if device.type == "cuda" and op == "layer_norm" else None
     if apex is not None:
         impls.append(Impl("apex", _timed(lambda x_, w_, b_: apex(x_, w_, b_, (n,), 1e-5), direction, inputs, dy)))
-    impls += [Impl(f"fastdl-{be}", _timed(fast, direction, inputs, dy), backend=be) for be in _fastdl_backends(device)]
+    impls += [Impl(f"fastdl-{be}", _timed(fast, direction, inputs, dy), backend=be)
+              for be in harness.fastdl_backends(device)]
     return impls
 
 

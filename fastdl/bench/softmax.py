@@ -5,6 +5,7 @@ import functools
 import torch
 
 import fastdl
+from fastdl.bench import harness
 from fastdl.bench.harness import Case, Impl
 
 GPU_ROWS, GPU_COLS = 4096, (256, 1024, 4096, 16384, 65536)
@@ -14,30 +15,22 @@ CPU_ROWS, CPU_COLS = 4096, (256, 1024, 4096)
 CPU_DTYPES = (torch.float32,)
 
 
-def _compiled(fn):
-    torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no stale graph
-    return torch.compile(fn, dynamic=False)
-
-
-def _fastdl_backends(device: torch.device):
-    return [b for b in fastdl.available_backends(device.type) if b != "torch"]
-
-
 def _impls(device, dtype, shape, direction):
     x = torch.randn(shape, device=device, dtype=dtype)
     if direction == "fwd":
-        compiled = _compiled(lambda t: torch.softmax(t, -1))
+        compiled = harness.compiled(lambda t: torch.softmax(t, -1))
         impls = [Impl("torch", lambda: torch.softmax(x, -1)), Impl("torch.compile", lambda: compiled(x))]
-        impls += [Impl(f"fastdl-{b}", lambda: fastdl.ops.softmax(x, -1), backend=b) for b in _fastdl_backends(device)]
+        impls += [Impl(f"fastdl-{b}", lambda: fastdl.ops.softmax(x, -1), backend=b)
+                  for b in harness.fastdl_backends(device)]
         return impls
     y = torch.softmax(x, -1)
     g = torch.randn_like(y)
     del x
     aten_backward = torch.ops.aten._softmax_backward_data
-    compiled = _compiled(lambda g_, y_: aten_backward(g_, y_, -1, g_.dtype))
+    compiled = harness.compiled(lambda g_, y_: aten_backward(g_, y_, -1, g_.dtype))
     impls = [Impl("torch", lambda: aten_backward(g, y, -1, dtype)), Impl("torch.compile", lambda: compiled(g, y))]
     impls += [Impl(f"fastdl-{b}", lambda: fastdl.ops.softmax_backward(g, y, -1), backend=b)
-              for b in _fastdl_backends(device)]
+              for b in harness.fastdl_backends(device)]
     return impls
 
 

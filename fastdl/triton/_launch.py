@@ -25,3 +25,10 @@ def accumulator_dtype(dtype: torch.dtype):
     import triton.language as tl
 
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def tile_shape(n_cols: int, tile_elements: int):
+    """(BLOCK_COLS, ROWS) of a one-pass row program: whole rows (BLOCK_COLS the next power
+    of two), and several rows per program when they are short, ~tile_elements in all."""
+    block_cols = triton.next_power_of_2(n_cols)
+    return block_cols, max(1, tile_elements // block_cols)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output
-from fastdl.triton._launch import accumulator_dtype, autotune_configs
+from fastdl.triton._launch import accumulator_dtype, autotune_configs, tile_shape
 
 # Longest row the tile kernels keep whole in registers.
 FORWARD_TILE_MAX_COLS = 16384
@@ -109,6 +109,11 @@ def _norm_forward_loop_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     sum_row = sum_ptr + row * n_cols
+    # the row the later sweeps normalise: the stored sum when fused, else x
+    if HAS_RESIDUAL:
+        src_row = sum_row
+    else:
+        src_row = x_row
     # sweep 1: the sum (written when fused), and sum and sum of squares of the row
     acc_sum = tl.zeros([BLOCK_COLS], ACC)
     acc_sq = tl.zeros([BLOCK_COLS], ACC)
@@ -134,10 +139,7 @@ def _norm_forward_loop_kernel(
         for start in range(0, n_cols, BLOCK_COLS):
             col = start + tl.arange(0, BLOCK_COLS)
             mask = col < n_cols
-            if HAS_RESIDUAL:
-                x = tl.load(sum_row + col, mask=mask, other=0.0).to(ACC)
-            else:
-                x = tl.load(x_row + col, mask=mask, other=0.0).to(ACC)
+            x = tl.load(src_row + col, mask=mask, other=0.0).to(ACC)
             d = tl.where(mask, x - mean, 0.0)
             acc_sq += d * d
         var = tl.sum(acc_sq, axis=0) / n_cols
@@ -147,10 +149,7 @@ def _norm_forward_loop_kernel(
     for start in range(0, n_cols, BLOCK_COLS):
         col = start + tl.arange(0, BLOCK_COLS)
         mask = col < n_cols
-        if HAS_RESIDUAL:
-            x = tl.load(sum_row + col, mask=mask, other=0.0).to(ACC)
-        else:
-            x = tl.load(x_row + col, mask=mask, other=0.0).to(ACC)
+        x = tl.load(src_row + col, mask=mask, other=0.0).to(ACC)
         y = (x - mean) * rstd
         if HAS_WEIGHT:
             y *= tl.load(weight_ptr + col, mask=mask, other=0.0).to(ACC)
@@ -302,11 +301,6 @@ def _norm_backward_loop_kernel(
 # ---------------------------------------------------------------------------------
 # launchers: (rows, cols) tensors whose last dim is contiguous; None for absent operands
 # ---------------------------------------------------------------------------------
-def _tile_shape(n_cols: int):
-    block_cols = triton.next_power_of_2(n_cols)
-    return block_cols, max(1, TILE_ELEMENTS // block_cols)
-
-
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -331,7 +325,7 @@ def norm_forward(x, residual, weight, bias, eps: float, rms: bool):
                  HAS_BIAS=bias is not None, ACC=accumulator_dtype(x.dtype))
     residual_stride = residual.stride(0) if residual is not None else 0
     if n_cols <= FORWARD_TILE_MAX_COLS:
-        block_cols, rows = _tile_shape(n_cols)
+        block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
         _norm_forward_tile_kernel[(triton.cdiv(n_rows, rows),)](
             x_ptr=x, y_ptr=y, rstd_ptr=rstd, x_row_stride=x.stride(0), residual_row_stride=residual_stride,
             n_rows=n_rows, n_cols=n_cols, eps=eps, BLOCK_COLS=block_cols, ROWS=rows, **operands, **flags)
@@ -374,7 +368,7 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
         strides = dict(dy_row_stride=dy.stride(0), dsum_row_stride=dsum.stride(0) if dsum is not None else 0,
                        x_row_stride=x.stride(0))
         if n_cols <= BACKWARD_TILE_MAX_COLS:
-            block_cols, rows = _tile_shape(n_cols)
+            block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
             _norm_backward_tile_kernel[(programs,)](
                 dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, n_cols=n_cols,
                 rows_per_program=rows_per_program, BLOCK_COLS=block_cols, ROWS=rows, **operands, **strides, **flags)

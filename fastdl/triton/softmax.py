@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output
-from fastdl.triton._launch import accumulator_dtype, autotune_configs
+from fastdl.triton._launch import accumulator_dtype, autotune_configs, tile_shape
 
 # Longest row kept whole in registers by the one-pass kernels (16k fp32 = 64 KiB a row).
 SINGLE_PASS_MAX_COLS = 16384
@@ -176,13 +176,6 @@ def _softmax_backward_loop_kernel(
 # ---------------------------------------------------------------------------------
 # launchers: 2-D (rows, cols) tensors whose last dim is contiguous
 # ---------------------------------------------------------------------------------
-def _tile_shape(n_cols: int):
-    """(BLOCK_COLS, ROWS) of a one-pass program: whole rows, several when short."""
-    block_cols = triton.next_power_of_2(n_cols)
-    rows = max(1, TILE_ELEMENTS // block_cols)
-    return block_cols, rows
-
-
 def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
     n_rows, n_cols = x.shape
     y = empty_output((n_rows, n_cols), x.dtype, x.device)
@@ -190,7 +183,7 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
         return y
     acc = accumulator_dtype(x.dtype)
     if n_cols <= SINGLE_PASS_MAX_COLS:
-        block_cols, rows = _tile_shape(n_cols)
+        block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
         grid = (triton.cdiv(n_rows, rows),)
         _softmax_forward_tile_kernel[grid](
             x, y, x.stride(0), n_rows, n_cols, BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc
@@ -209,7 +202,7 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool) -> to
         return dx
     acc = accumulator_dtype(out.dtype)
     if n_cols <= SINGLE_PASS_MAX_COLS:
-        block_cols, rows = _tile_shape(n_cols)
+        block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
         grid = (triton.cdiv(n_rows, rows),)
         _softmax_backward_tile_kernel[grid](
             grad_out, out, dx, grad_out.stride(0), out.stride(0), n_rows, n_cols,
