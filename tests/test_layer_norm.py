@@ -156,6 +156,12 @@ def test_zero_rows(case):
         y = fastdl.ops.layer_norm(x, 16, w)
         y.sum().backward()
     assert y.shape == (0, 16) and torch.equal(w.grad, torch.zeros(16, device=device))
+    # rows but an empty normalized shape: empty output of x's shape, as torch
+    x = torch.randn(3, 0, device=device, requires_grad=True)
+    with fastdl.use_backend(backend):
+        y = fastdl.ops.layer_norm(x, (0,))
+        y.sum().backward()
+    assert y.shape == (3, 0) and x.grad.shape == (3, 0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -88,20 +88,26 @@ def _rows_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
     return _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms)
 
 
-def _as_rows(t, n):
+def _as_rows(t, rows, n):
     """(rows, n) view or copy of t with the last dim contiguous; None stays None."""
     if t is None:
         return None
-    rows = t.reshape(t.numel() // n if n else 0, n)
-    return rows if n <= 1 or rows.stride(1) == 1 else rows.contiguous()
+    view = t.reshape(rows, n)
+    return view if n <= 1 or view.stride(1) == 1 else view.contiguous()
+
+
+def _rows_and_n(t, normalized_ndim):
+    split = t.dim() - normalized_ndim
+    return math.prod(t.shape[:split]), math.prod(t.shape[split:])
 
 
 def _forward(x, residual, weight, bias, normalized_ndim, eps, rms):
     """Full-shape tensors in; (y, h, mean, rstd) out, with h / mean empty when absent
     (a custom op returns tensors, never None)."""
-    n = math.prod(x.shape[x.dim() - normalized_ndim:])
+    rows, n = _rows_and_n(x, normalized_ndim)
     flat = lambda t: None if t is None else t.reshape(n).contiguous()  # noqa: E731
-    y, h, mean, rstd = _rows_forward(_as_rows(x, n), _as_rows(residual, n), flat(weight), flat(bias), eps, rms)
+    y, h, mean, rstd = _rows_forward(_as_rows(x, rows, n), _as_rows(residual, rows, n), flat(weight), flat(bias),
+                                     eps, rms)
     stats_shape = x.shape[: x.dim() - normalized_ndim]
     return (y.view(x.shape), h.view(x.shape) if h is not None else x.new_empty(0),
             mean.view(stats_shape) if mean is not None else rstd.new_empty(0), rstd.view(stats_shape))
@@ -109,9 +115,10 @@ def _forward(x, residual, weight, bias, normalized_ndim, eps, rms):
 
 def _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms):
     """-> (dx, dweight, dbias) in the shapes and dtypes of x, weight, bias (empty when absent)."""
-    n = math.prod(h.shape[h.dim() - normalized_ndim:])
+    rows, n = _rows_and_n(h, normalized_ndim)
     dx, dweight, dbias = _rows_backward(
-        _as_rows(dy, n), _as_rows(dsum, n), _as_rows(h, n), None if weight is None else weight.reshape(n).contiguous(),
+        _as_rows(dy, rows, n), _as_rows(dsum, rows, n), _as_rows(h, rows, n),
+        None if weight is None else weight.reshape(n).contiguous(),
         None if mean is None else mean.reshape(-1), rstd.reshape(-1), has_bias, rms)
     empty = h.new_empty(0)
     if dweight is not None:
