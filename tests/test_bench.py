@@ -18,7 +18,8 @@ def test_bench_runs_and_writes_results(tmp_path, monkeypatch, capsys):
     from fastdl.bench import harness
 
     monkeypatch.setattr(harness, "compiled", lambda fn: fn)
-    assert bench_main.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    # in this process: the monkeypatched sizes do not reach isolated children
+    assert bench_main.main(["--device", "cpu", "--quick", "--no-isolate", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| softmax | fwd | float32 | 8x16 | torch |" in out
     for name in ("softmax", "layer_norm"):
@@ -38,3 +39,16 @@ def test_time_budget_skips_the_rest(tmp_path, monkeypatch):
     cases = bench_softmax.cases(torch.device("cpu"), quick=True)
     records = run_cases(cases, torch.device("cpu"), 10.0, quick=True, max_seconds=0)
     assert records and all(r.error == "skipped: over the time budget" for r in records)
+
+
+def test_isolated_case_process(tmp_path):
+    """On the CPU each case runs in a fresh process (`--only-case`) that prints its records."""
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-m", "fastdl.bench", "--ops", "softmax", "--device", "cpu", "--quick",
+                            "--only-case", "1", "--copy-gbps", "10"], capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    records = json.loads(child.stdout.strip().splitlines()[-1])
+    assert {r["impl"] for r in records} >= {"torch", "torch.compile"}
+    assert all(r["op"] == "softmax" and r["direction"] == "bwd" and r["error"] is None for r in records)

@@ -185,12 +185,12 @@ class Progress:
 
 
 def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: bool = False,
-              max_seconds: float | None = None) -> list[Record]:
+              max_seconds: float | None = None, show_progress: bool = True) -> list[Record]:
     """Time every case; past max_seconds the remaining cases are recorded as skipped."""
     import time
 
     records = []
-    progress = Progress(len(cases), "fastdl.bench")
+    progress = Progress(len(cases), "fastdl.bench") if show_progress else None
     start = time.time()
     for case in cases:
         dtype_name = str(case.dtype).replace("torch.", "")
@@ -198,7 +198,8 @@ def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: 
         if max_seconds is not None and time.time() - start > max_seconds:
             records.append(Record(case.op, case.direction, dtype_name, list(case.shape), "-", float("nan"),
                                   float("nan"), float("nan"), 0.0, 0.0, error="skipped: over the time budget"))
-            progress.update(label)
+            if progress:
+                progress.update(label)
             continue
         case_records = []
         try:
@@ -228,8 +229,10 @@ def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: 
         records.extend(case_records)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        progress.update(label)
-    progress.close()
+        if progress:
+            progress.update(label)
+    if progress:
+        progress.close()
     return records
 
 
