@@ -77,10 +77,6 @@ class CMakeBuild(build_ext):
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(built, target)
-        if self.inplace:
-            return
-        # editable installs also want it beside the sources
-        shutil.copy2(built, ROOT / "fastdl" / target.name)
 
 
 ext_modules = [] if os.environ.get("FASTDL_NO_NATIVE") == "1" else [CMakeExtension("fastdl._C")]
