@@ -165,6 +165,24 @@ def test_zero_rows(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fused_sum_alone_or_norm_alone_backpropagates(case):
+    """Only one output of add_layer_norm feeds the loss: the other's gradient is absent."""
+    backend, device = case
+    x, res, w, b = _inputs((4, 24), torch.float32, device, "add_layer_norm")
+    with fastdl.use_backend(backend):
+        h, y = fastdl.ops.add_layer_norm(x, res, 24, w, b)
+        gx_sum, gr_sum = torch.autograd.grad(h.sum(), (x, res))
+        h, y = fastdl.ops.add_layer_norm(x, res, 24, w, b)
+        gx_norm, = torch.autograd.grad((y * y).sum(), (x,))
+    torch.testing.assert_close(gx_sum, torch.ones_like(x))
+    torch.testing.assert_close(gr_sum, torch.ones_like(res))
+    x64, r64 = x.detach().double().requires_grad_(), res.detach().double()
+    _, y64 = R.add_layer_norm(x64, r64, 24, w.detach().double(), b.detach().double())
+    (ref,) = torch.autograd.grad((y64 * y64).sum(), (x64,))
+    assert_close(gx_norm, ref, torch.float32)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_inputs_not_modified(case):
     backend, device = case
     x, res, w, b = _inputs((5, 33), torch.float32, device, "add_layer_norm")
@@ -277,7 +295,8 @@ def test_torch_compile_fullgraph(backend):
 
     def f(x, r):
         h, y = fastdl.ops.add_layer_norm(x, r, 16, w, b)
-        return fastdl.ops.rms_norm(y * 2, 16, w).sum() + h.mean()
+        h2, _ = fastdl.ops.add_rms_norm(y, h, 16, w)  # only the sum of this one is used
+        return fastdl.ops.rms_norm(y * 2, 16, w).sum() + h.mean() + h2.sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)

@@ -169,6 +169,8 @@ def _save(ctx, x, residual, weight, bias, normalized_ndim, rms, outputs):
 
 def _grads(ctx, dy, dsum, backward):
     normalised_input, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only the sum of a fused call was used downstream
+        dy = torch.zeros_like(normalised_input)
     if dsum is not None and (not ctx.fused or dsum.numel() == 0):
         dsum = None
     dx, dweight, dbias = backward(dy, dsum, normalised_input, weight, mean, rstd, ctx.has_bias,
@@ -202,8 +204,6 @@ class _NormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dsum, _dmean, _drstd):
-        if dy is None:
-            dy = torch.zeros_like(ctx.saved_tensors[0])
         return *_grads(ctx, dy, dsum, _backward), None, None, None
 
 
