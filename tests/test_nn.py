@@ -68,3 +68,21 @@ def test_strict_raises(monkeypatch):
 def test_bad_input_error_names_op():
     with pytest.raises(TypeError, match=r"fastdl\.softmax: argument x must be a floating-point tensor"):
         fastdl.nn.Softmax(-1)(torch.arange(4))
+
+
+@pytest.mark.parametrize("case", backend_cases(), ids=case_id)
+def test_autocast_follows_torch(case):
+    """Under autocast each drop-in computes in the dtype torch's own module does (CUDA autocast
+    runs softmax and layer_norm in fp32; CPU autocast leaves them in bf16)."""
+    backend, device = case
+    x = torch.randn(4, 16, device=device)
+    pairs = [(fastdl.nn.Softmax(-1), torch.nn.Softmax(-1)), (fastdl.nn.LogSoftmax(-1), torch.nn.LogSoftmax(-1)),
+             (fastdl.nn.LayerNorm(16, device=device), torch.nn.LayerNorm(16, device=device)),
+             (fastdl.nn.RMSNorm(16, eps=1e-6, device=device), torch.nn.RMSNorm(16, eps=1e-6, device=device))]
+    for low in (torch.bfloat16, torch.float16):
+        xl = x.to(low)
+        for ours, theirs in pairs:
+            with torch.autocast(device, dtype=low), fastdl.use_backend(backend):
+                out, ref = ours(xl), theirs(xl)
+            assert out.dtype == ref.dtype, f"{type(ours).__name__} under {low} autocast: {out.dtype} != {ref.dtype}"
+            torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -1,9 +1,11 @@
 """Input checks and layout helpers shared by fastdl.ops."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -73,3 +75,31 @@ def from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     moved = list(like.shape)
     moved.append(moved.pop(dim))
     return rows.view(moved).movedim(-1, dim).contiguous()
+
+
+# The same op in torch, on a one-element tensor: asks torch which dtype it computes in
+# under the autocast state in force (CUDA autocast runs softmax and layer_norm in fp32;
+# CPU autocast leaves them alone), so that fastdl's drop-ins follow the same rule.
+_AUTOCAST_PROBES = {
+    "softmax": lambda t: torch.softmax(t, -1),
+    "log_softmax": lambda t: torch.log_softmax(t, -1),
+    "layer_norm": lambda t: F.layer_norm(t, (1,)),
+    "rms_norm": lambda t: F.rms_norm(t, (1,), eps=1e-6),
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _autocast_probe(op: str, device: torch.device, dtype: torch.dtype, autocast_dtype: torch.dtype) -> torch.dtype:
+    with torch.no_grad():
+        return _AUTOCAST_PROBES[op](torch.ones(1, 1, device=device, dtype=dtype)).dtype
+
+
+def autocast_dtype(op: str, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch's own `op` would compute x in under the autocast state in force,
+    or None when that is x's dtype (autocast off, or it leaves this op alone).
+    Eager calls only: under torch.compile the state is not probed."""
+    device_type = x.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = _autocast_probe(op, x.device, x.dtype, torch.get_autocast_dtype(device_type))
+    return None if dtype == x.dtype else dtype

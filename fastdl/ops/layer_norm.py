@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._common import FLOAT_DTYPES, check_float, check_same, check_tensor
+from fastdl.ops._common import FLOAT_DTYPES, autocast_dtype, check_float, check_same, check_tensor
 
 OP = "layer_norm"  # the backend table's name for the four ops
 backends.register_dtypes(OP, {b: FLOAT_DTYPES for b in backends.BACKENDS})
@@ -234,6 +234,9 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
             raise ValueError(f"fastdl.{op}: {name} has shape {tuple(param.shape)}, expected normalized_shape {shape}")
         if param.device != x.device:
             raise ValueError(f"fastdl.{op}: {name} is on {param.device} but x is on {x.device}; expected one device")
+    if not torch.compiler.is_compiling() and (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)):
+        # as torch under autocast: every operand in the dtype torch computes in
+        x, residual, weight, bias = (t.to(cast) if t is not None else None for t in (x, residual, weight, bias))
     if eps is None:
         eps = torch.finfo(x.dtype).eps  # rms_norm's default, as torch
     args = (x, residual, weight, bias, len(shape), float(eps), rms)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._common import as_rows, check_float, check_same, check_tensor, from_rows, normalize_dim
+from fastdl.ops._common import as_rows, autocast_dtype, check_float, check_same, check_tensor, from_rows, \
+    normalize_dim
 
 _ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 backends.register_dtypes("softmax", {"triton": _ALL_FLOATS, "cuda": _ALL_FLOATS, "cpu": _ALL_FLOATS, "torch": _ALL_FLOATS})
@@ -114,6 +115,8 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
     dim = normalize_dim(op, dim, x.dim())
     if torch.compiler.is_compiling():
         return torch.ops.fastdl.softmax(x, dim, log)
+    if dtype is None and (cast := autocast_dtype(op, x)) is not None:
+        x = x.to(cast)  # as torch under autocast
     if x.requires_grad and torch.is_grad_enabled():
         return _SoftmaxFunction.apply(x, dim, log)
     return _forward(x, dim, log)  # no graph to record: skip autograd.Function's ~5 us
