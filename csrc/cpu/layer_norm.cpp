@@ -29,18 +29,21 @@ FASTDL_INLINE void norm_row_forward(const T* __restrict x, const T* __restrict r
                                     const A* __restrict weight, const A* __restrict bias, T* __restrict y,
                                     int64_t n, A eps, bool rms, A* mean_out, A* rstd_out) {
   const T* src = x;
+  A sum = 0;
   if (residual != nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) h[j] = static_cast<T>(static_cast<A>(x[j]) + static_cast<A>(residual[j]));
-    src = h;  // normalise the sum as stored, as the unfused add would
-  }
-  A mean = 0;
-  if (!rms) {
-    A sum = 0;
+    // write the sum and add it up in the same pass
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = static_cast<T>(static_cast<A>(x[j]) + static_cast<A>(residual[j]));
+      h[j] = v;
+      sum += static_cast<A>(v);  // the sum as stored, as the unfused add would give it
+    }
+    src = h;
+  } else if (!rms) {
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) sum += static_cast<A>(src[j]);
-    mean = sum / static_cast<A>(n);
   }
+  const A mean = rms ? A(0) : sum / static_cast<A>(n);
   A sq = 0;
 #pragma omp simd reduction(+ : sq)
   for (int64_t j = 0; j < n; ++j) {
