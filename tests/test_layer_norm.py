@@ -310,3 +310,53 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(out, eager)
     for a, c in zip(g_out, g_eager):
         torch.testing.assert_close(a, c)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("final_norm", [True, False])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_pre_norm_sequence_matches_unfused(case, norm, final_norm):
+    """PreNormSequence == x <- x + f(norm(x)) per sublayer (+ final norm), written with torch.nn."""
+    backend, device = case
+    torch.manual_seed(0)
+    d = 24
+    block = fastdl.nn.PreNormSequence(d, [_MLP(d), _MLP(d), _MLP(d)], norm=norm, final_norm=final_norm,
+                                      device=device).to(device)
+    with torch.no_grad():
+        for nm in block.norms:
+            nm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(5, 7, d, device=device, requires_grad=True)
+    with fastdl.use_backend(backend):
+        out = block(x)
+        grads = torch.autograd.grad(out.square().sum(), [x] + list(block.parameters()))
+
+    def unfused(x_):
+        norm_fn = (lambda m, t: torch.nn.functional.layer_norm(t, (d,), m.weight, m.bias, m.eps)) if norm == "layer" \
+            else (lambda m, t: torch.nn.functional.rms_norm(t, (d,), m.weight, m.eps))
+        h = x_
+        for i, f in enumerate(block.sublayers):
+            h = h + f(norm_fn(block.norms[i], h))
+        return norm_fn(block.norms[-1], h) if final_norm else h
+
+    ref = unfused(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x] + list(block.parameters()))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert len(block.norms) == 3 + final_norm
+
+
+def test_pre_norm_sequence_bad_arguments():
+    with pytest.raises(ValueError, match=r"fastdl\.nn\.PreNormSequence: argument norm must be 'layer' or 'rms'"):
+        fastdl.nn.PreNormSequence(8, [torch.nn.Identity()], norm="batch")
+    with pytest.raises(ValueError, match="argument sublayers is empty"):
+        fastdl.nn.PreNormSequence(8, [])

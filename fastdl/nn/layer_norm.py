@@ -71,3 +71,44 @@ class AddRMSNorm(RMSNorm):
         return run_or_fall_back(
             self, lambda a, b: ops.add_rms_norm(a, b, self.normalized_shape, self.weight, self.eps), unfused,
             x, residual)
+
+
+class PreNormSequence(torch.nn.Module):
+    """A pre-norm residual stack: for each sublayer f_i, x <- x + f_i(norm_i(x)); then a
+    final norm (GPT-2's ln_f) when final_norm. Every residual add is fused into the norm
+    that follows it, so each add costs no extra pass over memory:
+
+        h, normed = x, norms[0](x)
+        for i, f in enumerate(sublayers):
+            h, normed = add_norm_{i+1}(h, f(normed))   # h + f(normed), and its norm
+
+    sublayers: modules mapping (..., d_model) -> (..., d_model), e.g. [attention, mlp] * n_layers.
+    norm: "layer" (LayerNorm) or "rms" (RMSNorm); norm_kwargs go to every norm (eps, bias...).
+    The norms live in `self.norms` (len(sublayers) + final_norm of them).
+    """
+
+    def __init__(self, d_model, sublayers, norm="layer", final_norm=True, device=None, dtype=None, **norm_kwargs):
+        super().__init__()
+        if norm not in ("layer", "rms"):
+            raise ValueError(f"fastdl.nn.PreNormSequence: argument norm must be 'layer' or 'rms', got {norm!r}")
+        if len(sublayers) == 0:
+            raise ValueError("fastdl.nn.PreNormSequence: argument sublayers is empty")
+        fused = AddLayerNorm if norm == "layer" else AddRMSNorm
+        plain = LayerNorm if norm == "layer" else RMSNorm
+        self.sublayers = torch.nn.ModuleList(sublayers)
+        self.final_norm = final_norm
+        count = len(sublayers) + (1 if final_norm else 0)
+        # the first norm has no add in front of it; each later one takes the previous sublayer's residual
+        self.norms = torch.nn.ModuleList(
+            [plain(d_model, device=device, dtype=dtype, **norm_kwargs)]
+            + [fused(d_model, device=device, dtype=dtype, **norm_kwargs) for _ in range(count - 1)])
+
+    def forward(self, x):
+        h, normed = x, self.norms[0](x)
+        for i, sublayer in enumerate(self.sublayers):
+            out = sublayer(normed)
+            if i + 1 < len(self.norms):
+                h, normed = self.norms[i + 1](h, out)
+            else:
+                h = h + out
+        return normed if self.final_norm else h
