@@ -79,3 +79,28 @@ def test_patch_keeps_hooks_and_mode():
 def test_patch_rejects_non_module():
     with pytest.raises(TypeError, match=r"fastdl\.patch: argument model must be a torch\.nn\.Module"):
         fastdl.patch(lambda x: x)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_patch_torch_transformer_encoder(norm_first):
+    """A real torch model: every LayerNorm swapped; same outputs and gradients, in training and eval."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0,
+                                             batch_first=True, norm_first=norm_first)
+    model = torch.nn.TransformerEncoder(layer, num_layers=2, norm=torch.nn.LayerNorm(32),
+                                        enable_nested_tensor=False)
+    reference = __import__("copy").deepcopy(model)
+    x = torch.randn(3, 10, 32, requires_grad=True)
+    fastdl.patch(model)
+    names = fastdl.patched_modules(model)
+    assert len(names) == 5 and all("norm" in n for n in names), names
+    out, ref = model(x), reference(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x] + list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x] + list(reference.parameters()))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
