@@ -86,3 +86,22 @@ def test_autocast_follows_torch(case):
                 out, ref = ours(xl), theirs(xl)
             assert out.dtype == ref.dtype, f"{type(ours).__name__} under {low} autocast: {out.dtype} != {ref.dtype}"
             torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_under_torch_compile_matches_eager():
+    """The compiled path casts as the eager one does (the autocast probe is traced)."""
+    if "cpu" not in fastdl.available_backends("cpu"):
+        pytest.skip("fastdl._C not built")
+    w = torch.rand(16) + 0.5
+
+    def f(x):
+        return fastdl.ops.layer_norm(fastdl.ops.softmax(x, -1), 16, w), fastdl.ops.rms_norm(x, 16, w, 1e-6)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    for x in (torch.randn(4, 16), torch.randn(4, 16).bfloat16()):
+        with torch.autocast("cpu", dtype=torch.bfloat16), fastdl.use_backend("cpu"):
+            eager, traced = f(x), compiled(x)
+        for a, b in zip(eager, traced):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b)

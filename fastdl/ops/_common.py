@@ -97,9 +97,12 @@ def _autocast_probe(op: str, device: torch.device, dtype: torch.dtype, autocast_
 def autocast_dtype(op: str, x: torch.Tensor) -> torch.dtype | None:
     """The dtype torch's own `op` would compute x in under the autocast state in force,
     or None when that is x's dtype (autocast off, or it leaves this op alone).
-    Eager calls only: under torch.compile the state is not probed."""
+
+    Under torch.compile the probe is traced (uncached): its dtype is known when the graph
+    is built and its one-element tensor is dead code."""
     device_type = x.device.type
     if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
         return None
-    dtype = _autocast_probe(op, x.device, x.dtype, torch.get_autocast_dtype(device_type))
+    probe = _autocast_probe.__wrapped__ if torch.compiler.is_compiling() else _autocast_probe
+    dtype = probe(op, x.device, x.dtype, torch.get_autocast_dtype(device_type))
     return None if dtype == x.dtype else dtype

@@ -234,7 +234,7 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
             raise ValueError(f"fastdl.{op}: {name} has shape {tuple(param.shape)}, expected normalized_shape {shape}")
         if param.device != x.device:
             raise ValueError(f"fastdl.{op}: {name} is on {param.device} but x is on {x.device}; expected one device")
-    if not torch.compiler.is_compiling() and (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)):
+    if (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)) is not None:
         # as torch under autocast: every operand in the dtype torch computes in
         x, residual, weight, bias = (t.to(cast) if t is not None else None for t in (x, residual, weight, bias))
     if eps is None:

@@ -113,10 +113,10 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
         x = x.to(dtype)  # as torch: cast first, then compute in dtype
     check_float(op, "x", x)
     dim = normalize_dim(op, dim, x.dim())
-    if torch.compiler.is_compiling():
-        return torch.ops.fastdl.softmax(x, dim, log)
     if dtype is None and (cast := autocast_dtype(op, x)) is not None:
         x = x.to(cast)  # as torch under autocast
+    if torch.compiler.is_compiling():
+        return torch.ops.fastdl.softmax(x, dim, log)
     if x.requires_grad and torch.is_grad_enabled():
         return _SoftmaxFunction.apply(x, dim, log)
     return _forward(x, dim, log)  # no graph to record: skip autograd.Function's ~5 us
