@@ -20,3 +20,8 @@ def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     if _poison:
         out.fill_(float("nan"))
     return out
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of saved statistics and parameter gradients: fp32, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <vector>
 
+#include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
 #include "csrc/cpu/common.h"
 
@@ -136,19 +137,6 @@ template <typename A> void sum_partial_rows(const A* partial, A* out, int64_t ch
   });
 }
 
-void check_rows(const char* fn, const char* name, const at::Tensor& t, int64_t rows, int64_t n) {
-  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n, fn, ": ", name, " must be (", rows, ", ", n,
-              "), got ", t.sizes());
-  TORCH_CHECK(t.numel() == 0 || n <= 1 || t.stride(1) == 1, fn, ": ", name, " must have a contiguous last dim");
-}
-
-void check_dtype(const char* fn, const char* name, const at::Tensor& t) {
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, fn, ": ",
-              name, " must be float32, float64, float16 or bfloat16, got ", dtype);
-}
-
 // weight / bias of any float dtype, as a contiguous vector of the accumulation type;
 // absent ones become ones / zeros, so the kernels have one loop for every case.
 at::Tensor param_or(const std::optional<at::Tensor>& p, int64_t n, at::ScalarType acc, double fill, const char* fn,
@@ -156,26 +144,23 @@ at::Tensor param_or(const std::optional<at::Tensor>& p, int64_t n, at::ScalarTyp
   if (!p.has_value()) return at::full({n}, fill, at::TensorOptions().dtype(acc));
   TORCH_CHECK(p->device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", p->device());
   TORCH_CHECK(p->dim() == 1 && p->size(0) == n, fn, ": ", name, " must have shape (", n, "), got ", p->sizes());
-  check_dtype(fn, name, *p);
+  check_float_dtype(fn, name, *p);
   return p->to(acc).contiguous();
 }
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool rms) {
   const char* fn = "fastdl.layer_norm (cpu)";
-  TORCH_CHECK(x.dim() == 2, fn, ": x must be 2-D (rows, cols), got ", x.dim(), "-D");
+  check_rows(fn, "x", x, at::kCPU);
   const int64_t rows = x.size(0), n = x.size(1);
-  check_rows(fn, "x", x, rows, n);
-  check_dtype(fn, "x", x);
+  check_float_dtype(fn, "x", x);
   if (residual.has_value()) {
-    check_rows(fn, "residual", *residual, rows, n);
+    check_rows(fn, "residual", *residual, at::kCPU, rows, n);
     TORCH_CHECK(residual->scalar_type() == x.scalar_type(), fn, ": residual is ", residual->scalar_type(),
                 " but x is ", x.scalar_type());
   }
-  const auto acc = acc_type(x.scalar_type());
+  const auto acc = stats_type(x.scalar_type());
   const at::Tensor w = param_or(weight, n, acc, 1.0, fn, "weight");
   const at::Tensor b = param_or(bias, n, acc, 0.0, fn, "bias");
   at::Tensor y = empty_output({rows, n}, x.options());
@@ -204,18 +189,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
     bool has_bias, bool rms) {
   const char* fn = "fastdl.layer_norm_backward (cpu)";
-  TORCH_CHECK(x.dim() == 2, fn, ": x must be 2-D (rows, cols), got ", x.dim(), "-D");
+  check_rows(fn, "x", x, at::kCPU);
   const int64_t rows = x.size(0), n = x.size(1);
-  check_rows(fn, "x", x, rows, n);
-  check_rows(fn, "dy", dy, rows, n);
-  check_dtype(fn, "x", x);
+  check_rows(fn, "dy", dy, at::kCPU, rows, n);
+  check_float_dtype(fn, "x", x);
   TORCH_CHECK(dy.scalar_type() == x.scalar_type(), fn, ": dy is ", dy.scalar_type(), " but x is ", x.scalar_type());
   if (dsum.has_value()) {
-    check_rows(fn, "dsum", *dsum, rows, n);
+    check_rows(fn, "dsum", *dsum, at::kCPU, rows, n);
     TORCH_CHECK(dsum->scalar_type() == x.scalar_type(), fn, ": dsum is ", dsum->scalar_type(), " but x is ",
                 x.scalar_type());
   }
-  const auto acc = acc_type(x.scalar_type());
+  const auto acc = stats_type(x.scalar_type());
   TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == rows && rstd.scalar_type() == acc && rstd.is_contiguous(), fn,
               ": rstd must be a contiguous (", rows, ") ", acc, " tensor, got ", rstd.sizes(), " ", rstd.scalar_type());
   TORCH_CHECK(rms || (mean.has_value() && mean->dim() == 1 && mean->size(0) == rows && mean->scalar_type() == acc &&

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 
+#include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
 #include "csrc/cpu/common.h"
 
@@ -102,17 +103,13 @@ FASTDL_MULTIVERSION void backward_rows(const T* dy, int64_t dy_stride, const T* 
     softmax_row_backward<T, kLog>(dy + r * dy_stride, y + r * y_stride, dx + r * cols, cols);
 }
 
-void check_rows(const char* fn, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2, fn, ": ", name, " must be 2-D (rows, cols), got ", t.dim(), "-D");
-  TORCH_CHECK(t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1, fn, ": ", name, " must have a contiguous last dim");
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              fn, ": ", name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+void check_softmax_rows(const char* fn, const char* name, const at::Tensor& t) {
+  check_rows(fn, name, t, at::kCPU);
+  check_float_dtype(fn, name, t);
 }
 
 at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
-  check_rows("fastdl.softmax (cpu)", "x", x);
+  check_softmax_rows("fastdl.softmax (cpu)", "x", x);
   at::Tensor y = empty_output(x.sizes(), x.options());
   const int64_t rows = x.size(0), cols = x.size(1);
   if (y.numel() == 0) return y;
@@ -129,8 +126,8 @@ at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
 }
 
 at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& out, bool log) {
-  check_rows("fastdl.softmax_backward (cpu)", "grad_out", grad_out);
-  check_rows("fastdl.softmax_backward (cpu)", "out", out);
+  check_softmax_rows("fastdl.softmax_backward (cpu)", "grad_out", grad_out);
+  check_softmax_rows("fastdl.softmax_backward (cpu)", "out", out);
   TORCH_CHECK(grad_out.sizes() == out.sizes(), "fastdl.softmax_backward (cpu): grad_out of shape ", grad_out.sizes(),
               " does not match out of shape ", out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == out.scalar_type(), "fastdl.softmax_backward (cpu): grad_out is ",

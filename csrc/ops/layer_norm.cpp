@@ -3,21 +3,13 @@
 // implementation of the fastdl ops (same schema and results as csrc/cpu/layer_norm.cpp).
 #include <torch/library.h>
 
+#include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
 #include "csrc/ops/common.h"
 #include "layer_norm.h"
 
 namespace fastdl {
 namespace {
-
-void check_rows(const char* fn, const char* name, const at::Tensor& t, int64_t rows, int64_t n) {
-  TORCH_CHECK(t.is_cuda(), fn, ": ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n, fn, ": ", name, " must be (", rows, ", ", n,
-              "), got ", t.sizes());
-  TORCH_CHECK(t.numel() == 0 || n <= 1 || t.stride(1) == 1, fn, ": ", name, " must have a contiguous last dim");
-}
-
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // weight / bias as a contiguous vector of the accumulation type on x's device (the
 // kernels read them so); undefined when absent.
@@ -27,7 +19,7 @@ at::Tensor param_as_acc(const std::optional<at::Tensor>& p, const at::Tensor& x,
   TORCH_CHECK(p->device() == x.device(), fn, ": ", name, " is on ", p->device(), " but x is on ", x.device());
   TORCH_CHECK(p->dim() == 1 && p->size(0) == n, fn, ": ", name, " must have shape (", n, "), got ", p->sizes());
   kernel_dtype(fn, name, *p);
-  return p->to(acc_type(x.scalar_type())).contiguous();
+  return p->to(stats_type(x.scalar_type())).contiguous();
 }
 
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
@@ -36,19 +28,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forwa
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool rms) {
   const char* fn = "fastdl.layer_norm (cuda)";
-  TORCH_CHECK(x.dim() == 2, fn, ": x must be 2-D (rows, cols), got ", x.dim(), "-D");
+  check_rows(fn, "x", x, at::kCUDA);
   const int64_t rows = x.size(0), n = x.size(1);
-  check_rows(fn, "x", x, rows, n);
   const auto dtype = kernel_dtype(fn, "x", x);
   if (residual.has_value()) {
-    check_rows(fn, "residual", *residual, rows, n);
+    check_rows(fn, "residual", *residual, at::kCUDA, rows, n);
     TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(), fn,
                 ": residual must match x's dtype and device");
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor w = param_as_acc(weight, x, n, fn, "weight");
   const at::Tensor b = param_as_acc(bias, x, n, fn, "bias");
-  const auto acc = x.options().dtype(acc_type(x.scalar_type()));
+  const auto acc = x.options().dtype(stats_type(x.scalar_type()));
   at::Tensor y = empty_output({rows, n}, x.options());
   at::Tensor h = residual.has_value() ? empty_output({rows, n}, x.options()) : at::empty({0}, x.options());
   at::Tensor mean = rms ? at::empty({0}, acc) : empty_output({rows}, acc);
@@ -67,19 +58,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
     bool has_bias, bool rms) {
   const char* fn = "fastdl.layer_norm_backward (cuda)";
-  TORCH_CHECK(x.dim() == 2, fn, ": x must be 2-D (rows, cols), got ", x.dim(), "-D");
+  check_rows(fn, "x", x, at::kCUDA);
   const int64_t rows = x.size(0), n = x.size(1);
-  check_rows(fn, "x", x, rows, n);
-  check_rows(fn, "dy", dy, rows, n);
+  check_rows(fn, "dy", dy, at::kCUDA, rows, n);
   const auto dtype = kernel_dtype(fn, "x", x);
   TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.device() == x.device(), fn,
               ": dy must match x's dtype and device");
   if (dsum.has_value()) {
-    check_rows(fn, "dsum", *dsum, rows, n);
+    check_rows(fn, "dsum", *dsum, at::kCUDA, rows, n);
     TORCH_CHECK(dsum->scalar_type() == x.scalar_type() && dsum->device() == x.device(), fn,
                 ": dsum must match x's dtype and device");
   }
-  const auto acc = acc_type(x.scalar_type());
+  const auto acc = stats_type(x.scalar_type());
   TORCH_CHECK(rstd.dim() == 1 && rstd.size(0) == rows && rstd.scalar_type() == acc && rstd.is_contiguous() &&
                   rstd.device() == x.device(),
               fn, ": rstd must be a contiguous (", rows, ") ", acc, " tensor on x's device");

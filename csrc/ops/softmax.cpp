@@ -2,6 +2,7 @@
 // kernels/softmax.cu, registered as the CUDA implementation of the fastdl ops.
 #include <torch/library.h>
 
+#include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
 #include "csrc/ops/common.h"
 #include "softmax.h"
@@ -9,17 +10,15 @@
 namespace fastdl {
 namespace {
 
-void check_rows(const char* fn, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), fn, ": ", name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2, fn, ": ", name, " must be 2-D (rows, cols), got ", t.dim(), "-D");
-  TORCH_CHECK(t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1, fn, ": ", name, " must have a contiguous last dim");
+void check_softmax_rows(const char* fn, const char* name, const at::Tensor& t) {
+  check_rows(fn, name, t, at::kCUDA);
   TORCH_CHECK(t.size(0) <= INT_MAX && t.size(1) <= INT_MAX, fn, ": ", name, " of shape ", t.sizes(),
               " is too large (rows and cols must each be below 2^31)");
 }
 
 at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
   const char* fn = "fastdl.softmax (cuda)";
-  check_rows(fn, "x", x);
+  check_softmax_rows(fn, "x", x);
   const auto dtype = kernel_dtype(fn, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = empty_output(x.sizes(), x.options());
@@ -30,8 +29,8 @@ at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
 
 at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& out, bool log) {
   const char* fn = "fastdl.softmax_backward (cuda)";
-  check_rows(fn, "grad_out", grad_out);
-  check_rows(fn, "out", out);
+  check_softmax_rows(fn, "grad_out", grad_out);
+  check_softmax_rows(fn, "out", out);
   TORCH_CHECK(grad_out.device() == out.device(), fn, ": grad_out is on ", grad_out.device(), " but out is on ",
               out.device());
   TORCH_CHECK(grad_out.sizes() == out.sizes(), fn, ": grad_out of shape ", grad_out.sizes(),

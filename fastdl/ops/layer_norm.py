@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
+from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, autocast_dtype, check_float, check_same, check_tensor
 
 OP = "layer_norm"  # the backend table's name for the four ops
@@ -22,16 +23,12 @@ backends.register_dtypes(OP, {b: FLOAT_DTYPES for b in backends.BACKENDS})
 
 
 # --- the torch backend: the kernels' math on rows, in plain PyTorch ----------------
-def _stats_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _torch_forward(x, residual, weight, bias, eps, rms):
     h = None
     if residual is not None:
         h = x + residual
         x = h
-    acc = x.to(_stats_dtype(x.dtype))
+    acc = x.to(stats_dtype(x.dtype))
     mean = None if rms else acc.mean(1)
     centred = acc if rms else acc - mean[:, None]
     rstd = torch.rsqrt((centred * centred).mean(1) + eps)
@@ -44,7 +41,7 @@ def _torch_forward(x, residual, weight, bias, eps, rms):
 
 
 def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
-    acc_dtype = _stats_dtype(x.dtype)
+    acc_dtype = stats_dtype(x.dtype)
     xhat = (x.to(acc_dtype) - (0 if rms else mean[:, None])) * rstd[:, None]
     dy32 = dy.to(acc_dtype)
     g = dy32 * weight if weight is not None else dy32
@@ -138,7 +135,7 @@ def _norm_op(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Te
 @_norm_op.register_fake
 def _(x, residual, weight, bias, normalized_ndim, eps, rms):
     stats_shape = x.shape[: x.dim() - normalized_ndim]
-    stats = _stats_dtype(x.dtype)
+    stats = stats_dtype(x.dtype)
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     mean = x.new_empty(stats_shape, dtype=stats) if not rms else x.new_empty(0, dtype=stats)
     return torch.empty_like(x, memory_format=torch.contiguous_format), h, mean, x.new_empty(stats_shape, dtype=stats)

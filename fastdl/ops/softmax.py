@@ -17,11 +17,10 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
-from fastdl.ops._common import as_rows, autocast_dtype, check_float, check_same, check_tensor, from_rows, \
-    normalize_dim
+from fastdl.ops._common import FLOAT_DTYPES, as_rows, autocast_dtype, check_float, check_same, check_tensor, \
+    from_rows, normalize_dim
 
-_ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-backends.register_dtypes("softmax", {"triton": _ALL_FLOATS, "cuda": _ALL_FLOATS, "cpu": _ALL_FLOATS, "torch": _ALL_FLOATS})
+backends.register_dtypes("softmax", {b: FLOAT_DTYPES for b in backends.BACKENDS})
 
 
 def _rows_forward(backend: str, x: Tensor, log: bool) -> Tensor:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdl._outputs import empty_output
+from fastdl._outputs import empty_output, stats_dtype
 from fastdl.triton._launch import accumulator_dtype, autotune_configs, tile_shape
 
 # Longest row the tile kernels keep whole in registers.
@@ -301,10 +301,6 @@ def _norm_backward_loop_kernel(
 # ---------------------------------------------------------------------------------
 # launchers: (rows, cols) tensors whose last dim is contiguous; None for absent operands
 # ---------------------------------------------------------------------------------
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def norm_forward(x, residual, weight, bias, eps: float, rms: bool):
     """-> (y, x + residual or None, mean or None (RMS), rstd)."""
     n_rows, n_cols = x.shape

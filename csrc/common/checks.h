@@ -1,0 +1,33 @@
+// Input checks shared by the native ops, CPU and CUDA alike.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace fastdl {
+
+// t is a 2-D (rows, cols) tensor on device_type whose last dim is contiguous.
+inline void check_rows(const char* fn, const char* name, const at::Tensor& t, c10::DeviceType device_type) {
+  TORCH_CHECK(t.device().type() == device_type, fn, ": ", name, " must be a ", c10::DeviceTypeName(device_type),
+              " tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 2, fn, ": ", name, " must be 2-D (rows, cols), got ", t.dim(), "-D");
+  TORCH_CHECK(t.numel() == 0 || t.size(1) <= 1 || t.stride(1) == 1, fn, ": ", name,
+              " must have a contiguous last dim");
+}
+
+// ... and is exactly (rows, n).
+inline void check_rows(const char* fn, const char* name, const at::Tensor& t, c10::DeviceType device_type,
+                       int64_t rows, int64_t n) {
+  check_rows(fn, name, t, device_type);
+  TORCH_CHECK(t.size(0) == rows && t.size(1) == n, fn, ": ", name, " must be (", rows, ", ", n, "), got ", t.sizes());
+}
+
+// The floating dtypes the kernels take.
+inline void check_float_dtype(const char* fn, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, fn, ": ",
+              name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+// dtype of saved statistics and parameter gradients: float, double for double inputs.
+inline at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace fastdl
