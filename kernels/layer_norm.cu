@@ -1,41 +1,123 @@
 // LayerNorm / RMSNorm (optionally fused with a residual add): CUDA C++ forward and
 // backward. See fastdl/reference/layer_norm.py for the math.
 //
-// forward, a block per row: sweep 1 writes x + residual (when fused) and sums the row;
-// sweep 2 sums squared deviations from the mean (numerically safe, unlike sum of
-// squares minus square of sums); sweep 3 normalises and writes. Sweeps 2-3 re-read the
-// row from L1/L2. Each thread touches the same columns in every sweep, so the sum it
-// wrote in sweep 1 is its own to read back, with no barrier.
-// backward: a block per row computes dx from two row sums; dweight / dbias are reduced
-// in two deterministic stages: blocks of 32 columns x a fixed chunk of rows write one
-// partial row each, then the partial rows are summed in order. No atomics.
+// Two shapes of kernel, picked by row length:
+//   * tile (rows up to 16384 columns forward, 8192 backward; half that for fp64): a warp
+//     or a block holds its row in registers (common/row_tile.cuh: 16-byte loads, 8 or 16
+//     values a thread). Forward: one read of x (and the residual), one write of y (and of
+//     x + residual); the variance is taken from deviations from the mean, held in
+//     registers (numerically safe, unlike sum of squares minus square of sums).
+//   * loop (longer rows), a block per row: sweep 1 writes x + residual (when fused) and
+//     sums the row; sweep 2 sums squared deviations; sweep 3 normalises and writes.
+//     Sweeps 2-3 re-read the row from L1/L2. Each thread touches the same columns in
+//     every sweep, so the sum it wrote in sweep 1 is its own to read back, no barrier.
+//
+// Backward (xhat = normalised input, g = dy * weight, means over the row):
+//     dx = rstd * (g - mean(g) - xhat * mean(g * xhat));  RMS drops mean(g)
+//     dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
+// One kernel computes dx and the parameter gradients together: the grid holds as many
+// blocks as fill the device once, each walks its own run of rows, keeps the running
+// dweight / dbias of its columns (registers in the tile kernel, its own row of the
+// partial buffer in the loop kernel) and ends with one partial row; a second kernel sums
+// the partial rows in a fixed order. No atomics: two runs give bitwise-equal gradients,
+// and dy and x are read once, not once more for the parameter gradients.
 //
 // Register spills accepted (tests/test_build.py reads these lines): the double
-// instantiations (mangled "...kernelId...") on sm_80 keep 4-8 bytes on the stack for
-// the slow path of double sqrt / division. fp64 is there for gradcheck, not for speed.
-// spills accepted: norm_forward_kernelId: fp64 sqrt slow path on sm_80
-// spills accepted: norm_backward_dx_kernelId: fp64 division slow path on sm_80
+// instantiation (mangled "...Id...") on sm_80 keeps 8 bytes on the stack for the slow
+// path of double sqrt. fp64 is there for gradcheck, not for speed.
+// spills accepted: norm_forward_loop_kernelId: fp64 sqrt slow path on sm_80
 #include <algorithm>
+#include <climits>
 
 #include "common/reduce.cuh"
+#include "common/row_tile.cuh"
 #include "layer_norm.h"
 
 namespace fastdl::kernels {
 namespace {
 
-constexpr int64_t kMaxChunks = 128;  // partial rows of the parameter-gradient reduction
-constexpr int kReduceCols = 32;      // columns per block of the partial-sum kernel
-constexpr int kReduceRowThreads = 8;
+constexpr int kLoopThreads = 1024;  // threads of the loop kernels (rows past the tiles)
+// Largest tiles: forward 1024 threads x 16 values, backward 512 x 16 (it holds five
+// values a column: x, dy, weight, and the running dweight and dbias); fp64 holds half.
+template <typename T> constexpr int kForwardMaxThreads = sizeof(T) == 8 ? 512 : 1024;
+constexpr int kForwardMaxElems = 16;
+constexpr int kBackwardMaxThreads = 512;
+template <typename T> constexpr int kBackwardMaxElems = sizeof(T) == 8 ? 8 : 16;
+constexpr int kSumCols = 32;  // columns per block of the partial-row sum
+constexpr int kSumRowThreads = 8;
 
-template <typename T, int kThreads>
-__global__ void __launch_bounds__(kThreads)
-    norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ residual,
-                        const typename Acc<T>::type* __restrict__ weight, const typename Acc<T>::type* __restrict__ bias,
-                        T* __restrict__ y, T* __restrict__ sum, typename Acc<T>::type* __restrict__ mean_out,
-                        typename Acc<T>::type* __restrict__ rstd_out, int64_t cols, int64_t x_row_stride,
-                        int64_t residual_row_stride, typename Acc<T>::type eps, bool rms) {
+// ---------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------
+template <typename T, int kThreads, int kElems>
+__global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
+    norm_forward_tile_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                             const typename Acc<T>::type* __restrict__ weight,
+                             const typename Acc<T>::type* __restrict__ bias, T* __restrict__ y, T* __restrict__ sum,
+                             typename Acc<T>::type* __restrict__ mean_out, typename Acc<T>::type* __restrict__ rstd_out,
+                             int64_t rows, int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
+                             typename Acc<T>::type eps, bool rms, bool aligned) {
   using A = typename Acc<T>::type;
+  using Tile = RowTile<T, kThreads, kElems>;
   __shared__ A scratch[kThreads / kWarpSize];
+  const int64_t row = tile_row<kThreads>();
+  if (row >= rows) return;  // whole groups only (tile_row)
+  const int t = threadIdx.x % kThreads;
+  A v[kElems];
+  Tile::load(x + row * x_row_stride, t, cols, aligned, v, A(0));
+  if (residual != nullptr) {
+    A r[kElems];
+    Tile::load(residual + row * residual_row_stride, t, cols, aligned, r, A(0));
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) v[i] = to_acc(from_acc<T>(v[i] + r[i]));  // rounded, as the unfused add
+    Tile::store(sum + row * cols, t, cols, aligned, v);
+  }
+  A mean = 0;
+  if (!rms) {
+    A total = 0;
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) total += v[i];  // padding holds 0
+    mean = group_sum<kThreads>(total, scratch) / static_cast<A>(cols);
+  }
+  A sq = 0;
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) {
+    v[i] = Tile::col(t, i) < cols ? v[i] - mean : A(0);
+    sq += v[i] * v[i];
+  }
+  sq = group_sum<kThreads>(sq, scratch);
+  const A rstd = A(1) / sqrt(sq / static_cast<A>(cols) + eps);
+  if (t == 0) {
+    if (!rms) mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) v[i] *= rstd;
+  if (weight != nullptr) {
+    A w[kElems];
+    Tile::load(weight, t, cols, aligned, w, A(0));
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) v[i] *= w[i];
+  }
+  if (bias != nullptr) {
+    A b[kElems];
+    Tile::load(bias, t, cols, aligned, b, A(0));
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) v[i] += b[i];
+  }
+  Tile::store(y + row * cols, t, cols, aligned, v);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kLoopThreads)
+    norm_forward_loop_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                             const typename Acc<T>::type* __restrict__ weight,
+                             const typename Acc<T>::type* __restrict__ bias, T* __restrict__ y, T* __restrict__ sum,
+                             typename Acc<T>::type* __restrict__ mean_out, typename Acc<T>::type* __restrict__ rstd_out,
+                             int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
+                             typename Acc<T>::type eps, bool rms) {
+  using A = typename Acc<T>::type;
+  __shared__ A scratch[kLoopThreads / kWarpSize];
   const int64_t row = blockIdx.x;
   const T* x_row = x + row * x_row_stride;
   const T* src = x_row;
@@ -43,30 +125,30 @@ __global__ void __launch_bounds__(kThreads)
   if (residual != nullptr) {
     const T* r_row = residual + row * residual_row_stride;
     T* h_row = sum + row * cols;
-    for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+    for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
       const T h = from_acc<T>(to_acc(x_row[j]) + to_acc(r_row[j]));  // rounded, as the unfused add
       h_row[j] = h;
       total += to_acc(h);
     }
     src = h_row;
   } else if (!rms) {
-    for (int64_t j = threadIdx.x; j < cols; j += kThreads) total += to_acc(x_row[j]);
+    for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) total += to_acc(x_row[j]);
   }
   A mean = 0;
-  if (!rms) mean = block_sum<kThreads>(total, scratch) / static_cast<A>(cols);
+  if (!rms) mean = block_sum<kLoopThreads>(total, scratch) / static_cast<A>(cols);
   A sq = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+  for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
     const A d = to_acc(src[j]) - mean;
     sq += d * d;
   }
-  sq = block_sum<kThreads>(sq, scratch);
+  sq = block_sum<kLoopThreads>(sq, scratch);
   const A rstd = A(1) / sqrt(sq / static_cast<A>(cols) + eps);
   if (threadIdx.x == 0) {
     if (!rms) mean_out[row] = mean;
     rstd_out[row] = rstd;
   }
   T* y_row = y + row * cols;
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
+  for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
     A v = (to_acc(src[j]) - mean) * rstd;
     if (weight != nullptr) v *= weight[j];
     if (bias != nullptr) v += bias[j];
@@ -74,184 +156,331 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int kThreads>
-__global__ void __launch_bounds__(kThreads)
-    norm_backward_dx_kernel(const T* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
-                            const typename Acc<T>::type* __restrict__ weight,
-                            const typename Acc<T>::type* __restrict__ mean,
-                            const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ dx, int64_t cols,
-                            int64_t dy_row_stride, int64_t dsum_row_stride, int64_t x_row_stride, bool rms) {
-  using A = typename Acc<T>::type;
-  __shared__ A scratch[kThreads / kWarpSize];
-  const int64_t row = blockIdx.x;
-  const T* dy_row = dy + row * dy_row_stride;
-  const T* x_row = x + row * x_row_stride;
-  const A m = rms ? A(0) : mean[row];
-  const A r = rstd[row];
-  A sum_gx = 0, sum_g = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    const A xhat = (to_acc(x_row[j]) - m) * r;
-    const A g = to_acc(dy_row[j]) * (weight != nullptr ? weight[j] : A(1));
-    sum_gx += g * xhat;
-    sum_g += g;
+// ---------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------
+// Sums one value a column over the groups of a block, in group order, and writes the
+// block's row of a partial buffer. `combined` holds kThreads x kElems values (unused
+// when the block is one group).
+template <typename T, int kThreads, int kElems, typename A>
+__device__ __forceinline__ void write_block_partial(const A (&v)[kElems], A* __restrict__ partial_row, A* combined,
+                                                    int64_t cols) {
+  using Tile = RowTile<T, kThreads, kElems>;
+  constexpr int kGroups = kTileBlockThreads<kThreads> / kThreads;
+  const int t = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
+  if constexpr (kGroups == 1) {  // the block is the group: nothing to combine
+#pragma unroll
+    for (int i = 0; i < kElems; ++i)
+      if (Tile::col(t, i) < cols) partial_row[Tile::col(t, i)] = v[i];
+    return;
   }
-  const A c1 = block_sum<kThreads>(sum_gx, scratch) / static_cast<A>(cols);
-  const A c2 = rms ? A(0) : block_sum<kThreads>(sum_g, scratch) / static_cast<A>(cols);
-  T* dx_row = dx + row * cols;
-  for (int64_t j = threadIdx.x; j < cols; j += kThreads) {
-    const A xhat = (to_acc(x_row[j]) - m) * r;
-    const A g = to_acc(dy_row[j]) * (weight != nullptr ? weight[j] : A(1));
-    A v = (g - c2 - xhat * c1) * r;
-    if (dsum != nullptr) v += to_acc(dsum[row * dsum_row_stride + j]);
-    dx_row[j] = from_acc<T>(v);
+  __syncthreads();  // `combined` may still be read from the previous call
+#pragma unroll 1
+  for (int g = 0; g < kGroups; ++g) {
+    if (group == g) {
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) {
+        const A total = (g == 0 ? A(0) : combined[i * kThreads + t]) + v[i];
+        if (g + 1 < kGroups) combined[i * kThreads + t] = total;
+        else if (Tile::col(t, i) < cols) partial_row[Tile::col(t, i)] = total;
+      }
+    }
+    if (g + 1 < kGroups) __syncthreads();
   }
 }
 
-// stage 1: partial[chunk][col] = sum over the chunk's rows of dy * xhat (and of dy)
-template <typename T>
-__global__ void __launch_bounds__(kReduceCols* kReduceRowThreads)
-    norm_backward_partial_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                 const typename Acc<T>::type* __restrict__ mean,
-                                 const typename Acc<T>::type* __restrict__ rstd,
-                                 typename Acc<T>::type* __restrict__ dweight_partial,
-                                 typename Acc<T>::type* __restrict__ dbias_partial, int64_t rows, int64_t cols,
-                                 int64_t rows_per_chunk, int64_t dy_row_stride, int64_t x_row_stride, bool rms) {
+template <typename T, int kThreads, int kElems>
+__global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
+    norm_backward_tile_kernel(const T* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
+                              const typename Acc<T>::type* __restrict__ weight,
+                              const typename Acc<T>::type* __restrict__ mean,
+                              const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ dx,
+                              typename Acc<T>::type* __restrict__ dweight_partial,
+                              typename Acc<T>::type* __restrict__ dbias_partial, int64_t rows, int64_t cols,
+                              int64_t rows_per_block, int64_t dy_row_stride, int64_t dsum_row_stride,
+                              int64_t x_row_stride, bool rms, bool aligned) {
   using A = typename Acc<T>::type;
-  __shared__ A dw_scratch[kReduceRowThreads][kReduceCols + 1];
-  __shared__ A db_scratch[kReduceRowThreads][kReduceCols + 1];
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * kReduceCols + threadIdx.x;
-  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
-  const int64_t end = begin + rows_per_chunk < rows ? begin + rows_per_chunk : rows;
-  A dw = 0, db = 0;
-  if (col < cols) {
-    for (int64_t r = begin + threadIdx.y; r < end; r += kReduceRowThreads) {
-      const A d = to_acc(dy[r * dy_row_stride + col]);
-      dw += d * (to_acc(x[r * x_row_stride + col]) - (rms ? A(0) : mean[r])) * rstd[r];
-      db += d;
+  using Tile = RowTile<T, kThreads, kElems>;
+  constexpr int kGroups = kTileBlockThreads<kThreads> / kThreads;
+  __shared__ A scratch[kThreads / kWarpSize];
+  __shared__ A combined[kGroups > 1 ? kThreads * kElems : 1];
+  const int t = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t end = begin + rows_per_block < rows ? begin + rows_per_block : rows;
+  A w[kElems];
+  if (weight != nullptr) {
+    Tile::load(weight, t, cols, aligned, w, A(0));
+  } else {
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) w[i] = A(1);
+  }
+  A dw[kElems], db[kElems];
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) dw[i] = db[i] = A(0);
+  // The groups of a block take its rows in turn. Warp groups reduce with shuffles, so
+  // their trip counts may differ; a block group is the whole block.
+  for (int64_t row = begin + group; row < end; row += kGroups) {
+    A xhat[kElems], g[kElems];
+    Tile::load(x + row * x_row_stride, t, cols, aligned, xhat, A(0));
+    Tile::load(dy + row * dy_row_stride, t, cols, aligned, g, A(0));
+    const A m = rms ? A(0) : mean[row];
+    const A r = rstd[row];
+    A sum_gx = 0, sum_g = 0;
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) {
+      xhat[i] = Tile::col(t, i) < cols ? (xhat[i] - m) * r : A(0);
+      dw[i] += g[i] * xhat[i];  // g holds dy here
+      db[i] += g[i];
+      g[i] *= w[i];
+      sum_gx += g[i] * xhat[i];
+      sum_g += g[i];
+    }
+    const A c1 = group_sum<kThreads>(sum_gx, scratch) / static_cast<A>(cols);
+    const A c2 = rms ? A(0) : group_sum<kThreads>(sum_g, scratch) / static_cast<A>(cols);
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) xhat[i] = (g[i] - c2 - xhat[i] * c1) * r;  // now dx
+    if (dsum != nullptr) {
+      Tile::load(dsum + row * dsum_row_stride, t, cols, aligned, g, A(0));
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) xhat[i] += g[i];
+    }
+    Tile::store(dx + row * cols, t, cols, aligned, xhat);
+  }
+  // Every block writes its partial row, zeros when it had no rows.
+  if (dweight_partial != nullptr)
+    write_block_partial<T, kThreads, kElems>(dw, dweight_partial + static_cast<int64_t>(blockIdx.x) * cols, combined,
+                                             cols);
+  if (dbias_partial != nullptr)
+    write_block_partial<T, kThreads, kElems>(db, dbias_partial + static_cast<int64_t>(blockIdx.x) * cols, combined,
+                                             cols);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kLoopThreads)
+    norm_backward_loop_kernel(const T* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
+                              const typename Acc<T>::type* __restrict__ weight,
+                              const typename Acc<T>::type* __restrict__ mean,
+                              const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ dx,
+                              typename Acc<T>::type* __restrict__ dweight_partial,
+                              typename Acc<T>::type* __restrict__ dbias_partial, int64_t rows, int64_t cols,
+                              int64_t rows_per_block, int64_t dy_row_stride, int64_t dsum_row_stride,
+                              int64_t x_row_stride, bool rms) {
+  using A = typename Acc<T>::type;
+  __shared__ A scratch[kLoopThreads / kWarpSize];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
+  const int64_t end = begin + rows_per_block < rows ? begin + rows_per_block : rows;
+  // This block's partial rows: each thread reads and writes only its own columns.
+  A* dw_row = dweight_partial != nullptr ? dweight_partial + static_cast<int64_t>(blockIdx.x) * cols : nullptr;
+  A* db_row = dbias_partial != nullptr ? dbias_partial + static_cast<int64_t>(blockIdx.x) * cols : nullptr;
+  if (begin >= end) {
+    for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
+      if (dw_row != nullptr) dw_row[j] = A(0);
+      if (db_row != nullptr) db_row[j] = A(0);
+    }
+    return;
+  }
+  for (int64_t row = begin; row < end; ++row) {
+    const T* dy_row = dy + row * dy_row_stride;
+    const T* x_row = x + row * x_row_stride;
+    const A m = rms ? A(0) : mean[row];
+    const A r = rstd[row];
+    A sum_gx = 0, sum_g = 0;
+    for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
+      const A xhat = (to_acc(x_row[j]) - m) * r;
+      const A g = to_acc(dy_row[j]) * (weight != nullptr ? weight[j] : A(1));
+      sum_gx += g * xhat;
+      sum_g += g;
+    }
+    const A c1 = block_sum<kLoopThreads>(sum_gx, scratch) / static_cast<A>(cols);
+    const A c2 = rms ? A(0) : block_sum<kLoopThreads>(sum_g, scratch) / static_cast<A>(cols);
+    const bool first = row == begin;
+    T* dx_row = dx + row * cols;
+    for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
+      const A xhat = (to_acc(x_row[j]) - m) * r;
+      const A d = to_acc(dy_row[j]);
+      const A g = d * (weight != nullptr ? weight[j] : A(1));
+      A v = (g - c2 - xhat * c1) * r;
+      if (dsum != nullptr) v += to_acc(dsum[row * dsum_row_stride + j]);
+      dx_row[j] = from_acc<T>(v);
+      if (dw_row != nullptr) dw_row[j] = (first ? A(0) : dw_row[j]) + d * xhat;
+      if (db_row != nullptr) db_row[j] = (first ? A(0) : db_row[j]) + d;
     }
   }
-  dw_scratch[threadIdx.y][threadIdx.x] = dw;
-  db_scratch[threadIdx.y][threadIdx.x] = db;
+}
+
+// out[col] = sum over the partial rows of partial[row][col], in a fixed order: thread
+// (tx, ty) sums rows ty, ty + 8, ... of column tx, then row-thread sums are added in order.
+template <typename A>
+__global__ void __launch_bounds__(kSumCols* kSumRowThreads)
+    sum_partial_rows_kernel(const A* __restrict__ partial, A* __restrict__ out, int64_t partial_rows, int64_t cols) {
+  __shared__ A sums[kSumRowThreads][kSumCols + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
+  A total = 0;
+  if (col < cols)
+    for (int64_t r = threadIdx.y; r < partial_rows; r += kSumRowThreads) total += partial[r * cols + col];
+  sums[threadIdx.y][threadIdx.x] = total;
   __syncthreads();
   if (threadIdx.y == 0 && col < cols) {
-    for (int k = 1; k < kReduceRowThreads; ++k) {  // fixed order
-      dw += dw_scratch[k][threadIdx.x];
-      db += db_scratch[k][threadIdx.x];
-    }
-    if (dweight_partial != nullptr) dweight_partial[blockIdx.y * cols + col] = dw;
-    if (dbias_partial != nullptr) dbias_partial[blockIdx.y * cols + col] = db;
+    for (int k = 1; k < kSumRowThreads; ++k) total += sums[k][threadIdx.x];
+    out[col] = total;
   }
 }
 
-// stage 2: out[col] = sum over chunks of partial[chunk][col], in chunk order
-template <typename A>
-__global__ void sum_partial_rows_kernel(const A* __restrict__ partial, A* __restrict__ out, int64_t chunks,
-                                        int64_t cols) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
-  A total = 0;
-  for (int64_t c = 0; c < chunks; ++c) total += partial[c * cols + col];
-  out[col] = total;
-}
-
-// Threads of a row block: enough for ~8 elements each, 128 to 1024.
-template <typename F> cudaError_t with_row_threads(int64_t cols, F&& launch) {
-  if (cols <= 1024) return launch(std::integral_constant<int, 128>{});
-  if (cols <= 2048) return launch(std::integral_constant<int, 256>{});
-  if (cols <= 4096) return launch(std::integral_constant<int, 512>{});
-  return launch(std::integral_constant<int, 1024>{});
-}
+// ---------------------------------------------------------------------------------
+// launch
+// ---------------------------------------------------------------------------------
+template <typename P> bool ptr_aligned(const P* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
 
 template <typename T>
-cudaError_t forward_typed(const void* x, const void* residual, const void* weight, const void* bias, void* y,
-                          void* sum, void* mean, void* rstd, int64_t rows, int64_t cols, int64_t x_stride,
+cudaError_t forward_typed(const void* x_, const void* residual_, const void* weight_, const void* bias_, void* y_,
+                          void* sum_, void* mean_, void* rstd_, int64_t rows, int64_t cols, int64_t x_stride,
                           int64_t residual_stride, double eps, bool rms, cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  return with_row_threads(cols, [&](auto threads) {
-    constexpr int kThreads = decltype(threads)::value;
-    norm_forward_kernel<T, kThreads><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(residual), static_cast<const A*>(weight),
-        static_cast<const A*>(bias), static_cast<T*>(y), static_cast<T*>(sum), static_cast<A*>(mean),
-        static_cast<A*>(rstd), cols, x_stride, residual_stride, static_cast<A>(eps), rms);
-    return cudaGetLastError();
+  const T* x = static_cast<const T*>(x_);
+  const T* residual = static_cast<const T*>(residual_);
+  const A* weight = static_cast<const A*>(weight_);
+  const A* bias = static_cast<const A*>(bias_);
+  T* y = static_cast<T*>(y_);
+  T* sum = static_cast<T*>(sum_);
+  A* mean = static_cast<A*>(mean_);
+  A* rstd = static_cast<A*>(rstd_);
+  // outputs are contiguous: their rows start aligned when cols is a whole number of vectors
+  const bool aligned = rows_aligned<T>(x, x_stride) &&
+                       (residual == nullptr || rows_aligned<T>(residual, residual_stride)) &&
+                       rows_aligned<T>(y, cols) && (sum == nullptr || ptr_aligned(sum)) &&
+                       (weight == nullptr || ptr_aligned(weight)) && (bias == nullptr || ptr_aligned(bias));
+  const bool tiled = with_row_tile<kForwardMaxThreads<T>, kForwardMaxElems>(cols, [&](auto threads, auto elems) {
+    constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
+    constexpr int kRowsPerBlock = kTileBlockThreads<kThreads> / kThreads;
+    const auto grid = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+    norm_forward_tile_kernel<T, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
+        x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_stride, residual_stride, static_cast<A>(eps), rms,
+        aligned);
   });
+  if (!tiled)
+    norm_forward_loop_kernel<T><<<static_cast<unsigned>(rows), kLoopThreads, 0, stream>>>(
+        x, residual, weight, bias, y, sum, mean, rstd, cols, x_stride, residual_stride, static_cast<A>(eps), rms);
+  return cudaGetLastError();
+}
+
+// Calls use(kernel, block_threads, rows_per_block_step) for the backward kernel of this
+// row length: rows_per_block_step is the number of rows a block works on at once.
+template <typename T, typename F> void with_backward_kernel(int64_t cols, F&& use) {
+  const bool tiled = with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>>(cols, [&](auto threads, auto elems) {
+    constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
+    use(norm_backward_tile_kernel<T, kThreads, kElems>, kTileBlockThreads<kThreads>,
+        kTileBlockThreads<kThreads> / kThreads);
+  });
+  if (!tiled) use(norm_backward_loop_kernel<T>, kLoopThreads, 1);
+}
+
+// Blocks that fill the device once (as many as are resident together), but no more than
+// there are rows to deal out.
+template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, int64_t* blocks) {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  with_backward_kernel<T>(cols, [&](auto kernel, int threads, int rows_at_once) {
+    int per_sm = 0;
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+    const int64_t fill = static_cast<int64_t>(sms) * std::max(per_sm, 1);
+    *blocks = std::max<int64_t>(1, std::min<int64_t>(fill, (rows + rows_at_once - 1) / rows_at_once));
+  });
+  return err;
 }
 
 template <typename T>
-cudaError_t backward_typed(const void* dy, const void* dsum, const void* x, const void* weight, const void* mean,
-                           const void* rstd, void* dx, void* dweight_partial, void* dbias_partial, void* dweight,
-                           void* dbias, int64_t rows, int64_t cols, int64_t dy_stride, int64_t dsum_stride,
-                           int64_t x_stride, bool rms, cudaStream_t stream) {
+cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, const void* weight_,
+                           const void* mean_, const void* rstd_, void* dx_, void* dweight_partial_,
+                           void* dbias_partial_, int64_t partial_rows, void* dweight_, void* dbias_, int64_t rows,
+                           int64_t cols, int64_t dy_stride, int64_t dsum_stride, int64_t x_stride, bool rms,
+                           cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  cudaError_t err = with_row_threads(cols, [&](auto threads) {
-    constexpr int kThreads = decltype(threads)::value;
-    norm_backward_dx_kernel<T, kThreads><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(dsum), static_cast<const T*>(x),
-        static_cast<const A*>(weight), static_cast<const A*>(mean), static_cast<const A*>(rstd), static_cast<T*>(dx),
-        cols, dy_stride, dsum_stride, x_stride, rms);
-    return cudaGetLastError();
+  const T* dy = static_cast<const T*>(dy_);
+  const T* dsum = static_cast<const T*>(dsum_);
+  const T* x = static_cast<const T*>(x_);
+  const A* weight = static_cast<const A*>(weight_);
+  const A* mean = static_cast<const A*>(mean_);
+  const A* rstd = static_cast<const A*>(rstd_);
+  T* dx = static_cast<T*>(dx_);
+  A* dweight = static_cast<A*>(dweight_);
+  A* dbias = static_cast<A*>(dbias_);
+  // partial rows are written only for the gradients asked for
+  A* dweight_partial = dweight != nullptr ? static_cast<A*>(dweight_partial_) : nullptr;
+  A* dbias_partial = dbias != nullptr ? static_cast<A*>(dbias_partial_) : nullptr;
+  const int64_t rows_per_block = (rows + partial_rows - 1) / partial_rows;
+  const auto grid = static_cast<unsigned>(partial_rows);
+  const bool aligned = rows_aligned<T>(dy, dy_stride) && (dsum == nullptr || rows_aligned<T>(dsum, dsum_stride)) &&
+                       rows_aligned<T>(x, x_stride) && rows_aligned<T>(dx, cols) &&
+                       (weight == nullptr || ptr_aligned(weight));
+  const bool tiled = with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>>(cols, [&](auto threads, auto elems) {
+    constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
+    norm_backward_tile_kernel<T, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
+        dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,
+        dsum_stride, x_stride, rms, aligned);
   });
-  if (err != cudaSuccess || (dweight == nullptr && dbias == nullptr)) return err;
-  const int64_t chunks = norm_backward_chunks(rows);
-  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
-  const dim3 grid(static_cast<unsigned>((cols + kReduceCols - 1) / kReduceCols), static_cast<unsigned>(chunks));
-  norm_backward_partial_kernel<T><<<grid, dim3(kReduceCols, kReduceRowThreads), 0, stream>>>(
-      static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const A*>(mean), static_cast<const A*>(rstd),
-      dweight != nullptr ? static_cast<A*>(dweight_partial) : nullptr,
-      dbias != nullptr ? static_cast<A*>(dbias_partial) : nullptr, rows, cols, rows_per_chunk, dy_stride, x_stride,
-      rms);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  const unsigned blocks = static_cast<unsigned>((cols + 255) / 256);
+  if (!tiled)
+    norm_backward_loop_kernel<T><<<grid, kLoopThreads, 0, stream>>>(dy, dsum, x, weight, mean, rstd, dx,
+                                                                     dweight_partial, dbias_partial, rows, cols,
+                                                                     rows_per_block, dy_stride, dsum_stride, x_stride,
+                                                                     rms);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const dim3 sum_grid(static_cast<unsigned>((cols + kSumCols - 1) / kSumCols));
+  const dim3 sum_block(kSumCols, kSumRowThreads);
   if (dweight != nullptr)
-    sum_partial_rows_kernel<A><<<blocks, 256, 0, stream>>>(static_cast<const A*>(dweight_partial),
-                                                           static_cast<A*>(dweight), chunks, cols);
+    sum_partial_rows_kernel<A><<<sum_grid, sum_block, 0, stream>>>(dweight_partial, dweight, partial_rows, cols);
   if (dbias != nullptr)
-    sum_partial_rows_kernel<A><<<blocks, 256, 0, stream>>>(static_cast<const A*>(dbias_partial),
-                                                           static_cast<A*>(dbias), chunks, cols);
+    sum_partial_rows_kernel<A><<<sum_grid, sum_block, 0, stream>>>(dbias_partial, dbias, partial_rows, cols);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-int64_t norm_backward_chunks(int64_t rows) { return std::max<int64_t>(1, std::min(rows, kMaxChunks)); }
+#define FASTDL_DTYPE_CASES(CALL)            \
+  case DType::kFloat32: return CALL(float); \
+  case DType::kFloat16: return CALL(__half); \
+  case DType::kBFloat16: return CALL(__nv_bfloat16); \
+  case DType::kFloat64: return CALL(double);
 
 cudaError_t norm_forward(DType dtype, const void* x, const void* residual, const void* weight, const void* bias,
                          void* y, void* sum, void* mean, void* rstd, int64_t rows, int64_t cols, int64_t x_row_stride,
                          int64_t residual_row_stride, double eps, bool rms, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
-  if (rows > INT32_MAX) return cudaErrorInvalidValue;  // one block per row
-  switch (dtype) {
-#define FASTDL_CASE(TAG, T)                                                                                  \
-  case DType::TAG:                                                                                           \
-    return forward_typed<T>(x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_row_stride,         \
-                            residual_row_stride, eps, rms, stream);
-    FASTDL_CASE(kFloat32, float)
-    FASTDL_CASE(kFloat16, __half)
-    FASTDL_CASE(kBFloat16, __nv_bfloat16)
-    FASTDL_CASE(kFloat64, double)
-#undef FASTDL_CASE
-  }
+  if (rows > INT_MAX) return cudaErrorInvalidValue;  // at most one block per row
+#define FASTDL_CALL(T)                                                                                      \
+  forward_typed<T>(x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_row_stride, residual_row_stride, \
+                   eps, rms, stream)
+  switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
+#undef FASTDL_CALL
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t norm_backward_partial_rows(DType dtype, int64_t rows, int64_t cols, int64_t* partial_rows) {
+  *partial_rows = 1;
+  if (rows == 0 || cols == 0) return cudaSuccess;
+#define FASTDL_CALL(T) backward_blocks<T>(rows, cols, partial_rows)
+  switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
+#undef FASTDL_CALL
   return cudaErrorInvalidValue;
 }
 
 cudaError_t norm_backward(DType dtype, const void* dy, const void* dsum, const void* x, const void* weight,
                           const void* mean, const void* rstd, void* dx, void* dweight_partial, void* dbias_partial,
-                          void* dweight, void* dbias, int64_t rows, int64_t cols, int64_t dy_row_stride,
-                          int64_t dsum_row_stride, int64_t x_row_stride, bool rms, cudaStream_t stream) {
+                          int64_t partial_rows, void* dweight, void* dbias, int64_t rows, int64_t cols,
+                          int64_t dy_row_stride, int64_t dsum_row_stride, int64_t x_row_stride, bool rms,
+                          cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
-  if (rows > INT32_MAX) return cudaErrorInvalidValue;
-  switch (dtype) {
-#define FASTDL_CASE(TAG, T)                                                                                  \
-  case DType::TAG:                                                                                           \
-    return backward_typed<T>(dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, dweight,   \
-                             dbias, rows, cols, dy_row_stride, dsum_row_stride, x_row_stride, rms, stream);
-    FASTDL_CASE(kFloat32, float)
-    FASTDL_CASE(kFloat16, __half)
-    FASTDL_CASE(kBFloat16, __nv_bfloat16)
-    FASTDL_CASE(kFloat64, double)
-#undef FASTDL_CASE
-  }
+  if (partial_rows < 1 || partial_rows > INT_MAX) return cudaErrorInvalidValue;
+#define FASTDL_CALL(T)                                                                                             \
+  backward_typed<T>(dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, partial_rows, dweight,    \
+                    dbias, rows, cols, dy_row_stride, dsum_row_stride, x_row_stride, rms, stream)
+  switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
+#undef FASTDL_CALL
   return cudaErrorInvalidValue;
 }
+
+#undef FASTDL_DTYPE_CASES
 
 }  // namespace fastdl::kernels

@@ -18,15 +18,18 @@ cudaError_t norm_forward(DType dtype, const void* x, const void* residual, const
                          void* y, void* sum, void* mean, void* rstd, int64_t rows, int64_t cols, int64_t x_row_stride,
                          int64_t residual_row_stride, double eps, bool rms, cudaStream_t stream);
 
-// Rows of the partial buffers the parameter-gradient reduction uses for `rows` rows
-// (the caller allocates chunks x cols of A for each of dweight_partial / dbias_partial).
-int64_t norm_backward_chunks(int64_t rows);
+// Rows of the partial buffers the backward's parameter-gradient reduction uses for a
+// (rows, cols) input of `dtype` on the current device: one per block of the backward,
+// as many blocks as fill the device once. The caller allocates *partial_rows x cols of A
+// for each of dweight_partial / dbias_partial and passes the same count to norm_backward.
+cudaError_t norm_backward_partial_rows(DType dtype, int64_t rows, int64_t cols, int64_t* partial_rows);
 
 // dx (+ dsum, the gradient reaching x + residual from elsewhere); dweight / dbias
 // (when non-null) reduced deterministically through the partial buffers.
 cudaError_t norm_backward(DType dtype, const void* dy, const void* dsum, const void* x, const void* weight,
                           const void* mean, const void* rstd, void* dx, void* dweight_partial, void* dbias_partial,
-                          void* dweight, void* dbias, int64_t rows, int64_t cols, int64_t dy_row_stride,
-                          int64_t dsum_row_stride, int64_t x_row_stride, bool rms, cudaStream_t stream);
+                          int64_t partial_rows, void* dweight, void* dbias, int64_t rows, int64_t cols,
+                          int64_t dy_row_stride, int64_t dsum_row_stride, int64_t x_row_stride, bool rms,
+                          cudaStream_t stream);
 
 }  // namespace fastdl::kernels

@@ -1,26 +1,29 @@
 // softmax / log_softmax over rows: CUDA C++ forward and backward kernels.
 //
 // Two shapes of kernel, picked by row length:
-//   * warp per row (cols <= 1024): a warp holds its row in registers (up to 32 values a
-//     lane), reduces max and sum with shuffles and writes: one read, one write per element.
+//   * tile (rows up to 16384 columns; 8192 for fp64): a warp or a block holds its row in
+//     registers (common/row_tile.cuh: 16-byte loads, 8 or 16 values a thread), reduces
+//     max and sum, and writes: one read and one write of every element.
 //   * block per row (longer rows): the block walks the row in 16-byte vectors keeping an
 //     online (max, sum) state per thread (Milakov & Gimelshein 2018), combines the states
 //     across the block, then a second sweep writes the output. The second read of the row
 //     usually hits L2. Scalar loads when the row is not 16-byte aligned.
 // Arithmetic in fp32 (fp64 for fp64); loads and stores in the element type.
-// Column indices in the block kernels are 64-bit: cols may come close to 2^31, where
-// col + blockDim * kVec would overflow an int.
+// Column indices are 64-bit: cols may come close to 2^31, where col + blockDim * kVec
+// would overflow an int.
 #include <climits>
 
 #include "common/reduce.cuh"
+#include "common/row_tile.cuh"
 #include "softmax.h"
 
 namespace fastdl::kernels {
 namespace {
 
-constexpr int kWarpRowsPerBlock = 4;  // rows (one per warp) in a block of the warp kernels
-constexpr int kMaxWarpCols = 1024;    // longest row for the warp kernels: 32 values a lane
-constexpr int kBlockThreads = 512;    // threads of the block-per-row kernels
+constexpr int kBlockThreads = 512;  // threads of the block-per-row kernels
+// Largest tiles: 1024 threads x 16 values; fp64 stops at 512 x 16 (register space).
+template <typename T> constexpr int kMaxTileThreads = sizeof(T) == 8 ? 512 : 1024;
+constexpr int kMaxTileElems = 16;
 
 // Load / store kVec consecutive elements (one 16-byte transaction when kVec > 1).
 template <int kVec, typename T, typename A>
@@ -49,41 +52,36 @@ __device__ __forceinline__ void store_acc(T* p, const A (&in)[kVec]) {
 // ---------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------
-template <typename T, int kPerLane, bool kLog>
-__global__ void __launch_bounds__(kWarpSize* kWarpRowsPerBlock)
-    softmax_forward_warp_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int cols,
-                                int64_t x_row_stride) {
+template <typename T, int kThreads, int kElems, bool kLog>
+__global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
+    softmax_forward_tile_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t cols,
+                                int64_t x_row_stride, bool aligned) {
   using A = typename Acc<T>::type;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRowsPerBlock + threadIdx.y;
-  if (row >= rows) return;  // the whole warp leaves together: shuffles below stay full-warp
-  const int lane = threadIdx.x;
-  const T* x_row = x + row * x_row_stride;
-  A v[kPerLane];
+  using Tile = RowTile<T, kThreads, kElems>;
+  __shared__ A scratch[kThreads / kWarpSize];
+  const int64_t row = tile_row<kThreads>();
+  if (row >= rows) return;  // whole groups only (tile_row)
+  const int t = threadIdx.x % kThreads;
+  A v[kElems];
+  Tile::load(x + row * x_row_stride, t, cols, aligned, v, A(-INFINITY));  // padding: exp(-inf - m) = 0
   A m = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int col = lane + i * kWarpSize;
-    v[i] = col < cols ? to_acc(x_row[col]) : A(-INFINITY);
-    m = nan_max(m, v[i]);
-  }
-  m = warp_max(m);
+  for (int i = 0; i < kElems; ++i) m = nan_max(m, v[i]);
+  m = group_max<kThreads>(m, scratch);
   A s = 0;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    v[i] -= m;  // padding: -inf - m = -inf, exp = 0
+  for (int i = 0; i < kElems; ++i) {
+    v[i] -= m;
     const A e = exp_acc(v[i]);
     s += e;
     if constexpr (!kLog) v[i] = e;
   }
-  s = warp_sum(s);  // an all -inf row gives NaN, as torch
-  T* y_row = y + row * cols;
+  s = group_sum<kThreads>(s, scratch);  // an all -inf row gives NaN, as torch
   // log_softmax = (x - max) - log(sum): never x - (max + log(sum)), which loses log(sum) near 3e38
   const A scale = kLog ? log_acc(s) : A(1) / s;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int col = lane + i * kWarpSize;
-    if (col < cols) y_row[col] = from_acc<T>(kLog ? v[i] - scale : v[i] * scale);
-  }
+  for (int i = 0; i < kElems; ++i) v[i] = kLog ? v[i] - scale : v[i] * scale;
+  Tile::store(y + row * cols, t, cols, aligned, v);
 }
 
 template <typename T, bool kLog, int kVec>
@@ -125,32 +123,26 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---------------------------------------------------------------------------------
 // backward:  softmax dx = y * (dy - sum(dy * y));  log_softmax dx = dy - exp(y) * sum(dy)
 // ---------------------------------------------------------------------------------
-template <typename T, int kPerLane, bool kLog>
-__global__ void __launch_bounds__(kWarpSize* kWarpRowsPerBlock)
-    softmax_backward_warp_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int64_t rows,
-                                 int cols, int64_t dy_row_stride, int64_t y_row_stride) {
+template <typename T, int kThreads, int kElems, bool kLog>
+__global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
+    softmax_backward_tile_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int64_t rows,
+                                 int64_t cols, int64_t dy_row_stride, int64_t y_row_stride, bool aligned) {
   using A = typename Acc<T>::type;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRowsPerBlock + threadIdx.y;
-  if (row >= rows) return;
-  const int lane = threadIdx.x;
-  const T* dy_row = dy + row * dy_row_stride;
-  const T* y_row = y + row * y_row_stride;
-  A g[kPerLane], o[kPerLane];
+  using Tile = RowTile<T, kThreads, kElems>;
+  __shared__ A scratch[kThreads / kWarpSize];
+  const int64_t row = tile_row<kThreads>();
+  if (row >= rows) return;  // whole groups only (tile_row)
+  const int t = threadIdx.x % kThreads;
+  A g[kElems], o[kElems];
+  Tile::load(dy + row * dy_row_stride, t, cols, aligned, g, A(0));
+  Tile::load(y + row * y_row_stride, t, cols, aligned, o, A(0));
   A total = 0;
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int col = lane + i * kWarpSize;
-    g[i] = col < cols ? to_acc(dy_row[col]) : A(0);
-    o[i] = col < cols ? to_acc(y_row[col]) : A(0);
-    total += kLog ? g[i] : g[i] * o[i];
-  }
-  total = warp_sum(total);
-  T* dx_row = dx + row * cols;
+  for (int i = 0; i < kElems; ++i) total += kLog ? g[i] : g[i] * o[i];
+  total = group_sum<kThreads>(total, scratch);
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int col = lane + i * kWarpSize;
-    if (col < cols) dx_row[col] = from_acc<T>(kLog ? g[i] - exp_acc(o[i]) * total : o[i] * (g[i] - total));
-  }
+  for (int i = 0; i < kElems; ++i) g[i] = kLog ? g[i] - exp_acc(o[i]) * total : o[i] * (g[i] - total);
+  Tile::store(dx + row * cols, t, cols, aligned, g);
 }
 
 template <typename T, bool kLog, int kVec>
@@ -185,66 +177,63 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---------------------------------------------------------------------------------
 // launch
 // ---------------------------------------------------------------------------------
-int values_per_lane(int64_t cols) {
-  int per_lane = 1;
-  while (per_lane * kWarpSize < cols) per_lane *= 2;
-  return per_lane;
-}
-
 // 16-byte loads need every row start 16-byte aligned: base pointer, row stride and
 // row length all multiples of the vector.
 template <typename T> bool vector_aligned(const void* p, int64_t row_stride, int64_t cols) {
-  constexpr int kVec = Vec<T>::kSize;
-  return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0 && row_stride % kVec == 0 && cols % kVec == 0;
+  return rows_aligned<T>(p, row_stride) && cols % Vec<T>::kSize == 0;
 }
 
-#define FASTDL_WARP_KERNEL_CASES(KERNEL, ...)                                                    \
-  switch (values_per_lane(cols)) {                                                                 \
-    case 1: KERNEL<T, 1, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                    \
-    case 2: KERNEL<T, 2, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                    \
-    case 4: KERNEL<T, 4, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                    \
-    case 8: KERNEL<T, 8, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                    \
-    case 16: KERNEL<T, 16, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                  \
-    default: KERNEL<T, 32, kLog><<<grid, block, 0, stream>>>(__VA_ARGS__); break;                  \
-  }
+// Blocks for `rows` rows of tiles with groups of kThreads.
+template <int kThreads> unsigned tile_grid(int64_t rows) {
+  constexpr int kRowsPerBlock = kTileBlockThreads<kThreads> / kThreads;
+  return static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+}
 
 template <typename T, bool kLog>
-cudaError_t forward(const T* x, T* y, int64_t rows, int cols, int64_t x_row_stride, cudaStream_t stream) {
-  if (cols <= kMaxWarpCols) {
-    const dim3 block(kWarpSize, kWarpRowsPerBlock);
-    const dim3 grid(static_cast<unsigned>((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock));
-    FASTDL_WARP_KERNEL_CASES(softmax_forward_warp_kernel, x, y, rows, cols, x_row_stride)
-  } else if (vector_aligned<T>(x, x_row_stride, cols) && vector_aligned<T>(y, cols, cols)) {
-    softmax_forward_block_kernel<T, kLog, Vec<T>::kSize>
-        <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(x, y, cols, x_row_stride);
-  } else {
-    softmax_forward_block_kernel<T, kLog, 1>
-        <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(x, y, cols, x_row_stride);
+cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_stride, cudaStream_t stream) {
+  const bool aligned = vector_aligned<T>(x, x_row_stride, cols) && vector_aligned<T>(y, cols, cols);
+  const bool tiled = with_row_tile<kMaxTileThreads<T>, kMaxTileElems>(cols, [&](auto threads, auto elems) {
+    constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
+    softmax_forward_tile_kernel<T, kThreads, kElems, kLog>
+        <<<tile_grid<kThreads>(rows), kTileBlockThreads<kThreads>, 0, stream>>>(x, y, rows, cols, x_row_stride,
+                                                                                    aligned);
+  });
+  if (!tiled) {  // long rows; cols <= INT_MAX here (sizes_supported)
+    const int c = static_cast<int>(cols);
+    if (aligned)
+      softmax_forward_block_kernel<T, kLog, Vec<T>::kSize>
+          <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(x, y, c, x_row_stride);
+    else
+      softmax_forward_block_kernel<T, kLog, 1>
+          <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(x, y, c, x_row_stride);
   }
   return cudaGetLastError();
 }
 
 template <typename T, bool kLog>
-cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int cols, int64_t dy_row_stride,
+cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t cols, int64_t dy_row_stride,
                      int64_t y_row_stride, cudaStream_t stream) {
-  if (cols <= kMaxWarpCols) {
-    const dim3 block(kWarpSize, kWarpRowsPerBlock);
-    const dim3 grid(static_cast<unsigned>((rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock));
-    FASTDL_WARP_KERNEL_CASES(softmax_backward_warp_kernel, dy, y, dx, rows, cols, dy_row_stride, y_row_stride)
-  } else if (vector_aligned<T>(dy, dy_row_stride, cols) && vector_aligned<T>(y, y_row_stride, cols) &&
-             vector_aligned<T>(dx, cols, cols)) {
-    softmax_backward_block_kernel<T, kLog, Vec<T>::kSize>
-        <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(dy, y, dx, cols, dy_row_stride, y_row_stride);
-  } else {
-    softmax_backward_block_kernel<T, kLog, 1>
-        <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(dy, y, dx, cols, dy_row_stride, y_row_stride);
+  const bool aligned = vector_aligned<T>(dy, dy_row_stride, cols) && vector_aligned<T>(y, y_row_stride, cols) &&
+                       vector_aligned<T>(dx, cols, cols);
+  const bool tiled = with_row_tile<kMaxTileThreads<T>, kMaxTileElems>(cols, [&](auto threads, auto elems) {
+    constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
+    softmax_backward_tile_kernel<T, kThreads, kElems, kLog>
+        <<<tile_grid<kThreads>(rows), kTileBlockThreads<kThreads>, 0, stream>>>(
+            dy, y, dx, rows, cols, dy_row_stride, y_row_stride, aligned);
+  });
+  if (!tiled) {
+    const int c = static_cast<int>(cols);
+    if (aligned)
+      softmax_backward_block_kernel<T, kLog, Vec<T>::kSize>
+          <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(dy, y, dx, c, dy_row_stride, y_row_stride);
+    else
+      softmax_backward_block_kernel<T, kLog, 1>
+          <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(dy, y, dx, c, dy_row_stride, y_row_stride);
   }
   return cudaGetLastError();
 }
 
-#undef FASTDL_WARP_KERNEL_CASES
-
-// Grid limits: one block per row (block kernels), rows / 4 blocks (warp kernels).
+// Grid limits: one block per row (block kernels), at most one per row (tile kernels).
 bool sizes_supported(int64_t rows, int64_t cols) { return rows <= INT_MAX && cols <= INT_MAX; }
 
 template <typename T>
@@ -252,8 +241,8 @@ cudaError_t forward_typed(const void* x, void* y, int64_t rows, int64_t cols, in
                           cudaStream_t stream) {
   const T* xp = static_cast<const T*>(x);
   T* yp = static_cast<T*>(y);
-  const int c = static_cast<int>(cols);
-  return log ? forward<T, true>(xp, yp, rows, c, stride, stream) : forward<T, false>(xp, yp, rows, c, stride, stream);
+  return log ? forward<T, true>(xp, yp, rows, cols, stride, stream)
+             : forward<T, false>(xp, yp, rows, cols, stride, stream);
 }
 
 template <typename T>
@@ -262,9 +251,8 @@ cudaError_t backward_typed(const void* dy, const void* y, void* dx, int64_t rows
   const T* dyp = static_cast<const T*>(dy);
   const T* yp = static_cast<const T*>(y);
   T* dxp = static_cast<T*>(dx);
-  const int c = static_cast<int>(cols);
-  return log ? backward<T, true>(dyp, yp, dxp, rows, c, dy_stride, y_stride, stream)
-             : backward<T, false>(dyp, yp, dxp, rows, c, dy_stride, y_stride, stream);
+  return log ? backward<T, true>(dyp, yp, dxp, rows, cols, dy_stride, y_stride, stream)
+             : backward<T, false>(dyp, yp, dxp, rows, cols, dy_stride, y_stride, stream);
 }
 
 }  // namespace

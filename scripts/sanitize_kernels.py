@@ -15,7 +15,8 @@ count = 0
 
 def softmax_calls(dtype):
     global count
-    for rows, cols in [(1, 1), (3, 17), (5, 1000), (2, 1025), (3, 4097), (2, 16385), (1, 70000)]:
+    # a shape for each tile (warp x 8 / x 16 values, 128, 512, 1024 threads) and the online kernel
+    for rows, cols in [(1, 1), (37, 300), (5, 1000), (2, 1025), (3, 4097), (2, 9000), (2, 16385), (1, 70000)]:
         base = torch.randn(rows, cols + 1, device="cuda", dtype=dtype)
         for x in (base[:, :cols], base[:, 1:]):  # row stride cols+1; the second starts misaligned
             for log in (False, True):
@@ -26,7 +27,9 @@ def softmax_calls(dtype):
 
 def norm_calls(dtype):
     global count
-    for rows, cols in [(1, 1), (3, 7), (5, 1000), (2, 8193), (1, 20000), (300, 33)]:
+    # a shape for each tile forward and backward, the loop kernels, and many rows a block
+    for rows, cols in [(1, 1), (3, 7), (37, 300), (5, 1000), (3, 2049), (2, 8193), (1, 12000), (1, 20000),
+                       (300, 33)]:
         base = torch.randn(rows, cols + 1, device="cuda", dtype=dtype)
         x = base[:, 1:].requires_grad_()
         res = torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True)

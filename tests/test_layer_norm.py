@@ -115,6 +115,31 @@ def test_parameter_gradients_are_deterministic(case, shape):
         assert torch.equal(first, second), "two runs gave different parameter gradients"
 
 
+# Row lengths at each edge of the CUDA kernels' shapes (tiles of a warp x 8 values up to
+# 1024 x 16 forward and 512 x 16 backward, half that for fp64, then the loop kernels),
+# run on the native backends, which take them fast; rows aligned to 16 bytes and rows
+# one element off.
+EDGE_COLS = [255, 256, 257, 512, 513, 1024, 1025, 2048, 2049, 4096, 4097, 8192, 8200, 16384, 16392]
+NATIVE_CASES = [c for c in CASES if c[0] in ("cuda", "cpu")]
+
+
+@pytest.mark.parametrize("variant", ["add_layer_norm", "rms_norm"])
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("cols", EDGE_COLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_kernel_shape_edges(case, dtype, cols, misaligned, variant):
+    backend, device = case
+    rows = 37  # warp tiles take 4 rows a block: a partial last block
+    x, res, w, b = _inputs((rows, cols + 8), dtype, device, variant)
+    x = (x[:, 1 : cols + 1] if misaligned else x[:, :cols]).detach().requires_grad_()
+    res = res[:, :cols].detach().requires_grad_() if res is not None else None
+    params = slice(1, cols + 1) if misaligned else slice(0, cols)  # misaligned fp32 weights too
+    w = w[params].detach().requires_grad_()
+    b = b[params].detach().requires_grad_() if b is not None else None
+    _check(backend, variant, x, res, w, b, dtype)
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_gradcheck_float64(case):
     backend, device = case

@@ -46,6 +46,34 @@ def test_forward_backward(case, dtype, shape, log):
     assert torch.equal(x.detach(), x_before), "the input was modified"
 
 
+# Row lengths at each edge of the CUDA kernels' shapes (tiles of a warp x 8 values up to
+# 1024 threads x 16, then the online kernels; fp64 tiles stop at 512 x 16), run on the
+# native backends, which take them fast; rows aligned to 16 bytes and rows one element off.
+EDGE_COLS = [255, 256, 257, 512, 513, 1024, 1025, 2048, 2049, 4096, 4097, 8192, 8200, 16384, 16392]
+NATIVE_CASES = [c for c in CASES if c[0] in ("cuda", "cpu")]
+
+
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("cols", EDGE_COLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_kernel_shape_edges(case, dtype, cols, misaligned):
+    backend, device = case
+    rows = 37  # warp tiles take 4 rows a block: a partial last block
+    base = (torch.randn(rows, cols + 8, device=device) * 3).to(dtype)
+    x = base[:, 1 : cols + 1] if misaligned else base[:, :cols]
+    grad = base.flip(0)[:, :cols]  # strided too
+    for log in (False, True):
+        fn = fastdl.ops.log_softmax if log else fastdl.ops.softmax
+        y = _run(backend, fn, x, -1)
+        assert_close(y, _reference(x, -1, log), dtype, f"forward, {cols} columns")
+        dx = _run(backend, fastdl.ops.softmax_backward, grad, y, -1, log)
+        y64 = _reference(x, -1, log)
+        ref_dx = (grad.double() - y64.exp() * grad.double().sum(-1, keepdim=True) if log
+                  else y64 * (grad.double() - (grad.double() * y64).sum(-1, keepdim=True)))
+        assert_close(dx, ref_dx, dtype, f"backward, {cols} columns")
+
+
 @pytest.mark.parametrize("dim", [0, 1, -1, -3])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_any_dim_and_leading_dims(case, dim):

@@ -80,17 +80,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   const at::Tensor w = param_as_acc(weight, x, n, fn, "weight");
   const auto acc_opts = x.options().dtype(acc);
   at::Tensor dx = empty_output({rows, n}, x.options());
-  const int64_t chunks = kernels::norm_backward_chunks(rows);
-  at::Tensor dweight = weight.has_value() ? at::zeros({n}, acc_opts) : at::empty({0}, acc_opts);
-  at::Tensor dbias = has_bias ? at::zeros({n}, acc_opts) : at::empty({0}, acc_opts);
-  at::Tensor dweight_partial = weight.has_value() ? at::empty({chunks, n}, acc_opts) : at::Tensor();
-  at::Tensor dbias_partial = has_bias ? at::empty({chunks, n}, acc_opts) : at::Tensor();
+  int64_t partial_rows = 1;
+  check_cuda_launch(fn, kernels::norm_backward_partial_rows(dtype, rows, n, &partial_rows));
+  // written whole by the kernels when there are rows (poisoned in tests), zeros otherwise
+  auto param_grad = [&](bool wanted) {
+    if (!wanted) return at::empty({0}, acc_opts);
+    return rows > 0 ? empty_output({n}, acc_opts) : at::zeros({n}, acc_opts);
+  };
+  at::Tensor dweight = param_grad(weight.has_value());
+  at::Tensor dbias = param_grad(has_bias);
+  at::Tensor dweight_partial = weight.has_value() ? at::empty({partial_rows, n}, acc_opts) : at::Tensor();
+  at::Tensor dbias_partial = has_bias ? at::empty({partial_rows, n}, acc_opts) : at::Tensor();
   auto mutable_or_null = [](at::Tensor& t) -> void* { return t.defined() && t.numel() ? t.mutable_data_ptr() : nullptr; };
   check_cuda_launch(fn, kernels::norm_backward(
                             dtype, dy.const_data_ptr(), dsum.has_value() ? dsum->const_data_ptr() : nullptr,
                             x.const_data_ptr(), ptr_or_null(w), rms ? nullptr : mean->const_data_ptr(),
                             rstd.const_data_ptr(), dx.mutable_data_ptr(), mutable_or_null(dweight_partial),
-                            mutable_or_null(dbias_partial), mutable_or_null(dweight), mutable_or_null(dbias), rows, n,
+                            mutable_or_null(dbias_partial), partial_rows, mutable_or_null(dweight),
+                            mutable_or_null(dbias), rows, n,
                             dy.stride(0), dsum.has_value() ? dsum->stride(0) : 0, x.stride(0), rms,
                             at::cuda::getCurrentCUDAStream()));
   return {dx, dweight, dbias};

@@ -18,17 +18,40 @@ template <typename A> __device__ __forceinline__ A warp_max(A v) {
   return v;
 }
 
-// Sum over the block; every thread gets the result. `scratch` holds kThreads/32 values.
-template <int kThreads, typename A> __device__ __forceinline__ A block_sum(A v, A* scratch) {
+// Reduction over the block with warp_reduce (warp_sum, warp_max); every thread gets the
+// result. `scratch` holds kThreads/32 values; `identity` fills the lanes past the warps.
+template <int kThreads, typename A, typename WarpReduce>
+__device__ __forceinline__ A block_reduce(A v, A* scratch, A identity, WarpReduce warp_reduce) {
   static_assert(kThreads % kWarpSize == 0 && kThreads <= 1024, "block of whole warps");
   constexpr int kWarps = kThreads / kWarpSize;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  v = warp_sum(v);
+  v = warp_reduce(v);
   __syncthreads();  // scratch may still be read from a previous reduction
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  v = lane < kWarps ? scratch[lane] : A(0);
-  return warp_sum(v);
+  v = lane < kWarps ? scratch[lane] : identity;
+  return warp_reduce(v);
+}
+
+template <int kThreads, typename A> __device__ __forceinline__ A block_sum(A v, A* scratch) {
+  return block_reduce<kThreads>(v, scratch, A(0), [](A u) { return warp_sum(u); });
+}
+
+template <int kThreads, typename A> __device__ __forceinline__ A block_max(A v, A* scratch) {
+  return block_reduce<kThreads>(v, scratch, A(-INFINITY), [](A u) { return warp_max(u); });
+}
+
+// Reductions over a group of kThreads threads sharing a row: one warp (shuffles only, so
+// warps of one block may run different rows), or the whole block (kThreads == blockDim.x,
+// so every thread of the block must call them).
+template <int kThreads, typename A> __device__ __forceinline__ A group_sum(A v, A* scratch) {
+  if constexpr (kThreads == kWarpSize) return warp_sum(v);
+  else return block_sum<kThreads>(v, scratch);
+}
+
+template <int kThreads, typename A> __device__ __forceinline__ A group_max(A v, A* scratch) {
+  if constexpr (kThreads == kWarpSize) return warp_max(v);
+  else return block_max<kThreads>(v, scratch);
 }
 
 // Online-softmax state: running max m and sum s of exp(x - m).
