@@ -28,7 +28,11 @@ def test_bench_runs_and_writes_results(tmp_path, monkeypatch, capsys):
         impls = {r["impl"] for r in data["records"]}
         assert {"torch", "torch.compile"} <= impls
         assert all(r["error"] is None and r["median_ms"] > 0 and r["gbps"] > 0 for r in data["records"]), data
-        assert (tmp_path / f"{name}.md").read_text().count("\n|") >= 3
+        md = (tmp_path / f"{name}.md").read_text()
+        assert md.count("\n|") >= 3
+        # the CPU targets name 4096x4096, which this tiny run does not time
+        assert "## Targets" in md and "NOT RUN" in md
+        assert data["targets"] and all(t["status"] == "NOT RUN" for t in data["targets"])
     for png in ("softmax", "layer_norm", "rms_norm", "add_layer_norm"):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
 
@@ -52,3 +56,43 @@ def test_isolated_case_process(tmp_path):
     records = json.loads(child.stdout.strip().splitlines()[-1])
     assert {r["impl"] for r in records} >= {"torch", "torch.compile"}
     assert all(r["op"] == "softmax" and r["direction"] == "bwd" and r["error"] is None for r in records)
+
+
+def test_targets_take_the_best_fastdl_backend_per_case():
+    from fastdl.bench.harness import Record
+    from fastdl.bench.targets import Target, check, markdown
+
+    def rec(impl, cols, pct, dtype="bfloat16", error=None):
+        return Record("softmax", "fwd", dtype, [4096, cols], impl, 1.0, 1.0, 1.0, 1.0, pct, 1.0, 1.0, error=error)
+
+    records = [
+        rec("torch", 1024, 99.0),  # not fastdl: never counts
+        rec("fastdl-cuda", 1024, 80.0), rec("fastdl-triton", 1024, 95.0),  # best of the two: met
+        rec("fastdl-cuda", 4096, 85.0), rec("fastdl-triton", 4096, 99.0, error="boom"),  # errors never count
+        rec("fastdl-cuda", 256, 10.0),  # shorter than min_cols
+        rec("fastdl-cuda", 1024, 10.0, dtype="float32"),  # another dtype
+    ]
+    bandwidth = Target("bw", "softmax", "fwd", "cuda", ("bfloat16",), "pct_of_copy", 90.0, min_cols=1024)
+    other_device = Target("cpu", "softmax", "fwd", "cpu", ("float32",), "vs_eager", 1.0)
+    absent = Target("none", "softmax", "bwd", "cuda", ("bfloat16",), "pct_of_copy", 85.0)
+    verdicts = check([bandwidth, other_device, absent], records, "cuda")
+    assert [v.target.text for v in verdicts] == ["bw", "none"]
+    bw, none = verdicts
+    assert (bw.met, bw.cases, bw.status) == (1, 2, "MISSED")
+    assert bw.worst == "4096x4096 bfloat16 fastdl-cuda: 85.00 % of copy"
+    assert (none.cases, none.status) == (0, "NOT RUN")
+    met = check([bandwidth], records[:3], "cuda")[0]
+    assert (met.met, met.cases, met.status) == (1, 1, "MET")
+    assert "| bw | MISSED | 1/2 |" in markdown(verdicts)
+
+
+def test_every_bench_module_declares_checkable_targets():
+    from fastdl.bench import OPS
+    from fastdl.bench.targets import METRICS
+
+    for name, module in OPS.items():
+        assert module.TARGETS, name
+        ops = {case.op for case in module.cases(torch.device("cpu"))}
+        for t in module.TARGETS:
+            assert t.metric in METRICS and t.device in ("cuda", "cpu") and t.minimum > 0
+            assert t.op in ops, t

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fastdl.bench import OPS
+from fastdl.bench import OPS, targets
 from fastdl.bench.harness import ROOT, Progress, Record, copy_bandwidth_gbps, device_slug, environment, \
     markdown_table, run_cases, write_results
 
@@ -83,7 +83,12 @@ def main(argv=None):
         else:
             records = run_cases(OPS[op].cases(device, args.quick), device, copy_gbps, args.quick, budget)
         print(markdown_table(records), flush=True)
-        for path in write_results(records, env, out_dir, op):
+        verdicts = targets.check(getattr(OPS[op], "TARGETS", []), records, device.type)
+        if verdicts:
+            print(f"\n{op} targets:\n{targets.markdown(verdicts)}\n", flush=True)
+        verdicts_json = [dict(target=v.target.text, status=v.status, met=v.met, cases=v.cases, worst=v.worst)
+                         for v in verdicts]
+        for path in write_results(records, env, out_dir, op, targets.markdown(verdicts), verdicts_json):
             print(f"wrote {path}")
         total += len(records)
         failed += sum(1 for r in records if r.error and not r.error.startswith("skipped"))

@@ -294,14 +294,16 @@ def plot(records: list[Record], env: dict, path: Path, op: str) -> bool:
     return True
 
 
-def write_results(records: list[Record], env: dict, out_dir: Path, name: str) -> list[Path]:
-    """<name>.json (every timing and the environment), <name>.md (the table) and one PNG
-    per op under out_dir; `name` is the benchmark module (softmax, layer_norm...)."""
+def write_results(records: list[Record], env: dict, out_dir: Path, name: str, targets_md: str = "",
+                  targets: list[dict] | None = None) -> list[Path]:
+    """<name>.json (every timing, the environment and the targets' verdicts), <name>.md
+    (the targets and the table) and one PNG per op under out_dir; `name` is the benchmark
+    module (softmax, layer_norm...)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps({"environment": env, "records": [dataclasses.asdict(r) for r in records]},
-                                    indent=1))
+    json_path.write_text(json.dumps({"environment": env, "targets": targets or [],
+                                     "records": [dataclasses.asdict(r) for r in records]}, indent=1))
     written.append(json_path)
     md_path = out_dir / f"{name}.md"
     header = (f"# fastdl benchmarks: {name} on {env['device']}\n\n"
@@ -309,7 +311,8 @@ def write_results(records: list[Record], env: dict, out_dir: Path, name: str) ->
               + "\nGB/s counts each input read once and each output written once; % of copy is against "
               "the device-to-device copy measured in the same run; vs eager / vs compile are "
               "speed-ups (> 1 is faster).\n\n")
-    md_path.write_text(header + markdown_table(records) + "\n")
+    targets_section = f"## Targets\n\n{targets_md}\n\n## Timings\n\n" if targets_md else ""
+    md_path.write_text(header + targets_section + markdown_table(records) + "\n")
     written.append(md_path)
     for op in sorted({r.op for r in records}):
         png = out_dir / f"{op}.png"

@@ -9,10 +9,29 @@ import torch.nn.functional as F
 import fastdl
 from fastdl.bench import harness
 from fastdl.bench.harness import Case, Impl
+from fastdl.bench.targets import Target
 
 GPU_ROWS, GPU_HIDDEN = (4096, 16384), (512, 1024, 4096, 8192, 16384)
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CPU_ROWS, CPU_HIDDEN, CPU_DTYPES = (4096,), (1024, 4096), (torch.float32,)
+
+# the norm issue's targets (H100, side by side in one run)
+_ALL = ("bfloat16", "float16", "float32")
+TARGETS = [t for op in ("layer_norm", "rms_norm") for t in (
+    Target(f"{op} fwd bf16, hidden >= 1024: >= 90% of copy bandwidth", op, "fwd", "cuda", ("bfloat16",),
+           "pct_of_copy", 90.0, min_cols=1024),
+    Target(f"{op} fwd+bwd bf16, hidden >= 1024: >= 80% of copy bandwidth", op, "fwd+bwd", "cuda", ("bfloat16",),
+           "pct_of_copy", 80.0, min_cols=1024),
+    Target(f"{op} fwd+bwd: >= 1.3x torch eager", op, "fwd+bwd", "cuda", _ALL, "vs_eager", 1.3),
+    Target(f"{op} fwd+bwd: >= 1.0x torch.compile", op, "fwd+bwd", "cuda", _ALL, "vs_compile", 1.0),
+)] + [
+    Target("add_layer_norm fwd+bwd: >= 1.5x torch eager's add + layer_norm", "add_layer_norm", "fwd+bwd", "cuda",
+           _ALL, "vs_eager", 1.5),
+] + [
+    Target(f"{op} {direction} fp32 4096x4096 (CPU): >= 1.0x torch eager", op, direction, "cpu", ("float32",),
+           "vs_eager", 1.0, shapes=((4096, 4096),))
+    for op in ("layer_norm", "rms_norm", "add_layer_norm") for direction in ("fwd", "fwd+bwd")
+]
 
 
 def _apex_layer_norm():

@@ -7,12 +7,28 @@ import torch
 import fastdl
 from fastdl.bench import harness
 from fastdl.bench.harness import Case, Impl
+from fastdl.bench.targets import Target
 
 GPU_ROWS, GPU_COLS = 4096, (256, 1024, 4096, 16384, 65536)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # sizes fit for a 2-core machine; 4096 x 4096 fp32 is the CPU target of the foundation issue
 CPU_ROWS, CPU_COLS = 4096, (256, 1024, 4096)
 CPU_DTYPES = (torch.float32,)
+
+# the foundation issue's targets (H100, side by side in one run)
+_HALF = ("float16", "bfloat16")
+TARGETS = [
+    Target("softmax fwd fp16/bf16, cols >= 1k: >= 90% of copy bandwidth", "softmax", "fwd", "cuda", _HALF,
+           "pct_of_copy", 90.0, min_cols=1024),
+    Target("softmax fwd fp16/bf16, every size: >= 1.0x torch eager", "softmax", "fwd", "cuda", _HALF,
+           "vs_eager", 1.0),
+    Target("softmax fwd fp16/bf16, every size: >= 1.0x torch.compile", "softmax", "fwd", "cuda", _HALF,
+           "vs_compile", 1.0),
+    Target("softmax bwd fp16/bf16, cols >= 1k: >= 85% of copy bandwidth", "softmax", "bwd", "cuda", _HALF,
+           "pct_of_copy", 85.0, min_cols=1024),
+    Target("softmax fwd fp32 4096x4096 (CPU): >= 1.0x torch eager", "softmax", "fwd", "cpu", ("float32",),
+           "vs_eager", 1.0, shapes=((4096, 4096),)),
+]
 
 
 def _impls(device, dtype, shape, direction):
