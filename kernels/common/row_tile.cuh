@@ -21,7 +21,6 @@ template <typename T, int kThreads, int kElems> struct RowTile {
   static constexpr int kPack = Vec<T>::kSize;
   static_assert(kElems % kPack == 0, "a thread holds whole packs");
   static constexpr int kPacks = kElems / kPack;
-  static constexpr int64_t kCapacity = static_cast<int64_t>(kThreads) * kElems;
 
   // First column of pack p of thread t.
   __device__ static __forceinline__ int64_t pack_col(int t, int p) {
@@ -98,9 +97,9 @@ template <typename T> inline bool rows_aligned(const void* base, int64_t row_str
 
 // Calls launch(std::integral_constant<int, kThreads>{}, std::integral_constant<int, kElems>{})
 // with the smallest tile that holds `cols` columns, among tiles of at most kMaxThreads
-// threads and kMaxElems values a thread; false when none holds the row. Tiles: a warp
-// with 8 or 16 values a thread, then 128, 512 and 1024 threads likewise. Only the tiles
-// allowed are instantiated.
+// threads and kMaxElems values a thread; false when none holds the row. Tiles, smallest
+// first: a warp, 128 and 512 threads with 8 then 16 values a thread, then 1024 x 16.
+// Only the tiles allowed are instantiated.
 template <int kMaxThreads, int kMaxElems, typename F> bool with_row_tile(int64_t cols, F&& launch) {
   bool launched = false;
   auto try_tile = [&](auto threads, auto elems) {
