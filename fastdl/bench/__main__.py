@@ -86,9 +86,7 @@ def main(argv=None):
         verdicts = targets.check(getattr(OPS[op], "TARGETS", []), records, device.type)
         if verdicts:
             print(f"\n{op} targets:\n{targets.markdown(verdicts)}\n", flush=True)
-        verdicts_json = [dict(target=v.target.text, status=v.status, met=v.met, cases=v.cases, worst=v.worst)
-                         for v in verdicts]
-        for path in write_results(records, env, out_dir, op, targets.markdown(verdicts), verdicts_json):
+        for path in write_results(records, env, out_dir, op, verdicts):
             print(f"wrote {path}")
         total += len(records)
         failed += sum(1 for r in records if r.error and not r.error.startswith("skipped"))

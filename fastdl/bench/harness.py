@@ -294,15 +294,16 @@ def plot(records: list[Record], env: dict, path: Path, op: str) -> bool:
     return True
 
 
-def write_results(records: list[Record], env: dict, out_dir: Path, name: str, targets_md: str = "",
-                  targets: list[dict] | None = None) -> list[Path]:
+def write_results(records: list[Record], env: dict, out_dir: Path, name: str, verdicts=()) -> list[Path]:
     """<name>.json (every timing, the environment and the targets' verdicts), <name>.md
     (the targets and the table) and one PNG per op under out_dir; `name` is the benchmark
-    module (softmax, layer_norm...)."""
+    module (softmax, layer_norm...), `verdicts` what targets.check said of the run."""
+    from fastdl.bench import targets  # here: targets imports this module
+
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     json_path = out_dir / f"{name}.json"
-    json_path.write_text(json.dumps({"environment": env, "targets": targets or [],
+    json_path.write_text(json.dumps({"environment": env, "targets": [v.as_dict() for v in verdicts],
                                      "records": [dataclasses.asdict(r) for r in records]}, indent=1))
     written.append(json_path)
     md_path = out_dir / f"{name}.md"
@@ -311,7 +312,7 @@ def write_results(records: list[Record], env: dict, out_dir: Path, name: str, ta
               + "\nGB/s counts each input read once and each output written once; % of copy is against "
               "the device-to-device copy measured in the same run; vs eager / vs compile are "
               "speed-ups (> 1 is faster).\n\n")
-    targets_section = f"## Targets\n\n{targets_md}\n\n## Timings\n\n" if targets_md else ""
+    targets_section = f"## Targets\n\n{targets.markdown(verdicts)}\n\n## Timings\n\n" if verdicts else ""
     md_path.write_text(header + targets_section + markdown_table(records) + "\n")
     written.append(md_path)
     for op in sorted({r.op for r in records}):

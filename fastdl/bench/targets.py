@@ -40,6 +40,9 @@ class Verdict:
             return "NOT RUN"
         return "MET" if self.met == self.cases else "MISSED"
 
+    def as_dict(self) -> dict:
+        return dict(target=self.target.text, status=self.status, met=self.met, cases=self.cases, worst=self.worst)
+
 
 def _covers(target: Target, r: Record) -> bool:
     return (r.op == target.op and r.direction == target.direction and r.dtype in target.dtypes
