@@ -329,8 +329,6 @@ __global__ void __launch_bounds__(kSumCols* kSumRowThreads)
 // ---------------------------------------------------------------------------------
 // launch
 // ---------------------------------------------------------------------------------
-template <typename P> bool ptr_aligned(const P* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
-
 template <typename T>
 cudaError_t forward_typed(const void* x_, const void* residual_, const void* weight_, const void* bias_, void* y_,
                           void* sum_, void* mean_, void* rstd_, int64_t rows, int64_t cols, int64_t x_stride,

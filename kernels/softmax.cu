@@ -177,12 +177,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---------------------------------------------------------------------------------
 // launch
 // ---------------------------------------------------------------------------------
-// 16-byte loads need every row start 16-byte aligned: base pointer, row stride and
-// row length all multiples of the vector.
-template <typename T> bool vector_aligned(const void* p, int64_t row_stride, int64_t cols) {
-  return rows_aligned<T>(p, row_stride) && cols % Vec<T>::kSize == 0;
-}
-
 // Blocks for `rows` rows of tiles with groups of kThreads.
 template <int kThreads> unsigned tile_grid(int64_t rows) {
   constexpr int kRowsPerBlock = kTileBlockThreads<kThreads> / kThreads;
@@ -191,7 +185,8 @@ template <int kThreads> unsigned tile_grid(int64_t rows) {
 
 template <typename T, bool kLog>
 cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_stride, cudaStream_t stream) {
-  const bool aligned = vector_aligned<T>(x, x_row_stride, cols) && vector_aligned<T>(y, cols, cols);
+  // the output's row stride is cols: aligned rows mean whole vectors a row, as the block kernel needs
+  const bool aligned = rows_aligned<T>(x, x_row_stride) && rows_aligned<T>(y, cols);
   const bool tiled = with_row_tile<kMaxTileThreads<T>, kMaxTileElems>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     softmax_forward_tile_kernel<T, kThreads, kElems, kLog>
@@ -213,8 +208,8 @@ cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_
 template <typename T, bool kLog>
 cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t cols, int64_t dy_row_stride,
                      int64_t y_row_stride, cudaStream_t stream) {
-  const bool aligned = vector_aligned<T>(dy, dy_row_stride, cols) && vector_aligned<T>(y, y_row_stride, cols) &&
-                       vector_aligned<T>(dx, cols, cols);
+  const bool aligned = rows_aligned<T>(dy, dy_row_stride) && rows_aligned<T>(y, y_row_stride) &&
+                       rows_aligned<T>(dx, cols);
   const bool tiled = with_row_tile<kMaxTileThreads<T>, kMaxTileElems>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     softmax_backward_tile_kernel<T, kThreads, kElems, kLog>

@@ -89,10 +89,12 @@ template <int kThreads> __device__ __forceinline__ int64_t tile_row() {
   return static_cast<int64_t>(blockIdx.x) * (kTileBlockThreads<kThreads> / kThreads) + threadIdx.x / kThreads;
 }
 
+inline bool ptr_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0; }
+
 // 16-byte moves are allowed when every row start is 16-byte aligned: the base pointer
-// and the row stride (elements of T) are.
+// and the row stride (elements of T) are. For a contiguous output the stride is cols.
 template <typename T> inline bool rows_aligned(const void* base, int64_t row_stride) {
-  return reinterpret_cast<uintptr_t>(base) % kVecBytes == 0 && row_stride % Vec<T>::kSize == 0;
+  return ptr_aligned(base) && row_stride % Vec<T>::kSize == 0;
 }
 
 // Calls launch(std::integral_constant<int, kThreads>{}, std::integral_constant<int, kElems>{})
