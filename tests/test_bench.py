@@ -96,3 +96,26 @@ def test_every_bench_module_declares_checkable_targets():
         for t in module.TARGETS:
             assert t.metric in METRICS and t.device in ("cuda", "cpu") and t.minimum > 0
             assert t.op in ops, t
+
+
+def test_pytest_benchmark_suites_run():
+    """Every bench op has benchmarks/bench_<op>.py, and the suites run (each case once,
+    untimed; torch.compile left out here for time)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from fastdl.bench import OPS
+    from fastdl.bench.harness import ROOT
+
+    for name in OPS:
+        assert (ROOT / "benchmarks" / f"bench_{name}.py").is_file(), name
+    # as a user runs it: no Triton interpreter (4096-row cases would take minutes in it)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider",
+                             "--benchmark-disable", "-k", "not compile"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    passed = re.search(r"(\d+) passed", result.stdout)
+    assert passed and int(passed.group(1)) >= 2 * len(OPS), result.stdout[-2000:]

@@ -311,12 +311,15 @@ def test_module_fallback_and_strict():
             fastdl.nn.AddRMSNorm(8, strict=True)(x, x)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"] + (["triton", "cuda"] if torch.cuda.is_available() else []))
 def test_torch_compile_fullgraph(backend):
-    if backend not in fastdl.available_backends("cpu"):
+    """torch.compile(fullgraph=True) traces through the custom ops and matches eager,
+    forward and backward (Triton under the interpreter cannot be compiled: on the GPU)."""
+    device = "cuda" if backend in ("triton", "cuda") else "cpu"
+    if backend not in fastdl.available_backends(device):
         pytest.skip(f"backend {backend} not available")
-    w = torch.rand(16) + 0.5
-    b = torch.randn(16)
+    w = torch.rand(16, device=device) + 0.5
+    b = torch.randn(16, device=device)
 
     def f(x, r):
         h, y = fastdl.ops.add_layer_norm(x, r, 16, w, b)
@@ -325,8 +328,8 @@ def test_torch_compile_fullgraph(backend):
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
-    x = torch.randn(4, 16, requires_grad=True)
-    r = torch.randn(4, 16, requires_grad=True)
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+    r = torch.randn(4, 16, device=device, requires_grad=True)
     with fastdl.use_backend(backend):
         eager = f(x, r)
         g_eager = torch.autograd.grad(eager, (x, r))
