@@ -69,4 +69,4 @@ def seeded(request):
 def default_backend(monkeypatch):
     """No backend chosen: neither set_backend() nor FASTDL_BACKEND."""
     monkeypatch.setattr(backends, "_global_choice", None)
-    monkeypatch.delenv("FASTDL_BACKEND", raising=False)
+    monkeypatch.setattr(backends, "_env_choice", None)

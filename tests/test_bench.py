@@ -13,6 +13,8 @@ def test_bench_runs_and_writes_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench_softmax, "CPU_COLS", (16,))
     monkeypatch.setattr(bench_layer_norm, "CPU_ROWS", (8,))
     monkeypatch.setattr(bench_layer_norm, "CPU_HIDDEN", (32,))
+    monkeypatch.setattr(bench_softmax, "HOST_SHAPE", (4, 24))
+    monkeypatch.setattr(bench_layer_norm, "HOST_SHAPE", (4, 24))
     monkeypatch.setattr(bench_main, "copy_bandwidth_gbps", lambda device, quick: 10.0)
     # torch.compile is timed too, but compiling it here would take minutes: time eager twice instead
     from fastdl.bench import harness
@@ -22,6 +24,9 @@ def test_bench_runs_and_writes_results(tmp_path, monkeypatch, capsys):
     assert bench_main.main(["--device", "cpu", "--quick", "--no-isolate", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| softmax | fwd | float32 | 8x16 | torch |" in out
+    # the small host-timed cases: timed, apart from the sweep (their own direction label)
+    assert "| softmax | fwd (host) | float32 | 4x24 | torch |" in out
+    assert "| layer_norm | fwd+bwd (host) | float32 | 4x24 | torch |" in out
     for name in ("softmax", "layer_norm"):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["environment"]["torch"] == torch.__version__
@@ -37,6 +42,16 @@ def test_bench_runs_and_writes_results(tmp_path, monkeypatch, capsys):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
 
 
+def test_host_timing_counts_each_call():
+    """time_host_ms: wall time a call when calls run back to back, quantiles in order."""
+    import time
+
+    from fastdl.bench.harness import time_host_ms
+
+    median, p20, p80 = time_host_ms(lambda: time.sleep(0.0005), torch.device("cpu"), quick=True)
+    assert 0.5 <= median < 5 and p20 <= median <= p80
+
+
 def test_time_budget_skips_the_rest(tmp_path, monkeypatch):
     from fastdl.bench.harness import run_cases
 
@@ -50,8 +65,9 @@ def test_isolated_case_process(tmp_path):
     import subprocess
     import sys
 
+    index = next(i for i, c in enumerate(bench_softmax.cases(torch.device("cpu"), quick=True)) if c.direction == "bwd")
     child = subprocess.run([sys.executable, "-m", "fastdl.bench", "--ops", "softmax", "--device", "cpu", "--quick",
-                            "--only-case", "1", "--copy-gbps", "10"], capture_output=True, text=True, timeout=600)
+                            "--only-case", str(index), "--copy-gbps", "10"], capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
     records = json.loads(child.stdout.strip().splitlines()[-1])
     assert {r["impl"] for r in records} >= {"torch", "torch.compile"}

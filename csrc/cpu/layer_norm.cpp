@@ -207,9 +207,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
               fn, ": mean must be a contiguous (", rows, ") ", acc, " tensor for layer_norm");
   const at::Tensor w = param_or(weight, n, acc, 1.0, fn, "weight");
   at::Tensor dx = empty_output({rows, n}, x.options());
-  // stage 1 buffers: one partial row per chunk of rows; the chunking depends on rows only
-  const int64_t chunks = std::max<int64_t>(1, std::min(rows, kMaxChunks));
-  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  // stage 1 buffers: one partial row per chunk of rows. A chunk holds at least a task's
+  // worth of work (grain_rows), and there are at most kMaxChunks: small inputs get few
+  // partial rows to zero and sum, not one per row. The chunking depends on the shape
+  // only, never on the thread count, so the sums are the same bits on any machine.
+  const int64_t rows_per_chunk = std::max(grain_rows(n), (rows + kMaxChunks - 1) / kMaxChunks);
+  const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
   at::Tensor dweight_partial = weight.has_value() ? at::zeros({chunks, n}, x.options().dtype(acc)) : at::Tensor();
   at::Tensor dbias_partial = has_bias ? at::zeros({chunks, n}, x.options().dtype(acc)) : at::Tensor();
   if (rows > 0 && n > 0) {

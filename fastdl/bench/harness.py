@@ -48,6 +48,12 @@ class Case:
     shape: tuple
     bytes_moved: int  # each input read once, each output written once
     impls: Callable[[], list]  # builds the Impls (allocates inputs) when the case runs
+    timing: str = "device"  # "device": the work itself (time_ms); "host": calls back to back (time_host_ms)
+
+
+# Direction label of host-timed cases ("fwd (host)"): kept apart from the sweep's
+# directions, so the bandwidth targets and plots never take them.
+HOST = " (host)"
 
 
 @dataclasses.dataclass
@@ -108,6 +114,28 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool = False)
     else:
         p20 = p80 = times[0]
     return m.median * 1e3, p20 * 1e3, p80 * 1e3
+
+
+def time_host_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds a call when calls run back to back, as in a training loop:
+    for small inputs this is the host's time (Python, dispatch, launch), which device timing with a
+    cache flush before each call hides. Wall clock over a batch of calls, then a synchronize."""
+    import time
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3 if quick else 20):
+        fn()
+    sync()
+    calls = 10 if quick else 200
+    samples = []
+    for _ in range(3 if quick else 15):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - start) / calls * 1e3)
+    q = statistics.quantiles(samples, n=10, method="inclusive")
+    return statistics.median(samples), q[1], q[7]
 
 
 def copy_bandwidth_gbps(device: torch.device, quick: bool = False) -> float:
@@ -209,8 +237,9 @@ def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: 
             print(f"\n{label}: skipped, out of memory ({exc})", file=sys.stderr)
         for impl in impls:
             try:
+                timer = time_host_ms if case.timing == "host" else time_ms
                 with fastdl.use_backend(impl.backend or "auto"):
-                    median, p20, p80 = time_ms(impl.fn, device, quick)
+                    median, p20, p80 = timer(impl.fn, device, quick)
                 gbps = case.bytes_moved / (median * 1e-3) / 1e9
                 case_records.append(Record(case.op, case.direction, dtype_name, list(case.shape), impl.name,
                                            median, p20, p80, gbps, 100 * gbps / copy_gbps))
@@ -265,7 +294,7 @@ def plot(records: list[Record], env: dict, path: Path, op: str) -> bool:
     except ImportError:
         print("fastdl.bench: matplotlib is not installed; no plot", file=sys.stderr)
         return False
-    rows = [r for r in records if r.op == op and r.error is None]
+    rows = [r for r in records if r.op == op and r.error is None and not r.direction.endswith(HOST)]
     # one line per impl and row count: x is the row length
     panels = sorted({(r.direction, r.dtype) for r in rows})
     if not panels:

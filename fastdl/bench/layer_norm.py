@@ -14,6 +14,9 @@ from fastdl.bench.targets import Target
 GPU_ROWS, GPU_HIDDEN = (4096, 16384), (512, 1024, 4096, 8192, 16384)
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CPU_ROWS, CPU_HIDDEN, CPU_DTYPES = (4096,), (1024, 4096), (torch.float32,)
+# a small input (64 tokens of a BERT-base-sized model), timed as calls back to back: what
+# a call costs the host (Python, dispatch, launch) when the kernels take microseconds
+HOST_SHAPE = (64, 768)
 
 # the norm issue's targets (H100, side by side in one run)
 _ALL = ("bfloat16", "float16", "float32")
@@ -98,6 +101,14 @@ def _bytes(op, direction, rows, n, size):
     return (fwd if direction == "fwd" else fwd + bwd) * rows * n * size
 
 
+def _host_cases(device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = torch.tensor([], dtype=dtype).element_size()
+    return [Case(op, direction + harness.HOST, dtype, HOST_SHAPE, _bytes(op, direction, *HOST_SHAPE, size),
+                 functools.partial(_impls, op, device, dtype, HOST_SHAPE, direction), timing="host")
+            for op in ("layer_norm", "rms_norm", "add_layer_norm") for direction in ("fwd", "fwd+bwd")]
+
+
 def cases(device: torch.device, quick: bool = False):
     if device.type == "cuda":
         all_rows, all_hidden, dtypes = GPU_ROWS, GPU_HIDDEN, GPU_DTYPES
@@ -105,7 +116,7 @@ def cases(device: torch.device, quick: bool = False):
         all_rows, all_hidden, dtypes = CPU_ROWS, CPU_HIDDEN, CPU_DTYPES
     if quick:
         all_rows, all_hidden = all_rows[:1], all_hidden[::2]
-    out = []
+    out = _host_cases(device)  # first: cheap, and never cut by --max-seconds
     for op in ("layer_norm", "rms_norm", "add_layer_norm"):
         for dtype in dtypes:
             size = torch.tensor([], dtype=dtype).element_size()

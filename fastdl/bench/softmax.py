@@ -14,6 +14,9 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # sizes fit for a 2-core machine; 4096 x 4096 fp32 is the CPU target of the foundation issue
 CPU_ROWS, CPU_COLS = 4096, (256, 1024, 4096)
 CPU_DTYPES = (torch.float32,)
+# a small input (attention scores of a small model), timed as calls back to back: what a
+# call costs the host (Python, dispatch, launch) when the kernel itself takes microseconds
+HOST_SHAPE = (32, 512)
 
 # the foundation issue's targets (H100, side by side in one run)
 _HALF = ("float16", "bfloat16")
@@ -50,6 +53,14 @@ def _impls(device, dtype, shape, direction):
     return impls
 
 
+def _host_cases(device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = torch.tensor([], dtype=dtype).element_size()
+    return [Case("softmax", direction + harness.HOST, dtype, HOST_SHAPE, tensors * HOST_SHAPE[0] * HOST_SHAPE[1] * size,
+                 functools.partial(_impls, device, dtype, HOST_SHAPE, direction), timing="host")
+            for direction, tensors in (("fwd", 2), ("bwd", 3))]
+
+
 def cases(device: torch.device, quick: bool = False):
     if device.type == "cuda":
         rows, all_cols, dtypes = GPU_ROWS, GPU_COLS, GPU_DTYPES
@@ -57,7 +68,7 @@ def cases(device: torch.device, quick: bool = False):
         rows, all_cols, dtypes = CPU_ROWS, CPU_COLS, CPU_DTYPES
     if quick:
         all_cols = all_cols[::2]
-    out = []
+    out = _host_cases(device)  # first: cheap, and never cut by --max-seconds
     for dtype in dtypes:
         size = torch.tensor([], dtype=dtype).element_size()
         for cols in all_cols:

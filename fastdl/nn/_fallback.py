@@ -17,17 +17,19 @@ def strict_default() -> bool:
     return os.environ.get("FASTDL_STRICT") == "1"
 
 
-def run_or_fall_back(module, fast, fallback, *args):
-    try:
-        return fast(*args)
-    except BackendUnavailableError as exc:
-        if module.strict or strict_default():
-            raise
-        key = (type(module).__name__, str(exc))
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(f"{type(module).__name__}: falling back to torch: {exc}", stacklevel=3)
-        return fallback(*args)
+def fall_back(module, exc: BackendUnavailableError, fallback, *args):
+    """What a module does when its fastdl op raised `exc`: torch's forward `fallback(*args)`
+    with one warning per module class and reason, or the error again when strict.
+
+    Modules call their op directly in a `try` (no closure or bound method built per call:
+    host time matters for small layers) and come here only from the `except`."""
+    if module.strict or strict_default():
+        raise exc
+    key = (type(module).__name__, str(exc))
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{type(module).__name__}: falling back to torch: {exc}", stacklevel=3)
+    return fallback(*args)
 
 
 class FastModule:

@@ -17,7 +17,8 @@ They have the parameters and state_dict keys of LayerNorm / RMSNorm.
 import torch
 
 from fastdl import ops
-from fastdl.nn._fallback import FastModule, run_or_fall_back
+from fastdl.backends import BackendUnavailableError
+from fastdl.nn._fallback import FastModule, fall_back
 
 
 class LayerNorm(FastModule, torch.nn.LayerNorm):
@@ -29,9 +30,10 @@ class LayerNorm(FastModule, torch.nn.LayerNorm):
         self.strict = strict
 
     def forward(self, input):
-        return run_or_fall_back(
-            self, lambda x: ops.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps),
-            super().forward, input)
+        try:
+            return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        except BackendUnavailableError as exc:
+            return fall_back(self, exc, super().forward, input)
 
 
 class RMSNorm(FastModule, torch.nn.RMSNorm):
@@ -43,34 +45,38 @@ class RMSNorm(FastModule, torch.nn.RMSNorm):
         self.strict = strict
 
     def forward(self, input):
-        return run_or_fall_back(
-            self, lambda x: ops.rms_norm(x, self.normalized_shape, self.weight, self.eps), super().forward, input)
+        try:
+            return ops.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        except BackendUnavailableError as exc:
+            return fall_back(self, exc, super().forward, input)
 
 
 class AddLayerNorm(LayerNorm):
     """forward(x, residual) -> (x + residual, layer_norm(x + residual)), fused."""
 
     def forward(self, x, residual):
-        def unfused(a, b):
-            h = a + b
-            return h, torch.nn.LayerNorm.forward(self, h)
+        try:
+            return ops.add_layer_norm(x, residual, self.normalized_shape, self.weight, self.bias, self.eps)
+        except BackendUnavailableError as exc:
+            return fall_back(self, exc, self._unfused, x, residual)
 
-        return run_or_fall_back(
-            self, lambda a, b: ops.add_layer_norm(a, b, self.normalized_shape, self.weight, self.bias, self.eps),
-            unfused, x, residual)
+    def _unfused(self, x, residual):
+        h = x + residual
+        return h, torch.nn.LayerNorm.forward(self, h)
 
 
 class AddRMSNorm(RMSNorm):
     """forward(x, residual) -> (x + residual, rms_norm(x + residual)), fused."""
 
     def forward(self, x, residual):
-        def unfused(a, b):
-            h = a + b
-            return h, torch.nn.RMSNorm.forward(self, h)
+        try:
+            return ops.add_rms_norm(x, residual, self.normalized_shape, self.weight, self.eps)
+        except BackendUnavailableError as exc:
+            return fall_back(self, exc, self._unfused, x, residual)
 
-        return run_or_fall_back(
-            self, lambda a, b: ops.add_rms_norm(a, b, self.normalized_shape, self.weight, self.eps), unfused,
-            x, residual)
+    def _unfused(self, x, residual):
+        h = x + residual
+        return h, torch.nn.RMSNorm.forward(self, h)
 
 
 class PreNormSequence(torch.nn.Module):

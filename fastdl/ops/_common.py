@@ -100,8 +100,8 @@ def autocast_dtype(op: str, x: torch.Tensor) -> torch.dtype | None:
 
     Under torch.compile the probe is traced (uncached): its dtype is known when the graph
     is built and its one-element tensor is dead code."""
-    device_type = x.device.type
-    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+    device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None  # cheaper than x.device.type
+    if device_type is None or not torch.is_autocast_enabled(device_type):
         return None
     probe = _autocast_probe.__wrapped__ if torch.compiler.is_compiling() else _autocast_probe
     dtype = probe(op, x.device, x.dtype, torch.get_autocast_dtype(device_type))

@@ -57,31 +57,29 @@ def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
 
 
 # --- dispatch ----------------------------------------------------------------------
-def _none_if_empty(t):
-    return t if t is not None and t.numel() > 0 else None
-
-
 def _rows_forward(x, residual, weight, bias, eps, rms):
-    backend = backends.resolve(OP, x.device, x.dtype)
+    backend = backends.resolve(OP, x)
     if backend == "triton":
         from fastdl.triton.layer_norm import norm_forward
 
         return norm_forward(x, residual, weight, bias, eps, rms)
     if backend in ("cuda", "cpu"):
-        y, h, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward(x, residual, weight, bias, eps, rms)
-        return y, _none_if_empty(h), _none_if_empty(mean), rstd
+        y, h, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward.default(x, residual, weight, bias, eps, rms)
+        # the native op returns empty tensors for what is absent
+        return y, h if residual is not None else None, mean if not rms else None, rstd
     return _torch_forward(x, residual, weight, bias, eps, rms)
 
 
 def _rows_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
-    backend = backends.resolve(OP, x.device, x.dtype)
+    backend = backends.resolve(OP, x)
     if backend == "triton":
         from fastdl.triton.layer_norm import norm_backward
 
         return norm_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms)
     if backend in ("cuda", "cpu"):
-        dx, dweight, dbias = torch.ops.fastdl.layer_norm_rows_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms)
-        return dx, _none_if_empty(dweight), _none_if_empty(dbias)
+        dx, dweight, dbias = torch.ops.fastdl.layer_norm_rows_backward.default(dy, dsum, x, weight, mean, rstd,
+                                                                               has_bias, rms)
+        return dx, dweight if weight is not None else None, dbias if has_bias else None
     return _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms)
 
 
@@ -89,47 +87,67 @@ def _as_rows(t, rows, n):
     """(rows, n) view or copy of t with the last dim contiguous; None stays None."""
     if t is None:
         return None
-    view = t.reshape(rows, n)
-    return view if n <= 1 or view.stride(1) == 1 else view.contiguous()
+    view = t if t.dim() == 2 and t.shape[1] == n else t.reshape(rows, n)  # 2-D: no reshape call
+    return view if n <= 1 or view.is_contiguous() or view.stride(1) == 1 else view.contiguous()
+
+
+def _flat(param, n):
+    """weight / bias as a contiguous vector of n; None stays None."""
+    if param is None or (param.dim() == 1 and param.is_contiguous()):
+        return param
+    return param.reshape(n).contiguous()
 
 
 def _rows_and_n(t, normalized_ndim):
+    if t.dim() == 2 and normalized_ndim == 1:
+        return t.shape[0], t.shape[1]
     split = t.dim() - normalized_ndim
     return math.prod(t.shape[:split]), math.prod(t.shape[split:])
 
 
+# The eager path calls these directly and skips every step it can: a 2-D x with one
+# normalised dim needs no reshapes or views, absent outputs stay None (~1 us each saved).
 def _forward(x, residual, weight, bias, normalized_ndim, eps, rms):
-    """Full-shape tensors in; (y, h, mean, rstd) out, with h / mean empty when absent
-    (a custom op returns tensors, never None)."""
+    """Full-shape tensors in; (y, h, mean, rstd) out in x's shapes, h / mean None when absent."""
     rows, n = _rows_and_n(x, normalized_ndim)
-    flat = lambda t: None if t is None else t.reshape(n).contiguous()  # noqa: E731
-    y, h, mean, rstd = _rows_forward(_as_rows(x, rows, n), _as_rows(residual, rows, n), flat(weight), flat(bias),
-                                     eps, rms)
-    stats_shape = x.shape[: x.dim() - normalized_ndim]
-    return (y.view(x.shape), h.view(x.shape) if h is not None else x.new_empty(0),
-            mean.view(stats_shape) if mean is not None else rstd.new_empty(0), rstd.view(stats_shape))
+    y, h, mean, rstd = _rows_forward(_as_rows(x, rows, n), _as_rows(residual, rows, n), _flat(weight, n),
+                                     _flat(bias, n), eps, rms)
+    if x.dim() != 2 or normalized_ndim != 1:
+        stats_shape = x.shape[: x.dim() - normalized_ndim]
+        y, rstd = y.view(x.shape), rstd.view(stats_shape)
+        h = h.view(x.shape) if h is not None else None
+        mean = mean.view(stats_shape) if mean is not None else None
+    return y, h, mean, rstd
 
 
 def _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms):
-    """-> (dx, dweight, dbias) in the shapes and dtypes of x, weight, bias (empty when absent)."""
+    """-> (dx, dweight, dbias) in the shapes and dtypes of x, weight, bias (None when absent)."""
     rows, n = _rows_and_n(h, normalized_ndim)
+    two_d = h.dim() == 2 and normalized_ndim == 1
     dx, dweight, dbias = _rows_backward(
-        _as_rows(dy, rows, n), _as_rows(dsum, rows, n), _as_rows(h, rows, n),
-        None if weight is None else weight.reshape(n).contiguous(),
-        None if mean is None else mean.reshape(-1), rstd.reshape(-1), has_bias, rms)
-    empty = h.new_empty(0)
-    if dweight is not None:
-        dweight = dweight.view(weight.shape).to(weight.dtype)
-    if dbias is not None:
-        dbias = dbias.view(weight.shape if weight is not None else h.shape[h.dim() - normalized_ndim:])
-    return dx.view(h.shape), dweight if dweight is not None else empty, dbias if dbias is not None else empty
+        _as_rows(dy, rows, n), _as_rows(dsum, rows, n), _as_rows(h, rows, n), _flat(weight, n),
+        mean if mean is None or two_d else mean.reshape(-1), rstd if two_d else rstd.reshape(-1), has_bias, rms)
+    if not two_d:
+        dx = dx.view(h.shape)
+        param_shape = weight.shape if weight is not None else h.shape[h.dim() - normalized_ndim:]
+        dweight = dweight.view(param_shape) if dweight is not None else None
+        dbias = dbias.view(param_shape) if dbias is not None else None
+    if dweight is not None and dweight.dtype != weight.dtype:
+        dweight = dweight.to(weight.dtype)
+    return dx, dweight, dbias
+
+
+def _or_empty(t, like):
+    """A custom op returns tensors, never None: None becomes an empty tensor."""
+    return t if t is not None else like.new_empty(0)
 
 
 # --- torch.library registration (the torch.compile path) -------------------------
 @torch.library.custom_op("fastdl::norm", mutates_args=())
 def _norm_op(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
              normalized_ndim: int, eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _forward(x, residual, weight, bias, normalized_ndim, eps, rms)
+    y, h, mean, rstd = _forward(x, residual, weight, bias, normalized_ndim, eps, rms)
+    return y, _or_empty(h, x), _or_empty(mean, rstd), rstd
 
 
 @_norm_op.register_fake
@@ -144,7 +162,8 @@ def _(x, residual, weight, bias, normalized_ndim, eps, rms):
 @torch.library.custom_op("fastdl::norm_backward", mutates_args=())
 def _norm_backward_op(dy: Tensor, dsum: Tensor | None, h: Tensor, weight: Tensor | None, mean: Tensor | None,
                       rstd: Tensor, has_bias: bool, normalized_ndim: int, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms)
+    dx, dweight, dbias = _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms)
+    return dx, _or_empty(dweight, h), _or_empty(dbias, h)
 
 
 @_norm_backward_op.register_fake
@@ -172,8 +191,9 @@ def _grads(ctx, dy, dsum, backward):
         dsum = None
     dx, dweight, dbias = backward(dy, dsum, normalised_input, weight, mean, rstd, ctx.has_bias,
                                   ctx.normalized_ndim, ctx.rms)
-    return (dx, dx if ctx.fused else None, dweight if ctx.has_weight else None,
-            dbias.to(ctx.bias_dtype) if ctx.has_bias else None)
+    if ctx.has_bias and dbias.dtype != ctx.bias_dtype:
+        dbias = dbias.to(ctx.bias_dtype)
+    return dx, dx if ctx.fused else None, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None
 
 
 def _setup_context(ctx, inputs, output):
@@ -190,60 +210,71 @@ _norm_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 # --- eager path ----------------------------------------------------------------------
 class _NormFunction(torch.autograd.Function):
+    """Returns y, or (y, h) when fused; mean and rstd are saved for the backward, not returned."""
+
     @staticmethod
     def forward(ctx, x, residual, weight, bias, normalized_ndim, eps, rms):
         outputs = _forward(x, residual, weight, bias, normalized_ndim, eps, rms)
         _save(ctx, x, residual, weight, bias, normalized_ndim, rms, outputs)
-        ctx.mark_non_differentiable(outputs[2], outputs[3])
         ctx.set_materialize_grads(False)
-        return outputs
+        y, h = outputs[0], outputs[1]
+        return (y, h) if h is not None else y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy, dsum, _dmean, _drstd):
+    def backward(ctx, dy, dsum=None):
         return *_grads(ctx, dy, dsum, _backward), None, None, None
 
 
 # --- public API ------------------------------------------------------------------------
 def _normalized_shape(op, normalized_shape):
+    if type(normalized_shape) is int:  # the common case, checked first (host time counts: see _forward)
+        return (normalized_shape,)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise TypeError(f"fastdl.{op}: argument normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}")
     return shape
 
 
+def _check_param(op, name, param, shape, x):
+    check_tensor(op, name, param)
+    check_float(op, name, param)
+    if param.shape != shape:
+        raise ValueError(f"fastdl.{op}: {name} has shape {tuple(param.shape)}, expected normalized_shape {shape}")
+    if param.device != x.device:
+        raise ValueError(f"fastdl.{op}: {name} is on {param.device} but x is on {x.device}; expected one device")
+
+
 def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
     check_tensor(op, "x", x)
     check_float(op, "x", x)
     shape = _normalized_shape(op, normalized_shape)
-    if len(shape) == 0 or x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+    ndim = len(shape)
+    if ndim == 0 or x.dim() < ndim or x.shape[x.dim() - ndim:] != shape:
         raise ValueError(f"fastdl.{op}: normalized_shape {shape} does not match the last dims of x of shape "
                          f"{tuple(x.shape)}")
     if residual is not None:
         check_tensor(op, "residual", residual)
         check_same(op, "x", x, "residual", residual)
-    for name, param in (("weight", weight), ("bias", bias)):
-        if param is None:
-            continue
-        check_tensor(op, name, param)
-        check_float(op, name, param)
-        if tuple(param.shape) != shape:
-            raise ValueError(f"fastdl.{op}: {name} has shape {tuple(param.shape)}, expected normalized_shape {shape}")
-        if param.device != x.device:
-            raise ValueError(f"fastdl.{op}: {name} is on {param.device} but x is on {x.device}; expected one device")
+    if weight is not None:
+        _check_param(op, "weight", weight, shape, x)
+    if bias is not None:
+        _check_param(op, "bias", bias, shape, x)
     if (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)) is not None:
         # as torch under autocast: every operand in the dtype torch computes in
         x, residual, weight, bias = (t.to(cast) if t is not None else None for t in (x, residual, weight, bias))
     if eps is None:
         eps = torch.finfo(x.dtype).eps  # rms_norm's default, as torch
-    args = (x, residual, weight, bias, len(shape), float(eps), rms)
+    args = (x, residual, weight, bias, ndim, float(eps), rms)
     if torch.compiler.is_compiling():
-        outputs = torch.ops.fastdl.norm(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
-        outputs = _NormFunction.apply(*args)
+        y, h = torch.ops.fastdl.norm(*args)[:2]
+    elif torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad) or
+                                      (weight is not None and weight.requires_grad) or
+                                      (bias is not None and bias.requires_grad)):
+        out = _NormFunction.apply(*args)
+        y, h = out if residual is not None else (out, None)
     else:
-        outputs = _forward(*args)
-    y, h = outputs[0], outputs[1]
+        y, h = _forward(*args)[:2]
     return (h, y) if residual is not None else y
 
 

@@ -29,7 +29,7 @@ def _rows_forward(backend: str, x: Tensor, log: bool) -> Tensor:
 
         return softmax_forward(x, log)
     if backend in ("cuda", "cpu"):
-        return torch.ops.fastdl.softmax_rows_forward(x, log)
+        return torch.ops.fastdl.softmax_rows_forward.default(x, log)
     return torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
 
 
@@ -39,19 +39,19 @@ def _rows_backward(backend: str, grad_out: Tensor, out: Tensor, log: bool) -> Te
 
         return softmax_backward(grad_out, out, log)
     if backend in ("cuda", "cpu"):
-        return torch.ops.fastdl.softmax_rows_backward(grad_out, out, log)
+        return torch.ops.fastdl.softmax_rows_backward.default(grad_out, out, log)
     if log:
         return torch.ops.aten._log_softmax_backward_data(grad_out, out, -1, out.dtype)
     return torch.ops.aten._softmax_backward_data(grad_out, out, -1, out.dtype)
 
 
 def _forward(x: Tensor, dim: int, log: bool) -> Tensor:
-    backend = backends.resolve("softmax", x.device, x.dtype)
+    backend = backends.resolve("softmax", x)
     return from_rows(_rows_forward(backend, as_rows(x, dim), log), x, dim)
 
 
 def _backward(grad_out: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
-    backend = backends.resolve("softmax", out.device, out.dtype)
+    backend = backends.resolve("softmax", out)
     return from_rows(_rows_backward(backend, as_rows(grad_out, dim), as_rows(out, dim), log), out, dim)
 
 
