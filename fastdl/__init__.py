@@ -5,9 +5,11 @@ classic deep learning, as drop-in torch.nn modules.
     y = fastdl.ops.softmax(x, dim=-1)        # one op
     model = fastdl.patch(model)              # swap a model's modules, weights kept
     with fastdl.use_backend("triton"): ...   # pick a backend for a block
+    fastdl.enable()                          # fastdl behind torch's own softmax / layer_norm
     fastdl.available_backends()              # what runs on this machine
 """
 from fastdl import nn, ops
+from fastdl.aten import disable, enable, enabled, is_enabled
 from fastdl.backends import (
     BackendUnavailableError,
     available_backends,
@@ -22,6 +24,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "available_backends",
+    "disable",
+    "enable",
+    "enabled",
+    "is_enabled",
     "get_backend",
     "nn",
     "ops",
