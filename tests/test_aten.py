@@ -152,7 +152,8 @@ def test_edge_inputs_match_torch():
         torch.testing.assert_close(b, d, equal_nan=True)
 
 
-def test_unavailable_backend_warns_once_and_computes():
+def test_unavailable_backend_warns_once_and_computes(monkeypatch):
+    monkeypatch.setattr(fastdl.aten, "_warned", set())  # once per process: start afresh
     x = torch.randn(5, 7, requires_grad=True)
     with fastdl.use_backend("cuda"), fastdl.enabled():
         with pytest.warns(UserWarning, match="fastdl.enable: computing softmax with plain torch ops"):
