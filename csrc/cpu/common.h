@@ -20,9 +20,10 @@ namespace fastdl::cpu {
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-// Rows per parallel task: at least ~32k elements of work each, so threads are not
-// woken for tiny rows.
-inline int64_t grain_rows(int64_t cols) { return cols >= 32768 ? 1 : 32768 / (cols > 0 ? cols : 1); }
+// Rows per parallel task: at least `work` elements each (~32k by default), so threads
+// are not woken for tiny rows. softmax takes 8k: its exp makes each element dearer, and
+// a 32 x 512 input then runs on two threads (10.8 -> 7.4 us, torch 6.9 us, 2-core VM).
+inline int64_t grain_rows(int64_t cols, int64_t work = 32768) { return cols >= work ? 1 : work / (cols > 0 ? cols : 1); }
 
 // exp(x) for float, max relative error 8e-8 (1 ulp) on [-87.3, 1].
 // Cody & Waite range reduction: n = round(x / ln2), r = x - n*ln2 with ln2 split in a

@@ -117,7 +117,7 @@ at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t stride = x.stride(0);
-    at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_rows(cols, 8192), [&](int64_t begin, int64_t end) {
       if (log) forward_rows<scalar_t, true>(xp, stride, yp, begin, end, cols);
       else forward_rows<scalar_t, false>(xp, stride, yp, begin, end, cols);
     });
@@ -140,7 +140,7 @@ at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& o
     const scalar_t* yp = out.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     const int64_t dy_stride = grad_out.stride(0), y_stride = out.stride(0);
-    at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_rows(cols, 8192), [&](int64_t begin, int64_t end) {
       if (log) backward_rows<scalar_t, true>(dyp, dy_stride, yp, y_stride, dxp, begin, end, cols);
       else backward_rows<scalar_t, false>(dyp, dy_stride, yp, y_stride, dxp, begin, end, cols);
     });
