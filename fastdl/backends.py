@@ -27,7 +27,8 @@ from fastdl import _native
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
 # op -> device type -> backends to try in order, under "auto".
-# Justify each entry with a committed benchmark run (benchmarks/results/<device>/).
+# Justify each entry with a committed benchmark run (benchmarks/results/<device>/):
+# `python -m fastdl.bench.preference benchmarks/results/<device>` ranks the backends.
 PREFERENCE = {
     "softmax": {
         # cuda: no GPU run committed yet; triton first as the primary kernel,

@@ -10,7 +10,8 @@
 #   build.log       environment (nvidia-smi, versions) and the build of fastdl._C with CUDA
 #   test.log        the whole test suite on the GPU (pytest-xdist when installed)
 #   sanitizer.log   compute-sanitizer memcheck + racecheck over every GPU kernel
-#   bench.log       python -m fastdl.bench, one run per op, each with its share of BENCH_SECONDS
+#   bench.log       python -m fastdl.bench, one run per op, each with its share of BENCH_SECONDS,
+#                   then python -m fastdl.bench.preference (the fastest backend per op and dtype)
 #   results.tar.gz  <op>.json, <op>.md and plots: unpack into benchmarks/results/<device>/
 # Exit status: non-zero when the build, the tests or the sanitizer failed.
 set -uo pipefail
@@ -82,6 +83,8 @@ if has_step bench; then
       >> "$out/bench.log" 2>&1 || echo "bench $op exited non-zero" >> "$out/bench.log"
   done
   tar -czf "$out/results.tar.gz" -C "$results" .
+  # which fastdl backend wins, per PREFERENCE entry and dtype: the evidence for backends.py
+  $py -m fastdl.bench.preference "$results" >> "$out/bench.log" 2>&1 || true
   tail -3 "$out/bench.log"
 fi
 exit $status

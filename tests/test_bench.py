@@ -135,3 +135,29 @@ def test_pytest_benchmark_suites_run():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     passed = re.search(r"(\d+) passed", result.stdout)
     assert passed and int(passed.group(1)) >= 2 * len(OPS), result.stdout[-2000:]
+
+
+def test_preference_ranks_backends_case_by_case(tmp_path, capsys):
+    from fastdl.bench import preference
+    from fastdl.bench.harness import Record
+
+    def rec(op, impl, cols, ms, direction="fwd", dtype="bfloat16", error=None):
+        return Record(op, direction, dtype, [4096, cols], impl, ms, ms, ms, 1.0, 1.0, error=error)
+
+    records = [
+        rec("layer_norm", "fastdl-triton", 1024, 1.0), rec("layer_norm", "fastdl-cuda", 1024, 2.0),
+        rec("rms_norm", "fastdl-triton", 1024, 4.0), rec("rms_norm", "fastdl-cuda", 1024, 1.0),  # same entry
+        rec("layer_norm", "fastdl-cuda", 4096, 1.0), rec("layer_norm", "fastdl-triton", 4096, 9.0, error="boom"),
+        rec("layer_norm", "torch", 1024, 0.1),  # not a fastdl backend: never ranked
+        rec("layer_norm", "fastdl-triton", 64, 3.0, direction="fwd (host)"),
+        rec("layer_norm", "fastdl-cuda", 64, 1.0, direction="fwd (host)"),
+    ]
+    ranking = preference.rank(records)
+    (cuda, triton) = ranking[("layer_norm", "bfloat16")]
+    assert cuda[:2] == ("cuda", 1) and triton[:2] == ("triton", 1) and cuda[3] == triton[3] == 2
+    assert abs(cuda[2] - 2 ** 0.5) < 1e-9 and abs(triton[2] - 2.0) < 1e-9  # geomean of (2, 1) and (1, 4)
+    assert preference.rank(records, host=True)[("layer_norm", "bfloat16")][0][:2] == ("cuda", 1)
+    (tmp_path / "layer_norm.json").write_text(json.dumps({"records": [r.__dict__ for r in records]}))
+    assert preference.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| layer_norm | bfloat16 | cuda | 1/2 | 1.41 |" in out and "small inputs (host-timed)" in out
