@@ -21,6 +21,8 @@ block of rows into one fp32 row of a partial buffer, then the partial rows are s
 in a fixed order. No atomics: two runs give bitwise-equal gradients.
 Statistics (mean, rstd) are saved in fp32 (fp64 for fp64 inputs); arithmetic likewise.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -332,9 +334,14 @@ def norm_forward(x, residual, weight, bias, eps: float, rms: bool):
     return y, h, mean, rstd
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _backward_programs(n_rows: int, device: torch.device) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 2  # the interpreter: few programs, so each walks several rows
     return max(1, min(n_rows, PROGRAMS_PER_SM * sms))
@@ -346,10 +353,13 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
     dx = empty_output((n_rows, n_cols), x.dtype, x.device)
     programs = _backward_programs(n_rows, x.device)
     acc_dtype = stats_dtype(x.dtype)
-    # zero-filled: the loop kernel accumulates into it, and rows a tile program never
-    # reaches must add nothing
-    dweight_partial = torch.zeros((programs, n_cols), dtype=acc_dtype, device=x.device) if weight is not None else None
-    dbias_partial = torch.zeros((programs, n_cols), dtype=acc_dtype, device=x.device) if has_bias else None
+    # The tile kernel writes every program's partial row whole (zeros when it has no rows);
+    # the loop kernel adds into its row, so that one starts from zeros (one memset more),
+    # as do the partials of an empty input (no kernel runs).
+    tiled = n_cols <= BACKWARD_TILE_MAX_COLS
+    new_partial = empty_output if tiled and x.numel() > 0 else torch.zeros
+    dweight_partial = new_partial((programs, n_cols), dtype=acc_dtype, device=x.device) if weight is not None else None
+    dbias_partial = new_partial((programs, n_cols), dtype=acc_dtype, device=x.device) if has_bias else None
     if x.numel() > 0:
         rows_per_program = triton.cdiv(n_rows, programs)
         operands = dict(
@@ -363,7 +373,7 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
                      ACC=accumulator_dtype(x.dtype))
         strides = dict(dy_row_stride=dy.stride(0), dsum_row_stride=dsum.stride(0) if dsum is not None else 0,
                        x_row_stride=x.stride(0))
-        if n_cols <= BACKWARD_TILE_MAX_COLS:
+        if tiled:
             block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
             _norm_backward_tile_kernel[(programs,)](
                 dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, n_cols=n_cols,
