@@ -4,6 +4,8 @@
 #   scripts/gpu_check.sh OUT_DIR
 #   STEPS="build test sanitize" scripts/gpu_check.sh OUT_DIR    # one 10-minute call...
 #   STEPS="build bench" BENCH_SECONDS=420 scripts/gpu_check.sh OUT_DIR   # ...and another
+#   STEPS="build bench" BENCH_MERGE=1 BENCH_OPS=layer_norm BENCH_ARGS="--dtypes float16 float32" \
+#     scripts/gpu_check.sh OUT_DIR   # a sweep in parts: adds to benchmarks/results/<device>/ as committed
 #
 # Uses the machine's own python3 and CUDA torch (no venv, no network). Writes into
 # OUT_DIR (few files: the device tool brings back at most 8):
@@ -74,13 +76,19 @@ fi
 if has_step bench; then
   step "benchmark" | tee "$out/bench.log"
   results=$(mktemp -d)
+  merge=""
+  if [[ -n "${BENCH_MERGE:-}" ]]; then  # start from this device's committed results and add to them
+    slug=$($py -c "import torch; from fastdl.bench.harness import device_slug; print(device_slug(torch.device('cuda')))")
+    cp benchmarks/results/"$slug"/*.json "$results"/ 2>/dev/null || true
+    merge="--merge"
+  fi
   ops=${BENCH_OPS:-softmax layer_norm}
   n_ops=$(wc -w <<< "$ops")
   share=$(( ${BENCH_SECONDS:-200} / n_ops ))
   for op in $ops; do
     # each op gets its share; cases past it are recorded as skipped (most important dtypes first)
-    timeout $((share + 90)) $py -m fastdl.bench --ops "$op" --out "$results" --max-seconds "$share" ${BENCH_ARGS:-} \
-      >> "$out/bench.log" 2>&1 || echo "bench $op exited non-zero" >> "$out/bench.log"
+    timeout $((share + 90)) $py -m fastdl.bench --ops "$op" --out "$results" --max-seconds "$share" $merge \
+      ${BENCH_ARGS:-} >> "$out/bench.log" 2>&1 || echo "bench $op exited non-zero" >> "$out/bench.log"
   done
   tar -czf "$out/results.tar.gz" -C "$results" .
   # which fastdl backend wins, per PREFERENCE entry and dtype: the evidence for backends.py

@@ -161,3 +161,40 @@ def test_preference_ranks_backends_case_by_case(tmp_path, capsys):
     assert preference.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| layer_norm | bfloat16 | cuda | 1/2 | 1.41 |" in out and "small inputs (host-timed)" in out
+
+
+def test_merge_keeps_earlier_cases_and_lists_runs(tmp_path, monkeypatch):
+    """--merge: a run in parts adds to <op>.json; cases not timed again are kept, a case
+    only skipped this time keeps its earlier timings, the environment lists every run."""
+    from fastdl.bench import __main__ as bench_cli
+    from fastdl.bench.harness import Record
+
+    def rec(cols, impl, ms, error=None, dtype="float32"):
+        return Record("softmax", "fwd", dtype, [8, cols], impl, ms, ms, ms, 1.0, 1.0, error=error)
+
+    earlier = [rec(16, "torch", 1.0), rec(32, "torch", 2.0), rec(64, "torch", 3.0)]
+    path = tmp_path / "softmax.json"
+    path.write_text(json.dumps({"environment": {"date": "d0", "commit": "c0", "copy_bandwidth_gbps": 1.0},
+                                "records": [r.__dict__ for r in earlier]}))
+    now = [rec(32, "torch", 5.0), rec(64, "-", float("nan"), error="skipped: over the time budget"),
+           rec(16, "torch", 9.0, dtype="bfloat16")]
+    order = [("softmax", "fwd", "bfloat16", (8, 16))] + [("softmax", "fwd", "float32", (8, c)) for c in (16, 32, 64)]
+    merged, env = bench_cli.merge_previous(path, now, {"date": "d1", "commit": "c1", "copy_bandwidth_gbps": 2.0},
+                                           order)
+    assert [(r.dtype, r.shape[1], r.median_ms) for r in merged] == [
+        ("bfloat16", 16, 9.0), ("float32", 16, 1.0), ("float32", 32, 5.0), ("float32", 64, 3.0)]
+    assert [run["commit"] for run in env["runs"]] == ["c0", "c1"]
+    # end to end: --dtypes picks cases, --merge writes the union
+    monkeypatch.setattr(bench_softmax, "CPU_ROWS", 8)
+    monkeypatch.setattr(bench_softmax, "CPU_COLS", (16,))
+    monkeypatch.setattr(bench_softmax, "HOST_SHAPE", (4, 24))
+    monkeypatch.setattr(bench_cli, "copy_bandwidth_gbps", lambda device, quick: 10.0)
+    from fastdl.bench import harness
+
+    monkeypatch.setattr(harness, "compiled", lambda fn: fn)
+    args = ["--device", "cpu", "--quick", "--no-isolate", "--ops", "softmax", "--out", str(tmp_path)]
+    assert bench_cli.main(args + ["--dtypes", "bfloat16", "--merge"]) == 0  # no bf16 case on the CPU: none timed
+    assert bench_cli.main(args + ["--dtypes", "float32", "--merge"]) == 0
+    data = json.loads(path.read_text())
+    shapes = {tuple(r["shape"]) for r in data["records"]}
+    assert {(8, 16), (8, 32), (8, 64), (4, 24)} <= shapes and len(data["environment"]["runs"]) == 3

@@ -1,8 +1,13 @@
 """python -m fastdl.bench [--ops softmax] [--device cuda|cpu] [--quick] [--out DIR]
+                        [--dtypes bfloat16 ...] [--max-seconds N] [--merge]
 
 Times every case side by side (torch eager, torch.compile, each fastdl backend),
 prints a table, and writes <op>.json, <op>.md and PNG plots under
 benchmarks/results/<device>/ (or --out).
+
+A sweep longer than one sitting (a GPU lent 10 minutes a call) is run in parts:
+`--dtypes` picks the cases, `--merge` adds them to the <op>.json already in the output
+folder (its cases not timed again are kept, the environment lists every run).
 """
 import argparse
 import dataclasses
@@ -19,9 +24,49 @@ from fastdl.bench.harness import ROOT, Progress, Record, copy_bandwidth_gbps, de
     markdown_table, run_cases, write_results
 
 
-def run_isolated(op, device, copy_gbps, quick, max_seconds):
-    """run_cases, each case in a fresh `python -m fastdl.bench --only-case i` process."""
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def select_cases(op, device, quick, dtypes=None):
+    """The op's cases, only those of `dtypes` (names) when given."""
     cases = OPS[op].cases(device, quick)
+    return [c for c in cases if dtypes is None or _dtype_name(c.dtype) in dtypes]
+
+
+def _case_key(r: Record):
+    return r.op, r.direction, r.dtype, tuple(r.shape)
+
+
+def _skipped(r: Record) -> bool:
+    return (r.error or "").startswith("skipped")
+
+
+def merge_previous(path: Path, records: list, env: dict, order: list) -> tuple[list, dict]:
+    """This run's records plus the previous run's (in `path`) for every case this run did
+    not time, in the order of the case list `order` (case keys); env gains `runs`, the
+    date, commit and copy bandwidth of every run merged."""
+    if not path.exists():
+        return records, env
+    previous = json.loads(path.read_text())
+    timed_now = {_case_key(r) for r in records if not _skipped(r)}
+    kept = [r for r in (Record(**d) for d in previous.get("records", [])) if _case_key(r) not in timed_now]
+    timed_before = {_case_key(r) for r in kept if not _skipped(r)}
+    new = [r for r in records if not (_skipped(r) and _case_key(r) in timed_before)]
+    position = {key: i for i, key in enumerate(order)}
+    merged = sorted(kept + new, key=lambda r: position.get(_case_key(r), len(position)))
+    run_fields = ("date", "commit", "copy_bandwidth_gbps")
+    old_env = previous.get("environment", {})
+    runs = old_env.get("runs") or [{k: old_env.get(k) for k in run_fields}]
+    return merged, dict(env, runs=runs + [{k: env.get(k) for k in run_fields}])
+
+
+def run_isolated(op, device, copy_gbps, quick, max_seconds, dtypes=None):
+    """run_cases, each case in a fresh `python -m fastdl.bench --only-case i` process."""
+    cases = select_cases(op, device, quick, dtypes)
     progress = Progress(len(cases), f"fastdl.bench {op}")
     records, start = [], time.time()
     for i, case in enumerate(cases):
@@ -31,7 +76,8 @@ def run_isolated(op, device, copy_gbps, quick, max_seconds):
                                   float("nan"), 0.0, 0.0, error="skipped: over the time budget"))
         else:
             cmd = [sys.executable, "-m", "fastdl.bench", "--ops", op, "--device", device.type, "--only-case", str(i),
-                   "--copy-gbps", str(copy_gbps)] + (["--quick"] if quick else [])
+                   "--copy-gbps", str(copy_gbps)] + (["--quick"] if quick else []) + \
+                (["--dtypes", *dtypes] if dtypes else [])
             child = subprocess.run(cmd, capture_output=True, text=True)
             try:
                 records.extend(Record(**r) for r in json.loads(child.stdout.strip().splitlines()[-1]))
@@ -56,6 +102,9 @@ def main(argv=None):
     parser.add_argument("--no-isolate", action="store_true",
                         help="on the CPU, time every case in this process (default: a fresh process per case, "
                         "since large CPU allocations cost what earlier cases left the allocator in)")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPE_NAMES, help="only the cases of these dtypes")
+    parser.add_argument("--merge", action="store_true",
+                        help="add to the <op>.json already in the output folder (cases not timed here are kept)")
     # internal: run one case in a child process and print its records as JSON
     parser.add_argument("--only-case", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--copy-gbps", type=float, help=argparse.SUPPRESS)
@@ -65,7 +114,7 @@ def main(argv=None):
 
     device = torch.device(args.device)
     if args.only_case is not None:  # the child of an isolated run
-        case = OPS[args.ops[0]].cases(device, args.quick)[args.only_case]
+        case = select_cases(args.ops[0], device, args.quick, args.dtypes)[args.only_case]
         records = run_cases([case], device, args.copy_gbps, args.quick, show_progress=False)
         print(json.dumps([dataclasses.asdict(r) for r in records]))
         return 0
@@ -79,17 +128,24 @@ def main(argv=None):
     for op in args.ops:  # one set of result files per benchmark module
         budget = None if args.max_seconds is None else max(0.0, args.max_seconds - (time.time() - start))
         if device.type == "cpu" and not args.no_isolate:
-            records = run_isolated(op, device, copy_gbps, args.quick, budget)
+            records = run_isolated(op, device, copy_gbps, args.quick, budget, args.dtypes)
         else:
-            records = run_cases(OPS[op].cases(device, args.quick), device, copy_gbps, args.quick, budget)
+            records = run_cases(select_cases(op, device, args.quick, args.dtypes), device, copy_gbps, args.quick,
+                                budget)
         print(markdown_table(records), flush=True)
+        total += len(records)
+        failed += sum(1 for r in records if r.error and not _skipped(r))
+        op_env = env
+        if args.merge:
+            order = [(c.op, c.direction, _dtype_name(c.dtype), tuple(c.shape))
+                     for c in OPS[op].cases(device, args.quick)]
+            records, op_env = merge_previous(out_dir / f"{op}.json", records, env, order)
         verdicts = targets.check(getattr(OPS[op], "TARGETS", []), records, device.type)
         if verdicts:
-            print(f"\n{op} targets:\n{targets.markdown(verdicts)}\n", flush=True)
-        for path in write_results(records, env, out_dir, op, verdicts):
+            merged = " (merged runs)" if args.merge else ""
+            print(f"\n{op} targets{merged}:\n{targets.markdown(verdicts)}\n", flush=True)
+        for path in write_results(records, op_env, out_dir, op, verdicts):
             print(f"wrote {path}")
-        total += len(records)
-        failed += sum(1 for r in records if r.error and not r.error.startswith("skipped"))
     print(f"{total} timings, {failed} failed, in {time.time() - start:.0f}s")
     return 1 if total and failed == total else 0
 
