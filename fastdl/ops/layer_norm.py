@@ -174,12 +174,12 @@ def _(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms):
     return torch.empty_like(h, memory_format=torch.contiguous_format), dweight, dbias
 
 
-def _save(ctx, x, residual, weight, bias, normalized_ndim, rms, outputs):
+def _save(ctx, x, residual, weight, bias, normalized_ndim, eps, rms, outputs):
     y, h, mean, rstd = outputs
     ctx.fused = residual is not None
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.normalized_ndim, ctx.rms = normalized_ndim, rms
+    ctx.normalized_ndim, ctx.eps, ctx.rms = normalized_ndim, eps, rms
     ctx.save_for_backward(h if ctx.fused else x, weight, mean if not rms else None, rstd)
 
 
@@ -196,9 +196,37 @@ def _grads(ctx, dy, dsum, backward):
     return dx, dx if ctx.fused else None, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None
 
 
+def _differentiable_grads(ctx, dy, dsum):
+    """The gradients as differentiable functions of the inputs and of dy, for a backward
+    with create_graph=True (a gradient penalty, a Hessian-vector product): the backward
+    formula (fastdl/reference/layer_norm.py) in plain torch ops, with mean and rstd
+    recomputed from the saved input so that the second derivative sees how they depend
+    on x. Costs more than the kernels; taken only when a graph of the gradient is asked for."""
+    x, weight, _, _ = ctx.saved_tensors  # x + residual when fused
+    if dy is None:
+        dy = torch.zeros_like(x)
+    acc = stats_dtype(x.dtype)
+    dims = tuple(range(x.dim() - ctx.normalized_ndim, x.dim()))
+    rows = tuple(range(x.dim() - ctx.normalized_ndim))
+    xa, dya = x.to(acc), dy.to(acc)
+    centred = xa if ctx.rms else xa - xa.mean(dims, keepdim=True)
+    rstd = torch.rsqrt((centred * centred).mean(dims, keepdim=True) + ctx.eps)
+    xhat = centred * rstd
+    g = dya * weight.to(acc) if weight is not None else dya
+    dx = g - xhat * (g * xhat).mean(dims, keepdim=True)
+    if not ctx.rms:
+        dx = dx - g.mean(dims, keepdim=True)
+    dx = (dx * rstd).to(x.dtype)
+    if dsum is not None and ctx.fused and dsum.numel() > 0:
+        dx = dx + dsum
+    dweight = (dya * xhat).sum(rows).to(weight.dtype) if ctx.has_weight else None
+    dbias = dya.sum(rows).to(ctx.bias_dtype) if ctx.has_bias else None
+    return dx, dx if ctx.fused else None, dweight, dbias
+
+
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, normalized_ndim, eps, rms = inputs
-    _save(ctx, x, residual, weight, bias, normalized_ndim, rms, output)
+    _save(ctx, x, residual, weight, bias, normalized_ndim, eps, rms, output)
 
 
 def _op_backward(ctx, dy, dsum, _dmean, _drstd):
@@ -215,14 +243,15 @@ class _NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, normalized_ndim, eps, rms):
         outputs = _forward(x, residual, weight, bias, normalized_ndim, eps, rms)
-        _save(ctx, x, residual, weight, bias, normalized_ndim, rms, outputs)
+        _save(ctx, x, residual, weight, bias, normalized_ndim, eps, rms, outputs)
         ctx.set_materialize_grads(False)
         y, h = outputs[0], outputs[1]
         return (y, h) if h is not None else y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dsum=None):
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable too
+            return *_differentiable_grads(ctx, dy, dsum), None, None, None
         return *_grads(ctx, dy, dsum, _backward), None, None, None
 
 

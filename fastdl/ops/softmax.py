@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from fastdl import backends
+from fastdl import reference as R
+from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, as_rows, autocast_dtype, check_float, check_same, check_tensor, \
     from_rows, normalize_dim
 
@@ -99,9 +101,14 @@ class _SoftmaxFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         (out,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, a Hessian-vector product): the formula in
+            # plain torch ops, differentiable in grad_out and, through out, in x
+            acc = stats_dtype(out.dtype)
+            dx = R.softmax_backward(grad_out.to(acc), out.to(acc), ctx.dim, ctx.log)
+            return dx.to(out.dtype), None, None
         return _backward(grad_out, out, ctx.dim, ctx.log), None, None
 
 
