@@ -214,3 +214,15 @@ def test_half_to_float_on_cuda(backend):
     assert y.dtype == torch.float32 and dx.dtype == torch.float16
     assert_close(y, ref, torch.float16, "forward")  # the input was rounded to fp16
     assert_close(dx, torch.autograd.grad(ref, x64, grad_out.double())[0], torch.float16, "dx")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_second_derivatives_under_enable(case):
+    """torch's own formulas differentiate the overridden backward ops (create_graph=True)."""
+    backend, device = case
+    x = torch.randn(3, 7, device=device, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(7, device=device, dtype=torch.float64) + 0.5).requires_grad_()
+    with fastdl.use_backend(backend), fastdl.enabled():
+        assert torch.autograd.gradgradcheck(lambda t: torch.softmax(t, -1), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: F.log_softmax(t, 0), (x,))
+        assert torch.autograd.gradgradcheck(lambda t, w_: F.layer_norm(t, (7,), w_), (x, w))
