@@ -226,3 +226,21 @@ def test_second_derivatives_under_enable(case):
         assert torch.autograd.gradgradcheck(lambda t: torch.softmax(t, -1), (x,))
         assert torch.autograd.gradgradcheck(lambda t: F.log_softmax(t, 0), (x,))
         assert torch.autograd.gradgradcheck(lambda t, w_: F.layer_norm(t, (7,), w_), (x, w))
+
+
+def test_torch_compile_under_enable():
+    """Compiling while enabled traces torch's ops as usual (inductor's kernels run) and matches."""
+    def f(x, w):
+        return torch.softmax(x, -1).sum() + F.layer_norm(x, (16,), w).pow(2).sum()
+
+    x = torch.randn(4, 16, requires_grad=True)
+    w = (torch.rand(16) + 0.5).requires_grad_()
+    ref = f(x, w)
+    grads_ref = torch.autograd.grad(ref, (x, w))
+    torch._dynamo.reset()
+    with fastdl.enabled():
+        out = torch.compile(f, fullgraph=True)(x, w)
+        grads = torch.autograd.grad(out, (x, w))
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r)
