@@ -124,12 +124,14 @@ def _log_softmax_backward_data(grad_output, output, dim, input_dtype):
 # --- layer_norm ----------------------------------------------------------------------
 # fastdl.ops.layer_norm's own row functions: their "torch" backend is already plain
 # tensor ops (mean, rsqrt ...), never aten::native_layer_norm.
+def _layer_norm_scope(x):
+    """use_backend("torch") where fastdl's choice cannot run this call, else nothing."""
+    return backends.use_backend("torch") if _backend("layer_norm", x) == "torch" else contextlib.nullcontext()
+
+
 def _native_layer_norm(x, normalized_shape, weight, bias, eps):
     ndim = len(normalized_shape)
-    if _backend("layer_norm", x) == "torch":
-        with backends.use_backend("torch"):
-            y, _, mean, rstd = _norm_ops._forward(x, None, weight, bias, ndim, eps, False)
-    else:
+    with _layer_norm_scope(x):
         y, _, mean, rstd = _norm_ops._forward(x, None, weight, bias, ndim, eps, False)
     # aten's statistics keep the normalised dims as 1s: (*leading, 1, ..., 1)
     stats_shape = tuple(x.shape[: x.dim() - ndim]) + (1,) * ndim
@@ -142,8 +144,7 @@ def _native_layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weigh
     mean = mean.to(stats).reshape(-1)  # from our forward, or from torch's before enable()
     rstd = rstd.to(stats).reshape(-1)
     has_bias = bias is not None and output_mask[2]
-    context = backends.use_backend("torch") if _backend("layer_norm", x) == "torch" else contextlib.nullcontext()
-    with context:
+    with _layer_norm_scope(x):
         dx, dweight, dbias = _norm_ops._backward(grad_out, None, x, weight, mean, rstd, has_bias, ndim, False)
     # every output is a tensor: the ones autograd did not ask for are empty and go unused
     empty = x.new_empty(0)
