@@ -244,3 +244,23 @@ def test_torch_compile_under_enable():
     torch.testing.assert_close(out, ref)
     for g, r in zip(grads, grads_ref):
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cross_entropy_under_enable(case, calls):
+    """torch's cross_entropy is log_softmax + nll_loss inside: it runs fastdl's log_softmax."""
+    backend, device = case
+    logits = torch.randn(6, 11, device=device, requires_grad=True)
+    target = torch.tensor([0, 3, 10, -100, 5, 7], device=device)
+
+    def loss_and_grad():
+        loss = F.cross_entropy(logits, target, ignore_index=-100, label_smoothing=0.1)
+        return loss, torch.autograd.grad(loss, logits)[0]
+
+    loss_ref, grad_ref = loss_and_grad()
+    with fastdl.use_backend(backend), fastdl.enabled():
+        loss, grad = loss_and_grad()
+    if backend != "torch":
+        assert calls["softmax"] >= 1 and calls["softmax_backward"] >= 1, calls
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6)
