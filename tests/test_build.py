@@ -93,3 +93,21 @@ def test_cuda_part_builds_against_cuda_torch():
     log = "\n".join(l for l in (result.stdout + result.stderr).splitlines() if not l.startswith("WARNING: Location"))
     assert result.returncode == 0, log[-8000:]
     assert "CUDA kernels registered" in result.stdout
+
+
+def test_half_row_conversions_match_c10(tmp_path):
+    """csrc/cpu/half_rows.h's vectorised bf16 / fp16 conversions equal c10's, bit for bit:
+    every 16-bit value, ties, overflow, subnormals and NaN (tests/cpp/half_rows_check.cpp)."""
+    import torch
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    _require(cxx, "a C++ compiler")
+    include = Path(torch.__file__).parent / "include"
+    exe = tmp_path / "half_rows_check"
+    # -march=native: the loops vectorise as wide as this machine goes, as the kernels' clones do
+    build = subprocess.run([cxx, "-std=c++17", "-O3", "-march=native", "-fopenmp", f"-I{ROOT}", f"-I{include}",
+                            str(ROOT / "tests" / "cpp" / "half_rows_check.cpp"), "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok: 0 mismatches" in run.stdout, run.stdout[-3000:]

@@ -19,6 +19,7 @@
 #include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
 #include "csrc/cpu/common.h"
+#include "csrc/cpu/half_rows.h"
 
 namespace fastdl::cpu {
 namespace {
@@ -64,9 +65,29 @@ FASTDL_MULTIVERSION void norm_forward_rows(const T* x, int64_t x_stride, const T
                                            const typename Acc<T>::type* bias, T* y, typename Acc<T>::type* mean,
                                            typename Acc<T>::type* rstd, int64_t begin, int64_t end, int64_t n,
                                            typename Acc<T>::type eps, bool rms) {
-  for (int64_t r = begin; r < end; ++r)
-    norm_row_forward<T>(x + r * x_stride, residual ? residual + r * residual_stride : nullptr, h ? h + r * n : nullptr,
-                        weight, bias, y + r * n, n, eps, rms, mean ? mean + r : nullptr, rstd + r);
+  if constexpr (kIs16Bit<T>) {
+    // through float buffers (csrc/cpu/half_rows.h); the sum is rounded to T before the
+    // norm reads it back, as the unfused add would give it
+    FloatRows buf(3, n);
+    for (int64_t r = begin; r < end; ++r) {
+      row_to_float(x + r * x_stride, buf[0], n);
+      if (residual != nullptr) {
+        row_to_float(residual + r * residual_stride, buf[1], n);
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) buf[0][j] += buf[1][j];
+        row_from_float(buf[0], h + r * n, n);
+        row_to_float(h + r * n, buf[0], n);
+      }
+      norm_row_forward<float>(buf[0], nullptr, nullptr, weight, bias, buf[2], n, eps, rms,
+                              mean ? mean + r : nullptr, rstd + r);
+      row_from_float(buf[2], y + r * n, n);
+    }
+  } else {
+    for (int64_t r = begin; r < end; ++r)
+      norm_row_forward<T>(x + r * x_stride, residual ? residual + r * residual_stride : nullptr,
+                          h ? h + r * n : nullptr, weight, bias, y + r * n, n, eps, rms, mean ? mean + r : nullptr,
+                          rstd + r);
+  }
 }
 
 // dx for one row; adds this row's dy * xhat and dy to the chunk's partial rows. The
@@ -104,10 +125,23 @@ FASTDL_MULTIVERSION void norm_backward_rows(const T* dy, int64_t dy_stride, cons
                                             T* dx, typename Acc<T>::type* dweight_partial,
                                             typename Acc<T>::type* dbias_partial, int64_t begin, int64_t end,
                                             int64_t n, bool rms) {
-  for (int64_t r = begin; r < end; ++r)
-    norm_row_backward<T, typename Acc<T>::type, kDsum, kDweight, kDbias>(
-        dy + r * dy_stride, dsum + r * dsum_stride, x + r * x_stride, weight,
-        mean ? mean[r] : typename Acc<T>::type(0), rstd[r], dx + r * n, dweight_partial, dbias_partial, n, rms);
+  if constexpr (kIs16Bit<T>) {  // through float buffers (csrc/cpu/half_rows.h)
+    FloatRows buf(4, n);
+    for (int64_t r = begin; r < end; ++r) {
+      row_to_float(dy + r * dy_stride, buf[0], n);
+      row_to_float(x + r * x_stride, buf[1], n);
+      if constexpr (kDsum) row_to_float(dsum + r * dsum_stride, buf[2], n);
+      norm_row_backward<float, float, kDsum, kDweight, kDbias>(buf[0], buf[2], buf[1], weight, mean ? mean[r] : 0.0f,
+                                                               rstd[r], buf[3], dweight_partial, dbias_partial, n,
+                                                               rms);
+      row_from_float(buf[3], dx + r * n, n);
+    }
+  } else {
+    for (int64_t r = begin; r < end; ++r)
+      norm_row_backward<T, typename Acc<T>::type, kDsum, kDweight, kDbias>(
+          dy + r * dy_stride, dsum + r * dsum_stride, x + r * x_stride, weight,
+          mean ? mean[r] : typename Acc<T>::type(0), rstd[r], dx + r * n, dweight_partial, dbias_partial, n, rms);
+  }
 }
 
 // norm_backward_rows with the flags picked at run time

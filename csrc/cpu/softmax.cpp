@@ -13,6 +13,7 @@
 #include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
 #include "csrc/cpu/common.h"
+#include "csrc/cpu/half_rows.h"
 
 namespace fastdl::cpu {
 namespace {
@@ -91,16 +92,37 @@ FASTDL_INLINE void softmax_row_backward(const T* __restrict dy, const T* __restr
   }
 }
 
+// 16-bit rows go through float buffers (csrc/cpu/half_rows.h): converted in, the float
+// kernel, rounded once on the way out.
 template <typename T, bool kLog>
 FASTDL_MULTIVERSION void forward_rows(const T* x, int64_t x_stride, T* y, int64_t begin, int64_t end, int64_t cols) {
-  for (int64_t r = begin; r < end; ++r) softmax_row_forward<T, kLog>(x + r * x_stride, y + r * cols, cols);
+  if constexpr (kIs16Bit<T>) {
+    FloatRows buf(2, cols);
+    for (int64_t r = begin; r < end; ++r) {
+      row_to_float(x + r * x_stride, buf[0], cols);
+      softmax_row_forward<float, kLog>(buf[0], buf[1], cols);
+      row_from_float(buf[1], y + r * cols, cols);
+    }
+  } else {
+    for (int64_t r = begin; r < end; ++r) softmax_row_forward<T, kLog>(x + r * x_stride, y + r * cols, cols);
+  }
 }
 
 template <typename T, bool kLog>
 FASTDL_MULTIVERSION void backward_rows(const T* dy, int64_t dy_stride, const T* y, int64_t y_stride, T* dx,
                                        int64_t begin, int64_t end, int64_t cols) {
-  for (int64_t r = begin; r < end; ++r)
-    softmax_row_backward<T, kLog>(dy + r * dy_stride, y + r * y_stride, dx + r * cols, cols);
+  if constexpr (kIs16Bit<T>) {
+    FloatRows buf(3, cols);
+    for (int64_t r = begin; r < end; ++r) {
+      row_to_float(dy + r * dy_stride, buf[0], cols);
+      row_to_float(y + r * y_stride, buf[1], cols);
+      softmax_row_backward<float, kLog>(buf[0], buf[1], buf[2], cols);
+      row_from_float(buf[2], dx + r * cols, cols);
+    }
+  } else {
+    for (int64_t r = begin; r < end; ++r)
+      softmax_row_backward<T, kLog>(dy + r * dy_stride, y + r * y_stride, dx + r * cols, cols);
+  }
 }
 
 void check_softmax_rows(const char* fn, const char* name, const at::Tensor& t) {

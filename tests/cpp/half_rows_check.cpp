@@ -1,0 +1,72 @@
+// Exhaustive check of csrc/cpu/half_rows.h against c10's own conversions: every 16-bit
+// pattern to float, and float -> 16-bit for every pattern's neighbourhood plus random
+// floats (ties, overflow, subnormals, NaN). Built and run by tests/test_build.py.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "csrc/cpu/half_rows.h"
+
+using fastdl::cpu::bf16_to_float;
+using fastdl::cpu::bits_to_float;
+using fastdl::cpu::float_to_bf16;
+using fastdl::cpu::float_to_bits;
+using fastdl::cpu::float_to_half;
+using fastdl::cpu::half_to_float;
+
+static int failures = 0;
+
+static void check_to_float(const char* what, uint16_t h, float got, float want) {
+  if (std::isnan(want) ? !std::isnan(got) : float_to_bits(got) != float_to_bits(want)) {
+    if (++failures <= 10) std::printf("%s(0x%04x) = %a, c10 gives %a\n", what, h, got, want);
+  }
+}
+
+static void check_from_float(float f) {
+  const uint16_t bf = float_to_bf16(f), bf_want = c10::BFloat16(f).x;
+  const uint16_t hf = float_to_half(f), hf_want = c10::Half(f).x;
+  const bool bf_ok = std::isnan(f) ? std::isnan(bf16_to_float(bf)) : bf == bf_want;
+  const bool hf_ok = std::isnan(f) ? std::isnan(half_to_float(hf)) : hf == hf_want;
+  if (!(bf_ok && hf_ok) && ++failures <= 10)
+    std::printf("%a -> bf16 0x%04x (c10 0x%04x), fp16 0x%04x (c10 0x%04x)\n", f, bf, bf_want, hf, hf_want);
+}
+
+int main() {
+  for (uint32_t i = 0; i < 65536; ++i) {
+    const uint16_t h = static_cast<uint16_t>(i);
+    check_to_float("bf16_to_float", h, bf16_to_float(h), static_cast<float>(c10::BFloat16(h, c10::BFloat16::from_bits())));
+    check_to_float("half_to_float", h, half_to_float(h), static_cast<float>(c10::Half(h, c10::Half::from_bits())));
+    // every 16-bit value, the floats just around it and halfway to the next (ties)
+    for (float f : {bf16_to_float(h), half_to_float(h)}) {
+      const uint32_t u = float_to_bits(f);
+      for (int64_t d : {-4097, -4096, -4095, -1, 0, 1, 4095, 4096, 4097, 32767, 32768, 32769})
+        check_from_float(bits_to_float(static_cast<uint32_t>(static_cast<int64_t>(u) + d)));
+    }
+  }
+  std::mt19937 rng(0);
+  std::vector<float> floats(2000000);
+  for (float& f : floats) {
+    f = bits_to_float(rng());
+    check_from_float(f);
+  }
+  // the row loops (vectorised) agree with c10 too
+  std::vector<c10::BFloat16> bf_row(floats.size());
+  std::vector<c10::Half> half_row(floats.size());
+  fastdl::cpu::row_from_float(floats.data(), bf_row.data(), static_cast<int64_t>(floats.size()));
+  fastdl::cpu::row_from_float(floats.data(), half_row.data(), static_cast<int64_t>(floats.size()));
+  std::vector<float> back(floats.size());
+  for (size_t i = 0; i < floats.size(); ++i) {
+    const bool nan = std::isnan(floats[i]);
+    if ((nan ? !std::isnan(float(bf_row[i])) : bf_row[i].x != c10::BFloat16(floats[i]).x) ||
+        (nan ? !std::isnan(float(half_row[i])) : half_row[i].x != c10::Half(floats[i]).x)) {
+      if (++failures <= 10) std::printf("row_from_float(%a) differs from c10\n", floats[i]);
+    }
+  }
+  fastdl::cpu::row_to_float(half_row.data(), back.data(), static_cast<int64_t>(back.size()));
+  for (size_t i = 0; i < back.size(); ++i) check_to_float("row_to_float", half_row[i].x, back[i], float(half_row[i]));
+  fastdl::cpu::row_to_float(bf_row.data(), back.data(), static_cast<int64_t>(back.size()));
+  for (size_t i = 0; i < back.size(); ++i) check_to_float("row_to_float", bf_row[i].x, back[i], float(bf_row[i]));
+  std::printf("%s: %d mismatches\n", failures ? "FAILED" : "ok", failures);
+  return failures ? 1 : 0;
+}
