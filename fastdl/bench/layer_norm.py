@@ -14,6 +14,8 @@ from fastdl.bench.targets import Target
 GPU_ROWS, GPU_HIDDEN = (4096, 16384), (512, 1024, 4096, 8192, 16384)
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CPU_ROWS, CPU_HIDDEN, CPU_DTYPES = (4096,), (1024, 4096), (torch.float32,)
+# 16-bit floats on the CPU at one size: the evidence for auto's CPU order by dtype (backends.py)
+CPU_HALF_DTYPES, CPU_HALF_SHAPE = (torch.bfloat16, torch.float16), (4096, 1024)
 # a small input (64 tokens of a BERT-base-sized model), timed as calls back to back: what
 # a call costs the host (Python, dispatch, launch) when the kernels take microseconds
 HOST_SHAPE = (64, 768)
@@ -127,4 +129,10 @@ def cases(device: torch.device, quick: bool = False):
                     for direction in ("fwd", "fwd+bwd"):
                         out.append(Case(op, direction, dtype, (rows, n), _bytes(op, direction, rows, n, size),
                                         functools.partial(_impls, op, device, dtype, (rows, n), direction)))
+    if device.type == "cpu" and not quick:
+        for dtype in CPU_HALF_DTYPES:
+            for op in ("layer_norm", "rms_norm", "add_layer_norm"):
+                for direction in ("fwd", "fwd+bwd"):
+                    out.append(Case(op, direction, dtype, CPU_HALF_SHAPE, _bytes(op, direction, *CPU_HALF_SHAPE, 2),
+                                    functools.partial(_impls, op, device, dtype, CPU_HALF_SHAPE, direction)))
     return out

@@ -14,6 +14,8 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # sizes fit for a 2-core machine; 4096 x 4096 fp32 is the CPU target of the foundation issue
 CPU_ROWS, CPU_COLS = 4096, (256, 1024, 4096)
 CPU_DTYPES = (torch.float32,)
+# 16-bit floats on the CPU at one size: the evidence for auto's CPU order by dtype (backends.py)
+CPU_HALF_DTYPES, CPU_HALF_SHAPE = (torch.bfloat16, torch.float16), (4096, 1024)
 # a small input (attention scores of a small model), timed as calls back to back: what a
 # call costs the host (Python, dispatch, launch) when the kernel itself takes microseconds
 HOST_SHAPE = (32, 512)
@@ -76,4 +78,9 @@ def cases(device: torch.device, quick: bool = False):
                 shape = (rows, cols)
                 out.append(Case("softmax", direction, dtype, shape, tensors * rows * cols * size,
                                 functools.partial(_impls, device, dtype, shape, direction)))
+    if device.type == "cpu" and not quick:
+        for dtype in CPU_HALF_DTYPES:
+            for direction, tensors in (("fwd", 2), ("bwd", 3)):
+                out.append(Case("softmax", direction, dtype, CPU_HALF_SHAPE, tensors * 4096 * 1024 * 2,
+                                functools.partial(_impls, device, dtype, CPU_HALF_SHAPE, direction)))
     return out
