@@ -50,7 +50,13 @@ def _backend(op: str, t: torch.Tensor) -> str:
     if t.dtype not in FLOAT_DTYPES:
         return "torch"
     try:
-        return backends.resolve(op, t)
+        backend = backends.resolve(op, t)
+        if backend == "torch" and backends.get_backend() == "auto":
+            # auto prefers torch's own kernel here, which the override has replaced: a fastdl
+            # kernel still beats plain tensor ops
+            runnable = backends.runnable(op, t)
+            backend = next((b for b in ("cuda", "cpu", "triton") if b in runnable), "torch")
+        return backend
     except backends.BackendUnavailableError as exc:
         if str(exc) not in _warned:
             _warned.add(str(exc))
@@ -125,8 +131,8 @@ def _log_softmax_backward_data(grad_output, output, dim, input_dtype):
 # fastdl.ops.layer_norm's own row functions: their "torch" backend is already plain
 # tensor ops (mean, rsqrt ...), never aten::native_layer_norm.
 def _layer_norm_scope(x):
-    """use_backend("torch") where fastdl's choice cannot run this call, else nothing."""
-    return backends.use_backend("torch") if _backend("layer_norm", x) == "torch" else contextlib.nullcontext()
+    """The backend _backend picks, in force for fastdl.ops.layer_norm's row functions."""
+    return backends.use_backend(_backend("layer_norm", x))
 
 
 def _native_layer_norm(x, normalized_shape, weight, bias, eps):

@@ -26,21 +26,34 @@ from fastdl import _native
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
-# op -> device type -> backends to try in order, under "auto".
+# op -> device type, or (device type, dtype) where a dtype's order differs -> backends to
+# try in order, under "auto".
 # Justify each entry with a committed benchmark run (benchmarks/results/<device>/):
 # `python -m fastdl.bench.preference benchmarks/results/<device>` ranks the backends.
+# cuda: no GPU run committed yet; triton first as the issues' primary kernels, revisit
+# with benchmarks/results/h100 once measured.
+# cpu: benchmarks/results/cpu, run at 305333f (fastdl-cpu vs torch eager, 2-core EPYC).
 PREFERENCE = {
     "softmax": {
-        # cuda: no GPU run committed yet; triton first as the issue's primary kernel,
-        # revisit with benchmarks/results/h100 once measured.
         "cuda": ("triton", "cuda", "torch"),
-        # cpu: benchmarks/results/cpu (fp32 4096x4096: fastdl cpu vs torch eager)
-        "cpu": ("cpu", "torch"),
+        "cpu": ("cpu", "torch"),  # fp32 4096x4096: fwd 2.2x
+        # 4096x1024: bf16 fwd 0.91x / bwd 0.59x, fp16 0.56x / 0.23x (fp16 conversions in software)
+        ("cpu", torch.bfloat16): ("torch", "cpu"),
+        ("cpu", torch.float16): ("torch", "cpu"),
     },
-    # layer_norm, rms_norm and the fused residual-add forms: no run committed yet
+    # layer_norm and the fused add + layer_norm.
+    # fp32 4096x4096: 2.8x / 2.3x fwd / fwd+bwd; bf16 4096x1024: 0.99x-2.98x. fp16 loses to
+    # eager (0.35x-0.62x), but the norms' "torch" backend is plain tensor ops (it must return
+    # mean and rstd), not eager's kernel, and 4x slower still: 4096x1024 fp16 fwd 8.1 ms,
+    # fastdl-cpu 2.1, eager 1.3. So cpu stays first for every dtype.
     "layer_norm": {
         "cuda": ("triton", "cuda", "torch"),
         "cpu": ("cpu", "torch"),
+    },
+    # rms_norm and the fused add + rms_norm (layer_norm's kernels, its own order)
+    "rms_norm": {
+        "cuda": ("triton", "cuda", "torch"),
+        "cpu": ("cpu", "torch"),  # 4096x1024-4096: fp32 8.5x / 12.3x, bf16 16.9x / 11.8x, fp16 8.5x / 6.8x
     },
 }
 
@@ -85,7 +98,7 @@ def why_unavailable(backend: str, device_type: str, op: str | None = None) -> st
             return "fastdl._C was built without CUDA (rebuild with a CUDA torch and nvcc, FASTDL_BUILD_CUDA=1)"
         if backend == "cuda" and not torch.cuda.is_available():
             return "no CUDA device"
-        if op is not None and not _native.has_kernel(f"{op}_rows_forward", device_type):
+        if op is not None and not _native.has_kernel(f"{_NATIVE_KERNEL.get(op, op)}_rows_forward", device_type):
             return f"fastdl._C has no {backend} kernel for {op}"
         return None
     raise ValueError(f"fastdl: unknown backend {backend!r}; expected one of {BACKENDS + ('auto',)}")
@@ -136,9 +149,17 @@ def use_backend(name: str):
 _OP_DTYPES: dict[str, dict[str, tuple]] = {}
 
 
-def register_dtypes(op: str, dtypes_by_backend: dict[str, tuple]) -> None:
-    """Declare which dtypes each backend's kernels for `op` take."""
+# op -> the fastdl._C kernel family that runs it, where the names differ (rms_norm runs
+# on layer_norm's kernels)
+_NATIVE_KERNEL: dict[str, str] = {}
+
+
+def register_dtypes(op: str, dtypes_by_backend: dict[str, tuple], native_kernel: str | None = None) -> None:
+    """Declare which dtypes each backend's kernels for `op` take (and, when its name is not
+    the op's, the fastdl._C kernel family it runs on)."""
     _OP_DTYPES[op] = dict(dtypes_by_backend)
+    if native_kernel is not None:
+        _NATIVE_KERNEL[op] = native_kernel
     _resolve_cached.cache_clear()
 
 
@@ -157,10 +178,18 @@ def _resolve_cached(op: str, device_type: str, dtype: torch.dtype, choice: str) 
         if reason is not None:
             return None, f"fastdl.{op}: backend {choice!r} cannot run here: {reason}"
         return choice, None
-    for backend in PREFERENCE.get(op, {}).get(device_type, ("torch",)):
+    table = PREFERENCE.get(op, {})
+    # an entry for (device, dtype) overrides the device's own
+    for backend in table.get((device_type, dtype), table.get(device_type, ("torch",))):
         if _why_not(op, backend, device_type, dtype) is None:
             return backend, None
     return "torch", None
+
+
+def runnable(op: str, t: torch.Tensor) -> list[str]:
+    """Every backend that can run `op` on tensor t here, in BACKENDS order."""
+    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
+    return [b for b in BACKENDS if _why_not(op, b, device_type, t.dtype) is None]
 
 
 def resolve(op: str, t: torch.Tensor) -> str:

@@ -264,3 +264,17 @@ def test_cross_entropy_under_enable(case, calls):
         assert calls["softmax"] >= 1 and calls["softmax_backward"] >= 1, calls
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_takes_a_fastdl_kernel_where_it_would_take_torchs(monkeypatch, calls):
+    """Where auto's order puts torch first (fp16 on the CPU), the override cannot reach
+    torch's kernel, so it takes fastdl's rather than plain tensor ops."""
+    if "cpu" not in fastdl.available_backends("cpu"):
+        pytest.skip("no native CPU backend")
+    x = torch.randn(4, 33).half()
+    with fastdl.enabled():
+        y = torch.softmax(x, -1)
+        z = F.layer_norm(x, (33,))
+    assert calls["softmax"] == 1 and calls["layer_norm"] == 1, calls
+    assert_close(y, torch.softmax(x.double(), -1), torch.float16, "softmax")
+    assert_close(z, F.layer_norm(x.double(), (33,)), torch.float16, "layer_norm")

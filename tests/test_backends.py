@@ -102,3 +102,17 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr
+
+
+def test_preference_by_dtype(monkeypatch):
+    """A (device, dtype) entry of PREFERENCE overrides the device's order for that dtype."""
+    table = {"cpu": ("cpu", "torch"), ("cpu", torch.float16): ("torch",)}
+    monkeypatch.setitem(backends.PREFERENCE, "softmax", table)
+    backends._resolve_cached.cache_clear()
+    try:
+        assert backends.resolve("softmax", torch.ones(1, dtype=torch.float16)) == "torch"
+        expected = "cpu" if "cpu" in fastdl.available_backends("cpu") else "torch"
+        assert backends.resolve("softmax", torch.ones(1)) == expected
+    finally:
+        monkeypatch.undo()
+        backends._resolve_cached.cache_clear()

@@ -146,7 +146,9 @@ def test_preference_ranks_backends_case_by_case(tmp_path, capsys):
 
     records = [
         rec("layer_norm", "fastdl-triton", 1024, 1.0), rec("layer_norm", "fastdl-cuda", 1024, 2.0),
-        rec("rms_norm", "fastdl-triton", 1024, 4.0), rec("rms_norm", "fastdl-cuda", 1024, 1.0),  # same entry
+        # add_layer_norm shares layer_norm's entry; rms_norm has its own
+        rec("add_layer_norm", "fastdl-triton", 1024, 4.0), rec("add_layer_norm", "fastdl-cuda", 1024, 1.0),
+        rec("rms_norm", "fastdl-triton", 1024, 1.0), rec("rms_norm", "fastdl-cuda", 1024, 3.0),
         rec("layer_norm", "fastdl-cuda", 4096, 1.0), rec("layer_norm", "fastdl-triton", 4096, 9.0, error="boom"),
         rec("layer_norm", "torch", 1024, 0.1),  # not a fastdl backend: never ranked
         rec("layer_norm", "fastdl-triton", 64, 3.0, direction="fwd (host)"),
@@ -156,6 +158,7 @@ def test_preference_ranks_backends_case_by_case(tmp_path, capsys):
     (cuda, triton) = ranking[("layer_norm", "bfloat16")]
     assert cuda[:2] == ("cuda", 1) and triton[:2] == ("triton", 1) and cuda[3] == triton[3] == 2
     assert abs(cuda[2] - 2 ** 0.5) < 1e-9 and abs(triton[2] - 2.0) < 1e-9  # geomean of (2, 1) and (1, 4)
+    assert preference.rank(records)[("rms_norm", "bfloat16")][0][:2] == ("triton", 1)
     assert preference.rank(records, host=True)[("layer_norm", "bfloat16")][0][:2] == ("cuda", 1)
     (tmp_path / "layer_norm.json").write_text(json.dumps({"records": [r.__dict__ for r in records]}))
     assert preference.main([str(tmp_path)]) == 0

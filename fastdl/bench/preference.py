@@ -3,9 +3,9 @@ fastdl/backends.py:PREFERENCE.
 
     python -m fastdl.bench.preference benchmarks/results/h100
 
-For every backend table entry (softmax; layer_norm, which covers rms_norm and the fused
-add) and dtype it compares the fastdl backends case by case (same op, direction, dtype
-and shape, in the same run): how many cases each is the fastest in, and the geometric
+For every backend table entry (softmax; layer_norm with the fused add; rms_norm) and
+dtype it compares the fastdl backends case by case (same op, direction, dtype and shape,
+in the same run): how many cases each is the fastest in, and the geometric
 mean of its time over the fastest fastdl time (1.00 = always the fastest). The sweep
 (device-timed) and the small host-timed cases are reported apart: a backend can win one
 and lose the other.
@@ -20,7 +20,7 @@ from pathlib import Path
 from fastdl.bench.harness import HOST, Record
 
 # bench op -> the PREFERENCE entry that governs it
-TABLE_ENTRY = {"softmax": "softmax", "layer_norm": "layer_norm", "rms_norm": "layer_norm",
+TABLE_ENTRY = {"softmax": "softmax", "layer_norm": "layer_norm", "rms_norm": "rms_norm",
                "add_layer_norm": "layer_norm"}
 
 

@@ -18,8 +18,10 @@ from fastdl import backends
 from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, autocast_dtype, check_float, check_same, check_tensor
 
-OP = "layer_norm"  # the backend table's name for the four ops
+# the backend table's names: layer_norm (and the fused add), rms_norm (and its fused add)
+OP, RMS_OP = "layer_norm", "rms_norm"
 backends.register_dtypes(OP, {b: FLOAT_DTYPES for b in backends.BACKENDS})
+backends.register_dtypes(RMS_OP, {b: FLOAT_DTYPES for b in backends.BACKENDS}, native_kernel=OP)
 
 
 # --- the torch backend: the kernels' math on rows, in plain PyTorch ----------------
@@ -58,7 +60,7 @@ def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
 
 # --- dispatch ----------------------------------------------------------------------
 def _rows_forward(x, residual, weight, bias, eps, rms):
-    backend = backends.resolve(OP, x)
+    backend = backends.resolve(RMS_OP if rms else OP, x)
     if backend == "triton":
         from fastdl.triton.layer_norm import norm_forward
 
@@ -71,7 +73,7 @@ def _rows_forward(x, residual, weight, bias, eps, rms):
 
 
 def _rows_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
-    backend = backends.resolve(OP, x)
+    backend = backends.resolve(RMS_OP if rms else OP, x)
     if backend == "triton":
         from fastdl.triton.layer_norm import norm_backward
 
