@@ -12,6 +12,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -67,6 +71,45 @@ FASTDL_INLINE uint16_t float_to_half(float f) {
   return static_cast<uint16_t>((overflow & is_overflow) | (finite & ~is_overflow) | (sign >> 16));
 }
 
+// fp16 rows in software: the loops above, vectorised by the compiler.
+FASTDL_INLINE void half_row_to_float_soft(const uint16_t* __restrict src, float* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = half_to_float(src[j]);
+}
+FASTDL_INLINE void half_row_from_float_soft(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = float_to_half(src[j]);
+}
+
+// fp16 rows in hardware: F16C (every x86-64 since Ivy Bridge / Piledriver) converts 8 values
+// an instruction, rounding to nearest even as the software path does; about half the time
+// of the software loops, which took half of an fp16 kernel's time. Picked per row at run
+// time (cpu_has_f16c), since the kernels' AVX2 clone does not assume F16C.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTDL_F16C 1
+inline bool cpu_has_f16c() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return has;
+}
+
+__attribute__((target("avx,f16c"))) inline void half_row_to_float_f16c(const uint16_t* __restrict src,
+                                                                       float* __restrict dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  for (; j < n; ++j) dst[j] = _cvtsh_ss(src[j]);
+}
+
+__attribute__((target("avx,f16c"))) inline void half_row_from_float_f16c(const float* __restrict src,
+                                                                         uint16_t* __restrict dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+  for (; j < n; ++j) dst[j] = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
 // n values of a 16-bit row to float, and back.
 template <typename T> FASTDL_INLINE void row_to_float(const T* __restrict src, float* __restrict dst, int64_t n) {
   const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
@@ -74,8 +117,10 @@ template <typename T> FASTDL_INLINE void row_to_float(const T* __restrict src, f
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) dst[j] = bf16_to_float(raw[j]);
   } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) dst[j] = half_to_float(raw[j]);
+#ifdef FASTDL_F16C
+    if (cpu_has_f16c()) return half_row_to_float_f16c(raw, dst, n);
+#endif
+    half_row_to_float_soft(raw, dst, n);
   }
 }
 
@@ -85,8 +130,10 @@ template <typename T> FASTDL_INLINE void row_from_float(const float* __restrict 
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) raw[j] = float_to_bf16(src[j]);
   } else {
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) raw[j] = float_to_half(src[j]);
+#ifdef FASTDL_F16C
+    if (cpu_has_f16c()) return half_row_from_float_f16c(src, raw, n);
+#endif
+    half_row_from_float_soft(src, raw, n);
   }
 }
 

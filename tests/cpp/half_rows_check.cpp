@@ -65,6 +65,42 @@ int main() {
   }
   fastdl::cpu::row_to_float(half_row.data(), back.data(), static_cast<int64_t>(back.size()));
   for (size_t i = 0; i < back.size(); ++i) check_to_float("row_to_float", half_row[i].x, back[i], float(half_row[i]));
+  // fp16 rows take F16C where the CPU has it: the software loops must agree as well, on
+  // odd lengths too (the hardware path's scalar tail)
+  const int64_t n = static_cast<int64_t>(floats.size()) - 5;
+  std::vector<uint16_t> soft(floats.size(), 0);
+  fastdl::cpu::half_row_from_float_soft(floats.data(), soft.data(), n);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool nan = std::isnan(floats[i]);
+    if ((nan ? !std::isnan(half_to_float(soft[i])) : soft[i] != half_row[i].x) && ++failures <= 10)
+      std::printf("half_row_from_float_soft(%a) = 0x%04x, row_from_float 0x%04x\n", floats[i], soft[i], half_row[i].x);
+  }
+  std::vector<uint16_t> every(65536);
+  for (uint32_t i = 0; i < 65536; ++i) every[i] = static_cast<uint16_t>(i);
+  std::vector<float> every_float(65536);
+  fastdl::cpu::half_row_to_float_soft(every.data(), every_float.data(), 65536);
+  for (uint32_t i = 0; i < 65536; ++i)
+    check_to_float("half_row_to_float_soft", every[i], every_float[i], float(c10::Half(every[i], c10::Half::from_bits())));
+  fastdl::cpu::half_row_to_float_soft(soft.data(), back.data(), n);
+  for (int64_t i = 0; i < n; ++i) check_to_float("half_row_to_float_soft", soft[i], back[i], half_to_float(soft[i]));
+#ifdef FASTDL_F16C
+  if (fastdl::cpu::cpu_has_f16c()) {
+    std::vector<uint16_t> hard(floats.size(), 0);
+    fastdl::cpu::half_row_from_float_f16c(floats.data(), hard.data(), n);
+    for (int64_t i = 0; i < n; ++i) {
+      const bool nan = std::isnan(floats[i]);
+      if ((nan ? !std::isnan(half_to_float(hard[i])) : hard[i] != soft[i]) && ++failures <= 10)
+        std::printf("half_row_from_float_f16c(%a) = 0x%04x, software 0x%04x\n", floats[i], hard[i], soft[i]);
+    }
+    fastdl::cpu::half_row_to_float_f16c(every.data(), every_float.data(), 65536 - 3);
+    for (uint32_t i = 0; i < 65536 - 3; ++i)
+      check_to_float("half_row_to_float_f16c", every[i], every_float[i],
+                     float(c10::Half(every[i], c10::Half::from_bits())));
+    fastdl::cpu::half_row_to_float_f16c(hard.data(), back.data(), n);
+    for (int64_t i = 0; i < n; ++i) check_to_float("half_row_to_float_f16c", hard[i], back[i], half_to_float(hard[i]));
+    std::printf("F16C path checked\n");
+  }
+#endif
   fastdl::cpu::row_to_float(bf_row.data(), back.data(), static_cast<int64_t>(back.size()));
   for (size_t i = 0; i < back.size(); ++i) check_to_float("row_to_float", bf_row[i].x, back[i], float(bf_row[i]));
   std::printf("%s: %d mismatches\n", failures ? "FAILED" : "ok", failures);
