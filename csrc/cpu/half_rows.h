@@ -1,11 +1,15 @@
 // 16-bit float rows (bf16, fp16) to and from float, for the CPU kernels. No torch here.
 //
-// The kernels run their float code on a row converted into a float buffer (it stays in
-// L1/L2), then round the result once into the output row. The conversions are written
-// with integer shifts, masks and selects, no branches and no libm, so that GCC turns the
-// loops into vector code: c10's scalar conversions do not vectorise, which left the
-// 16-bit kernels 3-18x slower than torch's. Rounding is to nearest even, NaN stays NaN,
-// as c10::BFloat16 / c10::Half convert.
+// The conversions are written with integer shifts, masks and selects, no branches and no
+// libm, so that GCC turns loops over them into vector code: c10's scalar conversions do
+// not vectorise, which left the 16-bit kernels 3-18x slower than torch's. Rounding is to
+// nearest even, NaN stays NaN, as c10::BFloat16 / c10::Half convert.
+//
+// bf16 (a shift to load) is converted element by element inside the kernels' own loops
+// (load_acc / store_acc): no extra pass over the row. fp16 in software costs ~20 vector
+// ops an element, twice bf16's kernel time; so fp16 rows are converted whole, with F16C
+// where the CPU has it, into float buffers (L1/L2) that the float kernels run on, and the
+// result is rounded once into the output row.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -135,6 +139,26 @@ template <typename T> FASTDL_INLINE void row_from_float(const float* __restrict 
 #endif
     half_row_from_float_soft(src, raw, n);
   }
+}
+
+// One element as its accumulation type, and back, inside vector loops: 16-bit values
+// through the branch-free conversions above (float and double as they are).
+template <typename A, typename T> FASTDL_INLINE A load_acc(const T* p, int64_t j) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return bf16_to_float(reinterpret_cast<const uint16_t*>(p)[j]);
+  else if constexpr (std::is_same_v<T, c10::Half>) return half_to_float(reinterpret_cast<const uint16_t*>(p)[j]);
+  else return static_cast<A>(p[j]);
+}
+template <typename T, typename A> FASTDL_INLINE void store_acc(T* p, int64_t j, A v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) reinterpret_cast<uint16_t*>(p)[j] = float_to_bf16(v);
+  else if constexpr (std::is_same_v<T, c10::Half>) reinterpret_cast<uint16_t*>(p)[j] = float_to_half(v);
+  else p[j] = static_cast<T>(v);
+}
+
+// v rounded to T's precision, still in A: what a T store and load give back.
+template <typename T, typename A> FASTDL_INLINE A round_acc(A v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) return bf16_to_float(float_to_bf16(v));
+  else if constexpr (std::is_same_v<T, c10::Half>) return half_to_float(float_to_half(v));
+  else return static_cast<A>(static_cast<T>(v));
 }
 
 // Float rows for one task of a 16-bit kernel: `count` buffers of n floats each.

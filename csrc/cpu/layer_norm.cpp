@@ -33,28 +33,29 @@ FASTDL_INLINE void norm_row_forward(const T* __restrict x, const T* __restrict r
   const T* src = x;
   A sum = 0;
   if (residual != nullptr) {
-    // write the sum and add it up in the same pass
+    // write the sum and add it up in the same pass; the sum as stored (rounded to T), as
+    // the unfused add would give it
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) {
-      const T v = static_cast<T>(static_cast<A>(x[j]) + static_cast<A>(residual[j]));
-      h[j] = v;
-      sum += static_cast<A>(v);  // the sum as stored, as the unfused add would give it
+      const A v = round_acc<T>(load_acc<A>(x, j) + load_acc<A>(residual, j));
+      store_acc(h, j, v);
+      sum += v;
     }
     src = h;
   } else if (!rms) {
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) sum += static_cast<A>(src[j]);
+    for (int64_t j = 0; j < n; ++j) sum += load_acc<A>(src, j);
   }
   const A mean = rms ? A(0) : sum / static_cast<A>(n);
   A sq = 0;
 #pragma omp simd reduction(+ : sq)
   for (int64_t j = 0; j < n; ++j) {
-    const A d = static_cast<A>(src[j]) - mean;
+    const A d = load_acc<A>(src, j) - mean;
     sq += d * d;
   }
   const A rstd = A(1) / std::sqrt(sq / static_cast<A>(n) + eps);
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) y[j] = static_cast<T>((static_cast<A>(src[j]) - mean) * rstd * weight[j] + bias[j]);
+  for (int64_t j = 0; j < n; ++j) store_acc(y, j, (load_acc<A>(src, j) - mean) * rstd * weight[j] + bias[j]);
   if (mean_out != nullptr) *mean_out = mean;
   *rstd_out = rstd;
 }
@@ -65,9 +66,9 @@ FASTDL_MULTIVERSION void norm_forward_rows(const T* x, int64_t x_stride, const T
                                            const typename Acc<T>::type* bias, T* y, typename Acc<T>::type* mean,
                                            typename Acc<T>::type* rstd, int64_t begin, int64_t end, int64_t n,
                                            typename Acc<T>::type eps, bool rms) {
-  if constexpr (kIs16Bit<T>) {
-    // through float buffers (csrc/cpu/half_rows.h); the sum is rounded to T before the
-    // norm reads it back, as the unfused add would give it
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    // through float buffers converted with F16C (csrc/cpu/half_rows.h); the sum is rounded
+    // to T before the norm reads it back, as the unfused add would give it
     FloatRows buf(3, n);
     for (int64_t r = begin; r < end; ++r) {
       row_to_float(x + r * x_stride, buf[0], n);
@@ -99,8 +100,8 @@ FASTDL_INLINE void norm_row_backward(const T* __restrict dy, const T* __restrict
   A sum_gx = 0, sum_g = 0;
 #pragma omp simd reduction(+ : sum_gx, sum_g)
   for (int64_t j = 0; j < n; ++j) {
-    const A xhat = (static_cast<A>(x[j]) - mean) * rstd;
-    const A g = static_cast<A>(dy[j]) * weight[j];
+    const A xhat = (load_acc<A>(x, j) - mean) * rstd;
+    const A g = load_acc<A>(dy, j) * weight[j];
     sum_gx += g * xhat;
     sum_g += g;
   }
@@ -108,11 +109,11 @@ FASTDL_INLINE void norm_row_backward(const T* __restrict dy, const T* __restrict
   const A c2 = rms ? A(0) : sum_g / static_cast<A>(n);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const A xhat = (static_cast<A>(x[j]) - mean) * rstd;
-    const A d = static_cast<A>(dy[j]);
+    const A xhat = (load_acc<A>(x, j) - mean) * rstd;
+    const A d = load_acc<A>(dy, j);
     A v = (d * weight[j] - c2 - xhat * c1) * rstd;
-    if constexpr (kDsum) v += static_cast<A>(dsum[j]);
-    dx[j] = static_cast<T>(v);
+    if constexpr (kDsum) v += load_acc<A>(dsum, j);
+    store_acc(dx, j, v);
     if constexpr (kDweight) dweight_partial[j] += d * xhat;
     if constexpr (kDbias) dbias_partial[j] += d;
   }
@@ -125,7 +126,7 @@ FASTDL_MULTIVERSION void norm_backward_rows(const T* dy, int64_t dy_stride, cons
                                             T* dx, typename Acc<T>::type* dweight_partial,
                                             typename Acc<T>::type* dbias_partial, int64_t begin, int64_t end,
                                             int64_t n, bool rms) {
-  if constexpr (kIs16Bit<T>) {  // through float buffers (csrc/cpu/half_rows.h)
+  if constexpr (std::is_same_v<T, c10::Half>) {  // through float buffers converted with F16C (csrc/cpu/half_rows.h)
     FloatRows buf(4, n);
     for (int64_t r = begin; r < end; ++r) {
       row_to_float(dy + r * dy_stride, buf[0], n);

@@ -79,21 +79,21 @@ FASTDL_INLINE void softmax_row_backward(const T* __restrict dy, const T* __restr
   acc_t dot = 0;
   if constexpr (kLog) {
 #pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < cols; ++j) dot += static_cast<acc_t>(dy[j]);
+    for (int64_t j = 0; j < cols; ++j) dot += load_acc<acc_t>(dy, j);
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j)
-      dx[j] = static_cast<T>(static_cast<acc_t>(dy[j]) - exp_acc(static_cast<acc_t>(y[j])) * dot);
+    for (int64_t j = 0; j < cols; ++j) store_acc(dx, j, load_acc<acc_t>(dy, j) - exp_acc(load_acc<acc_t>(y, j)) * dot);
   } else {
 #pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < cols; ++j) dot += static_cast<acc_t>(dy[j]) * static_cast<acc_t>(y[j]);
+    for (int64_t j = 0; j < cols; ++j) dot += load_acc<acc_t>(dy, j) * load_acc<acc_t>(y, j);
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j)
-      dx[j] = static_cast<T>(static_cast<acc_t>(y[j]) * (static_cast<acc_t>(dy[j]) - dot));
+    for (int64_t j = 0; j < cols; ++j) store_acc(dx, j, load_acc<acc_t>(y, j) * (load_acc<acc_t>(dy, j) - dot));
   }
 }
 
 // 16-bit rows go through float buffers (csrc/cpu/half_rows.h): converted in, the float
-// kernel, rounded once on the way out.
+// kernel, rounded once on the way out. The forward does so for bf16 too, since its float
+// kernel writes exp(x - max) once and scales it in place; the backward reads bf16 in its
+// own loops.
 template <typename T, bool kLog>
 FASTDL_MULTIVERSION void forward_rows(const T* x, int64_t x_stride, T* y, int64_t begin, int64_t end, int64_t cols) {
   if constexpr (kIs16Bit<T>) {
@@ -111,7 +111,7 @@ FASTDL_MULTIVERSION void forward_rows(const T* x, int64_t x_stride, T* y, int64_
 template <typename T, bool kLog>
 FASTDL_MULTIVERSION void backward_rows(const T* dy, int64_t dy_stride, const T* y, int64_t y_stride, T* dx,
                                        int64_t begin, int64_t end, int64_t cols) {
-  if constexpr (kIs16Bit<T>) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
     FloatRows buf(3, cols);
     for (int64_t r = begin; r < end; ++r) {
       row_to_float(dy + r * dy_stride, buf[0], cols);
