@@ -52,6 +52,42 @@ def test_host_timing_counts_each_call():
     assert 0.5 <= median < 5 and p20 <= median <= p80
 
 
+def test_cpu_timing_interleaves_implementations(monkeypatch):
+    """time_cpu_interleaved_ms: each fn timed in turn, round after round, inside its scope; a
+    failing fn gets its exception in its place and the others are still timed."""
+    import contextlib
+    import time
+
+    from fastdl.bench import harness
+
+    monkeypatch.setattr(harness, "CPU_ROUNDS", 3)
+    order, scoped = [], []
+
+    @contextlib.contextmanager
+    def scope(name):
+        scoped.append(name)
+        yield
+
+    def sleeper(name, seconds):
+        def fn():
+            if not order or order[-1] != name:
+                order.append(name)
+            time.sleep(seconds)
+        return fn
+
+    def broken():
+        raise RuntimeError("boom")
+
+    fast, slow, failed = harness.time_cpu_interleaved_ms(
+        [sleeper("a", 0.0005), sleeper("b", 0.002), broken], scopes=[lambda: scope("a"), lambda: scope("b"),
+                                                                     lambda: scope("c")])
+    assert order == ["a", "b"] * 3 and scoped == ["a", "b", "c", "a", "b", "a", "b"]
+    assert isinstance(failed, RuntimeError)
+    for median, p20, p80 in (fast, slow):
+        assert p20 <= median <= p80
+    assert 0.5 <= fast[0] < slow[0] and slow[0] >= 2
+
+
 def test_time_budget_skips_the_rest(tmp_path, monkeypatch):
     from fastdl.bench.harness import run_cases
 

@@ -10,8 +10,10 @@ rep, so no input is served from cache); on the CPU `torch.utils.benchmark`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -114,6 +116,42 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool = False)
     else:
         p20 = p80 = times[0]
     return m.median * 1e3, p20 * 1e3, p80 * 1e3
+
+
+CPU_ROUNDS = 5  # a CPU case's implementations are timed in turn, this many rounds each
+
+
+def time_cpu_interleaved_ms(fns: list[Callable[[], object]], quick: bool = False,
+                            scopes: list[Callable[[], contextlib.AbstractContextManager]] | None = None
+                            ) -> list[tuple[float, float, float] | Exception]:
+    """(median, p20, p80) ms for each of fns, timed in turn for CPU_ROUNDS rounds (each
+    ~0.2 s), fns[i] inside scopes[i]() when given: on a shared CPU machine a slow spell
+    then falls on every implementation of a case alike, where timing each for one second
+    after the other let it fall on one. An fn that raises gets its exception in its place
+    and is not timed again."""
+    from torch.utils import benchmark
+
+    times: list[list[float] | Exception] = [[] for _ in fns]
+    for _ in range(1 if quick else CPU_ROUNDS):
+        for i, fn in enumerate(fns):
+            if isinstance(times[i], Exception):
+                continue
+            try:
+                with scopes[i]() if scopes else contextlib.nullcontext():
+                    fn()  # warm up (and, first round, fail before timing)
+                    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+                    times[i].extend(timer.blocked_autorange(min_run_time=0.2).times)
+            except Exception as exc:  # reported by the caller, as one implementation's failure
+                times[i] = exc
+    results = []
+    for t in times:
+        if isinstance(t, Exception):
+            results.append(t)
+            continue
+        t = sorted(t)
+        q = statistics.quantiles(t, n=10, method="inclusive") if len(t) >= 2 else [t[0]] * 9
+        results.append((statistics.median(t) * 1e3, q[1] * 1e3, q[7] * 1e3))
+    return results
 
 
 def time_host_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> tuple[float, float, float]:
@@ -235,11 +273,22 @@ def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: 
         except torch.OutOfMemoryError as exc:  # skip a case the device cannot hold
             impls = []
             print(f"\n{label}: skipped, out of memory ({exc})", file=sys.stderr)
+        interleaved = {}
+        if device.type == "cpu" and case.timing == "device" and impls:
+            scopes = [functools.partial(fastdl.use_backend, impl.backend or "auto") for impl in impls]
+            interleaved = dict(zip([impl.name for impl in impls],
+                                   time_cpu_interleaved_ms([impl.fn for impl in impls], quick, scopes)))
         for impl in impls:
             try:
-                timer = time_host_ms if case.timing == "host" else time_ms
-                with fastdl.use_backend(impl.backend or "auto"):
-                    median, p20, p80 = timer(impl.fn, device, quick)
+                if impl.name in interleaved:
+                    result = interleaved[impl.name]
+                    if isinstance(result, Exception):
+                        raise result
+                    median, p20, p80 = result
+                else:
+                    timer = time_host_ms if case.timing == "host" else time_ms
+                    with fastdl.use_backend(impl.backend or "auto"):
+                        median, p20, p80 = timer(impl.fn, device, quick)
                 gbps = case.bytes_moved / (median * 1e-3) / 1e9
                 case_records.append(Record(case.op, case.direction, dtype_name, list(case.shape), impl.name,
                                            median, p20, p80, gbps, 100 * gbps / copy_gbps))
