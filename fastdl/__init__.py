@@ -4,6 +4,7 @@ classic deep learning, as drop-in torch.nn modules.
     import fastdl
     y = fastdl.ops.softmax(x, dim=-1)        # one op
     model = fastdl.patch(model)              # swap a model's modules, weights kept
+    model = fastdl.unpatch(model)            # and back to torch.nn (TorchScript, ONNX)
     with fastdl.use_backend("triton"): ...   # pick a backend for a block
     fastdl.enable()                          # fastdl behind torch's own softmax / layer_norm
     fastdl.available_backends()              # what runs on this machine
@@ -17,7 +18,7 @@ from fastdl.backends import (
     set_backend,
     use_backend,
 )
-from fastdl.patch import patch, patched_modules
+from fastdl.patch import patch, patched_modules, unpatch
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "ops",
     "patch",
     "patched_modules",
+    "unpatch",
     "set_backend",
     "use_backend",
     "__version__",

@@ -1,4 +1,5 @@
-"""fastdl.patch(model): swap the torch.nn modules of a live model for fastdl's.
+"""fastdl.patch(model): swap the torch.nn modules of a live model for fastdl's;
+fastdl.unpatch(model) swaps them back.
 
 Weights are kept as they are: the fastdl module takes over the torch module's
 parameters, buffers and hooks (the very same objects), so an optimizer built before
@@ -20,6 +21,25 @@ REPLACEMENTS: dict[type, type] = {
 }
 
 
+# fastdl.nn class -> the torch.nn class it stands in for
+ORIGINALS: dict[type, type] = {fast: original for original, fast in REPLACEMENTS.items()}
+
+
+def _swap(model: torch.nn.Module, table: dict[type, type], convert) -> tuple[torch.nn.Module, list[str]]:
+    """Replace every module of `model` whose exact type is in table by convert(module, table[type])."""
+    root = table.get(type(model))
+    if root is not None:
+        return convert(model, root), [f"(root): {type(model).__name__}"]
+    swapped = []
+    for parent_name, parent in model.named_modules():
+        for name, child in list(parent._modules.items()):
+            target = table.get(type(child)) if child is not None else None
+            if target is not None:
+                parent._modules[name] = convert(child, target)
+                swapped.append(f"{parent_name + '.' if parent_name else ''}{name}: {type(child).__name__}")
+    return model, swapped
+
+
 def patch(model: torch.nn.Module, strict: bool = False, verbose: bool = False) -> torch.nn.Module:
     """Replace, in place, every supported torch.nn module inside `model`; returns `model`.
 
@@ -29,18 +49,30 @@ def patch(model: torch.nn.Module, strict: bool = False, verbose: bool = False) -
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fastdl.patch: argument model must be a torch.nn.Module, got {type(model).__name__}")
-    swapped = []
-    root = REPLACEMENTS.get(type(model))
-    if root is not None:
-        return root.from_torch(model, strict=strict)
-    for parent_name, parent in model.named_modules():
-        for name, child in list(parent._modules.items()):
-            target = REPLACEMENTS.get(type(child)) if child is not None else None
-            if target is not None:
-                parent._modules[name] = target.from_torch(child, strict=strict)
-                swapped.append(f"{parent_name + '.' if parent_name else ''}{name}: {type(child).__name__}")
+    model, swapped = _swap(model, REPLACEMENTS, lambda module, fast: fast.from_torch(module, strict=strict))
     if verbose:
         print(f"fastdl.patch: replaced {len(swapped)} module(s)" + "".join(f"\n  {s}" for s in swapped))
+    return model
+
+
+def _to_torch(module: torch.nn.Module, original: type) -> torch.nn.Module:
+    new = original.__new__(original)
+    new.__dict__.update(module.__dict__)
+    new.__dict__.pop("strict", None)
+    return new
+
+
+def unpatch(model: torch.nn.Module, verbose: bool = False) -> torch.nn.Module:
+    """Undo fastdl.patch, in place: every module patch put in becomes its torch.nn class
+    again, with the very same parameters, buffers and hooks; returns `model` (or, when the
+    model is itself such a module, the torch module). For what needs torch's own modules:
+    TorchScript, ONNX export, comparing against torch. fastdl-only modules (AddLayerNorm,
+    PreNormSequence) stay as they are."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fastdl.unpatch: argument model must be a torch.nn.Module, got {type(model).__name__}")
+    model, swapped = _swap(model, ORIGINALS, _to_torch)
+    if verbose:
+        print(f"fastdl.unpatch: restored {len(swapped)} module(s)" + "".join(f"\n  {s}" for s in swapped))
     return model
 
 

@@ -104,3 +104,65 @@ def test_patch_torch_transformer_encoder(norm_first):
     reference.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unpatch_restores_torch_modules():
+    """unpatch undoes patch: torch's own classes again, the same Parameter objects, no
+    `strict` left behind, the same outputs, and TorchScript (which needs them) works."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4), torch.nn.RMSNorm(4), torch.nn.LogSoftmax(-1))
+    params = list(model.parameters())
+    x = torch.randn(3, 8)
+    before = model(x)
+    fastdl.patch(model, strict=True)
+    assert len(fastdl.patched_modules(model)) == 3
+    assert fastdl.unpatch(model) is model
+    assert fastdl.patched_modules(model) == []
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.LayerNorm, torch.nn.ReLU, torch.nn.Linear,
+                                        torch.nn.RMSNorm, torch.nn.LogSoftmax]
+    assert all(not hasattr(m, "strict") for m in model)
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), before, rtol=0, atol=0)
+    # a model that is itself a patched module comes back as the torch module
+    norm = fastdl.unpatch(fastdl.patch(torch.nn.LayerNorm(5)))
+    assert type(norm) is torch.nn.LayerNorm
+    with pytest.raises(TypeError, match="fastdl.unpatch: argument model"):
+        fastdl.unpatch("not a model")
+
+
+def test_torch_export_records_fastdl_ops():
+    """torch.export of a patched model keeps fastdl's kernels: they are torch.library custom
+    ops, recorded as torch.ops.fastdl.* in the exported graph (with a dynamic batch size), and
+    it runs as the model does."""
+    torch.manual_seed(0)
+    model = fastdl.patch(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.ReLU(),
+                                             torch.nn.Linear(16, 4), torch.nn.Softmax(-1)))
+    x = torch.randn(3, 8)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert {"fastdl.norm.default", "fastdl.softmax.default"} <= targets, targets
+    y = torch.randn(5, 8)
+    torch.testing.assert_close(exported.module()(y), model(y), rtol=0, atol=0)
+
+
+def test_patched_model_copies_and_pickles():
+    """deepcopy (a DQN's target network), pickle and torch.save of a patched model give a
+    patched model that computes the same."""
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = fastdl.patch(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16),
+                                             torch.nn.Linear(16, 4), torch.nn.Softmax(-1)), strict=True)
+    x = torch.randn(3, 8)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)):
+        assert fastdl.patched_modules(other) == ["1", "3"] and other[1].strict
+        assert all(a is not b for a, b in zip(other.parameters(), model.parameters()))
+        torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
