@@ -1,4 +1,5 @@
 """Helpers shared by the Triton launchers."""
+import contextlib
 import os
 
 import torch
@@ -32,3 +33,13 @@ def tile_shape(n_cols: int, tile_elements: int):
     of two), and several rows per program when they are short, ~tile_elements in all."""
     block_cols = triton.next_power_of_2(n_cols)
     return block_cols, max(1, tile_elements // block_cols)
+
+
+def on_device(t: torch.Tensor):
+    """The context a launch for tensor t runs in: Triton launches on the current CUDA
+    device and its stream, which need not be t's (a model on cuda:1 while cuda:0 is
+    current); then t's device is made current for the launch, as c10::cuda::CUDAGuard
+    does for the CUDA C++ backend. A no-op otherwise (one integer compare)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()

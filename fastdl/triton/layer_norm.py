@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
-from fastdl.triton._launch import accumulator_dtype, autotune_configs, tile_shape
+from fastdl.triton._launch import accumulator_dtype, autotune_configs, on_device, tile_shape
 
 # Longest row the tile kernels keep whole in registers.
 FORWARD_TILE_MAX_COLS = 16384
@@ -324,13 +324,15 @@ def norm_forward(x, residual, weight, bias, eps: float, rms: bool):
     residual_stride = residual.stride(0) if residual is not None else 0
     if n_cols <= FORWARD_TILE_MAX_COLS:
         block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
-        _norm_forward_tile_kernel[(triton.cdiv(n_rows, rows),)](
-            x_ptr=x, y_ptr=y, rstd_ptr=rstd, x_row_stride=x.stride(0), residual_row_stride=residual_stride,
-            n_rows=n_rows, n_cols=n_cols, eps=eps, BLOCK_COLS=block_cols, ROWS=rows, **operands, **flags)
+        with on_device(x):
+            _norm_forward_tile_kernel[(triton.cdiv(n_rows, rows),)](
+                x_ptr=x, y_ptr=y, rstd_ptr=rstd, x_row_stride=x.stride(0), residual_row_stride=residual_stride,
+                n_rows=n_rows, n_cols=n_cols, eps=eps, BLOCK_COLS=block_cols, ROWS=rows, **operands, **flags)
     else:
-        _norm_forward_loop_kernel[(n_rows,)](
-            x_ptr=x, y_ptr=y, rstd_ptr=rstd, x_row_stride=x.stride(0), residual_row_stride=residual_stride,
-            n_cols=n_cols, eps=eps, BLOCK_COLS=LOOP_BLOCK_COLS, **operands, **flags)
+        with on_device(x):
+            _norm_forward_loop_kernel[(n_rows,)](
+                x_ptr=x, y_ptr=y, rstd_ptr=rstd, x_row_stride=x.stride(0), residual_row_stride=residual_stride,
+                n_cols=n_cols, eps=eps, BLOCK_COLS=LOOP_BLOCK_COLS, **operands, **flags)
     return y, h, mean, rstd
 
 
@@ -375,13 +377,15 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
                        x_row_stride=x.stride(0))
         if tiled:
             block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
-            _norm_backward_tile_kernel[(programs,)](
-                dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, n_cols=n_cols,
-                rows_per_program=rows_per_program, BLOCK_COLS=block_cols, ROWS=rows, **operands, **strides, **flags)
+            with on_device(x):
+                _norm_backward_tile_kernel[(programs,)](
+                    dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, n_cols=n_cols,
+                    rows_per_program=rows_per_program, BLOCK_COLS=block_cols, ROWS=rows, **operands, **strides, **flags)
         else:
-            _norm_backward_loop_kernel[(programs,)](
-                dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, n_cols=n_cols,
-                rows_per_program=rows_per_program, BLOCK_COLS=LOOP_BLOCK_COLS, **operands, **strides, **flags)
+            with on_device(x):
+                _norm_backward_loop_kernel[(programs,)](
+                    dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, n_cols=n_cols,
+                    rows_per_program=rows_per_program, BLOCK_COLS=LOOP_BLOCK_COLS, **operands, **strides, **flags)
     # stage 2: the partial rows, summed in a fixed order
     dweight = dweight_partial.sum(0) if dweight_partial is not None else None
     dbias = dbias_partial.sum(0) if dbias_partial is not None else None

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output
-from fastdl.triton._launch import accumulator_dtype, autotune_configs, tile_shape
+from fastdl.triton._launch import accumulator_dtype, autotune_configs, on_device, tile_shape
 
 # Longest row kept whole in registers by the one-pass kernels (16k fp32 = 64 KiB a row).
 SINGLE_PASS_MAX_COLS = 16384
@@ -185,13 +185,15 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
     if n_cols <= SINGLE_PASS_MAX_COLS:
         block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
         grid = (triton.cdiv(n_rows, rows),)
-        _softmax_forward_tile_kernel[grid](
-            x, y, x.stride(0), n_rows, n_cols, BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc
-        )
+        with on_device(x):
+            _softmax_forward_tile_kernel[grid](
+                x, y, x.stride(0), n_rows, n_cols, BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc
+            )
     else:
-        _softmax_forward_loop_kernel[(n_rows,)](
-            x, y, x.stride(0), n_cols, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc
-        )
+        with on_device(x):
+            _softmax_forward_loop_kernel[(n_rows,)](
+                x, y, x.stride(0), n_cols, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc
+            )
     return y
 
 
@@ -204,13 +206,15 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool) -> to
     if n_cols <= SINGLE_PASS_MAX_COLS:
         block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
         grid = (triton.cdiv(n_rows, rows),)
-        _softmax_backward_tile_kernel[grid](
-            grad_out, out, dx, grad_out.stride(0), out.stride(0), n_rows, n_cols,
-            BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc,
-        )
+        with on_device(out):
+            _softmax_backward_tile_kernel[grid](
+                grad_out, out, dx, grad_out.stride(0), out.stride(0), n_rows, n_cols,
+                BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc,
+            )
     else:
-        _softmax_backward_loop_kernel[(n_rows,)](
-            grad_out, out, dx, grad_out.stride(0), out.stride(0), n_cols,
-            BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc,
-        )
+        with on_device(out):
+            _softmax_backward_loop_kernel[(n_rows,)](
+                grad_out, out, dx, grad_out.stride(0), out.stride(0), n_cols,
+                BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc,
+            )
     return dx
