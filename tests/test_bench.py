@@ -1,4 +1,5 @@
 """`python -m fastdl.bench` end to end on tiny CPU sizes: tables, JSON, Markdown, plots."""
+import dataclasses
 import json
 
 import torch
@@ -136,6 +137,11 @@ def test_targets_take_the_best_fastdl_backend_per_case():
     met = check([bandwidth], records[:3], "cuda")[0]
     assert (met.met, met.cases, met.status) == (1, 1, "MET")
     assert "| bw | MISSED | 1/2 |" in markdown(verdicts)
+    # rows=: the sweep's cases only, not an extra case of other rows (the vocabulary softmax)
+    few_rows = Record("softmax", "fwd", "bfloat16", [8, 262144], "fastdl-triton", 1.0, 1.0, 1.0, 1.0, 20.0, 1.0, 1.0)
+    sweep_only = dataclasses.replace(bandwidth, rows=4096)
+    assert check([sweep_only], records[:3] + [few_rows], "cuda")[0].status == "MET"
+    assert check([bandwidth], records[:3] + [few_rows], "cuda")[0].status == "MISSED"
 
 
 def test_every_bench_module_declares_checkable_targets():

@@ -51,6 +51,26 @@ def softmax_specs():
             sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype],
                    "dy_row_stride": "i64", "y_row_stride": "i64", "n_cols": "i32", **{c: "constexpr" for c in const}}
             specs.append((k._softmax_backward_loop_kernel, sig, const, 8))
+            # split rows: (max, sum) / dot per chunk, then the write; up to 1024 chunks a row
+            stat = "*fp64" if dtype == "fp64" else "*fp32"
+            chunk_args = {"n_cols": "i32", "chunk_cols": "i32", "n_chunks": "i32"}
+            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, ACC=ACC[dtype])
+            sig = {"x_ptr": POINTER[dtype], "max_ptr": stat, "sum_ptr": stat, "x_row_stride": "i64", **chunk_args,
+                   **{c: "constexpr" for c in const}}
+            if not log:
+                specs.append((k._softmax_chunk_stats_kernel, sig, const, 8))
+            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, LOG=log, ACC=ACC[dtype])
+            sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dot_ptr": stat, "dy_row_stride": "i64",
+                   "y_row_stride": "i64", **chunk_args, **{c: "constexpr" for c in const}}
+            specs.append((k._softmax_backward_chunk_dot_kernel, sig, const, 8))
+            for block_chunks in (2, 1024):
+                const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, BLOCK_CHUNKS=block_chunks, LOG=log, ACC=ACC[dtype])
+                sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "max_ptr": stat, "sum_ptr": stat,
+                       "x_row_stride": "i64", **chunk_args, **{c: "constexpr" for c in const}}
+                specs.append((k._softmax_chunk_write_kernel, sig, const, 8))
+                sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype], "dot_ptr": stat,
+                       "dy_row_stride": "i64", "y_row_stride": "i64", **chunk_args, **{c: "constexpr" for c in const}}
+                specs.append((k._softmax_backward_chunk_write_kernel, sig, const, 8))
     return specs
 
 

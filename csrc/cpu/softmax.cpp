@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -18,8 +19,28 @@
 namespace fastdl::cpu {
 namespace {
 
+// Row sums run in blocks of kSumBlock elements, each a vector reduction, the block sums
+// then added in order: a lane of one long vector reduction adds up cols / 16 terms one
+// after the other, whose rounding error grows with the row (1e-5 relative at 256k
+// columns in fp32; blocked, 1e-7).
+constexpr int64_t kSumBlock = 2048;
+
 FASTDL_INLINE float exp_acc(float x) { return exp_approx(x); }
 FASTDL_INLINE double exp_acc(double x) { return std::exp(x); }
+
+// The sum over j in [0, cols) of term(j) (which may also store), in blocks of kSumBlock.
+#define FASTDL_LAMBDA_INLINE __attribute__((always_inline))
+template <typename A, typename Term> FASTDL_INLINE A blocked_sum(int64_t cols, Term term) {
+  A sum = 0;
+  for (int64_t b = 0; b < cols; b += kSumBlock) {
+    const int64_t block_end = std::min(cols, b + kSumBlock);
+    A part = 0;
+#pragma omp simd reduction(+ : part)
+    for (int64_t j = b; j < block_end; ++j) part += term(j);
+    sum += part;
+  }
+  return sum;
+}
 
 template <typename T, bool kLog>
 FASTDL_INLINE void softmax_row_forward(const T* __restrict x, T* __restrict y, int64_t cols) {
@@ -31,40 +52,39 @@ FASTDL_INLINE void softmax_row_forward(const T* __restrict x, T* __restrict y, i
     max_val = v > max_val ? v : max_val;
   }
   // A row of -inf gives max = -inf and NaN outputs, as torch does.
-  acc_t sum = 0;
   if constexpr (kLog && std::is_same_v<T, acc_t>) {
     // store x - max while summing its exp, then subtract log(sum) in place. Always
     // (x - max) - log(sum), never x - (max + log(sum)): near +-3e38 that rounds log(sum) away.
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) {
+    const acc_t sum = blocked_sum<acc_t>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
       const acc_t shifted = x[j] - max_val;
       y[j] = shifted;
-      sum += exp_acc(shifted);
-    }
+      return exp_acc(shifted);
+    });
     const acc_t log_sum = std::log(sum);
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) y[j] -= log_sum;
   } else if constexpr (kLog) {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) sum += exp_acc(static_cast<acc_t>(x[j]) - max_val);
+    const acc_t sum = blocked_sum<acc_t>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
+      return exp_acc(static_cast<acc_t>(x[j]) - max_val);
+    });
     const acc_t log_sum = std::log(sum);
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) y[j] = static_cast<T>((static_cast<acc_t>(x[j]) - max_val) - log_sum);
   } else if constexpr (std::is_same_v<T, acc_t>) {
     // write exp(x - max) once, then scale in place: x is read once
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) {
+    const acc_t sum = blocked_sum<acc_t>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
       const acc_t e = exp_acc(x[j] - max_val);
       y[j] = e;
-      sum += e;
-    }
+      return e;
+    });
     const acc_t inv = acc_t(1) / sum;
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) y[j] *= inv;
   } else {
     // reduced-precision output: do not round exp(x - max) before scaling it
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) sum += exp_acc(static_cast<acc_t>(x[j]) - max_val);
+    const acc_t sum = blocked_sum<acc_t>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
+      return exp_acc(static_cast<acc_t>(x[j]) - max_val);
+    });
     const acc_t inv = acc_t(1) / sum;
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) y[j] = static_cast<T>(exp_acc(static_cast<acc_t>(x[j]) - max_val) * inv);
@@ -76,15 +96,14 @@ FASTDL_INLINE void softmax_row_forward(const T* __restrict x, T* __restrict y, i
 template <typename T, bool kLog>
 FASTDL_INLINE void softmax_row_backward(const T* __restrict dy, const T* __restrict y, T* __restrict dx, int64_t cols) {
   using acc_t = typename Acc<T>::type;
-  acc_t dot = 0;
   if constexpr (kLog) {
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < cols; ++j) dot += load_acc<acc_t>(dy, j);
+    const acc_t dot = blocked_sum<acc_t>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE { return load_acc<acc_t>(dy, j); });
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) store_acc(dx, j, load_acc<acc_t>(dy, j) - exp_acc(load_acc<acc_t>(y, j)) * dot);
   } else {
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < cols; ++j) dot += load_acc<acc_t>(dy, j) * load_acc<acc_t>(y, j);
+    const acc_t dot = blocked_sum<acc_t>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
+      return load_acc<acc_t>(dy, j) * load_acc<acc_t>(y, j);
+    });
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) store_acc(dx, j, load_acc<acc_t>(y, j) * (load_acc<acc_t>(dy, j) - dot));
   }

@@ -15,6 +15,7 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_ROWS, CPU_COLS = 4096, (256, 1024, 4096)
 CPU_DTYPES = (torch.float32,)
 # 16-bit floats on the CPU at one size: the evidence for auto's CPU order by dtype (backends.py)
+VOCAB_SHAPE = (8, 262144)
 CPU_HALF_DTYPES, CPU_HALF_SHAPE = (torch.bfloat16, torch.float16), (4096, 1024)
 # a small input (attention scores of a small model), timed as calls back to back: what a
 # call costs the host (Python, dispatch, launch) when the kernel itself takes microseconds
@@ -24,13 +25,13 @@ HOST_SHAPE = (32, 512)
 _HALF = ("float16", "bfloat16")
 TARGETS = [
     Target("softmax fwd fp16/bf16, cols >= 1k: >= 90% of copy bandwidth", "softmax", "fwd", "cuda", _HALF,
-           "pct_of_copy", 90.0, min_cols=1024),
+           "pct_of_copy", 90.0, min_cols=1024, rows=GPU_ROWS),
     Target("softmax fwd fp16/bf16, every size: >= 1.0x torch eager", "softmax", "fwd", "cuda", _HALF,
-           "vs_eager", 1.0),
+           "vs_eager", 1.0, rows=GPU_ROWS),
     Target("softmax fwd fp16/bf16, every size: >= 1.0x torch.compile", "softmax", "fwd", "cuda", _HALF,
-           "vs_compile", 1.0),
+           "vs_compile", 1.0, rows=GPU_ROWS),
     Target("softmax bwd fp16/bf16, cols >= 1k: >= 85% of copy bandwidth", "softmax", "bwd", "cuda", _HALF,
-           "pct_of_copy", 85.0, min_cols=1024),
+           "pct_of_copy", 85.0, min_cols=1024, rows=GPU_ROWS),
     Target("softmax fwd fp32 4096x4096 (CPU): >= 1.0x torch eager", "softmax", "fwd", "cpu", ("float32",),
            "vs_eager", 1.0, shapes=((4096, 4096),)),
 ]
@@ -71,6 +72,13 @@ def cases(device: torch.device, quick: bool = False):
     if quick:
         all_cols = all_cols[::2]
     out = _host_cases(device)  # first: cheap, and never cut by --max-seconds
+    if device.type == "cuda":
+        # a few rows over a long vocabulary (sampling from a language model): too few rows to
+        # fill the GPU one program a row, where Triton splits each row across programs
+        for direction, tensors in (("fwd", 2), ("bwd", 3)):
+            out.append(Case("softmax", direction, torch.bfloat16, VOCAB_SHAPE, tensors * VOCAB_SHAPE[0] *
+                            VOCAB_SHAPE[1] * 2, functools.partial(_impls, device, torch.bfloat16, VOCAB_SHAPE,
+                                                                  direction)))
     for dtype in dtypes:
         size = torch.tensor([], dtype=dtype).element_size()
         for cols in all_cols:

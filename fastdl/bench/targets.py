@@ -25,6 +25,7 @@ class Target:
     minimum: float
     min_cols: int = 0  # cases whose rows are at least this long
     shapes: tuple[tuple[int, ...], ...] | None = None  # or exactly these shapes
+    rows: int | None = None  # only cases of this many rows (the sweep, not the extra cases)
 
 
 @dataclasses.dataclass
@@ -47,7 +48,8 @@ class Verdict:
 def _covers(target: Target, r: Record) -> bool:
     return (r.op == target.op and r.direction == target.direction and r.dtype in target.dtypes
             and r.shape[-1] >= target.min_cols
-            and (target.shapes is None or tuple(r.shape) in target.shapes))
+            and (target.shapes is None or tuple(r.shape) in target.shapes)
+            and (target.rows is None or r.shape[0] == target.rows))
 
 
 def check(targets: list[Target], records: list[Record], device: str) -> list[Verdict]:

@@ -1,6 +1,6 @@
 """softmax / log_softmax over the rows of a (rows, cols) tensor: Triton kernels.
 
-Forward, two kernels by row length:
+Forward, three ways by row length and row count:
   * one pass ("tile"): a program loads ROWS whole rows into registers, reduces max and
     sum there and writes the result: each element is read once and written once, the
     minimum traffic. Used while a row fits on chip (cols <= SINGLE_PASS_MAX_COLS).
@@ -9,6 +9,9 @@ Forward, two kernels by row length:
     (s <- s * exp(m_old - m_new) + sum exp(x - m_new); Milakov & Gimelshein 2018,
     "Online normalizer calculation for softmax"), then a second sweep writes the
     output. That second read usually hits L2, which holds the row just read.
+  * split: long rows too few to give every SM several programs (a few rows over a 256k
+    vocabulary) are cut into chunks, a program each: one kernel writes each chunk's
+    (max, sum) pair, a second combines its row's pairs and writes its chunk.
 Backward likewise, with y the forward output and dy the incoming gradient:
   softmax:      dx = y * (dy - sum(dy * y))
   log_softmax:  dx = dy - exp(y) * sum(dy)
@@ -18,11 +21,13 @@ Autotuning (num_warps) is keyed on the tile shape, not the exact row length, so 
 model whose lengths vary tunes once per power of two. It runs on the first call of
 each shape: warm up before capturing a CUDA graph.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from fastdl._outputs import empty_output
+from fastdl._outputs import empty_output, stats_dtype
 from fastdl.triton._launch import accumulator_dtype, autotune_configs, on_device, tile_shape
 
 # Longest row kept whole in registers by the one-pass kernels (16k fp32 = 64 KiB a row).
@@ -31,6 +36,10 @@ SINGLE_PASS_MAX_COLS = 16384
 LOOP_BLOCK_COLS = 4096
 # Elements one program of the tile kernels aims to hold (several short rows each).
 TILE_ELEMENTS = 4096
+# Long rows too few to fill the GPU one program a row (a 256k-vocabulary softmax over a
+# few rows) are cut into chunks of whole LOOP_BLOCK_COLS blocks, a program each, aiming at
+# this many programs per SM (the split kernels below).
+SPLIT_PROGRAMS_PER_SM = 4
 
 
 # ---------------------------------------------------------------------------------
@@ -64,6 +73,44 @@ def _softmax_forward_tile_kernel(
     tl.store(y_ptr + row * n_cols + col, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# Walks over the columns [begin, end) of one row, shared by the loop kernels (the whole
+# row) and the split kernels (a chunk of it).
+@triton.jit
+def _online_max_sum(x_row, begin, end, BLOCK_COLS: tl.constexpr, ACC: tl.constexpr):
+    """(max, sum of exp(x - max)) over x_row[begin:end]."""
+    # Per-lane running max and sum; lanes combine once at the end.
+    m = tl.full([BLOCK_COLS], -float("inf"), ACC)
+    s = tl.zeros([BLOCK_COLS], ACC)
+    for start in range(begin, end, BLOCK_COLS):
+        col = start + tl.arange(0, BLOCK_COLS)
+        x = tl.load(x_row + col, mask=col < end, other=-float("inf")).to(ACC)
+        m_new = tl.maximum(m, x)
+        # A lane that has seen only -inf keeps m = -inf and s = 0 (exp(-inf - -inf) would
+        # be NaN); a NaN in x makes m_new NaN, takes the update and poisons s, as in torch.
+        s = tl.where(m_new == -float("inf"), s, s * tl.exp(m - m_new) + tl.exp(x - m_new))
+        m = m_new
+    row_max = tl.max(m, axis=0)
+    # All -inf: max = -inf, sum 0 (the row's outputs are then NaN, as torch's).
+    row_sum = tl.sum(tl.where(m == -float("inf"), 0.0, s * tl.exp(m - row_max)), axis=0)
+    return row_max, row_sum
+
+
+@triton.jit
+def _write_softmax(x_row, y_row, begin, end, row_max, row_sum, BLOCK_COLS: tl.constexpr, LOG: tl.constexpr,
+                   ACC: tl.constexpr):
+    """y_row[begin:end] from x_row[begin:end] and the row's max and sum."""
+    log_sum = tl.log(row_sum)
+    for start in range(begin, end, BLOCK_COLS):
+        col = start + tl.arange(0, BLOCK_COLS)
+        mask = col < end
+        x = tl.load(x_row + col, mask=mask, other=0.0).to(ACC)
+        if LOG:
+            y = x - row_max - log_sum
+        else:
+            y = tl.exp(x - row_max) / row_sum
+        tl.store(y_row + col, y.to(y_row.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
 @triton.jit
 def _softmax_forward_loop_kernel(
@@ -77,31 +124,66 @@ def _softmax_forward_loop_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
-    y_row = y_ptr + row * n_cols
-    # Per-lane running max and sum; lanes combine once at the end.
-    m = tl.full([BLOCK_COLS], -float("inf"), ACC)
-    s = tl.zeros([BLOCK_COLS], ACC)
-    for start in range(0, n_cols, BLOCK_COLS):
-        col = start + tl.arange(0, BLOCK_COLS)
-        x = tl.load(x_row + col, mask=col < n_cols, other=-float("inf")).to(ACC)
-        m_new = tl.maximum(m, x)
-        # A lane that has seen only -inf keeps m = -inf and s = 0 (exp(-inf - -inf) would
-        # be NaN); a NaN in x makes m_new NaN, takes the update and poisons s, as in torch.
-        s = tl.where(m_new == -float("inf"), s, s * tl.exp(m - m_new) + tl.exp(x - m_new))
-        m = m_new
-    row_max = tl.max(m, axis=0)
-    # All -inf row: row_max = -inf, sum 0, outputs NaN below (as torch).
-    row_sum = tl.sum(tl.where(m == -float("inf"), 0.0, s * tl.exp(m - row_max)), axis=0)
-    log_sum = tl.log(row_sum)
-    for start in range(0, n_cols, BLOCK_COLS):
-        col = start + tl.arange(0, BLOCK_COLS)
-        mask = col < n_cols
-        x = tl.load(x_row + col, mask=mask, other=0.0).to(ACC)
-        if LOG:
-            y = x - row_max - log_sum
-        else:
-            y = tl.exp(x - row_max) / row_sum
-        tl.store(y_row + col, y.to(y_ptr.dtype.element_ty), mask=mask)
+    row_max, row_sum = _online_max_sum(x_row, 0, n_cols, BLOCK_COLS, ACC)
+    _write_softmax(x_row, y_ptr + row * n_cols, 0, n_cols, row_max, row_sum, BLOCK_COLS, LOG, ACC)
+
+
+# Split rows: the online softmax across programs (Milakov & Gimelshein 2018, sec. 3:
+# partial (max, sum) pairs combine in any grouping). Pass 1 writes each chunk's pair;
+# pass 2 combines its row's pairs, in chunk order (the same bits every run), and writes
+# its chunk. x is read twice, as by the loop kernel; the pairs are 8 bytes a chunk.
+@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
+@triton.jit
+def _softmax_chunk_stats_kernel(
+    x_ptr,  # input, (n_rows, n_cols), last dim contiguous
+    max_ptr,  # (n_rows, n_chunks) fp32 / fp64: each chunk's max
+    sum_ptr,  # (n_rows, n_chunks): each chunk's sum of exp(x - its max)
+    x_row_stride,
+    n_cols,
+    chunk_cols,  # columns per chunk, a multiple of BLOCK_COLS
+    n_chunks,
+    BLOCK_COLS: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    begin = chunk * chunk_cols
+    chunk_max, chunk_sum = _online_max_sum(x_ptr + row * x_row_stride, begin,
+                                           tl.minimum(begin + chunk_cols, n_cols), BLOCK_COLS, ACC)
+    tl.store(max_ptr + row * n_chunks + chunk, chunk_max)
+    tl.store(sum_ptr + row * n_chunks + chunk, chunk_sum)
+
+
+@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS", "BLOCK_CHUNKS"])
+@triton.jit
+def _softmax_chunk_write_kernel(
+    x_ptr,
+    y_ptr,  # output, (n_rows, n_cols), contiguous
+    max_ptr,
+    sum_ptr,
+    x_row_stride,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    BLOCK_COLS: tl.constexpr,
+    BLOCK_CHUNKS: tl.constexpr,  # power of two >= n_chunks
+    LOG: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    c = tl.arange(0, BLOCK_CHUNKS)
+    chunk_maxes = tl.load(max_ptr + row * n_chunks + c, mask=c < n_chunks, other=-float("inf"))
+    chunk_sums = tl.load(sum_ptr + row * n_chunks + c, mask=c < n_chunks, other=0.0)
+    row_max = tl.max(chunk_maxes, axis=0)
+    # A chunk of only -inf (sum 0) adds nothing; all -inf: row_max = -inf, sum 0, outputs NaN
+    # (as torch). Test the sum, not the max: a NaN in x can leave its chunk's max at -inf
+    # (the max reduction may skip NaN) but always makes its sum NaN, which must reach every
+    # output of the row.
+    row_sum = tl.sum(tl.where(chunk_sums == 0.0, 0.0, chunk_sums * tl.exp(chunk_maxes - row_max)), axis=0)
+    begin = chunk * chunk_cols
+    _write_softmax(x_ptr + row * x_row_stride, y_ptr + row * n_cols, begin, tl.minimum(begin + chunk_cols, n_cols),
+                   row_max, row_sum, BLOCK_COLS, LOG, ACC)
 
 
 # ---------------------------------------------------------------------------------
@@ -134,6 +216,37 @@ def _softmax_backward_tile_kernel(
     tl.store(dx_ptr + row * n_cols + col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _row_dot(dy_row, y_row, begin, end, BLOCK_COLS: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr):
+    """sum(dy * y) over [begin, end), or sum(dy) for log_softmax."""
+    acc = tl.zeros([BLOCK_COLS], ACC)
+    for start in range(begin, end, BLOCK_COLS):
+        col = start + tl.arange(0, BLOCK_COLS)
+        mask = col < end
+        dy = tl.load(dy_row + col, mask=mask, other=0.0).to(ACC)
+        if LOG:
+            acc += dy
+        else:
+            acc += dy * tl.load(y_row + col, mask=mask, other=0.0).to(ACC)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _write_dx(dy_row, y_row, dx_row, begin, end, total, BLOCK_COLS: tl.constexpr, LOG: tl.constexpr,
+              ACC: tl.constexpr):
+    """dx_row[begin:end] from dy, y and the row's dot product."""
+    for start in range(begin, end, BLOCK_COLS):
+        col = start + tl.arange(0, BLOCK_COLS)
+        mask = col < end
+        dy = tl.load(dy_row + col, mask=mask, other=0.0).to(ACC)
+        y = tl.load(y_row + col, mask=mask, other=0.0).to(ACC)
+        if LOG:
+            dx = dy - tl.exp(y) * total
+        else:
+            dx = y * (dy - total)
+        tl.store(dx_row + col, dx.to(dx_row.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
 @triton.jit
 def _softmax_backward_loop_kernel(
@@ -150,32 +263,84 @@ def _softmax_backward_loop_kernel(
     row = tl.program_id(0).to(tl.int64)
     dy_row = dy_ptr + row * dy_row_stride
     y_row = y_ptr + row * y_row_stride
-    dx_row = dx_ptr + row * n_cols
-    acc = tl.zeros([BLOCK_COLS], ACC)
-    for start in range(0, n_cols, BLOCK_COLS):
-        col = start + tl.arange(0, BLOCK_COLS)
-        mask = col < n_cols
-        dy = tl.load(dy_row + col, mask=mask, other=0.0).to(ACC)
-        if LOG:
-            acc += dy
-        else:
-            acc += dy * tl.load(y_row + col, mask=mask, other=0.0).to(ACC)
-    total = tl.sum(acc, axis=0)
-    for start in range(0, n_cols, BLOCK_COLS):
-        col = start + tl.arange(0, BLOCK_COLS)
-        mask = col < n_cols
-        dy = tl.load(dy_row + col, mask=mask, other=0.0).to(ACC)
-        y = tl.load(y_row + col, mask=mask, other=0.0).to(ACC)
-        if LOG:
-            dx = dy - tl.exp(y) * total
-        else:
-            dx = y * (dy - total)
-        tl.store(dx_row + col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    total = _row_dot(dy_row, y_row, 0, n_cols, BLOCK_COLS, LOG, ACC)
+    _write_dx(dy_row, y_row, dx_ptr + row * n_cols, 0, n_cols, total, BLOCK_COLS, LOG, ACC)
+
+
+# Split rows, backward: pass 1 writes each chunk's share of the row's dot product, pass 2
+# adds its row's shares in chunk order and writes its chunk of dx.
+@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
+@triton.jit
+def _softmax_backward_chunk_dot_kernel(
+    dy_ptr,
+    y_ptr,
+    dot_ptr,  # (n_rows, n_chunks) fp32 / fp64
+    dy_row_stride,
+    y_row_stride,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    BLOCK_COLS: tl.constexpr,
+    LOG: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    begin = chunk * chunk_cols
+    share = _row_dot(dy_ptr + row * dy_row_stride, y_ptr + row * y_row_stride, begin,
+                     tl.minimum(begin + chunk_cols, n_cols), BLOCK_COLS, LOG, ACC)
+    tl.store(dot_ptr + row * n_chunks + chunk, share)
+
+
+@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS", "BLOCK_CHUNKS"])
+@triton.jit
+def _softmax_backward_chunk_write_kernel(
+    dy_ptr,
+    y_ptr,
+    dx_ptr,  # (n_rows, n_cols), contiguous
+    dot_ptr,
+    dy_row_stride,
+    y_row_stride,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    BLOCK_COLS: tl.constexpr,
+    BLOCK_CHUNKS: tl.constexpr,
+    LOG: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    c = tl.arange(0, BLOCK_CHUNKS)
+    total = tl.sum(tl.load(dot_ptr + row * n_chunks + c, mask=c < n_chunks, other=0.0), axis=0)
+    begin = chunk * chunk_cols
+    _write_dx(dy_ptr + row * dy_row_stride, y_ptr + row * y_row_stride, dx_ptr + row * n_cols, begin,
+              tl.minimum(begin + chunk_cols, n_cols), total, BLOCK_COLS, LOG, ACC)
 
 
 # ---------------------------------------------------------------------------------
 # launchers: 2-D (rows, cols) tensors whose last dim is contiguous
 # ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int]:
+    """(chunks per row, columns per chunk) for a row too long for the one-pass kernels:
+    (1, n_cols) when one program a row already gives SPLIT_PROGRAMS_PER_SM programs per
+    SM (the loop kernels), else enough chunks of whole LOOP_BLOCK_COLS blocks to do so."""
+    if device.type == "cuda":
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sms = 2  # the interpreter: a few rows already split, so the tests reach these kernels
+    target = SPLIT_PROGRAMS_PER_SM * sms
+    blocks = triton.cdiv(n_cols, LOOP_BLOCK_COLS)
+    chunks = min(triton.cdiv(target, n_rows), blocks) if n_rows < target else 1
+    if chunks <= 1:
+        return 1, n_cols
+    chunk_cols = triton.cdiv(blocks, chunks) * LOOP_BLOCK_COLS
+    return triton.cdiv(n_cols, chunk_cols), chunk_cols  # no empty chunk
 def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
     n_rows, n_cols = x.shape
     y = empty_output((n_rows, n_cols), x.dtype, x.device)
@@ -189,11 +354,25 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
             _softmax_forward_tile_kernel[grid](
                 x, y, x.stride(0), n_rows, n_cols, BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc
             )
-    else:
+        return y
+    chunks, chunk_cols = split_chunks(n_rows, n_cols, x.device)
+    if chunks == 1:
         with on_device(x):
             _softmax_forward_loop_kernel[(n_rows,)](
                 x, y, x.stride(0), n_cols, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc
             )
+        return y
+    stats = stats_dtype(x.dtype)
+    chunk_max = torch.empty((n_rows, chunks), dtype=stats, device=x.device)
+    chunk_sum = torch.empty((n_rows, chunks), dtype=stats, device=x.device)
+    with on_device(x):
+        _softmax_chunk_stats_kernel[(n_rows, chunks)](
+            x, chunk_max, chunk_sum, x.stride(0), n_cols, chunk_cols, chunks, BLOCK_COLS=LOOP_BLOCK_COLS, ACC=acc
+        )
+        _softmax_chunk_write_kernel[(n_rows, chunks)](
+            x, y, chunk_max, chunk_sum, x.stride(0), n_cols, chunk_cols, chunks,
+            BLOCK_COLS=LOOP_BLOCK_COLS, BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc,
+        )
     return y
 
 
@@ -211,10 +390,23 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool) -> to
                 grad_out, out, dx, grad_out.stride(0), out.stride(0), n_rows, n_cols,
                 BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc,
             )
-    else:
+        return dx
+    chunks, chunk_cols = split_chunks(n_rows, n_cols, out.device)
+    if chunks == 1:
         with on_device(out):
             _softmax_backward_loop_kernel[(n_rows,)](
                 grad_out, out, dx, grad_out.stride(0), out.stride(0), n_cols,
                 BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc,
             )
+        return dx
+    chunk_dot = torch.empty((n_rows, chunks), dtype=stats_dtype(out.dtype), device=out.device)
+    with on_device(out):
+        _softmax_backward_chunk_dot_kernel[(n_rows, chunks)](
+            grad_out, out, chunk_dot, grad_out.stride(0), out.stride(0), n_cols, chunk_cols, chunks,
+            BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc,
+        )
+        _softmax_backward_chunk_write_kernel[(n_rows, chunks)](
+            grad_out, out, dx, chunk_dot, grad_out.stride(0), out.stride(0), n_cols, chunk_cols, chunks,
+            BLOCK_COLS=LOOP_BLOCK_COLS, BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc,
+        )
     return dx
