@@ -22,6 +22,7 @@ model whose lengths vary tunes once per power of two. It runs on the first call 
 each shape: warm up before capturing a CUDA graph.
 """
 import functools
+import os
 
 import torch
 import triton
@@ -38,8 +39,9 @@ LOOP_BLOCK_COLS = 4096
 TILE_ELEMENTS = 4096
 # Long rows too few to fill the GPU one program a row (a 256k-vocabulary softmax over a
 # few rows) are cut into chunks of whole LOOP_BLOCK_COLS blocks, a program each, aiming at
-# this many programs per SM (the split kernels below).
-SPLIT_PROGRAMS_PER_SM = 4
+# this many programs per SM (the split kernels below); FASTDL_TRITON_SPLIT_PER_SM=0 turns
+# the split off (to time it against the loop kernels).
+SPLIT_PROGRAMS_PER_SM = int(os.environ.get("FASTDL_TRITON_SPLIT_PER_SM", "4"))
 
 
 # ---------------------------------------------------------------------------------
