@@ -1,5 +1,6 @@
 """Helpers shared by the Triton launchers."""
 import contextlib
+import functools
 import os
 
 import torch
@@ -43,3 +44,16 @@ def on_device(t: torch.Tensor):
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (read once per device); 2 for CPU tensors
+    under the interpreter, so that the tests reach the code paths meant for many rows."""
+    if device.type != "cuda":
+        return 2
+    return _device_sm_count(device.index if device.index is not None else torch.cuda.current_device())

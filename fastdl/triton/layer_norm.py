@@ -21,14 +21,13 @@ block of rows into one fp32 row of a partial buffer, then the partial rows are s
 in a fixed order. No atomics: two runs give bitwise-equal gradients.
 Statistics (mean, rstd) are saved in fp32 (fp64 for fp64 inputs); arithmetic likewise.
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
-from fastdl.triton._launch import accumulator_dtype, autotune_configs, on_device, tile_shape
+from fastdl.triton._launch import accumulator_dtype, autotune_configs, on_device, sm_count, tile_shape
 
 # Longest row the tile kernels keep whole in registers.
 FORWARD_TILE_MAX_COLS = 16384
@@ -336,17 +335,9 @@ def norm_forward(x, residual, weight, bias, eps: float, rms: bool):
     return y, h, mean, rstd
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _backward_programs(n_rows: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        sms = 2  # the interpreter: few programs, so each walks several rows
-    return max(1, min(n_rows, PROGRAMS_PER_SM * sms))
+    # the interpreter counts 2 SMs: few programs, so each walks several rows
+    return max(1, min(n_rows, PROGRAMS_PER_SM * sm_count(device)))
 
 
 def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):

@@ -21,7 +21,6 @@ Autotuning (num_warps) is keyed on the tile shape, not the exact row length, so 
 model whose lengths vary tunes once per power of two. It runs on the first call of
 each shape: warm up before capturing a CUDA graph.
 """
-import functools
 import os
 
 import torch
@@ -29,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
-from fastdl.triton._launch import accumulator_dtype, autotune_configs, on_device, tile_shape
+from fastdl.triton._launch import accumulator_dtype, autotune_configs, on_device, sm_count, tile_shape
 
 # Longest row kept whole in registers by the one-pass kernels (16k fp32 = 64 KiB a row).
 SINGLE_PASS_MAX_COLS = 16384
@@ -323,20 +322,11 @@ def _softmax_backward_chunk_write_kernel(
 # ---------------------------------------------------------------------------------
 # launchers: 2-D (rows, cols) tensors whose last dim is contiguous
 # ---------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def split_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int]:
     """(chunks per row, columns per chunk) for a row too long for the one-pass kernels:
     (1, n_cols) when one program a row already gives SPLIT_PROGRAMS_PER_SM programs per
     SM (the loop kernels), else enough chunks of whole LOOP_BLOCK_COLS blocks to do so."""
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        sms = 2  # the interpreter: a few rows already split, so the tests reach these kernels
-    target = SPLIT_PROGRAMS_PER_SM * sms
+    target = SPLIT_PROGRAMS_PER_SM * sm_count(device)  # the interpreter: 2 SMs, so a few rows split
     blocks = triton.cdiv(n_cols, LOOP_BLOCK_COLS)
     chunks = min(triton.cdiv(target, n_rows), blocks) if n_rows < target else 1
     if chunks <= 1:
