@@ -194,6 +194,21 @@ def test_long_rows_both_ways(case, dtype, shape, way, monkeypatch):
             torch.testing.assert_close(y, ref(x, -1), equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_nan_among_minus_inf_poisons_a_long_row(case):
+    """A long row whose NaN sits in a stretch of -inf (a chunk of a split row with no finite
+    value): the whole row is NaN, as torch gives."""
+    backend, device = case
+    x = torch.randn(2, 70000, device=device)
+    x[0, 20000:40000] = float("-inf")
+    x[0, 30000] = float("nan")
+    x[1, 20000:40000] = float("-inf")  # no NaN: zeros there, the rest as usual
+    for fn, ref in ((fastdl.ops.softmax, torch.softmax), (fastdl.ops.log_softmax, torch.log_softmax)):
+        y = _run(backend, fn, x, -1)
+        assert y[0].isnan().all(), f"{fn.__name__}: the NaN did not reach every output of its row"
+        torch.testing.assert_close(y[1], ref(x, -1)[1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_half_precision_large_values(case, dtype):

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
@@ -144,6 +145,119 @@ FASTDL_MULTIVERSION void backward_rows(const T* dy, int64_t dy_stride, const T* 
   }
 }
 
+// Few long rows (a 256k vocabulary over a batch of one to a few): one task a row would
+// leave threads idle, so each row is cut into kChunkCols-column chunks, a task each. The
+// forward finds each chunk's max and sum of exp (writing the exps), combines a row's
+// chunks in order (Milakov & Gimelshein 2018, sec. 3), then rescales each chunk; the
+// backward adds a row's dot product from its chunks' shares. Chosen by shape alone, so
+// the same input gives the same bits on any number of threads. float / double only (the
+// 16-bit rows take the row kernels).
+constexpr int64_t kSplitMaxRows = 64, kSplitMinCols = 32768, kChunkCols = 16384;
+
+bool split_rows(int64_t rows, int64_t cols) { return rows < kSplitMaxRows && cols >= kSplitMinCols; }
+
+// One chunk, first pass: its max and sum of exp(x - max); softmax writes the exps into y.
+// A chunk of only -inf gives max -inf, sum 0 and zeros; a NaN anywhere makes the sum NaN.
+template <typename T, bool kLog>
+FASTDL_MULTIVERSION void forward_chunk_stats(const T* x, T* y, int64_t n, T* chunk_max, T* chunk_sum) {
+  T max_val = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : max_val)
+  for (int64_t j = 0; j < n; ++j) max_val = x[j] > max_val ? x[j] : max_val;
+  T sum = 0;
+  if (max_val == -std::numeric_limits<T>::infinity()) {  // -inf and NaN only (the max skips NaN)
+    if constexpr (!kLog) std::fill(y, y + n, T(0));
+    sum = blocked_sum<T>(n, [&](int64_t j) FASTDL_LAMBDA_INLINE { return x[j] != x[j] ? x[j] : T(0); });
+  } else {
+    sum = blocked_sum<T>(n, [&](int64_t j) FASTDL_LAMBDA_INLINE {
+      const T e = exp_acc(x[j] - max_val);
+      if constexpr (!kLog) y[j] = e;
+      return e;
+    });
+  }
+  *chunk_max = max_val;
+  *chunk_sum = sum;
+}
+
+// One chunk, second pass, given its row's max and sum (a row of only -inf gives NaN, as torch).
+template <typename T, bool kLog>
+FASTDL_MULTIVERSION void forward_chunk_finish(const T* x, T* y, int64_t n, T row_max, T row_sum, T chunk_max) {
+  if constexpr (kLog) {
+    const T log_sum = std::log(row_sum);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] = (x[j] - row_max) - log_sum;
+  } else {
+    const T scale = std::exp(chunk_max - row_max) / row_sum;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] *= scale;
+  }
+}
+
+template <typename T, bool kLog>
+void forward_split(const T* x, int64_t x_stride, T* y, int64_t rows, int64_t cols) {
+  const int64_t chunks = (cols + kChunkCols - 1) / kChunkCols;
+  std::vector<T> chunk_max(rows * chunks), chunk_sum(rows * chunks), row_max(rows), row_sum(rows);
+  auto chunk_cols = [&](int64_t c) { return std::min(kChunkCols, cols - c * kChunkCols); };
+  at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / chunks, c = t % chunks;
+      forward_chunk_stats<T, kLog>(x + r * x_stride + c * kChunkCols, y + r * cols + c * kChunkCols, chunk_cols(c),
+                                   &chunk_max[t], &chunk_sum[t]);
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    T m = -std::numeric_limits<T>::infinity(), s = 0;
+    for (int64_t c = 0; c < chunks; ++c) m = chunk_max[r * chunks + c] > m ? chunk_max[r * chunks + c] : m;
+    for (int64_t c = 0; c < chunks; ++c) {  // in order; a NaN sum (a NaN in x) reaches the row's sum
+      const T cs = chunk_sum[r * chunks + c];
+      s += cs == T(0) ? T(0) : cs * std::exp(chunk_max[r * chunks + c] - m);
+    }
+    row_max[r] = m;
+    row_sum[r] = s;
+  }
+  at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / chunks, c = t % chunks;
+      forward_chunk_finish<T, kLog>(x + r * x_stride + c * kChunkCols, y + r * cols + c * kChunkCols, chunk_cols(c),
+                                    row_max[r], row_sum[r], chunk_max[t]);
+    }
+  });
+}
+
+template <typename T, bool kLog>
+FASTDL_MULTIVERSION T backward_chunk_dot(const T* dy, const T* y, int64_t n) {
+  if constexpr (kLog) return blocked_sum<T>(n, [&](int64_t j) FASTDL_LAMBDA_INLINE { return dy[j]; });
+  else return blocked_sum<T>(n, [&](int64_t j) FASTDL_LAMBDA_INLINE { return dy[j] * y[j]; });
+}
+
+template <typename T, bool kLog>
+FASTDL_MULTIVERSION void backward_chunk_finish(const T* dy, const T* y, T* dx, int64_t n, T dot) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dx[j] = kLog ? dy[j] - exp_acc(y[j]) * dot : y[j] * (dy[j] - dot);
+}
+
+template <typename T, bool kLog>
+void backward_split(const T* dy, int64_t dy_stride, const T* y, int64_t y_stride, T* dx, int64_t rows, int64_t cols) {
+  const int64_t chunks = (cols + kChunkCols - 1) / kChunkCols;
+  std::vector<T> shares(rows * chunks), dots(rows, T(0));
+  auto chunk_cols = [&](int64_t c) { return std::min(kChunkCols, cols - c * kChunkCols); };
+  at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / chunks, c = t % chunks;
+      shares[t] = backward_chunk_dot<T, kLog>(dy + r * dy_stride + c * kChunkCols, y + r * y_stride + c * kChunkCols,
+                                              chunk_cols(c));
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < chunks; ++c) dots[r] += shares[r * chunks + c];  // in order
+  at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / chunks, c = t % chunks;
+      backward_chunk_finish<T, kLog>(dy + r * dy_stride + c * kChunkCols, y + r * y_stride + c * kChunkCols,
+                                     dx + r * cols + c * kChunkCols, chunk_cols(c), dots[r]);
+    }
+  });
+}
+
 void check_softmax_rows(const char* fn, const char* name, const at::Tensor& t) {
   check_rows(fn, name, t, at::kCPU);
   check_float_dtype(fn, name, t);
@@ -158,6 +272,13 @@ at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t stride = x.stride(0);
+    if constexpr (!kIs16Bit<scalar_t>) {
+      if (split_rows(rows, cols)) {
+        if (log) forward_split<scalar_t, true>(xp, stride, yp, rows, cols);
+        else forward_split<scalar_t, false>(xp, stride, yp, rows, cols);
+        return;
+      }
+    }
     at::parallel_for(0, rows, grain_rows(cols, 8192), [&](int64_t begin, int64_t end) {
       if (log) forward_rows<scalar_t, true>(xp, stride, yp, begin, end, cols);
       else forward_rows<scalar_t, false>(xp, stride, yp, begin, end, cols);
@@ -181,6 +302,13 @@ at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& o
     const scalar_t* yp = out.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     const int64_t dy_stride = grad_out.stride(0), y_stride = out.stride(0);
+    if constexpr (!kIs16Bit<scalar_t>) {
+      if (split_rows(rows, cols)) {
+        if (log) backward_split<scalar_t, true>(dyp, dy_stride, yp, y_stride, dxp, rows, cols);
+        else backward_split<scalar_t, false>(dyp, dy_stride, yp, y_stride, dxp, rows, cols);
+        return;
+      }
+    }
     at::parallel_for(0, rows, grain_rows(cols, 8192), [&](int64_t begin, int64_t end) {
       if (log) backward_rows<scalar_t, true>(dyp, dy_stride, yp, y_stride, dxp, begin, end, cols);
       else backward_rows<scalar_t, false>(dyp, dy_stride, yp, y_stride, dxp, begin, end, cols);
