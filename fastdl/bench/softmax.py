@@ -72,13 +72,13 @@ def cases(device: torch.device, quick: bool = False):
     if quick:
         all_cols = all_cols[::2]
     out = _host_cases(device)  # first: cheap, and never cut by --max-seconds
-    if device.type == "cuda":
+    if device.type == "cuda" or not quick:
         # a few rows over a long vocabulary (sampling from a language model): too few rows to
-        # fill the GPU one program a row, where Triton splits each row across programs
+        # fill the GPU one program a row, or the CPU's threads one row a task: both split rows
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         for direction, tensors in (("fwd", 2), ("bwd", 3)):
-            out.append(Case("softmax", direction, torch.bfloat16, VOCAB_SHAPE, tensors * VOCAB_SHAPE[0] *
-                            VOCAB_SHAPE[1] * 2, functools.partial(_impls, device, torch.bfloat16, VOCAB_SHAPE,
-                                                                  direction)))
+            out.append(Case("softmax", direction, dtype, VOCAB_SHAPE, tensors * VOCAB_SHAPE[0] * VOCAB_SHAPE[1] *
+                            dtype.itemsize, functools.partial(_impls, device, dtype, VOCAB_SHAPE, direction)))
     for dtype in dtypes:
         size = torch.tensor([], dtype=dtype).element_size()
         for cols in all_cols:
