@@ -209,6 +209,39 @@ def test_nan_among_minus_inf_poisons_a_long_row(case):
         torch.testing.assert_close(y[1], ref(x, -1)[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif("cpu" not in fastdl.available_backends("cpu"), reason="fastdl._C (cpu) not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_long_rows_same_bits_either_way(dtype):
+    """The CPU kernel cuts rows of 32k+ columns into chunks: with fewer rows than threads each
+    chunk is a task, otherwise a thread walks whole rows chunk by chunk. A row gives the same
+    bits either way, alone or among other rows, forward and backward, special values too."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 70001, dtype=dtype) * 4
+    x[1, :40000] = float("-inf")  # -inf in some chunks only
+    x[2, 20000:40000] = float("-inf")
+    x[2, 30000] = float("nan")  # NaN among -inf: the whole row NaN
+    x[3] *= 1e30
+    grad = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    try:
+        for log in (False, True):
+            fwd = lambda t: torch.ops.fastdl.softmax_rows_forward(t, log)
+            bwd = lambda g, y: torch.ops.fastdl.softmax_rows_backward(g, y, log)
+            torch.set_num_threads(8)  # more threads than rows: every row split into tasks
+            y_split, dx_split = fwd(x), bwd(grad, fwd(x))
+            y_rows = torch.cat([fwd(x[r : r + 1]) for r in range(4)])  # one row at a time
+            torch.set_num_threads(1)  # one thread walks the rows
+            y_walk, dx_walk = fwd(x), bwd(grad, fwd(x))
+            for got in (y_rows, y_walk):
+                torch.testing.assert_close(got, y_split, rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(dx_walk, dx_split, rtol=0, atol=0, equal_nan=True)
+            ref = torch.log_softmax if log else torch.softmax
+            torch.testing.assert_close(y_split, ref(x, -1), rtol=1e-5, atol=1e-6, equal_nan=True)
+            assert y_split[2].isnan().all()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_half_precision_large_values(case, dtype):

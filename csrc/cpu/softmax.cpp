@@ -145,16 +145,21 @@ FASTDL_MULTIVERSION void backward_rows(const T* dy, int64_t dy_stride, const T* 
   }
 }
 
-// Few long rows (a 256k vocabulary over a batch of one to a few): one task a row would
-// leave threads idle, so each row is cut into kChunkCols-column chunks, a task each. The
-// forward finds each chunk's max and sum of exp (writing the exps), combines a row's
-// chunks in order (Milakov & Gimelshein 2018, sec. 3), then rescales each chunk; the
-// backward adds a row's dot product from its chunks' shares. Chosen by shape alone, so
-// the same input gives the same bits on any number of threads. float / double only (the
-// 16-bit rows take the row kernels).
-constexpr int64_t kSplitMaxRows = 64, kSplitMinCols = 32768, kChunkCols = 16384;
+// Long rows (cols >= kLongCols) go chunk by chunk, kChunkCols columns at a time. The
+// forward finds each chunk's max and sum of exp (writing the exps while the chunk is in
+// L1/L2), combines a row's chunks in order (Milakov & Gimelshein 2018, sec. 3), then
+// rescales each chunk: x is read once, where the row kernel reads it twice. The backward
+// adds a row's dot product from its chunks' shares, in order. When there are fewer rows
+// than threads, the chunks are tasks of their own (a 256k vocabulary over a batch of one);
+// otherwise each thread takes whole rows and walks their chunks itself. The chunks and the
+// order of their sums are the same either way, so a row's bits depend neither on the
+// number of threads nor on the rows around it. float / double only (16-bit rows take the
+// row kernels).
+constexpr int64_t kLongCols = 32768, kChunkCols = 16384;
 
-bool split_rows(int64_t rows, int64_t cols) { return rows < kSplitMaxRows && cols >= kSplitMinCols; }
+bool long_rows(int64_t cols) { return cols >= kLongCols; }
+int64_t chunk_count(int64_t cols) { return (cols + kChunkCols - 1) / kChunkCols; }
+int64_t chunk_len(int64_t cols, int64_t c) { return std::min(kChunkCols, cols - c * kChunkCols); }
 
 // One chunk, first pass: its max and sum of exp(x - max); softmax writes the exps into y.
 // A chunk of only -inf gives max -inf, sum 0 and zeros; a NaN anywhere makes the sum NaN.
@@ -178,6 +183,17 @@ FASTDL_MULTIVERSION void forward_chunk_stats(const T* x, T* y, int64_t n, T* chu
   *chunk_sum = sum;
 }
 
+// A row's max and sum of exp(x - max) from its chunks', added in order; a NaN sum (a NaN
+// in x) reaches the row's sum.
+template <typename T>
+void combine_chunks(const T* chunk_max, const T* chunk_sum, int64_t chunks, T* row_max, T* row_sum) {
+  T m = -std::numeric_limits<T>::infinity(), s = 0;
+  for (int64_t c = 0; c < chunks; ++c) m = chunk_max[c] > m ? chunk_max[c] : m;
+  for (int64_t c = 0; c < chunks; ++c) s += chunk_sum[c] == T(0) ? T(0) : chunk_sum[c] * std::exp(chunk_max[c] - m);
+  *row_max = m;
+  *row_sum = s;
+}
+
 // One chunk, second pass, given its row's max and sum (a row of only -inf gives NaN, as torch).
 template <typename T, bool kLog>
 FASTDL_MULTIVERSION void forward_chunk_finish(const T* x, T* y, int64_t n, T row_max, T row_sum, T chunk_max) {
@@ -192,34 +208,53 @@ FASTDL_MULTIVERSION void forward_chunk_finish(const T* x, T* y, int64_t n, T row
   }
 }
 
+// Rows [begin, end), each walked chunk by chunk on this thread.
+template <typename T, bool kLog>
+void forward_long_rows(const T* x, int64_t x_stride, T* y, int64_t begin, int64_t end, int64_t cols) {
+  const int64_t chunks = chunk_count(cols);
+  std::vector<T> chunk_max(chunks), chunk_sum(chunks);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* xr = x + r * x_stride;
+    T* yr = y + r * cols;
+    for (int64_t c = 0; c < chunks; ++c)
+      forward_chunk_stats<T, kLog>(xr + c * kChunkCols, yr + c * kChunkCols, chunk_len(cols, c), &chunk_max[c],
+                                   &chunk_sum[c]);
+    T row_max, row_sum;
+    combine_chunks(chunk_max.data(), chunk_sum.data(), chunks, &row_max, &row_sum);
+    for (int64_t c = 0; c < chunks; ++c)
+      forward_chunk_finish<T, kLog>(xr + c * kChunkCols, yr + c * kChunkCols, chunk_len(cols, c), row_max, row_sum,
+                                    chunk_max[c]);
+  }
+}
+
+// Fewer rows than threads: every chunk of every row a task.
 template <typename T, bool kLog>
 void forward_split(const T* x, int64_t x_stride, T* y, int64_t rows, int64_t cols) {
-  const int64_t chunks = (cols + kChunkCols - 1) / kChunkCols;
+  const int64_t chunks = chunk_count(cols);
   std::vector<T> chunk_max(rows * chunks), chunk_sum(rows * chunks), row_max(rows), row_sum(rows);
-  auto chunk_cols = [&](int64_t c) { return std::min(kChunkCols, cols - c * kChunkCols); };
   at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r = t / chunks, c = t % chunks;
-      forward_chunk_stats<T, kLog>(x + r * x_stride + c * kChunkCols, y + r * cols + c * kChunkCols, chunk_cols(c),
-                                   &chunk_max[t], &chunk_sum[t]);
+      forward_chunk_stats<T, kLog>(x + r * x_stride + c * kChunkCols, y + r * cols + c * kChunkCols,
+                                   chunk_len(cols, c), &chunk_max[t], &chunk_sum[t]);
     }
   });
-  for (int64_t r = 0; r < rows; ++r) {
-    T m = -std::numeric_limits<T>::infinity(), s = 0;
-    for (int64_t c = 0; c < chunks; ++c) m = chunk_max[r * chunks + c] > m ? chunk_max[r * chunks + c] : m;
-    for (int64_t c = 0; c < chunks; ++c) {  // in order; a NaN sum (a NaN in x) reaches the row's sum
-      const T cs = chunk_sum[r * chunks + c];
-      s += cs == T(0) ? T(0) : cs * std::exp(chunk_max[r * chunks + c] - m);
-    }
-    row_max[r] = m;
-    row_sum[r] = s;
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    combine_chunks(&chunk_max[r * chunks], &chunk_sum[r * chunks], chunks, &row_max[r], &row_sum[r]);
   at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r = t / chunks, c = t % chunks;
-      forward_chunk_finish<T, kLog>(x + r * x_stride + c * kChunkCols, y + r * cols + c * kChunkCols, chunk_cols(c),
-                                    row_max[r], row_sum[r], chunk_max[t]);
+      forward_chunk_finish<T, kLog>(x + r * x_stride + c * kChunkCols, y + r * cols + c * kChunkCols,
+                                    chunk_len(cols, c), row_max[r], row_sum[r], chunk_max[t]);
     }
+  });
+}
+
+template <typename T, bool kLog>
+void forward_long(const T* x, int64_t x_stride, T* y, int64_t rows, int64_t cols) {
+  if (rows < at::get_num_threads()) return forward_split<T, kLog>(x, x_stride, y, rows, cols);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    forward_long_rows<T, kLog>(x, x_stride, y, begin, end, cols);
   });
 }
 
@@ -236,15 +271,29 @@ FASTDL_MULTIVERSION void backward_chunk_finish(const T* dy, const T* y, T* dx, i
 }
 
 template <typename T, bool kLog>
+void backward_long_rows(const T* dy, int64_t dy_stride, const T* y, int64_t y_stride, T* dx, int64_t begin,
+                        int64_t end, int64_t cols) {
+  const int64_t chunks = chunk_count(cols);
+  for (int64_t r = begin; r < end; ++r) {
+    const T *dyr = dy + r * dy_stride, *yr = y + r * y_stride;
+    T dot = 0;
+    for (int64_t c = 0; c < chunks; ++c)  // in order, as backward_split adds them
+      dot += backward_chunk_dot<T, kLog>(dyr + c * kChunkCols, yr + c * kChunkCols, chunk_len(cols, c));
+    for (int64_t c = 0; c < chunks; ++c)
+      backward_chunk_finish<T, kLog>(dyr + c * kChunkCols, yr + c * kChunkCols, dx + r * cols + c * kChunkCols,
+                                     chunk_len(cols, c), dot);
+  }
+}
+
+template <typename T, bool kLog>
 void backward_split(const T* dy, int64_t dy_stride, const T* y, int64_t y_stride, T* dx, int64_t rows, int64_t cols) {
-  const int64_t chunks = (cols + kChunkCols - 1) / kChunkCols;
+  const int64_t chunks = chunk_count(cols);
   std::vector<T> shares(rows * chunks), dots(rows, T(0));
-  auto chunk_cols = [&](int64_t c) { return std::min(kChunkCols, cols - c * kChunkCols); };
   at::parallel_for(0, rows * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r = t / chunks, c = t % chunks;
       shares[t] = backward_chunk_dot<T, kLog>(dy + r * dy_stride + c * kChunkCols, y + r * y_stride + c * kChunkCols,
-                                              chunk_cols(c));
+                                              chunk_len(cols, c));
     }
   });
   for (int64_t r = 0; r < rows; ++r)
@@ -253,8 +302,16 @@ void backward_split(const T* dy, int64_t dy_stride, const T* y, int64_t y_stride
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r = t / chunks, c = t % chunks;
       backward_chunk_finish<T, kLog>(dy + r * dy_stride + c * kChunkCols, y + r * y_stride + c * kChunkCols,
-                                     dx + r * cols + c * kChunkCols, chunk_cols(c), dots[r]);
+                                     dx + r * cols + c * kChunkCols, chunk_len(cols, c), dots[r]);
     }
+  });
+}
+
+template <typename T, bool kLog>
+void backward_long(const T* dy, int64_t dy_stride, const T* y, int64_t y_stride, T* dx, int64_t rows, int64_t cols) {
+  if (rows < at::get_num_threads()) return backward_split<T, kLog>(dy, dy_stride, y, y_stride, dx, rows, cols);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    backward_long_rows<T, kLog>(dy, dy_stride, y, y_stride, dx, begin, end, cols);
   });
 }
 
@@ -273,9 +330,9 @@ at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const int64_t stride = x.stride(0);
     if constexpr (!kIs16Bit<scalar_t>) {
-      if (split_rows(rows, cols)) {
-        if (log) forward_split<scalar_t, true>(xp, stride, yp, rows, cols);
-        else forward_split<scalar_t, false>(xp, stride, yp, rows, cols);
+      if (long_rows(cols)) {
+        if (log) forward_long<scalar_t, true>(xp, stride, yp, rows, cols);
+        else forward_long<scalar_t, false>(xp, stride, yp, rows, cols);
         return;
       }
     }
@@ -303,9 +360,9 @@ at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& o
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
     const int64_t dy_stride = grad_out.stride(0), y_stride = out.stride(0);
     if constexpr (!kIs16Bit<scalar_t>) {
-      if (split_rows(rows, cols)) {
-        if (log) backward_split<scalar_t, true>(dyp, dy_stride, yp, y_stride, dxp, rows, cols);
-        else backward_split<scalar_t, false>(dyp, dy_stride, yp, y_stride, dxp, rows, cols);
+      if (long_rows(cols)) {
+        if (log) backward_long<scalar_t, true>(dyp, dy_stride, yp, y_stride, dxp, rows, cols);
+        else backward_long<scalar_t, false>(dyp, dy_stride, yp, y_stride, dxp, rows, cols);
         return;
       }
     }
