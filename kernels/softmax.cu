@@ -8,10 +8,18 @@
 //     online (max, sum) state per thread (Milakov & Gimelshein 2018), combines the states
 //     across the block, then a second sweep writes the output. The second read of the row
 //     usually hits L2. Scalar loads when the row is not 16-byte aligned.
+//   * split (long rows too few to fill the device with a block each: a 256k vocabulary
+//     over a small batch): each row is cut into chunks, a block each. A first kernel
+//     writes every chunk's (max, sum) (backward: its share of the dot product) to a
+//     workspace; a second combines its row's chunks, in a fixed order, and writes its
+//     chunk. Two launches and one more read of the row, against a grid of a few blocks.
 // Arithmetic in fp32 (fp64 for fp64); loads and stores in the element type.
 // Column indices are 64-bit: cols may come close to 2^31, where col + blockDim * kVec
 // would overflow an int.
+#include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <type_traits>
 
 #include "common/reduce.cuh"
 #include "common/row_tile.cuh"
@@ -84,18 +92,13 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   Tile::store(y + row * cols, t, cols, aligned, v);
 }
 
-template <typename T, bool kLog, int kVec>
-__global__ void __launch_bounds__(kBlockThreads)
-    softmax_forward_block_kernel(const T* __restrict__ x, T* __restrict__ y, int cols, int64_t x_row_stride) {
-  using A = typename Acc<T>::type;
-  __shared__ MaxSum<A> scratch[kBlockThreads / kWarpSize];
-  const int64_t row = blockIdx.x;
-  const T* x_row = x + row * x_row_stride;
-  T* y_row = y + row * cols;
-
-  // pass 1: online max and sum (cols is a multiple of kVec)
+// Columns [begin, end) of a row walked by a block of kBlockThreads in kVec-wide steps
+// (begin and end multiples of kVec): every thread's online (max, sum) state combined
+// across the block; every thread gets it.
+template <typename T, int kVec, typename A = typename Acc<T>::type>
+__device__ __forceinline__ MaxSum<A> block_max_sum(const T* x_row, int64_t begin, int64_t end, MaxSum<A>* scratch) {
   MaxSum<A> state{-INFINITY, A(0)};
-  for (int64_t col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
+  for (int64_t col = begin + threadIdx.x * kVec; col < end; col += kBlockThreads * kVec) {
     A v[kVec];
     load_acc<kVec>(x_row + col, v);
     MaxSum<A> chunk{v[0], A(0)};
@@ -107,17 +110,64 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
     state = combine(state, chunk);
   }
-  state = block_combine<kBlockThreads>(state, scratch);
-  const A scale = kLog ? log_acc(state.s) : A(1) / state.s;
+  return block_combine<kBlockThreads>(state, scratch);
+}
 
-  // pass 2: write
-  for (int64_t col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
+// y over columns [begin, end) from the row's max and sum.
+template <typename T, bool kLog, int kVec, typename A>
+__device__ __forceinline__ void block_write_softmax(const T* x_row, T* y_row, int64_t begin, int64_t end,
+                                                    MaxSum<A> row) {
+  // log_softmax = (x - max) - log(sum): never x - (max + log(sum)), which loses log(sum) near 3e38
+  const A scale = kLog ? log_acc(row.s) : A(1) / row.s;
+  for (int64_t col = begin + threadIdx.x * kVec; col < end; col += kBlockThreads * kVec) {
     A v[kVec];
     load_acc<kVec>(x_row + col, v);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) v[k] = kLog ? (v[k] - state.m) - scale : exp_acc(v[k] - state.m) * scale;
+    for (int k = 0; k < kVec; ++k) v[k] = kLog ? (v[k] - row.m) - scale : exp_acc(v[k] - row.m) * scale;
     store_acc<kVec>(y_row + col, v);
   }
+}
+
+template <typename T, bool kLog, int kVec>
+__global__ void __launch_bounds__(kBlockThreads)
+    softmax_forward_block_kernel(const T* __restrict__ x, T* __restrict__ y, int cols, int64_t x_row_stride) {
+  using A = typename Acc<T>::type;
+  __shared__ MaxSum<A> scratch[kBlockThreads / kWarpSize];
+  const int64_t row = blockIdx.x;
+  const MaxSum<A> state = block_max_sum<T, kVec>(x + row * x_row_stride, 0, cols, scratch);
+  block_write_softmax<T, kLog, kVec>(x + row * x_row_stride, y + row * cols, 0, cols, state);
+}
+
+// Split rows, grid (chunks, rows): chunk blockIdx.x of row blockIdx.y is columns
+// [chunk * chunk_cols, min(cols, (chunk + 1) * chunk_cols)); its (max, sum) goes to
+// stats[row * chunks + chunk].
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kBlockThreads)
+    softmax_forward_chunk_stats_kernel(const T* __restrict__ x, MaxSum<typename Acc<T>::type>* __restrict__ stats,
+                                       int cols, int chunk_cols, int64_t x_row_stride) {
+  using A = typename Acc<T>::type;
+  __shared__ MaxSum<A> scratch[kBlockThreads / kWarpSize];
+  const int64_t row = blockIdx.y;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk_cols;
+  const int64_t end = begin + chunk_cols < cols ? begin + chunk_cols : cols;
+  const MaxSum<A> state = block_max_sum<T, kVec>(x + row * x_row_stride, begin, end, scratch);
+  if (threadIdx.x == 0) stats[row * gridDim.x + blockIdx.x] = state;
+}
+
+// Every block of a row combines the row's chunk states the same way (one a thread, then
+// the block's fixed reduction tree), so all its chunks scale by the same bits.
+template <typename T, bool kLog, int kVec>
+__global__ void __launch_bounds__(kBlockThreads)
+    softmax_forward_chunk_write_kernel(const T* __restrict__ x, const MaxSum<typename Acc<T>::type>* __restrict__ stats,
+                                       T* __restrict__ y, int cols, int chunk_cols, int64_t x_row_stride) {
+  using A = typename Acc<T>::type;
+  __shared__ MaxSum<A> scratch[kBlockThreads / kWarpSize];
+  const int64_t row = blockIdx.y;
+  const MaxSum<A> mine = threadIdx.x < gridDim.x ? stats[row * gridDim.x + threadIdx.x] : MaxSum<A>{-INFINITY, A(0)};
+  const MaxSum<A> state = block_combine<kBlockThreads>(mine, scratch);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk_cols;
+  const int64_t end = begin + chunk_cols < cols ? begin + chunk_cols : cols;
+  block_write_softmax<T, kLog, kVec>(x + row * x_row_stride, y + row * cols, begin, end, state);
 }
 
 // ---------------------------------------------------------------------------------
@@ -145,6 +195,34 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   Tile::store(dx + row * cols, t, cols, aligned, g);
 }
 
+// This thread's share of the row's dot product over columns [begin, end): sum(dy * y), or
+// sum(dy) for log_softmax (not yet reduced across the block).
+template <typename T, bool kLog, int kVec, typename A = typename Acc<T>::type>
+__device__ __forceinline__ A thread_dot(const T* dy_row, const T* y_row, int64_t begin, int64_t end) {
+  A total = 0;
+  for (int64_t col = begin + threadIdx.x * kVec; col < end; col += kBlockThreads * kVec) {
+    A g[kVec], o[kVec];
+    load_acc<kVec>(dy_row + col, g);
+    if constexpr (!kLog) load_acc<kVec>(y_row + col, o);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) total += kLog ? g[k] : g[k] * o[k];
+  }
+  return total;
+}
+
+template <typename T, bool kLog, int kVec, typename A>
+__device__ __forceinline__ void block_write_dx(const T* dy_row, const T* y_row, T* dx_row, int64_t begin, int64_t end,
+                                               A total) {
+  for (int64_t col = begin + threadIdx.x * kVec; col < end; col += kBlockThreads * kVec) {
+    A g[kVec], o[kVec];
+    load_acc<kVec>(dy_row + col, g);
+    load_acc<kVec>(y_row + col, o);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) g[k] = kLog ? g[k] - exp_acc(o[k]) * total : o[k] * (g[k] - total);
+    store_acc<kVec>(dx_row + col, g);
+  }
+}
+
 template <typename T, bool kLog, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
     softmax_backward_block_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int cols,
@@ -154,24 +232,40 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t row = blockIdx.x;
   const T* dy_row = dy + row * dy_row_stride;
   const T* y_row = y + row * y_row_stride;
-  T* dx_row = dx + row * cols;
-  A total = 0;
-  for (int64_t col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
-    A g[kVec], o[kVec];
-    load_acc<kVec>(dy_row + col, g);
-    if constexpr (!kLog) load_acc<kVec>(y_row + col, o);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) total += kLog ? g[k] : g[k] * o[k];
-  }
-  total = block_sum<kBlockThreads>(total, scratch);
-  for (int64_t col = threadIdx.x * kVec; col < cols; col += kBlockThreads * kVec) {
-    A g[kVec], o[kVec];
-    load_acc<kVec>(dy_row + col, g);
-    load_acc<kVec>(y_row + col, o);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) g[k] = kLog ? g[k] - exp_acc(o[k]) * total : o[k] * (g[k] - total);
-    store_acc<kVec>(dx_row + col, g);
-  }
+  const A total = block_sum<kBlockThreads>(thread_dot<T, kLog, kVec>(dy_row, y_row, 0, cols), scratch);
+  block_write_dx<T, kLog, kVec>(dy_row, y_row, dx + row * cols, 0, cols, total);
+}
+
+// Split rows, grid (chunks, rows) as the forward's: each chunk's share of the dot product
+// to dots[row * chunks + chunk], then each block adds its row's shares and writes its chunk.
+template <typename T, bool kLog, int kVec>
+__global__ void __launch_bounds__(kBlockThreads)
+    softmax_backward_chunk_dot_kernel(const T* __restrict__ dy, const T* __restrict__ y,
+                                      typename Acc<T>::type* __restrict__ dots, int cols, int chunk_cols,
+                                      int64_t dy_row_stride, int64_t y_row_stride) {
+  using A = typename Acc<T>::type;
+  __shared__ A scratch[kBlockThreads / kWarpSize];
+  const int64_t row = blockIdx.y;
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk_cols;
+  const int64_t end = begin + chunk_cols < cols ? begin + chunk_cols : cols;
+  const A share =
+      block_sum<kBlockThreads>(thread_dot<T, kLog, kVec>(dy + row * dy_row_stride, y + row * y_row_stride, begin, end),
+                               scratch);
+  if (threadIdx.x == 0) dots[row * gridDim.x + blockIdx.x] = share;
+}
+
+template <typename T, bool kLog, int kVec>
+__global__ void __launch_bounds__(kBlockThreads)
+    softmax_backward_chunk_write_kernel(const T* __restrict__ dy, const T* __restrict__ y,
+                                        const typename Acc<T>::type* __restrict__ dots, T* __restrict__ dx, int cols,
+                                        int chunk_cols, int64_t dy_row_stride, int64_t y_row_stride) {
+  using A = typename Acc<T>::type;
+  __shared__ A scratch[kBlockThreads / kWarpSize];
+  const int64_t row = blockIdx.y;
+  const A total = block_sum<kBlockThreads>(threadIdx.x < gridDim.x ? dots[row * gridDim.x + threadIdx.x] : A(0), scratch);
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk_cols;
+  const int64_t end = begin + chunk_cols < cols ? begin + chunk_cols : cols;
+  block_write_dx<T, kLog, kVec>(dy + row * dy_row_stride, y + row * y_row_stride, dx + row * cols, begin, end, total);
 }
 
 // ---------------------------------------------------------------------------------
@@ -183,8 +277,85 @@ template <int kThreads> unsigned tile_grid(int64_t rows) {
   return static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
 }
 
+// The split's chunks are whole steps of every kernel shape (kBlockThreads x 8 elements),
+// so a chunk starts on a 16-byte boundary wherever its row does; the write kernels read
+// one chunk's state a thread, hence at most kBlockThreads chunks.
+constexpr int kChunkAlign = kBlockThreads * 8;
+constexpr int64_t kMaxChunks = kBlockThreads;
+constexpr int64_t kMaxGridY = 65535;  // the split's grid has a row per blockIdx.y
+
+struct Split {
+  int64_t chunks, chunk_cols;  // chunks == 1: one block a row
+  dim3 grid(int64_t rows) const { return dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(rows)); }
+};
+
+template <typename T> constexpr int64_t kMaxTileCols = static_cast<int64_t>(kMaxTileThreads<T>) * kMaxTileElems;
+
+// Blocks an SM should hold for the split: FASTDL_CUDA_SPLIT_PER_SM when set to a number (0
+// never splits; a huge one splits rows into as many chunks as allowed), else as many
+// kBlockThreads-blocks of the chunk kernel as fit on an SM at once.
+template <typename T> cudaError_t split_blocks_per_sm(int64_t* per_sm) {
+  if (const char* env = std::getenv("FASTDL_CUDA_SPLIT_PER_SM")) {
+    char* end = nullptr;
+    const long long value = std::strtoll(env, &end, 10);
+    if (end != env && *end == '\0') {
+      *per_sm = std::max(0LL, std::min(value, 1LL << 20));
+      return cudaSuccess;
+    }
+  }
+  int resident = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &resident, softmax_forward_chunk_stats_kernel<T, Vec<T>::kSize>, kBlockThreads, 0);
+  *per_sm = std::max(resident, 1);
+  return err;
+}
+
+// How a (rows, cols) softmax splits its rows on the current device: only long rows (past
+// the tiles) too few to give every SM its blocks.
+template <typename T> cudaError_t split_for(int64_t rows, int64_t cols, Split* split) {
+  *split = Split{1, cols};
+  if (rows == 0 || cols <= kMaxTileCols<T> || rows > kMaxGridY) return cudaSuccess;
+  int device = 0, sms = 0;
+  int64_t per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = split_blocks_per_sm<T>(&per_sm);
+  if (err != cudaSuccess) return err;
+  const int64_t target = static_cast<int64_t>(sms) * per_sm;
+  if (rows >= target) return cudaSuccess;
+  const int64_t steps = (cols + kChunkAlign - 1) / kChunkAlign;
+  const int64_t chunks = std::min({(target + rows - 1) / rows, steps, kMaxChunks});
+  if (chunks <= 1) return cudaSuccess;
+  const int64_t chunk_cols = (steps + chunks - 1) / chunks * kChunkAlign;
+  *split = Split{(cols + chunk_cols - 1) / chunk_cols, chunk_cols};  // no empty chunk
+  return cudaSuccess;
+}
+
+// Calls launch(std::integral_constant<int, kVec>{}): 16-byte vectors of T when the rows are
+// aligned, else one element at a time.
+template <typename T, typename F> void with_vec(bool aligned, F&& launch) {
+  if (aligned) launch(std::integral_constant<int, Vec<T>::kSize>{});
+  else launch(std::integral_constant<int, 1>{});
+}
+
+// Workspace bytes of a split: the forward's (max, sum) pairs (the backward's dots take half).
+template <typename T> size_t split_bytes(int64_t rows, const Split& split) {
+  return split.chunks == 1 ? 0 : static_cast<size_t>(rows * split.chunks) * sizeof(MaxSum<typename Acc<T>::type>);
+}
+
+// The split a launch takes: split_for's, or none when the caller gave too little workspace.
+template <typename T>
+cudaError_t plan_split(int64_t rows, int64_t cols, const void* workspace, size_t workspace_bytes, Split* split) {
+  const cudaError_t err = split_for<T>(rows, cols, split);
+  if (err != cudaSuccess || workspace == nullptr || workspace_bytes < split_bytes<T>(rows, *split))
+    *split = Split{1, cols};
+  return err;
+}
+
 template <typename T, bool kLog>
-cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_stride, cudaStream_t stream) {
+cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_stride, void* workspace,
+                    size_t workspace_bytes, cudaStream_t stream) {
+  using A = typename Acc<T>::type;
   // the output's row stride is cols: aligned rows mean whole vectors a row, as the block kernel needs
   const bool aligned = rows_aligned<T>(x, x_row_stride) && rows_aligned<T>(y, cols);
   const bool tiled = with_row_tile<kMaxTileThreads<T>, kMaxTileElems>(cols, [&](auto threads, auto elems) {
@@ -193,21 +364,33 @@ cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_
         <<<tile_grid<kThreads>(rows), kTileBlockThreads<kThreads>, 0, stream>>>(x, y, rows, cols, x_row_stride,
                                                                                     aligned);
   });
-  if (!tiled) {  // long rows; cols <= INT_MAX here (sizes_supported)
-    const int c = static_cast<int>(cols);
-    if (aligned)
-      softmax_forward_block_kernel<T, kLog, Vec<T>::kSize>
+  if (tiled) return cudaGetLastError();
+  // long rows; cols <= INT_MAX here (sizes_supported)
+  const int c = static_cast<int>(cols);
+  Split split{1, cols};
+  if (const cudaError_t err = plan_split<T>(rows, cols, workspace, workspace_bytes, &split); err != cudaSuccess)
+    return err;
+  const int chunk_cols = static_cast<int>(split.chunk_cols);  // <= cols
+  auto* stats = static_cast<MaxSum<A>*>(workspace);
+  with_vec<T>(aligned, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    if (split.chunks > 1) {
+      softmax_forward_chunk_stats_kernel<T, kVec>
+          <<<split.grid(rows), kBlockThreads, 0, stream>>>(x, stats, c, chunk_cols, x_row_stride);
+      softmax_forward_chunk_write_kernel<T, kLog, kVec>
+          <<<split.grid(rows), kBlockThreads, 0, stream>>>(x, stats, y, c, chunk_cols, x_row_stride);
+    } else {
+      softmax_forward_block_kernel<T, kLog, kVec>
           <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(x, y, c, x_row_stride);
-    else
-      softmax_forward_block_kernel<T, kLog, 1>
-          <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(x, y, c, x_row_stride);
-  }
+    }
+  });
   return cudaGetLastError();
 }
 
 template <typename T, bool kLog>
 cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t cols, int64_t dy_row_stride,
-                     int64_t y_row_stride, cudaStream_t stream) {
+                     int64_t y_row_stride, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  using A = typename Acc<T>::type;
   const bool aligned = rows_aligned<T>(dy, dy_row_stride) && rows_aligned<T>(y, y_row_stride) &&
                        rows_aligned<T>(dx, cols);
   const bool tiled = with_row_tile<kMaxTileThreads<T>, kMaxTileElems>(cols, [&](auto threads, auto elems) {
@@ -216,15 +399,25 @@ cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t cols,
         <<<tile_grid<kThreads>(rows), kTileBlockThreads<kThreads>, 0, stream>>>(
             dy, y, dx, rows, cols, dy_row_stride, y_row_stride, aligned);
   });
-  if (!tiled) {
-    const int c = static_cast<int>(cols);
-    if (aligned)
-      softmax_backward_block_kernel<T, kLog, Vec<T>::kSize>
+  if (tiled) return cudaGetLastError();
+  const int c = static_cast<int>(cols);
+  Split split{1, cols};
+  if (const cudaError_t err = plan_split<T>(rows, cols, workspace, workspace_bytes, &split); err != cudaSuccess)
+    return err;
+  const int chunk_cols = static_cast<int>(split.chunk_cols);  // <= cols
+  auto* dots = static_cast<A*>(workspace);
+  with_vec<T>(aligned, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    if (split.chunks > 1) {
+      softmax_backward_chunk_dot_kernel<T, kLog, kVec>
+          <<<split.grid(rows), kBlockThreads, 0, stream>>>(dy, y, dots, c, chunk_cols, dy_row_stride, y_row_stride);
+      softmax_backward_chunk_write_kernel<T, kLog, kVec><<<split.grid(rows), kBlockThreads, 0, stream>>>(
+          dy, y, dots, dx, c, chunk_cols, dy_row_stride, y_row_stride);
+    } else {
+      softmax_backward_block_kernel<T, kLog, kVec>
           <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(dy, y, dx, c, dy_row_stride, y_row_stride);
-    else
-      softmax_backward_block_kernel<T, kLog, 1>
-          <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(dy, y, dx, c, dy_row_stride, y_row_stride);
-  }
+    }
+  });
   return cudaGetLastError();
 }
 
@@ -233,56 +426,70 @@ bool sizes_supported(int64_t rows, int64_t cols) { return rows <= INT_MAX && col
 
 template <typename T>
 cudaError_t forward_typed(const void* x, void* y, int64_t rows, int64_t cols, int64_t stride, bool log,
-                          cudaStream_t stream) {
+                          void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   const T* xp = static_cast<const T*>(x);
   T* yp = static_cast<T*>(y);
-  return log ? forward<T, true>(xp, yp, rows, cols, stride, stream)
-             : forward<T, false>(xp, yp, rows, cols, stride, stream);
+  return log ? forward<T, true>(xp, yp, rows, cols, stride, workspace, workspace_bytes, stream)
+             : forward<T, false>(xp, yp, rows, cols, stride, workspace, workspace_bytes, stream);
 }
 
 template <typename T>
 cudaError_t backward_typed(const void* dy, const void* y, void* dx, int64_t rows, int64_t cols, int64_t dy_stride,
-                           int64_t y_stride, bool log, cudaStream_t stream) {
+                           int64_t y_stride, bool log, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   const T* dyp = static_cast<const T*>(dy);
   const T* yp = static_cast<const T*>(y);
   T* dxp = static_cast<T*>(dx);
-  return log ? backward<T, true>(dyp, yp, dxp, rows, cols, dy_stride, y_stride, stream)
-             : backward<T, false>(dyp, yp, dxp, rows, cols, dy_stride, y_stride, stream);
+  return log ? backward<T, true>(dyp, yp, dxp, rows, cols, dy_stride, y_stride, workspace, workspace_bytes, stream)
+             : backward<T, false>(dyp, yp, dxp, rows, cols, dy_stride, y_stride, workspace, workspace_bytes, stream);
+}
+
+template <typename T> cudaError_t workspace_bytes_typed(int64_t rows, int64_t cols, size_t* bytes) {
+  Split split{1, cols};
+  const cudaError_t err = split_for<T>(rows, cols, &split);
+  *bytes = split_bytes<T>(rows, split);
+  return err;
 }
 
 }  // namespace
 
+#define FASTDL_DTYPE_CASES(CALL)             \
+  case DType::kFloat32: return CALL(float);  \
+  case DType::kFloat16: return CALL(__half); \
+  case DType::kBFloat16: return CALL(__nv_bfloat16); \
+  case DType::kFloat64: return CALL(double);
+
+cudaError_t softmax_workspace_bytes(DType dtype, int64_t rows, int64_t cols, size_t* bytes) {
+  *bytes = 0;
+  if (rows == 0 || cols == 0 || !sizes_supported(rows, cols)) return cudaSuccess;
+#define FASTDL_CALL(T) workspace_bytes_typed<T>(rows, cols, bytes)
+  switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
+#undef FASTDL_CALL
+  return cudaErrorInvalidValue;
+}
+
 cudaError_t softmax_forward(DType dtype, const void* x, void* y, int64_t rows, int64_t cols, int64_t x_row_stride,
-                            bool log, cudaStream_t stream) {
+                            bool log, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
   if (!sizes_supported(rows, cols)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32: return forward_typed<float>(x, y, rows, cols, x_row_stride, log, stream);
-    case DType::kFloat16: return forward_typed<__half>(x, y, rows, cols, x_row_stride, log, stream);
-    case DType::kBFloat16: return forward_typed<__nv_bfloat16>(x, y, rows, cols, x_row_stride, log, stream);
-    case DType::kFloat64: return forward_typed<double>(x, y, rows, cols, x_row_stride, log, stream);
-  }
+#define FASTDL_CALL(T) forward_typed<T>(x, y, rows, cols, x_row_stride, log, workspace, workspace_bytes, stream)
+  switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
+#undef FASTDL_CALL
   return cudaErrorInvalidValue;
 }
 
 cudaError_t softmax_backward(DType dtype, const void* grad_out, const void* out, void* grad_in, int64_t rows,
                              int64_t cols, int64_t grad_out_row_stride, int64_t out_row_stride, bool log,
-                             cudaStream_t stream) {
+                             void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return cudaSuccess;
   if (!sizes_supported(rows, cols)) return cudaErrorInvalidValue;
-  switch (dtype) {
-    case DType::kFloat32:
-      return backward_typed<float>(grad_out, out, grad_in, rows, cols, grad_out_row_stride, out_row_stride, log, stream);
-    case DType::kFloat16:
-      return backward_typed<__half>(grad_out, out, grad_in, rows, cols, grad_out_row_stride, out_row_stride, log, stream);
-    case DType::kBFloat16:
-      return backward_typed<__nv_bfloat16>(grad_out, out, grad_in, rows, cols, grad_out_row_stride, out_row_stride,
-                                           log, stream);
-    case DType::kFloat64:
-      return backward_typed<double>(grad_out, out, grad_in, rows, cols, grad_out_row_stride, out_row_stride, log,
-                                    stream);
-  }
+#define FASTDL_CALL(T)                                                                                 \
+  backward_typed<T>(grad_out, out, grad_in, rows, cols, grad_out_row_stride, out_row_stride, log, workspace, \
+                    workspace_bytes, stream)
+  switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
+#undef FASTDL_CALL
   return cudaErrorInvalidValue;
 }
+
+#undef FASTDL_DTYPE_CASES
 
 }  // namespace fastdl::kernels

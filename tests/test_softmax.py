@@ -152,6 +152,33 @@ def test_special_values_match_torch(case, cols):
         torch.testing.assert_close(y, expected, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
+def _check_long_rows(backend, device, dtype, shape, way):
+    """softmax and log_softmax of `shape`, forward and backward, against float64."""
+    for fn, log in ((fastdl.ops.softmax, False), (fastdl.ops.log_softmax, True)):
+        x = (torch.randn(shape, device=device) * 3).to(dtype).requires_grad_()
+        grad = torch.randn(shape, device=device).to(dtype)
+        with fastdl.use_backend(backend):
+            y = fn(x, -1)
+            (dx,) = torch.autograd.grad(y, x, grad)
+        assert_close(y, _reference(x, -1, log), dtype, f"{way} forward")
+        x64 = x.detach().double().requires_grad_()
+        (ref_dx,) = torch.autograd.grad(_reference(x64, -1, log), x64, grad.double())
+        assert_close(dx, ref_dx, dtype, f"{way} backward")
+
+
+def _check_long_row_special_values(backend, device, shape):
+    """-inf in some chunks, a row of -inf, a NaN in the last chunk, huge values: as torch."""
+    rows, cols = shape
+    x = torch.randn(max(rows, 4), cols, device=device)
+    x[0, : cols // 2] = float("-inf")  # -inf in some chunks only
+    x[1, :] = float("-inf")  # all -inf: NaN (as torch)
+    x[2, -1] = float("nan")  # NaN in the last chunk poisons its row
+    x[3, :] = x[3, :] * 1e30
+    for fn, ref in ((fastdl.ops.softmax, torch.softmax), (fastdl.ops.log_softmax, torch.log_softmax)):
+        y = _run(backend, fn, x, -1)
+        torch.testing.assert_close(y, ref(x, -1), equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
 TRITON_CASES = [c for c in CASES if c[0] == "triton"]
 # SPLIT_PROGRAMS_PER_SM: 0 keeps one program a row (the loop kernels), a huge value splits
 # every long row into as many chunks as it has blocks
@@ -171,27 +198,44 @@ def test_long_rows_both_ways(case, dtype, shape, way, monkeypatch):
     monkeypatch.setattr(kernels, "SPLIT_PROGRAMS_PER_SM", LONG_ROW_WAYS[way])
     chunks, _ = kernels.split_chunks(shape[0], shape[1], torch.device(case[1]))
     assert (chunks > 1) == (way == "split")
-    backend, device = case
-    for fn, log in ((fastdl.ops.softmax, False), (fastdl.ops.log_softmax, True)):
-        x = (torch.randn(shape, device=device) * 3).to(dtype).requires_grad_()
-        grad = torch.randn(shape, device=device).to(dtype)
-        with fastdl.use_backend(backend):
-            y = fn(x, -1)
-            (dx,) = torch.autograd.grad(y, x, grad)
-        assert_close(y, _reference(x, -1, log), dtype, f"{way} forward")
-        x64 = x.detach().double().requires_grad_()
-        (ref_dx,) = torch.autograd.grad(_reference(x64, -1, log), x64, grad.double())
-        assert_close(dx, ref_dx, dtype, f"{way} backward")
+    _check_long_rows(*case, dtype, shape, way)
     if dtype == torch.float32:
-        rows, cols = shape
-        x = torch.randn(max(rows, 4), cols, device=device)
-        x[0, : cols // 2] = float("-inf")  # -inf in some chunks only
-        x[1, :] = float("-inf")  # all -inf: NaN (as torch)
-        x[2, -1] = float("nan")  # NaN in the last chunk poisons its row
-        x[3, :] = x[3, :] * 1e30
-        for fn, ref in ((fastdl.ops.softmax, torch.softmax), (fastdl.ops.log_softmax, torch.log_softmax)):
-            y = _run(backend, fn, x, -1)
-            torch.testing.assert_close(y, ref(x, -1), equal_nan=True, rtol=1e-5, atol=1e-6)
+        _check_long_row_special_values(*case, shape)
+
+
+CUDA_CASES = [c for c in CASES if c[0] == "cuda"]
+# FASTDL_CUDA_SPLIT_PER_SM: 0 keeps one block a row, a huge value splits every long row
+# into as many chunks as allowed; the kernels launched say which way ran
+CUDA_LONG_ROW_WAYS = {"block": ("0", "_block_kernel"), "split": ("1000000", "_chunk_")}
+
+
+def _cuda_kernel_names(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("way", list(CUDA_LONG_ROW_WAYS))
+@pytest.mark.parametrize("shape", [(3, 40000), (2, 16392), (1, 262145), (5, 70001)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
+def test_cuda_long_rows_both_ways(case, dtype, shape, way, monkeypatch):
+    """CUDA C++ long rows, one block a row or split across blocks (chunk kernels), aligned
+    rows (16392) and not (odd widths: scalar loads), forward and backward, softmax and
+    log_softmax, against float64; the special values against torch."""
+    per_sm, kernel = CUDA_LONG_ROW_WAYS[way]
+    monkeypatch.setenv("FASTDL_CUDA_SPLIT_PER_SM", per_sm)
+    backend, device = case
+    x = torch.randn(shape, device=device).to(dtype)
+    with fastdl.use_backend(backend):
+        names = _cuda_kernel_names(lambda: fastdl.ops.softmax(x, -1))
+    assert any(kernel in n for n in names), f"{way}: no {kernel} kernel among {sorted(names)}"
+    _check_long_rows(backend, device, dtype, shape, way)
+    if dtype == torch.float32:
+        _check_long_row_special_values(backend, device, shape)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -10,6 +10,16 @@
 namespace fastdl {
 namespace {
 
+// The workspace the kernels want to split few long rows across blocks (empty when none).
+at::Tensor split_workspace(const char* fn, kernels::DType dtype, const at::Tensor& like) {
+  size_t bytes = 0;
+  check_cuda_launch(fn, kernels::softmax_workspace_bytes(dtype, like.size(0), like.size(1), &bytes));
+  return bytes == 0 ? at::Tensor() : at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+void* data_or_null(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
+size_t bytes_of(const at::Tensor& t) { return t.defined() ? t.nbytes() : 0; }
+
 void check_softmax_rows(const char* fn, const char* name, const at::Tensor& t) {
   check_rows(fn, name, t, at::kCUDA);
   TORCH_CHECK(t.size(0) <= INT_MAX && t.size(1) <= INT_MAX, fn, ": ", name, " of shape ", t.sizes(),
@@ -22,8 +32,10 @@ at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
   const auto dtype = kernel_dtype(fn, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = empty_output(x.sizes(), x.options());
+  at::Tensor workspace = split_workspace(fn, dtype, x);
   check_cuda_launch(fn, kernels::softmax_forward(dtype, x.const_data_ptr(), y.mutable_data_ptr(), x.size(0), x.size(1),
-                                                 x.stride(0), log, at::cuda::getCurrentCUDAStream()));
+                                                 x.stride(0), log, data_or_null(workspace), bytes_of(workspace),
+                                                 at::cuda::getCurrentCUDAStream()));
   return y;
 }
 
@@ -40,10 +52,11 @@ at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& o
   const auto dtype = kernel_dtype(fn, "out", out);
   const c10::cuda::CUDAGuard guard(out.device());
   at::Tensor grad_in = empty_output(out.sizes(), out.options());
+  at::Tensor workspace = split_workspace(fn, dtype, out);
   check_cuda_launch(fn, kernels::softmax_backward(dtype, grad_out.const_data_ptr(), out.const_data_ptr(),
                                                   grad_in.mutable_data_ptr(), out.size(0), out.size(1),
-                                                  grad_out.stride(0), out.stride(0), log,
-                                                  at::cuda::getCurrentCUDAStream()));
+                                                  grad_out.stride(0), out.stride(0), log, data_or_null(workspace),
+                                                  bytes_of(workspace), at::cuda::getCurrentCUDAStream()));
   return grad_in;
 }
 

@@ -333,6 +333,8 @@ def split_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, i
         return 1, n_cols
     chunk_cols = triton.cdiv(blocks, chunks) * LOOP_BLOCK_COLS
     return triton.cdiv(n_cols, chunk_cols), chunk_cols  # no empty chunk
+
+
 def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
     n_rows, n_cols = x.shape
     y = empty_output((n_rows, n_cols), x.dtype, x.device)
