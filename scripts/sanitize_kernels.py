@@ -4,25 +4,46 @@ Odd sizes, one column, misaligned row starts (16-byte loads must not be taken),
 strided rows, both kernel shapes of each backend; small so that the sanitizer,
 which slows kernels down a hundredfold, finishes in seconds.
 """
+import os
+
 import torch
 
 import fastdl
+from fastdl.triton import softmax as triton_softmax
 
 assert torch.cuda.is_available(), "needs a GPU"
 dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 count = 0
 
 
+TRITON_SPLIT = triton_softmax.SPLIT_PROGRAMS_PER_SM
+
+
+def long_rows_split(on):
+    """Few long rows split across programs / blocks (the default), or one a row."""
+    triton_softmax.SPLIT_PROGRAMS_PER_SM = TRITON_SPLIT if on else 0
+    if on:
+        os.environ.pop("FASTDL_CUDA_SPLIT_PER_SM", None)
+    else:
+        os.environ["FASTDL_CUDA_SPLIT_PER_SM"] = "0"
+
+
 def softmax_calls(dtype):
     global count
-    # a shape for each tile (warp x 8 / x 16 values, 128, 512, 1024 threads) and the online kernel
-    for rows, cols in [(1, 1), (37, 300), (5, 1000), (2, 1025), (3, 4097), (2, 9000), (2, 16385), (1, 70000)]:
-        base = torch.randn(rows, cols + 1, device="cuda", dtype=dtype)
-        for x in (base[:, :cols], base[:, 1:]):  # row stride cols+1; the second starts misaligned
-            for log in (False, True):
-                y = (fastdl.ops.log_softmax if log else fastdl.ops.softmax)(x, -1)
-                fastdl.ops.softmax_backward(torch.randn_like(y), y, -1, log)
-                count += 2
+    # a shape for each tile (warp x 8 / x 16 values, 128, 512, 1024 threads) and the long rows' kernels: split
+    # across programs / blocks (the default for so few rows), then one program / block a row
+    tiles = [(1, 1), (37, 300), (5, 1000), (2, 1025), (3, 4097), (2, 9000)]
+    long_rows = [(2, 16385), (1, 70000)]
+    for split in (True, False):
+        long_rows_split(split)
+        for rows, cols in (tiles if split else []) + long_rows:
+            base = torch.randn(rows, cols + 1, device="cuda", dtype=dtype)
+            for x in (base[:, :cols], base[:, 1:]):  # row stride cols+1; the second starts misaligned
+                for log in (False, True):
+                    y = (fastdl.ops.log_softmax if log else fastdl.ops.softmax)(x, -1)
+                    fastdl.ops.softmax_backward(torch.randn_like(y), y, -1, log)
+                    count += 2
+    long_rows_split(True)
 
 
 def norm_calls(dtype):
