@@ -6,6 +6,7 @@
 #   STEPS="build bench" BENCH_SECONDS=420 scripts/gpu_check.sh OUT_DIR   # ...and another
 #   STEPS="build bench" BENCH_MERGE=1 BENCH_OPS=layer_norm BENCH_ARGS="--dtypes float16 float32" \
 #     scripts/gpu_check.sh OUT_DIR   # a sweep in parts: adds to benchmarks/results/<device>/ as committed
+#   STEPS="build tune" scripts/gpu_check.sh OUT_DIR   # the launchers' knobs, each value timed
 #
 # Uses the machine's own python3 and CUDA torch (no venv, no network). Writes into
 # OUT_DIR (few files: the device tool brings back at most 8):
@@ -15,6 +16,7 @@
 #   bench.log       python -m fastdl.bench, one run per op, each with its share of BENCH_SECONDS,
 #                   then python -m fastdl.bench.preference (the fastest backend per op and dtype)
 #   results.tar.gz  <op>.json, <op>.md and plots: unpack into benchmarks/results/<device>/
+#   tune.md         python -m fastdl.bench.tune (step "tune", not in the default steps)
 # Exit status: non-zero when the build, the tests or the sanitizer failed.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
@@ -97,5 +99,11 @@ if has_step bench; then
   # which fastdl backend wins, per PREFERENCE entry and dtype: the evidence for backends.py
   $py -m fastdl.bench.preference "$results" >> "$out/bench.log" 2>&1 || true
   tail -3 "$out/bench.log"
+fi
+if has_step tune; then
+  step "tune" | tee "$out/tune.log"
+  timeout "${TUNE_TIMEOUT:-420}" $py -m fastdl.bench.tune --out "$out/tune.md" >> "$out/tune.log" 2>&1 \
+    || echo "tune exited non-zero (a value that failed shows its error in the table)" >> "$out/tune.log"
+  tail -3 "$out/tune.log"
 fi
 exit $status

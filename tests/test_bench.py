@@ -243,3 +243,40 @@ def test_merge_keeps_earlier_cases_and_lists_runs(tmp_path, monkeypatch):
     data = json.loads(path.read_text())
     shapes = {tuple(r["shape"]) for r in data["records"]}
     assert {(8, 16), (8, 32), (8, 64), (4, 24)} <= shapes and len(data["environment"]["runs"]) == 3
+
+
+def test_tune_times_each_knob_value_and_puts_it_back(tmp_path):
+    """python -m fastdl.bench.tune --quick: a row per case, a time per value, the knobs as
+    they were afterwards (on the CPU its Triton cases run under the interpreter)."""
+    from fastdl.bench import tune
+    from fastdl.triton import softmax as triton_softmax
+
+    before = triton_softmax.SPLIT_PROGRAMS_PER_SM
+    out = tmp_path / "tune.md"
+    assert tune.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| softmax") or
+            line.startswith("| layer_norm")]
+    expected = tune.cases(torch.device("cpu"), quick=True)
+    assert expected and len(rows) == len(expected)
+    for row, case in zip(rows, expected):
+        assert case.knob.name in row
+        assert row.count("%)") == len(case.knob.values), row  # every value timed: "ms (GB/s, N%)"
+    assert triton_softmax.SPLIT_PROGRAMS_PER_SM == before
+
+
+def test_tune_knobs_exist():
+    """Every knob tune.py sweeps is still a constant of its module or a variable the CUDA
+    launchers read: a renamed constant fails here, not on a lent GPU."""
+    from pathlib import Path
+
+    from fastdl.bench import tune
+
+    kernels = (Path(__file__).resolve().parents[1] / "kernels").glob("*.cu")
+    cuda_source = "\n".join(p.read_text() for p in kernels)
+    for quick in (True, False):
+        for case in tune.all_cases(quick):
+            if case.knob.name.startswith("env:"):
+                assert f'getenv("{case.knob.name[4:]}")' in cuda_source, case.knob.name
+            else:
+                assert isinstance(case.knob.default(), int), case.knob.name
+            assert case.op in tune.FNS
