@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <climits>
 
+#include "common/env.h"
 #include "common/reduce.cuh"
 #include "common/row_tile.cuh"
 #include "layer_norm.h"
@@ -373,16 +374,22 @@ template <typename T, typename F> void with_backward_kernel(int64_t cols, F&& us
 }
 
 // Blocks that fill the device once (as many as are resident together), but no more than
-// there are rows to deal out.
+// there are rows to deal out. Each block writes a partial row of dweight (and dbias) that
+// the reduce then reads: FASTDL_CUDA_NORM_BLOCKS_PER_SM (at least 1) sets the blocks per SM
+// instead, to weigh that traffic against parallelism.
 template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, int64_t* blocks) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   with_backward_kernel<T>(cols, [&](auto kernel, int threads, int rows_at_once) {
-    int per_sm = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
-    const int64_t fill = static_cast<int64_t>(sms) * std::max(per_sm, 1);
+    int64_t per_sm = 0;
+    if (!env_knob("FASTDL_CUDA_NORM_BLOCKS_PER_SM", 1, 1 << 16, &per_sm)) {
+      int resident = 0;
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0);
+      per_sm = std::max(resident, 1);
+    }
+    const int64_t fill = static_cast<int64_t>(sms) * per_sm;
     *blocks = std::max<int64_t>(1, std::min<int64_t>(fill, (rows + rows_at_once - 1) / rows_at_once));
   });
   return err;

@@ -18,9 +18,9 @@
 // would overflow an int.
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <type_traits>
 
+#include "common/env.h"
 #include "common/reduce.cuh"
 #include "common/row_tile.cuh"
 #include "softmax.h"
@@ -295,14 +295,7 @@ template <typename T> constexpr int64_t kMaxTileCols = static_cast<int64_t>(kMax
 // never splits; a huge one splits rows into as many chunks as allowed), else as many
 // kBlockThreads-blocks of the chunk kernel as fit on an SM at once.
 template <typename T> cudaError_t split_blocks_per_sm(int64_t* per_sm) {
-  if (const char* env = std::getenv("FASTDL_CUDA_SPLIT_PER_SM")) {
-    char* end = nullptr;
-    const long long value = std::strtoll(env, &end, 10);
-    if (end != env && *end == '\0') {
-      *per_sm = std::max(0LL, std::min(value, 1LL << 20));
-      return cudaSuccess;
-    }
-  }
+  if (env_knob("FASTDL_CUDA_SPLIT_PER_SM", 0, 1 << 20, per_sm)) return cudaSuccess;
   int resident = 0;
   const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &resident, softmax_forward_chunk_stats_kernel<T, Vec<T>::kSize>, kBlockThreads, 0);

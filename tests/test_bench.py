@@ -276,7 +276,7 @@ def test_tune_knobs_exist():
     for quick in (True, False):
         for case in tune.all_cases(quick):
             if case.knob.name.startswith("env:"):
-                assert f'getenv("{case.knob.name[4:]}")' in cuda_source, case.knob.name
+                assert f'env_knob("{case.knob.name[4:]}"' in cuda_source, case.knob.name
             else:
                 assert isinstance(case.knob.default(), int), case.knob.name
             assert case.op in tune.FNS

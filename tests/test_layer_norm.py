@@ -115,6 +115,27 @@ def test_parameter_gradients_are_deterministic(case, shape):
         assert torch.equal(first, second), "two runs gave different parameter gradients"
 
 
+CUDA_CASES = [c for c in CASES if c[0] == "cuda"] or [
+    pytest.param(("cuda", "cuda"), marks=pytest.mark.skip(reason="the cuda backend needs a GPU and the CUDA build"))]
+
+
+@pytest.mark.parametrize("blocks_per_sm", ["1", "3", "4096"])
+@pytest.mark.parametrize("shape", [(1000, 512), (300, 20000)], ids=["tile", "loop"])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
+def test_cuda_backward_blocks_knob(case, shape, blocks_per_sm, monkeypatch):
+    """FASTDL_CUDA_NORM_BLOCKS_PER_SM (the backward's blocks, hence its partial rows of
+    dweight / dbias: 1 a SM, a few, or more than there are rows) keeps the gradients right
+    and deterministic."""
+    monkeypatch.setenv("FASTDL_CUDA_NORM_BLOCKS_PER_SM", blocks_per_sm)
+    backend, _ = case
+    _check(backend, "add_layer_norm", *_inputs(shape, torch.float32, "cuda", "add_layer_norm"), torch.float32)
+    x, res, w, b = _inputs(shape, torch.bfloat16, "cuda", "layer_norm")
+    dy = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    with fastdl.use_backend(backend):
+        runs = [torch.autograd.grad(fastdl.ops.layer_norm(x, shape[-1], w, b), (w, b), dy) for _ in range(2)]
+    assert all(torch.equal(a, c) for a, c in zip(*runs)), "two runs gave different parameter gradients"
+
+
 # Row lengths at each edge of the CUDA kernels' shapes (tiles of a warp x 8 values up to
 # 1024 x 16 forward and 512 x 16 backward, half that for fp64, then the loop kernels),
 # run on the native backends, which take them fast; rows aligned to 16 bytes and rows

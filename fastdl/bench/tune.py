@@ -132,6 +132,10 @@ def all_cases(quick: bool) -> list[TuneCase]:
         # layer_norm: the backward's programs (partial rows of dweight / dbias), tiles, long rows
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 1024), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),
         TuneCase("layer_norm", "fwd+bwd", "triton", (16384, 4096), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),
+        TuneCase("layer_norm", "fwd+bwd", "cuda", (4096, 1024), Knob("env:FASTDL_CUDA_NORM_BLOCKS_PER_SM",
+                                                                       [None, 1, 2, 4, 8, 16])),
+        TuneCase("layer_norm", "fwd+bwd", "cuda", (16384, 4096), Knob("env:FASTDL_CUDA_NORM_BLOCKS_PER_SM",
+                                                                        [None, 1, 2, 4, 8, 16])),
         TuneCase("layer_norm", "fwd", "triton", (4096, 1024), Knob(ln + "TILE_ELEMENTS", [1024, 2048, 4096, 8192])),
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 1024), Knob(ln + "TILE_ELEMENTS", [1024, 2048, 4096, 8192])),
         TuneCase("layer_norm", "fwd", "triton", (4096, 16384), Knob(ln + "FORWARD_TILE_MAX_COLS", [8192, 16384])),
