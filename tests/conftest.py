@@ -13,6 +13,24 @@ if not torch.cuda.is_available():
 # one Triton config per kernel: tests check results, autotuning only costs time
 os.environ.setdefault("FASTDL_TRITON_AUTOTUNE", "0")
 
+
+def _interpreter_max_drops_nan_as_a_gpu_does():
+    """A GPU's default tl.maximum / tl.minimum (propagate_nan=NONE) is LLVM's maxnum: NaN
+    loses to the other operand. The interpreter uses numpy's maximum, where NaN wins, and so
+    hid kernels that lose a NaN. Give it the GPU's semantics (np.fmax / np.fmin)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy as np
+        from triton.runtime.interpreter import InterpreterBuilder
+    except ImportError:  # no triton: its tests are skipped anyway
+        return
+    InterpreterBuilder.create_maxnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmax)
+    InterpreterBuilder.create_minnumf = lambda self, lhs, rhs: self.binary_op(lhs, rhs, np.fmin)
+
+
+_interpreter_max_drops_nan_as_a_gpu_does()
+
 import pytest  # noqa: E402
 
 from fastdl import _outputs, backends  # noqa: E402

@@ -169,11 +169,14 @@ def _check_long_rows(backend, device, dtype, shape, way):
 def _check_long_row_special_values(backend, device, shape):
     """-inf in some chunks, a row of -inf, a NaN in the last chunk, huge values: as torch."""
     rows, cols = shape
-    x = torch.randn(max(rows, 4), cols, device=device)
+    x = torch.randn(max(rows, 6), cols, device=device)
     x[0, : cols // 2] = float("-inf")  # -inf in some chunks only
     x[1, :] = float("-inf")  # all -inf: NaN (as torch)
     x[2, -1] = float("nan")  # NaN in the last chunk poisons its row
     x[3, :] = x[3, :] * 1e30
+    # NaN as the first value a lane (or a chunk) sees, where a GPU max that drops NaN would lose it
+    x[4, 0] = float("nan")
+    x[5, cols // 2 // 4096 * 4096] = float("nan")
     for fn, ref in ((fastdl.ops.softmax, torch.softmax), (fastdl.ops.log_softmax, torch.log_softmax)):
         y = _run(backend, fn, x, -1)
         torch.testing.assert_close(y, ref(x, -1), equal_nan=True, rtol=1e-5, atol=1e-6)
@@ -244,13 +247,15 @@ def test_nan_among_minus_inf_poisons_a_long_row(case):
     """A long row whose NaN sits in a stretch of -inf (a chunk of a split row with no finite
     value): the whole row is NaN, as torch gives."""
     backend, device = case
-    x = torch.randn(2, 70000, device=device)
+    x = torch.randn(3, 70000, device=device)
     x[0, 20000:40000] = float("-inf")
     x[0, 30000] = float("nan")
     x[1, 20000:40000] = float("-inf")  # no NaN: zeros there, the rest as usual
+    x[2, 0] = float("nan")  # the first value of the row (and of its first lane or chunk)
     for fn, ref in ((fastdl.ops.softmax, torch.softmax), (fastdl.ops.log_softmax, torch.log_softmax)):
         y = _run(backend, fn, x, -1)
         assert y[0].isnan().all(), f"{fn.__name__}: the NaN did not reach every output of its row"
+        assert y[2].isnan().all(), f"{fn.__name__}: a leading NaN did not reach every output of its row"
         torch.testing.assert_close(y[1], ref(x, -1)[1], rtol=1e-5, atol=1e-6)
 
 

@@ -85,10 +85,16 @@ def _online_max_sum(x_row, begin, end, BLOCK_COLS: tl.constexpr, ACC: tl.constex
     for start in range(begin, end, BLOCK_COLS):
         col = start + tl.arange(0, BLOCK_COLS)
         x = tl.load(x_row + col, mask=col < end, other=-float("inf")).to(ACC)
-        m_new = tl.maximum(m, x)
-        # A lane that has seen only -inf keeps m = -inf and s = 0 (exp(-inf - -inf) would
-        # be NaN); a NaN in x makes m_new NaN, takes the update and poisons s, as in torch.
-        s = tl.where(m_new == -float("inf"), s, s * tl.exp(m - m_new) + tl.exp(x - m_new))
+        # NaN must win the max: by default a GPU max returns the other operand (maxnum), and a
+        # lane whose first value is NaN would keep m = -inf and drop it (the interpreter's
+        # numpy max propagates NaN either way, so only a GPU shows the difference).
+        m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
+        # s * exp(m - m_new) + exp(x - m_new), with one exp instead of two: one of m and x
+        # is m_new, so one factor is exp(0) = 1 and the other exp(-|x - m|) (same bits).
+        # A lane that has seen only -inf keeps m = -inf and s = 0 (-inf - -inf would be NaN);
+        # a NaN in x makes m_new and the exp NaN and poisons s, as in torch.
+        e = tl.exp(-tl.abs(x - m))
+        s = tl.where(m_new == -float("inf"), s, tl.where(x > m, s * e + 1.0, s + e))
         m = m_new
     row_max = tl.max(m, axis=0)
     # All -inf: max = -inf, sum 0 (the row's outputs are then NaN, as torch's).
