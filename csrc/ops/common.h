@@ -18,6 +18,9 @@ inline kernels::DType kernel_dtype(const char* fn, const char* name, const at::T
   }
 }
 
+// A tensor's data for a kernel argument that may be absent: nullptr when undefined or empty.
+inline void* mutable_or_null(at::Tensor& t) { return t.defined() && t.numel() ? t.mutable_data_ptr() : nullptr; }
+
 inline void check_cuda_launch(const char* fn, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, fn, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }

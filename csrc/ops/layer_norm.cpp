@@ -91,7 +91,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   at::Tensor dbias = param_grad(has_bias);
   at::Tensor dweight_partial = weight.has_value() ? at::empty({partial_rows, n}, acc_opts) : at::Tensor();
   at::Tensor dbias_partial = has_bias ? at::empty({partial_rows, n}, acc_opts) : at::Tensor();
-  auto mutable_or_null = [](at::Tensor& t) -> void* { return t.defined() && t.numel() ? t.mutable_data_ptr() : nullptr; };
   check_cuda_launch(fn, kernels::norm_backward(
                             dtype, dy.const_data_ptr(), dsum.has_value() ? dsum->const_data_ptr() : nullptr,
                             x.const_data_ptr(), ptr_or_null(w), rms ? nullptr : mean->const_data_ptr(),

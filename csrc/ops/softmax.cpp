@@ -17,7 +17,6 @@ at::Tensor split_workspace(const char* fn, kernels::DType dtype, const at::Tenso
   return bytes == 0 ? at::Tensor() : at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
-void* data_or_null(at::Tensor& t) { return t.defined() ? t.mutable_data_ptr() : nullptr; }
 size_t bytes_of(const at::Tensor& t) { return t.defined() ? t.nbytes() : 0; }
 
 void check_softmax_rows(const char* fn, const char* name, const at::Tensor& t) {
@@ -34,7 +33,7 @@ at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
   at::Tensor y = empty_output(x.sizes(), x.options());
   at::Tensor workspace = split_workspace(fn, dtype, x);
   check_cuda_launch(fn, kernels::softmax_forward(dtype, x.const_data_ptr(), y.mutable_data_ptr(), x.size(0), x.size(1),
-                                                 x.stride(0), log, data_or_null(workspace), bytes_of(workspace),
+                                                 x.stride(0), log, mutable_or_null(workspace), bytes_of(workspace),
                                                  at::cuda::getCurrentCUDAStream()));
   return y;
 }
@@ -55,7 +54,7 @@ at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& o
   at::Tensor workspace = split_workspace(fn, dtype, out);
   check_cuda_launch(fn, kernels::softmax_backward(dtype, grad_out.const_data_ptr(), out.const_data_ptr(),
                                                   grad_in.mutable_data_ptr(), out.size(0), out.size(1),
-                                                  grad_out.stride(0), out.stride(0), log, data_or_null(workspace),
+                                                  grad_out.stride(0), out.stride(0), log, mutable_or_null(workspace),
                                                   bytes_of(workspace), at::cuda::getCurrentCUDAStream()));
   return grad_in;
 }

@@ -14,8 +14,9 @@ GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # sizes fit for a 2-core machine; 4096 x 4096 fp32 is the CPU target of the foundation issue
 CPU_ROWS, CPU_COLS = 4096, (256, 1024, 4096)
 CPU_DTYPES = (torch.float32,)
-# 16-bit floats on the CPU at one size: the evidence for auto's CPU order by dtype (backends.py)
+# a few rows over a 256k vocabulary: the long-row split (GPU bf16, CPU fp32)
 VOCAB_SHAPE = (8, 262144)
+# 16-bit floats on the CPU at one size: the evidence for auto's CPU order by dtype (backends.py)
 CPU_HALF_DTYPES, CPU_HALF_SHAPE = (torch.bfloat16, torch.float16), (4096, 1024)
 # a small input (attention scores of a small model), timed as calls back to back: what a
 # call costs the host (Python, dispatch, launch) when the kernel itself takes microseconds
