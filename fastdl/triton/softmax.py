@@ -86,8 +86,8 @@ def _online_max_sum(x_row, begin, end, BLOCK_COLS: tl.constexpr, ACC: tl.constex
         col = start + tl.arange(0, BLOCK_COLS)
         x = tl.load(x_row + col, mask=col < end, other=-float("inf")).to(ACC)
         # NaN must win the max: by default a GPU max returns the other operand (maxnum), and a
-        # lane whose first value is NaN would keep m = -inf and drop it (the interpreter's
-        # numpy max propagates NaN either way, so only a GPU shows the difference).
+        # lane whose first value is NaN would keep m = -inf and drop it (numpy's max, the
+        # interpreter's, lets NaN win: tests/conftest.py gives it the GPU's maxnum instead).
         m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
         # s * exp(m - m_new) + exp(x - m_new), with one exp instead of two: one of m and x
         # is m_new, so one factor is exp(0) = 1 and the other exp(-|x - m|) (same bits).
