@@ -1,0 +1,280 @@
+// The emulator's scheduler and the few CUDA runtime calls the launchers make.
+// See cuda_emu.h for what is emulated and how.
+#include "cuda_emu.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+uint3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+
+namespace fastdl_emu {
+namespace {
+
+enum class State { kReady, kAtSync, kAtShuffle, kDone };
+
+constexpr size_t kStackBytes = 256 * 1024;  // mapped lazily; sanitizer frames are larger
+constexpr int kWarp = 32;
+
+struct Fiber {
+  ucontext_t context;
+  void* stack = nullptr;
+  State state = State::kDone;
+  uint3 index;
+  // the shuffle this lane waits in
+  unsigned char value[8], result[8];
+  size_t bytes = 0;
+  int lane_mask = 0;
+  unsigned mask = 0;
+};
+
+struct Emulator {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;  // one per thread of the block running; stacks kept for the next
+  int current = -1;
+  const std::function<void()>* body = nullptr;
+  const char* kernel = "";
+  std::mt19937_64 rng{std::strtoull(std::getenv("FASTDL_EMU_SEED") ? std::getenv("FASTDL_EMU_SEED") : "1", nullptr, 10)};
+  cudaError_t last_error = cudaSuccess;
+  std::vector<std::string> launches;
+};
+
+Emulator& emu() {
+  static Emulator instance;
+  return instance;
+}
+
+void run_fiber() {
+  Emulator& e = emu();
+  (*e.body)();
+  e.fibers[e.current].state = State::kDone;
+  // returning resumes uc_link: the scheduler
+}
+
+Fiber& current_fiber(const char* what) {
+  Emulator& e = emu();
+  if (e.current < 0) {
+    std::fprintf(stderr, "cuda_emu error: %s called outside a kernel\n", what);
+    std::_Exit(3);
+  }
+  return e.fibers[e.current];
+}
+
+void wait(State state) {
+  Emulator& e = emu();
+  Fiber& f = e.fibers[e.current];
+  f.state = state;
+  swapcontext(&f.context, &e.scheduler);
+}
+
+// Opens the barriers every one of whose threads waits in it; false when none can open.
+bool open_barriers(int threads) {
+  Emulator& e = emu();
+  int live = 0, at_sync = 0;
+  for (int i = 0; i < threads; ++i) {
+    live += e.fibers[i].state != State::kDone;
+    at_sync += e.fibers[i].state == State::kAtSync;
+  }
+  bool opened = false;
+  if (at_sync > 0 && at_sync == live) {
+    if (live != threads) {
+      char what[160];
+      std::snprintf(what, sizeof what, "__syncthreads reached by %d threads after %d of the block's %d exited", live,
+                    threads - live, threads);
+      fail(what);
+    }
+    for (int i = 0; i < threads; ++i) e.fibers[i].state = State::kReady;
+    opened = true;
+  }
+  for (int base = 0; base < threads; base += kWarp) {
+    const int lanes = std::min(kWarp, threads - base);
+    int waiting = 0;
+    for (int l = 0; l < lanes; ++l) waiting += e.fibers[base + l].state == State::kAtShuffle;
+    if (waiting == 0 || waiting < kWarp) continue;  // a partial warp waits for ever: reported below
+    for (int l = 0; l < kWarp; ++l) {
+      const Fiber& f = e.fibers[base + l];
+      if (f.mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask (not emulated)");
+      if (f.bytes != e.fibers[base].bytes) fail("__shfl_xor_sync: lanes of one warp shuffle different types");
+      if (f.lane_mask < 0 || f.lane_mask >= kWarp) fail("__shfl_xor_sync: lane mask past the warp");
+    }
+    for (int l = 0; l < kWarp; ++l) {
+      Fiber& f = e.fibers[base + l];
+      std::memcpy(f.result, e.fibers[base + (l ^ f.lane_mask)].value, f.bytes);
+      f.state = State::kReady;
+    }
+    opened = true;
+  }
+  return opened;
+}
+
+[[noreturn]] void deadlock(int threads) {
+  Emulator& e = emu();
+  int at_sync = 0, at_shuffle = 0, done = 0;
+  for (int i = 0; i < threads; ++i) {
+    at_sync += e.fibers[i].state == State::kAtSync;
+    at_shuffle += e.fibers[i].state == State::kAtShuffle;
+    done += e.fibers[i].state == State::kDone;
+  }
+  char what[200];
+  std::snprintf(what, sizeof what,
+                "deadlock: %d threads wait at __syncthreads, %d at a warp shuffle whose warp never completes, "
+                "%d exited",
+                at_sync, at_shuffle, done);
+  e.current = -1;
+  fail(what);
+}
+
+void run_block(int threads) {
+  Emulator& e = emu();
+  if (static_cast<int>(e.fibers.size()) < threads) e.fibers.resize(threads);
+  for (int i = 0; i < threads; ++i) {
+    Fiber& f = e.fibers[i];
+    if (f.stack == nullptr) {
+      f.stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (f.stack == MAP_FAILED) fail("cannot map a fiber stack");
+    }
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack;
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &e.scheduler;
+    makecontext(&f.context, run_fiber, 0);
+    f.state = State::kReady;
+    f.index = uint3{i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
+  }
+  std::vector<int> order;
+  for (;;) {
+    order.clear();
+    for (int i = 0; i < threads; ++i)
+      if (e.fibers[i].state == State::kReady) order.push_back(i);
+    std::shuffle(order.begin(), order.end(), e.rng);
+    for (int i : order) {
+      e.current = i;
+      threadIdx = e.fibers[i].index;
+      swapcontext(&e.scheduler, &e.fibers[i].context);
+    }
+    e.current = -1;
+    bool all_done = true;
+    for (int i = 0; i < threads; ++i) all_done = all_done && e.fibers[i].state == State::kDone;
+    if (all_done) return;
+    if (!open_barriers(threads)) deadlock(threads);
+  }
+}
+
+}  // namespace
+
+[[noreturn]] void fail(const char* what) {
+  Emulator& e = emu();
+  if (e.current >= 0)
+    std::fprintf(stderr, "cuda_emu error: %s\n  in %s, block (%u, %u, %u), thread (%u, %u, %u)\n", what, e.kernel,
+                 blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+  else
+    std::fprintf(stderr, "cuda_emu error: %s\n  in %s, block (%u, %u, %u)\n", what, e.kernel, blockIdx.x, blockIdx.y,
+                 blockIdx.z);
+  std::fflush(stderr);
+  std::_Exit(3);
+}
+
+void syncthreads() {
+  current_fiber("__syncthreads");
+  wait(State::kAtSync);
+}
+
+void shuffle_xor(const void* value, size_t bytes, int lane_mask, unsigned mask, void* result) {
+  Fiber& f = current_fiber("__shfl_xor_sync");
+  std::memcpy(f.value, value, bytes);
+  f.bytes = bytes;
+  f.lane_mask = lane_mask;
+  f.mask = mask;
+  wait(State::kAtShuffle);
+  std::memcpy(result, f.result, bytes);
+}
+
+void run_grid(const char* kernel_name, const LaunchConfig& config, const std::function<void()>& body) {
+  Emulator& e = emu();
+  const dim3 g = config.grid, b = config.block;
+  const uint64_t threads = static_cast<uint64_t>(b.x) * b.y * b.z;
+  // the runtime's limits (compute capability 8.x / 9.x)
+  const bool valid = threads >= 1 && threads <= 1024 && b.z <= 64 && g.x >= 1 && g.x <= 2147483647u && g.y >= 1 &&
+                     g.y <= 65535 && g.z >= 1 && g.z <= 65535 && config.shared_bytes <= 48 * 1024;
+  char line[400];
+  std::snprintf(line, sizeof line, "%s grid=(%u,%u,%u) block=(%u,%u,%u)%s", kernel_name, g.x, g.y, g.z, b.x, b.y, b.z,
+                valid ? "" : " invalid");
+  e.launches.emplace_back(line);
+  if (!valid) {
+    if (e.last_error == cudaSuccess) e.last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  e.kernel = kernel_name;
+  e.body = &body;
+  gridDim = g;
+  blockDim = b;
+  for (unsigned z = 0; z < g.z; ++z)
+    for (unsigned y = 0; y < g.y; ++y)
+      for (unsigned x = 0; x < g.x; ++x) {
+        blockIdx = uint3{x, y, z};
+        run_block(static_cast<int>(threads));
+      }
+  e.body = nullptr;
+}
+
+const std::vector<std::string>& launches() { return emu().launches; }
+
+}  // namespace fastdl_emu
+
+// ---------------------------------------------------------------------------------
+// The runtime calls the launchers make. The emulated device: FASTDL_EMU_SMS SMs (4 unless
+// set: few, so that small tests reach the paths a full H100 reaches with large ones).
+// ---------------------------------------------------------------------------------
+extern "C" {
+
+cudaError_t cudaGetLastError(void) {
+  const cudaError_t err = fastdl_emu::emu().last_error;
+  fastdl_emu::emu().last_error = cudaSuccess;
+  return err;
+}
+
+cudaError_t cudaPeekAtLastError(void) { return fastdl_emu::emu().last_error; }
+
+const char* cudaGetErrorName(cudaError_t err) {
+  switch (err) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    default: return "cudaError (not named by the emulator)";
+  }
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
+  if (device != 0) return cudaErrorInvalidDevice;
+  if (attr != cudaDevAttrMultiProcessorCount) fastdl_emu::fail("cudaDeviceGetAttribute: attribute not emulated");
+  const char* sms = std::getenv("FASTDL_EMU_SMS");
+  *value = sms != nullptr ? std::atoi(sms) : 4;
+  return cudaSuccess;
+}
+
+// Blocks an SM holds by thread count alone (2048 threads, 32 blocks an SM on sm_80/sm_90).
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int block_threads,
+                                                                   size_t, unsigned int) {
+  if (block_threads < 1 || block_threads > 1024) return cudaErrorInvalidValue;
+  *blocks = std::min(32, 2048 / block_threads);
+  return cudaSuccess;
+}
+
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void* func, int block_threads,
+                                                          size_t shared_bytes) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(blocks, func, block_threads, shared_bytes, 0);
+}
+
+}  // extern "C"

@@ -1,0 +1,192 @@
+"""Builds and runs the CUDA C++ launchers of kernels/ on the CPU, under the emulator in
+tests/cpp/cuda_emu (a fiber a GPU thread, barriers and warp shuffles emulated), with
+AddressSanitizer and UBSan: machines without a GPU run the kernels' code, catch an
+out-of-bounds access, a misaligned vector access or a barrier some threads skip.
+
+The kernels' sources are compiled as they are, but for the launches: each
+`kernel<<<grid, block, smem, stream>>>(args)` is rewritten as
+`::fastdl_emu::launch("kernel", kernel, ::fastdl_emu::config(grid, block, smem, stream), args)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = ROOT / "tests" / "cpp" / "cuda_emu"
+KERNEL_SOURCES = sorted((ROOT / "kernels").glob("*.cu"))
+FLAGS = ["-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+         "-fno-omit-frame-pointer", "-fno-strict-aliasing", "-Wall", "-Wno-unused-variable"]
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.float64: "float64"}
+
+
+def cuda_include() -> Path | None:
+    """The CUDA toolkit's include folder (for cuda_fp16.h and friends), or None."""
+    candidates = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for home in candidates:
+        if home and (Path(home) / "include" / "cuda_fp16.h").exists():
+            return Path(home) / "include"
+    return None
+
+
+def missing_tools() -> str | None:
+    """Why the emulator cannot be built here, or None."""
+    if shutil.which("g++") is None:
+        return "g++ not found"
+    if cuda_include() is None:
+        return "no CUDA toolkit headers (cuda_fp16.h): set CUDA_HOME"
+    return None
+
+
+def _matching(text: str, open_at: int, opening: str, closing: str) -> int:
+    """Index of the bracket closing the one at open_at (angle brackets: template args)."""
+    depth = 0
+    for i in range(open_at, len(text)):
+        if text[i] == opening:
+            depth += 1
+        elif text[i] == closing:
+            depth -= 1
+            if depth == 0:
+                return i
+    raise ValueError(f"unbalanced {opening}{closing} from offset {open_at}")
+
+
+def rewrite_launches(source: str) -> str:
+    """Each `kernel<targs><<<config>>>(args)` as a fastdl_emu::launch call, lines kept."""
+    out, pos = [], 0
+    while (start := source.find("<<<", pos)) >= 0:
+        # the kernel: an identifier, then optionally its template arguments
+        k_end = start
+        while source[k_end - 1].isspace():
+            k_end -= 1
+        k_start = k_end
+        if source[k_end - 1] == ">":
+            depth = 0
+            while True:
+                k_start -= 1
+                depth += {">": 1, "<": -1}.get(source[k_start], 0)
+                if depth == 0:
+                    break
+        while source[k_start - 1].isalnum() or source[k_start - 1] in "_:":
+            k_start -= 1
+        kernel = source[k_start:k_end]
+        config_end = source.index(">>>", start)
+        config = source[start + 3:config_end]
+        args_open = config_end + 3
+        while source[args_open].isspace():
+            args_open += 1
+        if source[args_open] != "(":
+            raise ValueError(f"launch of {kernel} without arguments")
+        args_close = _matching(source, args_open, "(", ")")
+        args = source[args_open + 1:args_close]
+        name = " ".join(kernel.split())
+        call = (f'::fastdl_emu::launch("{name}", {kernel}, ::fastdl_emu::config({config})'
+                f'{", " if args.strip() else ""}{args})')
+        removed = source[k_start:args_close + 1]
+        out.append(source[pos:k_start])
+        out.append(call + "\n" * (removed.count("\n") - call.count("\n")))
+        pos = args_close + 1
+    out.append(source[pos:])
+    return "".join(out)
+
+
+def build(build_dir: Path) -> Path:
+    """The runner (tests/cpp/cuda_emu/runner.cpp) linked with every kernels/*.cu; built once
+    per content of its sources (cached in build_dir)."""
+    why = missing_tools()
+    if why:
+        raise RuntimeError(f"cannot build the CUDA emulator: {why}")
+    sources = [*KERNEL_SOURCES, *sorted((ROOT / "kernels").rglob("*.h")), *sorted((ROOT / "kernels").rglob("*.cuh")),
+               *sorted(EMU.iterdir()), Path(__file__)]
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode() + path.read_bytes())
+    out_dir = build_dir / digest.hexdigest()[:16]
+    runner = out_dir / "runner"
+    if runner.exists():
+        return runner
+    out_dir.mkdir(parents=True, exist_ok=True)
+    include = ["-I", str(ROOT / "kernels"), "-I", str(EMU), "-isystem", str(cuda_include())]
+    jobs = []
+    for cu in KERNEL_SOURCES:
+        rewritten = out_dir / f"{cu.stem}.emu.cpp"
+        text = rewrite_launches(cu.read_text())
+        rewritten.write_text(f'#line 1 "{cu}"\n{text}')
+        jobs.append([*include, "-include", str(EMU / "cuda_emu.h"), "-c", str(rewritten)])
+    jobs += [[*include, "-c", str(EMU / "cuda_emu.cpp")], [*include, "-c", str(EMU / "runner.cpp")]]
+    objects = []
+
+    def compile_one(args):
+        obj = out_dir / (Path(args[-1]).name + ".o")
+        result = subprocess.run(["g++", *FLAGS, *args, "-o", str(obj)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"g++ failed on {args[-1]}:\n{result.stderr[-8000:]}")
+        return obj
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        objects = list(pool.map(compile_one, jobs))
+    tmp = out_dir / "runner.tmp"
+    result = subprocess.run(["g++", *FLAGS, *map(str, objects), "-o", str(tmp)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"linking the emulator failed:\n{result.stderr[-8000:]}")
+    tmp.rename(runner)
+    return runner
+
+
+@dataclass
+class Result:
+    returncode: int
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    launches: list[str] = field(default_factory=list)
+    stdout: str = ""
+    stderr: str = ""
+
+
+def storage_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The elements a 2-D view with unit column stride spans, flat, and how many they are."""
+    rows, cols = t.shape
+    count = 0 if t.numel() == 0 else (rows - 1) * t.stride(0) + cols
+    return t.as_strided((count,), (1,), t.storage_offset()).clone(), count
+
+
+def run(runner: Path, op: str, work_dir: Path, inputs: dict[str, torch.Tensor],
+        outputs: dict[str, tuple[torch.dtype, int]], settings: dict[str, object],
+        offsets: dict[str, int] | None = None, env: dict[str, str] | None = None,
+        timeout: float = 600) -> Result:
+    """Runs `op` on CPU tensors: `inputs` are 2-D (rows with unit column stride) or 1-D;
+    `outputs` name (dtype, elements) of contiguous buffers the runner allocates poisoned.
+    Offsets (elements) misalign a buffer's start."""
+    offsets = offsets or {}
+    work_dir.mkdir(parents=True, exist_ok=True)
+    args = [str(runner), op]
+    for name, t in inputs.items():
+        flat, count = storage_of(t) if t.dim() == 2 else (t.contiguous().clone(), t.numel())
+        path = work_dir / f"{name}.in"
+        path.write_bytes(flat.view(torch.uint8).numpy().tobytes() if count else b"")
+        args += ["--buf", f"{name}:{DTYPE_NAMES[t.dtype]}:{count}:{offsets.get(name, 0)}", "--in", f"{name}={path}"]
+    for name, (dtype, count) in outputs.items():
+        args += ["--buf", f"{name}:{DTYPE_NAMES[dtype]}:{count}:{offsets.get(name, 0)}",
+                 "--out", f"{name}={work_dir / (name + '.out')}"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={int(value) if isinstance(value, bool) else value}"]
+    full_env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0",
+                "UBSAN_OPTIONS": "print_stacktrace=1", **(env or {})}
+    proc = subprocess.run(args, capture_output=True, text=True, env=full_env, timeout=timeout)
+    result = Result(proc.returncode, stdout=proc.stdout, stderr=proc.stderr,
+                    launches=[line[len("launch "):] for line in proc.stdout.splitlines() if line.startswith("launch ")])
+    if proc.returncode == 0:
+        for name, (dtype, count) in outputs.items():
+            data = (work_dir / (name + ".out")).read_bytes()
+            result.outputs[name] = torch.frombuffer(bytearray(data), dtype=dtype) if count else torch.empty(0, dtype=dtype)
+    return result
