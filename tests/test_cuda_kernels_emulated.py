@@ -41,6 +41,8 @@ def runner():
 
 
 def _run(runner, tmp_path, op, inputs, outputs, settings, offsets=None, env=None):
+    # the threads' order between barriers: another per test (conftest seeds torch per test id)
+    env = {"FASTDL_EMU_SEED": str(torch.initial_seed() % 2**32), **(env or {})}
     result = emulated_cuda.run(runner, op, tmp_path, inputs, outputs, settings, offsets, env)
     assert result.returncode == 0, f"{op} failed (exit {result.returncode}):\n{result.stderr[-6000:]}"
     return result
@@ -153,6 +155,21 @@ def test_softmax_long_rows_every_way(runner, tmp_path, how):
         assert kinds[0] == "softmax_forward_chunk_stats_kernel" and "grid=(7,2,1)" in result.launches[0], kinds
     else:
         assert kinds == ["softmax_forward_block_kernel"], kinds
+
+
+# one row length in each tile the shape sweeps above leave out: a warp x 16, 128 x 16, 512 x 8
+TILE_EDGE_COLS = [300, 1500, 3000]
+
+
+@pytest.mark.parametrize("cols", TILE_EDGE_COLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_softmax_remaining_tiles(runner, tmp_path, dtype, cols):
+    rows = 5
+    x, _ = _rows(rows, cols, dtype, "contiguous")
+    for log in (False, True):
+        y, result = _softmax_forward(runner, tmp_path / str(log), x, 0, log)
+        assert_close(y, _softmax_ref(x, log), dtype, f"log={log}")
+        assert _kernels(result) == ["softmax_forward_tile_kernel"]
 
 
 def _special_rows(cols, dtype):
@@ -353,6 +370,22 @@ def test_norm_row_layouts(runner, tmp_path, dtype, cols, layout):
     _, y, _, _ = _norm_reference(inputs, False, 1e-5)
     assert_close(result.outputs["y"].view(rows, cols), y, dtype, "y")
     assert torch.equal(result.outputs["sum"].view(rows, cols), inputs["x"] + inputs["residual"])
+
+
+@pytest.mark.parametrize("cols", [*TILE_EDGE_COLS, 12000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_norm_remaining_tiles(runner, tmp_path, dtype, cols):
+    """Tiles NORM_SHAPES leaves out, and the forward's largest (1024 x 16: 12000 columns,
+    where the backward loops)."""
+    rows = 5
+    inputs, offsets = _norm_inputs((rows, cols), dtype, "add_layer_norm")
+    result = _norm_forward(runner, tmp_path / "fwd", inputs, offsets, False)
+    _, y, _, _ = _norm_reference(inputs, False, 1e-5)
+    assert_close(result.outputs["y"].view(rows, cols), y, dtype, "y")
+    back, grads = _norm_backward(runner, tmp_path / "bwd", inputs, False)
+    for name, ref in grads.items():
+        assert_close(back.outputs[name].view(ref.shape), ref, dtype if name == "dx" else torch.float32, name)
+    assert _kernels(back)[0] == ("norm_backward_loop_kernel" if cols > 8192 else "norm_backward_tile_kernel")
 
 
 def test_rewrite_keeps_lines_and_finds_every_launch():
