@@ -125,8 +125,6 @@ def build(build_dir: Path) -> Path:
         rewritten.write_text(f'#line 1 "{cu}"\n{text}')
         jobs.append([*include, "-include", str(EMU / "cuda_emu.h"), "-c", str(rewritten)])
     jobs += [[*include, "-c", str(EMU / "cuda_emu.cpp")], [*include, "-c", str(EMU / "runner.cpp")]]
-    objects = []
-
     def compile_one(args):
         obj = out_dir / (Path(args[-1]).name + ".o")
         result = subprocess.run(["g++", *FLAGS, *args, "-o", str(obj)], capture_output=True, text=True)

@@ -97,7 +97,7 @@ bool open_barriers(int threads) {
     const int lanes = std::min(kWarp, threads - base);
     int waiting = 0;
     for (int l = 0; l < lanes; ++l) waiting += e.fibers[base + l].state == State::kAtShuffle;
-    if (waiting == 0 || waiting < kWarp) continue;  // a partial warp waits for ever: reported below
+    if (waiting < kWarp) continue;  // a partial warp waits for ever: reported below
     for (int l = 0; l < kWarp; ++l) {
       const Fiber& f = e.fibers[base + l];
       if (f.mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask (not emulated)");
