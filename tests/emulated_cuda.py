@@ -3,9 +3,15 @@ tests/cpp/cuda_emu (a fiber a GPU thread, barriers and warp shuffles emulated), 
 AddressSanitizer and UBSan: machines without a GPU run the kernels' code, catch an
 out-of-bounds access, a misaligned vector access or a barrier some threads skip.
 
-The kernels' sources are compiled as they are, but for the launches: each
-`kernel<<<grid, block, smem, stream>>>(args)` is rewritten as
-`::fastdl_emu::launch("kernel", kernel, ::fastdl_emu::config(grid, block, smem, stream), args)`.
+The kernels' sources are compiled as they are, but for three rewrites that keep every
+line where it was (rewrite_source):
+- each `kernel<<<grid, block, smem, stream>>>(args)` becomes
+  `::fastdl_emu::launch("kernel", kernel, ::fastdl_emu::config(grid, block, smem, stream), args)`;
+- a kernel declared `__launch_bounds__(N)` checks on entry that its block has at most N
+  threads (a GPU refuses such a launch);
+- each `__shared__` variable (static here, one copy for the blocks that run one after
+  another) is declared to the emulator, which fills it with 0xff bytes (NaN) at the start
+  of every block, so a read of shared memory no thread of this block wrote shows.
 """
 from __future__ import annotations
 
@@ -101,6 +107,60 @@ def rewrite_launches(source: str) -> str:
     return "".join(out)
 
 
+def _top_level_split(text: str) -> list[str]:
+    """text split at the commas outside brackets (template arguments included)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += {"(": 1, "[": 1, "<": 1, ")": -1, "]": -1, ">": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+def _insert_at_each(source: str, marker: str, insertion) -> str:
+    """source with, for each occurrence of marker, the text insertion(source, start)
+    gives inserted at the offset it gives (on the same line)."""
+    out, pos = [], 0
+    while (start := source.find(marker, pos)) >= 0:
+        at, text = insertion(source, start)
+        out += [source[pos:at], text]
+        pos = at
+    out.append(source[pos:])
+    return "".join(out)
+
+
+def _launch_bounds_check(source: str, start: int) -> tuple[int, str]:
+    bounds_open = start + len("__launch_bounds__")
+    bounds_close = _matching(source, bounds_open, "(", ")")
+    max_threads = _top_level_split(source[bounds_open + 1:bounds_close])[0].strip()
+    params_open = source.index("(", bounds_close + 1)
+    body_open = source.index("{", _matching(source, params_open, "(", ")"))
+    name = " ".join(source[bounds_close + 1:params_open].split())
+    return body_open + 1, f' ::fastdl_emu::check_launch_bounds("{name}", {max_threads});'
+
+
+def _shared_declaration(source: str, start: int) -> tuple[int, str]:
+    end = source.index(";", start)
+    if "[]" in source[start:end].replace(" ", ""):
+        raise ValueError(f"dynamic shared memory is not emulated: {source[start:end]!r}")
+    declarator = source[start + len("__shared__"):end].split("[")[0].split("=")[0]
+    name = declarator.replace("*", " ").split()[-1]
+    if not name.isidentifier():
+        raise ValueError(f"cannot read the name of a __shared__ variable: {source[start:end]!r}")
+    return end + 1, f" ::fastdl_emu::shared_memory(&{name}, sizeof({name}));"
+
+
+def rewrite_source(source: str) -> str:
+    """A kernels/*.cu source as the emulator compiles it (see the module's docstring):
+    launches rewritten; after the `{` of each kernel declared `__launch_bounds__(N[, ...])`
+    a check that its block has at most N threads (the macro expands to nothing); after each
+    `__shared__ T name[...];` a call that declares it to the emulator, which poisons it as
+    each block starts."""
+    source = _insert_at_each(rewrite_launches(source), "__launch_bounds__(", _launch_bounds_check)
+    return _insert_at_each(source, "__shared__", _shared_declaration)
+
+
 def build(build_dir: Path) -> Path:
     """The runner (tests/cpp/cuda_emu/runner.cpp) linked with every kernels/*.cu; built once
     per content of its sources (cached in build_dir)."""
@@ -121,7 +181,7 @@ def build(build_dir: Path) -> Path:
     jobs = []
     for cu in KERNEL_SOURCES:
         rewritten = out_dir / f"{cu.stem}.emu.cpp"
-        text = rewrite_launches(cu.read_text())
+        text = rewrite_source(cu.read_text())
         rewritten.write_text(f'#line 1 "{cu}"\n{text}')
         jobs.append([*include, "-include", str(EMU / "cuda_emu.h"), "-c", str(rewritten)])
     jobs += [[*include, "-c", str(EMU / "cuda_emu.cpp")], [*include, "-c", str(EMU / "runner.cpp")]]

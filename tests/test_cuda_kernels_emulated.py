@@ -381,14 +381,24 @@ def test_norm_remaining_tiles(runner, tmp_path, dtype, cols):
 
 
 def test_rewrite_keeps_lines_and_finds_every_launch():
-    """The launch rewrite leaves no <<< behind and keeps every line where it was (so the
-    compiler's messages point at kernels/*.cu lines)."""
+    """The rewrite leaves no <<< behind, checks every __launch_bounds__, declares every
+    __shared__ variable, and keeps every line where it was (so the compiler's messages
+    point at kernels/*.cu lines)."""
     for path in emulated_cuda.KERNEL_SOURCES:
         source = path.read_text()
-        rewritten = emulated_cuda.rewrite_launches(source)
+        rewritten = emulated_cuda.rewrite_source(source)
         assert "<<<" not in rewritten and ">>>" not in rewritten, path.name
         assert rewritten.count("\n") == source.count("\n"), path.name
         assert rewritten.count("::fastdl_emu::launch(") == source.count("<<<"), path.name
+        assert rewritten.count("::fastdl_emu::check_launch_bounds(") == source.count("__launch_bounds__("), path.name
+        assert rewritten.count("::fastdl_emu::shared_memory(") == source.count("__shared__"), path.name
     sample = "  k<T, 4>\n      <<<grid(n), kThreads<8>, 0, s>>>(a,\n b);\n"
     assert emulated_cuda.rewrite_launches(sample) == (
         '  ::fastdl_emu::launch("k<T, 4>", k<T, 4>, ::fastdl_emu::config(grid(n), kThreads<8>, 0, s), a,\n b)\n;\n')
+    kernel = ("__global__ void __launch_bounds__(kT<A, B>, 2)\n  k(int a,\n int (*f)(int)) {\n"
+              "  __shared__ float s[kT<A, B> / 32][3];\n  __shared__ M<A> m;\n}\n")
+    assert emulated_cuda.rewrite_source(kernel) == (
+        "__global__ void __launch_bounds__(kT<A, B>, 2)\n  k(int a,\n int (*f)(int)) {"
+        ' ::fastdl_emu::check_launch_bounds("k", kT<A, B>);\n'
+        "  __shared__ float s[kT<A, B> / 32][3]; ::fastdl_emu::shared_memory(&s, sizeof(s));\n"
+        "  __shared__ M<A> m; ::fastdl_emu::shared_memory(&m, sizeof(m));\n}\n")

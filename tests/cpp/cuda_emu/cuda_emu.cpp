@@ -35,6 +35,12 @@ struct Fiber {
   unsigned mask = 0;
 };
 
+struct SharedVariable {
+  void* data;
+  size_t bytes;
+  uint64_t poisoned_in;  // the block (blocks_run) it was last poisoned in
+};
+
 struct Emulator {
   ucontext_t scheduler;
   std::vector<Fiber> fibers;  // one per thread of the block running; stacks kept for the next
@@ -44,6 +50,8 @@ struct Emulator {
   std::mt19937_64 rng{std::strtoull(std::getenv("FASTDL_EMU_SEED") ? std::getenv("FASTDL_EMU_SEED") : "1", nullptr, 10)};
   cudaError_t last_error = cudaSuccess;
   std::vector<std::string> launches;
+  std::vector<SharedVariable> shared;
+  uint64_t blocks_run = 0;  // this block's number, counted over every launch
 };
 
 Emulator& emu() {
@@ -133,6 +141,7 @@ bool open_barriers(int threads) {
 
 void run_block(int threads) {
   Emulator& e = emu();
+  ++e.blocks_run;
   if (static_cast<int>(e.fibers.size()) < threads) e.fibers.resize(threads);
   for (int i = 0; i < threads; ++i) {
     Fiber& f = e.fibers[i];
@@ -184,6 +193,28 @@ void run_block(int threads) {
 void syncthreads() {
   current_fiber("__syncthreads");
   wait(State::kAtSync);
+}
+
+void shared_memory(void* data, size_t bytes) {
+  Emulator& e = emu();
+  current_fiber("a __shared__ declaration");
+  auto it = std::find_if(e.shared.begin(), e.shared.end(), [&](const SharedVariable& v) { return v.data == data; });
+  if (it == e.shared.end()) it = e.shared.insert(e.shared.end(), SharedVariable{data, bytes, 0});
+  if (it->poisoned_in != e.blocks_run) {
+    std::memset(data, 0xff, bytes);
+    it->poisoned_in = e.blocks_run;
+  }
+}
+
+void check_launch_bounds(const char* kernel, unsigned max_threads) {
+  current_fiber("check_launch_bounds");
+  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+  if (threads > max_threads) {
+    char what[300];
+    std::snprintf(what, sizeof what, "%s launched with %u threads a block, above its __launch_bounds__ of %u", kernel,
+                  threads, max_threads);
+    fail(what);
+  }
 }
 
 void shuffle_xor(const void* value, size_t bytes, int lane_mask, unsigned mask, void* result) {

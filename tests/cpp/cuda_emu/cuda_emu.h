@@ -1,7 +1,10 @@
 // A CPU emulator for the CUDA C++ kernels in kernels/, so that machines without a GPU
 // run them (tests/test_cuda_kernels_emulated.py). Force-included (g++ -include) ahead
-// of a kernels/*.cu file whose `kernel<<<grid, block, smem, stream>>>(args)` launches
-// tests/emulated_cuda.py has rewritten as fastdl_emu::launch(...) calls.
+// of a kernels/*.cu file that tests/emulated_cuda.py has rewritten: its
+// `kernel<<<grid, block, smem, stream>>>(args)` launches as fastdl_emu::launch(...) calls,
+// with a check_launch_bounds() call in each __launch_bounds__ kernel and a
+// shared_memory() call after each __shared__ declaration (only in kernels/*.cu: a
+// __shared__ variable in a header would not be poisoned).
 //
 // Every GPU thread is a fiber (ucontext) and runs until it reaches a barrier:
 // __syncthreads for its block, a warp shuffle for its warp. When every fiber is waiting,
@@ -28,7 +31,9 @@
 #include <vector>
 
 // Device code is host code here. __shared__ variables are static: the blocks of a launch
-// run one after another on one OS thread, so one copy is exactly the block's own.
+// run one after another on one OS thread, so one copy is exactly the block's own. The
+// rewrite (tests/emulated_cuda.py) declares each to shared_memory(), which poisons it as
+// each block starts; it also makes each __launch_bounds__ kernel call check_launch_bounds.
 #undef __global__
 #define __global__
 #undef __device__
@@ -52,6 +57,13 @@ namespace fastdl_emu {
 [[noreturn]] void fail(const char* what);
 
 void syncthreads();
+// A __shared__ variable, declared by each thread as it passes the declaration: the first
+// thread of each block to pass it fills it with 0xff bytes (NaN in every float type), so
+// a read of shared memory no thread of this block wrote gives NaN, not the last block's value.
+void shared_memory(void* data, size_t bytes);
+// Called on entry of a kernel declared __launch_bounds__(max_threads): a GPU refuses to
+// launch it with a larger block, so a launcher that asks for one is an error here.
+void check_launch_bounds(const char* kernel, unsigned max_threads);
 // Publishes this lane's bytes, waits for the whole warp, returns the bytes of lane
 // (this lane ^ lane_mask).
 void shuffle_xor(const void* value, size_t bytes, int lane_mask, unsigned mask, void* result);
