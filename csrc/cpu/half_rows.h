@@ -85,6 +85,17 @@ FASTDL_INLINE void half_row_from_float_soft(const float* __restrict src, uint16_
   for (int64_t j = 0; j < n; ++j) dst[j] = float_to_half(src[j]);
 }
 
+// h = x + r rounded to fp16 (as the unfused add stores it), and h as float in sum.
+FASTDL_INLINE void half_rows_add_soft(const uint16_t* __restrict x, const uint16_t* __restrict r,
+                                      uint16_t* __restrict h, float* __restrict sum, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t rounded = float_to_half(half_to_float(x[j]) + half_to_float(r[j]));
+    h[j] = rounded;
+    sum[j] = half_to_float(rounded);
+  }
+}
+
 // fp16 rows in hardware: F16C (every x86-64 since Ivy Bridge / Piledriver) converts 8 values
 // an instruction, rounding to nearest even as the software path does; about half the time
 // of the software loops, which took half of an fp16 kernel's time. Picked per row at run
@@ -112,7 +123,39 @@ __attribute__((target("avx,f16c"))) inline void half_row_from_float_f16c(const f
                      _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
   for (; j < n; ++j) dst[j] = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT);
 }
+
+// half_rows_add_soft's result in one pass over F16C (the fused forward's first pass took
+// five: x and r to float, the add, the sum to fp16 and back to float).
+__attribute__((target("avx,f16c"))) inline void half_rows_add_f16c(const uint16_t* __restrict x,
+                                                                   const uint16_t* __restrict r,
+                                                                   uint16_t* __restrict h, float* __restrict sum,
+                                                                   int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j)));
+    const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j)));
+    const __m128i rounded = _mm256_cvtps_ph(_mm256_add_ps(a, b), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h + j), rounded);
+    _mm256_storeu_ps(sum + j, _mm256_cvtph_ps(rounded));
+  }
+  for (; j < n; ++j) {
+    h[j] = _cvtss_sh(_cvtsh_ss(x[j]) + _cvtsh_ss(r[j]), _MM_FROUND_TO_NEAREST_INT);
+    sum[j] = _cvtsh_ss(h[j]);
+  }
+}
 #endif
+
+// half_rows_add_soft, with F16C where the CPU has it.
+FASTDL_INLINE void half_rows_add(const c10::Half* x, const c10::Half* r, c10::Half* h, float* __restrict sum,
+                                 int64_t n) {
+  const uint16_t* xr = reinterpret_cast<const uint16_t*>(x);
+  const uint16_t* rr = reinterpret_cast<const uint16_t*>(r);
+  uint16_t* hr = reinterpret_cast<uint16_t*>(h);
+#ifdef FASTDL_F16C
+  if (cpu_has_f16c()) return half_rows_add_f16c(xr, rr, hr, sum, n);
+#endif
+  half_rows_add_soft(xr, rr, hr, sum, n);
+}
 
 // n values of a 16-bit row to float, and back.
 template <typename T> FASTDL_INLINE void row_to_float(const T* __restrict src, float* __restrict dst, int64_t n) {

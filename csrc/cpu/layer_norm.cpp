@@ -69,19 +69,13 @@ FASTDL_MULTIVERSION void norm_forward_rows(const T* x, int64_t x_stride, const T
   if constexpr (std::is_same_v<T, c10::Half>) {
     // through float buffers converted with F16C (csrc/cpu/half_rows.h); the sum is rounded
     // to T before the norm reads it back, as the unfused add would give it
-    FloatRows buf(3, n);
+    FloatRows buf(2, n);
     for (int64_t r = begin; r < end; ++r) {
-      row_to_float(x + r * x_stride, buf[0], n);
-      if (residual != nullptr) {
-        row_to_float(residual + r * residual_stride, buf[1], n);
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) buf[0][j] += buf[1][j];
-        row_from_float(buf[0], h + r * n, n);
-        row_to_float(h + r * n, buf[0], n);
-      }
-      norm_row_forward<float>(buf[0], nullptr, nullptr, weight, bias, buf[2], n, eps, rms,
+      if (residual != nullptr) half_rows_add(x + r * x_stride, residual + r * residual_stride, h + r * n, buf[0], n);
+      else row_to_float(x + r * x_stride, buf[0], n);
+      norm_row_forward<float>(buf[0], nullptr, nullptr, weight, bias, buf[1], n, eps, rms,
                               mean ? mean + r : nullptr, rstd + r);
-      row_from_float(buf[2], y + r * n, n);
+      row_from_float(buf[1], y + r * n, n);
     }
   } else {
     for (int64_t r = begin; r < end; ++r)

@@ -1,6 +1,7 @@
 // Exhaustive check of csrc/cpu/half_rows.h against c10's own conversions: every 16-bit
 // pattern to float, and float -> 16-bit for every pattern's neighbourhood plus random
 // floats (ties, overflow, subnormals, NaN). Built and run by tests/test_build.py.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -99,6 +100,29 @@ int main() {
     fastdl::cpu::half_row_to_float_f16c(hard.data(), back.data(), n);
     for (int64_t i = 0; i < n; ++i) check_to_float("half_row_to_float_f16c", hard[i], back[i], half_to_float(hard[i]));
     std::printf("F16C path checked\n");
+  }
+#endif
+  // the fused residual add of fp16 rows (software and F16C): h = fp16(x + r) as c10 rounds
+  // it, and its float; every fp16 value against a random partner, an odd length
+  std::vector<uint16_t> partner(every), sum_half(65536);
+  std::vector<float> sum_float(65536);
+  std::shuffle(partner.begin(), partner.end(), rng);
+  auto check_add = [&](const char* what) {
+    for (uint32_t i = 0; i < 65536 - 3; ++i) {
+      const float want = float(c10::Half(float(c10::Half(every[i], c10::Half::from_bits())) +
+                                         float(c10::Half(partner[i], c10::Half::from_bits()))));
+      check_to_float(what, every[i], half_to_float(sum_half[i]), want);
+      check_to_float(what, every[i], sum_float[i], want);
+    }
+  };
+  fastdl::cpu::half_rows_add_soft(every.data(), partner.data(), sum_half.data(), sum_float.data(), 65536 - 3);
+  check_add("half_rows_add_soft");
+#ifdef FASTDL_F16C
+  if (fastdl::cpu::cpu_has_f16c()) {
+    std::fill(sum_half.begin(), sum_half.end(), 0);
+    std::fill(sum_float.begin(), sum_float.end(), 0.0f);
+    fastdl::cpu::half_rows_add_f16c(every.data(), partner.data(), sum_half.data(), sum_float.data(), 65536 - 3);
+    check_add("half_rows_add_f16c");
   }
 #endif
   fastdl::cpu::row_to_float(bf_row.data(), back.data(), static_cast<int64_t>(back.size()));
