@@ -173,9 +173,13 @@ def test_softmax_remaining_tiles(runner, tmp_path, dtype, cols):
 
 def _special_rows(cols, dtype):
     """Rows of special values, each first in its row (and so first in a lane / a chunk):
-    all -inf, -inf but one, NaN, NaN among -inf, huge magnitudes, +inf."""
+    all -inf, -inf but one, NaN, NaN among -inf, huge magnitudes, +inf; and rows far from 0
+    (all near -1000: exp(x) underflows, so only a max taken from the row itself is right;
+    all near +1000)."""
     big = 6e4 if dtype == torch.float16 else 3e38
-    x = torch.randn(8, cols, dtype=torch.float64)
+    x = torch.randn(10, cols, dtype=torch.float64)
+    x[8] -= 1000
+    x[9] += 1000
     x[0] = -math.inf
     x[1] = -math.inf
     x[1, cols // 2] = 1.0
@@ -194,7 +198,7 @@ def _special_rows(cols, dtype):
 def test_softmax_special_values_match_torch(runner, tmp_path, dtype, cols):
     x = _special_rows(cols, dtype)
     for log in (False, True):
-        # 8 rows < 16 blocks: the long rows are split (special values on chunk boundaries too)
+        # 10 rows < 16 blocks: the long rows are split (special values on chunk boundaries too)
         y, _ = _softmax_forward(runner, tmp_path / str(log), x, 0, log)
         # rounded to the dtype: a log_softmax under the dtype's range is -inf there, as in torch
         expected = (torch.log_softmax if log else torch.softmax)(x.double(), -1).to(dtype).double()

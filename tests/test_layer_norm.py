@@ -103,7 +103,12 @@ def test_fp32_weights_with_half_inputs(case, dtype, variant):
 @pytest.mark.parametrize("shape", [(1000, 512), (64, 20000)], ids=["tile", "loop"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_parameter_gradients_are_deterministic(case, shape):
+    """Right and bitwise repeatable dweight / dbias where each backward program (block,
+    CPU chunk) sums many rows into its partial row: 1000 or 64 rows over the interpreter's
+    8 Triton programs (a program adding into its partial row across rows, not only across
+    a row's chunks)."""
     backend, device = case
+    _check(backend, "add_layer_norm", *_inputs(shape, torch.float32, device, "add_layer_norm"), torch.float32)
     x, res, w, b = _inputs(shape, torch.float32, device, "add_layer_norm")
     dy = torch.randn(shape, device=device)
     results = []
