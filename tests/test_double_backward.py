@@ -81,3 +81,40 @@ def test_wgan_gp_penalty_through_patched_critic(backend):
         assert (g is None) == (ref is None)  # the last bias does not reach the penalty
         if ref is not None:
             assert (g - ref).norm() <= 1e-5 * max(ref.norm(), 1e-6), (g - ref).norm() / ref.norm()
+
+
+def _norm_calls(device, n=6):
+    x, r = _f64(3, n, device=device, scale=2, shift=0.5), _f64(3, n, device=device)
+    w, b = _f64(n, device=device, scale=0.3, shift=1.0), _f64(n, device=device)
+    return {
+        "layer_norm": ((x, w, b), lambda x_, w_, b_: fastdl.ops.layer_norm(x_, n, w_, b_)),
+        "rms_norm": ((x, w), lambda x_, w_: fastdl.ops.rms_norm(x_, n, w_, 1e-6)),
+        "add_layer_norm": ((x, r, w, b), lambda x_, r_, w_, b_: fastdl.ops.add_layer_norm(x_, r_, n, w_, b_)),
+        "add_rms_norm": ((x, r, w), lambda x_, r_, w_: fastdl.ops.add_rms_norm(x_, r_, n, w_, 1e-6)),
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("op", ["softmax", "log_softmax", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"])
+def test_create_graph_gradients_equal_the_kernels(case, op):
+    """With create_graph=True the backward takes another path (the formula in torch ops, so
+    that it can be differentiated again). gradgradcheck checks only that path's own
+    derivative; this checks the first derivative it gives against the kernels' backward."""
+    backend, device = case
+    if op in ("softmax", "log_softmax"):
+        x = _f64(3, 7, device=device, scale=2)
+        fn = getattr(fastdl.ops, op)
+        calls = [((x,), lambda t: fn(t, -1)), ((x,), lambda t: fn(t, 0))]
+    else:
+        calls = [_norm_calls(device)[op]]
+    for inputs, f in calls:
+        with fastdl.use_backend(backend):
+            outs = f(*inputs)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            grads_out = [torch.randn_like(o) for o in outs]
+            plain = torch.autograd.grad(outs, inputs, grads_out, retain_graph=True)
+            graphed = torch.autograd.grad(outs, inputs, grads_out, create_graph=True)
+        # (dbias = the sum of dy depends on no input: only dx must carry a graph)
+        assert graphed[0].requires_grad, f"{op}: grad of x is not differentiable under create_graph=True"
+        for name, p, g in zip(("x", "residual or weight", "weight or bias", "bias"), plain, graphed):
+            torch.testing.assert_close(g, p, rtol=1e-10, atol=1e-12, msg=f"{op}: grad of {name} with create_graph")
