@@ -25,21 +25,24 @@ def test_softmax_gradgradcheck(case, log):
         assert torch.autograd.gradgradcheck(lambda t: fn(t, 0), (x,))
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-@pytest.mark.parametrize("variant", ["layer_norm", "layer_norm_plain", "rms_norm", "add_layer_norm", "add_rms_norm"])
-def test_norm_gradgradcheck(case, variant):
-    backend, device = case
-    n = 6
+def _norm_calls(device, n=6):
+    """variant -> (float64 inputs, the fastdl call on them)."""
     x, r = _f64(3, n, device=device, scale=2, shift=0.5), _f64(3, n, device=device)
     w, b = _f64(n, device=device, scale=0.3, shift=1.0), _f64(n, device=device)
-    calls = {
+    return {
         "layer_norm": ((x, w, b), lambda x_, w_, b_: fastdl.ops.layer_norm(x_, n, w_, b_)),
         "layer_norm_plain": ((x,), lambda x_: fastdl.ops.layer_norm(x_, n)),
         "rms_norm": ((x, w), lambda x_, w_: fastdl.ops.rms_norm(x_, n, w_, 1e-6)),
         "add_layer_norm": ((x, r, w, b), lambda x_, r_, w_, b_: fastdl.ops.add_layer_norm(x_, r_, n, w_, b_)),
         "add_rms_norm": ((x, r, w), lambda x_, r_, w_: fastdl.ops.add_rms_norm(x_, r_, n, w_, 1e-6)),
     }
-    inputs, fn = calls[variant]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("variant", ["layer_norm", "layer_norm_plain", "rms_norm", "add_layer_norm", "add_rms_norm"])
+def test_norm_gradgradcheck(case, variant):
+    backend, device = case
+    inputs, fn = _norm_calls(device)[variant]
     with fastdl.use_backend(backend):
         assert torch.autograd.gradgradcheck(fn, inputs)
 
@@ -81,17 +84,6 @@ def test_wgan_gp_penalty_through_patched_critic(backend):
         assert (g is None) == (ref is None)  # the last bias does not reach the penalty
         if ref is not None:
             assert (g - ref).norm() <= 1e-5 * max(ref.norm(), 1e-6), (g - ref).norm() / ref.norm()
-
-
-def _norm_calls(device, n=6):
-    x, r = _f64(3, n, device=device, scale=2, shift=0.5), _f64(3, n, device=device)
-    w, b = _f64(n, device=device, scale=0.3, shift=1.0), _f64(n, device=device)
-    return {
-        "layer_norm": ((x, w, b), lambda x_, w_, b_: fastdl.ops.layer_norm(x_, n, w_, b_)),
-        "rms_norm": ((x, w), lambda x_, w_: fastdl.ops.rms_norm(x_, n, w_, 1e-6)),
-        "add_layer_norm": ((x, r, w, b), lambda x_, r_, w_, b_: fastdl.ops.add_layer_norm(x_, r_, n, w_, b_)),
-        "add_rms_norm": ((x, r, w), lambda x_, r_, w_: fastdl.ops.add_rms_norm(x_, r_, n, w_, 1e-6)),
-    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -108,8 +108,8 @@ def test_parameter_gradients_are_deterministic(case, shape):
     8 Triton programs (a program adding into its partial row across rows, not only across
     a row's chunks)."""
     backend, device = case
-    _check(backend, "add_layer_norm", *_inputs(shape, torch.float32, device, "add_layer_norm"), torch.float32)
     x, res, w, b = _inputs(shape, torch.float32, device, "add_layer_norm")
+    _check(backend, "add_layer_norm", x, res, w, b, torch.float32)
     dy = torch.randn(shape, device=device)
     results = []
     for _ in range(2):
