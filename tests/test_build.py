@@ -3,7 +3,9 @@
 * every kernels/*.cu compiles with nvcc for sm_80 and sm_90a, warnings as errors, and
   no kernel spills registers to local memory unless its source says why that is fine
   (a line `// spills accepted: <kernel name>: <reason>`);
-* every Triton kernel compiles for sm_90 (tests/triton_compile_check.py);
+* every Triton kernel compiles for sm_90 at every num_warps a launch may pick, with no
+  spills and, on aligned rows, 128-bit loads and stores in its SASS
+  (tests/triton_compile_check.py);
 * the torch-facing CUDA code (csrc/ops) compiles and links against a CUDA build of
   torch (scripts/check_cuda_build.sh; `make test` provides the environment);
 * the CPU extension was built and loads.

@@ -1,17 +1,29 @@
-"""Compile every Triton kernel for an sm_90 GPU on a machine that has none.
+"""Compile every Triton kernel for an sm_90 GPU on a machine that has none, and read its SASS.
 
 The interpreter misses what a real compile rejects (dot shapes, unsupported casts,
 register-file limits); triton.compile with a GPU target needs no GPU. Run it in a
 process WITHOUT TRITON_INTERPRET (tests/test_build.py does):
 
-    python tests/triton_compile_check.py [--arch 90]
+    python tests/triton_compile_check.py [--arch 90] [--jobs N]
 
-Each op lists the (kernel, signature, constexprs, num_warps) it launches with; add a
-line here when you add a kernel.
+Each op lists the (kernel, signature, constexprs) it launches with; add a line here when
+you add a kernel. Each is compiled at every num_warps its launch can be offered
+(fastdl.triton._launch.tuned_num_warps), twice: as for rows of any alignment, and as a
+launch on 16-byte aligned rows specialises it (pointers, row strides and widths divisible
+by 16: every benchmark shape). Checked on the SASS (nvdisasm), for fp32 / fp16 / bf16:
+  * no local memory (LDL / STL): a spill costs more than the bandwidth these kernels are
+    after. fp64 (for gradcheck) is exempt: its big tiles spill at any warp count;
+  * aligned: rows move in 128-bit loads and stores (LDG.E.128 / STG.E.128) where a thread
+    holds 16 bytes of the tile or more, and no 16-bit global access is left in the 16-bit
+    kernels.
 """
 import argparse
+import multiprocessing
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
@@ -20,6 +32,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton import knobs  # noqa: E402
 
 POINTER = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64"}
 # largest shared memory a block may use (opt-in), by compute capability
@@ -35,22 +48,21 @@ def softmax_specs():
     for dtype in POINTER:
         for log in (False, True):
             for block_cols, rows in tile_shapes if dtype == "fp32" else tile_shapes[-1:]:
-                for warps in (4, 16):
-                    const = dict(BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=ACC[dtype])
-                    sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "x_row_stride": "i64",
-                           "n_rows": "i32", "n_cols": "i32", **{c: "constexpr" for c in const}}
-                    specs.append((k._softmax_forward_tile_kernel, sig, const, warps))
-                    sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype],
-                           "dy_row_stride": "i64", "y_row_stride": "i64", "n_rows": "i32", "n_cols": "i32",
-                           **{c: "constexpr" for c in const}}
-                    specs.append((k._softmax_backward_tile_kernel, sig, const, warps))
+                const = dict(BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=ACC[dtype])
+                sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "x_row_stride": "i64",
+                       "n_rows": "i32", "n_cols": "i32", **{c: "constexpr" for c in const}}
+                specs.append((k._softmax_forward_tile_kernel, sig, const))
+                sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype],
+                       "dy_row_stride": "i64", "y_row_stride": "i64", "n_rows": "i32", "n_cols": "i32",
+                       **{c: "constexpr" for c in const}}
+                specs.append((k._softmax_backward_tile_kernel, sig, const))
             const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, LOG=log, ACC=ACC[dtype])
             sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "x_row_stride": "i64", "n_cols": "i32",
                    **{c: "constexpr" for c in const}}
-            specs.append((k._softmax_forward_loop_kernel, sig, const, 8))
+            specs.append((k._softmax_forward_loop_kernel, sig, const))
             sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype],
                    "dy_row_stride": "i64", "y_row_stride": "i64", "n_cols": "i32", **{c: "constexpr" for c in const}}
-            specs.append((k._softmax_backward_loop_kernel, sig, const, 8))
+            specs.append((k._softmax_backward_loop_kernel, sig, const))
             # split rows: (max, sum) / dot per chunk, then the write; up to 1024 chunks a row
             stat = "*fp64" if dtype == "fp64" else "*fp32"
             chunk_args = {"n_cols": "i32", "chunk_cols": "i32", "n_chunks": "i32"}
@@ -58,19 +70,19 @@ def softmax_specs():
             sig = {"x_ptr": POINTER[dtype], "max_ptr": stat, "sum_ptr": stat, "x_row_stride": "i64", **chunk_args,
                    **{c: "constexpr" for c in const}}
             if not log:
-                specs.append((k._softmax_chunk_stats_kernel, sig, const, 8))
+                specs.append((k._softmax_chunk_stats_kernel, sig, const))
             const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, LOG=log, ACC=ACC[dtype])
             sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dot_ptr": stat, "dy_row_stride": "i64",
                    "y_row_stride": "i64", **chunk_args, **{c: "constexpr" for c in const}}
-            specs.append((k._softmax_backward_chunk_dot_kernel, sig, const, 8))
+            specs.append((k._softmax_backward_chunk_dot_kernel, sig, const))
             for block_chunks in (2, 1024):
                 const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, BLOCK_CHUNKS=block_chunks, LOG=log, ACC=ACC[dtype])
                 sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "max_ptr": stat, "sum_ptr": stat,
                        "x_row_stride": "i64", **chunk_args, **{c: "constexpr" for c in const}}
-                specs.append((k._softmax_chunk_write_kernel, sig, const, 8))
+                specs.append((k._softmax_chunk_write_kernel, sig, const))
                 sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype], "dot_ptr": stat,
                        "dy_row_stride": "i64", "y_row_stride": "i64", **chunk_args, **{c: "constexpr" for c in const}}
-                specs.append((k._softmax_backward_chunk_write_kernel, sig, const, 8))
+                specs.append((k._softmax_backward_chunk_write_kernel, sig, const))
     return specs
 
 
@@ -94,49 +106,107 @@ def layer_norm_specs():
                 const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_RESIDUAL=fused, **flags)
                 sig = {**fwd_ptrs, "x_row_stride": "i64", "residual_row_stride": "i64", "n_rows": "i32",
                        "n_cols": "i32", "eps": "fp32", **{c: "constexpr" for c in const}}
-                specs.append((k._norm_forward_tile_kernel, sig, const, 8))
+                specs.append((k._norm_forward_tile_kernel, sig, const))
             for block_cols, rows in [(1024, 4), (k.BACKWARD_TILE_MAX_COLS, 1)]:
                 const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_DSUM=fused, **flags)
                 sig = {**bwd_ptrs, "dy_row_stride": "i64", "dsum_row_stride": "i64", "x_row_stride": "i64",
                        "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", **{c: "constexpr" for c in const}}
-                specs.append((k._norm_backward_tile_kernel, sig, const, 8))
+                specs.append((k._norm_backward_tile_kernel, sig, const))
             const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_RESIDUAL=fused, **flags)
             sig = {**fwd_ptrs, "x_row_stride": "i64", "residual_row_stride": "i64", "n_cols": "i32", "eps": "fp32",
                    **{c: "constexpr" for c in const}}
-            specs.append((k._norm_forward_loop_kernel, sig, const, 8))
+            specs.append((k._norm_forward_loop_kernel, sig, const))
             const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_DSUM=fused, **flags)
             sig = {**bwd_ptrs, "dy_row_stride": "i64", "dsum_row_stride": "i64", "x_row_stride": "i64",
                    "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", **{c: "constexpr" for c in const}}
-            specs.append((k._norm_backward_loop_kernel, sig, const, 8))
+            specs.append((k._norm_backward_loop_kernel, sig, const))
     return specs
 
 
 ALL_SPECS = [softmax_specs, layer_norm_specs]
+# what a launch on 16-byte aligned rows specialises as divisible by 16, besides pointers
+ALIGNED_INTS = re.compile(r"(.*_row_stride|n_cols|chunk_cols)$")
+LOCAL_MEMORY = re.compile(r"\b(?:LDL|STL)\b")
+SIXTEEN_BIT_GLOBAL = re.compile(r"\b(?:LDG|STG)\.E\.[US]16\b")
+
+
+def variants():
+    """(kernel, signature, constexprs, num_warps, aligned) for every compile to check."""
+    for make_specs in ALL_SPECS:
+        for kernel, signature, constexprs in make_specs():
+            for num_warps in kernel.offered_num_warps(constexprs):
+                yield kernel, signature, constexprs, num_warps, False
+                if constexprs["BLOCK_COLS"] >= 16:  # one-column rows cannot be vectorised
+                    yield kernel, signature, constexprs, num_warps, True
+
+
+VARIANTS = []  # filled before the workers fork: kernels do not pickle, indices do
+
+
+def check_variant(index, arch):
+    """Compile VARIANTS[index] and check its SASS; returns (description, problems, fp64 spills)."""
+    kernel, signature, constexprs, num_warps, aligned = VARIANTS[index]
+    fn = kernel.fn  # the @triton.jit under tuned_num_warps
+    dtype = next(v for v in signature.values() if v.startswith("*"))[1:]
+    what = (f"{fn.__name__} {dtype} {dict((k, v) for k, v in constexprs.items() if k != 'ACC')} "
+            f"num_warps={num_warps}{' aligned' if aligned else ''}")
+    attrs = {}
+    if aligned:
+        for i, name in enumerate(fn.arg_names):
+            kind = signature.get(name, "constexpr")
+            if kind.startswith("*") or (kind != "constexpr" and ALIGNED_INTS.match(name)):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": num_warps})
+    except Exception as exc:  # report every failure, not just the first
+        return what, [f"{type(exc).__name__}: {exc}"], 0
+    problems = []
+    # a launch asking for more shared memory than a block may have fails on the GPU
+    if compiled.metadata.shared > MAX_SHARED_BYTES[arch]:
+        problems.append(f"needs {compiled.metadata.shared} bytes of shared memory")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    local = len(LOCAL_MEMORY.findall(sass))
+    if dtype == "fp64":
+        return what, problems, local
+    if local:
+        problems.append(f"spills: {local} local-memory loads/stores in its SASS")
+    # 128-bit accesses need 16 bytes of a row in each thread's share of the tile
+    itemsize = 4 if dtype == "fp32" else 2
+    thread_bytes = constexprs["BLOCK_COLS"] * constexprs.get("ROWS", 1) // (32 * num_warps) * itemsize
+    if aligned and thread_bytes >= 16:
+        if "LDG.E.128" not in sass:
+            problems.append("no 128-bit global load (LDG.E.128)")
+        # rows written: dx, or y in a forward (a backward reads y)
+        writes_rows = "dx_ptr" in signature or ("y_ptr" in signature and "dy_ptr" not in signature)
+        if writes_rows and "STG.E.128" not in sass:
+            problems.append("writes rows without a 128-bit global store (STG.E.128)")
+    if aligned and dtype in ("fp16", "bf16") and thread_bytes >= 4 and SIXTEEN_BIT_GLOBAL.search(sass):
+        problems.append("16-bit global accesses left: " + ", ".join(sorted(set(SIXTEEN_BIT_GLOBAL.findall(sass)))))
+    return what, problems, 0
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    target = GPUTarget("cuda", args.arch, 32)
-    failures, count, start = [], 0, time.time()
-    for make_specs in ALL_SPECS:
-        for kernel, signature, constexprs, num_warps in make_specs():
-            fn = getattr(kernel, "fn", kernel)  # unwrap @triton.autotune
-            try:
-                compiled = triton.compile(ASTSource(fn, signature, constexprs), target=target,
-                                          options={"num_warps": num_warps})
-                count += 1
-                # a launch asking for more shared memory than a block may have fails on the GPU
-                if compiled.metadata.shared > MAX_SHARED_BYTES[args.arch]:
-                    failures.append(f"{fn.__name__} {constexprs} num_warps={num_warps}: needs "
-                                    f"{compiled.metadata.shared} bytes of shared memory")
-            except Exception as exc:  # report every failure, not just the first
-                failures.append(f"{fn.__name__} {constexprs} num_warps={num_warps}: {type(exc).__name__}: {exc}")
+    start = time.time()
+    VARIANTS.extend(variants())
+    with multiprocessing.get_context("fork").Pool(args.jobs) as pool:  # nothing here touches a GPU
+        results = pool.starmap(check_variant, [(i, args.arch) for i in range(len(VARIANTS))])
+    failures = [f"{what}: {problem}" for what, problems, _ in results for problem in problems]
+    fp64_spills = sum(1 for _, _, spills in results if spills)
     for f in failures:
         print("FAILED", f)
-    print(f"compiled {count} Triton kernel variants for sm_{args.arch} in {time.time() - start:.1f}s; "
-          f"{len(failures)} failed")
+    aligned = sum(1 for v in VARIANTS if v[-1])
+    print(f"compiled {len(results)} Triton kernel variants for sm_{args.arch} ({aligned} of them for aligned rows) "
+          f"in {time.time() - start:.1f}s; SASS checked: no spills (fp32/fp16/bf16), 128-bit row loads and stores "
+          f"(aligned); {fp64_spills} fp64 variants spill (exempt); {len(failures)} problems")
     sys.exit(1 if failures else 0)
 
 

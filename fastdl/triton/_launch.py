@@ -7,19 +7,52 @@ import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# FASTDL_TRITON_AUTOTUNE=0 keeps only the first config: the test suite sets it, since it
-# checks results, not speed, and every config is compile-checked (tests/triton_compile_check.py).
+# FASTDL_TRITON_AUTOTUNE=0 takes the default num_warps instead of timing the choices: the
+# test suite sets it, since it checks results, not speed; every choice a launch can be
+# offered is compiled and checked anyway (tests/triton_compile_check.py).
 AUTOTUNE = os.environ.get("FASTDL_TRITON_AUTOTUNE", "1") != "0"
 
+# A row program keeps its tile in registers: BLOCK_COLS * ROWS values for each tile-sized
+# array it holds at once, spread over 32 * num_warps threads. A thread has at most 255
+# registers, and also needs them for addresses and masks: in the SASS of the kernels here
+# ptxas spills to local memory from 96 tile values a thread up (the norm forward at 16384
+# columns with 8 warps: 128; the norm backward at 8192 with 4 warps: 192, ~700 local loads
+# and stores), never at 64 or fewer. tests/triton_compile_check.py checks every offered
+# choice for fp32, fp16 and bf16.
+TILE_VALUES_PER_THREAD = 64
 
-def autotune_configs(*num_warps_choices, **constexprs):
-    """Candidate configs for @triton.autotune, the default first.
 
-    Under the interpreter only the first is used: autotuning there fails ("0 active
-    drivers") and would measure nothing real anyway.
+def tuned_num_warps(*num_warps_choices, key, live_tiles):
+    """Decorator for a row kernel (a @triton.jit taking BLOCK_COLS, and ROWS when a program
+    holds several rows) that picks num_warps for each launch from num_warps_choices.
+
+    live_tiles: how many tile-sized arrays the kernel holds at once (softmax forward: the
+    row; its backward: dy and y; a loop kernel: its chunk and its per-lane accumulators). Only the choices at which the tile fits in registers
+    are offered (TILE_VALUES_PER_THREAD); when none does, the most warps. With autotuning
+    they are timed on the first launch of each `key` (and dtypes); without, the first
+    offered is taken, so put the usual best first. Under the interpreter num_warps is
+    ignored. The kernel gets `offered_num_warps(launch_args)` for the compile check.
     """
-    configs = [triton.Config(dict(constexprs), num_warps=w) for w in num_warps_choices]
-    return configs if AUTOTUNE and not INTERPRET else configs[:1]
+
+    def offered_num_warps(launch_args):
+        tile_values = launch_args["BLOCK_COLS"] * launch_args.get("ROWS", 1) * live_tiles
+        fit = [w for w in num_warps_choices if tile_values <= TILE_VALUES_PER_THREAD * 32 * w]
+        return fit or [max(num_warps_choices)]
+
+    def decorate(kernel):
+        if AUTOTUNE and not INTERPRET:
+            def prune(configs, named_args, **launch_kwargs):
+                offered = offered_num_warps({**named_args, **launch_kwargs})
+                return [c for c in configs if c.num_warps in offered]
+
+            configs = [triton.Config({}, num_warps=w) for w in num_warps_choices]
+            tuned = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+        else:
+            tuned = triton.heuristics({"num_warps": lambda args: offered_num_warps(args)[0]})(kernel)
+        tuned.offered_num_warps = offered_num_warps
+        return tuned
+
+    return decorate
 
 
 def accumulator_dtype(dtype: torch.dtype):

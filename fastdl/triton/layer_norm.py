@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
-from fastdl.triton._launch import accumulator_dtype, autotune_configs, on_device, sm_count, tile_shape
+from fastdl.triton._launch import accumulator_dtype, on_device, sm_count, tile_shape, tuned_num_warps
 
 # Longest row the tile kernels keep whole in registers.
 FORWARD_TILE_MAX_COLS = 16384
@@ -43,7 +43,7 @@ PROGRAMS_PER_SM = 4
 # ---------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------
-@triton.autotune(configs=autotune_configs(4, 8, 16), key=["BLOCK_COLS", "ROWS"])
+@tuned_num_warps(4, 8, 16, key=["BLOCK_COLS", "ROWS"], live_tiles=2)
 @triton.jit
 def _norm_forward_tile_kernel(
     x_ptr,  # input (n_rows, n_cols), last dim contiguous
@@ -95,7 +95,7 @@ def _norm_forward_tile_kernel(
     tl.store(y_ptr + row * n_cols + col, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=3)
 @triton.jit
 def _norm_forward_loop_kernel(
     x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, sum_ptr, mean_ptr, rstd_ptr,
@@ -162,7 +162,7 @@ def _norm_forward_loop_kernel(
 # ---------------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------------
-@triton.autotune(configs=autotune_configs(4, 8, 16), key=["BLOCK_COLS", "ROWS"])
+@tuned_num_warps(4, 8, 16, key=["BLOCK_COLS", "ROWS"], live_tiles=3)
 @triton.jit
 def _norm_backward_tile_kernel(
     dy_ptr,  # gradient of y (n_rows, n_cols), last dim contiguous
@@ -234,7 +234,7 @@ def _norm_backward_tile_kernel(
         tl.store(dbias_partial_ptr + pid * n_cols + cols, dbias_acc, mask=cols < n_cols)
 
 
-@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=4)
 @triton.jit
 def _norm_backward_loop_kernel(
     dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr,

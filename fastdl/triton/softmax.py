@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
-from fastdl.triton._launch import accumulator_dtype, autotune_configs, on_device, sm_count, tile_shape
+from fastdl.triton._launch import accumulator_dtype, on_device, sm_count, tile_shape, tuned_num_warps
 
 # Longest row kept whole in registers by the one-pass kernels (16k fp32 = 64 KiB a row).
 SINGLE_PASS_MAX_COLS = 16384
@@ -46,7 +46,7 @@ SPLIT_PROGRAMS_PER_SM = int(os.environ.get("FASTDL_TRITON_SPLIT_PER_SM", "4"))
 # ---------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------
-@triton.autotune(configs=autotune_configs(4, 8, 16), key=["BLOCK_COLS", "ROWS"])
+@tuned_num_warps(4, 8, 16, key=["BLOCK_COLS", "ROWS"], live_tiles=1)
 @triton.jit
 def _softmax_forward_tile_kernel(
     x_ptr,  # input, (n_rows, n_cols), last dim contiguous
@@ -118,7 +118,7 @@ def _write_softmax(x_row, y_row, begin, end, row_max, row_sum, BLOCK_COLS: tl.co
         tl.store(y_row + col, y.to(y_row.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=3)
 @triton.jit
 def _softmax_forward_loop_kernel(
     x_ptr,  # input, (n_rows, n_cols), last dim contiguous
@@ -139,7 +139,7 @@ def _softmax_forward_loop_kernel(
 # partial (max, sum) pairs combine in any grouping). Pass 1 writes each chunk's pair;
 # pass 2 combines its row's pairs, in chunk order (the same bits every run), and writes
 # its chunk. x is read twice, as by the loop kernel; the pairs are 8 bytes a chunk.
-@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=3)
 @triton.jit
 def _softmax_chunk_stats_kernel(
     x_ptr,  # input, (n_rows, n_cols), last dim contiguous
@@ -161,7 +161,7 @@ def _softmax_chunk_stats_kernel(
     tl.store(sum_ptr + row * n_chunks + chunk, chunk_sum)
 
 
-@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS", "BLOCK_CHUNKS"])
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS", "BLOCK_CHUNKS"], live_tiles=1)
 @triton.jit
 def _softmax_chunk_write_kernel(
     x_ptr,
@@ -196,7 +196,7 @@ def _softmax_chunk_write_kernel(
 # ---------------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------------
-@triton.autotune(configs=autotune_configs(4, 8, 16), key=["BLOCK_COLS", "ROWS"])
+@tuned_num_warps(4, 8, 16, key=["BLOCK_COLS", "ROWS"], live_tiles=2)
 @triton.jit
 def _softmax_backward_tile_kernel(
     dy_ptr,  # gradient of the output, (n_rows, n_cols), last dim contiguous
@@ -254,7 +254,7 @@ def _write_dx(dy_row, y_row, dx_row, begin, end, total, BLOCK_COLS: tl.constexpr
         tl.store(dx_row + col, dx.to(dx_row.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=3)
 @triton.jit
 def _softmax_backward_loop_kernel(
     dy_ptr,
@@ -276,7 +276,7 @@ def _softmax_backward_loop_kernel(
 
 # Split rows, backward: pass 1 writes each chunk's share of the row's dot product, pass 2
 # adds its row's shares in chunk order and writes its chunk of dx.
-@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS"])
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=3)
 @triton.jit
 def _softmax_backward_chunk_dot_kernel(
     dy_ptr,
@@ -299,7 +299,7 @@ def _softmax_backward_chunk_dot_kernel(
     tl.store(dot_ptr + row * n_chunks + chunk, share)
 
 
-@triton.autotune(configs=autotune_configs(8, 4, 16), key=["BLOCK_COLS", "BLOCK_CHUNKS"])
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS", "BLOCK_CHUNKS"], live_tiles=2)
 @triton.jit
 def _softmax_backward_chunk_write_kernel(
     dy_ptr,
