@@ -11,6 +11,8 @@
 //     sums the row; sweep 2 sums squared deviations; sweep 3 normalises and writes.
 //     Sweeps 2-3 re-read the row from L1/L2. Each thread touches the same columns in
 //     every sweep, so the sum it wrote in sweep 1 is its own to read back, no barrier.
+//     Rows walked in 16-byte vectors (kVec elements a step), or one element at a time
+//     when some row is not 16-byte aligned.
 //
 // Backward (xhat = normalised input, g = dy * weight, means over the row):
 //     dx = rstd * (g - mean(g) - xhat * mean(g * xhat));  RMS drops mean(g)
@@ -109,7 +111,7 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   Tile::store(y + row * cols, t, cols, aligned, v);
 }
 
-template <typename T>
+template <typename T, int kVec>
 __global__ void __launch_bounds__(kLoopThreads)
     norm_forward_loop_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                              const typename Acc<T>::type* __restrict__ weight,
@@ -119,6 +121,8 @@ __global__ void __launch_bounds__(kLoopThreads)
                              typename Acc<T>::type eps, bool rms) {
   using A = typename Acc<T>::type;
   __shared__ A scratch[kLoopThreads / kWarpSize];
+  constexpr int64_t kStep = static_cast<int64_t>(kLoopThreads) * kVec;
+  const int64_t first_col = static_cast<int64_t>(threadIdx.x) * kVec;
   const int64_t row = blockIdx.x;
   const T* x_row = x + row * x_row_stride;
   const T* src = x_row;
@@ -126,21 +130,34 @@ __global__ void __launch_bounds__(kLoopThreads)
   if (residual != nullptr) {
     const T* r_row = residual + row * residual_row_stride;
     T* h_row = sum + row * cols;
-    for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
-      const T h = from_acc<T>(to_acc(x_row[j]) + to_acc(r_row[j]));  // rounded, as the unfused add
-      h_row[j] = h;
-      total += to_acc(h);
+    for (int64_t col = first_col; col < cols; col += kStep) {
+      A h[kVec], r[kVec];
+      load_acc<kVec>(x_row + col, h);
+      load_acc<kVec>(r_row + col, r);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        h[k] = to_acc(from_acc<T>(h[k] + r[k]));  // rounded, as the unfused add
+        total += h[k];
+      }
+      store_acc<kVec>(h_row + col, h);
     }
     src = h_row;
   } else if (!rms) {
-    for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) total += to_acc(x_row[j]);
+    for (int64_t col = first_col; col < cols; col += kStep) {
+      A v[kVec];
+      load_acc<kVec>(x_row + col, v);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) total += v[k];
+    }
   }
   A mean = 0;
   if (!rms) mean = block_sum<kLoopThreads>(total, scratch) / static_cast<A>(cols);
   A sq = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
-    const A d = to_acc(src[j]) - mean;
-    sq += d * d;
+  for (int64_t col = first_col; col < cols; col += kStep) {
+    A v[kVec];
+    load_acc<kVec>(src + col, v);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) sq += (v[k] - mean) * (v[k] - mean);
   }
   sq = block_sum<kLoopThreads>(sq, scratch);
   const A rstd = A(1) / sqrt(sq / static_cast<A>(cols) + eps);
@@ -149,11 +166,24 @@ __global__ void __launch_bounds__(kLoopThreads)
     rstd_out[row] = rstd;
   }
   T* y_row = y + row * cols;
-  for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
-    A v = (to_acc(src[j]) - mean) * rstd;
-    if (weight != nullptr) v *= weight[j];
-    if (bias != nullptr) v += bias[j];
-    y_row[j] = from_acc<T>(v);
+  for (int64_t col = first_col; col < cols; col += kStep) {
+    A v[kVec];
+    load_acc<kVec>(src + col, v);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) v[k] = (v[k] - mean) * rstd;
+    if (weight != nullptr) {
+      A w[kVec];
+      load_acc<kVec>(weight + col, w);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) v[k] *= w[k];
+    }
+    if (bias != nullptr) {
+      A b[kVec];
+      load_acc<kVec>(bias + col, b);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) v[k] += b[k];
+    }
+    store_acc<kVec>(y_row + col, v);
   }
 }
 
@@ -256,7 +286,7 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
                                              cols);
 }
 
-template <typename T>
+template <typename T, int kVec>
 __global__ void __launch_bounds__(kLoopThreads)
     norm_backward_loop_kernel(const T* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
                               const typename Acc<T>::type* __restrict__ weight,
@@ -268,15 +298,18 @@ __global__ void __launch_bounds__(kLoopThreads)
                               int64_t x_row_stride, bool rms) {
   using A = typename Acc<T>::type;
   __shared__ A scratch[kLoopThreads / kWarpSize];
+  constexpr int64_t kStep = static_cast<int64_t>(kLoopThreads) * kVec;
+  const int64_t first_col = static_cast<int64_t>(threadIdx.x) * kVec;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t end = begin + rows_per_block < rows ? begin + rows_per_block : rows;
   // This block's partial rows: each thread reads and writes only its own columns.
   A* dw_row = dweight_partial != nullptr ? dweight_partial + static_cast<int64_t>(blockIdx.x) * cols : nullptr;
   A* db_row = dbias_partial != nullptr ? dbias_partial + static_cast<int64_t>(blockIdx.x) * cols : nullptr;
   if (begin >= end) {
-    for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
-      if (dw_row != nullptr) dw_row[j] = A(0);
-      if (db_row != nullptr) db_row[j] = A(0);
+    const A zeros[kVec] = {};
+    for (int64_t col = first_col; col < cols; col += kStep) {
+      if (dw_row != nullptr) store_acc<kVec>(dw_row + col, zeros);
+      if (db_row != nullptr) store_acc<kVec>(db_row + col, zeros);
     }
     return;
   }
@@ -285,32 +318,67 @@ __global__ void __launch_bounds__(kLoopThreads)
     const T* x_row = x + row * x_row_stride;
     const A m = rms ? A(0) : mean[row];
     const A r = rstd[row];
+    // xhat and dy of this thread's kVec columns at col; g = dy * weight
+    auto load_step = [&](int64_t col, A (&xhat)[kVec], A (&d)[kVec], A (&g)[kVec]) {
+      load_acc<kVec>(x_row + col, xhat);
+      load_acc<kVec>(dy_row + col, d);
+      A w[kVec];
+      if (weight != nullptr) load_acc<kVec>(weight + col, w);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        xhat[k] = (xhat[k] - m) * r;
+        g[k] = weight != nullptr ? d[k] * w[k] : d[k];
+      }
+    };
     A sum_gx = 0, sum_g = 0;
-    for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
-      const A xhat = (to_acc(x_row[j]) - m) * r;
-      const A g = to_acc(dy_row[j]) * (weight != nullptr ? weight[j] : A(1));
-      sum_gx += g * xhat;
-      sum_g += g;
+    for (int64_t col = first_col; col < cols; col += kStep) {
+      A xhat[kVec], d[kVec], g[kVec];
+      load_step(col, xhat, d, g);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        sum_gx += g[k] * xhat[k];
+        sum_g += g[k];
+      }
     }
     const A c1 = block_sum<kLoopThreads>(sum_gx, scratch) / static_cast<A>(cols);
     const A c2 = rms ? A(0) : block_sum<kLoopThreads>(sum_g, scratch) / static_cast<A>(cols);
     const bool first = row == begin;
     T* dx_row = dx + row * cols;
-    for (int64_t j = threadIdx.x; j < cols; j += kLoopThreads) {
-      const A xhat = (to_acc(x_row[j]) - m) * r;
-      const A d = to_acc(dy_row[j]);
-      const A g = d * (weight != nullptr ? weight[j] : A(1));
-      A v = (g - c2 - xhat * c1) * r;
-      if (dsum != nullptr) v += to_acc(dsum[row * dsum_row_stride + j]);
-      dx_row[j] = from_acc<T>(v);
-      if (dw_row != nullptr) dw_row[j] = (first ? A(0) : dw_row[j]) + d * xhat;
-      if (db_row != nullptr) db_row[j] = (first ? A(0) : db_row[j]) + d;
+    for (int64_t col = first_col; col < cols; col += kStep) {
+      A xhat[kVec], d[kVec], g[kVec], v[kVec];
+      load_step(col, xhat, d, g);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) v[k] = (g[k] - c2 - xhat[k] * c1) * r;
+      if (dsum != nullptr) {
+        A ds[kVec];
+        load_acc<kVec>(dsum + row * dsum_row_stride + col, ds);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) v[k] += ds[k];
+      }
+      store_acc<kVec>(dx_row + col, v);
+      if (dw_row != nullptr) {
+        A p[kVec] = {};
+        if (!first) load_acc<kVec>(dw_row + col, p);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) p[k] += d[k] * xhat[k];
+        store_acc<kVec>(dw_row + col, p);
+      }
+      if (db_row != nullptr) {
+        A p[kVec] = {};
+        if (!first) load_acc<kVec>(db_row + col, p);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) p[k] += d[k];
+        store_acc<kVec>(db_row + col, p);
+      }
     }
   }
 }
 
 // out[col] = sum over the partial rows of partial[row][col], in a fixed order: thread
 // (tx, ty) sums rows ty, ty + 8, ... of column tx, then row-thread sums are added in order.
+// A warp moves 32 consecutive fp32 columns, 128 bytes, in one transaction:
+// no 16-byte loads accepted: sum_partial_rows_kernel: 4-byte loads, coalesced across the warp
+// no 16-byte stores accepted: sum_partial_rows_kernel: one value a column
 template <typename A>
 __global__ void __launch_bounds__(kSumCols* kSumRowThreads)
     sum_partial_rows_kernel(const A* __restrict__ partial, A* __restrict__ out, int64_t partial_rows, int64_t cols) {
@@ -356,41 +424,53 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
         x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_stride, residual_stride, static_cast<A>(eps), rms,
         aligned);
   });
-  if (!tiled)
-    norm_forward_loop_kernel<T><<<static_cast<unsigned>(rows), kLoopThreads, 0, stream>>>(
-        x, residual, weight, bias, y, sum, mean, rstd, cols, x_stride, residual_stride, static_cast<A>(eps), rms);
+  if (!tiled) {
+    with_vec<T>(aligned, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      norm_forward_loop_kernel<T, kVec><<<static_cast<unsigned>(rows), kLoopThreads, 0, stream>>>(
+          x, residual, weight, bias, y, sum, mean, rstd, cols, x_stride, residual_stride, static_cast<A>(eps), rms);
+    });
+  }
   return cudaGetLastError();
 }
 
-// Calls use(kernel, block_threads, rows_per_block_step) for the backward kernel of this
-// row length: rows_per_block_step is the number of rows a block works on at once.
-template <typename T, typename F> void with_backward_kernel(int64_t cols, F&& use) {
+// Calls use(kernel, block_threads, rows_per_block_step) for each backward kernel that may
+// run at this row length: rows_per_block_step is the number of rows a block works on at
+// once. The loop kernel has two (16-byte vectors or single elements, by the rows'
+// alignment).
+template <typename T, typename F> void with_backward_kernels(int64_t cols, F&& use) {
   const bool tiled = with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     use(norm_backward_tile_kernel<T, kThreads, kElems>, kTileBlockThreads<kThreads>,
         kTileBlockThreads<kThreads> / kThreads);
   });
-  if (!tiled) use(norm_backward_loop_kernel<T>, kLoopThreads, 1);
+  if (!tiled) {
+    use(norm_backward_loop_kernel<T, Vec<T>::kSize>, kLoopThreads, 1);
+    use(norm_backward_loop_kernel<T, 1>, kLoopThreads, 1);
+  }
 }
 
 // Blocks that fill the device once (as many as are resident together), but no more than
 // there are rows to deal out. Each block writes a partial row of dweight (and dbias) that
 // the reduce then reads: FASTDL_CUDA_NORM_BLOCKS_PER_SM (at least 1) sets the blocks per SM
-// instead, to weigh that traffic against parallelism.
+// instead, to weigh that traffic against parallelism. Where two kernels may run (the loop
+// kernel's two variants: which one depends on pointers not known here), the fewer blocks.
 template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, int64_t* blocks) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
-  with_backward_kernel<T>(cols, [&](auto kernel, int threads, int rows_at_once) {
+  *blocks = INT64_MAX;
+  with_backward_kernels<T>(cols, [&](auto kernel, int threads, int rows_at_once) {
     int64_t per_sm = 0;
     if (!env_knob("FASTDL_CUDA_NORM_BLOCKS_PER_SM", 1, 1 << 16, &per_sm)) {
       int resident = 0;
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0);
+      const cudaError_t query = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0);
+      if (err == cudaSuccess) err = query;
       per_sm = std::max(resident, 1);
     }
     const int64_t fill = static_cast<int64_t>(sms) * per_sm;
-    *blocks = std::max<int64_t>(1, std::min<int64_t>(fill, (rows + rows_at_once - 1) / rows_at_once));
+    *blocks = std::min(*blocks, std::max<int64_t>(1, std::min<int64_t>(fill, (rows + rows_at_once - 1) / rows_at_once)));
   });
   return err;
 }
@@ -416,20 +496,26 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
   A* dbias_partial = dbias != nullptr ? static_cast<A*>(dbias_partial_) : nullptr;
   const int64_t rows_per_block = (rows + partial_rows - 1) / partial_rows;
   const auto grid = static_cast<unsigned>(partial_rows);
+  // partial rows are cols apart too: aligned with the rows of dx when their base is
   const bool aligned = rows_aligned<T>(dy, dy_stride) && (dsum == nullptr || rows_aligned<T>(dsum, dsum_stride)) &&
                        rows_aligned<T>(x, x_stride) && rows_aligned<T>(dx, cols) &&
-                       (weight == nullptr || ptr_aligned(weight));
+                       (weight == nullptr || ptr_aligned(weight)) &&
+                       (dweight_partial == nullptr || ptr_aligned(dweight_partial)) &&
+                       (dbias_partial == nullptr || ptr_aligned(dbias_partial));
   const bool tiled = with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     norm_backward_tile_kernel<T, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
         dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,
         dsum_stride, x_stride, rms, aligned);
   });
-  if (!tiled)
-    norm_backward_loop_kernel<T><<<grid, kLoopThreads, 0, stream>>>(dy, dsum, x, weight, mean, rstd, dx,
-                                                                     dweight_partial, dbias_partial, rows, cols,
-                                                                     rows_per_block, dy_stride, dsum_stride, x_stride,
-                                                                     rms);
+  if (!tiled) {
+    with_vec<T>(aligned, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      norm_backward_loop_kernel<T, kVec><<<grid, kLoopThreads, 0, stream>>>(
+          dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,
+          dsum_stride, x_stride, rms);
+    });
+  }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const dim3 sum_grid(static_cast<unsigned>((cols + kSumCols - 1) / kSumCols));

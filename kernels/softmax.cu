@@ -33,30 +33,6 @@ constexpr int kBlockThreads = 512;  // threads of the block-per-row kernels
 template <typename T> constexpr int kMaxTileThreads = sizeof(T) == 8 ? 512 : 1024;
 constexpr int kMaxTileElems = 16;
 
-// Load / store kVec consecutive elements (one 16-byte transaction when kVec > 1).
-template <int kVec, typename T, typename A>
-__device__ __forceinline__ void load_acc(const T* p, A (&out)[kVec]) {
-  if constexpr (kVec == 1) {
-    out[0] = to_acc(*p);
-  } else {
-    const Vec<T> v = *reinterpret_cast<const Vec<T>*>(p);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) out[k] = to_acc(v.v[k]);
-  }
-}
-
-template <int kVec, typename T, typename A>
-__device__ __forceinline__ void store_acc(T* p, const A (&in)[kVec]) {
-  if constexpr (kVec == 1) {
-    *p = from_acc<T>(in[0]);
-  } else {
-    Vec<T> v;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) v.v[k] = from_acc<T>(in[k]);
-    *reinterpret_cast<Vec<T>*>(p) = v;
-  }
-}
-
 // ---------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------
@@ -141,6 +117,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 // Split rows, grid (chunks, rows): chunk blockIdx.x of row blockIdx.y is columns
 // [chunk * chunk_cols, min(cols, (chunk + 1) * chunk_cols)); its (max, sum) goes to
 // stats[row * chunks + chunk].
+// no 16-byte stores accepted: softmax_forward_chunk_stats_kernel: one (max, sum) a block
 template <typename T, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
     softmax_forward_chunk_stats_kernel(const T* __restrict__ x, MaxSum<typename Acc<T>::type>* __restrict__ stats,
@@ -238,6 +215,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // Split rows, grid (chunks, rows) as the forward's: each chunk's share of the dot product
 // to dots[row * chunks + chunk], then each block adds its row's shares and writes its chunk.
+// no 16-byte stores accepted: softmax_backward_chunk_dot_kernel: one dot share a block
 template <typename T, bool kLog, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
     softmax_backward_chunk_dot_kernel(const T* __restrict__ dy, const T* __restrict__ y,
@@ -322,13 +300,6 @@ template <typename T> cudaError_t split_for(int64_t rows, int64_t cols, Split* s
   const int64_t chunk_cols = (steps + chunks - 1) / chunks * kChunkAlign;
   *split = Split{(cols + chunk_cols - 1) / chunk_cols, chunk_cols};  // no empty chunk
   return cudaSuccess;
-}
-
-// Calls launch(std::integral_constant<int, kVec>{}): 16-byte vectors of T when the rows are
-// aligned, else one element at a time.
-template <typename T, typename F> void with_vec(bool aligned, F&& launch) {
-  if (aligned) launch(std::integral_constant<int, Vec<T>::kSize>{});
-  else launch(std::integral_constant<int, 1>{});
 }
 
 // Workspace bytes of a split: the forward's (max, sum) pairs (the backward's dots take half).

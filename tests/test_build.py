@@ -3,6 +3,8 @@
 * every kernels/*.cu compiles with nvcc for sm_80 and sm_90a, warnings as errors, and
   no kernel spills registers to local memory unless its source says why that is fine
   (a line `// spills accepted: <kernel name>: <reason>`);
+* every kernel moves its rows in 16-byte loads and stores in some instantiation (its
+  sm_90a SASS), unless its source says why not;
 * every Triton kernel compiles for sm_90 at every num_warps a launch may pick, with no
   spills and, on aligned rows, 128-bit loads and stores in its SASS
   (tests/triton_compile_check.py);
@@ -48,22 +50,43 @@ def test_cpu_extension_loaded():
     assert _native.LOADED, f"fastdl._C did not load: {_native.LOAD_ERROR}"
 
 
-def _spills_accepted(source: str):
-    return set(re.findall(r"//\s*spills accepted:\s*(\w+)\s*:", source))
+def _cuobjdump():
+    """cuobjdump from the CUDA toolkit, or the copy Triton ships."""
+    nvcc = _nvcc()
+    if nvcc and (Path(nvcc).parent / "cuobjdump").exists():
+        return str(Path(nvcc).parent / "cuobjdump")
+    try:
+        from triton import knobs
+
+        return knobs.nvidia.cuobjdump.path
+    except Exception:  # no triton, or no binary in it
+        return shutil.which("cuobjdump")
 
 
-@pytest.mark.parametrize("path", KERNELS, ids=lambda p: p.name)
-def test_kernel_compiles_without_warnings_or_spills(path, tmp_path):
+def _accepted(source: str, what: str):
+    """Kernel names the source excuses from a check: lines `// <what> accepted: <kernel>: <reason>`."""
+    return set(re.findall(rf"//\s*{what} accepted:\s*(\w+)\s*:", source))
+
+
+@pytest.fixture(scope="module", params=KERNELS, ids=lambda p: p.name)
+def nvcc_build(request, tmp_path_factory):
+    """(source path, nvcc's result, object file) of one kernels/*.cu, built once for the tests below."""
+    path = request.param
     nvcc = _nvcc()
     _require(nvcc, "nvcc")
+    obj = tmp_path_factory.mktemp(path.stem) / "k.o"
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
     cmd = [nvcc, "-std=c++17", "-O3", f"-I{ROOT / 'kernels'}", *gencode, "-Werror", "all-warnings",
-           "-Xcompiler", "-Wall,-Wextra,-Werror", "-Xptxas", "-v", "-c", str(path), "-o", str(tmp_path / "k.o")]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+           "-Xcompiler", "-Wall,-Wextra,-Werror", "-Xptxas", "-v", "-c", str(path), "-o", str(obj)]
+    return path, subprocess.run(cmd, capture_output=True, text=True), obj
+
+
+def test_kernel_compiles_without_warnings_or_spills(nvcc_build):
+    path, result, _ = nvcc_build
     assert result.returncode == 0, f"nvcc failed:\n{result.stderr[-6000:]}"
 
     # ptxas -v: "Compiling entry function '<mangled>' for 'sm_90a'" ... "N bytes spill stores, N bytes spill loads"
-    accepted = _spills_accepted(path.read_text())
+    accepted = _accepted(path.read_text(), "spills")
     function, offenders = None, []
     for line in result.stderr.splitlines():
         if m := re.search(r"Compiling entry function '(\w+)' for '(\w+)'", line):
@@ -74,6 +97,32 @@ def test_kernel_compiles_without_warnings_or_spills(path, tmp_path):
                     offenders.append(f"{function[0]} ({function[1]}): {line.strip()}")
     assert "Compiling entry function" in result.stderr, "ptxas -v printed no kernel: no check was made"
     assert not offenders, "kernels spill registers (say why in the source if accepted):\n" + "\n".join(offenders)
+
+
+def test_kernels_move_rows_in_16_byte_vectors(nvcc_build):
+    """Every __global__ kernel template has an instantiation whose sm_90a SASS loads with
+    LDG.E.128 and stores with STG.E.128: the 16-byte moves the bandwidth targets need (the
+    scalar variants for unaligned rows may lack them). Exceptions are named in the source:
+    `// no 16-byte loads accepted: <kernel>: <reason>`, likewise for stores."""
+    path, result, obj = nvcc_build
+    assert result.returncode == 0, f"nvcc failed:\n{result.stderr[-6000:]}"
+    cuobjdump = _cuobjdump()
+    _require(cuobjdump, "cuobjdump")
+    sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90a", str(obj)], capture_output=True, text=True,
+                          check=True).stdout
+    source = path.read_text()
+    kernels = re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(", source)
+    assert kernels, f"no __global__ kernel found in {path.name}"
+    # each kernel's functions: the mangled names hold <length><name>
+    functions = re.split(r"\n\s*Function : ", sass)[1:]
+    missing = []
+    for kernel in kernels:
+        bodies = [f for f in functions if f"{len(kernel)}{kernel}" in f.split("\n", 1)[0]]
+        assert bodies, f"{kernel}: no function in the SASS"
+        for op, what in (("LDG.E.128", "no 16-byte loads"), ("STG.E.128", "no 16-byte stores")):
+            if not any(op in body for body in bodies) and kernel not in _accepted(source, what):
+                missing.append(f"{kernel}: no {op} in any of its {len(bodies)} instantiations")
+    assert not missing, "\n".join(missing)
 
 
 def test_triton_kernels_compile_for_sm90():

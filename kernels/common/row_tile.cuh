@@ -97,6 +97,13 @@ template <typename T> inline bool rows_aligned(const void* base, int64_t row_str
   return ptr_aligned(base) && row_stride % Vec<T>::kSize == 0;
 }
 
+// Calls launch(std::integral_constant<int, kVec>{}): 16-byte vectors of T when the rows are
+// aligned, else one element at a time. For the kernels that walk a row in steps.
+template <typename T, typename F> void with_vec(bool aligned, F&& launch) {
+  if (aligned) launch(std::integral_constant<int, Vec<T>::kSize>{});
+  else launch(std::integral_constant<int, 1>{});
+}
+
 // Calls launch(std::integral_constant<int, kThreads>{}, std::integral_constant<int, kElems>{})
 // with the smallest tile that holds `cols` columns, among tiles of at most kMaxThreads
 // threads and kMaxElems values a thread; false when none holds the row. Tiles, smallest

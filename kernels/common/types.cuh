@@ -41,4 +41,43 @@ template <typename T> struct alignas(kVecBytes) Vec {
   T v[kSize];
 };
 
+// kVec consecutive elements of U at p, converted to the accumulation type A: in whole
+// 16-byte vectors when kVec > 1 (p 16-byte aligned; 8 halves are one vector, 8 floats
+// two), else one element.
+template <int kVec, typename U, typename A>
+__device__ __forceinline__ void load_acc(const U* p, A (&out)[kVec]) {
+  if constexpr (kVec == 1) {
+    out[0] = to_acc(*p);
+  } else {
+    constexpr int kVectors = kVec * static_cast<int>(sizeof(U)) / kVecBytes;
+    static_assert(kVectors * kVecBytes == kVec * static_cast<int>(sizeof(U)), "whole 16-byte vectors");
+    const Vec<U>* src = reinterpret_cast<const Vec<U>*>(p);
+#pragma unroll
+    for (int v = 0; v < kVectors; ++v) {
+      const Vec<U> vec = src[v];
+#pragma unroll
+      for (int k = 0; k < Vec<U>::kSize; ++k) out[v * Vec<U>::kSize + k] = to_acc(vec.v[k]);
+    }
+  }
+}
+
+// The same moves the other way: in[] rounded to U and stored at p.
+template <int kVec, typename U, typename A>
+__device__ __forceinline__ void store_acc(U* p, const A (&in)[kVec]) {
+  if constexpr (kVec == 1) {
+    *p = from_acc<U>(in[0]);
+  } else {
+    constexpr int kVectors = kVec * static_cast<int>(sizeof(U)) / kVecBytes;
+    static_assert(kVectors * kVecBytes == kVec * static_cast<int>(sizeof(U)), "whole 16-byte vectors");
+    Vec<U>* dst = reinterpret_cast<Vec<U>*>(p);
+#pragma unroll
+    for (int v = 0; v < kVectors; ++v) {
+      Vec<U> vec;
+#pragma unroll
+      for (int k = 0; k < Vec<U>::kSize; ++k) vec.v[k] = from_acc<U>(in[v * Vec<U>::kSize + k]);
+      dst[v] = vec;
+    }
+  }
+}
+
 }  // namespace fastdl::kernels
