@@ -27,11 +27,12 @@ def tuned_num_warps(*num_warps_choices, key, live_tiles):
     holds several rows) that picks num_warps for each launch from num_warps_choices.
 
     live_tiles: how many tile-sized arrays the kernel holds at once (softmax forward: the
-    row; its backward: dy and y; a loop kernel: its chunk and its per-lane accumulators). Only the choices at which the tile fits in registers
-    are offered (TILE_VALUES_PER_THREAD); when none does, the most warps. With autotuning
-    they are timed on the first launch of each `key` (and dtypes); without, the first
-    offered is taken, so put the usual best first. Under the interpreter num_warps is
-    ignored. The kernel gets `offered_num_warps(launch_args)` for the compile check.
+    row; its backward: dy and y; a loop kernel: its chunk and its per-lane accumulators).
+    Only the choices at which the tile fits in registers are offered
+    (TILE_VALUES_PER_THREAD); when none does, the most warps. With autotuning they are
+    timed on the first launch of each `key` (and dtypes); without, the first offered is
+    taken, so put the usual best first. Under the interpreter num_warps is ignored. The
+    kernel gets `offered_num_warps(launch_args)` for the compile check.
     """
 
     def offered_num_warps(launch_args):
