@@ -4,9 +4,12 @@ The SASS behind these numbers is checked by tests/triton_compile_check.py (no sp
 any warp count offered); here, that the right counts are offered, in both modes.
 """
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
+from conftest import assert_close  # noqa: E402
+from fastdl import reference  # noqa: E402
 from fastdl.triton import _launch  # noqa: E402
 from fastdl.triton import layer_norm as norm_kernels  # noqa: E402
 from fastdl.triton import softmax as softmax_kernels  # noqa: E402
@@ -68,3 +71,69 @@ def test_without_autotuning_the_first_offered(block_cols, rows, expected, monkey
     tuned = _launch.tuned_num_warps(4, 8, 16, key=["BLOCK_COLS", "ROWS"], live_tiles=3)(_dummy_kernel())
     assert isinstance(tuned, triton.runtime.Heuristics)
     assert tuned.values["num_warps"]({"x_ptr": None, "BLOCK_COLS": block_cols, "ROWS": rows}) == expected
+
+
+# --- ALIGN: what the row kernels are told n_cols and the row strides divide by ------------
+@pytest.mark.parametrize("dtype, n_cols, strides, expected", [
+    (torch.float16, 1000, [1000], 8),  # 1000 = 8 * 125: Triton's own specialisation (by 16) misses it
+    (torch.bfloat16, 1024, [1024], 8),  # 16 bytes at most
+    (torch.float32, 1000, [1000], 4),
+    (torch.float64, 1000, [1000], 2),
+    (torch.float16, 1000, [1004], 4),  # a strided view: every row must start aligned
+    (torch.float16, 1000, [1000, 0], 8),  # stride 0: an absent operand
+    (torch.float16, 999, [999], 1),
+    (torch.float32, 2, [6], 2),
+])
+def test_row_alignment(dtype, n_cols, strides, expected):
+    assert _launch.row_alignment(dtype, n_cols, *strides) == expected
+
+
+class _LaunchSpy:
+    """Stands in for a kernel: records each launch's ALIGN, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.aligns = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.aligns.append(kwargs["ALIGN"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype, row_stride, expected", [
+    (torch.float16, 1000, 8), (torch.float32, 1000, 4), (torch.float16, 1004, 4), (torch.float16, 1001, 1)])
+def test_launchers_pass_the_row_alignment(dtype, row_stride, expected, monkeypatch):
+    """Softmax and norm launches, forward and backward, on rows of 1000 with the given row
+    stride: each kernel is told ALIGN and the results still match float64 (a launcher that
+    divided a length ALIGN does not divide would be caught here: the kernel multiplies back)."""
+    spies = {}
+    for module, name in [(softmax_kernels, "_softmax_forward_tile_kernel"),
+                         (softmax_kernels, "_softmax_backward_tile_kernel"),
+                         (norm_kernels, "_norm_forward_tile_kernel"), (norm_kernels, "_norm_backward_tile_kernel")]:
+        spies[name] = _LaunchSpy(getattr(module, name))
+        monkeypatch.setattr(module, name, spies[name])
+    rows, n_cols = 3, 1000
+    x = torch.randn(rows, row_stride, device=DEVICE).to(dtype)[:, :n_cols]
+    dy = torch.randn(rows, row_stride, device=DEVICE).to(dtype)[:, :n_cols]
+    weight, bias = torch.randn(n_cols, device=DEVICE), torch.randn(n_cols, device=DEVICE)
+
+    y = softmax_kernels.softmax_forward(x, log=False)
+    assert_close(y, reference.softmax(x.double()), dtype, "softmax")
+    dx = softmax_kernels.softmax_backward(dy, y, log=False)
+    assert_close(dx, reference.softmax_backward(dy.double(), y.double()), dtype, "softmax backward")
+
+    y, _, mean, rstd = norm_kernels.norm_forward(x, None, weight, bias, 1e-5, rms=False)
+    assert_close(y, reference.layer_norm(x.double(), (n_cols,), weight.double(), bias.double()), dtype, "layer_norm")
+    x64 = x.double().requires_grad_()
+    reference.layer_norm(x64, (n_cols,), weight.double(), bias.double()).backward(dy.double())
+    dx, _, _ = norm_kernels.norm_backward(dy, None, x, weight, mean, rstd, True, rms=False)
+    assert_close(dx, x64.grad, dtype, "layer_norm backward")
+
+    assert {name: spy.aligns for name, spy in spies.items()} == {
+        "_softmax_forward_tile_kernel": [expected], "_softmax_backward_tile_kernel": [expected],
+        "_norm_forward_tile_kernel": [expected], "_norm_backward_tile_kernel": [expected]}

@@ -8,9 +8,11 @@ process WITHOUT TRITON_INTERPRET (tests/test_build.py does):
 
 Each op lists the (kernel, signature, constexprs) it launches with; add a line here when
 you add a kernel. Each is compiled at every num_warps its launch can be offered
-(fastdl.triton._launch.tuned_num_warps), twice: as for rows of any alignment, and as a
-launch on 16-byte aligned rows specialises it (pointers, row strides and widths divisible
-by 16: every benchmark shape). Checked on the SASS (nvdisasm), for fp32 / fp16 / bf16:
+(fastdl.triton._launch.tuned_num_warps), twice: with ALIGN 1, as for rows of any length
+and alignment, and as a launch on 16-byte aligned rows compiles it: 16-byte aligned pointers
+and ALIGN = 16 bytes of elements, the widths and row strides themselves unspecialised (a
+width of 1000 fp16 values; the benchmark shapes, which Triton also specialises as divisible
+by 16, can only vectorise better). Checked on the SASS (nvdisasm), for fp32 / fp16 / bf16:
   * no local memory (LDL / STL): a spill costs more than the bandwidth these kernels are
     after. fp64 (for gradcheck) is exempt: its big tiles spill at any warp count;
   * aligned: rows move in 128-bit loads and stores (LDG.E.128 / STG.E.128) where a thread
@@ -35,6 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton import knobs  # noqa: E402
 
 POINTER = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16", "fp64": "*fp64"}
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 # largest shared memory a block may use (opt-in), by compute capability
 MAX_SHARED_BYTES = {80: 166912, 90: 232448}
 ACC = {"fp32": tl.float32, "fp16": tl.float32, "bf16": tl.float32, "fp64": tl.float64}
@@ -49,39 +52,41 @@ def softmax_specs():
         for log in (False, True):
             for block_cols, rows in tile_shapes if dtype == "fp32" else tile_shapes[-1:]:
                 const = dict(BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=ACC[dtype])
-                sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "x_row_stride": "i64",
-                       "n_rows": "i32", "n_cols": "i32", **{c: "constexpr" for c in const}}
+                sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "x_row_stride_vecs": "i64",
+                       "n_rows": "i32", "n_col_vecs": "i32", **{c: "constexpr" for c in const}}
                 specs.append((k._softmax_forward_tile_kernel, sig, const))
                 sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype],
-                       "dy_row_stride": "i64", "y_row_stride": "i64", "n_rows": "i32", "n_cols": "i32",
-                       **{c: "constexpr" for c in const}}
+                       "dy_row_stride_vecs": "i64", "y_row_stride_vecs": "i64", "n_rows": "i32",
+                       "n_col_vecs": "i32", **{c: "constexpr" for c in const}}
                 specs.append((k._softmax_backward_tile_kernel, sig, const))
             const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, LOG=log, ACC=ACC[dtype])
-            sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "x_row_stride": "i64", "n_cols": "i32",
-                   **{c: "constexpr" for c in const}}
+            sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "x_row_stride_vecs": "i64",
+                   "n_col_vecs": "i32", **{c: "constexpr" for c in const}}
             specs.append((k._softmax_forward_loop_kernel, sig, const))
             sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype],
-                   "dy_row_stride": "i64", "y_row_stride": "i64", "n_cols": "i32", **{c: "constexpr" for c in const}}
+                   "dy_row_stride_vecs": "i64", "y_row_stride_vecs": "i64", "n_col_vecs": "i32",
+                   **{c: "constexpr" for c in const}}
             specs.append((k._softmax_backward_loop_kernel, sig, const))
             # split rows: (max, sum) / dot per chunk, then the write; up to 1024 chunks a row
             stat = "*fp64" if dtype == "fp64" else "*fp32"
-            chunk_args = {"n_cols": "i32", "chunk_cols": "i32", "n_chunks": "i32"}
+            chunk_args = {"n_col_vecs": "i32", "chunk_cols": "i32", "n_chunks": "i32"}
             const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, ACC=ACC[dtype])
-            sig = {"x_ptr": POINTER[dtype], "max_ptr": stat, "sum_ptr": stat, "x_row_stride": "i64", **chunk_args,
-                   **{c: "constexpr" for c in const}}
+            sig = {"x_ptr": POINTER[dtype], "max_ptr": stat, "sum_ptr": stat, "x_row_stride_vecs": "i64",
+                   **chunk_args, **{c: "constexpr" for c in const}}
             if not log:
                 specs.append((k._softmax_chunk_stats_kernel, sig, const))
             const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, LOG=log, ACC=ACC[dtype])
-            sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dot_ptr": stat, "dy_row_stride": "i64",
-                   "y_row_stride": "i64", **chunk_args, **{c: "constexpr" for c in const}}
+            sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dot_ptr": stat, "dy_row_stride_vecs": "i64",
+                   "y_row_stride_vecs": "i64", **chunk_args, **{c: "constexpr" for c in const}}
             specs.append((k._softmax_backward_chunk_dot_kernel, sig, const))
             for block_chunks in (2, 1024):
                 const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, BLOCK_CHUNKS=block_chunks, LOG=log, ACC=ACC[dtype])
                 sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "max_ptr": stat, "sum_ptr": stat,
-                       "x_row_stride": "i64", **chunk_args, **{c: "constexpr" for c in const}}
+                       "x_row_stride_vecs": "i64", **chunk_args, **{c: "constexpr" for c in const}}
                 specs.append((k._softmax_chunk_write_kernel, sig, const))
                 sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype], "dot_ptr": stat,
-                       "dy_row_stride": "i64", "y_row_stride": "i64", **chunk_args, **{c: "constexpr" for c in const}}
+                       "dy_row_stride_vecs": "i64", "y_row_stride_vecs": "i64", **chunk_args,
+                       **{c: "constexpr" for c in const}}
                 specs.append((k._softmax_backward_chunk_write_kernel, sig, const))
     return specs
 
@@ -104,40 +109,46 @@ def layer_norm_specs():
                         "rstd_ptr": stat, "dx_ptr": p, "dweight_partial_ptr": stat, "dbias_partial_ptr": stat}
             for block_cols, rows in [(1024, 4), (k.FORWARD_TILE_MAX_COLS, 1)]:
                 const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_RESIDUAL=fused, **flags)
-                sig = {**fwd_ptrs, "x_row_stride": "i64", "residual_row_stride": "i64", "n_rows": "i32",
-                       "n_cols": "i32", "eps": "fp32", **{c: "constexpr" for c in const}}
+                sig = {**fwd_ptrs, "x_row_stride_vecs": "i64", "residual_row_stride_vecs": "i64",
+                       "n_rows": "i32", "n_col_vecs": "i32", "eps": "fp32", **{c: "constexpr" for c in const}}
                 specs.append((k._norm_forward_tile_kernel, sig, const))
             for block_cols, rows in [(1024, 4), (k.BACKWARD_TILE_MAX_COLS, 1)]:
                 const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_DSUM=fused, **flags)
-                sig = {**bwd_ptrs, "dy_row_stride": "i64", "dsum_row_stride": "i64", "x_row_stride": "i64",
-                       "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", **{c: "constexpr" for c in const}}
+                sig = {**bwd_ptrs, "dy_row_stride_vecs": "i64", "dsum_row_stride_vecs": "i64",
+                       "x_row_stride_vecs": "i64", "n_rows": "i32", "n_col_vecs": "i32", "rows_per_program": "i32",
+                       **{c: "constexpr" for c in const}}
                 specs.append((k._norm_backward_tile_kernel, sig, const))
             const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_RESIDUAL=fused, **flags)
-            sig = {**fwd_ptrs, "x_row_stride": "i64", "residual_row_stride": "i64", "n_cols": "i32", "eps": "fp32",
-                   **{c: "constexpr" for c in const}}
+            sig = {**fwd_ptrs, "x_row_stride_vecs": "i64", "residual_row_stride_vecs": "i64", "n_col_vecs": "i32",
+                   "eps": "fp32", **{c: "constexpr" for c in const}}
             specs.append((k._norm_forward_loop_kernel, sig, const))
             const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_DSUM=fused, **flags)
-            sig = {**bwd_ptrs, "dy_row_stride": "i64", "dsum_row_stride": "i64", "x_row_stride": "i64",
-                   "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", **{c: "constexpr" for c in const}}
+            sig = {**bwd_ptrs, "dy_row_stride_vecs": "i64", "dsum_row_stride_vecs": "i64", "x_row_stride_vecs": "i64",
+                   "n_rows": "i32", "n_col_vecs": "i32", "rows_per_program": "i32",
+                   **{c: "constexpr" for c in const}}
             specs.append((k._norm_backward_loop_kernel, sig, const))
     return specs
 
 
 ALL_SPECS = [softmax_specs, layer_norm_specs]
-# what a launch on 16-byte aligned rows specialises as divisible by 16, besides pointers
-ALIGNED_INTS = re.compile(r"(.*_row_stride|n_cols|chunk_cols)$")
 LOCAL_MEMORY = re.compile(r"\b(?:LDL|STL)\b")
 SIXTEEN_BIT_GLOBAL = re.compile(r"\b(?:LDG|STG)\.E\.[US]16\b")
 
 
 def variants():
-    """(kernel, signature, constexprs, num_warps, aligned) for every compile to check."""
+    """(kernel, signature, constexprs, num_warps, aligned) for every compile to check: each
+    spec with ALIGN 1 (rows of any length and alignment), and with ALIGN 16 bytes of elements
+    and 16-byte aligned pointers (aligned rows; n_cols and the row strides are left
+    unspecialised, as Triton leaves a width of 1000 that divides by 8 but not by 16)."""
     for make_specs in ALL_SPECS:
         for kernel, signature, constexprs in make_specs():
+            signature = {**signature, "ALIGN": "constexpr"}
+            signature = {name: signature[name] for name in kernel.fn.arg_names}  # in the kernel's order
+            dtype = next(v for v in signature.values() if v.startswith("*"))[1:]
             for num_warps in kernel.offered_num_warps(constexprs):
-                yield kernel, signature, constexprs, num_warps, False
+                yield kernel, signature, {**constexprs, "ALIGN": 1}, num_warps, False
                 if constexprs["BLOCK_COLS"] >= 16:  # one-column rows cannot be vectorised
-                    yield kernel, signature, constexprs, num_warps, True
+                    yield kernel, signature, {**constexprs, "ALIGN": 16 // ITEMSIZE[dtype]}, num_warps, True
 
 
 VARIANTS = []  # filled before the workers fork: kernels do not pickle, indices do
@@ -151,11 +162,11 @@ def check_variant(index, arch):
     what = (f"{fn.__name__} {dtype} {dict((k, v) for k, v in constexprs.items() if k != 'ACC')} "
             f"num_warps={num_warps}{' aligned' if aligned else ''}")
     attrs = {}
-    if aligned:
-        for i, name in enumerate(fn.arg_names):
-            kind = signature.get(name, "constexpr")
-            if kind.startswith("*") or (kind != "constexpr" and ALIGNED_INTS.match(name)):
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    for i, name in enumerate(fn.arg_names):
+        # as Triton specialises a launch: pointers when 16-byte aligned; chunk_cols, a multiple
+        # of the loop's block, always
+        if (aligned and signature[name].startswith("*")) or name == "chunk_cols":
+            attrs[(i,)] = [["tt.divisibility", 16]]
     try:
         compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": num_warps})
@@ -176,8 +187,7 @@ def check_variant(index, arch):
     if local:
         problems.append(f"spills: {local} local-memory loads/stores in its SASS")
     # 128-bit accesses need 16 bytes of a row in each thread's share of the tile
-    itemsize = 4 if dtype == "fp32" else 2
-    thread_bytes = constexprs["BLOCK_COLS"] * constexprs.get("ROWS", 1) // (32 * num_warps) * itemsize
+    thread_bytes = constexprs["BLOCK_COLS"] * constexprs.get("ROWS", 1) // (32 * num_warps) * ITEMSIZE[dtype]
     if aligned and thread_bytes >= 16:
         if "LDG.E.128" not in sass:
             problems.append("no 128-bit global load (LDG.E.128)")

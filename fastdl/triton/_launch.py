@@ -1,6 +1,7 @@
 """Helpers shared by the Triton launchers."""
 import contextlib
 import functools
+import math
 import os
 
 import torch
@@ -54,6 +55,24 @@ def tuned_num_warps(*num_warps_choices, key, live_tiles):
         return tuned
 
     return decorate
+
+
+def row_alignment(dtype: torch.dtype, n_cols: int, *row_strides: int) -> int:
+    """ALIGN of the row kernels: the most elements, up to 16 bytes of them, that n_cols and
+    every row stride are multiples of (a power of two; 1 when n_cols is odd).
+
+    The launchers pass n_cols and the row strides divided by ALIGN, and the kernels
+    multiply them back by the constexpr: that product is how Triton learns that every row
+    starts ALIGN elements apart and that the column mask changes only at multiples of
+    ALIGN, so it can move 16 bytes per access. Its own specialisation marks integers only
+    when they divide by 16, so a row of 1000 fp16 or fp32 values (1000 = 8 * 125) was read
+    one element at a time. Whether the pointers themselves are 16-byte aligned Triton
+    checks at each launch, as before."""
+    align = 16 // dtype.itemsize
+    common = math.gcd(n_cols, *row_strides)  # gcd(0, k) = k: an absent operand's stride 0 adds nothing
+    while align > 1 and common % align:
+        align //= 2
+    return align
 
 
 def accumulator_dtype(dtype: torch.dtype):

@@ -20,6 +20,7 @@ dweight / dbias are reduced in two deterministic stages: each program sums its o
 block of rows into one fp32 row of a partial buffer, then the partial rows are summed
 in a fixed order. No atomics: two runs give bitwise-equal gradients.
 Statistics (mean, rstd) are saved in fp32 (fp64 for fp64 inputs); arithmetic likewise.
+Row lengths and strides reach the kernels divided by ALIGN, as in softmax.py.
 """
 
 import torch
@@ -27,7 +28,8 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
-from fastdl.triton._launch import accumulator_dtype, on_device, sm_count, tile_shape, tuned_num_warps
+from fastdl.triton._launch import (accumulator_dtype, on_device, row_alignment, sm_count, tile_shape,
+                                   tuned_num_warps)
 
 # Longest row the tile kernels keep whole in registers.
 FORWARD_TILE_MAX_COLS = 16384
@@ -54,10 +56,10 @@ def _norm_forward_tile_kernel(
     sum_ptr,  # x + residual (n_rows, n_cols), contiguous (written when HAS_RESIDUAL)
     mean_ptr,  # (n_rows,) statistics (written unless RMS)
     rstd_ptr,  # (n_rows,) 1 / sqrt(var + eps)
-    x_row_stride,
-    residual_row_stride,
+    x_row_stride_vecs,  # elements between rows of x, / ALIGN
+    residual_row_stride_vecs,
     n_rows,
-    n_cols,
+    n_col_vecs,  # row length / ALIGN
     eps,
     BLOCK_COLS: tl.constexpr,
     ROWS: tl.constexpr,
@@ -66,7 +68,10 @@ def _norm_forward_tile_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
+    ALIGN: tl.constexpr,  # what n_cols and the row strides divide by (row_alignment)
 ):
+    x_row_stride, residual_row_stride = x_row_stride_vecs * ALIGN, residual_row_stride_vecs * ALIGN
+    n_cols = n_col_vecs * ALIGN
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row = rows[:, None]
     col = tl.arange(0, BLOCK_COLS)[None, :]
@@ -99,14 +104,17 @@ def _norm_forward_tile_kernel(
 @triton.jit
 def _norm_forward_loop_kernel(
     x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, sum_ptr, mean_ptr, rstd_ptr,
-    x_row_stride, residual_row_stride, n_cols, eps,
+    x_row_stride_vecs, residual_row_stride_vecs, n_col_vecs, eps,
     BLOCK_COLS: tl.constexpr,
     RMS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    x_row_stride, residual_row_stride = x_row_stride_vecs * ALIGN, residual_row_stride_vecs * ALIGN
+    n_cols = n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     sum_row = sum_ptr + row * n_cols
@@ -174,11 +182,11 @@ def _norm_backward_tile_kernel(
     dx_ptr,  # (n_rows, n_cols) contiguous
     dweight_partial_ptr,  # (programs, n_cols) fp32: this program's sum of dy * xhat
     dbias_partial_ptr,  # (programs, n_cols) fp32: this program's sum of dy
-    dy_row_stride,
-    dsum_row_stride,
-    x_row_stride,
+    dy_row_stride_vecs,  # / ALIGN, as n_col_vecs
+    dsum_row_stride_vecs,
+    x_row_stride_vecs,
     n_rows,
-    n_cols,
+    n_col_vecs,
     rows_per_program,
     BLOCK_COLS: tl.constexpr,
     ROWS: tl.constexpr,
@@ -187,7 +195,10 @@ def _norm_backward_tile_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    dy_row_stride, dsum_row_stride = dy_row_stride_vecs * ALIGN, dsum_row_stride_vecs * ALIGN
+    x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_COLS)
     col = cols[None, :]
@@ -240,14 +251,17 @@ def _norm_backward_loop_kernel(
     dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr,
     dweight_partial_ptr,  # (programs, n_cols) fp32, zero-filled: accumulated chunk by chunk
     dbias_partial_ptr,
-    dy_row_stride, dsum_row_stride, x_row_stride, n_rows, n_cols, rows_per_program,
+    dy_row_stride_vecs, dsum_row_stride_vecs, x_row_stride_vecs, n_rows, n_col_vecs, rows_per_program,
     BLOCK_COLS: tl.constexpr,
     RMS: tl.constexpr,
     HAS_DSUM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    dy_row_stride, dsum_row_stride = dy_row_stride_vecs * ALIGN, dsum_row_stride_vecs * ALIGN
+    x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     pid = tl.program_id(0)
     first = pid.to(tl.int64) * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
@@ -321,17 +335,19 @@ def norm_forward(x, residual, weight, bias, eps: float, rms: bool):
     flags = dict(RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None, ACC=accumulator_dtype(x.dtype))
     residual_stride = residual.stride(0) if residual is not None else 0
+    align = row_alignment(x.dtype, n_cols, x.stride(0), residual_stride)
+    lengths = dict(x_row_stride_vecs=x.stride(0) // align, residual_row_stride_vecs=residual_stride // align,
+                   n_col_vecs=n_cols // align, ALIGN=align)
     if n_cols <= FORWARD_TILE_MAX_COLS:
         block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
         with on_device(x):
             _norm_forward_tile_kernel[(triton.cdiv(n_rows, rows),)](
-                x_ptr=x, y_ptr=y, rstd_ptr=rstd, x_row_stride=x.stride(0), residual_row_stride=residual_stride,
-                n_rows=n_rows, n_cols=n_cols, eps=eps, BLOCK_COLS=block_cols, ROWS=rows, **operands, **flags)
+                x_ptr=x, y_ptr=y, rstd_ptr=rstd, n_rows=n_rows, eps=eps, BLOCK_COLS=block_cols, ROWS=rows,
+                **lengths, **operands, **flags)
     else:
         with on_device(x):
             _norm_forward_loop_kernel[(n_rows,)](
-                x_ptr=x, y_ptr=y, rstd_ptr=rstd, x_row_stride=x.stride(0), residual_row_stride=residual_stride,
-                n_cols=n_cols, eps=eps, BLOCK_COLS=LOOP_BLOCK_COLS, **operands, **flags)
+                x_ptr=x, y_ptr=y, rstd_ptr=rstd, eps=eps, BLOCK_COLS=LOOP_BLOCK_COLS, **lengths, **operands, **flags)
     return y, h, mean, rstd
 
 
@@ -364,19 +380,21 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
         )
         flags = dict(RMS=rms, HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
                      ACC=accumulator_dtype(x.dtype))
-        strides = dict(dy_row_stride=dy.stride(0), dsum_row_stride=dsum.stride(0) if dsum is not None else 0,
-                       x_row_stride=x.stride(0))
+        dsum_stride = dsum.stride(0) if dsum is not None else 0
+        align = row_alignment(x.dtype, n_cols, dy.stride(0), dsum_stride, x.stride(0))
+        lengths = dict(dy_row_stride_vecs=dy.stride(0) // align, dsum_row_stride_vecs=dsum_stride // align,
+                       x_row_stride_vecs=x.stride(0) // align, n_col_vecs=n_cols // align, ALIGN=align)
         if tiled:
             block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
             with on_device(x):
                 _norm_backward_tile_kernel[(programs,)](
-                    dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, n_cols=n_cols,
-                    rows_per_program=rows_per_program, BLOCK_COLS=block_cols, ROWS=rows, **operands, **strides, **flags)
+                    dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, rows_per_program=rows_per_program,
+                    BLOCK_COLS=block_cols, ROWS=rows, **lengths, **operands, **flags)
         else:
             with on_device(x):
                 _norm_backward_loop_kernel[(programs,)](
-                    dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, n_cols=n_cols,
-                    rows_per_program=rows_per_program, BLOCK_COLS=LOOP_BLOCK_COLS, **operands, **strides, **flags)
+                    dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, rows_per_program=rows_per_program,
+                    BLOCK_COLS=LOOP_BLOCK_COLS, **lengths, **operands, **flags)
     # stage 2: the partial rows, summed in a fixed order
     dweight = dweight_partial.sum(0) if dweight_partial is not None else None
     dbias = dbias_partial.sum(0) if dbias_partial is not None else None

@@ -16,6 +16,9 @@ Backward likewise, with y the forward output and dy the incoming gradient:
   softmax:      dx = y * (dy - sum(dy * y))
   log_softmax:  dx = dy - exp(y) * sum(dy)
 All arithmetic in fp32 (fp64 for fp64 tensors); loads and stores in the tensor's dtype.
+Row lengths and strides reach every kernel divided by ALIGN, which it multiplies back: so
+Triton knows what they divide by and moves up to 16 bytes per access on rows such as 1000
+fp16 values (fastdl/triton/_launch.py: row_alignment).
 
 Autotuning (num_warps) is keyed on the tile shape, not the exact row length, so a
 model whose lengths vary tunes once per power of two. It runs on the first call of
@@ -28,7 +31,8 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
-from fastdl.triton._launch import accumulator_dtype, on_device, sm_count, tile_shape, tuned_num_warps
+from fastdl.triton._launch import (accumulator_dtype, on_device, row_alignment, sm_count, tile_shape,
+                                   tuned_num_warps)
 
 # Longest row kept whole in registers by the one-pass kernels (16k fp32 = 64 KiB a row).
 SINGLE_PASS_MAX_COLS = 16384
@@ -51,14 +55,16 @@ SPLIT_PROGRAMS_PER_SM = int(os.environ.get("FASTDL_TRITON_SPLIT_PER_SM", "4"))
 def _softmax_forward_tile_kernel(
     x_ptr,  # input, (n_rows, n_cols), last dim contiguous
     y_ptr,  # output, (n_rows, n_cols), contiguous
-    x_row_stride,  # elements between rows of x
+    x_row_stride_vecs,  # elements between rows of x, / ALIGN
     n_rows,
-    n_cols,
+    n_col_vecs,  # row length / ALIGN
     BLOCK_COLS: tl.constexpr,  # power of two >= n_cols
     ROWS: tl.constexpr,  # rows per program
     LOG: tl.constexpr,  # log_softmax instead of softmax
     ACC: tl.constexpr,  # accumulation dtype
+    ALIGN: tl.constexpr,  # what n_cols and the row strides divide by (row_alignment)
 ):
+    x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
     col = tl.arange(0, BLOCK_COLS)[None, :]
     mask = (row < n_rows) & (col < n_cols)
@@ -123,12 +129,14 @@ def _write_softmax(x_row, y_row, begin, end, row_max, row_sum, BLOCK_COLS: tl.co
 def _softmax_forward_loop_kernel(
     x_ptr,  # input, (n_rows, n_cols), last dim contiguous
     y_ptr,  # output, (n_rows, n_cols), contiguous
-    x_row_stride,
-    n_cols,
+    x_row_stride_vecs,
+    n_col_vecs,
     BLOCK_COLS: tl.constexpr,  # chunk walked per iteration
     LOG: tl.constexpr,
     ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_row_stride
     row_max, row_sum = _online_max_sum(x_row, 0, n_cols, BLOCK_COLS, ACC)
@@ -145,13 +153,15 @@ def _softmax_chunk_stats_kernel(
     x_ptr,  # input, (n_rows, n_cols), last dim contiguous
     max_ptr,  # (n_rows, n_chunks) fp32 / fp64: each chunk's max
     sum_ptr,  # (n_rows, n_chunks): each chunk's sum of exp(x - its max)
-    x_row_stride,
-    n_cols,
+    x_row_stride_vecs,
+    n_col_vecs,
     chunk_cols,  # columns per chunk, a multiple of BLOCK_COLS
     n_chunks,
     BLOCK_COLS: tl.constexpr,
     ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     begin = chunk * chunk_cols
@@ -168,15 +178,17 @@ def _softmax_chunk_write_kernel(
     y_ptr,  # output, (n_rows, n_cols), contiguous
     max_ptr,
     sum_ptr,
-    x_row_stride,
-    n_cols,
+    x_row_stride_vecs,
+    n_col_vecs,
     chunk_cols,
     n_chunks,
     BLOCK_COLS: tl.constexpr,
     BLOCK_CHUNKS: tl.constexpr,  # power of two >= n_chunks
     LOG: tl.constexpr,
     ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     c = tl.arange(0, BLOCK_CHUNKS)
@@ -202,15 +214,17 @@ def _softmax_backward_tile_kernel(
     dy_ptr,  # gradient of the output, (n_rows, n_cols), last dim contiguous
     y_ptr,  # forward output, (n_rows, n_cols), last dim contiguous
     dx_ptr,  # gradient of the input, (n_rows, n_cols), contiguous
-    dy_row_stride,
-    y_row_stride,
+    dy_row_stride_vecs,
+    y_row_stride_vecs,
     n_rows,
-    n_cols,
+    n_col_vecs,
     BLOCK_COLS: tl.constexpr,
     ROWS: tl.constexpr,
     LOG: tl.constexpr,
     ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    dy_row_stride, y_row_stride, n_cols = dy_row_stride_vecs * ALIGN, y_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
     col = tl.arange(0, BLOCK_COLS)[None, :]
     mask = (row < n_rows) & (col < n_cols)
@@ -260,13 +274,15 @@ def _softmax_backward_loop_kernel(
     dy_ptr,
     y_ptr,
     dx_ptr,
-    dy_row_stride,
-    y_row_stride,
-    n_cols,
+    dy_row_stride_vecs,
+    y_row_stride_vecs,
+    n_col_vecs,
     BLOCK_COLS: tl.constexpr,
     LOG: tl.constexpr,
     ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    dy_row_stride, y_row_stride, n_cols = dy_row_stride_vecs * ALIGN, y_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
     dy_row = dy_ptr + row * dy_row_stride
     y_row = y_ptr + row * y_row_stride
@@ -282,15 +298,17 @@ def _softmax_backward_chunk_dot_kernel(
     dy_ptr,
     y_ptr,
     dot_ptr,  # (n_rows, n_chunks) fp32 / fp64
-    dy_row_stride,
-    y_row_stride,
-    n_cols,
+    dy_row_stride_vecs,
+    y_row_stride_vecs,
+    n_col_vecs,
     chunk_cols,
     n_chunks,
     BLOCK_COLS: tl.constexpr,
     LOG: tl.constexpr,
     ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    dy_row_stride, y_row_stride, n_cols = dy_row_stride_vecs * ALIGN, y_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     begin = chunk * chunk_cols
@@ -306,16 +324,18 @@ def _softmax_backward_chunk_write_kernel(
     y_ptr,
     dx_ptr,  # (n_rows, n_cols), contiguous
     dot_ptr,
-    dy_row_stride,
-    y_row_stride,
-    n_cols,
+    dy_row_stride_vecs,
+    y_row_stride_vecs,
+    n_col_vecs,
     chunk_cols,
     n_chunks,
     BLOCK_COLS: tl.constexpr,
     BLOCK_CHUNKS: tl.constexpr,
     LOG: tl.constexpr,
     ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    dy_row_stride, y_row_stride, n_cols = dy_row_stride_vecs * ALIGN, y_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     c = tl.arange(0, BLOCK_CHUNKS)
@@ -347,19 +367,21 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
     if y.numel() == 0:
         return y
     acc = accumulator_dtype(x.dtype)
+    align = row_alignment(x.dtype, n_cols, x.stride(0))
     if n_cols <= SINGLE_PASS_MAX_COLS:
         block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
         grid = (triton.cdiv(n_rows, rows),)
         with on_device(x):
             _softmax_forward_tile_kernel[grid](
-                x, y, x.stride(0), n_rows, n_cols, BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc
+                x, y, x.stride(0) // align, n_rows, n_cols // align, BLOCK_COLS=block_cols, ROWS=rows, LOG=log,
+                ACC=acc, ALIGN=align,
             )
         return y
     chunks, chunk_cols = split_chunks(n_rows, n_cols, x.device)
     if chunks == 1:
         with on_device(x):
             _softmax_forward_loop_kernel[(n_rows,)](
-                x, y, x.stride(0), n_cols, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc
+                x, y, x.stride(0) // align, n_cols // align, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align
             )
         return y
     stats = stats_dtype(x.dtype)
@@ -367,11 +389,12 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
     chunk_sum = torch.empty((n_rows, chunks), dtype=stats, device=x.device)
     with on_device(x):
         _softmax_chunk_stats_kernel[(n_rows, chunks)](
-            x, chunk_max, chunk_sum, x.stride(0), n_cols, chunk_cols, chunks, BLOCK_COLS=LOOP_BLOCK_COLS, ACC=acc
+            x, chunk_max, chunk_sum, x.stride(0) // align, n_cols // align, chunk_cols, chunks,
+            BLOCK_COLS=LOOP_BLOCK_COLS, ACC=acc, ALIGN=align,
         )
         _softmax_chunk_write_kernel[(n_rows, chunks)](
-            x, y, chunk_max, chunk_sum, x.stride(0), n_cols, chunk_cols, chunks,
-            BLOCK_COLS=LOOP_BLOCK_COLS, BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc,
+            x, y, chunk_max, chunk_sum, x.stride(0) // align, n_cols // align, chunk_cols, chunks,
+            BLOCK_COLS=LOOP_BLOCK_COLS, BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc, ALIGN=align,
         )
     return y
 
@@ -382,31 +405,33 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool) -> to
     if dx.numel() == 0:
         return dx
     acc = accumulator_dtype(out.dtype)
+    align = row_alignment(out.dtype, n_cols, grad_out.stride(0), out.stride(0))
     if n_cols <= SINGLE_PASS_MAX_COLS:
         block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
         grid = (triton.cdiv(n_rows, rows),)
         with on_device(out):
             _softmax_backward_tile_kernel[grid](
-                grad_out, out, dx, grad_out.stride(0), out.stride(0), n_rows, n_cols,
-                BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc,
+                grad_out, out, dx, grad_out.stride(0) // align, out.stride(0) // align, n_rows, n_cols // align,
+                BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc, ALIGN=align,
             )
         return dx
     chunks, chunk_cols = split_chunks(n_rows, n_cols, out.device)
     if chunks == 1:
         with on_device(out):
             _softmax_backward_loop_kernel[(n_rows,)](
-                grad_out, out, dx, grad_out.stride(0), out.stride(0), n_cols,
-                BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc,
+                grad_out, out, dx, grad_out.stride(0) // align, out.stride(0) // align, n_cols // align,
+                BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align,
             )
         return dx
     chunk_dot = torch.empty((n_rows, chunks), dtype=stats_dtype(out.dtype), device=out.device)
     with on_device(out):
         _softmax_backward_chunk_dot_kernel[(n_rows, chunks)](
-            grad_out, out, chunk_dot, grad_out.stride(0), out.stride(0), n_cols, chunk_cols, chunks,
-            BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc,
+            grad_out, out, chunk_dot, grad_out.stride(0) // align, out.stride(0) // align, n_cols // align,
+            chunk_cols, chunks, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align,
         )
         _softmax_backward_chunk_write_kernel[(n_rows, chunks)](
-            grad_out, out, dx, chunk_dot, grad_out.stride(0), out.stride(0), n_cols, chunk_cols, chunks,
-            BLOCK_COLS=LOOP_BLOCK_COLS, BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc,
+            grad_out, out, dx, chunk_dot, grad_out.stride(0) // align, out.stride(0) // align, n_cols // align,
+            chunk_cols, chunks, BLOCK_COLS=LOOP_BLOCK_COLS,
+            BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc, ALIGN=align,
         )
     return dx
