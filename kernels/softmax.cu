@@ -7,7 +7,10 @@
 //   * block per row (longer rows): the block walks the row in 16-byte vectors keeping an
 //     online (max, sum) state per thread (Milakov & Gimelshein 2018), combines the states
 //     across the block, then a second sweep writes the output. The second read of the row
-//     usually hits L2. Scalar loads when the row is not 16-byte aligned.
+//     usually hits L2. Rows off a 16-byte boundary (50257 columns, a GPT-2 vocabulary)
+//     take their ragged head and tail one element a thread and the rest in vectors, as long
+//     as input and output rows are off by the same amount (rows_share_alignment); other
+//     layouts (a row stride that is not) one element at a time.
 //   * split (long rows too few to fill the device with a block each: a 256k vocabulary
 //     over a small batch): each row is cut into chunks, a block each. A first kernel
 //     writes every chunk's (max, sum) (backward: its share of the dot product) to a
@@ -68,40 +71,42 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   Tile::store(y + row * cols, t, cols, aligned, v);
 }
 
-// Columns [begin, end) of a row walked by a block of kBlockThreads in kVec-wide steps
-// (begin and end multiples of kVec): every thread's online (max, sum) state combined
-// across the block; every thread gets it.
+// Columns [begin, end) of a row walked by a block of kBlockThreads in kVec-wide pieces
+// (for_row_pieces): every thread's online (max, sum) state combined across the block;
+// every thread gets it.
 template <typename T, int kVec, typename A = typename Acc<T>::type>
 __device__ __forceinline__ MaxSum<A> block_max_sum(const T* x_row, int64_t begin, int64_t end, MaxSum<A>* scratch) {
   MaxSum<A> state{-INFINITY, A(0)};
-  for (int64_t col = begin + threadIdx.x * kVec; col < end; col += kBlockThreads * kVec) {
-    A v[kVec];
-    load_acc<kVec>(x_row + col, v);
-    MaxSum<A> chunk{v[0], A(0)};
+  for_row_pieces<kBlockThreads, kVec>(x_row, begin, end, [&](int64_t col, auto width) {
+    constexpr int n = decltype(width)::value;
+    A v[n];
+    load_acc<n>(x_row + col, v);
+    MaxSum<A> piece{v[0], A(0)};
 #pragma unroll
-    for (int k = 1; k < kVec; ++k) chunk.m = nan_max(chunk.m, v[k]);
-    if (chunk.m != -INFINITY) {
+    for (int k = 1; k < n; ++k) piece.m = nan_max(piece.m, v[k]);
+    if (piece.m != -INFINITY) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) chunk.s += exp_acc(v[k] - chunk.m);
+      for (int k = 0; k < n; ++k) piece.s += exp_acc(v[k] - piece.m);
     }
-    state = combine(state, chunk);
-  }
+    state = combine(state, piece);
+  });
   return block_combine<kBlockThreads>(state, scratch);
 }
 
-// y over columns [begin, end) from the row's max and sum.
+// y over columns [begin, end) from the row's max and sum; y_row shares x_row's alignment.
 template <typename T, bool kLog, int kVec, typename A>
 __device__ __forceinline__ void block_write_softmax(const T* x_row, T* y_row, int64_t begin, int64_t end,
                                                     MaxSum<A> row) {
   // log_softmax = (x - max) - log(sum): never x - (max + log(sum)), which loses log(sum) near 3e38
   const A scale = kLog ? log_acc(row.s) : A(1) / row.s;
-  for (int64_t col = begin + threadIdx.x * kVec; col < end; col += kBlockThreads * kVec) {
-    A v[kVec];
-    load_acc<kVec>(x_row + col, v);
+  for_row_pieces<kBlockThreads, kVec>(x_row, begin, end, [&](int64_t col, auto width) {
+    constexpr int n = decltype(width)::value;
+    A v[n];
+    load_acc<n>(x_row + col, v);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) v[k] = kLog ? (v[k] - row.m) - scale : exp_acc(v[k] - row.m) * scale;
-    store_acc<kVec>(y_row + col, v);
-  }
+    for (int k = 0; k < n; ++k) v[k] = kLog ? (v[k] - row.m) - scale : exp_acc(v[k] - row.m) * scale;
+    store_acc<n>(y_row + col, v);
+  });
 }
 
 template <typename T, bool kLog, int kVec>
@@ -173,31 +178,34 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
 }
 
 // This thread's share of the row's dot product over columns [begin, end): sum(dy * y), or
-// sum(dy) for log_softmax (not yet reduced across the block).
+// sum(dy) for log_softmax (not yet reduced across the block). The rows share dy_row's
+// alignment (for_row_pieces), as do dx's below.
 template <typename T, bool kLog, int kVec, typename A = typename Acc<T>::type>
 __device__ __forceinline__ A thread_dot(const T* dy_row, const T* y_row, int64_t begin, int64_t end) {
   A total = 0;
-  for (int64_t col = begin + threadIdx.x * kVec; col < end; col += kBlockThreads * kVec) {
-    A g[kVec], o[kVec];
-    load_acc<kVec>(dy_row + col, g);
-    if constexpr (!kLog) load_acc<kVec>(y_row + col, o);
+  for_row_pieces<kBlockThreads, kVec>(dy_row, begin, end, [&](int64_t col, auto width) {
+    constexpr int n = decltype(width)::value;
+    A g[n], o[n];
+    load_acc<n>(dy_row + col, g);
+    if constexpr (!kLog) load_acc<n>(y_row + col, o);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) total += kLog ? g[k] : g[k] * o[k];
-  }
+    for (int k = 0; k < n; ++k) total += kLog ? g[k] : g[k] * o[k];
+  });
   return total;
 }
 
 template <typename T, bool kLog, int kVec, typename A>
 __device__ __forceinline__ void block_write_dx(const T* dy_row, const T* y_row, T* dx_row, int64_t begin, int64_t end,
                                                A total) {
-  for (int64_t col = begin + threadIdx.x * kVec; col < end; col += kBlockThreads * kVec) {
-    A g[kVec], o[kVec];
-    load_acc<kVec>(dy_row + col, g);
-    load_acc<kVec>(y_row + col, o);
+  for_row_pieces<kBlockThreads, kVec>(dy_row, begin, end, [&](int64_t col, auto width) {
+    constexpr int n = decltype(width)::value;
+    A g[n], o[n];
+    load_acc<n>(dy_row + col, g);
+    load_acc<n>(y_row + col, o);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) g[k] = kLog ? g[k] - exp_acc(o[k]) * total : o[k] * (g[k] - total);
-    store_acc<kVec>(dx_row + col, g);
-  }
+    for (int k = 0; k < n; ++k) g[k] = kLog ? g[k] - exp_acc(o[k]) * total : o[k] * (g[k] - total);
+    store_acc<n>(dx_row + col, g);
+  });
 }
 
 template <typename T, bool kLog, int kVec>
@@ -320,8 +328,10 @@ template <typename T, bool kLog>
 cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_stride, void* workspace,
                     size_t workspace_bytes, cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  // the output's row stride is cols: aligned rows mean whole vectors a row, as the block kernel needs
+  // the output's row stride is cols. Tiles move 16 bytes on aligned rows; the kernels that walk
+  // rows in steps also on rows equally far off (a ragged head and tail an element a thread)
   const bool aligned = rows_aligned<T>(x, x_row_stride) && rows_aligned<T>(y, cols);
+  const bool step_vectors = rows_share_alignment<T>({{x, x_row_stride}, {y, cols}});
   const bool tiled = with_row_tile<kMaxTileThreads<T>, kMaxTileElems>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     softmax_forward_tile_kernel<T, kThreads, kElems, kLog>
@@ -336,7 +346,7 @@ cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_
     return err;
   const int chunk_cols = static_cast<int>(split.chunk_cols);  // <= cols
   auto* stats = static_cast<MaxSum<A>*>(workspace);
-  with_vec<T>(aligned, [&](auto vec) {
+  with_vec<T>(step_vectors, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
     if (split.chunks > 1) {
       softmax_forward_chunk_stats_kernel<T, kVec>
@@ -357,6 +367,7 @@ cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t cols,
   using A = typename Acc<T>::type;
   const bool aligned = rows_aligned<T>(dy, dy_row_stride) && rows_aligned<T>(y, y_row_stride) &&
                        rows_aligned<T>(dx, cols);
+  const bool step_vectors = rows_share_alignment<T>({{dy, dy_row_stride}, {y, y_row_stride}, {dx, cols}});
   const bool tiled = with_row_tile<kMaxTileThreads<T>, kMaxTileElems>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     softmax_backward_tile_kernel<T, kThreads, kElems, kLog>
@@ -370,7 +381,7 @@ cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t cols,
     return err;
   const int chunk_cols = static_cast<int>(split.chunk_cols);  // <= cols
   auto* dots = static_cast<A*>(workspace);
-  with_vec<T>(aligned, [&](auto vec) {
+  with_vec<T>(step_vectors, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
     if (split.chunks > 1) {
       softmax_backward_chunk_dot_kernel<T, kLog, kVec>

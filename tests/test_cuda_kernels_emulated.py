@@ -82,6 +82,14 @@ def _softmax_forward(runner, tmp_path, x, offset, log, workspace="full", env=Non
     return result.outputs["y"].view(rows, cols), result
 
 
+def _softmax_backward(runner, tmp_path, dy, y, log, offsets=None, env=None):
+    rows, cols = y.shape
+    result = _run(runner, tmp_path, "softmax_backward", {"dy": dy, "y": y}, {"dx": (y.dtype, rows * cols)},
+                  {"dtype": emulated_cuda.DTYPE_NAMES[y.dtype], "rows": rows, "cols": cols, "dy_stride": dy.stride(0),
+                   "y_stride": y.stride(0), "log": log}, offsets=offsets, env=env)
+    return result.outputs["dx"].view(rows, cols), result
+
+
 def _softmax_ref(x, log):
     x = x.double()
     return torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
@@ -108,11 +116,8 @@ def test_softmax_forward_and_backward(runner, tmp_path, dtype, shape, log):
 
     dy = torch.randn(rows, cols).to(dtype)
     y_in = ref.to(dtype)
-    out = _run(runner, tmp_path / "bwd", "softmax_backward", {"dy": dy, "y": y_in}, {"dx": (dtype, rows * cols)},
-               {"dtype": emulated_cuda.DTYPE_NAMES[dtype], "rows": rows, "cols": cols, "dy_stride": cols,
-                "y_stride": cols, "log": log})
-    ref_dx = R.softmax_backward(dy.double(), y_in.double(), -1, log)
-    assert_close(out.outputs["dx"].view(rows, cols), ref_dx, dtype, "backward")
+    dx, out = _softmax_backward(runner, tmp_path / "bwd", dy, y_in, log)
+    assert_close(dx, R.softmax_backward(dy.double(), y_in.double(), -1, log), dtype, "backward")
     assert all(kind in k for k in _kernels(out)), out.launches
 
 
@@ -130,13 +135,9 @@ def test_softmax_row_layouts(runner, tmp_path, dtype, cols, layout):
         dy, dy_offset = _rows(rows, cols, dtype, layout, scale=1.0)
         y_in, y_offset = _rows(rows, cols, dtype, layout)
         y_in.copy_(_softmax_ref(x, log))
-        out = _run(runner, tmp_path / f"bwd{log}", "softmax_backward", {"dy": dy, "y": y_in},
-                   {"dx": (dtype, rows * cols)},
-                   {"dtype": emulated_cuda.DTYPE_NAMES[dtype], "rows": rows, "cols": cols,
-                    "dy_stride": dy.stride(0), "y_stride": y_in.stride(0), "log": log},
-                   offsets={"dy": dy_offset, "y": y_offset})
-        ref_dx = R.softmax_backward(dy.double(), y_in.double(), -1, log)
-        assert_close(out.outputs["dx"].view(rows, cols), ref_dx, dtype, f"backward log={log}")
+        dx, _ = _softmax_backward(runner, tmp_path / f"bwd{log}", dy, y_in, log,
+                                  offsets={"dy": dy_offset, "y": y_offset})
+        assert_close(dx, R.softmax_backward(dy.double(), y_in.double(), -1, log), dtype, f"backward log={log}")
 
 
 @pytest.mark.parametrize("how", ["split_off", "no_workspace", "short_workspace", "many_chunks"])
@@ -154,6 +155,29 @@ def test_softmax_long_rows_every_way(runner, tmp_path, how):
         assert kinds[0] == "softmax_forward_chunk_stats_kernel" and "grid=(7,2,1)" in result.launches[0], kinds
     else:
         assert kinds == ["softmax_forward_block_kernel"], kinds
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "padded"])
+@pytest.mark.parametrize("split", [False, True], ids=["block", "split"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softmax_rows_equally_off_16_byte_boundaries(runner, tmp_path, dtype, split, layout):
+    """Rows of an odd length (20001 columns: as with a 50257-wide vocabulary, rows after the
+    first start off a 16-byte boundary, input and output rows by the same amount): the block
+    and split kernels cut every row into a ragged head, whole vectors and a ragged tail. A
+    vector access off a boundary fails under UBSan; a column missed or taken twice, here."""
+    rows, cols = 3, 20001
+    env = None if split else {"FASTDL_CUDA_SPLIT_PER_SM": "0"}
+    x, _ = _rows(rows, cols, dtype, layout)
+    for log in (False, True):
+        y, result = _softmax_forward(runner, tmp_path / f"fwd{log}", x, 0, log, env=env)
+        assert_close(y, _softmax_ref(x, log), dtype, f"forward log={log}")
+        assert all(("chunk" if split else "block") in k for k in _kernels(result)), result.launches
+        dy, _ = _rows(rows, cols, dtype, layout, scale=1.0)
+        y_in, _ = _rows(rows, cols, dtype, layout)
+        y_in.copy_(_softmax_ref(x, log))
+        dx, out = _softmax_backward(runner, tmp_path / f"bwd{log}", dy, y_in, log, env=env)
+        assert_close(dx, R.softmax_backward(dy.double(), y_in.double(), -1, log), dtype, f"backward log={log}")
+        assert all(("chunk" if split else "block") in k for k in _kernels(out)), out.launches
 
 
 # one row length in each tile the shape sweeps above leave out: a warp x 16, 128 x 16, 512 x 8

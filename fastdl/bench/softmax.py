@@ -16,6 +16,9 @@ CPU_ROWS, CPU_COLS = 4096, (256, 1024, 4096)
 CPU_DTYPES = (torch.float32,)
 # a few rows over a 256k vocabulary: the long-row split (GPU bf16, CPU fp32)
 VOCAB_SHAPE = (8, 262144)
+# the logits of a GPT-2 vocabulary (GPU bf16): 50257 columns, so every row but the first
+# starts off a 16-byte boundary (the kernels that walk rows in vectors peel its edges)
+LM_HEAD_SHAPE = (1024, 50257)
 # 16-bit floats on the CPU at one size: the evidence for auto's CPU order by dtype (backends.py)
 CPU_HALF_DTYPES, CPU_HALF_SHAPE = (torch.bfloat16, torch.float16), (4096, 1024)
 # a small input (attention scores of a small model), timed as calls back to back: what a
@@ -77,9 +80,11 @@ def cases(device: torch.device, quick: bool = False):
         # a few rows over a long vocabulary (sampling from a language model): too few rows to
         # fill the GPU one program a row, or the CPU's threads one row a task: both split rows
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        for direction, tensors in (("fwd", 2), ("bwd", 3)):
-            out.append(Case("softmax", direction, dtype, VOCAB_SHAPE, tensors * VOCAB_SHAPE[0] * VOCAB_SHAPE[1] *
-                            dtype.itemsize, functools.partial(_impls, device, dtype, VOCAB_SHAPE, direction)))
+        shapes = (VOCAB_SHAPE, LM_HEAD_SHAPE) if device.type == "cuda" else (VOCAB_SHAPE,)
+        for shape in shapes:
+            for direction, tensors in (("fwd", 2), ("bwd", 3)):
+                out.append(Case("softmax", direction, dtype, shape, tensors * shape[0] * shape[1] * dtype.itemsize,
+                                functools.partial(_impls, device, dtype, shape, direction)))
     for dtype in dtypes:
         size = torch.tensor([], dtype=dtype).element_size()
         for cols in all_cols:

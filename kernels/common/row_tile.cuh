@@ -11,7 +11,10 @@
 // A pack that runs past the row end is moved element by element, as is every pack when
 // the launch is not `aligned` (some row start is not on a 16-byte boundary).
 #pragma once
+#include <cstdint>
+#include <initializer_list>
 #include <type_traits>
+#include <utility>
 
 #include "common/reduce.cuh"
 
@@ -97,8 +100,53 @@ template <typename T> inline bool rows_aligned(const void* base, int64_t row_str
   return ptr_aligned(base) && row_stride % Vec<T>::kSize == 0;
 }
 
+// Rows that are equally far off a 16-byte boundary: row r of every tensor, given as (base,
+// row stride in elements) pairs, starts as many elements past one as row r of the first.
+// Rows of 50257 fp16 values (a GPT-2 vocabulary), contiguous, are such rows: only the first
+// is 16-byte aligned, but x's row r and y's row r are off by the same amount. The kernels
+// that walk rows in steps then cut every row alike (for_row_pieces) and still move 16 bytes
+// at a time. Aligned rows (rows_aligned) are the case where all are 0 elements off.
+template <typename T> inline bool rows_share_alignment(std::initializer_list<std::pair<const void*, int64_t>> rows) {
+  const auto first = reinterpret_cast<uintptr_t>(rows.begin()->first);
+  const int64_t first_stride = rows.begin()->second;
+  for (const auto& [base, stride] : rows) {
+    const auto address = reinterpret_cast<uintptr_t>(base);
+    // (unsigned difference: a multiple of 16 exactly when the addresses agree modulo 16)
+    if (address % sizeof(T) != 0 || (address - first) % kVecBytes != 0 || (stride - first_stride) % Vec<T>::kSize != 0)
+      return false;
+  }
+  return true;
+}
+
+// Calls f(col, std::integral_constant<int, n>{}) for this thread's pieces of the columns
+// [begin, end) of `row`, walked by a block of kThreads threads: n = kVec for the whole
+// 16-byte vectors, from the first column on a 16-byte boundary on, kThreads * kVec columns
+// a step; n = 1 for the fewer than kVec columns before them (the head) and after the last
+// whole vector (the tail), one a thread. With kVec = 1, every column, one a thread a step.
+// Tensors whose rows share `row`'s alignment (rows_share_alignment) are cut the same way.
+template <int kThreads, int kVec, typename T, typename F>
+__device__ __forceinline__ void for_row_pieces(const T* row, int64_t begin, int64_t end, F&& f) {
+  using one = std::integral_constant<int, 1>;
+  static_assert(kThreads >= 2 * kVec, "a thread for each column of the head and the tail");
+  if constexpr (kVec == 1) {
+    for (int64_t col = begin + threadIdx.x; col < end; col += kThreads) f(col, one{});
+  } else {
+    // elements from row + begin to the next 16-byte boundary, at most the columns there are
+    const int64_t off = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row + begin) / sizeof(T) % kVec);
+    const int64_t head = (kVec - off) % kVec < end - begin ? (kVec - off) % kVec : end - begin;
+    const int64_t vec_begin = begin + head;
+    const int64_t vec_end = vec_begin + (end - vec_begin) / kVec * kVec;
+    for (int64_t col = vec_begin + threadIdx.x * kVec; col < vec_end; col += static_cast<int64_t>(kThreads) * kVec)
+      f(col, std::integral_constant<int, kVec>{});
+    const int64_t edge = threadIdx.x;  // threads 0.. take the head's columns, the next ones the tail's
+    if (edge < head) f(begin + edge, one{});
+    else if (edge < head + (end - vec_end)) f(vec_end + (edge - head), one{});
+  }
+}
+
 // Calls launch(std::integral_constant<int, kVec>{}): 16-byte vectors of T when the rows are
-// aligned, else one element at a time. For the kernels that walk a row in steps.
+// aligned (or, for for_row_pieces, share their alignment), else one element at a time. For
+// the kernels that walk a row in steps.
 template <typename T, typename F> void with_vec(bool aligned, F&& launch) {
   if (aligned) launch(std::integral_constant<int, Vec<T>::kSize>{});
   else launch(std::integral_constant<int, 1>{});
