@@ -26,6 +26,8 @@ OFFERED = [
     (softmax_kernels._softmax_forward_loop_kernel, dict(BLOCK_COLS=4096), [8, 16]),
     (softmax_kernels._softmax_backward_chunk_dot_kernel, dict(BLOCK_COLS=4096), [8, 16]),
     (softmax_kernels._softmax_chunk_write_kernel, dict(BLOCK_COLS=4096, BLOCK_CHUNKS=2), [8, 4, 16]),
+    # dy, y and dx, and the ragged edges: at 4 warps fp32 spilled
+    (softmax_kernels._softmax_backward_chunk_write_kernel, dict(BLOCK_COLS=4096, BLOCK_CHUNKS=2), [8, 16]),
     (norm_kernels._norm_forward_tile_kernel, dict(BLOCK_COLS=16384, ROWS=1), [16]),
     (norm_kernels._norm_forward_tile_kernel, dict(BLOCK_COLS=1024, ROWS=4), [4, 8, 16]),
     # norm backward holds x, dy and g: 8192 columns spill ~700 times at 4 warps
@@ -89,14 +91,14 @@ def test_row_alignment(dtype, n_cols, strides, expected):
 
 
 class _LaunchSpy:
-    """Stands in for a kernel: records each launch's ALIGN, then launches the kernel."""
+    """Stands in for a kernel: records each launch's constexpr `name`, then launches the kernel."""
 
-    def __init__(self, kernel):
-        self.kernel, self.aligns = kernel, []
+    def __init__(self, kernel, name="ALIGN"):
+        self.kernel, self.name, self.values = kernel, name, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.aligns.append(kwargs["ALIGN"])
+            self.values.append(kwargs[self.name])
             return self.kernel[grid](*args, **kwargs)
 
         return launch
@@ -134,6 +136,55 @@ def test_launchers_pass_the_row_alignment(dtype, row_stride, expected, monkeypat
     dx, _, _ = norm_kernels.norm_backward(dy, None, x, weight, mean, rstd, True, rms=False)
     assert_close(dx, x64.grad, dtype, "layer_norm backward")
 
-    assert {name: spy.aligns for name, spy in spies.items()} == {
+    assert {name: spy.values for name, spy in spies.items()} == {
         "_softmax_forward_tile_kernel": [expected], "_softmax_backward_tile_kernel": [expected],
         "_norm_forward_tile_kernel": [expected], "_norm_backward_tile_kernel": [expected]}
+
+
+# --- VEC: rows off 16-byte boundaries alike, peeled by the loop and split kernels -----------
+def _rows_of(n_cols, row_stride, dtype, offset=0, scale=1.0):
+    """(3, n_cols) rows, row_stride apart, starting `offset` elements into 16-byte aligned storage."""
+    storage = (torch.randn(3 * row_stride + offset + 8, device=DEVICE) * scale).to(dtype)
+    assert storage.data_ptr() % 16 == 0
+    return storage[offset: offset + 3 * row_stride].view(3, row_stride)[:, :n_cols]
+
+
+@pytest.mark.parametrize("row_stride, offset, expected", [
+    (20001, 0, 8),  # contiguous, odd: rows off alike
+    (20009, 0, 8),  # padded by a whole vector: still alike
+    (20004, 0, 1),  # padded by half a vector: x's rows drift from y's
+    (20001, 1, 1),  # the base one element off: y's is not
+])
+def test_row_vector(row_stride, offset, expected):
+    x = _rows_of(20001, row_stride, torch.float16, offset)
+    y = torch.empty(3, 20001, dtype=torch.float16, device=DEVICE)
+    assert _launch.row_vector(torch.float16, (x, x.stride(0)), (y, 20001)) == expected
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["loop", "split"])
+@pytest.mark.parametrize("row_stride, offset", [(20001, 0), (20009, 0), (20004, 0), (20001, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_loop_kernels_peel_rows(dtype, row_stride, offset, split, monkeypatch):
+    """Softmax and log_softmax, forward and backward, through the loop or the split kernels on
+    rows of 20001: peeled (VEC > 1) where the rows are off alike, element by element where not,
+    against float64 either way (a head or tail element missed or taken twice fails)."""
+    monkeypatch.setattr(softmax_kernels, "SPLIT_PROGRAMS_PER_SM", 4 if split else 0)
+    kernels = (["_softmax_chunk_stats_kernel", "_softmax_chunk_write_kernel", "_softmax_backward_chunk_dot_kernel",
+                "_softmax_backward_chunk_write_kernel"] if split else
+               ["_softmax_forward_loop_kernel", "_softmax_backward_loop_kernel"])
+    vecs = []
+    for name in kernels:
+        spy = _LaunchSpy(getattr(softmax_kernels, name), "VEC")
+        monkeypatch.setattr(softmax_kernels, name, spy)
+        vecs.append(spy.values)
+    x = _rows_of(20001, row_stride, dtype, offset, scale=3.0)
+    dy = _rows_of(20001, row_stride, dtype, offset)
+    expected_vec = 16 // dtype.itemsize if (row_stride - 20001) % (16 // dtype.itemsize) == 0 and offset == 0 else 1
+    for log in (False, True):
+        y = softmax_kernels.softmax_forward(x, log)
+        ref = (torch.log_softmax if log else torch.softmax)(x.double(), -1)
+        assert_close(y, ref, dtype, f"forward log={log}")
+        dx = softmax_kernels.softmax_backward(dy, y, log)
+        assert_close(dx, reference.softmax_backward(dy.double(), y.double(), -1, log), dtype, f"backward log={log}")
+    # the backward's y is contiguous, dy as x: alike exactly when x's rows are alike with y's
+    assert vecs == [[expected_vec] * 2] * len(kernels)

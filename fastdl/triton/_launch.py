@@ -75,6 +75,19 @@ def row_alignment(dtype: torch.dtype, n_cols: int, *row_strides: int) -> int:
     return align
 
 
+def row_vector(dtype: torch.dtype, *rows: tuple[torch.Tensor, int]) -> int:
+    """VEC of the kernels that walk rows in steps: the elements in 16 bytes when the rows of
+    every (tensor, row stride) given are off 16-byte boundaries by the same amount, row by
+    row (16-byte aligned data and strides equal modulo a vector: contiguous rows of any
+    width, 50257 included), else 1. The kernels then peel each row's ragged head and tail
+    and move the rest in vectors; their results rely on the strides' part of this check."""
+    vec = 16 // dtype.itemsize
+    first_stride = rows[0][1]
+    if all(t.data_ptr() % 16 == 0 and (stride - first_stride) % vec == 0 for t, stride in rows):
+        return vec
+    return 1
+
+
 def accumulator_dtype(dtype: torch.dtype):
     """fp32 accumulation for 16/32-bit floats, fp64 for fp64 (so gradcheck works)."""
     import triton.language as tl

@@ -18,7 +18,9 @@ Backward likewise, with y the forward output and dy the incoming gradient:
 All arithmetic in fp32 (fp64 for fp64 tensors); loads and stores in the tensor's dtype.
 Row lengths and strides reach every kernel divided by ALIGN, which it multiplies back: so
 Triton knows what they divide by and moves up to 16 bytes per access on rows such as 1000
-fp16 values (fastdl/triton/_launch.py: row_alignment).
+fp16 values (fastdl/triton/_launch.py: row_alignment). The loop and split kernels also take
+rows that start off 16-byte boundaries, all by the same amount (a 50257-wide vocabulary,
+VEC > 1): they peel each row's ragged head and tail and move the rest 16 bytes at a time.
 
 Autotuning (num_warps) is keyed on the tile shape, not the exact row length, so a
 model whose lengths vary tunes once per power of two. It runs on the first call of
@@ -31,7 +33,7 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
-from fastdl.triton._launch import (accumulator_dtype, on_device, row_alignment, sm_count, tile_shape,
+from fastdl.triton._launch import (accumulator_dtype, on_device, row_alignment, row_vector, sm_count, tile_shape,
                                    tuned_num_warps)
 
 # Longest row kept whole in registers by the one-pass kernels (16k fp32 = 64 KiB a row).
@@ -80,17 +82,45 @@ def _softmax_forward_tile_kernel(
     tl.store(y_ptr + row * n_cols + col, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# Walks over the columns [begin, end) of one row, shared by the loop kernels (the whole
-# row) and the split kernels (a chunk of it).
+# The loop and split kernels walk n elements of a row, from element `first` of each tensor
+# (its row's offset plus the chunk's start). Rows whose width is not a whole number of
+# 16-byte vectors (a 50257-wide vocabulary) start off 16-byte boundaries; when every tensor's
+# rows are off by the same amount (VEC > 1: the launcher checks the strides), each range is
+# cut alike into a ragged head up to the first boundary, a body of whole VEC-element vectors
+# and a ragged tail, and the body moves 16 bytes per access. Its start is written
+# cdiv(first, VEC) * VEC, a product by the constexpr, so that Triton knows it divides by VEC
+# (tl.multiple_of on a scalar does not tell it). With VEC = 1 the body is the whole range.
 @triton.jit
-def _online_max_sum(x_row, begin, end, BLOCK_COLS: tl.constexpr, ACC: tl.constexpr):
-    """(max, sum of exp(x - max)) over x_row[begin:end]."""
+def _body_start(first, VEC: tl.constexpr):
+    """The first element at or after `first` on a 16-byte boundary: first + head."""
+    return tl.cdiv(first, VEC) * VEC
+
+
+@triton.jit
+def _ragged_edges(first, n, VEC: tl.constexpr):
+    """(head, body length, edge): the elements before the body, how many the body holds (a
+    multiple of VEC), and the head's and tail's positions in the range, 2 * VEC lanes: lane
+    i < VEC is head element i, lane VEC + i tail element i; -1 on the lanes past them."""
+    head = tl.minimum(_body_start(first, VEC) - first, n)
+    n_body = (n - head) // VEC * VEC
+    lane = tl.arange(0, 2 * VEC)
+    tail_lane = lane - VEC
+    edge = tl.where(lane < VEC, tl.where(lane < head, lane, -1),
+                    tl.where(tail_lane < n - head - n_body, head + n_body + tail_lane, -1))
+    return head, n_body, edge
+
+
+@triton.jit
+def _online_max_sum(x_ptr, x_first, n, BLOCK_COLS: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr):
+    """(max, sum of exp(x - max)) over the n elements of x from element x_first on."""
+    _, n_body, edge = _ragged_edges(x_first, n, VEC)
+    x_body = x_ptr + _body_start(x_first, VEC)
     # Per-lane running max and sum; lanes combine once at the end.
     m = tl.full([BLOCK_COLS], -float("inf"), ACC)
     s = tl.zeros([BLOCK_COLS], ACC)
-    for start in range(begin, end, BLOCK_COLS):
+    for start in range(0, n_body, BLOCK_COLS):
         col = start + tl.arange(0, BLOCK_COLS)
-        x = tl.load(x_row + col, mask=col < end, other=-float("inf")).to(ACC)
+        x = tl.load(x_body + col, mask=col < n_body, other=-float("inf")).to(ACC)
         # NaN must win the max: by default a GPU max returns the other operand (maxnum), and a
         # lane whose first value is NaN would keep m = -inf and drop it (numpy's max, the
         # interpreter's, lets NaN win: tests/conftest.py gives it the GPU's maxnum instead).
@@ -102,26 +132,40 @@ def _online_max_sum(x_row, begin, end, BLOCK_COLS: tl.constexpr, ACC: tl.constex
         e = tl.exp(-tl.abs(x - m))
         s = tl.where(m_new == -float("inf"), s, tl.where(x > m, s * e + 1.0, s + e))
         m = m_new
-    row_max = tl.max(m, axis=0)
-    # All -inf: max = -inf, sum 0 (the row's outputs are then NaN, as torch's).
-    row_sum = tl.sum(tl.where(m == -float("inf"), 0.0, s * tl.exp(m - row_max)), axis=0)
+    # the ragged head and tail: -inf where there is no element
+    x_edge = tl.load(x_ptr + x_first + edge, mask=edge >= 0, other=-float("inf")).to(ACC)
+    row_max = tl.maximum(tl.max(m, axis=0), tl.max(x_edge, axis=0), propagate_nan=tl.PropagateNan.ALL)
+    # All -inf: max = -inf, sum 0 (the row's outputs are then NaN, as torch's). A NaN reaches
+    # the sum through its lane's s, or through exp(NaN - max) at the edges.
+    row_sum = (tl.sum(tl.where(m == -float("inf"), 0.0, s * tl.exp(m - row_max)), axis=0) +
+               tl.sum(tl.where(x_edge == -float("inf"), 0.0, tl.exp(x_edge - row_max)), axis=0))
     return row_max, row_sum
 
 
 @triton.jit
-def _write_softmax(x_row, y_row, begin, end, row_max, row_sum, BLOCK_COLS: tl.constexpr, LOG: tl.constexpr,
-                   ACC: tl.constexpr):
-    """y_row[begin:end] from x_row[begin:end] and the row's max and sum."""
+def _softmax_of(x, row_max, row_sum, log_sum, LOG: tl.constexpr):
+    if LOG:
+        return x - row_max - log_sum
+    else:
+        return tl.exp(x - row_max) / row_sum
+
+
+@triton.jit
+def _write_softmax(x_ptr, y_ptr, x_first, y_first, n, row_max, row_sum, BLOCK_COLS: tl.constexpr,
+                   VEC: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr):
+    """y's n elements from y_first on, from x's from x_first on and the row's max and sum."""
     log_sum = tl.log(row_sum)
-    for start in range(begin, end, BLOCK_COLS):
+    _, n_body, edge = _ragged_edges(x_first, n, VEC)
+    x_body = x_ptr + _body_start(x_first, VEC)
+    y_body = y_ptr + _body_start(y_first, VEC)  # = y_ptr + y_first + head: the rows are off alike
+    for start in range(0, n_body, BLOCK_COLS):
         col = start + tl.arange(0, BLOCK_COLS)
-        mask = col < end
-        x = tl.load(x_row + col, mask=mask, other=0.0).to(ACC)
-        if LOG:
-            y = x - row_max - log_sum
-        else:
-            y = tl.exp(x - row_max) / row_sum
-        tl.store(y_row + col, y.to(y_row.dtype.element_ty), mask=mask)
+        mask = col < n_body
+        x = tl.load(x_body + col, mask=mask, other=0.0).to(ACC)
+        tl.store(y_body + col, _softmax_of(x, row_max, row_sum, log_sum, LOG).to(y_ptr.dtype.element_ty), mask=mask)
+    x = tl.load(x_ptr + x_first + edge, mask=edge >= 0, other=0.0).to(ACC)
+    tl.store(y_ptr + y_first + edge, _softmax_of(x, row_max, row_sum, log_sum, LOG).to(y_ptr.dtype.element_ty),
+             mask=edge >= 0)
 
 
 @tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=3)
@@ -135,12 +179,13 @@ def _softmax_forward_loop_kernel(
     LOG: tl.constexpr,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
+    VEC: tl.constexpr,  # elements per 16 bytes when all rows are off 16-byte boundaries alike, else 1
 ):
     x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * x_row_stride
-    row_max, row_sum = _online_max_sum(x_row, 0, n_cols, BLOCK_COLS, ACC)
-    _write_softmax(x_row, y_ptr + row * n_cols, 0, n_cols, row_max, row_sum, BLOCK_COLS, LOG, ACC)
+    row_max, row_sum = _online_max_sum(x_ptr, row * x_row_stride, n_cols, BLOCK_COLS, VEC, ACC)
+    _write_softmax(x_ptr, y_ptr, row * x_row_stride, row * n_cols, n_cols, row_max, row_sum, BLOCK_COLS, VEC, LOG,
+                   ACC)
 
 
 # Split rows: the online softmax across programs (Milakov & Gimelshein 2018, sec. 3:
@@ -160,13 +205,14 @@ def _softmax_chunk_stats_kernel(
     BLOCK_COLS: tl.constexpr,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     begin = chunk * chunk_cols
-    chunk_max, chunk_sum = _online_max_sum(x_ptr + row * x_row_stride, begin,
-                                           tl.minimum(begin + chunk_cols, n_cols), BLOCK_COLS, ACC)
+    chunk_max, chunk_sum = _online_max_sum(x_ptr, row * x_row_stride + begin, tl.minimum(chunk_cols, n_cols - begin),
+                                           BLOCK_COLS, VEC, ACC)
     tl.store(max_ptr + row * n_chunks + chunk, chunk_max)
     tl.store(sum_ptr + row * n_chunks + chunk, chunk_sum)
 
@@ -187,6 +233,7 @@ def _softmax_chunk_write_kernel(
     LOG: tl.constexpr,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
@@ -201,9 +248,8 @@ def _softmax_chunk_write_kernel(
     # output of the row.
     row_sum = tl.sum(tl.where(chunk_sums == 0.0, 0.0, chunk_sums * tl.exp(chunk_maxes - row_max)), axis=0)
     begin = chunk * chunk_cols
-    _write_softmax(x_ptr + row * x_row_stride, y_ptr + row * n_cols, begin, tl.minimum(begin + chunk_cols, n_cols),
-                   row_max, row_sum, BLOCK_COLS, LOG, ACC)
-
+    _write_softmax(x_ptr, y_ptr, row * x_row_stride + begin, row * n_cols + begin,
+                   tl.minimum(chunk_cols, n_cols - begin), row_max, row_sum, BLOCK_COLS, VEC, LOG, ACC)
 
 # ---------------------------------------------------------------------------------
 # backward
@@ -238,34 +284,53 @@ def _softmax_backward_tile_kernel(
 
 
 @triton.jit
-def _row_dot(dy_row, y_row, begin, end, BLOCK_COLS: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr):
-    """sum(dy * y) over [begin, end), or sum(dy) for log_softmax."""
+def _row_dot(dy_ptr, y_ptr, dy_first, y_first, n, BLOCK_COLS: tl.constexpr, VEC: tl.constexpr, LOG: tl.constexpr,
+             ACC: tl.constexpr):
+    """sum(dy * y) over n elements from dy_first / y_first on, or sum(dy) for log_softmax;
+    cut into head, body and tail as in _online_max_sum."""
+    _, n_body, edge = _ragged_edges(dy_first, n, VEC)
+    dy_body = dy_ptr + _body_start(dy_first, VEC)
+    y_body = y_ptr + _body_start(y_first, VEC)
     acc = tl.zeros([BLOCK_COLS], ACC)
-    for start in range(begin, end, BLOCK_COLS):
+    for start in range(0, n_body, BLOCK_COLS):
         col = start + tl.arange(0, BLOCK_COLS)
-        mask = col < end
-        dy = tl.load(dy_row + col, mask=mask, other=0.0).to(ACC)
+        mask = col < n_body
+        dy = tl.load(dy_body + col, mask=mask, other=0.0).to(ACC)
         if LOG:
             acc += dy
         else:
-            acc += dy * tl.load(y_row + col, mask=mask, other=0.0).to(ACC)
-    return tl.sum(acc, axis=0)
+            acc += dy * tl.load(y_body + col, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(dy_ptr + dy_first + edge, mask=edge >= 0, other=0.0).to(ACC)
+    if not LOG:
+        dy *= tl.load(y_ptr + y_first + edge, mask=edge >= 0, other=0.0).to(ACC)
+    return tl.sum(acc, axis=0) + tl.sum(dy, axis=0)
 
 
 @triton.jit
-def _write_dx(dy_row, y_row, dx_row, begin, end, total, BLOCK_COLS: tl.constexpr, LOG: tl.constexpr,
-              ACC: tl.constexpr):
-    """dx_row[begin:end] from dy, y and the row's dot product."""
-    for start in range(begin, end, BLOCK_COLS):
+def _dx_of(dy, y, total, LOG: tl.constexpr):
+    if LOG:
+        return dy - tl.exp(y) * total
+    else:
+        return y * (dy - total)
+
+
+@triton.jit
+def _write_dx(dy_ptr, y_ptr, dx_ptr, dy_first, y_first, dx_first, n, total, BLOCK_COLS: tl.constexpr,
+              VEC: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr):
+    """dx's n elements from dx_first on, from dy, y and the row's dot product."""
+    _, n_body, edge = _ragged_edges(dy_first, n, VEC)
+    dy_body = dy_ptr + _body_start(dy_first, VEC)
+    y_body = y_ptr + _body_start(y_first, VEC)
+    dx_body = dx_ptr + _body_start(dx_first, VEC)
+    for start in range(0, n_body, BLOCK_COLS):
         col = start + tl.arange(0, BLOCK_COLS)
-        mask = col < end
-        dy = tl.load(dy_row + col, mask=mask, other=0.0).to(ACC)
-        y = tl.load(y_row + col, mask=mask, other=0.0).to(ACC)
-        if LOG:
-            dx = dy - tl.exp(y) * total
-        else:
-            dx = y * (dy - total)
-        tl.store(dx_row + col, dx.to(dx_row.dtype.element_ty), mask=mask)
+        mask = col < n_body
+        dy = tl.load(dy_body + col, mask=mask, other=0.0).to(ACC)
+        y = tl.load(y_body + col, mask=mask, other=0.0).to(ACC)
+        tl.store(dx_body + col, _dx_of(dy, y, total, LOG).to(dx_ptr.dtype.element_ty), mask=mask)
+    dy = tl.load(dy_ptr + dy_first + edge, mask=edge >= 0, other=0.0).to(ACC)
+    y = tl.load(y_ptr + y_first + edge, mask=edge >= 0, other=0.0).to(ACC)
+    tl.store(dx_ptr + dx_first + edge, _dx_of(dy, y, total, LOG).to(dx_ptr.dtype.element_ty), mask=edge >= 0)
 
 
 @tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=3)
@@ -281,13 +346,13 @@ def _softmax_backward_loop_kernel(
     LOG: tl.constexpr,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     dy_row_stride, y_row_stride, n_cols = dy_row_stride_vecs * ALIGN, y_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
-    dy_row = dy_ptr + row * dy_row_stride
-    y_row = y_ptr + row * y_row_stride
-    total = _row_dot(dy_row, y_row, 0, n_cols, BLOCK_COLS, LOG, ACC)
-    _write_dx(dy_row, y_row, dx_ptr + row * n_cols, 0, n_cols, total, BLOCK_COLS, LOG, ACC)
+    total = _row_dot(dy_ptr, y_ptr, row * dy_row_stride, row * y_row_stride, n_cols, BLOCK_COLS, VEC, LOG, ACC)
+    _write_dx(dy_ptr, y_ptr, dx_ptr, row * dy_row_stride, row * y_row_stride, row * n_cols, n_cols, total, BLOCK_COLS,
+              VEC, LOG, ACC)
 
 
 # Split rows, backward: pass 1 writes each chunk's share of the row's dot product, pass 2
@@ -307,17 +372,18 @@ def _softmax_backward_chunk_dot_kernel(
     LOG: tl.constexpr,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     dy_row_stride, y_row_stride, n_cols = dy_row_stride_vecs * ALIGN, y_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     begin = chunk * chunk_cols
-    share = _row_dot(dy_ptr + row * dy_row_stride, y_ptr + row * y_row_stride, begin,
-                     tl.minimum(begin + chunk_cols, n_cols), BLOCK_COLS, LOG, ACC)
+    share = _row_dot(dy_ptr, y_ptr, row * dy_row_stride + begin, row * y_row_stride + begin,
+                     tl.minimum(chunk_cols, n_cols - begin), BLOCK_COLS, VEC, LOG, ACC)
     tl.store(dot_ptr + row * n_chunks + chunk, share)
 
 
-@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS", "BLOCK_CHUNKS"], live_tiles=2)
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS", "BLOCK_CHUNKS"], live_tiles=3)
 @triton.jit
 def _softmax_backward_chunk_write_kernel(
     dy_ptr,
@@ -334,6 +400,7 @@ def _softmax_backward_chunk_write_kernel(
     LOG: tl.constexpr,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     dy_row_stride, y_row_stride, n_cols = dy_row_stride_vecs * ALIGN, y_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
@@ -341,9 +408,8 @@ def _softmax_backward_chunk_write_kernel(
     c = tl.arange(0, BLOCK_CHUNKS)
     total = tl.sum(tl.load(dot_ptr + row * n_chunks + c, mask=c < n_chunks, other=0.0), axis=0)
     begin = chunk * chunk_cols
-    _write_dx(dy_ptr + row * dy_row_stride, y_ptr + row * y_row_stride, dx_ptr + row * n_cols, begin,
-              tl.minimum(begin + chunk_cols, n_cols), total, BLOCK_COLS, LOG, ACC)
-
+    _write_dx(dy_ptr, y_ptr, dx_ptr, row * dy_row_stride + begin, row * y_row_stride + begin, row * n_cols + begin,
+              tl.minimum(chunk_cols, n_cols - begin), total, BLOCK_COLS, VEC, LOG, ACC)
 
 # ---------------------------------------------------------------------------------
 # launchers: 2-D (rows, cols) tensors whose last dim is contiguous
@@ -377,11 +443,13 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
                 ACC=acc, ALIGN=align,
             )
         return y
+    vec = row_vector(x.dtype, (x, x.stride(0)), (y, n_cols))
     chunks, chunk_cols = split_chunks(n_rows, n_cols, x.device)
     if chunks == 1:
         with on_device(x):
             _softmax_forward_loop_kernel[(n_rows,)](
-                x, y, x.stride(0) // align, n_cols // align, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align
+                x, y, x.stride(0) // align, n_cols // align, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align,
+                VEC=vec,
             )
         return y
     stats = stats_dtype(x.dtype)
@@ -390,11 +458,12 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
     with on_device(x):
         _softmax_chunk_stats_kernel[(n_rows, chunks)](
             x, chunk_max, chunk_sum, x.stride(0) // align, n_cols // align, chunk_cols, chunks,
-            BLOCK_COLS=LOOP_BLOCK_COLS, ACC=acc, ALIGN=align,
+            BLOCK_COLS=LOOP_BLOCK_COLS, ACC=acc, ALIGN=align, VEC=vec,
         )
         _softmax_chunk_write_kernel[(n_rows, chunks)](
             x, y, chunk_max, chunk_sum, x.stride(0) // align, n_cols // align, chunk_cols, chunks,
             BLOCK_COLS=LOOP_BLOCK_COLS, BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc, ALIGN=align,
+            VEC=vec,
         )
     return y
 
@@ -415,23 +484,24 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool) -> to
                 BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc, ALIGN=align,
             )
         return dx
+    vec = row_vector(out.dtype, (grad_out, grad_out.stride(0)), (out, out.stride(0)), (dx, n_cols))
     chunks, chunk_cols = split_chunks(n_rows, n_cols, out.device)
     if chunks == 1:
         with on_device(out):
             _softmax_backward_loop_kernel[(n_rows,)](
                 grad_out, out, dx, grad_out.stride(0) // align, out.stride(0) // align, n_cols // align,
-                BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align,
+                BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align, VEC=vec,
             )
         return dx
     chunk_dot = torch.empty((n_rows, chunks), dtype=stats_dtype(out.dtype), device=out.device)
     with on_device(out):
         _softmax_backward_chunk_dot_kernel[(n_rows, chunks)](
             grad_out, out, chunk_dot, grad_out.stride(0) // align, out.stride(0) // align, n_cols // align,
-            chunk_cols, chunks, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align,
+            chunk_cols, chunks, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align, VEC=vec,
         )
         _softmax_backward_chunk_write_kernel[(n_rows, chunks)](
             grad_out, out, dx, chunk_dot, grad_out.stride(0) // align, out.stride(0) // align, n_cols // align,
             chunk_cols, chunks, BLOCK_COLS=LOOP_BLOCK_COLS,
-            BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc, ALIGN=align,
+            BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc, ALIGN=align, VEC=vec,
         )
     return dx
