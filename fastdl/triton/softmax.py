@@ -98,22 +98,22 @@ def _body_start(first, VEC: tl.constexpr):
 
 @triton.jit
 def _ragged_edges(first, n, VEC: tl.constexpr):
-    """(head, body length, edge): the elements before the body, how many the body holds (a
-    multiple of VEC), and the head's and tail's positions in the range, 2 * VEC lanes: lane
-    i < VEC is head element i, lane VEC + i tail element i; -1 on the lanes past them."""
+    """(body length, edge): how many elements the body holds (a multiple of VEC), and the
+    head's and tail's positions in the range, 2 * VEC lanes: lane i < VEC is head element i,
+    lane VEC + i tail element i; -1 on the lanes past them."""
     head = tl.minimum(_body_start(first, VEC) - first, n)
     n_body = (n - head) // VEC * VEC
     lane = tl.arange(0, 2 * VEC)
     tail_lane = lane - VEC
     edge = tl.where(lane < VEC, tl.where(lane < head, lane, -1),
                     tl.where(tail_lane < n - head - n_body, head + n_body + tail_lane, -1))
-    return head, n_body, edge
+    return n_body, edge
 
 
 @triton.jit
 def _online_max_sum(x_ptr, x_first, n, BLOCK_COLS: tl.constexpr, VEC: tl.constexpr, ACC: tl.constexpr):
     """(max, sum of exp(x - max)) over the n elements of x from element x_first on."""
-    _, n_body, edge = _ragged_edges(x_first, n, VEC)
+    n_body, edge = _ragged_edges(x_first, n, VEC)
     x_body = x_ptr + _body_start(x_first, VEC)
     # Per-lane running max and sum; lanes combine once at the end.
     m = tl.full([BLOCK_COLS], -float("inf"), ACC)
@@ -155,7 +155,7 @@ def _write_softmax(x_ptr, y_ptr, x_first, y_first, n, row_max, row_sum, BLOCK_CO
                    VEC: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr):
     """y's n elements from y_first on, from x's from x_first on and the row's max and sum."""
     log_sum = tl.log(row_sum)
-    _, n_body, edge = _ragged_edges(x_first, n, VEC)
+    n_body, edge = _ragged_edges(x_first, n, VEC)
     x_body = x_ptr + _body_start(x_first, VEC)
     y_body = y_ptr + _body_start(y_first, VEC)  # = y_ptr + y_first + head: the rows are off alike
     for start in range(0, n_body, BLOCK_COLS):
@@ -288,7 +288,7 @@ def _row_dot(dy_ptr, y_ptr, dy_first, y_first, n, BLOCK_COLS: tl.constexpr, VEC:
              ACC: tl.constexpr):
     """sum(dy * y) over n elements from dy_first / y_first on, or sum(dy) for log_softmax;
     cut into head, body and tail as in _online_max_sum."""
-    _, n_body, edge = _ragged_edges(dy_first, n, VEC)
+    n_body, edge = _ragged_edges(dy_first, n, VEC)
     dy_body = dy_ptr + _body_start(dy_first, VEC)
     y_body = y_ptr + _body_start(y_first, VEC)
     acc = tl.zeros([BLOCK_COLS], ACC)
@@ -318,7 +318,7 @@ def _dx_of(dy, y, total, LOG: tl.constexpr):
 def _write_dx(dy_ptr, y_ptr, dx_ptr, dy_first, y_first, dx_first, n, total, BLOCK_COLS: tl.constexpr,
               VEC: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr):
     """dx's n elements from dx_first on, from dy, y and the row's dot product."""
-    _, n_body, edge = _ragged_edges(dy_first, n, VEC)
+    n_body, edge = _ragged_edges(dy_first, n, VEC)
     dy_body = dy_ptr + _body_start(dy_first, VEC)
     y_body = y_ptr + _body_start(y_first, VEC)
     dx_body = dx_ptr + _body_start(dx_first, VEC)
