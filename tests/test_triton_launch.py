@@ -104,6 +104,16 @@ class _LaunchSpy:
         return launch
 
 
+def _spy_on(monkeypatch, module, names, constexpr="ALIGN"):
+    """Puts a _LaunchSpy in place of each kernel `names` of `module`: {name: its recorded values}."""
+    values = {}
+    for name in names:
+        spy = _LaunchSpy(getattr(module, name), constexpr)
+        monkeypatch.setattr(module, name, spy)
+        values[name] = spy.values
+    return values
+
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -113,12 +123,8 @@ def test_launchers_pass_the_row_alignment(dtype, row_stride, expected, monkeypat
     """Softmax and norm launches, forward and backward, on rows of 1000 with the given row
     stride: each kernel is told ALIGN and the results still match float64 (a launcher that
     divided a length ALIGN does not divide would be caught here: the kernel multiplies back)."""
-    spies = {}
-    for module, name in [(softmax_kernels, "_softmax_forward_tile_kernel"),
-                         (softmax_kernels, "_softmax_backward_tile_kernel"),
-                         (norm_kernels, "_norm_forward_tile_kernel"), (norm_kernels, "_norm_backward_tile_kernel")]:
-        spies[name] = _LaunchSpy(getattr(module, name))
-        monkeypatch.setattr(module, name, spies[name])
+    aligns = _spy_on(monkeypatch, softmax_kernels, ["_softmax_forward_tile_kernel", "_softmax_backward_tile_kernel"])
+    aligns |= _spy_on(monkeypatch, norm_kernels, ["_norm_forward_tile_kernel", "_norm_backward_tile_kernel"])
     rows, n_cols = 3, 1000
     x = torch.randn(rows, row_stride, device=DEVICE).to(dtype)[:, :n_cols]
     dy = torch.randn(rows, row_stride, device=DEVICE).to(dtype)[:, :n_cols]
@@ -136,7 +142,7 @@ def test_launchers_pass_the_row_alignment(dtype, row_stride, expected, monkeypat
     dx, _, _ = norm_kernels.norm_backward(dy, None, x, weight, mean, rstd, True, rms=False)
     assert_close(dx, x64.grad, dtype, "layer_norm backward")
 
-    assert {name: spy.values for name, spy in spies.items()} == {
+    assert aligns == {
         "_softmax_forward_tile_kernel": [expected], "_softmax_backward_tile_kernel": [expected],
         "_norm_forward_tile_kernel": [expected], "_norm_backward_tile_kernel": [expected]}
 
@@ -172,19 +178,15 @@ def test_loop_kernels_peel_rows(dtype, row_stride, offset, split, monkeypatch):
     kernels = (["_softmax_chunk_stats_kernel", "_softmax_chunk_write_kernel", "_softmax_backward_chunk_dot_kernel",
                 "_softmax_backward_chunk_write_kernel"] if split else
                ["_softmax_forward_loop_kernel", "_softmax_backward_loop_kernel"])
-    vecs = []
-    for name in kernels:
-        spy = _LaunchSpy(getattr(softmax_kernels, name), "VEC")
-        monkeypatch.setattr(softmax_kernels, name, spy)
-        vecs.append(spy.values)
+    vecs = _spy_on(monkeypatch, softmax_kernels, kernels, "VEC")
     x = _rows_of(20001, row_stride, dtype, offset, scale=3.0)
     dy = _rows_of(20001, row_stride, dtype, offset)
     expected_vec = 16 // dtype.itemsize if (row_stride - 20001) % (16 // dtype.itemsize) == 0 and offset == 0 else 1
     for log in (False, True):
         y = softmax_kernels.softmax_forward(x, log)
-        ref = (torch.log_softmax if log else torch.softmax)(x.double(), -1)
+        ref = (reference.log_softmax if log else reference.softmax)(x.double())
         assert_close(y, ref, dtype, f"forward log={log}")
         dx = softmax_kernels.softmax_backward(dy, y, log)
         assert_close(dx, reference.softmax_backward(dy.double(), y.double(), -1, log), dtype, f"backward log={log}")
     # the backward's y is contiguous, dy as x: alike exactly when x's rows are alike with y's
-    assert vecs == [[expected_vec] * 2] * len(kernels)
+    assert vecs == {name: [expected_vec] * 2 for name in kernels}

@@ -145,17 +145,17 @@ EDGE_ACCESSES = {"_softmax_forward_loop_kernel": 3, "_softmax_chunk_stats_kernel
 
 def variants():
     """(kernel, signature, constexprs, num_warps, aligned) for every compile to check: each
-    spec with ALIGN 1 (rows of any length and alignment), and with ALIGN 16 bytes of elements
-    and 16-byte aligned pointers (aligned rows; n_cols and the row strides are left
-    unspecialised, as Triton leaves a width of 1000 that divides by 8 but not by 16)."""
+    spec unaligned (ALIGN 1, and VEC 1 where the kernel peels rows: rows of any length and
+    alignment) and aligned, with 16-byte aligned pointers and n_cols and the row strides left
+    unspecialised, as Triton leaves a width of 1000 that divides by 8 but not by 16: ALIGN 16
+    bytes of elements, or for the kernels that peel rows, ALIGN 1 and VEC 16 bytes (an odd
+    width whose rows are all off 16-byte boundaries alike)."""
     for make_specs in ALL_SPECS:
         for kernel, signature, constexprs in make_specs():
             signature = {**signature, "ALIGN": "constexpr", "VEC": "constexpr"}
             signature = {name: signature[name] for name in kernel.fn.arg_names}  # in the kernel's order
             dtype = next(v for v in signature.values() if v.startswith("*"))[1:]
             vec = 16 // ITEMSIZE[dtype]
-            # unaligned: ALIGN 1 (and VEC 1: rows off 16-byte boundaries unalike); aligned: the
-            # kernels that peel rows (VEC) as for an odd width (ALIGN 1), the others ALIGN vec
             peels = "VEC" in kernel.fn.arg_names
             unaligned = {**constexprs, "ALIGN": 1, **({"VEC": 1} if peels else {})}
             aligned = {**constexprs, **({"ALIGN": 1, "VEC": vec} if peels else {"ALIGN": vec})}

@@ -434,12 +434,13 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
         return y
     acc = accumulator_dtype(x.dtype)
     align = row_alignment(x.dtype, n_cols, x.stride(0))
+    x_row_stride_vecs, n_col_vecs = x.stride(0) // align, n_cols // align
     if n_cols <= SINGLE_PASS_MAX_COLS:
         block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
         grid = (triton.cdiv(n_rows, rows),)
         with on_device(x):
             _softmax_forward_tile_kernel[grid](
-                x, y, x.stride(0) // align, n_rows, n_cols // align, BLOCK_COLS=block_cols, ROWS=rows, LOG=log,
+                x, y, x_row_stride_vecs, n_rows, n_col_vecs, BLOCK_COLS=block_cols, ROWS=rows, LOG=log,
                 ACC=acc, ALIGN=align,
             )
         return y
@@ -448,7 +449,7 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
     if chunks == 1:
         with on_device(x):
             _softmax_forward_loop_kernel[(n_rows,)](
-                x, y, x.stride(0) // align, n_cols // align, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align,
+                x, y, x_row_stride_vecs, n_col_vecs, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align,
                 VEC=vec,
             )
         return y
@@ -457,11 +458,11 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
     chunk_sum = torch.empty((n_rows, chunks), dtype=stats, device=x.device)
     with on_device(x):
         _softmax_chunk_stats_kernel[(n_rows, chunks)](
-            x, chunk_max, chunk_sum, x.stride(0) // align, n_cols // align, chunk_cols, chunks,
+            x, chunk_max, chunk_sum, x_row_stride_vecs, n_col_vecs, chunk_cols, chunks,
             BLOCK_COLS=LOOP_BLOCK_COLS, ACC=acc, ALIGN=align, VEC=vec,
         )
         _softmax_chunk_write_kernel[(n_rows, chunks)](
-            x, y, chunk_max, chunk_sum, x.stride(0) // align, n_cols // align, chunk_cols, chunks,
+            x, y, chunk_max, chunk_sum, x_row_stride_vecs, n_col_vecs, chunk_cols, chunks,
             BLOCK_COLS=LOOP_BLOCK_COLS, BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc, ALIGN=align,
             VEC=vec,
         )
@@ -475,12 +476,14 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool) -> to
         return dx
     acc = accumulator_dtype(out.dtype)
     align = row_alignment(out.dtype, n_cols, grad_out.stride(0), out.stride(0))
+    dy_row_stride_vecs, y_row_stride_vecs = grad_out.stride(0) // align, out.stride(0) // align
+    n_col_vecs = n_cols // align
     if n_cols <= SINGLE_PASS_MAX_COLS:
         block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
         grid = (triton.cdiv(n_rows, rows),)
         with on_device(out):
             _softmax_backward_tile_kernel[grid](
-                grad_out, out, dx, grad_out.stride(0) // align, out.stride(0) // align, n_rows, n_cols // align,
+                grad_out, out, dx, dy_row_stride_vecs, y_row_stride_vecs, n_rows, n_col_vecs,
                 BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc, ALIGN=align,
             )
         return dx
@@ -489,18 +492,18 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool) -> to
     if chunks == 1:
         with on_device(out):
             _softmax_backward_loop_kernel[(n_rows,)](
-                grad_out, out, dx, grad_out.stride(0) // align, out.stride(0) // align, n_cols // align,
+                grad_out, out, dx, dy_row_stride_vecs, y_row_stride_vecs, n_col_vecs,
                 BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align, VEC=vec,
             )
         return dx
     chunk_dot = torch.empty((n_rows, chunks), dtype=stats_dtype(out.dtype), device=out.device)
     with on_device(out):
         _softmax_backward_chunk_dot_kernel[(n_rows, chunks)](
-            grad_out, out, chunk_dot, grad_out.stride(0) // align, out.stride(0) // align, n_cols // align,
+            grad_out, out, chunk_dot, dy_row_stride_vecs, y_row_stride_vecs, n_col_vecs,
             chunk_cols, chunks, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align, VEC=vec,
         )
         _softmax_backward_chunk_write_kernel[(n_rows, chunks)](
-            grad_out, out, dx, chunk_dot, grad_out.stride(0) // align, out.stride(0) // align, n_cols // align,
+            grad_out, out, dx, chunk_dot, dy_row_stride_vecs, y_row_stride_vecs, n_col_vecs,
             chunk_cols, chunks, BLOCK_COLS=LOOP_BLOCK_COLS,
             BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc, ALIGN=align, VEC=vec,
         )
