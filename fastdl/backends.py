@@ -25,6 +25,8 @@ import torch
 from fastdl import _native
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
+# the backends whose kernels are in fastdl._C (their autograd too: csrc/autograd)
+NATIVE = ("cuda", "cpu")
 
 # op -> device type, or (device type, dtype) where a dtype's order differs -> backends to
 # try in order, under "auto".

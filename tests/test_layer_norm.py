@@ -190,12 +190,32 @@ def test_gradcheck_float64(case):
 def test_leading_dims_multi_dim_shape_and_views(case):
     backend, device = case
     base = torch.randn(4, 6, 5, 8, device=device)
-    x = base.transpose(0, 1)[:, :, 1:, :]  # non-contiguous, (6, 4, 4, 8)
-    w = torch.rand(4, 8, device=device) + 0.5
-    b = torch.randn(4, 8, device=device)
+    x = base.transpose(0, 1)[:, :, 1:, :].requires_grad_()  # non-contiguous, (6, 4, 4, 8)
+    w = (torch.rand(4, 8, device=device) + 0.5).requires_grad_()
+    b = torch.randn(4, 8, device=device, requires_grad=True)
+    dy = torch.randn(x.shape, device=device).transpose(0, 1).contiguous().transpose(0, 1)  # strided too
     with fastdl.use_backend(backend):
         y = fastdl.ops.layer_norm(x, (4, 8), w, b)
-    assert_close(y, R.layer_norm(x.double(), (4, 8), w.double(), b.double()), torch.float32)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = R.layer_norm(leaves64[0], (4, 8), leaves64[1], leaves64[2])
+    assert_close(y, ref, torch.float32)
+    for name, g, r in zip("xwb", grads, torch.autograd.grad(ref, leaves64, dy.double())):
+        assert g.shape == r.shape, name
+        assert_close(g, r, torch.float32, f"grad of {name}")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_native_backends_record_a_cpp_autograd_node(case, variant):
+    """cpu / cuda record the backward as a C++ node (csrc/autograd/layer_norm.cpp), no Python
+    autograd.Function: a training step runs no Python in the backward."""
+    backend, device = case
+    x, res, w, b = _inputs((3, 8), torch.float32, device, variant)
+    with fastdl.use_backend(backend):
+        out = _call(VARIANTS[variant][0], variant, x, res, w, b, 8, 1e-5)
+    for o in out if res is not None else (out,):
+        assert "NormRows" in o.grad_fn.name(), o.grad_fn.name()
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

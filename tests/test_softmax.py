@@ -79,6 +79,18 @@ def test_kernel_shape_edges(case, dtype, cols, misaligned):
         assert_close(dx, ref_dx, dtype, f"backward, {cols} columns")
 
 
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_native_backends_record_a_cpp_autograd_node(case):
+    """cpu / cuda record the backward as a C++ node (csrc/autograd/softmax.cpp), no Python
+    autograd.Function: a training step runs no Python in the backward."""
+    backend, device = case
+    x = torch.randn(3, 5, device=device, requires_grad=True)
+    with fastdl.use_backend(backend):
+        for fn in (fastdl.ops.softmax, fastdl.ops.log_softmax):
+            name = fn(x, -1).grad_fn.name()
+            assert "SoftmaxRows" in name, name
+
+
 @pytest.mark.parametrize("dim", [0, 1, -1, -3])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_any_dim_and_leading_dims(case, dim):

@@ -4,8 +4,10 @@ registration, autograd and dispatch to the triton / cuda / cpu / torch backends.
 All four are one row op, "norm": normalise each row of a (rows, N) view, N the product
 of normalized_shape, with optional residual (fused add), weight and bias. Backends take
 those 2-D rows and return fp32 statistics (fp64 for fp64) for the backward.
-As in ops/softmax.py: eager calls go through an autograd.Function (or none without
-grad), torch.compile through the custom ops torch.ops.fastdl.norm / norm_backward.
+As in ops/softmax.py: eager calls of the cpu / cuda backends go through the native op
+layer_norm_rows, whose autograd node is C++; those of triton / torch through an
+autograd.Function (or, without grad, neither); torch.compile through the custom ops
+torch.ops.fastdl.norm / norm_backward.
 """
 from __future__ import annotations
 
@@ -257,6 +259,21 @@ class _NormFunction(torch.autograd.Function):
         return *_grads(ctx, dy, dsum, _backward), None, None, None
 
 
+# --- eager path of the native backends ---------------------------------------------------
+def _native_autograd(x, residual, weight, bias, normalized_ndim, eps, rms):
+    """(y, h or None) from the native op whose autograd node is C++ (csrc/autograd/layer_norm.cpp):
+    no Python runs in the backward. The reshapes around it are differentiable views."""
+    rows, n = _rows_and_n(x, normalized_ndim)
+    y, h = torch.ops.fastdl.layer_norm_rows.default(_as_rows(x, rows, n), _as_rows(residual, rows, n),
+                                                    _flat(weight, n), _flat(bias, n), eps, rms)
+    if residual is None:
+        h = None
+    if x.dim() != 2 or normalized_ndim != 1:
+        y = y.view(x.shape)
+        h = h.view(x.shape) if h is not None else None
+    return y, h
+
+
 # --- public API ------------------------------------------------------------------------
 def _normalized_shape(op, normalized_shape):
     if type(normalized_shape) is int:  # the common case, checked first (host time counts: see _forward)
@@ -302,8 +319,11 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
     elif torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad) or
                                       (weight is not None and weight.requires_grad) or
                                       (bias is not None and bias.requires_grad)):
-        out = _NormFunction.apply(*args)
-        y, h = out if residual is not None else (out, None)
+        if backends.resolve(RMS_OP if rms else OP, x) in backends.NATIVE:
+            y, h = _native_autograd(*args)
+        else:
+            out = _NormFunction.apply(*args)
+            y, h = out if residual is not None else (out, None)
     else:
         y, h = _forward(*args)[:2]
     return (h, y) if residual is not None else y

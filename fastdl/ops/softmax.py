@@ -4,10 +4,12 @@ registration and autograd, and dispatch to the triton / cuda / cpu / torch backe
 Every backend works on a 2-D (rows, cols) tensor with the softmax dim last and
 contiguous (see ops/_common.as_rows); this file does the reshaping once for all.
 
-Two entries into the same forward/backward:
-  * eager: a torch.autograd.Function (measured on the dev machine: 6 us of Python
-    overhead a call, against 11-20 us through the custom op's dispatcher), or no
-    autograd at all when no gradient is wanted
+Three entries into the same forward/backward:
+  * eager, cpu / cuda backends: the native op softmax_rows, whose autograd node is C++
+    (csrc/autograd/softmax.cpp): no Python runs in the backward
+  * eager, triton / torch backends: a torch.autograd.Function (measured on the dev
+    machine: 6 us of Python overhead a call, against 11-20 us through the custom op's
+    dispatcher); without a gradient to record, neither: the backend's forward alone
   * under torch.compile: the custom op torch.ops.fastdl.softmax, with a fake
     implementation and registered autograd, so graphs are traced without breaks.
 """
@@ -124,6 +126,9 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
     if torch.compiler.is_compiling():
         return torch.ops.fastdl.softmax(x, dim, log)
     if x.requires_grad and torch.is_grad_enabled():
+        if backends.resolve("softmax", x) in backends.NATIVE:
+            # autograd recorded in C++ (csrc/autograd/softmax.cpp): no Python in the step
+            return from_rows(torch.ops.fastdl.softmax_rows.default(as_rows(x, dim), log), x, dim)
         return _SoftmaxFunction.apply(x, dim, log)
     return _forward(x, dim, log)  # no graph to record: skip autograd.Function's ~5 us
 

@@ -1,0 +1,97 @@
+// layer_norm / rms_norm rows, with or without the fused residual add, with autograd
+// recorded in C++: the eager path of the native backends (fastdl/ops/layer_norm.py), as
+// csrc/autograd/softmax.cpp is for softmax. The forward and backward run the device's
+// layer_norm_rows_forward / _backward kernels through the dispatcher; no Python runs in
+// the backward.
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "csrc/common/autograd.h"
+
+namespace fastdl {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+OptTensor present(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// The gradients as differentiable functions of the inputs and of dy, for a backward with
+// create_graph=True: the backward formula (fastdl/reference/layer_norm.py) in ATen ops,
+// with mean and rstd recomputed from the saved input so that a second derivative sees how
+// they depend on it (as _differentiable_grads in fastdl/ops/layer_norm.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_grads(const at::Tensor& dy, const at::Tensor& input,
+                                                                    const at::Tensor& weight, bool has_bias,
+                                                                    double eps, bool rms) {
+  const auto acc = stats_type(input.scalar_type());
+  const at::Tensor xa = input.to(acc), dya = dy.to(acc);
+  const at::Tensor centred = rms ? xa : xa - xa.mean(-1, true);
+  const at::Tensor rstd = at::rsqrt((centred * centred).mean(-1, true) + eps);
+  const at::Tensor xhat = centred * rstd;
+  const at::Tensor g = weight.defined() ? dya * weight.to(acc) : dya;
+  at::Tensor dx = g - xhat * (g * xhat).mean(-1, true);
+  if (!rms) dx = dx - g.mean(-1, true);
+  dx = (dx * rstd).to(input.scalar_type());
+  return {dx, weight.defined() ? (dya * xhat).sum(0) : at::Tensor(), has_bias ? dya.sum(0) : at::Tensor()};
+}
+
+struct NormRows : public torch::autograd::Function<NormRows> {
+  // -> (y, x + residual); the second is empty, and not differentiable, without a residual
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& residual,
+                               const OptTensor& weight, const OptTensor& bias, double eps, bool rms) {
+    using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
+    static const auto op = typed_op<Forward>("fastdl::layer_norm_rows_forward");
+    auto [y, h, mean, rstd] = op.call(x, residual, weight, bias, eps, rms);
+    const bool fused = residual.has_value();
+    ctx->save_for_backward({fused ? h : x, weight.value_or(at::Tensor()), rms ? at::Tensor() : mean, rstd});
+    ctx->saved_data["fused"] = fused;
+    ctx->saved_data["rms"] = rms;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    if (!fused) ctx->mark_non_differentiable({h});
+    ctx->set_materialize_grads(false);
+    return {y, h};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
+        bool, bool);
+    static const auto op = typed_op<Backward>("fastdl::layer_norm_rows_backward");
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
+    const bool fused = ctx->saved_data["fused"].toBool(), rms = ctx->saved_data["rms"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    // dy undefined: only the sum of a fused call was used downstream
+    const at::Tensor dy = grads[0].defined() ? contiguous_rows(grads[0]) : at::zeros_like(input);
+    const at::Tensor dsum = fused && grads[1].defined() ? contiguous_rows(grads[1]) : at::Tensor();
+    at::Tensor dx, dweight, dbias;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the gradient must be differentiable too
+      std::tie(dx, dweight, dbias) = differentiable_grads(dy, input, weight, has_bias,
+                                                          ctx->saved_data["eps"].toDouble(), rms);
+      if (dsum.defined()) dx = dx + dsum;
+    } else {
+      std::tie(dx, dweight, dbias) =
+          op.call(dy, present(dsum), input, present(weight), present(mean), rstd, has_bias, rms);
+    }
+    // dweight / dbias are in the statistics' dtype (empty when absent); the engine casts
+    // each gradient to its input's dtype (validate_outputs)
+    return {dx, fused ? dx : at::Tensor(), weight.defined() ? dweight : at::Tensor(), has_bias ? dbias : at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_rows(const at::Tensor& x, const OptTensor& residual,
+                                                   const OptTensor& weight, const OptTensor& bias, double eps,
+                                                   bool rms) {
+  variable_list out = NormRows::apply(x, residual, weight, bias, eps, rms);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdl, CompositeImplicitAutograd, m) { m.impl("layer_norm_rows", &layer_norm_rows); }
+
+}  // namespace fastdl
