@@ -34,18 +34,18 @@ NATIVE = ("cuda", "cpu")
 # `python -m fastdl.bench.preference benchmarks/results/<device>` ranks the backends.
 # cuda: no GPU run committed yet; triton first as the issues' primary kernels, revisit
 # with benchmarks/results/h100 once measured.
-# cpu: benchmarks/results/cpu, run at d1f28e8 (fastdl-cpu vs torch eager, 2-core EPYC).
+# cpu: benchmarks/results/cpu, run at 2c43ffc (fastdl-cpu vs torch eager, 2-core EPYC).
 PREFERENCE = {
     "softmax": {
         "cuda": ("triton", "cuda", "torch"),
-        "cpu": ("cpu", "torch"),  # fp32 4096x4096: fwd 2.06x, bwd 2.62x
-        # 4096x1024: bf16 fwd 0.91x / bwd 0.72x, fp16 0.92x / 0.43x
+        "cpu": ("cpu", "torch"),  # fp32 4096x4096: fwd 2.16x, bwd 2.69x
+        # 4096x1024: bf16 fwd 0.85x / bwd 0.72x, fp16 0.83x / 0.69x
         ("cpu", torch.bfloat16): ("torch", "cpu"),
         ("cpu", torch.float16): ("torch", "cpu"),
     },
     # layer_norm and the fused add + layer_norm.
-    # fp32 4096x4096: 2.6x / 2.4x fwd / fwd+bwd; bf16 4096x1024: 0.98x-1.64x. fp16 loses to
-    # eager (0.60x-0.75x), but the norms' "torch" backend is plain tensor ops (it must return
+    # fp32 4096x4096: 2.7x / 2.3x fwd / fwd+bwd; bf16 4096x1024: 0.84x-1.45x. fp16 loses to
+    # eager (0.81x-0.97x), but the norms' "torch" backend is plain tensor ops (it must return
     # mean and rstd), not eager's kernel, and ~4x slower still (4096x1024 fp16 fwd: 8.1 ms,
     # fastdl-cpu 2.1 ms, eager 1.3 ms at 1a25ae6). So cpu stays first for every dtype.
     "layer_norm": {
@@ -55,7 +55,7 @@ PREFERENCE = {
     # rms_norm and the fused add + rms_norm (layer_norm's kernels, its own order)
     "rms_norm": {
         "cuda": ("triton", "cuda", "torch"),
-        "cpu": ("cpu", "torch"),  # fp32 8.6x / 12.1x, bf16 15.0x / 8.4x, fp16 5.5x / 7.7x
+        "cpu": ("cpu", "torch"),  # fp32 8.9x / 12.6x, bf16 5.4x / 9.8x, fp16 12.1x / 7.0x
     },
 }
 
