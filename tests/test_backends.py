@@ -116,3 +116,35 @@ def test_preference_by_dtype(monkeypatch):
     finally:
         monkeypatch.undo()
         backends._resolve_cached.cache_clear()
+
+
+@pytest.mark.parametrize("op", ["softmax", "layer_norm"])
+def test_backward_runs_on_the_forwards_backend(op, monkeypatch):
+    """The backend is looked up when the forward runs; the backward pairs with it, whatever
+    the choice in force when backward() is called."""
+    import importlib
+
+    module = importlib.import_module(f"fastdl.ops.{op}")
+    ran = []
+    rows_backward = module._rows_backward
+    if op == "softmax":
+        monkeypatch.setattr(module, "_rows_backward",
+                            lambda backend, *a: ran.append(backend) or rows_backward(backend, *a))
+        call = lambda t: fastdl.ops.softmax(t, -1)  # noqa: E731
+    else:
+        monkeypatch.setattr(module, "_rows_backward", lambda *a, backend=None: ran.append(backend) or rows_backward(
+            *a, backend=backend))
+        call = lambda t: fastdl.ops.layer_norm(t, 5)  # noqa: E731
+    x = torch.randn(3, 5, requires_grad=True)
+    runnable = fastdl.available_backends("cpu")
+    for forward_backend in runnable:
+        other = next(b for b in reversed(runnable) if b != forward_backend) if len(runnable) > 1 else "auto"
+        ran.clear()
+        with fastdl.use_backend(forward_backend):
+            y = call(x)
+        with fastdl.use_backend(other):
+            y.sum().backward()
+        if forward_backend in backends.NATIVE:  # the C++ node (csrc/autograd) calls the kernel itself
+            assert ran == [] and "Rows" in y.grad_fn.name(), (forward_backend, ran, y.grad_fn.name())
+        else:
+            assert ran == [forward_backend], (forward_backend, other, ran)

@@ -7,10 +7,13 @@ those 2-D rows and return fp32 statistics (fp64 for fp64) for the backward.
 As in ops/softmax.py: eager calls of the cpu / cuda backends go through the native op
 layer_norm_rows, whose autograd node is C++; those of triton / torch through an
 autograd.Function (or, without grad, neither); torch.compile through the custom ops
-torch.ops.fastdl.norm / norm_backward.
+torch.ops.fastdl.norm / norm_backward. Under torch.func's transforms (grad, vmap, jacrev,
+functional_call per-sample gradients), whose wrapped tensors neither kind of autograd
+node takes, the same math in plain tensor ops, which the transforms see through.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,22 +29,28 @@ backends.register_dtypes(OP, {b: FLOAT_DTYPES for b in backends.BACKENDS})
 backends.register_dtypes(RMS_OP, {b: FLOAT_DTYPES for b in backends.BACKENDS}, native_kernel=OP)
 
 
-# --- the torch backend: the kernels' math on rows, in plain PyTorch ----------------
-def _torch_forward(x, residual, weight, bias, eps, rms):
+# --- the torch backend: the kernels' math in plain PyTorch ------------------------------
+def _torch_forward(x, residual, weight, bias, eps, rms, normalized_ndim=1):
+    """(y, h, mean, rstd) over the last normalized_ndim dims, the statistics in x's leading
+    shape (h / mean None when absent). The torch backend runs it on rows; under torch.func's
+    transforms _norm runs it on the full tensors: plain ops compose with grad and vmap,
+    fastdl's autograd nodes do not."""
     h = None
     if residual is not None:
         h = x + residual
         x = h
+    dims = tuple(range(-normalized_ndim, 0))
+    stats_shape = x.shape[: x.dim() - normalized_ndim]
     acc = x.to(stats_dtype(x.dtype))
-    mean = None if rms else acc.mean(1)
-    centred = acc if rms else acc - mean[:, None]
-    rstd = torch.rsqrt((centred * centred).mean(1) + eps)
-    y = centred * rstd[:, None]
+    mean = None if rms else acc.mean(dims, keepdim=True)
+    centred = acc if rms else acc - mean
+    rstd = torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    y = centred * rstd
     if weight is not None:
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype), h, mean, rstd
+    return y.to(x.dtype), h, None if rms else mean.reshape(stats_shape), rstd.reshape(stats_shape)
 
 
 def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
@@ -61,8 +70,8 @@ def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
 
 
 # --- dispatch ----------------------------------------------------------------------
-def _rows_forward(x, residual, weight, bias, eps, rms):
-    backend = backends.resolve(RMS_OP if rms else OP, x)
+def _rows_forward(x, residual, weight, bias, eps, rms, backend=None):
+    backend = backend or backends.resolve(RMS_OP if rms else OP, x)
     if backend == "triton":
         from fastdl.triton.layer_norm import norm_forward
 
@@ -74,8 +83,8 @@ def _rows_forward(x, residual, weight, bias, eps, rms):
     return _torch_forward(x, residual, weight, bias, eps, rms)
 
 
-def _rows_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
-    backend = backends.resolve(RMS_OP if rms else OP, x)
+def _rows_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms, backend=None):
+    backend = backend or backends.resolve(RMS_OP if rms else OP, x)
     if backend == "triton":
         from fastdl.triton.layer_norm import norm_backward
 
@@ -111,11 +120,12 @@ def _rows_and_n(t, normalized_ndim):
 
 # The eager path calls these directly and skips every step it can: a 2-D x with one
 # normalised dim needs no reshapes or views, absent outputs stay None (~1 us each saved).
-def _forward(x, residual, weight, bias, normalized_ndim, eps, rms):
-    """Full-shape tensors in; (y, h, mean, rstd) out in x's shapes, h / mean None when absent."""
+def _forward(x, residual, weight, bias, normalized_ndim, eps, rms, backend=None):
+    """Full-shape tensors in; (y, h, mean, rstd) out in x's shapes, h / mean None when absent.
+    On `backend`, or the one resolved now."""
     rows, n = _rows_and_n(x, normalized_ndim)
     y, h, mean, rstd = _rows_forward(_as_rows(x, rows, n), _as_rows(residual, rows, n), _flat(weight, n),
-                                     _flat(bias, n), eps, rms)
+                                     _flat(bias, n), eps, rms, backend=backend)
     if x.dim() != 2 or normalized_ndim != 1:
         stats_shape = x.shape[: x.dim() - normalized_ndim]
         y, rstd = y.view(x.shape), rstd.view(stats_shape)
@@ -124,13 +134,15 @@ def _forward(x, residual, weight, bias, normalized_ndim, eps, rms):
     return y, h, mean, rstd
 
 
-def _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms):
-    """-> (dx, dweight, dbias) in the shapes and dtypes of x, weight, bias (None when absent)."""
+def _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms, backend=None):
+    """-> (dx, dweight, dbias) in the shapes and dtypes of x, weight, bias (None when absent).
+    On `backend`, or the one resolved now."""
     rows, n = _rows_and_n(h, normalized_ndim)
     two_d = h.dim() == 2 and normalized_ndim == 1
     dx, dweight, dbias = _rows_backward(
         _as_rows(dy, rows, n), _as_rows(dsum, rows, n), _as_rows(h, rows, n), _flat(weight, n),
-        mean if mean is None or two_d else mean.reshape(-1), rstd if two_d else rstd.reshape(-1), has_bias, rms)
+        mean if mean is None or two_d else mean.reshape(-1), rstd if two_d else rstd.reshape(-1), has_bias, rms,
+        backend=backend)
     if not two_d:
         dx = dx.view(h.shape)
         param_shape = weight.shape if weight is not None else h.shape[h.dim() - normalized_ndim:]
@@ -245,9 +257,10 @@ class _NormFunction(torch.autograd.Function):
     """Returns y, or (y, h) when fused; mean and rstd are saved for the backward, not returned."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, normalized_ndim, eps, rms):
-        outputs = _forward(x, residual, weight, bias, normalized_ndim, eps, rms)
+    def forward(ctx, x, residual, weight, bias, normalized_ndim, eps, rms, backend):
+        outputs = _forward(x, residual, weight, bias, normalized_ndim, eps, rms, backend)
         _save(ctx, x, residual, weight, bias, normalized_ndim, eps, rms, outputs)
+        ctx.backend = backend  # the backward runs on the forward's backend
         ctx.set_materialize_grads(False)
         y, h = outputs[0], outputs[1]
         return (y, h) if h is not None else y
@@ -255,8 +268,8 @@ class _NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dsum=None):
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable too
-            return *_differentiable_grads(ctx, dy, dsum), None, None, None
-        return *_grads(ctx, dy, dsum, _backward), None, None, None
+            return *_differentiable_grads(ctx, dy, dsum), None, None, None, None
+        return *_grads(ctx, dy, dsum, functools.partial(_backward, backend=ctx.backend)), None, None, None, None
 
 
 # --- eager path of the native backends ---------------------------------------------------
@@ -314,15 +327,18 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
     if eps is None:
         eps = torch.finfo(x.dtype).eps  # rms_norm's default, as torch
     args = (x, residual, weight, bias, ndim, float(eps), rms)
-    if torch.compiler.is_compiling():
+    if torch._C._are_functorch_transforms_active():  # torch.func.grad / vmap / jacrev ...
+        y, h = _torch_forward(x, residual, weight, bias, float(eps), rms, ndim)[:2]
+    elif torch.compiler.is_compiling():
         y, h = torch.ops.fastdl.norm(*args)[:2]
     elif torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad) or
                                       (weight is not None and weight.requires_grad) or
                                       (bias is not None and bias.requires_grad)):
-        if backends.resolve(RMS_OP if rms else OP, x) in backends.NATIVE:
+        backend = backends.resolve(RMS_OP if rms else OP, x)
+        if backend in backends.NATIVE:
             y, h = _native_autograd(*args)
         else:
-            out = _NormFunction.apply(*args)
+            out = _NormFunction.apply(*args, backend)
             y, h = out if residual is not None else (out, None)
     else:
         y, h = _forward(*args)[:2]

@@ -12,6 +12,8 @@ Three entries into the same forward/backward:
     dispatcher); without a gradient to record, neither: the backend's forward alone
   * under torch.compile: the custom op torch.ops.fastdl.softmax, with a fake
     implementation and registered autograd, so graphs are traced without breaks.
+Under torch.func's transforms (grad, vmap, jacrev ...) torch's own softmax runs instead:
+neither autograd node above composes with them.
 """
 from __future__ import annotations
 
@@ -96,9 +98,9 @@ _softmax_op.register_autograd(_op_backward, setup_context=_setup_context)
 # --- eager path ----------------------------------------------------------------
 class _SoftmaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, log):
-        out = _forward(x, dim, log)
-        ctx.dim, ctx.log = dim, log
+    def forward(ctx, x, dim, log, backend):
+        out = from_rows(_rows_forward(backend, as_rows(x, dim), log), x, dim)
+        ctx.dim, ctx.log, ctx.backend = dim, log, backend  # the backward runs on the forward's backend
         ctx.save_for_backward(out)
         return out
 
@@ -110,8 +112,9 @@ class _SoftmaxFunction(torch.autograd.Function):
             # plain torch ops, differentiable in grad_out and, through out, in x
             acc = stats_dtype(out.dtype)
             dx = R.softmax_backward(grad_out.to(acc), out.to(acc), ctx.dim, ctx.log)
-            return dx.to(out.dtype), None, None
-        return _backward(grad_out, out, ctx.dim, ctx.log), None, None
+            return dx.to(out.dtype), None, None, None
+        dx = _rows_backward(ctx.backend, as_rows(grad_out, ctx.dim), as_rows(out, ctx.dim), ctx.log)
+        return from_rows(dx, out, ctx.dim), None, None, None
 
 
 # --- public API ------------------------------------------------------------------
@@ -123,13 +126,18 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
     dim = normalize_dim(op, dim, x.dim())
     if dtype is None and (cast := autocast_dtype(op, x)) is not None:
         x = x.to(cast)  # as torch under autocast
+    if torch._C._are_functorch_transforms_active():
+        # torch.func.grad / vmap / jacrev ...: their wrapped tensors go through neither kind of
+        # autograd node here; torch's own op composes with every transform
+        return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
     if torch.compiler.is_compiling():
         return torch.ops.fastdl.softmax(x, dim, log)
     if x.requires_grad and torch.is_grad_enabled():
-        if backends.resolve("softmax", x) in backends.NATIVE:
+        backend = backends.resolve("softmax", x)
+        if backend in backends.NATIVE:
             # autograd recorded in C++ (csrc/autograd/softmax.cpp): no Python in the step
             return from_rows(torch.ops.fastdl.softmax_rows.default(as_rows(x, dim), log), x, dim)
-        return _SoftmaxFunction.apply(x, dim, log)
+        return _SoftmaxFunction.apply(x, dim, log, backend)
     return _forward(x, dim, log)  # no graph to record: skip autograd.Function's ~5 us
 
 
