@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Build, test and benchmark fastdl on a GPU machine (CUDA torch, no network).
 #
-#   scripts/gpu_check.sh OUT_DIR
-#   STEPS="build test sanitize" scripts/gpu_check.sh OUT_DIR    # one 10-minute call...
-#   STEPS="build bench" BENCH_SECONDS=420 scripts/gpu_check.sh OUT_DIR   # ...and another
+#   scripts/gpu_check.sh OUT_DIR      # build, test, sanitize, bench: all inside GPU_CHECK_SECONDS
 #   STEPS="build bench" BENCH_MERGE=1 BENCH_OPS=layer_norm BENCH_ARGS="--dtypes float16 float32" \
 #     scripts/gpu_check.sh OUT_DIR   # a sweep in parts: adds to benchmarks/results/<device>/ as committed
 #   STEPS="build tune" scripts/gpu_check.sh OUT_DIR   # the launchers' knobs, each value timed
 #
+# The whole run keeps inside GPU_CHECK_SECONDS (default 560: one call of a lent GPU, whose
+# limit is 600 s): the build takes what it takes, the tests at most TEST_TIMEOUT
+# (default 240) and each test 120 s (pytest-timeout), the sanitizer SANITIZER_TIMEOUT a tool
+# (default 60), the benchmark what is left (or BENCH_SECONDS), the tuner TUNE_TIMEOUT (default 240).
+# A step never runs past the budget: one that gets too little is cut short or skipped, and says so.
+#
 # Uses the machine's own python3 and CUDA torch (no venv, no network). Writes into
 # OUT_DIR (few files: the device tool brings back at most 8):
 #   build.log       environment (nvidia-smi, versions) and the build of fastdl._C with CUDA
-#   test.log        the whole test suite on the GPU (pytest-xdist when installed)
+#   test.log        the whole test suite on the GPU (pytest-xdist when installed), a line a test
 #   sanitizer.log   compute-sanitizer memcheck + racecheck over every GPU kernel
-#   bench.log       python -m fastdl.bench, one run per op, each with its share of BENCH_SECONDS,
+#   bench.log       python -m fastdl.bench, one run per op, each with its share of the seconds,
 #                   then python -m fastdl.bench.preference (the fastest backend per op and dtype)
 #   results.tar.gz  <op>.json, <op>.md and plots: unpack into benchmarks/results/<device>/
 #   tune.md         python -m fastdl.bench.tune (step "tune", not in the default steps)
@@ -27,7 +31,11 @@ py=${PYTHON:-python3}
 steps=${STEPS:-build test sanitize bench}
 export PYTHONUNBUFFERED=1
 status=0
-step() { echo "== $(date -u +%H:%M:%S) $*"; }
+step() { echo "== $(date -u +%H:%M:%S) $* ($(left) s of the budget left)"; }
+budget=${GPU_CHECK_SECONDS:-560}
+left() { echo $(( budget - SECONDS )); }  # SECONDS: bash's count since the script started
+# at most $1 seconds, and never past the budget less $2 seconds kept for the steps after
+cap() { local n=$(( $(left) - ${2:-0} )); (( n > $1 )) && n=$1; (( n > 0 )) && echo "$n" || echo 0; }
 has_step() { [[ " $steps " == *" $1 "* ]]; }
 
 if has_step build; then
@@ -58,16 +66,30 @@ if has_step test; then
   $py -c "import xdist" 2>/dev/null && parallel="-n ${TEST_WORKERS:-8}"  # Triton JIT compiles dominate: spread them
   # tests/test_build.py (nvcc, Triton sm_90 and CUDA-torch compile checks) runs in CI on every
   # commit, without a GPU: not worth two minutes of the lent one
-  timeout "${TEST_TIMEOUT:-360}" $py -m pytest tests -q -rs --durations=15 -p no:cacheprovider $parallel \
-    --ignore tests/test_build.py \
-    >> "$out/test.log" 2>&1 || status=1
-  tail -5 "$out/test.log"
+  # -v: a line for each test as it ends, so a run cut short still says what passed and failed;
+  # a test that hangs is ended after 120 s (pytest-timeout; thread: also out of a CUDA call)
+  # the steps after keep their time: two sanitizer tools, three minutes of benchmark
+  later=0
+  has_step sanitize && later=$(( later + 2 * ${SANITIZER_TIMEOUT:-60} ))
+  has_step bench && later=$(( later + 180 ))
+  limit=$(cap "${TEST_TIMEOUT:-240}" "$later")
+  (( limit < 30 )) && limit=30  # the tests matter more than what comes after them
+  timeout "$limit" $py -m pytest tests -v -rfEs --durations=15 -p no:cacheprovider $parallel \
+    -o timeout=120 -o timeout_method=thread --ignore tests/test_build.py \
+    >> "$out/test.log" 2>&1
+  rc=$?
+  (( rc == 124 )) && echo "gpu_check: the tests were cut off after ${limit} s: NOT ALL RUN" | tee -a "$out/test.log"
+  (( rc != 0 )) && status=1
+  grep -E "^(FAILED|ERROR)" "$out/test.log" | head -30
+  tail -3 "$out/test.log"
 fi
 
 if has_step sanitize; then
   step "compute-sanitizer" | tee "$out/sanitizer.log"
   for tool in memcheck racecheck; do
-    timeout "${SANITIZER_TIMEOUT:-120}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+    limit=$(cap "${SANITIZER_TIMEOUT:-60}" 60)
+    (( limit < 20 )) && { echo "sanitizer $tool: no time left in the budget: NOT CHECKED" | tee -a "$out/sanitizer.log"; status=1; continue; }
+    timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 9 \
       $py scripts/sanitize_kernels.py >> "$out/sanitizer.log" 2>&1 || { echo "sanitizer $tool failed" >> "$out/sanitizer.log"; status=1; }
     # some runtimes (gVisor) refuse the sanitizer outright: say so, it found nothing
     if grep -q "Device not supported" "$out/sanitizer.log"; then
@@ -89,10 +111,18 @@ if has_step bench; then
   fi
   ops=${BENCH_OPS:-softmax layer_norm}
   n_ops=$(wc -w <<< "$ops")
-  share=$(( ${BENCH_SECONDS:-200} / n_ops ))
+  # the benchmark takes what the budget has left (less a minute for the preference table and
+  # the tuner, if asked for), or BENCH_SECONDS when given
+  # (a case started just before an op's share ends may run on: 45 s an op are kept for that)
+  reserve=$(( 60 + 45 * n_ops ))
+  has_step tune && reserve=$(( reserve + ${TUNE_TIMEOUT:-240} ))
+  seconds=$(cap "${BENCH_SECONDS:-100000}" "$reserve")
+  share=$(( seconds / n_ops ))
+  echo "benchmark: ${share} s an op" | tee -a "$out/bench.log"
+  (( share < 20 )) && { echo "benchmark: no time left in the budget: NOT RUN" | tee -a "$out/bench.log"; ops=""; }
   for op in $ops; do
     # each op gets its share; cases past it are recorded as skipped (most important dtypes first)
-    timeout $((share + 90)) $py -m fastdl.bench --ops "$op" --out "$results" --max-seconds "$share" $merge \
+    timeout $((share + 45)) $py -m fastdl.bench --ops "$op" --out "$results" --max-seconds "$share" $merge \
       ${BENCH_ARGS:-} >> "$out/bench.log" 2>&1 || echo "bench $op exited non-zero" >> "$out/bench.log"
   done
   tar -czf "$out/results.tar.gz" -C "$results" .
@@ -102,8 +132,13 @@ if has_step bench; then
 fi
 if has_step tune; then
   step "tune" | tee "$out/tune.log"
-  timeout "${TUNE_TIMEOUT:-420}" $py -m fastdl.bench.tune --out "$out/tune.md" >> "$out/tune.log" 2>&1 \
-    || echo "tune exited non-zero (a value that failed shows its error in the table)" >> "$out/tune.log"
+  limit=$(cap "${TUNE_TIMEOUT:-240}")
+  if (( limit < 20 )); then
+    echo "tune: no time left in the budget: NOT RUN" | tee -a "$out/tune.log"
+  else
+    timeout "$limit" $py -m fastdl.bench.tune --out "$out/tune.md" >> "$out/tune.log" 2>&1 \
+      || echo "tune exited non-zero or was cut off (a value that failed shows its error in the table)" >> "$out/tune.log"
+  fi
   tail -3 "$out/tune.log"
 fi
 exit $status
