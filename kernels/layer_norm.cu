@@ -356,20 +356,21 @@ __global__ void __launch_bounds__(kLoopThreads)
         for (int k = 0; k < kVec; ++k) v[k] += ds[k];
       }
       store_acc<kVec>(dx_row + col, v);
+      // add to this block's partial row at these columns (its first row starts it from zero)
+      auto accumulate = [&](A* partial_row, const A (&add)[kVec]) {
+        A p[kVec] = {};
+        if (!first) load_acc<kVec>(partial_row + col, p);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) p[k] += add[k];
+        store_acc<kVec>(partial_row + col, p);
+      };
       if (dw_row != nullptr) {
-        A p[kVec] = {};
-        if (!first) load_acc<kVec>(dw_row + col, p);
+        A dy_xhat[kVec];
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) p[k] += d[k] * xhat[k];
-        store_acc<kVec>(dw_row + col, p);
+        for (int k = 0; k < kVec; ++k) dy_xhat[k] = d[k] * xhat[k];
+        accumulate(dw_row, dy_xhat);
       }
-      if (db_row != nullptr) {
-        A p[kVec] = {};
-        if (!first) load_acc<kVec>(db_row + col, p);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) p[k] += d[k];
-        store_acc<kVec>(db_row + col, p);
-      }
+      if (db_row != nullptr) accumulate(db_row, d);
     }
   }
 }
