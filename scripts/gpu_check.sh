@@ -6,10 +6,10 @@
 #     scripts/gpu_check.sh OUT_DIR   # a sweep in parts: adds to benchmarks/results/<device>/ as committed
 #   STEPS="build tune" scripts/gpu_check.sh OUT_DIR   # the launchers' knobs, each value timed
 #
-# The whole run keeps inside GPU_CHECK_SECONDS (default 560: one call of a lent GPU, whose
+# The whole run keeps inside GPU_CHECK_SECONDS (default 570: one call of a lent GPU, whose
 # limit is 600 s): the build takes what it takes, the tests at most TEST_TIMEOUT
-# (default 240) and each test 120 s (pytest-timeout), the sanitizer SANITIZER_TIMEOUT a tool
-# (default 60), the benchmark what is left (or BENCH_SECONDS), the tuner TUNE_TIMEOUT (default 240).
+# (default 200) and each test 120 s (pytest-timeout), the sanitizer SANITIZER_TIMEOUT a tool
+# (default 50), the benchmark what is left (or BENCH_SECONDS), the tuner TUNE_TIMEOUT (default 240).
 # A step never runs past the budget: one that gets too little is cut short or skipped, and says so.
 #
 # Uses the machine's own python3 and CUDA torch (no venv, no network). Writes into
@@ -32,7 +32,7 @@ steps=${STEPS:-build test sanitize bench}
 export PYTHONUNBUFFERED=1
 status=0
 step() { echo "== $(date -u +%H:%M:%S) $* ($(left) s of the budget left)"; }
-budget=${GPU_CHECK_SECONDS:-560}
+budget=${GPU_CHECK_SECONDS:-570}
 left() { echo $(( budget - SECONDS )); }  # SECONDS: bash's count since the script started
 # at most $1 seconds, and never past the budget less $2 seconds kept for the steps after
 cap() { local n=$(( $(left) - ${2:-0} )); (( n > $1 )) && n=$1; (( n > 0 )) && echo "$n" || echo 0; }
@@ -70,9 +70,9 @@ if has_step test; then
   # a test that hangs is ended after 120 s (pytest-timeout; thread: also out of a CUDA call)
   # the steps after keep their time: two sanitizer tools, three minutes of benchmark
   later=0
-  has_step sanitize && later=$(( later + 2 * ${SANITIZER_TIMEOUT:-60} ))
-  has_step bench && later=$(( later + 180 ))
-  limit=$(cap "${TEST_TIMEOUT:-240}" "$later")
+  has_step sanitize && later=$(( later + 2 * ${SANITIZER_TIMEOUT:-50} ))
+  has_step bench && later=$(( later + 150 ))
+  limit=$(cap "${TEST_TIMEOUT:-200}" "$later")
   (( limit < 30 )) && limit=30  # the tests matter more than what comes after them
   timeout "$limit" $py -m pytest tests -v -rfEs --durations=15 -p no:cacheprovider $parallel \
     -o timeout=120 -o timeout_method=thread --ignore tests/test_build.py \
@@ -87,8 +87,12 @@ fi
 if has_step sanitize; then
   step "compute-sanitizer" | tee "$out/sanitizer.log"
   for tool in memcheck racecheck; do
-    limit=$(cap "${SANITIZER_TIMEOUT:-60}" 60)
-    (( limit < 20 )) && { echo "sanitizer $tool: no time left in the budget: NOT CHECKED" | tee -a "$out/sanitizer.log"; status=1; continue; }
+    limit=$(cap "${SANITIZER_TIMEOUT:-50}" 60)
+    if (( limit < 20 )); then
+      echo "sanitizer $tool: no time left in the budget: NOT CHECKED" | tee -a "$out/sanitizer.log"
+      status=1
+      continue
+    fi
     timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 9 \
       $py scripts/sanitize_kernels.py >> "$out/sanitizer.log" 2>&1 || { echo "sanitizer $tool failed" >> "$out/sanitizer.log"; status=1; }
     # some runtimes (gVisor) refuse the sanitizer outright: say so, it found nothing
@@ -111,19 +115,28 @@ if has_step bench; then
   fi
   ops=${BENCH_OPS:-softmax layer_norm}
   n_ops=$(wc -w <<< "$ops")
-  # the benchmark takes what the budget has left (less a minute for the preference table and
-  # the tuner, if asked for), or BENCH_SECONDS when given
-  # (a case started just before an op's share ends may run on: 45 s an op are kept for that)
-  reserve=$(( 60 + 45 * n_ops ))
+  # the benchmark takes what the budget has left, or BENCH_SECONDS when given, less 20 s for
+  # the preference table, 35 s an op for a case started just before its share ends, and the tuner's
+  reserve=$(( 20 + 35 * n_ops ))
   has_step tune && reserve=$(( reserve + ${TUNE_TIMEOUT:-240} ))
   seconds=$(cap "${BENCH_SECONDS:-100000}" "$reserve")
   share=$(( seconds / n_ops ))
   echo "benchmark: ${share} s an op" | tee -a "$out/bench.log"
-  (( share < 20 )) && { echo "benchmark: no time left in the budget: NOT RUN" | tee -a "$out/bench.log"; ops=""; }
+  if (( share < 20 )); then
+    echo "benchmark: no time left in the budget: NOT RUN" | tee -a "$out/bench.log"
+    ops=""
+  fi
   for op in $ops; do
     # each op gets its share; cases past it are recorded as skipped (most important dtypes first)
-    timeout $((share + 45)) $py -m fastdl.bench --ops "$op" --out "$results" --max-seconds "$share" $merge \
-      ${BENCH_ARGS:-} >> "$out/bench.log" 2>&1 || echo "bench $op exited non-zero" >> "$out/bench.log"
+    # past its share and 20 s, SIGTERM: the bench records the cases left as skipped and writes
+    # what it timed (KILL 15 s later if it has not ended)
+    timeout -k 15 $((share + 20)) $py -m fastdl.bench --ops "$op" --out "$results" --max-seconds "$share" $merge \
+      ${BENCH_ARGS:-} >> "$out/bench.log" 2>&1
+    case $? in
+      0) ;;
+      124) echo "bench $op: stopped at the end of its share; the cases left are recorded as skipped" >> "$out/bench.log" ;;
+      *) echo "bench $op exited non-zero" >> "$out/bench.log" ;;
+    esac
   done
   tar -czf "$out/results.tar.gz" -C "$results" .
   # which fastdl backend wins, per PREFERENCE entry and dtype: the evidence for backends.py
@@ -137,7 +150,7 @@ if has_step tune; then
     echo "tune: no time left in the budget: NOT RUN" | tee -a "$out/tune.log"
   else
     timeout "$limit" $py -m fastdl.bench.tune --out "$out/tune.md" >> "$out/tune.log" 2>&1 \
-      || echo "tune exited non-zero or was cut off (a value that failed shows its error in the table)" >> "$out/tune.log"
+      || echo "tune exited non-zero or was cut off (a failed value shows its error in the table)" >> "$out/tune.log"
   fi
   tail -3 "$out/tune.log"
 fi

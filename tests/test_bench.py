@@ -97,6 +97,62 @@ def test_time_budget_skips_the_rest(tmp_path, monkeypatch):
     assert records and all(r.error == "skipped: over the time budget" for r in records)
 
 
+def test_sigterm_writes_what_was_timed(tmp_path, monkeypatch, capsys):
+    """gpu_check.sh ends a bench that runs past its share with SIGTERM: the case in flight and
+    those after it (of every op) are recorded as skipped, and the results of the cases timed
+    before are written, not lost with the process."""
+    import dataclasses
+    import os
+    import signal
+
+    from fastdl.bench import OPS, harness
+
+    monkeypatch.setattr(bench_softmax, "CPU_ROWS", 8)
+    monkeypatch.setattr(bench_softmax, "CPU_COLS", (16, 32))
+    monkeypatch.setattr(bench_softmax, "HOST_SHAPE", (4, 24))
+    monkeypatch.setattr(bench_main, "copy_bandwidth_gbps", lambda device, quick: 10.0)
+    monkeypatch.setattr(harness, "compiled", lambda fn: fn)
+    monkeypatch.setattr(harness, "_stop_requested", False)
+    original_cases = OPS["softmax"].cases
+    killed_at = 2
+
+    def cases(device, quick=False):
+        out = original_cases(device, quick)
+
+        def terminated():
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises Stopped right after this returns
+            return out[killed_at].impls()
+
+        out[killed_at] = dataclasses.replace(out[killed_at], impls=terminated)
+        return out
+
+    monkeypatch.setattr(OPS["softmax"], "cases", cases)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = bench_main.main(["--device", "cpu", "--quick", "--no-isolate", "--ops", "softmax", "layer_norm",
+                                "--out", str(tmp_path)])
+        # `timeout` sends a second SIGTERM (to the process group): ignored, not the default's exit
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        handler(signal.SIGTERM, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 0
+    assert "stopped by SIGTERM" in capsys.readouterr().out
+    records = json.loads((tmp_path / "softmax.json").read_text())["records"]
+    key = lambda r: (r["direction"], tuple(r["shape"]))  # noqa: E731
+    order = list(dict.fromkeys(key(r) for r in records))  # the cases, in the order they ran
+    assert len(order) > killed_at + 1
+    for r in records:
+        if order.index(key(r)) < killed_at:
+            assert r["error"] is None and r["median_ms"] > 0, r
+        else:
+            assert r["error"] == "skipped: the run was stopped (SIGTERM)", r
+    # the op after the stop is not timed at all, but its (skipped) results are written
+    norm_records = json.loads((tmp_path / "layer_norm.json").read_text())["records"]
+    assert norm_records and all(r["error"] == "skipped: the run was stopped (SIGTERM)" for r in norm_records)
+
+
 def test_isolated_case_process(tmp_path):
     """On the CPU each case runs in a fresh process (`--only-case`) that prints its records."""
     import subprocess

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from fastdl.bench import OPS, targets
-from fastdl.bench.harness import ROOT, Progress, Record, copy_bandwidth_gbps, device_slug, environment, \
-    markdown_table, run_cases, write_results
+from fastdl.bench.harness import ROOT, Progress, Record, Stopped, copy_bandwidth_gbps, device_slug, environment, \
+    markdown_table, run_cases, skipped_record, stop_on_sigterm, stop_requested, write_results
 
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -71,20 +71,23 @@ def run_isolated(op, device, copy_gbps, quick, max_seconds, dtypes=None):
     records, start = [], time.time()
     for i, case in enumerate(cases):
         dtype = str(case.dtype).replace("torch.", "")
-        if max_seconds is not None and time.time() - start > max_seconds:
-            records.append(Record(case.op, case.direction, dtype, list(case.shape), "-", float("nan"), float("nan"),
-                                  float("nan"), 0.0, 0.0, error="skipped: over the time budget"))
+        if stop_requested():
+            records.append(skipped_record(case, "the run was stopped (SIGTERM)"))
+        elif max_seconds is not None and time.time() - start > max_seconds:
+            records.append(skipped_record(case, "over the time budget"))
         else:
             cmd = [sys.executable, "-m", "fastdl.bench", "--ops", op, "--device", device.type, "--only-case", str(i),
                    "--copy-gbps", str(copy_gbps)] + (["--quick"] if quick else []) + \
                 (["--dtypes", *dtypes] if dtypes else [])
-            child = subprocess.run(cmd, capture_output=True, text=True)
             try:
+                child = subprocess.run(cmd, capture_output=True, text=True)
                 records.extend(Record(**r) for r in json.loads(child.stdout.strip().splitlines()[-1]))
             except (ValueError, IndexError):
                 records.append(Record(case.op, case.direction, dtype, list(case.shape), "-", float("nan"),
                                       float("nan"), float("nan"), 0.0, 0.0,
                                       error=f"case process failed: {child.stderr.strip()[-300:]}"))
+            except Stopped:  # subprocess.run has ended the child
+                records.append(skipped_record(case, "the run was stopped (SIGTERM)"))
         progress.update(f"{case.op} {case.direction} {dtype} {'x'.join(map(str, case.shape))}")
     progress.close()
     return records
@@ -118,6 +121,7 @@ def main(argv=None):
         records = run_cases([case], device, args.copy_gbps, args.quick, show_progress=False)
         print(json.dumps([dataclasses.asdict(r) for r in records]))
         return 0
+    stop_on_sigterm()  # a timeout's SIGTERM still writes what was timed
     start = time.time()
     copy_gbps = copy_bandwidth_gbps(device, args.quick)
     env = environment(device, copy_gbps)
@@ -146,7 +150,8 @@ def main(argv=None):
             print(f"\n{op} targets{merged}:\n{targets.markdown(verdicts)}\n", flush=True)
         for path in write_results(records, op_env, out_dir, op, verdicts):
             print(f"wrote {path}")
-    print(f"{total} timings, {failed} failed, in {time.time() - start:.0f}s")
+    stopped = " (stopped by SIGTERM: the cases after it are recorded as skipped)" if stop_requested() else ""
+    print(f"{total} timings, {failed} failed, in {time.time() - start:.0f}s{stopped}")
     return 1 if total and failed == total else 0
 
 

@@ -250,68 +250,109 @@ class Progress:
             print(file=sys.stderr)
 
 
+class Stopped(BaseException):
+    """SIGTERM while timing (gpu_check.sh's timeout): the cases left are recorded as skipped
+    and the results written, instead of the run ending with nothing."""
+
+
+_stop_requested = False
+
+
+def stop_on_sigterm() -> None:
+    """From now on, SIGTERM raises Stopped in the main thread and every case after it is
+    skipped. Only the first: `timeout` sends two (to the command, then to its process
+    group), and the second must not cut the writing of the results short. KILL still ends it."""
+    import signal
+
+    def handler(signum, frame):
+        global _stop_requested
+        if not _stop_requested:
+            _stop_requested = True
+            raise Stopped()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_requested() -> bool:
+    return _stop_requested
+
+
+def skipped_record(case: Case, why: str) -> Record:
+    dtype_name = str(case.dtype).replace("torch.", "")
+    return Record(case.op, case.direction, dtype_name, list(case.shape), "-", float("nan"), float("nan"),
+                  float("nan"), 0.0, 0.0, error=f"skipped: {why}")
+
+
 def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: bool = False,
               max_seconds: float | None = None, show_progress: bool = True) -> list[Record]:
-    """Time every case; past max_seconds the remaining cases are recorded as skipped."""
+    """Time every case; past max_seconds, or once Stopped, the remaining cases are recorded as skipped."""
     import time
 
     records = []
     progress = Progress(len(cases), "fastdl.bench") if show_progress else None
     start = time.time()
     for case in cases:
-        dtype_name = str(case.dtype).replace("torch.", "")
-        label = f"{case.op} {case.direction} {dtype_name} {'x'.join(map(str, case.shape))}"
-        if max_seconds is not None and time.time() - start > max_seconds:
-            records.append(Record(case.op, case.direction, dtype_name, list(case.shape), "-", float("nan"),
-                                  float("nan"), float("nan"), 0.0, 0.0, error="skipped: over the time budget"))
-            if progress:
-                progress.update(label)
-            continue
-        case_records = []
-        try:
-            impls = case.impls()
-        except torch.OutOfMemoryError as exc:  # skip a case the device cannot hold
-            impls = []
-            print(f"\n{label}: skipped, out of memory ({exc})", file=sys.stderr)
-        interleaved = {}
-        if device.type == "cpu" and case.timing == "device" and impls:
-            scopes = [functools.partial(fastdl.use_backend, impl.backend or "auto") for impl in impls]
-            interleaved = dict(zip([impl.name for impl in impls],
-                                   time_cpu_interleaved_ms([impl.fn for impl in impls], quick, scopes)))
-        for impl in impls:
+        if stop_requested():
+            records.append(skipped_record(case, "the run was stopped (SIGTERM)"))
+        elif max_seconds is not None and time.time() - start > max_seconds:
+            records.append(skipped_record(case, "over the time budget"))
+        else:
             try:
-                if impl.name in interleaved:
-                    result = interleaved[impl.name]
-                    if isinstance(result, Exception):
-                        raise result
-                    median, p20, p80 = result
-                else:
-                    timer = time_host_ms if case.timing == "host" else time_ms
-                    with fastdl.use_backend(impl.backend or "auto"):
-                        median, p20, p80 = timer(impl.fn, device, quick)
-                gbps = case.bytes_moved / (median * 1e-3) / 1e9
-                case_records.append(Record(case.op, case.direction, dtype_name, list(case.shape), impl.name,
-                                           median, p20, p80, gbps, 100 * gbps / copy_gbps))
-            except Exception as exc:  # one implementation failing must not end the run
-                case_records.append(Record(case.op, case.direction, dtype_name, list(case.shape), impl.name,
-                                           float("nan"), float("nan"), float("nan"), 0.0, 0.0,
-                                           error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
-        del impls
-        by_name = {r.impl: r for r in case_records if r.error is None}
-        for r in case_records:
-            if r.error is None:
-                if "torch" in by_name:
-                    r.vs_eager = by_name["torch"].median_ms / r.median_ms
-                if "torch.compile" in by_name:
-                    r.vs_compile = by_name["torch.compile"].median_ms / r.median_ms
-        records.extend(case_records)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                records.extend(_time_case(case, device, copy_gbps, quick))
+            except Stopped:  # this case's timings are dropped: it did not finish
+                records.append(skipped_record(case, "the run was stopped (SIGTERM)"))
         if progress:
-            progress.update(label)
+            progress.update(f"{case.op} {case.direction} {str(case.dtype).replace('torch.', '')} "
+                            f"{'x'.join(map(str, case.shape))}")
     if progress:
         progress.close()
     return records
+
+
+def _time_case(case: Case, device: torch.device, copy_gbps: float, quick: bool) -> list[Record]:
+    """A record for each implementation of the case, with its ratios to torch eager and torch.compile."""
+    dtype_name = str(case.dtype).replace("torch.", "")
+    label = f"{case.op} {case.direction} {dtype_name} {'x'.join(map(str, case.shape))}"
+    case_records = []
+    try:
+        impls = case.impls()
+    except torch.OutOfMemoryError as exc:  # skip a case the device cannot hold
+        impls = []
+        print(f"\n{label}: skipped, out of memory ({exc})", file=sys.stderr)
+    interleaved = {}
+    if device.type == "cpu" and case.timing == "device" and impls:
+        scopes = [functools.partial(fastdl.use_backend, impl.backend or "auto") for impl in impls]
+        interleaved = dict(zip([impl.name for impl in impls],
+                               time_cpu_interleaved_ms([impl.fn for impl in impls], quick, scopes)))
+    for impl in impls:
+        try:
+            if impl.name in interleaved:
+                result = interleaved[impl.name]
+                if isinstance(result, Exception):
+                    raise result
+                median, p20, p80 = result
+            else:
+                timer = time_host_ms if case.timing == "host" else time_ms
+                with fastdl.use_backend(impl.backend or "auto"):
+                    median, p20, p80 = timer(impl.fn, device, quick)
+            gbps = case.bytes_moved / (median * 1e-3) / 1e9
+            case_records.append(Record(case.op, case.direction, dtype_name, list(case.shape), impl.name,
+                                       median, p20, p80, gbps, 100 * gbps / copy_gbps))
+        except Exception as exc:  # one implementation failing must not end the run
+            case_records.append(Record(case.op, case.direction, dtype_name, list(case.shape), impl.name,
+                                       float("nan"), float("nan"), float("nan"), 0.0, 0.0,
+                                       error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
+    del impls
+    by_name = {r.impl: r for r in case_records if r.error is None}
+    for r in case_records:
+        if r.error is None:
+            if "torch" in by_name:
+                r.vs_eager = by_name["torch"].median_ms / r.median_ms
+            if "torch.compile" in by_name:
+                r.vs_compile = by_name["torch.compile"].median_ms / r.median_ms
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return case_records
 
 
 def _fmt(v, spec):
