@@ -9,9 +9,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Pinned for development and CI (see ../shared/NOTES-ENV.md): the CPU wheel of torch,
-# the Triton the H100 image has, and numpy < 2.4 for Triton 3.6's interpreter.
+# the Triton the H100 image has, and numpy < 2.4 for Triton 3.6's interpreter; a setuptools
+# that builds editable wheels itself (a venv's own may be too old, e.g. 65 on Python 3.11).
 TORCH_PIN ?= torch==2.13.0
-DEV_REQS = $(TORCH_PIN) triton==3.6.0 "numpy<2.4" pytest pytest-benchmark ninja tqdm matplotlib
+DEV_REQS = $(TORCH_PIN) triton==3.6.0 "numpy<2.4" "setuptools>=70.1" wheel pytest pytest-benchmark ninja tqdm \
+  matplotlib
 # The CUDA 13 build of torch that lies on the dev machine's disk: used only to
 # compile-check the torch-facing CUDA code (csrc/ops) without a GPU.
 CUDA_VENV ?= .venv-cuda

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import setuptools
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
@@ -81,8 +82,14 @@ class CMakeBuild(build_ext):
 
 ext_modules = [] if os.environ.get("FASTDL_NO_NATIVE") == "1" else [CMakeExtension("fastdl._C")]
 
+# The license as each setuptools takes it (pyproject.toml lists it as dynamic): an SPDX
+# expression from 77 on, the older free-text field before.
+license_kw = ({"license_expression": "Apache-2.0"} if int(setuptools.__version__.split(".")[0]) >= 77
+              else {"license": "Apache-2.0"})
+
 setup(
     packages=find_packages(include=["fastdl", "fastdl.*"]),
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
+    **license_kw,
 )

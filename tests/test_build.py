@@ -9,7 +9,8 @@
   spills and, on aligned rows, 128-bit loads and stores in its SASS
   (tests/triton_compile_check.py);
 * the torch-facing CUDA code (csrc/ops) compiles and links against a CUDA build of
-  torch (scripts/check_cuda_build.sh; `make test` provides the environment);
+  torch, and the CPU-only build against it needs no CUDA toolkit
+  (scripts/check_cuda_build.sh; `make test` provides the environment);
 * the CPU extension was built and loads.
 """
 import os
@@ -143,6 +144,7 @@ def test_cuda_part_builds_against_cuda_torch():
     # pip's notes about unreachable index folders would bury the real error
     log = "\n".join(l for l in (result.stdout + result.stderr).splitlines() if not l.startswith("WARNING: Location"))
     assert result.returncode == 0, log[-8000:]
+    assert "no CUDA toolkit: loads and runs" in result.stdout  # the CPU-only build, against the same torch
     assert "CUDA kernels registered" in result.stdout
 
 
