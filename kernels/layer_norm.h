@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include "common/types.cuh"
+#include "common/dtype.h"
 
 namespace fastdl::kernels {
 

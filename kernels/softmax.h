@@ -7,7 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "common/types.cuh"
+#include "common/dtype.h"
 
 namespace fastdl::kernels {
 

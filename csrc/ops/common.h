@@ -4,7 +4,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "common/types.cuh"
+#include "common/dtype.h"
 
 namespace fastdl {
 

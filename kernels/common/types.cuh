@@ -5,10 +5,9 @@
 
 #include <cstdint>
 
-namespace fastdl::kernels {
+#include "common/dtype.h"
 
-// Element type tags the launchers take, so that headers stay free of templates.
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+namespace fastdl::kernels {
 
 // fp32 accumulation for 16- and 32-bit floats, fp64 for fp64.
 template <typename T> struct Acc { using type = float; };
