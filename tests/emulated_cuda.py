@@ -15,6 +15,7 @@ line where it was (rewrite_source):
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -177,6 +178,17 @@ def build(build_dir: Path) -> Path:
     if runner.exists():
         return runner
     out_dir.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist's workers (gpu_check.sh) ask at once: one builds, the others wait for it
+    # and take its runner (two writing one file raced: "text file busy", a missing runner.tmp)
+    with open(out_dir / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not runner.exists():
+            _build_runner(out_dir, runner)
+    return runner
+
+
+def _build_runner(out_dir: Path, runner: Path) -> None:
+    """Compile the rewritten kernels, the emulator and the runner in out_dir and link them."""
     include = ["-I", str(ROOT / "kernels"), "-I", str(EMU), "-isystem", str(cuda_include())]
     jobs = []
     for cu in KERNEL_SOURCES:
@@ -199,7 +211,6 @@ def build(build_dir: Path) -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"linking the emulator failed:\n{result.stderr[-8000:]}")
     tmp.rename(runner)
-    return runner
 
 
 @dataclass
