@@ -64,8 +64,9 @@ if has_step test; then
   step "tests" | tee "$out/test.log"
   parallel=""
   $py -c "import xdist" 2>/dev/null && parallel="-n ${TEST_WORKERS:-8}"  # Triton JIT compiles dominate: spread them
-  # tests/test_build.py (nvcc, Triton sm_90 and CUDA-torch compile checks) runs in CI on every
-  # commit, without a GPU: not worth two minutes of the lent one
+  # tests/test_build.py (nvcc, Triton sm_90 and CUDA-torch compile checks) and the CUDA
+  # emulator's tests run in CI on every commit, without a GPU: here the GPU runs the kernels
+  # themselves, and those would take minutes of the lent one
   # -v: a line for each test as it ends, so a run cut short still says what passed and failed;
   # a test that hangs is ended after 120 s (pytest-timeout; thread: also out of a CUDA call)
   # the steps after keep their time: two sanitizer tools, three minutes of benchmark
@@ -76,6 +77,7 @@ if has_step test; then
   (( limit < 30 )) && limit=30  # the tests matter more than what comes after them
   timeout "$limit" $py -m pytest tests -v -rfEs --durations=15 -p no:cacheprovider $parallel \
     -o timeout=120 -o timeout_method=thread --ignore tests/test_build.py \
+    --ignore tests/test_cuda_kernels_emulated.py \
     >> "$out/test.log" 2>&1
   rc=$?
   (( rc == 124 )) && echo "gpu_check: the tests were cut off after ${limit} s: NOT ALL RUN" | tee -a "$out/test.log"
