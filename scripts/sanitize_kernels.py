@@ -70,5 +70,7 @@ for backend in [b for b in fastdl.available_backends("cuda") if b != "torch"]:
         for dtype in dtypes:
             softmax_calls(dtype)
             norm_calls(dtype)
-torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            # progress, so that a run cut off by gpu_check.sh's timeout says what it covered
+            print(f"sanitize_kernels: {backend} {dtype} done ({count} calls so far)", flush=True)
 print(f"sanitize_kernels: ran {count} kernel calls")
