@@ -7,7 +7,7 @@
 #   STEPS="build tune" scripts/gpu_check.sh OUT_DIR   # the launchers' knobs, each value timed
 #
 # The whole run keeps inside GPU_CHECK_SECONDS (default 570: one call of a lent GPU, whose
-# limit is 600 s): the build takes what it takes, the tests at most TEST_TIMEOUT
+# limit is 600 s): the build at most BUILD_TIMEOUT (default 300), the tests at most TEST_TIMEOUT
 # (default 200) and each test 120 s (pytest-timeout), the sanitizer SANITIZER_TIMEOUT a tool
 # (default 50), the benchmark what is left (or BENCH_SECONDS), the tuner TUNE_TIMEOUT (default 240).
 # A step never runs past the budget: one that gets too little is cut short or skipped, and says so.
@@ -52,9 +52,10 @@ if has_step build; then
       TORCH_CUDA_ARCH_LIST=$($py -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))") \
         && export TORCH_CUDA_ARCH_LIST && echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
     fi
-    $py -m pip install --no-build-isolation --no-deps -v -e . || {
+    # (BUILD_TIMEOUT, default 300 s: a build that hangs must not take the whole call)
+    timeout "$(cap "${BUILD_TIMEOUT:-300}")" $py -m pip install --no-build-isolation --no-deps -v -e . || {
       step "pip install -e failed; building in place with setup.py"
-      $py setup.py build_ext --inplace
+      timeout "$(cap "${BUILD_TIMEOUT:-300}")" $py setup.py build_ext --inplace
     }
   } > "$out/build.log" 2>&1 || { echo "gpu_check: build failed, see build.log"; tail -40 "$out/build.log"; exit 1; }
   $py -c "import fastdl; print('backends on cuda:', fastdl.available_backends('cuda'))" 2>&1 | tee -a "$out/build.log"
