@@ -12,6 +12,8 @@
 # (default 50), the benchmark what is left (or BENCH_SECONDS), the tuner TUNE_TIMEOUT (default 240).
 # A step never runs past the budget: one that gets too little is cut short or skipped, and says so.
 #
+# FASTDL_COMMIT=<hash> names the commit the results record where the copy has no .git.
+#
 # Uses the machine's own python3 and CUDA torch (no venv, no network). Writes into
 # OUT_DIR (few files: the device tool brings back at most 8):
 #   build.log       environment (nvidia-smi, versions) and the build of fastdl._C with CUDA
@@ -44,7 +46,7 @@ if has_step build; then
     nvidia-smi || true
     $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
     $py -c "import triton; print('triton', triton.__version__)" || true
-    git log -1 --format='commit %H %cd' 2>/dev/null || true
+    git log -1 --format='commit %H %cd' 2>/dev/null || echo "commit ${FASTDL_COMMIT:-unknown (no .git here)}"
     step "build"
     export MAX_JOBS=${MAX_JOBS:-16} FASTDL_BUILD_CUDA=1
     # this machine's architecture only (sm_90a on an H100): half the compile time of the default two
