@@ -55,6 +55,28 @@ class CMakeBuild(build_ext):
             if with_cuda and nvcc is None:
                 raise SystemExit("fastdl: FASTDL_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME)")
 
+        why_cpu_only = ""
+        if not with_cuda and torch.version.cuda is not None:  # a CUDA torch, yet no CUDA kernels: say why
+            why_cpu_only = ": FASTDL_BUILD_CUDA=0" if flag is not None else ": no nvcc found (set CUDA_HOME)"
+        try:
+            build_dir = self._cmake(torch, with_cuda, nvcc, why_cpu_only)
+        except subprocess.CalledProcessError:
+            if not with_cuda or flag is not None:
+                raise
+            # CUDA kernels were not asked for by name: a toolkit that nvcc alone does not make
+            # (headers or libraries missing) leaves the CPU build, with a warning, not no build
+            print("fastdl: WARNING: the CUDA build failed (see above); building the CPU part alone. "
+                  "FASTDL_BUILD_CUDA=1 makes this an error, FASTDL_BUILD_CUDA=0 skips the attempt.", flush=True)
+            build_dir = self._cmake(torch, False, None, ": the CUDA build failed")
+
+        built = next(build_dir.glob("_C.*.so"))
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, target)
+
+    def _cmake(self, torch, with_cuda, nvcc, why_cpu_only):
+        """Configure and build fastdl._C in its own build folder (one for CPU only, one with
+        CUDA); returns the folder."""
         build_dir = Path(self.build_temp).resolve() / ("cmake-cuda" if with_cuda else "cmake-cpu")
         build_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
@@ -69,15 +91,11 @@ class CMakeBuild(build_ext):
         ]
         if with_cuda:
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}"]  # architectures: TORCH_CUDA_ARCH_LIST (CMakeLists.txt)
-        print(f"fastdl: building fastdl._C ({'CPU + CUDA' if with_cuda else 'CPU only'})", flush=True)
+        print(f"fastdl: building fastdl._C ({'CPU + CUDA' if with_cuda else 'CPU only'}{why_cpu_only})", flush=True)
         subprocess.check_call(args, env=env)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs], env=env)
-
-        built = next(build_dir.glob("_C.*.so"))
-        target = Path(self.get_ext_fullpath(ext.name))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(built, target)
+        return build_dir
 
 
 ext_modules = [] if os.environ.get("FASTDL_NO_NATIVE") == "1" else [CMakeExtension("fastdl._C")]
