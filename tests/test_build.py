@@ -10,7 +10,8 @@
   (tests/triton_compile_check.py);
 * the torch-facing CUDA code (csrc/ops) compiles and links against a CUDA build of
   torch, and the CPU-only build against it needs no CUDA toolkit
-  (scripts/check_cuda_build.sh; `make test` provides the environment);
+  (scripts/check_cuda_build.sh; `make test` provides the environment); a CUDA build that
+  fails without having been asked for leaves setup.py with the CPU part;
 * the CPU extension was built and loads.
 """
 import os
@@ -146,6 +147,40 @@ def test_cuda_part_builds_against_cuda_torch():
     assert result.returncode == 0, log[-8000:]
     assert "no CUDA toolkit: loads and runs" in result.stdout  # the CPU-only build, against the same torch
     assert "CUDA kernels registered" in result.stdout
+
+
+def test_failed_cuda_build_not_asked_for_falls_back_to_cpu(tmp_path):
+    """setup.py against a CUDA torch whose CUDA build fails (here: an nvcc that always fails,
+    as a toolkit with nvcc but not the rest would): without FASTDL_BUILD_CUDA it warns and
+    builds the CPU part; with FASTDL_BUILD_CUDA=1 it fails. Runs in a copy of the sources, with
+    the CUDA torch of test_cuda_part_builds_against_cuda_torch's venv."""
+    venv = os.environ.get("FASTDL_CUDA_VENV")
+    _require(venv and (ROOT / venv / "bin" / "python").exists(), "FASTDL_CUDA_VENV's venv (made by the test above)")
+    py = str(ROOT / venv / "bin" / "python")
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    _require(files, "git ls-files")
+    src = tmp_path / "src"
+    for name in files:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, src / name)
+    toolkit = tmp_path / "cuda" / "bin"
+    toolkit.mkdir(parents=True)
+    (toolkit / "nvcc").write_text("#!/bin/sh\necho 'nvcc: this toolkit is broken' >&2\nexit 1\n")
+    (toolkit / "nvcc").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTDL_BUILD_CUDA", "CUDA_PATH", "CUDACXX")}
+    env.update(CUDA_HOME=str(tmp_path / "cuda"), PATH=f"{Path(py).parent}:/usr/bin:/bin")
+
+    def build(**extra):
+        return subprocess.run([py, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True, text=True,
+                              env={**env, **extra})
+
+    asked = build(FASTDL_BUILD_CUDA="1")
+    assert asked.returncode != 0 and "WARNING: the CUDA build failed" not in asked.stdout
+    result = build()
+    log = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, log
+    assert "WARNING: the CUDA build failed" in result.stdout and "CPU only: the CUDA build failed" in result.stdout, log
+    assert list((src / "fastdl").glob("_C.*.so")), log
 
 
 def test_half_row_conversions_match_c10(tmp_path):
