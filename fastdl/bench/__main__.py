@@ -20,21 +20,18 @@ from pathlib import Path
 import torch
 
 from fastdl.bench import OPS, targets
-from fastdl.bench.harness import ROOT, Progress, Record, Stopped, copy_bandwidth_gbps, device_slug, environment, \
-    markdown_table, run_cases, skipped_record, stop_on_sigterm, stop_requested, write_results
+from fastdl.bench.harness import ROOT, STOPPED, Progress, Record, Stopped, case_label, copy_bandwidth_gbps, \
+    device_slug, dtype_name, environment, markdown_table, run_cases, skipped_record, stop_on_sigterm, stop_requested, \
+    write_results
 
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def select_cases(op, device, quick, dtypes=None):
     """The op's cases, only those of `dtypes` (names) when given."""
     cases = OPS[op].cases(device, quick)
-    return [c for c in cases if dtypes is None or _dtype_name(c.dtype) in dtypes]
+    return [c for c in cases if dtypes is None or dtype_name(c.dtype) in dtypes]
 
 
 def _case_key(r: Record):
@@ -70,9 +67,8 @@ def run_isolated(op, device, copy_gbps, quick, max_seconds, dtypes=None):
     progress = Progress(len(cases), f"fastdl.bench {op}")
     records, start = [], time.time()
     for i, case in enumerate(cases):
-        dtype = str(case.dtype).replace("torch.", "")
         if stop_requested():
-            records.append(skipped_record(case, "the run was stopped (SIGTERM)"))
+            records.append(skipped_record(case, STOPPED))
         elif max_seconds is not None and time.time() - start > max_seconds:
             records.append(skipped_record(case, "over the time budget"))
         else:
@@ -83,12 +79,12 @@ def run_isolated(op, device, copy_gbps, quick, max_seconds, dtypes=None):
                 child = subprocess.run(cmd, capture_output=True, text=True)
                 records.extend(Record(**r) for r in json.loads(child.stdout.strip().splitlines()[-1]))
             except (ValueError, IndexError):
-                records.append(Record(case.op, case.direction, dtype, list(case.shape), "-", float("nan"),
-                                      float("nan"), float("nan"), 0.0, 0.0,
+                records.append(Record(case.op, case.direction, dtype_name(case.dtype), list(case.shape), "-",
+                                      float("nan"), float("nan"), float("nan"), 0.0, 0.0,
                                       error=f"case process failed: {child.stderr.strip()[-300:]}"))
             except Stopped:  # subprocess.run has ended the child
-                records.append(skipped_record(case, "the run was stopped (SIGTERM)"))
-        progress.update(f"{case.op} {case.direction} {dtype} {'x'.join(map(str, case.shape))}")
+                records.append(skipped_record(case, STOPPED))
+        progress.update(case_label(case))
     progress.close()
     return records
 
@@ -141,7 +137,7 @@ def main(argv=None):
         failed += sum(1 for r in records if r.error and not _skipped(r))
         op_env = env
         if args.merge:
-            order = [(c.op, c.direction, _dtype_name(c.dtype), tuple(c.shape))
+            order = [(c.op, c.direction, dtype_name(c.dtype), tuple(c.shape))
                      for c in OPS[op].cases(device, args.quick)]
             records, op_env = merge_previous(out_dir / f"{op}.json", records, env, order)
         verdicts = targets.check(getattr(OPS[op], "TARGETS", []), records, device.type)

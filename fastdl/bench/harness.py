@@ -277,10 +277,22 @@ def stop_requested() -> bool:
     return _stop_requested
 
 
+STOPPED = "the run was stopped (SIGTERM)"  # why the cases after a SIGTERM are skipped
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: the name records and --dtypes use."""
+    return str(dtype).replace("torch.", "")
+
+
+def case_label(case: Case) -> str:
+    """"softmax fwd bfloat16 4096x1024": a case in the progress bar and in messages."""
+    return f"{case.op} {case.direction} {dtype_name(case.dtype)} {'x'.join(map(str, case.shape))}"
+
+
 def skipped_record(case: Case, why: str) -> Record:
-    dtype_name = str(case.dtype).replace("torch.", "")
-    return Record(case.op, case.direction, dtype_name, list(case.shape), "-", float("nan"), float("nan"),
-                  float("nan"), 0.0, 0.0, error=f"skipped: {why}")
+    return Record(case.op, case.direction, dtype_name(case.dtype), list(case.shape), "-", float("nan"),
+                  float("nan"), float("nan"), 0.0, 0.0, error=f"skipped: {why}")
 
 
 def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: bool = False,
@@ -293,17 +305,16 @@ def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: 
     start = time.time()
     for case in cases:
         if stop_requested():
-            records.append(skipped_record(case, "the run was stopped (SIGTERM)"))
+            records.append(skipped_record(case, STOPPED))
         elif max_seconds is not None and time.time() - start > max_seconds:
             records.append(skipped_record(case, "over the time budget"))
         else:
             try:
                 records.extend(_time_case(case, device, copy_gbps, quick))
             except Stopped:  # this case's timings are dropped: it did not finish
-                records.append(skipped_record(case, "the run was stopped (SIGTERM)"))
+                records.append(skipped_record(case, STOPPED))
         if progress:
-            progress.update(f"{case.op} {case.direction} {str(case.dtype).replace('torch.', '')} "
-                            f"{'x'.join(map(str, case.shape))}")
+            progress.update(case_label(case))
     if progress:
         progress.close()
     return records
@@ -311,14 +322,13 @@ def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: 
 
 def _time_case(case: Case, device: torch.device, copy_gbps: float, quick: bool) -> list[Record]:
     """A record for each implementation of the case, with its ratios to torch eager and torch.compile."""
-    dtype_name = str(case.dtype).replace("torch.", "")
-    label = f"{case.op} {case.direction} {dtype_name} {'x'.join(map(str, case.shape))}"
+    dtype = dtype_name(case.dtype)
     case_records = []
     try:
         impls = case.impls()
     except torch.OutOfMemoryError as exc:  # skip a case the device cannot hold
         impls = []
-        print(f"\n{label}: skipped, out of memory ({exc})", file=sys.stderr)
+        print(f"\n{case_label(case)}: skipped, out of memory ({exc})", file=sys.stderr)
     interleaved = {}
     if device.type == "cpu" and case.timing == "device" and impls:
         scopes = [functools.partial(fastdl.use_backend, impl.backend or "auto") for impl in impls]
@@ -336,10 +346,10 @@ def _time_case(case: Case, device: torch.device, copy_gbps: float, quick: bool) 
                 with fastdl.use_backend(impl.backend or "auto"):
                     median, p20, p80 = timer(impl.fn, device, quick)
             gbps = case.bytes_moved / (median * 1e-3) / 1e9
-            case_records.append(Record(case.op, case.direction, dtype_name, list(case.shape), impl.name,
+            case_records.append(Record(case.op, case.direction, dtype, list(case.shape), impl.name,
                                        median, p20, p80, gbps, 100 * gbps / copy_gbps))
         except Exception as exc:  # one implementation failing must not end the run
-            case_records.append(Record(case.op, case.direction, dtype_name, list(case.shape), impl.name,
+            case_records.append(Record(case.op, case.direction, dtype, list(case.shape), impl.name,
                                        float("nan"), float("nan"), float("nan"), 0.0, 0.0,
                                        error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
     del impls

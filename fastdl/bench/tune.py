@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 import fastdl
-from fastdl.bench.harness import copy_bandwidth_gbps, time_ms
+from fastdl.bench.harness import copy_bandwidth_gbps, dtype_name, time_ms
 
 
 @dataclasses.dataclass
@@ -177,7 +177,7 @@ def run(device: torch.device, quick: bool, write: Callable[[str], None]) -> int:
             except Exception as exc:  # a value the kernel cannot take (out of registers, shared memory)
                 failures += 1
                 cells.append(f"{_label(case.knob, value)}: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-        dtype = str(case.dtype).replace("torch.", "")
+        dtype = dtype_name(case.dtype)
         write(f"| {case.op} | {case.direction} | {case.backend} | {dtype} | {case.shape[0]}x{case.shape[1]} "
               f"| {case.knob.name} | {eager_ms:.4f} | {' / '.join(cells)} |")
     return failures
