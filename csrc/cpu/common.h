@@ -6,11 +6,14 @@
 
 namespace fastdl::cpu {
 
-// Row kernels are built once per ISA (AVX-512, AVX2, baseline) and the dynamic loader
-// picks one at load time (GCC function multiversioning), so the wheel runs on any
-// x86-64. Per-row helpers are forced inline so that each clone gets its own vector code.
+// Row kernels are built once per ISA level and the dynamic loader picks one at load
+// time (GCC function multiversioning), so the wheel runs on any x86-64. Per-row helpers
+// are forced inline so that each clone gets its own vector code. The levels, not single
+// ISAs: x86-64-v4 (AVX-512 F/BW/DQ/VL) converts and packs 16-bit rows in 512-bit
+// registers, where an "avx512f" clone, lacking BW, did so in 256-bit ones; x86-64-v3 is
+// AVX2 with FMA and F16C.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTDL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#define FASTDL_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTDL_MULTIVERSION
 #endif
@@ -24,6 +27,49 @@ template <> struct Acc<double> { using type = double; };
 // are not woken for tiny rows. softmax takes 8k: its exp makes each element dearer, and
 // a 32 x 512 input then runs on two threads (10.8 -> 7.4 us, torch 6.9 us, 2-core VM).
 inline int64_t grain_rows(int64_t cols, int64_t work = 32768) { return cols >= work ? 1 : work / (cols > 0 ? cols : 1); }
+
+// The sum over j in [0, n) of term(j) (which may also store), as four vector sums over
+// the four quarters of the range, added at the end. One vector accumulator is a chain of
+// dependent adds, 4 cycles each on current x86 cores: a loop that only loads and adds
+// waits on it (half of a LayerNorm forward's time went to its mean's adds); four chains
+// overlap. The order of the adds is fixed by n alone, so the result is deterministic.
+#define FASTDL_LAMBDA_INLINE __attribute__((always_inline))
+template <typename A, typename Term> FASTDL_INLINE A sum_quarters(int64_t n, Term term) {
+  const int64_t q = n / 4;
+  A s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t j = 0; j < q; ++j) {
+    s0 += term(j);
+    s1 += term(q + j);
+    s2 += term(2 * q + j);
+    s3 += term(3 * q + j);
+  }
+  A tail = 0;
+  for (int64_t j = 4 * q; j < n; ++j) tail += term(j);
+  return ((s0 + s1) + (s2 + s3)) + tail;
+}
+
+// The max over j in [0, n) of value(j), four chains as sum_quarters. NaNs are skipped
+// (as a > b ? a : b does), so a row's max is the max of its other values.
+template <typename A, typename Value> FASTDL_INLINE A max_quarters(int64_t n, A init, Value value) {
+  const int64_t q = n / 4;
+  A m0 = init, m1 = init, m2 = init, m3 = init;
+#pragma omp simd reduction(max : m0, m1, m2, m3)
+  for (int64_t j = 0; j < q; ++j) {
+    const A v0 = value(j), v1 = value(q + j), v2 = value(2 * q + j), v3 = value(3 * q + j);
+    m0 = v0 > m0 ? v0 : m0;
+    m1 = v1 > m1 ? v1 : m1;
+    m2 = v2 > m2 ? v2 : m2;
+    m3 = v3 > m3 ? v3 : m3;
+  }
+  for (int64_t j = 4 * q; j < n; ++j) {
+    const A v = value(j);
+    m0 = v > m0 ? v : m0;
+  }
+  m0 = m1 > m0 ? m1 : m0;
+  m2 = m3 > m2 ? m3 : m2;
+  return m2 > m0 ? m2 : m0;
+}
 
 // exp(x) for float, max relative error 8e-8 (1 ulp) on [-87.3, 1].
 // Cody & Waite range reduction: n = round(x / ln2), r = x - n*ln2 with ln2 split in a

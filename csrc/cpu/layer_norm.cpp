@@ -43,16 +43,13 @@ FASTDL_INLINE void norm_row_forward(const T* __restrict x, const T* __restrict r
     }
     src = h;
   } else if (!rms) {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) sum += load_acc<A>(src, j);
+    sum = sum_quarters<A>(n, [&](int64_t j) FASTDL_LAMBDA_INLINE { return load_acc<A>(src, j); });
   }
   const A mean = rms ? A(0) : sum / static_cast<A>(n);
-  A sq = 0;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t j = 0; j < n; ++j) {
+  const A sq = sum_quarters<A>(n, [&](int64_t j) FASTDL_LAMBDA_INLINE {
     const A d = load_acc<A>(src, j) - mean;
-    sq += d * d;
-  }
+    return d * d;
+  });
   const A rstd = A(1) / std::sqrt(sq / static_cast<A>(n) + eps);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) store_acc(y, j, (load_acc<A>(src, j) - mean) * rstd * weight[j] + bias[j]);
@@ -91,14 +88,25 @@ template <typename T, typename A, bool kDsum, bool kDweight, bool kDbias>
 FASTDL_INLINE void norm_row_backward(const T* __restrict dy, const T* __restrict dsum, const T* __restrict x,
                                      const A* __restrict weight, A mean, A rstd, T* __restrict dx,
                                      A* __restrict dweight_partial, A* __restrict dbias_partial, int64_t n, bool rms) {
-  A sum_gx = 0, sum_g = 0;
-#pragma omp simd reduction(+ : sum_gx, sum_g)
-  for (int64_t j = 0; j < n; ++j) {
-    const A xhat = (load_acc<A>(x, j) - mean) * rstd;
-    const A g = load_acc<A>(dy, j) * weight[j];
-    sum_gx += g * xhat;
-    sum_g += g;
+  // sum(g * xhat) and sum(g) with g = dy * weight, each over the row's two halves: four
+  // chains of vector adds, as sum_quarters (csrc/cpu/common.h)
+  const int64_t half = n / 2;
+  A gx0 = 0, gx1 = 0, g0 = 0, g1 = 0;
+  auto g_of = [&](int64_t j) FASTDL_LAMBDA_INLINE { return load_acc<A>(dy, j) * weight[j]; };
+  auto xhat_of = [&](int64_t j) FASTDL_LAMBDA_INLINE { return (load_acc<A>(x, j) - mean) * rstd; };
+#pragma omp simd reduction(+ : gx0, gx1, g0, g1)
+  for (int64_t j = 0; j < half; ++j) {
+    const A ga = g_of(j), gb = g_of(half + j);
+    gx0 += ga * xhat_of(j);
+    gx1 += gb * xhat_of(half + j);
+    g0 += ga;
+    g1 += gb;
   }
+  if (n % 2 != 0) {
+    gx0 += g_of(n - 1) * xhat_of(n - 1);
+    g0 += g_of(n - 1);
+  }
+  const A sum_gx = gx0 + gx1, sum_g = g0 + g1;
   const A c1 = sum_gx / static_cast<A>(n);
   const A c2 = rms ? A(0) : sum_g / static_cast<A>(n);
 #pragma omp simd

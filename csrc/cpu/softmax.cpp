@@ -30,65 +30,73 @@ FASTDL_INLINE float exp_acc(float x) { return exp_approx(x); }
 FASTDL_INLINE double exp_acc(double x) { return std::exp(x); }
 
 // The sum over j in [0, cols) of term(j) (which may also store), in blocks of kSumBlock.
-#define FASTDL_LAMBDA_INLINE __attribute__((always_inline))
 template <typename A, typename Term> FASTDL_INLINE A blocked_sum(int64_t cols, Term term) {
   A sum = 0;
   for (int64_t b = 0; b < cols; b += kSumBlock) {
     const int64_t block_end = std::min(cols, b + kSumBlock);
-    A part = 0;
-#pragma omp simd reduction(+ : part)
-    for (int64_t j = b; j < block_end; ++j) part += term(j);
-    sum += part;
+    sum += sum_quarters<A>(block_end - b, [&](int64_t j) FASTDL_LAMBDA_INLINE { return term(b + j); });
   }
   return sum;
 }
 
+// One float or double row (16-bit rows: forward_rows).
 template <typename T, bool kLog>
 FASTDL_INLINE void softmax_row_forward(const T* __restrict x, T* __restrict y, int64_t cols) {
-  using acc_t = typename Acc<T>::type;
-  acc_t max_val = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : max_val)
-  for (int64_t j = 0; j < cols; ++j) {
-    const acc_t v = static_cast<acc_t>(x[j]);
-    max_val = v > max_val ? v : max_val;
-  }
+  static_assert(std::is_same_v<T, typename Acc<T>::type>, "softmax_row_forward takes float or double rows");
+  const T max_val =
+      max_quarters<T>(cols, -std::numeric_limits<T>::infinity(), [&](int64_t j) FASTDL_LAMBDA_INLINE { return x[j]; });
   // A row of -inf gives max = -inf and NaN outputs, as torch does.
-  if constexpr (kLog && std::is_same_v<T, acc_t>) {
+  if constexpr (kLog) {
     // store x - max while summing its exp, then subtract log(sum) in place. Always
     // (x - max) - log(sum), never x - (max + log(sum)): near +-3e38 that rounds log(sum) away.
-    const acc_t sum = blocked_sum<acc_t>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
-      const acc_t shifted = x[j] - max_val;
+    const T sum = blocked_sum<T>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
+      const T shifted = x[j] - max_val;
       y[j] = shifted;
       return exp_acc(shifted);
     });
-    const acc_t log_sum = std::log(sum);
+    const T log_sum = std::log(sum);
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) y[j] -= log_sum;
-  } else if constexpr (kLog) {
-    const acc_t sum = blocked_sum<acc_t>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
-      return exp_acc(static_cast<acc_t>(x[j]) - max_val);
-    });
-    const acc_t log_sum = std::log(sum);
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) y[j] = static_cast<T>((static_cast<acc_t>(x[j]) - max_val) - log_sum);
-  } else if constexpr (std::is_same_v<T, acc_t>) {
+  } else {
     // write exp(x - max) once, then scale in place: x is read once
-    const acc_t sum = blocked_sum<acc_t>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
-      const acc_t e = exp_acc(x[j] - max_val);
+    const T sum = blocked_sum<T>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
+      const T e = exp_acc(x[j] - max_val);
       y[j] = e;
       return e;
     });
-    const acc_t inv = acc_t(1) / sum;
+    const T inv = T(1) / sum;
 #pragma omp simd
     for (int64_t j = 0; j < cols; ++j) y[j] *= inv;
-  } else {
-    // reduced-precision output: do not round exp(x - max) before scaling it
-    const acc_t sum = blocked_sum<acc_t>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
-      return exp_acc(static_cast<acc_t>(x[j]) - max_val);
-    });
-    const acc_t inv = acc_t(1) / sum;
+  }
+}
+
+// A bf16 row, in three passes as the float kernel's: x to float into `buf` (a shift)
+// while finding the max, exp in place while summing, then scaled and rounded into y.
+// (GCC leaves a loop that converts bf16 and calls exp_approx scalar inside the
+// target_clones functions; split like this, every loop is vector code.)
+template <bool kLog>
+FASTDL_INLINE void softmax_row_forward_bf16(const c10::BFloat16* __restrict x, c10::BFloat16* __restrict y,
+                                            float* __restrict buf, int64_t cols) {
+  const float max_val = max_quarters<float>(cols, -std::numeric_limits<float>::infinity(),
+                                            [&](int64_t j) FASTDL_LAMBDA_INLINE {
+                                              const float v = load_acc<float>(x, j);
+                                              buf[j] = v;
+                                              return v;
+                                            });
+  if constexpr (kLog) {
+    const float sum = blocked_sum<float>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE { return exp_acc(buf[j] - max_val); });
+    const float log_sum = std::log(sum);
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) y[j] = static_cast<T>(exp_acc(static_cast<acc_t>(x[j]) - max_val) * inv);
+    for (int64_t j = 0; j < cols; ++j) store_acc(y, j, (buf[j] - max_val) - log_sum);
+  } else {
+    const float sum = blocked_sum<float>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
+      const float e = exp_acc(buf[j] - max_val);
+      buf[j] = e;
+      return e;
+    });
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) store_acc(y, j, buf[j] * inv);
   }
 }
 
@@ -110,13 +118,15 @@ FASTDL_INLINE void softmax_row_backward(const T* __restrict dy, const T* __restr
   }
 }
 
-// 16-bit rows go through float buffers (csrc/cpu/half_rows.h): converted in, the float
-// kernel, rounded once on the way out. The forward does so for bf16 too, since its float
-// kernel writes exp(x - max) once and scales it in place; the backward reads bf16 in its
-// own loops.
+// fp16 rows go through float buffers (csrc/cpu/half_rows.h): converted in (F16C where the
+// CPU has it), the float kernel, rounded once on the way out. bf16 rows convert with a
+// shift, inside softmax_row_forward_bf16's loops and the backward's own.
 template <typename T, bool kLog>
 FASTDL_MULTIVERSION void forward_rows(const T* x, int64_t x_stride, T* y, int64_t begin, int64_t end, int64_t cols) {
-  if constexpr (kIs16Bit<T>) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    FloatRows buf(1, cols);
+    for (int64_t r = begin; r < end; ++r) softmax_row_forward_bf16<kLog>(x + r * x_stride, y + r * cols, buf[0], cols);
+  } else if constexpr (kIs16Bit<T>) {
     FloatRows buf(2, cols);
     for (int64_t r = begin; r < end; ++r) {
       row_to_float(x + r * x_stride, buf[0], cols);
@@ -165,9 +175,8 @@ int64_t chunk_len(int64_t cols, int64_t c) { return std::min(kChunkCols, cols - 
 // A chunk of only -inf gives max -inf, sum 0 and zeros; a NaN anywhere makes the sum NaN.
 template <typename T, bool kLog>
 FASTDL_MULTIVERSION void forward_chunk_stats(const T* x, T* y, int64_t n, T* chunk_max, T* chunk_sum) {
-  T max_val = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : max_val)
-  for (int64_t j = 0; j < n; ++j) max_val = x[j] > max_val ? x[j] : max_val;
+  const T max_val =
+      max_quarters<T>(n, -std::numeric_limits<T>::infinity(), [&](int64_t j) FASTDL_LAMBDA_INLINE { return x[j]; });
   T sum = 0;
   if (max_val == -std::numeric_limits<T>::infinity()) {  // -inf and NaN only (the max skips NaN)
     if constexpr (!kLog) std::fill(y, y + n, T(0));
