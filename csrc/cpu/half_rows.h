@@ -143,6 +143,51 @@ __attribute__((target("avx,f16c"))) inline void half_rows_add_f16c(const uint16_
     sum[j] = _cvtsh_ss(h[j]);
   }
 }
+
+// 8 fp16 values as floats, and 8 floats rounded into fp16 (to nearest even).
+__attribute__((target("avx,f16c"))) inline __m256 half_load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+__attribute__((target("avx,f16c"))) inline void half_store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// An fp16 row into float `dst`, returning its max (a NaN skipped: vmaxps(v, m) gives m).
+__attribute__((target("avx,f16c"))) inline float half_row_to_float_max_f16c(const uint16_t* __restrict src,
+                                                                           float* __restrict dst, int64_t n) {
+  __m256 m0 = _mm256_set1_ps(-__builtin_inff()), m1 = m0;  // two chains (vmaxps latency)
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+    const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j + 8)));
+    _mm256_storeu_ps(dst + j, a);
+    _mm256_storeu_ps(dst + j + 8, b);
+    m0 = _mm256_max_ps(a, m0);
+    m1 = _mm256_max_ps(b, m1);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(m0, m1));
+  float m = lanes[0];
+  for (int k = 1; k < 8; ++k) m = lanes[k] > m ? lanes[k] : m;
+  for (; j < n; ++j) {
+    const float v = _cvtsh_ss(src[j]);
+    dst[j] = v;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// src * scale rounded into an fp16 row.
+__attribute__((target("avx,f16c"))) inline void half_row_from_float_scaled_f16c(const float* __restrict src,
+                                                                                float scale, uint16_t* __restrict dst,
+                                                                                int64_t n) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(src + j), s), _MM_FROUND_TO_NEAREST_INT));
+  for (; j < n; ++j) dst[j] = _cvtss_sh(src[j] * scale, _MM_FROUND_TO_NEAREST_INT);
+}
 #endif
 
 // half_rows_add_soft, with F16C where the CPU has it.
@@ -181,6 +226,40 @@ template <typename T> FASTDL_INLINE void row_from_float(const float* __restrict 
     if (cpu_has_f16c()) return half_row_from_float_f16c(src, raw, n);
 #endif
     half_row_from_float_soft(src, raw, n);
+  }
+}
+
+// A 16-bit row into float `dst`, returning its max (NaNs skipped, as max_quarters does).
+template <typename T> FASTDL_INLINE float row_to_float_max(const T* __restrict src, float* __restrict dst, int64_t n) {
+  const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
+  if constexpr (std::is_same_v<T, c10::Half>) {
+#ifdef FASTDL_F16C
+    if (cpu_has_f16c()) return half_row_to_float_max_f16c(raw, dst, n);
+#endif
+    half_row_to_float_soft(raw, dst, n);
+    return max_quarters<float>(n, -__builtin_inff(), [&](int64_t j) FASTDL_LAMBDA_INLINE { return dst[j]; });
+  } else {
+    return max_quarters<float>(n, -__builtin_inff(), [&](int64_t j) FASTDL_LAMBDA_INLINE {
+      const float v = bf16_to_float(raw[j]);
+      dst[j] = v;
+      return v;
+    });
+  }
+}
+
+// src * scale rounded into a 16-bit row.
+template <typename T>
+FASTDL_INLINE void row_from_float_scaled(const float* __restrict src, float scale, T* __restrict dst, int64_t n) {
+  uint16_t* raw = reinterpret_cast<uint16_t*>(dst);
+  if constexpr (std::is_same_v<T, c10::Half>) {
+#ifdef FASTDL_F16C
+    if (cpu_has_f16c()) return half_row_from_float_scaled_f16c(src, scale, raw, n);
+#endif
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) raw[j] = float_to_half(src[j] * scale);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) raw[j] = float_to_bf16(src[j] * scale);
   }
 }
 
