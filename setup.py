@@ -9,6 +9,8 @@ Environment:
   FASTDL_NO_NATIVE=1      skip the native build entirely (pure-Python install)
   TORCH_CUDA_ARCH_LIST    e.g. "8.0;9.0a" (default: sm_80 and sm_90a)
   MAX_JOBS                parallel compile jobs
+  FASTDL_CPU_ISA          x86-64-v3 or baseline: the CPU kernels for that ISA level only
+                          (for tests; the default builds every level, picked at load time)
 """
 import os
 import shutil

@@ -12,7 +12,9 @@
   torch, and the CPU-only build against it needs no CUDA toolkit
   (scripts/check_cuda_build.sh; `make test` provides the environment); a CUDA build that
   fails without having been asked for leaves setup.py with the CPU part;
-* the CPU extension was built and loads.
+* the CPU extension was built and loads;
+* the CPU kernels built for the ISA levels this machine would not pick (x86-64-v3, the
+  baseline) pass the CPU kernels' tests too.
 """
 import os
 import re
@@ -149,6 +151,52 @@ def test_cuda_part_builds_against_cuda_torch():
     assert "CUDA kernels registered" in result.stdout
 
 
+def _copy_sources(dest: Path) -> Path:
+    """The tracked files of this checkout, copied to dest."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    _require(files, "git ls-files")
+    for name in files:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def _cpu_supports(*flags: str) -> bool:
+    try:
+        cpu_flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        return False
+    return all(flag in cpu_flags for flag in flags)
+
+
+@pytest.mark.parametrize("level", ["x86-64-v3", "baseline"])
+def test_cpu_kernels_of_the_other_isa_levels(tmp_path, level):
+    """The CPU kernels are built once per x86-64 ISA level (v4, v3, baseline) and the loader
+    picks the one this CPU runs (csrc/cpu/common.h), so the suite alone tests one of them.
+    Here fastdl._C is built for one other level (FASTDL_CPU_ISA), in a copy of the sources,
+    and the CPU kernels' tests run against it (~2 min a level)."""
+    import platform
+
+    _require(platform.machine() == "x86_64", "an x86-64 machine")
+    if level == "x86-64-v3":
+        _require(_cpu_supports("avx2", "fma", "f16c", "bmi2", "movbe"), "a CPU with x86-64-v3")
+    src = _copy_sources(tmp_path / "src")
+    env = {**os.environ, "FASTDL_BUILD_CUDA": "0", "FASTDL_CPU_ISA": level}
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True,
+                           text=True, env=env, timeout=1200)
+    log = (build.stdout + build.stderr)[-6000:]
+    assert build.returncode == 0, log
+    assert f"CPU kernels for one ISA level only: {level}" in build.stdout + build.stderr, log
+    # the copy's package, not the checkout's (the editable install's finder comes after sys.path)
+    where = subprocess.run([sys.executable, "-c", "import fastdl._C; print(fastdl._C.__file__)"], cwd=src,
+                           capture_output=True, text=True, env=env)
+    assert where.stdout.strip().startswith(str(src)), where.stdout + where.stderr
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "tests/test_softmax.py", "tests/test_layer_norm.py", "-k", "cpu and not triton and not torch-"],
+                         cwd=src, capture_output=True, text=True, env=env, timeout=1200)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-6000:] + run.stderr[-3000:]
+
+
 def test_failed_cuda_build_not_asked_for_falls_back_to_cpu(tmp_path):
     """setup.py against a CUDA torch whose CUDA build fails (here: an nvcc that always fails,
     as a toolkit with nvcc but not the rest would): without FASTDL_BUILD_CUDA it warns and
@@ -157,12 +205,7 @@ def test_failed_cuda_build_not_asked_for_falls_back_to_cpu(tmp_path):
     venv = os.environ.get("FASTDL_CUDA_VENV")
     _require(venv and (ROOT / venv / "bin" / "python").exists(), "FASTDL_CUDA_VENV's venv (made by the test above)")
     py = str(ROOT / venv / "bin" / "python")
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    _require(files, "git ls-files")
-    src = tmp_path / "src"
-    for name in files:
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, src / name)
+    src = _copy_sources(tmp_path / "src")
     toolkit = tmp_path / "cuda" / "bin"
     toolkit.mkdir(parents=True)
     (toolkit / "nvcc").write_text("#!/bin/sh\necho 'nvcc: this toolkit is broken' >&2\nexit 1\n")

@@ -12,7 +12,13 @@ namespace fastdl::cpu {
 // ISAs: x86-64-v4 (AVX-512 F/BW/DQ/VL) converts and packs 16-bit rows in 512-bit
 // registers, where an "avx512f" clone, lacking BW, did so in 256-bit ones; x86-64-v3 is
 // AVX2 with FMA and F16C.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// A test build can ask for one level (FASTDL_CPU_ISA, CMakeLists.txt), to run the code of
+// a level this machine would not pick.
+#if defined(FASTDL_CPU_ISA_BASELINE)
+#define FASTDL_MULTIVERSION
+#elif defined(FASTDL_CPU_ISA_V3)
+#define FASTDL_MULTIVERSION __attribute__((target("arch=x86-64-v3")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTDL_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTDL_MULTIVERSION
