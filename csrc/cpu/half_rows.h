@@ -103,8 +103,12 @@ FASTDL_INLINE void half_rows_add_soft(const uint16_t* __restrict x, const uint16
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTDL_F16C 1
 inline bool cpu_has_f16c() {
+#ifdef FASTDL_CPU_ISA_BASELINE
+  return false;  // a baseline test build (CMakeLists.txt) runs the software conversions
+#else
   static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
   return has;
+#endif
 }
 
 __attribute__((target("avx,f16c"))) inline void half_row_to_float_f16c(const uint16_t* __restrict src,
