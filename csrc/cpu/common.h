@@ -32,7 +32,9 @@ template <> struct Acc<double> { using type = double; };
 // Rows per parallel task: at least `work` elements each (~32k by default), so threads
 // are not woken for tiny rows. softmax takes 8k: its exp makes each element dearer, and
 // a 32 x 512 input then runs on two threads (10.8 -> 7.4 us, torch 6.9 us, 2-core VM).
-inline int64_t grain_rows(int64_t cols, int64_t work = 32768) { return cols >= work ? 1 : work / (cols > 0 ? cols : 1); }
+inline int64_t grain_rows(int64_t cols, int64_t work = 32768) {
+  return cols >= work ? 1 : work / (cols > 0 ? cols : 1);
+}
 
 // The sum over j in [0, n) of term(j) (which may also store), as four vector sums over
 // the four quarters of the range, added at the end. One vector accumulator is a chain of
