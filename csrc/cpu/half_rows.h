@@ -181,16 +181,17 @@ __attribute__((target("avx,f16c"))) inline float half_row_to_float_max_f16c(cons
   return m;
 }
 
-// src * scale rounded into an fp16 row.
-__attribute__((target("avx,f16c"))) inline void half_row_from_float_scaled_f16c(const float* __restrict src,
-                                                                                float scale, uint16_t* __restrict dst,
-                                                                                int64_t n) {
-  const __m256 s = _mm256_set1_ps(scale);
+// src * scale + offset rounded into an fp16 row.
+__attribute__((target("avx,f16c"))) inline void half_row_from_float_affine_f16c(const float* __restrict src,
+                                                                                float scale, float offset,
+                                                                                uint16_t* __restrict dst, int64_t n) {
+  const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(src + j), s), _MM_FROUND_TO_NEAREST_INT));
-  for (; j < n; ++j) dst[j] = _cvtss_sh(src[j] * scale, _MM_FROUND_TO_NEAREST_INT);
+                     _mm256_cvtps_ph(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(src + j), s), o),
+                                     _MM_FROUND_TO_NEAREST_INT));
+  for (; j < n; ++j) dst[j] = _cvtss_sh(src[j] * scale + offset, _MM_FROUND_TO_NEAREST_INT);
 }
 #endif
 
@@ -251,19 +252,21 @@ template <typename T> FASTDL_INLINE float row_to_float_max(const T* __restrict s
   }
 }
 
-// src * scale rounded into a 16-bit row.
+// src * scale + offset rounded into a 16-bit row (with scale 1 or offset 0, exactly the
+// one operation: a fused multiply-add of either rounds once, as the plain one does).
 template <typename T>
-FASTDL_INLINE void row_from_float_scaled(const float* __restrict src, float scale, T* __restrict dst, int64_t n) {
+FASTDL_INLINE void row_from_float_affine(const float* __restrict src, float scale, float offset, T* __restrict dst,
+                                         int64_t n) {
   uint16_t* raw = reinterpret_cast<uint16_t*>(dst);
   if constexpr (std::is_same_v<T, c10::Half>) {
 #ifdef FASTDL_F16C
-    if (cpu_has_f16c()) return half_row_from_float_scaled_f16c(src, scale, raw, n);
+    if (cpu_has_f16c()) return half_row_from_float_affine_f16c(src, scale, offset, raw, n);
 #endif
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) raw[j] = float_to_half(src[j] * scale);
+    for (int64_t j = 0; j < n; ++j) raw[j] = float_to_half(src[j] * scale + offset);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) raw[j] = float_to_bf16(src[j] * scale);
+    for (int64_t j = 0; j < n; ++j) raw[j] = float_to_bf16(src[j] * scale + offset);
   }
 }
 

@@ -71,28 +71,29 @@ FASTDL_INLINE void softmax_row_forward(const T* __restrict x, T* __restrict y, i
 }
 
 // A 16-bit row (bf16, fp16) in three passes, as the float kernel's: x into the float row
-// `buf` while finding the max, exp in place while summing, then scaled and rounded into y
-// (log_softmax: shifted in place, then rounded). bf16 converts with a shift, fp16 with
-// F16C where the CPU has it (csrc/cpu/half_rows.h). (Converting inside the exp loop
-// instead left that loop scalar in GCC's target_clones functions.)
+// `buf` while finding the max, exp in place while summing (log_softmax: x - max), then
+// scaled (less log(sum)) and rounded into y. bf16 converts with a shift, fp16 with F16C
+// where the CPU has it (csrc/cpu/half_rows.h). (Converting inside the exp loop instead
+// left that loop scalar in GCC's target_clones functions.)
 template <typename T, bool kLog>
 FASTDL_INLINE void softmax_row_forward_16(const T* __restrict x, T* __restrict y, float* __restrict buf,
                                           int64_t cols) {
   const float max_val = row_to_float_max(x, buf, cols);
   if constexpr (kLog) {
-    const float sum =
-        blocked_sum<float>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE { return exp_acc(buf[j] - max_val); });
-    const float log_sum = std::log(sum);
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) buf[j] = (buf[j] - max_val) - log_sum;
-    row_from_float_scaled(buf, 1.0f, y, cols);
+    // (x - max) - log(sum), in that order, as the float kernel
+    const float sum = blocked_sum<float>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
+      const float shifted = buf[j] - max_val;
+      buf[j] = shifted;
+      return exp_acc(shifted);
+    });
+    row_from_float_affine(buf, 1.0f, -std::log(sum), y, cols);
   } else {
     const float sum = blocked_sum<float>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
       const float e = exp_acc(buf[j] - max_val);
       buf[j] = e;
       return e;
     });
-    row_from_float_scaled(buf, 1.0f / sum, y, cols);
+    row_from_float_affine(buf, 1.0f / sum, 0.0f, y, cols);
   }
 }
 
