@@ -22,9 +22,10 @@ TORCH_LIBRARY(fastdl, m) {
   m.def("softmax_rows_forward(Tensor x, bool log) -> Tensor");
   // grad_x from grad_out and the forward's output
   m.def("softmax_rows_backward(Tensor grad_out, Tensor out, bool log) -> Tensor");
-  // softmax_rows_forward with its backward recorded as a C++ autograd node (the eager
-  // path of the native backends: csrc/autograd/softmax.cpp)
-  m.def("softmax_rows(Tensor x, bool log) -> Tensor");
+  // the eager path of the native backends (csrc/autograd/softmax.cpp): softmax of x of any
+  // shape along dim (normalised, >= 0), through softmax_rows_forward, with its backward
+  // recorded as a C++ autograd node when x requires grad
+  m.def("softmax_eager(Tensor x, int dim, bool log) -> Tensor");
   // layer_norm / rms_norm over the last dim of (rows, cols), with an optional residual
   // added first (fused add); returns (y, x + residual or empty, mean or empty (rms),
   // rstd), statistics in float32 (float64 for float64)
@@ -34,11 +35,12 @@ TORCH_LIBRARY(fastdl, m) {
   // reduced deterministically; dsum is the gradient reaching x + residual from elsewhere
   m.def("layer_norm_rows_backward(Tensor dy, Tensor? dsum, Tensor x, Tensor? weight, Tensor? mean, Tensor rstd,"
         " bool has_bias, bool rms) -> (Tensor, Tensor, Tensor)");
-  // layer_norm_rows_forward with its backward recorded as a C++ autograd node (the eager
-  // path of the native backends: csrc/autograd/layer_norm.cpp); returns (y, x + residual
-  // or empty)
-  m.def("layer_norm_rows(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms)"
-        " -> (Tensor, Tensor)");
+  // the eager path of the native backends (csrc/autograd/layer_norm.cpp): x of any shape,
+  // normalised over its last normalized_ndim dims (weight / bias of those dims' shape),
+  // through layer_norm_rows_forward, with its backward recorded as a C++ autograd node
+  // when a gradient is wanted; returns (y, x + residual or empty)
+  m.def("layer_norm_eager(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, int normalized_ndim, float eps,"
+        " bool rms) -> (Tensor, Tensor)");
 }
 
 static bool native_built_with_cuda() {

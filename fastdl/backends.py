@@ -178,7 +178,7 @@ def _why_not(op: str, backend: str, device_type: str, dtype: torch.dtype) -> str
 @functools.lru_cache(maxsize=1024)
 def _resolve_cached(op: str, device_type: str, dtype: torch.dtype, choice: str) -> tuple[str | None, str | None]:
     """(backend, None) or (None, error message). What can run never changes within a process."""
-    if choice != "auto":
+    if _check_name(choice) != "auto":  # (a bad name raises ValueError, never cached)
         reason = _why_not(op, choice, device_type, dtype)
         if reason is not None:
             return None, f"fastdl.{op}: backend {choice!r} cannot run here: {reason}"
@@ -202,9 +202,11 @@ def resolve(op: str, t: torch.Tensor) -> str:
 
     Raises BackendUnavailableError when a named backend cannot run it.
     """
-    # t.is_cuda / t.is_cpu: a tenth of the cost of t.device.type, on every call
+    # t.is_cuda / t.is_cpu: a tenth of the cost of t.device.type, on every call; the
+    # choice as get_backend() finds it, less a call (_resolve_cached checks the name)
     device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
-    backend, error = _resolve_cached(op, device_type, t.dtype, get_backend())
+    choice = _scoped_choice.get() or _global_choice or _env_choice or "auto"
+    backend, error = _resolve_cached(op, device_type, t.dtype, choice)
     if error is not None:
         raise BackendUnavailableError(error)
     return backend

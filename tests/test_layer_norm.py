@@ -218,6 +218,29 @@ def test_native_backends_record_a_cpp_autograd_node(case, variant):
         assert "NormRows" in o.grad_fn.name(), o.grad_fn.name()
 
 
+@pytest.mark.parametrize("leaf", ["x", "residual", "weight", "bias"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_one_input_requiring_grad_gets_its_gradient(case, leaf):
+    """Only one of x, residual, weight, bias requires grad (a frozen layer, fine-tuning the
+    norms alone): the call still records its backward and that input's gradient matches,
+    in a 3-D call (the native ops' reshapes) and in no_grad (no graph at all)."""
+    backend, device = case
+    x, res, w, b = (t.detach() for t in _inputs((6, 40), torch.float32, device, "add_layer_norm"))
+    x, res = x.view(2, 3, 40), res.view(2, 3, 40)
+    inputs = {"x": x, "residual": res, "weight": w, "bias": b}
+    inputs[leaf].requires_grad_()
+    dy = torch.randn_like(x)
+    with fastdl.use_backend(backend):
+        with torch.no_grad():
+            assert not fastdl.ops.add_layer_norm(x, res, 40, w, b)[1].requires_grad
+        _, y = fastdl.ops.add_layer_norm(x, res, 40, w, b)
+        (grad,) = torch.autograd.grad(y, inputs[leaf], dy)
+    inputs64 = {k: t.detach().double().requires_grad_(k == leaf) for k, t in inputs.items()}
+    _, y64 = R.add_layer_norm(inputs64["x"], inputs64["residual"], 40, inputs64["weight"], inputs64["bias"])
+    (ref,) = torch.autograd.grad(y64, inputs64[leaf], dy.double())
+    assert_close(grad, ref, torch.float32, f"grad of {leaf}")
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_zero_rows(case):
     backend, device = case

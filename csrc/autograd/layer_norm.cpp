@@ -37,13 +37,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_grads(const at::Te
 }
 
 struct NormRows : public torch::autograd::Function<NormRows> {
+  using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
+  static c10::TypedOperatorHandle<Forward> forward_op() {
+    static const auto op = typed_op<Forward>("fastdl::layer_norm_rows_forward");
+    return op;
+  }
+
   // -> (y, x + residual); the second is empty, and not differentiable, without a residual
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& residual,
                                const OptTensor& weight, const OptTensor& bias, double eps, bool rms) {
-    using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
-    static const auto op = typed_op<Forward>("fastdl::layer_norm_rows_forward");
-    auto [y, h, mean, rstd] = op.call(x, residual, weight, bias, eps, rms);
+    auto [y, h, mean, rstd] = forward_op().call(x, residual, weight, bias, eps, rms);
     const bool fused = residual.has_value();
     ctx->save_for_backward({fused ? h : x, weight.value_or(at::Tensor()), rms ? at::Tensor() : mean, rstd});
     ctx->saved_data["fused"] = fused;
@@ -83,15 +87,42 @@ struct NormRows : public torch::autograd::Function<NormRows> {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> layer_norm_rows(const at::Tensor& x, const OptTensor& residual,
-                                                   const OptTensor& weight, const OptTensor& bias, double eps,
-                                                   bool rms) {
-  variable_list out = NormRows::apply(x, residual, weight, bias, eps, rms);
-  return {out[0], out[1]};
+// Eager entry of the native backends: x of any shape, normalised over its last
+// normalized_ndim dims. The reshapes to (rows, n) and back happen here, under autograd
+// (this is a CompositeImplicitAutograd kernel), so they are differentiable views; the
+// autograd node is recorded only when a gradient is wanted. Done in C++ rather than in
+// fastdl/ops/layer_norm.py: the Python reshapes and helpers cost ~3 us a call.
+std::tuple<at::Tensor, at::Tensor> layer_norm_eager(const at::Tensor& x, const OptTensor& residual,
+                                                    const OptTensor& weight, const OptTensor& bias,
+                                                    int64_t normalized_ndim, double eps, bool rms) {
+  TORCH_CHECK(normalized_ndim >= 1 && normalized_ndim <= x.dim(), "fastdl.layer_norm: normalized_ndim ",
+              normalized_ndim, " out of range for a ", x.dim(), "-D x");
+  const int64_t split = x.dim() - normalized_ndim;
+  int64_t rows = 1, n = 1;
+  for (int64_t d = 0; d < x.dim(); ++d) (d < split ? rows : n) *= x.size(d);
+  const bool two_d = x.dim() == 2 && normalized_ndim == 1;
+  auto as_rows = [&](const at::Tensor& t) { return contiguous_rows(two_d ? t : t.reshape({rows, n})); };
+  auto flat = [&](const OptTensor& p) { return p.has_value() && p->dim() != 1 ? OptTensor(p->reshape({n})) : p; };
+  const at::Tensor x_rows = as_rows(x);
+  const OptTensor residual_rows = residual.has_value() ? OptTensor(as_rows(*residual)) : std::nullopt;
+  const OptTensor weight_flat = flat(weight), bias_flat = flat(bias);
+  auto wants_grad = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+  at::Tensor y, h;
+  if (at::GradMode::is_enabled() &&
+      (x.requires_grad() || wants_grad(residual) || wants_grad(weight) || wants_grad(bias))) {
+    variable_list out = NormRows::apply(x_rows, residual_rows, weight_flat, bias_flat, eps, rms);
+    y = out[0];
+    h = out[1];
+  } else {  // no graph to record: the forward alone, without the autograd node's cost
+    std::tie(y, h, std::ignore, std::ignore) = NormRows::forward_op().call(x_rows, residual_rows, weight_flat,
+                                                                           bias_flat, eps, rms);
+  }
+  if (two_d) return {y, h};
+  return {y.view(x.sizes()), residual.has_value() ? h.view(x.sizes()) : h};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastdl, CompositeImplicitAutograd, m) { m.impl("layer_norm_rows", &layer_norm_rows); }
+TORCH_LIBRARY_IMPL(fastdl, CompositeImplicitAutograd, m) { m.impl("layer_norm_eager", &layer_norm_eager); }
 
 }  // namespace fastdl

@@ -36,6 +36,8 @@ def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Te
 
 def normalize_dim(op: str, dim: int, ndim: int) -> int:
     """dim in [-ndim, ndim) -> [0, ndim); a 0-d tensor takes dim 0 or -1 (as torch)."""
+    if type(dim) is int and -ndim <= dim < ndim:  # the common case in one test (host time counts)
+        return dim % ndim
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"fastdl.{op}: argument dim must be an int, got {type(dim).__name__}")
     rank = max(ndim, 1)
@@ -100,6 +102,8 @@ def autocast_dtype(op: str, x: torch.Tensor) -> torch.dtype | None:
 
     Under torch.compile the probe is traced (uncached): its dtype is known when the graph
     is built and its one-element tensor is dead code."""
+    if not torch._C._is_any_autocast_enabled():  # the common case in one call (host time counts)
+        return None
     device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None  # cheaper than x.device.type
     if device_type is None or not torch.is_autocast_enabled(device_type):
         return None

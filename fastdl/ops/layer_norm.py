@@ -5,7 +5,7 @@ All four are one row op, "norm": normalise each row of a (rows, N) view, N the p
 of normalized_shape, with optional residual (fused add), weight and bias. Backends take
 those 2-D rows and return fp32 statistics (fp64 for fp64) for the backward.
 As in ops/softmax.py: eager calls of the cpu / cuda backends go through the native op
-layer_norm_rows, whose autograd node is C++; those of triton / torch through an
+layer_norm_eager, whose autograd node is C++; those of triton / torch through an
 autograd.Function (or, without grad, neither); torch.compile through the custom ops
 torch.ops.fastdl.norm / norm_backward. Under torch.func's transforms (grad, vmap, jacrev,
 functional_call per-sample gradients), whose wrapped tensors neither kind of autograd
@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastdl import backends
+from fastdl import _native, backends
 from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, autocast_dtype, check_float, check_same, check_tensor
 
@@ -273,24 +273,18 @@ class _NormFunction(torch.autograd.Function):
 
 
 # --- eager path of the native backends ---------------------------------------------------
-def _native_autograd(x, residual, weight, bias, normalized_ndim, eps, rms):
-    """(y, h or None) from the native op whose autograd node is C++ (csrc/autograd/layer_norm.cpp):
-    no Python runs in the backward. The reshapes around it are differentiable views."""
-    rows, n = _rows_and_n(x, normalized_ndim)
-    y, h = torch.ops.fastdl.layer_norm_rows.default(_as_rows(x, rows, n), _as_rows(residual, rows, n),
-                                                    _flat(weight, n), _flat(bias, n), eps, rms)
-    if residual is None:
-        h = None
-    if x.dim() != 2 or normalized_ndim != 1:
-        y = y.view(x.shape)
-        h = h.view(x.shape) if h is not None else None
-    return y, h
+# x of any shape through the native op layer_norm_eager: the reshapes to rows and back, and
+# the autograd node (csrc/autograd/layer_norm.cpp) when a gradient is wanted, run in C++,
+# so no Python runs in the backward and a call costs less host time.
+_layer_norm_eager = torch.ops.fastdl.layer_norm_eager.default if _native.LOADED else None
 
 
 # --- public API ------------------------------------------------------------------------
 def _normalized_shape(op, normalized_shape):
-    if type(normalized_shape) is int:  # the common case, checked first (host time counts: see _forward)
+    if type(normalized_shape) is int:  # the common cases, checked first (host time counts: see _forward)
         return (normalized_shape,)
+    if type(normalized_shape) is tuple and len(normalized_shape) == 1 and type(normalized_shape[0]) is int:
+        return normalized_shape  # a module's own: torch.nn.LayerNorm keeps a tuple
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise TypeError(f"fastdl.{op}: argument normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}")
@@ -298,6 +292,8 @@ def _normalized_shape(op, normalized_shape):
 
 
 def _check_param(op, name, param, shape, x):
+    if isinstance(param, Tensor) and param.dtype in FLOAT_DTYPES and param.shape == shape and param.device == x.device:
+        return  # the common case in one test (host time counts)
     check_tensor(op, name, param)
     check_float(op, name, param)
     if param.shape != shape:
@@ -307,11 +303,12 @@ def _check_param(op, name, param, shape, x):
 
 
 def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
-    check_tensor(op, "x", x)
-    check_float(op, "x", x)
+    if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
+        check_tensor(op, "x", x)
+        check_float(op, "x", x)
     shape = _normalized_shape(op, normalized_shape)
-    ndim = len(shape)
-    if ndim == 0 or x.dim() < ndim or x.shape[x.dim() - ndim:] != shape:
+    ndim, x_dim = len(shape), x.dim()
+    if ndim == 0 or x_dim < ndim or (x.size(-1) != shape[0] if ndim == 1 else x.shape[x_dim - ndim:] != shape):
         raise ValueError(f"fastdl.{op}: normalized_shape {shape} does not match the last dims of x of shape "
                          f"{tuple(x.shape)}")
     if residual is not None:
@@ -326,22 +323,20 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
         x, residual, weight, bias = (t.to(cast) if t is not None else None for t in (x, residual, weight, bias))
     if eps is None:
         eps = torch.finfo(x.dtype).eps  # rms_norm's default, as torch
-    args = (x, residual, weight, bias, ndim, float(eps), rms)
+    eps = float(eps)
     if torch._C._are_functorch_transforms_active():  # torch.func.grad / vmap / jacrev ...
-        y, h = _torch_forward(x, residual, weight, bias, float(eps), rms, ndim)[:2]
+        y, h = _torch_forward(x, residual, weight, bias, eps, rms, ndim)[:2]
     elif torch.compiler.is_compiling():
-        y, h = torch.ops.fastdl.norm(*args)[:2]
+        y, h = torch.ops.fastdl.norm(x, residual, weight, bias, ndim, eps, rms)[:2]
+    elif (backend := backends.resolve(RMS_OP if rms else OP, x)) in backends.NATIVE:
+        y, h = _layer_norm_eager(x, residual, weight, bias, ndim, eps, rms)
     elif torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad) or
                                       (weight is not None and weight.requires_grad) or
                                       (bias is not None and bias.requires_grad)):
-        backend = backends.resolve(RMS_OP if rms else OP, x)
-        if backend in backends.NATIVE:
-            y, h = _native_autograd(*args)
-        else:
-            out = _NormFunction.apply(*args, backend)
-            y, h = out if residual is not None else (out, None)
+        out = _NormFunction.apply(x, residual, weight, bias, ndim, eps, rms, backend)
+        y, h = out if residual is not None else (out, None)
     else:
-        y, h = _forward(*args)[:2]
+        y, h = _forward(x, residual, weight, bias, ndim, eps, rms, backend)[:2]
     return (h, y) if residual is not None else y
 
 

@@ -5,8 +5,9 @@ Every backend works on a 2-D (rows, cols) tensor with the softmax dim last and
 contiguous (see ops/_common.as_rows); this file does the reshaping once for all.
 
 Three entries into the same forward/backward:
-  * eager, cpu / cuda backends: the native op softmax_rows, whose autograd node is C++
-    (csrc/autograd/softmax.cpp): no Python runs in the backward
+  * eager, cpu / cuda backends: the native op softmax_eager, which moves the layout and
+    records its autograd node in C++ (csrc/autograd/softmax.cpp): no Python runs in the
+    backward
   * eager, triton / torch backends: a torch.autograd.Function (measured on the dev
     machine: 6 us of Python overhead a call, against 11-20 us through the custom op's
     dispatcher); without a gradient to record, neither: the backend's forward alone
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdl import backends
+from fastdl import _native, backends
 from fastdl import reference as R
 from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, as_rows, autocast_dtype, check_float, check_same, check_tensor, \
@@ -118,6 +119,9 @@ class _SoftmaxFunction(torch.autograd.Function):
 
 
 # --- public API ------------------------------------------------------------------
+_softmax_eager = torch.ops.fastdl.softmax_eager.default if _native.LOADED else None
+
+
 def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
     check_tensor(op, "x", x)
     if dtype is not None:
@@ -132,13 +136,14 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
         return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
     if torch.compiler.is_compiling():
         return torch.ops.fastdl.softmax(x, dim, log)
+    backend = backends.resolve("softmax", x)
+    if backend in backends.NATIVE:
+        # the layout moves and the autograd node (when x requires grad) in C++
+        # (csrc/autograd/softmax.cpp): no Python in the backward, and less host time
+        return _softmax_eager(x, dim, log)
     if x.requires_grad and torch.is_grad_enabled():
-        backend = backends.resolve("softmax", x)
-        if backend in backends.NATIVE:
-            # autograd recorded in C++ (csrc/autograd/softmax.cpp): no Python in the step
-            return from_rows(torch.ops.fastdl.softmax_rows.default(as_rows(x, dim), log), x, dim)
         return _SoftmaxFunction.apply(x, dim, log, backend)
-    return _forward(x, dim, log)  # no graph to record: skip autograd.Function's ~5 us
+    return from_rows(_rows_forward(backend, as_rows(x, dim), log), x, dim)  # no graph to record
 
 
 def softmax(x: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tensor:
