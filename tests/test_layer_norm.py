@@ -242,6 +242,27 @@ def test_one_input_requiring_grad_gets_its_gradient(case, leaf):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_no_grad_and_inference_mode(case):
+    """No graph is recorded under no_grad, though every input requires grad, and an
+    inference_mode call gives inference tensors: the eager paths that skip the autograd
+    node (the native ops' forward alone) are right."""
+    backend, device = case
+    x, res, w, b = _inputs((6, 40), torch.float32, device, "add_layer_norm")
+    x, res = x.view(2, 3, 40), res.view(2, 3, 40)
+    with torch.no_grad():
+        ref_h, ref_y = R.add_layer_norm(x.double(), res.double(), 40, w.double(), b.double())
+    with fastdl.use_backend(backend):
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                h, y = fastdl.ops.add_layer_norm(x, res, 40, w, b)
+            for out, ref in ((h, ref_h), (y, ref_y)):
+                assert out.grad_fn is None and not out.requires_grad
+                assert out.is_inference() == (mode is torch.inference_mode)
+                assert out.shape == x.shape
+                assert_close(out, ref, torch.float32, mode.__name__)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_zero_rows(case):
     backend, device = case
     x = torch.randn(0, 16, device=device, requires_grad=True)

@@ -91,6 +91,24 @@ def test_native_backends_record_a_cpp_autograd_node(case):
             assert "SoftmaxRows" in name, name
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_no_grad_and_inference_mode(case):
+    """No graph is recorded under no_grad, even for an x that requires grad, and an
+    inference_mode call gives an inference tensor: the eager paths that skip the autograd
+    node (the native ops' forward alone) are right, and in every layout."""
+    backend, device = case
+    x = torch.randn(4, 9, 33, device=device, requires_grad=True)
+    with fastdl.use_backend(backend):
+        for mode in (torch.no_grad, torch.inference_mode):
+            for dim in (-1, 1):
+                with mode():
+                    y = fastdl.ops.softmax(x, dim)
+                assert y.grad_fn is None and not y.requires_grad
+                assert y.is_inference() == (mode is torch.inference_mode)
+                assert y.is_contiguous()
+                assert_close(y, _reference(x.detach(), dim, False), torch.float32, f"{mode.__name__} dim={dim}")
+
+
 @pytest.mark.parametrize("dim", [0, 1, -1, -3])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_any_dim_and_leading_dims(case, dim):
