@@ -120,6 +120,29 @@ def test_parameter_gradients_are_deterministic(case, shape):
         assert torch.equal(first, second), "two runs gave different parameter gradients"
 
 
+@pytest.mark.skipif("cpu" not in fastdl.available_backends("cpu"), reason="the CPU kernels are not built")
+@pytest.mark.parametrize("shape", [(300, 768), (5000, 64), (3, 20000)], ids=str)
+def test_cpu_gradients_same_bits_any_thread_count(shape):
+    """The CPU backward's dweight / dbias chunking depends on the shape alone (csrc/cpu/
+    layer_norm.cpp), never on the thread count: 1, 2, 3 or 8 threads give the same bits."""
+    x, res, w, b = _inputs(shape, torch.float32, "cpu", "add_layer_norm")
+    dy = torch.randn(shape)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3, 8):
+            torch.set_num_threads(count)
+            with fastdl.use_backend("cpu"):
+                _, y = fastdl.ops.add_layer_norm(x, res, shape[-1], w, b)
+                results.append(torch.autograd.grad((y,), (x, w, b), (dy,)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for first, second in zip(results[0], other):
+            assert torch.equal(first, second), "another thread count gave other gradient bits"
+    _check("cpu", "add_layer_norm", x, res, w, b, torch.float32)
+
+
 CUDA_CASES = [c for c in CASES if c[0] == "cuda"] or [
     pytest.param(("cuda", "cuda"), marks=pytest.mark.skip(reason="the cuda backend needs a GPU and the CUDA build"))]
 
