@@ -34,23 +34,23 @@ NATIVE = ("cuda", "cpu")
 # `python -m fastdl.bench.preference benchmarks/results/<device>` ranks the backends.
 # cuda: no GPU run committed yet; triton first as the issues' primary kernels, revisit
 # with benchmarks/results/h100 once measured.
-# cpu: benchmarks/results/cpu, run at 88fb053 (fastdl-cpu vs torch eager, 2-core Xeon VM;
-# the 2c43ffc run on a 2-core EPYC gave the same orders).
+# cpu: benchmarks/results/cpu, run at 04ec140 (fastdl-cpu vs torch eager, 2-core Xeon VM;
+# the 88fb053 run there and the 2c43ffc run on a 2-core EPYC gave the same orders).
 PREFERENCE = {
     "softmax": {
         "cuda": ("triton", "cuda", "torch"),
-        "cpu": ("cpu", "torch"),  # fp32 4096x4096: fwd 2.04x, bwd 1.62x
-        # 4096x1024: bf16 fwd 0.90x / bwd 0.83x; fp16 0.94x / 1.02x (re-run at de3c426), level
-        # over a training step: torch stays first for both
+        "cpu": ("cpu", "torch"),  # fp32 4096x4096: fwd 2.00x, bwd 1.75x
+        # 4096x1024: bf16 fwd 0.91x / bwd 0.78x; fp16 0.97x / 1.04x, level over a training
+        # step: torch stays first for both
         ("cpu", torch.bfloat16): ("torch", "cpu"),
         ("cpu", torch.float16): ("torch", "cpu"),
     },
     # layer_norm and the fused add + layer_norm.
-    # fp32 4096x4096: 1.89x / 1.41x fwd / fwd+bwd; 4096x1024: bf16 0.94x-1.41x, fp16
-    # 1.22x-2.22x. Where fastdl-cpu trails eager (bf16 layer_norm fwd), the norms' "torch"
-    # backend is still no way out: it is plain tensor ops (it must return mean and rstd),
-    # not eager's kernel, and ~4x slower still (4096x1024 fp16 fwd: 8.1 ms, fastdl-cpu
-    # 2.1 ms, eager 1.3 ms at 1a25ae6). So cpu stays first for every dtype.
+    # fp32 4096x4096: 1.95x / 1.62x fwd / fwd+bwd; 4096x1024: bf16 1.20x-2.13x, fp16
+    # 1.11x-1.57x. Were fastdl-cpu to trail eager (bf16 layer_norm fwd did, 0.94x, at
+    # 88fb053), the norms' "torch" backend would be no way out: it is plain tensor ops (it
+    # must return mean and rstd), not eager's kernel, and ~4x slower still (4096x1024 fp16
+    # fwd: 8.1 ms, fastdl-cpu 2.1 ms, eager 1.3 ms at 1a25ae6). So cpu is first for every dtype.
     "layer_norm": {
         "cuda": ("triton", "cuda", "torch"),
         "cpu": ("cpu", "torch"),
@@ -58,7 +58,7 @@ PREFERENCE = {
     # rms_norm and the fused add + rms_norm (layer_norm's kernels, its own order)
     "rms_norm": {
         "cuda": ("triton", "cuda", "torch"),
-        "cpu": ("cpu", "torch"),  # fp32 5.8x / 8.2x, bf16 7.6x / 13.9x, fp16 9.9x / 12.6x
+        "cpu": ("cpu", "torch"),  # fp32 6.5x / 9.0x, bf16 8.0x / 17.4x, fp16 6.9x / 11.7x
     },
 }
 
