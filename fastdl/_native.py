@@ -1,12 +1,27 @@
 """Loads the native extension fastdl._C if it was built; fastdl works without it."""
 import torch  # noqa: F401  (torch's libraries must be loaded before fastdl._C)
 
+# The ops this Python code calls by name (the kernels' per-device implementations are
+# looked up by has_kernel). A fastdl._C built from older sources lacks some: the native
+# backends are then unavailable, with LOAD_ERROR saying why, instead of a failing import.
+REQUIRED_OPS = ("softmax_rows_forward", "softmax_rows_backward", "softmax_eager", "layer_norm_rows_forward",
+                "layer_norm_rows_backward", "layer_norm_eager", "set_poison_outputs", "native_built_with_cuda")
+
+
+def missing_ops(names=REQUIRED_OPS) -> list[str]:
+    """The names among `names` that fastdl._C did not register as torch.ops.fastdl.<name>."""
+    return [name for name in names if not hasattr(torch.ops.fastdl, name)]
+
+
 try:
     from fastdl import _C  # noqa: F401  (registers torch.ops.fastdl.*)
 
+    if missing := missing_ops():
+        raise ImportError(f"fastdl._C is older than fastdl's Python code (it has no {', '.join(missing)}); rebuild "
+                          "it: pip install --no-build-isolation --no-deps -e .")
     LOADED = True
     LOAD_ERROR = None
-except ImportError as exc:  # not built (FASTDL_NO_NATIVE=1, or a source checkout)
+except ImportError as exc:  # not built (FASTDL_NO_NATIVE=1, or a source checkout), or stale
     LOADED = False
     LOAD_ERROR = str(exc)
 

@@ -20,6 +20,32 @@ def test_cpu_backend_when_native_built():
     assert ("cpu" in fastdl.available_backends("cpu")) == _native.LOADED
 
 
+@pytest.mark.skipif("cpu" not in fastdl.available_backends("cpu"), reason="fastdl._C is not built")
+def test_stale_native_build_is_a_clear_error_not_a_failed_import():
+    """A fastdl._C built from older sources (no softmax_eager, say) leaves fastdl importable:
+    the native backends are unavailable and say to rebuild, and auto runs another backend."""
+    code = (
+        "import torch, torch._ops\n"
+        "getattr_ = torch._ops._OpNamespace.__getattr__\n"
+        "def without_eager(self, name):\n"
+        "    if name == 'softmax_eager': raise AttributeError(name)\n"
+        "    return getattr_(self, name)\n"
+        "torch._ops._OpNamespace.__getattr__ = without_eager\n"
+        "import fastdl\n"
+        "print(fastdl.available_backends('cpu'))\n"
+        "x = torch.randn(3, 5)\n"
+        "print(torch.allclose(fastdl.ops.softmax(x), torch.softmax(x, -1)))\n"
+        "try:\n"
+        "    with fastdl.use_backend('cpu'): fastdl.ops.softmax(x)\n"
+        "except fastdl.BackendUnavailableError as exc: print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "'cpu'" not in lines[0] and "'torch'" in lines[0], lines
+    assert lines[1] == "True"
+    assert "older than" in lines[2] and "softmax_eager" in lines[2] and "rebuild" in lines[2], lines[2]
+
+
 def test_choice_precedence(monkeypatch):
     monkeypatch.setattr(backends, "_env_choice", "torch")  # FASTDL_BACKEND=torch at import
     assert fastdl.get_backend() == "torch"
