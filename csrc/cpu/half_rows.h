@@ -111,20 +111,26 @@ inline bool cpu_has_f16c() {
 #endif
 }
 
+// 8 fp16 values (c10::Half or their uint16_t bits) as floats, and 8 floats rounded into
+// fp16 (to nearest even): the F16C loops below are built from these two.
+__attribute__((target("avx,f16c"))) inline __m256 half_load8(const void* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+}
+__attribute__((target("avx,f16c"))) inline void half_store8(void* p, __m256 v) {
+  _mm_storeu_si128(static_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
 __attribute__((target("avx,f16c"))) inline void half_row_to_float_f16c(const uint16_t* __restrict src,
                                                                        float* __restrict dst, int64_t n) {
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, half_load8(src + j));
   for (; j < n; ++j) dst[j] = _cvtsh_ss(src[j]);
 }
 
 __attribute__((target("avx,f16c"))) inline void half_row_from_float_f16c(const float* __restrict src,
                                                                          uint16_t* __restrict dst, int64_t n) {
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+  for (; j + 8 <= n; j += 8) half_store8(dst + j, _mm256_loadu_ps(src + j));
   for (; j < n; ++j) dst[j] = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT);
 }
 
@@ -136,8 +142,7 @@ __attribute__((target("avx,f16c"))) inline void half_rows_add_f16c(const uint16_
                                                                    int64_t n) {
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
-    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j)));
-    const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + j)));
+    const __m256 a = half_load8(x + j), b = half_load8(r + j);
     const __m128i rounded = _mm256_cvtps_ph(_mm256_add_ps(a, b), _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(h + j), rounded);
     _mm256_storeu_ps(sum + j, _mm256_cvtph_ps(rounded));
@@ -148,22 +153,13 @@ __attribute__((target("avx,f16c"))) inline void half_rows_add_f16c(const uint16_
   }
 }
 
-// 8 fp16 values as floats, and 8 floats rounded into fp16 (to nearest even).
-__attribute__((target("avx,f16c"))) inline __m256 half_load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-__attribute__((target("avx,f16c"))) inline void half_store8(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
-
 // An fp16 row into float `dst`, returning its max (a NaN skipped: vmaxps(v, m) gives m).
 __attribute__((target("avx,f16c"))) inline float half_row_to_float_max_f16c(const uint16_t* __restrict src,
                                                                            float* __restrict dst, int64_t n) {
   __m256 m0 = _mm256_set1_ps(-__builtin_inff()), m1 = m0;  // two chains (vmaxps latency)
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
-    const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
-    const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j + 8)));
+    const __m256 a = half_load8(src + j), b = half_load8(src + j + 8);
     _mm256_storeu_ps(dst + j, a);
     _mm256_storeu_ps(dst + j + 8, b);
     m0 = _mm256_max_ps(a, m0);
@@ -187,10 +183,7 @@ __attribute__((target("avx,f16c"))) inline void half_row_from_float_affine_f16c(
                                                                                 uint16_t* __restrict dst, int64_t n) {
   const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset);
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
-                     _mm256_cvtps_ph(_mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(src + j), s), o),
-                                     _MM_FROUND_TO_NEAREST_INT));
+  for (; j + 8 <= n; j += 8) half_store8(dst + j, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(src + j), s), o));
   for (; j < n; ++j) dst[j] = _cvtss_sh(src[j] * scale + offset, _MM_FROUND_TO_NEAREST_INT);
 }
 #endif
