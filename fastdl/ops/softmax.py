@@ -52,8 +52,9 @@ def _rows_backward(backend: str, grad_out: Tensor, out: Tensor, log: bool) -> Te
     return torch.ops.aten._softmax_backward_data(grad_out, out, -1, out.dtype)
 
 
-def _forward(x: Tensor, dim: int, log: bool) -> Tensor:
-    backend = backends.resolve("softmax", x)
+def _forward(x: Tensor, dim: int, log: bool, backend: str | None = None) -> Tensor:
+    """(log_)softmax of x along dim on `backend`, or the one resolved now."""
+    backend = backend or backends.resolve("softmax", x)
     return from_rows(_rows_forward(backend, as_rows(x, dim), log), x, dim)
 
 
@@ -100,7 +101,7 @@ _softmax_op.register_autograd(_op_backward, setup_context=_setup_context)
 class _SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, log, backend):
-        out = from_rows(_rows_forward(backend, as_rows(x, dim), log), x, dim)
+        out = _forward(x, dim, log, backend)
         ctx.dim, ctx.log, ctx.backend = dim, log, backend  # the backward runs on the forward's backend
         ctx.save_for_backward(out)
         return out
@@ -143,7 +144,7 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
         return _softmax_eager(x, dim, log)
     if x.requires_grad and torch.is_grad_enabled():
         return _SoftmaxFunction.apply(x, dim, log, backend)
-    return from_rows(_rows_forward(backend, as_rows(x, dim), log), x, dim)  # no graph to record
+    return _forward(x, dim, log, backend)  # no graph to record
 
 
 def softmax(x: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tensor:
