@@ -23,7 +23,8 @@
 #                   then python -m fastdl.bench.preference (the fastest backend per op and dtype)
 #   results.tar.gz  <op>.json, <op>.md and plots: unpack into benchmarks/results/<device>/
 #   tune.md         python -m fastdl.bench.tune (step "tune", not in the default steps)
-# Exit status: non-zero when the build, the tests or the sanitizer failed.
+# Exit status: non-zero when the build, the tests or the sanitizer failed (a failed build does not
+# stop the steps after it: the triton and torch backends run without fastdl._C).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$out"
@@ -59,7 +60,12 @@ if has_step build; then
       step "pip install -e failed; building in place with setup.py"
       timeout "$(cap "${BUILD_TIMEOUT:-300}")" $py setup.py build_ext --inplace
     }
-  } > "$out/build.log" 2>&1 || { echo "gpu_check: build failed, see build.log"; tail -40 "$out/build.log"; exit 1; }
+  } > "$out/build.log" 2>&1 || {
+    # the triton and torch backends need no fastdl._C: their tests and benchmark still run
+    echo "gpu_check: BUILD FAILED, see build.log; going on without the native backends" | tee -a "$out/build.log"
+    tail -40 "$out/build.log"
+    status=1
+  }
   $py -c "import fastdl; print('backends on cuda:', fastdl.available_backends('cuda'))" 2>&1 | tee -a "$out/build.log"
 fi
 
