@@ -16,7 +16,8 @@
 #
 # Uses the machine's own python3 and CUDA torch (no venv, no network). Writes into
 # OUT_DIR (few files: the device tool brings back at most 8):
-#   build.log       environment (nvidia-smi, versions) and the build of fastdl._C with CUDA
+#   build.log       environment (nvidia-smi, versions), the build of fastdl._C with CUDA, and
+#                   scripts/diagnose_exceptions.py (does a C++ exception kill the process?)
 #   test.log        the whole test suite on the GPU (pytest-xdist when installed), a line a test
 #   sanitizer.log   compute-sanitizer memcheck + racecheck over every GPU kernel
 #   bench.log       python -m fastdl.bench, one run per op, each with its share of the seconds,
@@ -67,6 +68,14 @@ if has_step build; then
     status=1
   }
   $py -c "import fastdl; print('backends on cuda:', fastdl.available_backends('cuda'))" 2>&1 | tee -a "$out/build.log"
+  # the first GPU run (cc56307) saw every C++ exception out of fastdl._C segfault the process:
+  # which cases die, and the native backtrace of the first (cuda-gdb), into build.log
+  if [[ "${DIAGNOSE:-1}" == 1 ]]; then
+    step "C++ exceptions" >> "$out/build.log"
+    timeout "$(cap 100 300)" $py scripts/diagnose_exceptions.py >> "$out/build.log" 2>&1 \
+      || echo "gpu_check: a C++ exception killed a process (or the check was cut off): see build.log" \
+        | tee -a "$out/build.log"
+  fi
 fi
 
 if has_step test; then
@@ -84,7 +93,9 @@ if has_step test; then
   has_step bench && later=$(( later + 150 ))
   limit=$(cap "${TEST_TIMEOUT:-200}" "$later")
   (( limit < 30 )) && limit=30  # the tests matter more than what comes after them
-  timeout "$limit" $py -m pytest tests -v -rfEs --durations=15 -p no:cacheprovider $parallel \
+  # the (backend, device) tests on CUDA tensors only (FASTDL_TEST_DEVICES, tests/conftest.py):
+  # their CPU cases run in CI on every commit
+  FASTDL_TEST_DEVICES=${FASTDL_TEST_DEVICES:-cuda} timeout "$limit" $py -m pytest tests -v -rfEs --durations=15 -p no:cacheprovider $parallel \
     -o timeout=120 -o timeout_method=thread --ignore tests/test_build.py \
     --ignore tests/test_cuda_kernels_emulated.py \
     >> "$out/test.log" 2>&1

@@ -39,6 +39,10 @@ from fastdl import _outputs, backends  # noqa: E402
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# FASTDL_TEST_DEVICES=cuda: only the CUDA cases of the (backend, device) tests. A lent GPU's
+# few minutes go to what only it can run; the CPU cases run in CI on every commit.
+if os.environ.get("FASTDL_TEST_DEVICES"):
+    DEVICES = [d for d in DEVICES if d in os.environ["FASTDL_TEST_DEVICES"].split(",")]
 ON_CI = os.environ.get("CI") == "true"
 
 

@@ -1,0 +1,125 @@
+"""Where does a C++ exception kill the process? (scripts/gpu_check.sh runs this after the build.)
+
+On the H200 machine (torch 2.11.0+cu130, g++ 13.3) the first GPU run saw the process segfault
+whenever a fastdl._C op raised (TORCH_CHECK), where the same sources raise RuntimeError on the
+development machines. Each case below runs in a fresh process and says whether a RuntimeError
+came back or the process died; the first case that dies is run again under cuda-gdb (there is
+no gdb on that machine) for the native backtrace.
+
+    python3 scripts/diagnose_exceptions.py [--no-gdb]
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TORCH_ERROR = "torch.mm(torch.ones(2, 3), torch.ones(2, 3))"  # raised inside libtorch
+FASTDL_ERROR = "torch.ops.fastdl.softmax_rows_forward(torch.randn(2, 3, 4), False)"  # inside fastdl._C
+LOAD_C = "torch.ops.load_library(glob.glob(os.path.join(ROOT, 'fastdl', '_C*.so'))[0])"
+CUDA_INIT = "torch.ones(1, device='cuda').sum().item()"
+TRITON_CALL = ("import fastdl\nwith fastdl.use_backend('triton'): "
+               "fastdl.ops.softmax(torch.randn(4, 8, device='cuda')).sum().item()")
+CUDA_OP_CALL = ("import fastdl\nwith fastdl.use_backend('cuda'): "
+                "fastdl.ops.softmax(torch.randn(4, 8, device='cuda')).sum().item()")
+
+# name -> (set-up lines, the raising line)
+CASES = {
+    "torch raises, nothing else loaded": ("", TORCH_ERROR),
+    "fastdl._C raises, loaded bare (no fastdl Python)": (LOAD_C, FASTDL_ERROR),
+    "torch raises, fastdl._C loaded bare": (LOAD_C, TORCH_ERROR),
+    "fastdl._C raises, after import fastdl": ("import fastdl", FASTDL_ERROR),
+    "torch raises, after CUDA init": (CUDA_INIT, TORCH_ERROR),
+    "fastdl._C raises, after CUDA init": (LOAD_C + "\n" + CUDA_INIT, FASTDL_ERROR),
+    "fastdl._C raises, after a cuda-backend call": (CUDA_OP_CALL, FASTDL_ERROR),
+    "torch raises, after a triton launch": (TRITON_CALL, TORCH_ERROR),
+    "fastdl._C raises, after a triton launch": (TRITON_CALL, FASTDL_ERROR),
+    "fastdl._C's CUDA op raises": ("import fastdl",
+                                   "torch.ops.fastdl.softmax_rows_forward(torch.randn(2, 3, 4, device='cuda'), False)"),
+}
+
+
+def program(setup: str, raising: str) -> str:
+    return textwrap.dedent(f"""\
+        import glob, os, sys, torch
+        ROOT = {str(ROOT)!r}
+        sys.path.insert(0, ROOT)
+        """) + setup + "\n" + textwrap.dedent(f"""\
+        try:
+            {raising}
+        except RuntimeError as exc:
+            print('RAISED:', str(exc).splitlines()[0][:100])
+        else:
+            print('NO ERROR')
+        """)
+
+
+def run_case(setup: str, raising: str, timeout: float = 60) -> tuple[int, str]:
+    try:
+        result = subprocess.run([sys.executable, "-c", program(setup, raising)], capture_output=True, text=True,
+                                timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return -999, "timed out"
+    out = (result.stdout + result.stderr).strip().splitlines()
+    return result.returncode, out[-1] if out else ""
+
+
+def native_backtrace(setup: str, raising: str) -> str:
+    gdb = shutil.which("cuda-gdb") or shutil.which("gdb")
+    if gdb is None:
+        return "no cuda-gdb / gdb here"
+    script = ROOT / "build" / "diagnose_case.py"
+    script.parent.mkdir(exist_ok=True)
+    script.write_text(program(setup, raising))
+    try:
+        result = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 40", "-ex", "info sharedlibrary",
+                                 "--args", sys.executable, str(script)],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return f"{gdb}: timed out"
+    keep = [line for line in (result.stdout + result.stderr).splitlines()
+            if line.startswith(("#", "Thread", "Program", "0x", "From")) or "SIGSEGV" in line or "signal" in line]
+    return "\n".join(keep[-120:])
+
+
+def main() -> int:
+    import torch
+
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"GPU {torch.cuda.is_available()}")
+    libs = glob.glob(str(ROOT / "fastdl" / "_C*.so"))
+    if not libs:
+        print("no fastdl/_C*.so: build first")
+        return 1
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx:
+        print(subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0])
+    for tool, args in (("ldd", [libs[0]]), ("readelf", ["-lW", libs[0]])):
+        if shutil.which(tool):
+            out = subprocess.run([tool, *args], capture_output=True, text=True).stdout
+            print(f"{tool}:", "\n  ".join(l.strip() for l in out.splitlines()
+                                          if "libstdc" in l or "libgcc" in l or "EH_FRAME" in l or "libgomp" in l))
+    died = None
+    for name, (setup, raising) in CASES.items():
+        if "cuda" in (setup + raising) and not torch.cuda.is_available():
+            print(f"{name:55s} skipped: no GPU")
+            continue
+        rc, last = run_case(setup, raising)
+        verdict = "ok" if rc == 0 and last.startswith("RAISED") else f"DIED (exit {rc})"
+        print(f"{name:55s} {verdict}: {last[:110]}")
+        if verdict != "ok" and died is None:
+            died = (setup, raising)
+    if died and "--no-gdb" not in sys.argv:
+        print("\nnative backtrace of the first case that died:")
+        print(native_backtrace(*died))
+    return 1 if died else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
