@@ -2,6 +2,7 @@
 import dataclasses
 import json
 
+import pytest
 import torch
 
 from fastdl.bench import __main__ as bench_main
@@ -34,6 +35,9 @@ def test_bench_runs_and_writes_results(tmp_path, monkeypatch, capsys):
         impls = {r["impl"] for r in data["records"]}
         assert {"torch", "torch.compile"} <= impls
         assert all(r["error"] is None and r["median_ms"] > 0 and r["gbps"] > 0 for r in data["records"]), data
+        # each record says how it was timed: the sweep interleaved on the CPU, the small cases as calls
+        assert {r["timing"] for r in data["records"] if r["direction"].endswith("(host)")} == {"host"}
+        assert {r["timing"] for r in data["records"] if not r["direction"].endswith("(host)")} == {"cpu"}
         md = (tmp_path / f"{name}.md").read_text()
         assert md.count("\n|") >= 3
         # the CPU targets name 4096x4096, which this tiny run does not time
@@ -41,6 +45,28 @@ def test_bench_runs_and_writes_results(tmp_path, monkeypatch, capsys):
         assert data["targets"] and all(t["status"] == "NOT RUN" for t in data["targets"])
     for png in ("softmax", "layer_norm", "rms_norm", "add_layer_norm"):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_timing_leaves_out_the_host():
+    """time_device_ms: a call whose host side takes 2 ms and whose kernel moves 512 MiB (~0.15 ms
+    on an H100 / H200) is timed at the kernel's time (CUDA graph replay), not the host's; a call
+    that syncs, which no graph can hold, falls back to per-call events."""
+    import time
+
+    from fastdl.bench.harness import time_device_ms
+
+    x = torch.ones(64 << 20, device="cuda")
+
+    def slow_host_call():
+        time.sleep(0.002)
+        return x + 1
+
+    median, p20, p80, how = time_device_ms(slow_host_call, quick=True)
+    assert how == "graph" and p20 <= median <= p80
+    assert 0.01 < median < 1.0, median  # the kernel's time, not the host's 2 ms
+    median, _, _, how = time_device_ms(lambda: (x + 1).sum().item(), quick=True)
+    assert how == "events" and median > 0
 
 
 def test_host_timing_counts_each_call():

@@ -5,8 +5,11 @@ backend that runs here. Medians and 20/80% quantiles; GB/s from the bytes each i
 is read and each output written once, against the device-to-device copy bandwidth
 measured in the same run.
 
-Timing: on a GPU `triton.testing.do_bench` (CUDA events; it clears L2 before every
-rep, so no input is served from cache); on the CPU `torch.utils.benchmark`.
+Timing: on a GPU the device's time alone, from CUDA graph replays (time_device_ms: each call
+after an L2 flush, the flushes' own time taken off), so that a call the host is slow to issue
+does not count its launch; `triton.testing.do_bench` (CUDA events around each call, which do
+count it when the GPU waits for the host) where an implementation cannot be captured. On the
+CPU `torch.utils.benchmark`. Host-timed cases (calls back to back) measure the eager call.
 """
 from __future__ import annotations
 
@@ -73,6 +76,9 @@ class Record:
     vs_eager: float | None = None  # eager time / this time: > 1 is faster than eager
     vs_compile: float | None = None
     error: str | None = None
+    # how it was timed: "graph" (device time, CUDA graph replay), "events" (do_bench: host
+    # stalls included), "host" (calls back to back), "cpu"; "" in runs before cc56307's successor
+    timing: str = ""
 
 
 def compiled(fn):
@@ -98,13 +104,9 @@ def device_slug(device: torch.device) -> str:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> tuple[float, float, float]:
-    """(median, p20, p80) in milliseconds."""
+    """(median, p20, p80) in milliseconds: on a GPU the device's time (time_device_ms)."""
     if device.type == "cuda":
-        import triton.testing
-
-        q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
-                                    quantiles=[0.5, 0.2, 0.8])
-        return float(q[0]), float(q[1]), float(q[2])
+        return time_device_ms(fn, quick)[:3]
     from torch.utils import benchmark
 
     fn()  # warm up
@@ -116,6 +118,68 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool = False)
     else:
         p20 = p80 = times[0]
     return m.median * 1e3, p20 * 1e3, p80 * 1e3
+
+
+GRAPH_CALLS = 20  # calls in one CUDA graph, each after an L2 flush
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_flush_buffer(device_index: int) -> torch.Tensor:
+    """Twice the device's L2 (H100 / H200: 50 / 60 MiB): zeroing it evicts whatever a call left there."""
+    l2_bytes = getattr(torch.cuda.get_device_properties(device_index), "L2_cache_size", 0) or (64 << 20)
+    return torch.empty(2 * l2_bytes // 4, dtype=torch.int32, device=f"cuda:{device_index}")
+
+
+def time_device_ms(fn: Callable[[], object], quick: bool = False) -> tuple[float, float, float, str]:
+    """(median, p20, p80, how) milliseconds of GPU time a call, host time excluded.
+
+    Two CUDA graphs are captured: GRAPH_CALLS L2 flushes alone, and the same flushes each
+    followed by a call of fn. Each replay is timed with CUDA events, the two alternately, and a
+    call's time is (with calls - flushes alone) / GRAPH_CALLS for each pair of replays: the GPU
+    never waits for the host inside a graph, and the flush's time (its write-back of dirty lines
+    included, wherever it lands) cancels. how = "graph". An fn that cannot be captured (one that
+    syncs, say) falls back to triton.testing.do_bench, whose per-call events include any wait for
+    the host: how = "events"."""
+    device_index = torch.cuda.current_device()
+    flush = _l2_flush_buffer(device_index)
+    # warm-up on a side stream, as torch.cuda.graph wants: compiles, autotuning, first allocations
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    flushes, calls = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(flushes):
+            for _ in range(GRAPH_CALLS):
+                flush.zero_()
+        with torch.cuda.graph(calls):
+            for _ in range(GRAPH_CALLS):
+                flush.zero_()
+                fn()
+    except Exception:  # not capturable: time it call by call instead
+        torch.cuda.synchronize()
+        import triton.testing
+
+        q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                    quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2]), "events"
+
+    def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    replay_ms(flushes), replay_ms(calls)  # the first replay uploads the graph
+    samples = sorted((replay_ms(calls) - replay_ms(flushes)) / GRAPH_CALLS for _ in range(5 if quick else 25))
+    q = statistics.quantiles(samples, n=10, method="inclusive")
+    del calls, flushes
+    return statistics.median(samples), q[1], q[7], "graph"
 
 
 CPU_ROUNDS = 5  # a CPU case's implementations are timed in turn, this many rounds each
@@ -340,14 +404,16 @@ def _time_case(case: Case, device: torch.device, copy_gbps: float, quick: bool) 
                 result = interleaved[impl.name]
                 if isinstance(result, Exception):
                     raise result
-                median, p20, p80 = result
+                (median, p20, p80), how = result, "cpu"
             else:
-                timer = time_host_ms if case.timing == "host" else time_ms
                 with fastdl.use_backend(impl.backend or "auto"):
-                    median, p20, p80 = timer(impl.fn, device, quick)
+                    if case.timing == "host":
+                        (median, p20, p80), how = time_host_ms(impl.fn, device, quick), "host"
+                    else:  # a GPU's device time
+                        median, p20, p80, how = time_device_ms(impl.fn, quick)
             gbps = case.bytes_moved / (median * 1e-3) / 1e9
             case_records.append(Record(case.op, case.direction, dtype, list(case.shape), impl.name,
-                                       median, p20, p80, gbps, 100 * gbps / copy_gbps))
+                                       median, p20, p80, gbps, 100 * gbps / copy_gbps, timing=how))
         except Exception as exc:  # one implementation failing must not end the run
             case_records.append(Record(case.op, case.direction, dtype, list(case.shape), impl.name,
                                        float("nan"), float("nan"), float("nan"), 0.0, 0.0,
@@ -370,17 +436,17 @@ def _fmt(v, spec):
 
 
 def markdown_table(records: list[Record]) -> str:
-    lines = ["| op | dir | dtype | shape | impl | median ms | GB/s | % of copy | vs eager | vs compile |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| op | dir | dtype | shape | impl | median ms | GB/s | % of copy | vs eager | vs compile | timing |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in records:
         if r.error:
             lines.append(f"| {r.op} | {r.direction} | {r.dtype} | {'x'.join(map(str, r.shape))} | {r.impl} | "
-                         f"error: {r.error} | | | | |")
+                         f"error: {r.error} | | | | | |")
             continue
         lines.append(
             f"| {r.op} | {r.direction} | {r.dtype} | {'x'.join(map(str, r.shape))} | {r.impl} | "
             f"{r.median_ms:.4f} | {r.gbps:.1f} | {r.pct_of_copy:.1f} | {_fmt(r.vs_eager, '.2f')} | "
-            f"{_fmt(r.vs_compile, '.2f')} |")
+            f"{_fmt(r.vs_compile, '.2f')} | {r.timing or '-'} |")
     return "\n".join(lines)
 
 
@@ -440,7 +506,9 @@ def write_results(records: list[Record], env: dict, out_dir: Path, name: str, ve
               + "".join(f"- {k}: {v}\n" for k, v in env.items())
               + "\nGB/s counts each input read once and each output written once; % of copy is against "
               "the device-to-device copy measured in the same run; vs eager / vs compile are "
-              "speed-ups (> 1 is faster).\n\n")
+              "speed-ups (> 1 is faster). timing: graph = the GPU's time alone (CUDA graph replay, L2 "
+              "flushed before each call), events = CUDA events around each call (any wait for the host "
+              "included), host = calls back to back (an eager call's cost), cpu = torch.utils.benchmark.\n\n")
     targets_section = f"## Targets\n\n{targets.markdown(verdicts)}\n\n## Timings\n\n" if verdicts else ""
     md_path.write_text(header + targets_section + markdown_table(records) + "\n")
     written.append(md_path)
