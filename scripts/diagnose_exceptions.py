@@ -100,11 +100,25 @@ def main() -> int:
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx:
         print(subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0])
-    for tool, args in (("ldd", [libs[0]]), ("readelf", ["-lW", libs[0]])):
+    # a compiler wrapper script (one that adds -static-libstdc++, say) shows its text
+    print("CXX =", os.environ.get("CXX"), " CC =", os.environ.get("CC"))
+    # the last: the compiler CMake took on the H200 machine
+    for name in dict.fromkeys(("c++", "g++", os.environ.get("CXX") or "c++", "/opt/gcc/bin/g++")):
+        path = shutil.which(name)
+        if path:
+            real = os.path.realpath(path)
+            head = Path(real).read_bytes()[:2000]
+            print(f"{name} -> {real}" + (":\n  " + "\n  ".join(head.decode(errors="replace").splitlines()[:15])
+                                          if head.startswith(b"#!") else ""))
+    # which C++ runtime and unwinder the extension uses (none NEEDED: linked in statically),
+    # what compiled it, and whether it has an .eh_frame_hdr lookup table
+    for tool, args, wanted in (("ldd", [libs[0]], ("libstdc", "libgcc", "libgomp", "libc10.")),
+                               ("readelf", ["-dW", libs[0]], ("NEEDED",)),
+                               ("readelf", ["-lW", libs[0]], ("EH_FRAME",)),
+                               ("readelf", ["-p", ".comment", libs[0]], ("GCC", "clang", "NVIDIA"))):
         if shutil.which(tool):
             out = subprocess.run([tool, *args], capture_output=True, text=True).stdout
-            print(f"{tool}:", "\n  ".join(l.strip() for l in out.splitlines()
-                                          if "libstdc" in l or "libgcc" in l or "EH_FRAME" in l or "libgomp" in l))
+            print(f"{tool} {args[0]}:", "\n  ".join(l.strip() for l in out.splitlines() if any(w in l for w in wanted)))
     died = None
     for name, (setup, raising) in CASES.items():
         if "cuda" in (setup + raising) and not torch.cuda.is_available():
