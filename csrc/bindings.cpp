@@ -31,8 +31,9 @@ TORCH_LIBRARY(fastdl, m) {
   // rstd), statistics in float32 (float64 for float64)
   m.def("layer_norm_rows_forward(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
-  // (dx, dweight or empty, dbias or empty); dweight / dbias in the statistics' dtype,
-  // reduced deterministically; dsum is the gradient reaching x + residual from elsewhere
+  // (dx, dweight or empty, dbias or empty); dweight / dbias in weight's dtype when it is
+  // x's, else the statistics' dtype, summed in the statistics' dtype deterministically;
+  // dsum is the gradient reaching x + residual from elsewhere
   m.def("layer_norm_rows_backward(Tensor dy, Tensor? dsum, Tensor x, Tensor? weight, Tensor? mean, Tensor rstd,"
         " bool has_bias, bool rms) -> (Tensor, Tensor, Tensor)");
   // the eager path of the native backends (csrc/autograd/layer_norm.cpp): x of any shape,

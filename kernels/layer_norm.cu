@@ -24,6 +24,10 @@
 // the partial rows in a fixed order. No atomics: two runs give bitwise-equal gradients,
 // and dy and x are read once, not once more for the parameter gradients.
 //
+// weight / bias come in the row's element type or the accumulation type (W): a 16-bit
+// model's parameters are read as they are, with no conversion kernel before each call, and
+// the backward writes dweight / dbias in W (summed in A, rounded once at the end).
+//
 // Register spills accepted (tests/test_build.py reads these lines): the double
 // instantiation (mangled "...Id...") on sm_80 keeps 8 bytes on the stack for the slow
 // path of double sqrt. fp64 is there for gradcheck, not for speed.
@@ -52,11 +56,10 @@ constexpr int kSumRowThreads = 8;
 // ---------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------
-template <typename T, int kThreads, int kElems>
+template <typename T, typename W, int kThreads, int kElems>
 __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
-    norm_forward_tile_kernel(const T* __restrict__ x, const T* __restrict__ residual,
-                             const typename Acc<T>::type* __restrict__ weight,
-                             const typename Acc<T>::type* __restrict__ bias, T* __restrict__ y, T* __restrict__ sum,
+    norm_forward_tile_kernel(const T* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
+                             const W* __restrict__ bias, T* __restrict__ y, T* __restrict__ sum,
                              typename Acc<T>::type* __restrict__ mean_out, typename Acc<T>::type* __restrict__ rstd_out,
                              int64_t rows, int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
                              typename Acc<T>::type eps, bool rms, bool aligned) {
@@ -111,11 +114,10 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   Tile::store(y + row * cols, t, cols, aligned, v);
 }
 
-template <typename T, int kVec>
+template <typename T, typename W, int kVec>
 __global__ void __launch_bounds__(kLoopThreads)
-    norm_forward_loop_kernel(const T* __restrict__ x, const T* __restrict__ residual,
-                             const typename Acc<T>::type* __restrict__ weight,
-                             const typename Acc<T>::type* __restrict__ bias, T* __restrict__ y, T* __restrict__ sum,
+    norm_forward_loop_kernel(const T* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
+                             const W* __restrict__ bias, T* __restrict__ y, T* __restrict__ sum,
                              typename Acc<T>::type* __restrict__ mean_out, typename Acc<T>::type* __restrict__ rstd_out,
                              int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
                              typename Acc<T>::type eps, bool rms) {
@@ -220,10 +222,10 @@ __device__ __forceinline__ void write_block_partial(const A (&v)[kElems], A* __r
   }
 }
 
-template <typename T, int kThreads, int kElems>
+template <typename T, typename W, int kThreads, int kElems>
 __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     norm_backward_tile_kernel(const T* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
-                              const typename Acc<T>::type* __restrict__ weight,
+                              const W* __restrict__ weight,
                               const typename Acc<T>::type* __restrict__ mean,
                               const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ dx,
                               typename Acc<T>::type* __restrict__ dweight_partial,
@@ -286,10 +288,10 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
                                              cols);
 }
 
-template <typename T, int kVec>
+template <typename T, typename W, int kVec>
 __global__ void __launch_bounds__(kLoopThreads)
     norm_backward_loop_kernel(const T* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
-                              const typename Acc<T>::type* __restrict__ weight,
+                              const W* __restrict__ weight,
                               const typename Acc<T>::type* __restrict__ mean,
                               const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ dx,
                               typename Acc<T>::type* __restrict__ dweight_partial,
@@ -375,14 +377,15 @@ __global__ void __launch_bounds__(kLoopThreads)
   }
 }
 
-// out[col] = sum over the partial rows of partial[row][col], in a fixed order: thread
-// (tx, ty) sums rows ty, ty + 8, ... of column tx, then row-thread sums are added in order.
+// out[col] = sum over the partial rows of partial[row][col], in a fixed order, rounded to
+// Out (the parameters' type W) once: thread (tx, ty) sums rows ty, ty + 8, ... of column tx,
+// then row-thread sums are added in order.
 // A warp moves 32 consecutive fp32 columns, 128 bytes, in one transaction:
 // no 16-byte loads accepted: sum_partial_rows_kernel: 4-byte loads, coalesced across the warp
 // no 16-byte stores accepted: sum_partial_rows_kernel: one value a column
-template <typename A>
+template <typename A, typename Out>
 __global__ void __launch_bounds__(kSumCols* kSumRowThreads)
-    sum_partial_rows_kernel(const A* __restrict__ partial, A* __restrict__ out, int64_t partial_rows, int64_t cols) {
+    sum_partial_rows_kernel(const A* __restrict__ partial, Out* __restrict__ out, int64_t partial_rows, int64_t cols) {
   __shared__ A sums[kSumRowThreads][kSumCols + 1];
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
   A total = 0;
@@ -392,22 +395,22 @@ __global__ void __launch_bounds__(kSumCols* kSumRowThreads)
   __syncthreads();
   if (threadIdx.y == 0 && col < cols) {
     for (int k = 1; k < kSumRowThreads; ++k) total += sums[k][threadIdx.x];
-    out[col] = total;
+    out[col] = from_acc<Out>(total);
   }
 }
 
 // ---------------------------------------------------------------------------------
 // launch
 // ---------------------------------------------------------------------------------
-template <typename T>
+template <typename T, typename W>
 cudaError_t forward_typed(const void* x_, const void* residual_, const void* weight_, const void* bias_, void* y_,
                           void* sum_, void* mean_, void* rstd_, int64_t rows, int64_t cols, int64_t x_stride,
                           int64_t residual_stride, double eps, bool rms, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const T* x = static_cast<const T*>(x_);
   const T* residual = static_cast<const T*>(residual_);
-  const A* weight = static_cast<const A*>(weight_);
-  const A* bias = static_cast<const A*>(bias_);
+  const W* weight = static_cast<const W*>(weight_);
+  const W* bias = static_cast<const W*>(bias_);
   T* y = static_cast<T*>(y_);
   T* sum = static_cast<T*>(sum_);
   A* mean = static_cast<A*>(mean_);
@@ -421,14 +424,14 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     constexpr int kRowsPerBlock = kTileBlockThreads<kThreads> / kThreads;
     const auto grid = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-    norm_forward_tile_kernel<T, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
+    norm_forward_tile_kernel<T, W, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
         x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_stride, residual_stride, static_cast<A>(eps), rms,
         aligned);
   });
   if (!tiled) {
     with_vec<T>(aligned, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      norm_forward_loop_kernel<T, kVec><<<static_cast<unsigned>(rows), kLoopThreads, 0, stream>>>(
+      norm_forward_loop_kernel<T, W, kVec><<<static_cast<unsigned>(rows), kLoopThreads, 0, stream>>>(
           x, residual, weight, bias, y, sum, mean, rstd, cols, x_stride, residual_stride, static_cast<A>(eps), rms);
     });
   }
@@ -439,15 +442,15 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
 // run at this row length: rows_per_block_step is the number of rows a block works on at
 // once. The loop kernel has two (16-byte vectors or single elements, by the rows'
 // alignment).
-template <typename T, typename F> void with_backward_kernels(int64_t cols, F&& use) {
+template <typename T, typename W, typename F> void with_backward_kernels(int64_t cols, F&& use) {
   const bool tiled = with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    use(norm_backward_tile_kernel<T, kThreads, kElems>, kTileBlockThreads<kThreads>,
+    use(norm_backward_tile_kernel<T, W, kThreads, kElems>, kTileBlockThreads<kThreads>,
         kTileBlockThreads<kThreads> / kThreads);
   });
   if (!tiled) {
-    use(norm_backward_loop_kernel<T, Vec<T>::kSize>, kLoopThreads, 1);
-    use(norm_backward_loop_kernel<T, 1>, kLoopThreads, 1);
+    use(norm_backward_loop_kernel<T, W, Vec<T>::kSize>, kLoopThreads, 1);
+    use(norm_backward_loop_kernel<T, W, 1>, kLoopThreads, 1);
   }
 }
 
@@ -456,13 +459,14 @@ template <typename T, typename F> void with_backward_kernels(int64_t cols, F&& u
 // the reduce then reads: FASTDL_CUDA_NORM_BLOCKS_PER_SM (at least 1) sets the blocks per SM
 // instead, to weigh that traffic against parallelism. Where two kernels may run (the loop
 // kernel's two variants: which one depends on pointers not known here), the fewer blocks.
+// Asked of the kernels with parameters in T and in A alike (the caller does not say which).
 template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, int64_t* blocks) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   *blocks = INT64_MAX;
-  with_backward_kernels<T>(cols, [&](auto kernel, int threads, int rows_at_once) {
+  auto fewest = [&](auto kernel, int threads, int rows_at_once) {
     int64_t per_sm = 0;
     if (!env_knob("FASTDL_CUDA_NORM_BLOCKS_PER_SM", 1, 1 << 16, &per_sm)) {
       int resident = 0;
@@ -472,11 +476,13 @@ template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, in
     }
     const int64_t fill = static_cast<int64_t>(sms) * per_sm;
     *blocks = std::min(*blocks, std::max<int64_t>(1, std::min<int64_t>(fill, (rows + rows_at_once - 1) / rows_at_once)));
-  });
+  };
+  with_backward_kernels<T, T>(cols, fewest);
+  with_backward_kernels<T, typename Acc<T>::type>(cols, fewest);
   return err;
 }
 
-template <typename T>
+template <typename T, typename W>
 cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, const void* weight_,
                            const void* mean_, const void* rstd_, void* dx_, void* dweight_partial_,
                            void* dbias_partial_, int64_t partial_rows, void* dweight_, void* dbias_, int64_t rows,
@@ -486,12 +492,12 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
   const T* dy = static_cast<const T*>(dy_);
   const T* dsum = static_cast<const T*>(dsum_);
   const T* x = static_cast<const T*>(x_);
-  const A* weight = static_cast<const A*>(weight_);
+  const W* weight = static_cast<const W*>(weight_);
   const A* mean = static_cast<const A*>(mean_);
   const A* rstd = static_cast<const A*>(rstd_);
   T* dx = static_cast<T*>(dx_);
-  A* dweight = static_cast<A*>(dweight_);
-  A* dbias = static_cast<A*>(dbias_);
+  W* dweight = static_cast<W*>(dweight_);
+  W* dbias = static_cast<W*>(dbias_);
   // partial rows are written only for the gradients asked for
   A* dweight_partial = dweight != nullptr ? static_cast<A*>(dweight_partial_) : nullptr;
   A* dbias_partial = dbias != nullptr ? static_cast<A*>(dbias_partial_) : nullptr;
@@ -505,14 +511,14 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
                        (dbias_partial == nullptr || ptr_aligned(dbias_partial));
   const bool tiled = with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    norm_backward_tile_kernel<T, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
+    norm_backward_tile_kernel<T, W, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
         dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,
         dsum_stride, x_stride, rms, aligned);
   });
   if (!tiled) {
     with_vec<T>(aligned, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      norm_backward_loop_kernel<T, kVec><<<grid, kLoopThreads, 0, stream>>>(
+      norm_backward_loop_kernel<T, W, kVec><<<grid, kLoopThreads, 0, stream>>>(
           dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,
           dsum_stride, x_stride, rms);
     });
@@ -522,30 +528,40 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
   const dim3 sum_grid(static_cast<unsigned>((cols + kSumCols - 1) / kSumCols));
   const dim3 sum_block(kSumCols, kSumRowThreads);
   if (dweight != nullptr)
-    sum_partial_rows_kernel<A><<<sum_grid, sum_block, 0, stream>>>(dweight_partial, dweight, partial_rows, cols);
+    sum_partial_rows_kernel<A, W><<<sum_grid, sum_block, 0, stream>>>(dweight_partial, dweight, partial_rows, cols);
   if (dbias != nullptr)
-    sum_partial_rows_kernel<A><<<sum_grid, sum_block, 0, stream>>>(dbias_partial, dbias, partial_rows, cols);
+    sum_partial_rows_kernel<A, W><<<sum_grid, sum_block, 0, stream>>>(dbias_partial, dbias, partial_rows, cols);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-#define FASTDL_DTYPE_CASES(CALL)            \
-  case DType::kFloat32: return CALL(float); \
-  case DType::kFloat16: return CALL(__half); \
+// The element type T of x, and the parameters' type: T itself (P = true) or the
+// accumulation type; any other param_dtype is refused.
+#define FASTDL_DTYPE_CASES(CALL)                \
+  case DType::kFloat32: return CALL(float);     \
+  case DType::kFloat16: return CALL(__half);    \
   case DType::kBFloat16: return CALL(__nv_bfloat16); \
   case DType::kFloat64: return CALL(double);
 
-cudaError_t norm_forward(DType dtype, const void* x, const void* residual, const void* weight, const void* bias,
-                         void* y, void* sum, void* mean, void* rstd, int64_t rows, int64_t cols, int64_t x_row_stride,
-                         int64_t residual_row_stride, double eps, bool rms, cudaStream_t stream) {
+namespace {
+DType acc_dtype(DType dtype) { return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
+}  // namespace
+
+cudaError_t norm_forward(DType dtype, DType param_dtype, const void* x, const void* residual, const void* weight,
+                         const void* bias, void* y, void* sum, void* mean, void* rstd, int64_t rows, int64_t cols,
+                         int64_t x_row_stride, int64_t residual_row_stride, double eps, bool rms, cudaStream_t stream) {
+  if (param_dtype != dtype && param_dtype != acc_dtype(dtype)) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
   if (rows > INT_MAX) return cudaErrorInvalidValue;  // at most one block per row
-#define FASTDL_CALL(T)                                                                                      \
-  forward_typed<T>(x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_row_stride, residual_row_stride, \
-                   eps, rms, stream)
+  const bool params_in_t = param_dtype == dtype;
+#define FASTDL_FORWARD(T, W)                                                                                   \
+  forward_typed<T, W>(x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_row_stride, residual_row_stride, \
+                      eps, rms, stream)
+#define FASTDL_CALL(T) params_in_t ? FASTDL_FORWARD(T, T) : FASTDL_FORWARD(T, typename Acc<T>::type)
   switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
 #undef FASTDL_CALL
+#undef FASTDL_FORWARD
   return cudaErrorInvalidValue;
 }
 
@@ -558,18 +574,22 @@ cudaError_t norm_backward_partial_rows(DType dtype, int64_t rows, int64_t cols, 
   return cudaErrorInvalidValue;
 }
 
-cudaError_t norm_backward(DType dtype, const void* dy, const void* dsum, const void* x, const void* weight,
-                          const void* mean, const void* rstd, void* dx, void* dweight_partial, void* dbias_partial,
-                          int64_t partial_rows, void* dweight, void* dbias, int64_t rows, int64_t cols,
-                          int64_t dy_row_stride, int64_t dsum_row_stride, int64_t x_row_stride, bool rms,
+cudaError_t norm_backward(DType dtype, DType param_dtype, const void* dy, const void* dsum, const void* x,
+                          const void* weight, const void* mean, const void* rstd, void* dx, void* dweight_partial,
+                          void* dbias_partial, int64_t partial_rows, void* dweight, void* dbias, int64_t rows,
+                          int64_t cols, int64_t dy_row_stride, int64_t dsum_row_stride, int64_t x_row_stride, bool rms,
                           cudaStream_t stream) {
+  if (param_dtype != dtype && param_dtype != acc_dtype(dtype)) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
   if (partial_rows < 1 || partial_rows > INT_MAX) return cudaErrorInvalidValue;
-#define FASTDL_CALL(T)                                                                                             \
-  backward_typed<T>(dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, partial_rows, dweight,    \
-                    dbias, rows, cols, dy_row_stride, dsum_row_stride, x_row_stride, rms, stream)
+  const bool params_in_t = param_dtype == dtype;
+#define FASTDL_BACKWARD(T, W)                                                                                       \
+  backward_typed<T, W>(dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, partial_rows, dweight, \
+                       dbias, rows, cols, dy_row_stride, dsum_row_stride, x_row_stride, rms, stream)
+#define FASTDL_CALL(T) params_in_t ? FASTDL_BACKWARD(T, T) : FASTDL_BACKWARD(T, typename Acc<T>::type)
   switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
 #undef FASTDL_CALL
+#undef FASTDL_BACKWARD
   return cudaErrorInvalidValue;
 }
 

@@ -274,7 +274,8 @@ def _norm_reference(inputs, rms, eps):
     return h, y, mean, rstd
 
 
-def _norm_forward(runner, tmp_path, inputs, offsets, rms, eps=1e-5):
+def _norm_forward(runner, tmp_path, inputs, offsets, rms, eps=1e-5, param_dtype=None):
+    """param_dtype: weight / bias's dtype as the launcher is told (default the accumulation type)."""
     x = inputs["x"]
     rows, cols = x.shape
     dtype, acc = x.dtype, _acc(x.dtype)
@@ -285,7 +286,7 @@ def _norm_forward(runner, tmp_path, inputs, offsets, rms, eps=1e-5):
         outputs["sum"] = (dtype, rows * cols)
     settings = {"dtype": emulated_cuda.DTYPE_NAMES[dtype], "rows": rows, "cols": cols, "x_stride": x.stride(0),
                 "residual_stride": inputs["residual"].stride(0) if "residual" in inputs else 0, "eps": repr(eps),
-                "rms": rms}
+                "rms": rms, "param_dtype": emulated_cuda.DTYPE_NAMES[param_dtype or acc]}
     return _run(runner, tmp_path, "norm_forward", inputs, outputs, settings, offsets)
 
 
@@ -308,12 +309,14 @@ def test_norm_forward(runner, tmp_path, dtype, variant, shape):
     assert _kernels(result) == ["norm_forward_tile_kernel" if cols <= tile_max else "norm_forward_loop_kernel"]
 
 
-def _norm_backward(runner, tmp_path, inputs, rms, env=None, dy=None, dsum=None):
+def _norm_backward(runner, tmp_path, inputs, rms, env=None, dy=None, dsum=None, param_dtype=None):
     """dx (+ dsum), dweight, dbias of the norm of inputs["x"] (+ residual) for dy (random
-    unless given), from the kernels and from float64 autograd of the reference."""
+    unless given), from the kernels and from float64 autograd of the reference. param_dtype:
+    weight's, dweight's and dbias's dtype as the launcher is told (default the accumulation type)."""
     x = inputs["x"]
     rows, cols = x.shape
     dtype, acc = x.dtype, _acc(x.dtype)
+    param_dtype = param_dtype or acc
     h, _, mean, rstd = _norm_reference(inputs, rms, 1e-5)
     h_in = h.to(dtype)  # the backward reads the normalised input (x + residual when fused)
     dy = torch.randn(rows, cols).to(dtype) if dy is None else dy
@@ -326,11 +329,12 @@ def _norm_backward(runner, tmp_path, inputs, rms, env=None, dy=None, dsum=None):
         kernel_inputs["dsum"] = torch.randn(rows, cols).to(dtype) if dsum is None else dsum
     outputs = {"dx": (dtype, rows * cols)}
     if "weight" in inputs:
-        outputs["dweight"] = (acc, cols)
+        outputs["dweight"] = (param_dtype, cols)
     if "bias" in inputs:
-        outputs["dbias"] = (acc, cols)
+        outputs["dbias"] = (param_dtype, cols)
     settings = {"dtype": emulated_cuda.DTYPE_NAMES[dtype], "rows": rows, "cols": cols, "dy_stride": dy.stride(0),
-                "dsum_stride": cols, "x_stride": h_in.stride(0), "rms": rms}
+                "dsum_stride": cols, "x_stride": h_in.stride(0), "rms": rms,
+                "param_dtype": emulated_cuda.DTYPE_NAMES[param_dtype]}
     result = _run(runner, tmp_path, "norm_backward", kernel_inputs, outputs, settings, env=env)
 
     h64 = h_in.double().requires_grad_()
@@ -406,6 +410,29 @@ def test_norm_remaining_tiles(runner, tmp_path, dtype, cols):
     for name, ref in grads.items():
         assert_close(back.outputs[name].view(ref.shape), ref, dtype if name == "dx" else torch.float32, name)
     assert _kernels(back)[0] == ("norm_backward_loop_kernel" if cols > 8192 else "norm_backward_tile_kernel")
+
+
+@pytest.mark.parametrize("cols", [7, 1000, 4096, 20000])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_norm_parameters_in_the_input_dtype(runner, tmp_path, dtype, cols):
+    """weight / bias in x's own 16-bit dtype (a bf16 model's parameters, read as they are):
+    forward and backward as right as with fp32 parameters, tile and loop kernels, rows
+    aligned and not, and dweight / dbias written in that dtype (summed in fp32, rounded
+    once). Parameters in a third dtype are refused (cudaErrorInvalidValue)."""
+    rows = 5
+    inputs, offsets = _norm_inputs((rows, cols), dtype, "add_layer_norm")
+    inputs["weight"], inputs["bias"] = inputs["weight"].to(dtype), inputs["bias"].to(dtype)
+    result = _norm_forward(runner, tmp_path / "fwd", inputs, offsets, False, param_dtype=dtype)
+    _, y, _, _ = _norm_reference(inputs, False, 1e-5)
+    assert_close(result.outputs["y"].view(rows, cols), y, dtype, "y")
+    back, grads = _norm_backward(runner, tmp_path / "bwd", inputs, False, param_dtype=dtype)
+    for name, ref in grads.items():
+        out = back.outputs[name]
+        assert out.dtype == dtype, name
+        assert_close(out.view(ref.shape), ref, dtype, name)
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    with pytest.raises(AssertionError, match="cudaErrorInvalidValue"):
+        _norm_forward(runner, tmp_path / "other", inputs, offsets, False, param_dtype=other)
 
 
 def test_rewrite_keeps_lines_and_finds_every_launch():

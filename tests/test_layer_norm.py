@@ -100,6 +100,29 @@ def test_fp32_weights_with_half_inputs(case, dtype, variant):
     _check(backend, variant, *_inputs((33, 300), dtype, device, variant, weight_dtype=torch.float32), dtype)
 
 
+@pytest.mark.parametrize("cols", [300, 20000], ids=["tile", "loop"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("cuda", "cpu")], ids=case_id)
+def test_native_ops_take_parameters_in_the_input_dtype(case, dtype, cols):
+    """The native backward op gives dweight / dbias in weight's dtype when it is x's (the CUDA
+    kernels read such parameters as they are and write their gradients so), else in fp32; and
+    the values are those of fp32 parameters, rounded once: the same bits."""
+    backend, device = case
+    x, res, w, b = _inputs((5, cols), dtype, device, "add_layer_norm")
+    dy = torch.randn(5, cols, device=device).to(dtype)
+    with fastdl.use_backend(backend):
+        grads = {}
+        for params in (dtype, torch.float32):
+            w_, b_ = w.detach().to(params), b.detach().to(params)
+            y, h, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward(x.detach(), res.detach(), w_, b_, 1e-5, False)
+            grads[params] = torch.ops.fastdl.layer_norm_rows_backward(dy, None, h, w_, mean, rstd, True, False)
+            grads[params] = (y, *grads[params])
+    for name, ours, fp32 in zip(("y", "dx", "dweight", "dbias"), grads[dtype], grads[torch.float32]):
+        assert ours.dtype == dtype, name
+        assert fp32.dtype == (torch.float32 if name in ("dweight", "dbias") else dtype), name
+        assert torch.equal(ours, fp32.to(dtype)), f"{name} differs from fp32 parameters' result rounded"
+
+
 @pytest.mark.parametrize("shape", [(1000, 512), (64, 20000)], ids=["tile", "loop"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_parameter_gradients_are_deterministic(case, shape):

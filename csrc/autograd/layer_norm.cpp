@@ -80,7 +80,7 @@ struct NormRows : public torch::autograd::Function<NormRows> {
       std::tie(dx, dweight, dbias) =
           op.call(dy, present(dsum), input, present(weight), present(mean), rstd, has_bias, rms);
     }
-    // dweight / dbias are in the statistics' dtype (empty when absent); the engine casts
+    // dweight / dbias in weight's dtype or the statistics' (empty when absent); the engine casts
     // each gradient to its input's dtype (validate_outputs)
     return {dx, fused ? dx : at::Tensor(), weight.defined() ? dweight : at::Tensor(), has_bias ? dbias : at::Tensor(),
             at::Tensor(), at::Tensor()};

@@ -276,14 +276,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
       });
     });
   }
-  // stage 2: the partial rows, summed in chunk order
+  // stage 2: the partial rows, summed in chunk order; out in weight's dtype when it is x's,
+  // else the accumulation type (the op's contract, as the CUDA kernels write them)
+  const auto out_type = weight.has_value() && weight->scalar_type() == x.scalar_type() ? x.scalar_type() : acc;
   auto reduce = [&](const at::Tensor& partial) {
-    if (!partial.defined()) return at::empty({0}, x.options().dtype(acc));
+    if (!partial.defined()) return at::empty({0}, x.options().dtype(out_type));
     at::Tensor out = at::empty({n}, partial.options());
     AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "fastdl_norm_reduce_cpu", [&] {
       sum_partial_rows(partial.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), chunks, n);
     });
-    return out;
+    return out_type == acc ? out : out.to(out_type);
   };
   return {dx, reduce(dweight_partial), reduce(dbias_partial)};
 }

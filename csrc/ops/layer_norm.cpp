@@ -3,6 +3,8 @@
 // implementation of the fastdl ops (same schema and results as csrc/cpu/layer_norm.cpp).
 #include <torch/library.h>
 
+#include <initializer_list>
+
 #include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
 #include "csrc/ops/common.h"
@@ -11,15 +13,23 @@
 namespace fastdl {
 namespace {
 
-// weight / bias as a contiguous vector of the accumulation type on x's device (the
-// kernels read them so); undefined when absent.
-at::Tensor param_as_acc(const std::optional<at::Tensor>& p, const at::Tensor& x, int64_t n, const char* fn,
-                        const char* name) {
+// The type the kernels read weight / bias in (and write dweight / dbias in): x's dtype when
+// every parameter given has it (a 16-bit model's parameters, read as they are, with no
+// conversion kernel a call), else the accumulation type.
+at::ScalarType param_type(const at::Tensor& x, std::initializer_list<const std::optional<at::Tensor>*> params) {
+  for (const auto* p : params)
+    if (p->has_value() && (*p)->scalar_type() != x.scalar_type()) return stats_type(x.scalar_type());
+  return x.scalar_type();
+}
+
+// weight / bias as a contiguous vector of `type` on x's device; undefined when absent.
+at::Tensor param_as(const std::optional<at::Tensor>& p, at::ScalarType type, const at::Tensor& x, int64_t n,
+                    const char* fn, const char* name) {
   if (!p.has_value()) return at::Tensor();
   TORCH_CHECK(p->device() == x.device(), fn, ": ", name, " is on ", p->device(), " but x is on ", x.device());
   TORCH_CHECK(p->dim() == 1 && p->size(0) == n, fn, ": ", name, " must have shape (", n, "), got ", p->sizes());
   kernel_dtype(fn, name, *p);
-  return p->to(stats_type(x.scalar_type())).contiguous();
+  return p->to(type).contiguous();
 }
 
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
@@ -37,19 +47,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forwa
                 ": residual must match x's dtype and device");
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor w = param_as_acc(weight, x, n, fn, "weight");
-  const at::Tensor b = param_as_acc(bias, x, n, fn, "bias");
+  const at::ScalarType params = param_type(x, {&weight, &bias});
+  const at::Tensor w = param_as(weight, params, x, n, fn, "weight");
+  const at::Tensor b = param_as(bias, params, x, n, fn, "bias");
   const auto acc = x.options().dtype(stats_type(x.scalar_type()));
   at::Tensor y = empty_output({rows, n}, x.options());
   at::Tensor h = residual.has_value() ? empty_output({rows, n}, x.options()) : at::empty({0}, x.options());
   at::Tensor mean = rms ? at::empty({0}, acc) : empty_output({rows}, acc);
   at::Tensor rstd = empty_output({rows}, acc);
-  check_cuda_launch(fn, kernels::norm_forward(
-                            dtype, x.const_data_ptr(), residual.has_value() ? residual->const_data_ptr() : nullptr,
-                            ptr_or_null(w), ptr_or_null(b), y.mutable_data_ptr(),
-                            residual.has_value() ? h.mutable_data_ptr() : nullptr,
-                            rms ? nullptr : mean.mutable_data_ptr(), rstd.mutable_data_ptr(), rows, n, x.stride(0),
-                            residual.has_value() ? residual->stride(0) : 0, eps, rms, at::cuda::getCurrentCUDAStream()));
+  check_cuda_launch(fn, kernels::norm_forward(dtype, kernel_dtype(fn, "weight", params), x.const_data_ptr(),
+                                              residual.has_value() ? residual->const_data_ptr() : nullptr,
+                                              ptr_or_null(w), ptr_or_null(b), y.mutable_data_ptr(),
+                                              residual.has_value() ? h.mutable_data_ptr() : nullptr,
+                                              rms ? nullptr : mean.mutable_data_ptr(), rstd.mutable_data_ptr(), rows,
+                                              n, x.stride(0), residual.has_value() ? residual->stride(0) : 0, eps, rms,
+                                              at::cuda::getCurrentCUDAStream()));
   return {y, h, mean, rstd};
 }
 
@@ -77,22 +89,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
                       mean->is_contiguous() && mean->device() == x.device()),
               fn, ": mean must be a contiguous (", rows, ") ", acc, " tensor on x's device for layer_norm");
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor w = param_as_acc(weight, x, n, fn, "weight");
+  // dweight / dbias come out in the type the kernels read weight in: weight's dtype when it is
+  // x's, else the accumulation type (the op's contract, csrc/bindings.cpp)
+  const at::ScalarType params = weight.has_value() ? param_type(x, {&weight}) : acc;
+  const at::Tensor w = param_as(weight, params, x, n, fn, "weight");
   const auto acc_opts = x.options().dtype(acc);
   at::Tensor dx = empty_output({rows, n}, x.options());
   int64_t partial_rows = 1;
   check_cuda_launch(fn, kernels::norm_backward_partial_rows(dtype, rows, n, &partial_rows));
   // written whole by the kernels when there are rows (poisoned in tests), zeros otherwise
   auto param_grad = [&](bool wanted) {
-    if (!wanted) return at::empty({0}, acc_opts);
-    return rows > 0 ? empty_output({n}, acc_opts) : at::zeros({n}, acc_opts);
+    const auto opts = x.options().dtype(params);
+    if (!wanted) return at::empty({0}, opts);
+    return rows > 0 ? empty_output({n}, opts) : at::zeros({n}, opts);
   };
   at::Tensor dweight = param_grad(weight.has_value());
   at::Tensor dbias = param_grad(has_bias);
   at::Tensor dweight_partial = weight.has_value() ? at::empty({partial_rows, n}, acc_opts) : at::Tensor();
   at::Tensor dbias_partial = has_bias ? at::empty({partial_rows, n}, acc_opts) : at::Tensor();
   check_cuda_launch(fn, kernels::norm_backward(
-                            dtype, dy.const_data_ptr(), dsum.has_value() ? dsum->const_data_ptr() : nullptr,
+                            dtype, kernel_dtype(fn, "weight", params), dy.const_data_ptr(),
+                            dsum.has_value() ? dsum->const_data_ptr() : nullptr,
                             x.const_data_ptr(), ptr_or_null(w), rms ? nullptr : mean->const_data_ptr(),
                             rstd.const_data_ptr(), dx.mutable_data_ptr(), mutable_or_null(dweight_partial),
                             mutable_or_null(dbias_partial), partial_rows, mutable_or_null(dweight),

@@ -148,8 +148,13 @@ def _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms, b
         param_shape = weight.shape if weight is not None else h.shape[h.dim() - normalized_ndim:]
         dweight = dweight.view(param_shape) if dweight is not None else None
         dbias = dbias.view(param_shape) if dbias is not None else None
-    if dweight is not None and dweight.dtype != weight.dtype:
-        dweight = dweight.to(weight.dtype)
+    # the dtypes the custom op's fake promises (weight's; dbias without a weight: h's): the
+    # kernels' native ops give weight's dtype when it is h's, else the statistics' dtype
+    param_dtype = weight.dtype if weight is not None else h.dtype
+    if dweight is not None and dweight.dtype != param_dtype:
+        dweight = dweight.to(param_dtype)
+    if dbias is not None and dbias.dtype != param_dtype:
+        dbias = dbias.to(param_dtype)
     return dx, dweight, dbias
 
 

@@ -150,10 +150,17 @@ void softmax_backward(Run& run) {
   check(cudaGetLastError(), "softmax_backward (launch)");
 }
 
+// weight / bias (and dweight / dbias) in --set param_dtype=..., by default the accumulation type
+DType param_dtype(Run& run, DType dtype) {
+  if (run.settings.count("param_dtype")) return parse_dtype(run.get("param_dtype"));
+  return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
+}
+
 void norm_forward(Run& run) {
   const DType dtype = parse_dtype(run.get("dtype"));
-  check(fastdl::kernels::norm_forward(dtype, run.ptr("x"), run.ptr("residual"), run.ptr("weight"), run.ptr("bias"),
-                                      run.ptr("y"), run.ptr("sum"), run.ptr("mean"), run.ptr("rstd"),
+  check(fastdl::kernels::norm_forward(dtype, param_dtype(run, dtype), run.ptr("x"), run.ptr("residual"),
+                                      run.ptr("weight"), run.ptr("bias"), run.ptr("y"), run.ptr("sum"),
+                                      run.ptr("mean"), run.ptr("rstd"),
                                       run.num("rows"), run.num("cols"), run.num("x_stride"),
                                       run.num("residual_stride", 0), std::strtod(run.get("eps").c_str(), nullptr),
                                       run.flag("rms"), nullptr),
@@ -170,9 +177,10 @@ void norm_backward(Run& run) {
   std::printf("partial_rows %lld\n", static_cast<long long>(partial_rows));
   void* dweight_partial = run.ptr("dweight") ? run.make("dweight_partial", partial_rows * cols * acc, 0).data : nullptr;
   void* dbias_partial = run.ptr("dbias") ? run.make("dbias_partial", partial_rows * cols * acc, 0).data : nullptr;
-  check(fastdl::kernels::norm_backward(dtype, run.ptr("dy"), run.ptr("dsum"), run.ptr("x"), run.ptr("weight"),
-                                       run.ptr("mean"), run.ptr("rstd"), run.ptr("dx"), dweight_partial,
-                                       dbias_partial, partial_rows, run.ptr("dweight"), run.ptr("dbias"), rows, cols,
+  check(fastdl::kernels::norm_backward(dtype, param_dtype(run, dtype), run.ptr("dy"), run.ptr("dsum"),
+                                       run.ptr("x"), run.ptr("weight"), run.ptr("mean"), run.ptr("rstd"),
+                                       run.ptr("dx"), dweight_partial, dbias_partial, partial_rows,
+                                       run.ptr("dweight"), run.ptr("dbias"), rows, cols,
                                        run.num("dy_stride"), run.num("dsum_stride", 0), run.num("x_stride"),
                                        run.flag("rms"), nullptr),
         "norm_backward");
