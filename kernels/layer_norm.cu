@@ -21,8 +21,9 @@
 // blocks as fill the device once, each walks its own run of rows, keeps the running
 // dweight / dbias of its columns (registers in the tile kernel, its own row of the
 // partial buffer in the loop kernel) and ends with one partial row; a second kernel sums
-// the partial rows in a fixed order. No atomics: two runs give bitwise-equal gradients,
-// and dy and x are read once, not once more for the parameter gradients.
+// the partial rows in a fixed order (dweight's and dbias's in one launch). No atomics: two
+// runs give bitwise-equal gradients, and dy and x are read once, not once more for the
+// parameter gradients.
 //
 // weight / bias come in the row's element type or the accumulation type (W): a 16-bit
 // model's parameters are read as they are, with no conversion kernel before each call, and
@@ -379,14 +380,18 @@ __global__ void __launch_bounds__(kLoopThreads)
 
 // out[col] = sum over the partial rows of partial[row][col], in a fixed order, rounded to
 // Out (the parameters' type W) once: thread (tx, ty) sums rows ty, ty + 8, ... of column tx,
-// then row-thread sums are added in order.
+// then row-thread sums are added in order. blockIdx.y picks the buffer: dweight's and
+// dbias's sums are one launch.
 // A warp moves 32 consecutive fp32 columns, 128 bytes, in one transaction:
 // no 16-byte loads accepted: sum_partial_rows_kernel: 4-byte loads, coalesced across the warp
 // no 16-byte stores accepted: sum_partial_rows_kernel: one value a column
 template <typename A, typename Out>
 __global__ void __launch_bounds__(kSumCols* kSumRowThreads)
-    sum_partial_rows_kernel(const A* __restrict__ partial, Out* __restrict__ out, int64_t partial_rows, int64_t cols) {
+    sum_partial_rows_kernel(const A* __restrict__ partial0, Out* __restrict__ out0, const A* __restrict__ partial1,
+                            Out* __restrict__ out1, int64_t partial_rows, int64_t cols) {
   __shared__ A sums[kSumRowThreads][kSumCols + 1];
+  const A* partial = blockIdx.y == 0 ? partial0 : partial1;
+  Out* out = blockIdx.y == 0 ? out0 : out1;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
   A total = 0;
   if (col < cols)
@@ -474,8 +479,8 @@ template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, in
       if (err == cudaSuccess) err = query;
       per_sm = std::max(resident, 1);
     }
-    const int64_t fill = static_cast<int64_t>(sms) * per_sm;
-    *blocks = std::min(*blocks, std::max<int64_t>(1, std::min<int64_t>(fill, (rows + rows_at_once - 1) / rows_at_once)));
+    const int64_t fill = static_cast<int64_t>(sms) * per_sm, needed = (rows + rows_at_once - 1) / rows_at_once;
+    *blocks = std::min(*blocks, std::max<int64_t>(1, std::min<int64_t>(fill, needed)));
   };
   with_backward_kernels<T, T>(cols, fewest);
   with_backward_kernels<T, typename Acc<T>::type>(cols, fewest);
@@ -525,12 +530,17 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const dim3 sum_grid(static_cast<unsigned>((cols + kSumCols - 1) / kSumCols));
+  // one launch sums the partial rows of every parameter gradient asked for (grid.y of them)
+  const A* partials[2];
+  W* outs[2];
+  unsigned wanted = 0;
+  if (dweight != nullptr) partials[wanted] = dweight_partial, outs[wanted++] = dweight;
+  if (dbias != nullptr) partials[wanted] = dbias_partial, outs[wanted++] = dbias;
+  if (wanted == 0) return cudaSuccess;
+  const dim3 sum_grid(static_cast<unsigned>((cols + kSumCols - 1) / kSumCols), wanted);
   const dim3 sum_block(kSumCols, kSumRowThreads);
-  if (dweight != nullptr)
-    sum_partial_rows_kernel<A, W><<<sum_grid, sum_block, 0, stream>>>(dweight_partial, dweight, partial_rows, cols);
-  if (dbias != nullptr)
-    sum_partial_rows_kernel<A, W><<<sum_grid, sum_block, 0, stream>>>(dbias_partial, dbias, partial_rows, cols);
+  sum_partial_rows_kernel<A, W><<<sum_grid, sum_block, 0, stream>>>(
+      partials[0], outs[0], partials[wanted - 1], outs[wanted - 1], partial_rows, cols);
   return cudaGetLastError();
 }
 
