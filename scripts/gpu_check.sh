@@ -94,8 +94,8 @@ if has_step test; then
   limit=$(cap "${TEST_TIMEOUT:-200}" "$later")
   (( limit < 30 )) && limit=30  # the tests matter more than what comes after them
   # the (backend, device) tests on CUDA tensors only (FASTDL_TEST_DEVICES, tests/conftest.py):
-  # their CPU cases run in CI on every commit
-  FASTDL_TEST_DEVICES=${FASTDL_TEST_DEVICES:-cuda} timeout "$limit" $py -m pytest tests -v -rfEs --durations=15 -p no:cacheprovider $parallel \
+  # their CPU cases run in CI on every commit (FASTDL_TEST_DEVICES= , empty: every case)
+  FASTDL_TEST_DEVICES=${FASTDL_TEST_DEVICES-cuda} timeout "$limit" $py -m pytest tests -v -rfEs --durations=15 -p no:cacheprovider $parallel \
     -o timeout=120 -o timeout_method=thread --ignore tests/test_build.py \
     --ignore tests/test_cuda_kernels_emulated.py \
     >> "$out/test.log" 2>&1
