@@ -4,8 +4,9 @@ implementation, grouped by case so pytest-benchmark compares the implementations
 
     pytest benchmarks/ --benchmark-only [--benchmark-json out.json]
 
-On a GPU each round ends with a synchronize, so the time is the kernel's, not the
-launch's; python -m fastdl.bench (CUDA events) is the reference for committed numbers.
+On a GPU each round ends with a synchronize, so a round times the whole call: the host's
+part and the kernels'. python -m fastdl.bench's device times (CUDA graph replay, the host
+left out) and its host-timed rows are the reference for committed numbers.
 """
 import pytest
 import torch
