@@ -190,3 +190,13 @@ def test_loop_kernels_peel_rows(dtype, row_stride, offset, split, monkeypatch):
         assert_close(dx, reference.softmax_backward(dy.double(), y.double(), -1, log), dtype, f"backward log={log}")
     # the backward's y is contiguous, dy as x: alike exactly when x's rows are alike with y's
     assert vecs == {name: [expected_vec] * 2 for name in kernels}
+
+
+def test_host_cdiv_and_next_power_of_2_match_tritons():
+    """_launch's host-side cdiv / next_power_of_2 (cheaper than Triton's ConstexprFunction
+    wrappers) give Triton's answers, powers of two and their neighbours included."""
+    sizes = sorted({1, 2, 3, *(2**k + d for k in range(1, 20) for d in (-1, 0, 1))})
+    for n in sizes:
+        assert _launch.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 2, 3, 7, 64, 2048):
+            assert _launch.cdiv(n, d) == triton.cdiv(n, d), (n, d)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
-from fastdl.triton._launch import (accumulator_dtype, on_device, row_alignment, sm_count, tile_shape,
+from fastdl.triton._launch import (accumulator_dtype, cdiv, on_device, row_alignment, sm_count, tile_shape,
                                    tuned_num_warps)
 
 # Longest row the tile kernels keep whole in registers.
@@ -341,7 +341,7 @@ def norm_forward(x, residual, weight, bias, eps: float, rms: bool):
     if n_cols <= FORWARD_TILE_MAX_COLS:
         block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
         with on_device(x):
-            _norm_forward_tile_kernel[(triton.cdiv(n_rows, rows),)](
+            _norm_forward_tile_kernel[(cdiv(n_rows, rows),)](
                 x_ptr=x, y_ptr=y, rstd_ptr=rstd, n_rows=n_rows, eps=eps, BLOCK_COLS=block_cols, ROWS=rows,
                 **lengths, **operands, **flags)
     else:
@@ -370,7 +370,7 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
     dweight_partial = new_partial((programs, n_cols), dtype=acc_dtype, device=x.device) if weight is not None else None
     dbias_partial = new_partial((programs, n_cols), dtype=acc_dtype, device=x.device) if has_bias else None
     if x.numel() > 0:
-        rows_per_program = triton.cdiv(n_rows, programs)
+        rows_per_program = cdiv(n_rows, programs)
         operands = dict(
             dsum_ptr=dsum if dsum is not None else dy,
             weight_ptr=weight if weight is not None else dy,

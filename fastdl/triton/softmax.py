@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
-from fastdl.triton._launch import (accumulator_dtype, on_device, row_alignment, row_vector, sm_count, tile_shape,
-                                   tuned_num_warps)
+from fastdl.triton._launch import (accumulator_dtype, cdiv, next_power_of_2, on_device, row_alignment, row_vector,
+                                   sm_count, tile_shape, tuned_num_warps)
 
 # Longest row kept whole in registers by the one-pass kernels (16k fp32 = 64 KiB a row).
 SINGLE_PASS_MAX_COLS = 16384
@@ -419,12 +419,12 @@ def split_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, i
     (1, n_cols) when one program a row already gives SPLIT_PROGRAMS_PER_SM programs per
     SM (the loop kernels), else enough chunks of whole LOOP_BLOCK_COLS blocks to do so."""
     target = SPLIT_PROGRAMS_PER_SM * sm_count(device)  # the interpreter: 2 SMs, so a few rows split
-    blocks = triton.cdiv(n_cols, LOOP_BLOCK_COLS)
-    chunks = min(triton.cdiv(target, n_rows), blocks) if n_rows < target else 1
+    blocks = cdiv(n_cols, LOOP_BLOCK_COLS)
+    chunks = min(cdiv(target, n_rows), blocks) if n_rows < target else 1
     if chunks <= 1:
         return 1, n_cols
-    chunk_cols = triton.cdiv(blocks, chunks) * LOOP_BLOCK_COLS
-    return triton.cdiv(n_cols, chunk_cols), chunk_cols  # no empty chunk
+    chunk_cols = cdiv(blocks, chunks) * LOOP_BLOCK_COLS
+    return cdiv(n_cols, chunk_cols), chunk_cols  # no empty chunk
 
 
 def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
@@ -437,7 +437,7 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
     x_row_stride_vecs, n_col_vecs = x.stride(0) // align, n_cols // align
     if n_cols <= SINGLE_PASS_MAX_COLS:
         block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
-        grid = (triton.cdiv(n_rows, rows),)
+        grid = (cdiv(n_rows, rows),)
         with on_device(x):
             _softmax_forward_tile_kernel[grid](
                 x, y, x_row_stride_vecs, n_rows, n_col_vecs, BLOCK_COLS=block_cols, ROWS=rows, LOG=log,
@@ -463,7 +463,7 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
         )
         _softmax_chunk_write_kernel[(n_rows, chunks)](
             x, y, chunk_max, chunk_sum, x_row_stride_vecs, n_col_vecs, chunk_cols, chunks,
-            BLOCK_COLS=LOOP_BLOCK_COLS, BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc, ALIGN=align,
+            BLOCK_COLS=LOOP_BLOCK_COLS, BLOCK_CHUNKS=next_power_of_2(chunks), LOG=log, ACC=acc, ALIGN=align,
             VEC=vec,
         )
     return y
@@ -480,7 +480,7 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool) -> to
     n_col_vecs = n_cols // align
     if n_cols <= SINGLE_PASS_MAX_COLS:
         block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
-        grid = (triton.cdiv(n_rows, rows),)
+        grid = (cdiv(n_rows, rows),)
         with on_device(out):
             _softmax_backward_tile_kernel[grid](
                 grad_out, out, dx, dy_row_stride_vecs, y_row_stride_vecs, n_rows, n_col_vecs,
@@ -505,6 +505,6 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool) -> to
         _softmax_backward_chunk_write_kernel[(n_rows, chunks)](
             grad_out, out, dx, chunk_dot, dy_row_stride_vecs, y_row_stride_vecs, n_col_vecs,
             chunk_cols, chunks, BLOCK_COLS=LOOP_BLOCK_COLS,
-            BLOCK_CHUNKS=triton.next_power_of_2(chunks), LOG=log, ACC=acc, ALIGN=align, VEC=vec,
+            BLOCK_CHUNKS=next_power_of_2(chunks), LOG=log, ACC=acc, ALIGN=align, VEC=vec,
         )
     return dx
