@@ -77,7 +77,8 @@ class Record:
     vs_compile: float | None = None
     error: str | None = None
     # how it was timed: "graph" (device time, CUDA graph replay), "events" (do_bench: host
-    # stalls included), "host" (calls back to back), "cpu"; "" in runs before cc56307's successor
+    # stalls included), "host" (calls back to back), "cpu"; "" in runs recorded before the field
+    # (the H200 run at cc56307 timed its GPU cases as "events")
     timing: str = ""
 
 
