@@ -81,7 +81,7 @@ fi
 if has_step test; then
   step "tests" | tee "$out/test.log"
   parallel=""
-  $py -c "import xdist" 2>/dev/null && parallel="-n ${TEST_WORKERS:-14}"  # Triton JIT compiles dominate: spread them over 14 of the 16 cores
+  $py -c "import xdist" 2>/dev/null && parallel="-n ${TEST_WORKERS:-14}"  # Triton JITs: 14 of 16 cores
   # tests/test_build.py (nvcc, Triton sm_90 and CUDA-torch compile checks) and the CUDA
   # emulator's tests run in CI on every commit, without a GPU: here the GPU runs the kernels
   # themselves, and those would take minutes of the lent one
