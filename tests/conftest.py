@@ -46,6 +46,18 @@ if os.environ.get("FASTDL_TEST_DEVICES"):
 ON_CI = os.environ.get("CI") == "true"
 
 
+def compile_backends():
+    """The backends test_torch_compile_fullgraph compiles, on the devices in DEVICES (cpu and
+    torch compile on the CPU; triton and cuda on the GPU)."""
+    return (["cpu", "torch"] if "cpu" in DEVICES else []) + (["triton", "cuda"] if "cuda" in DEVICES else [])
+
+
+# torch.compile of CPU code (inductor's C++ kernels), for tests that have no device to choose:
+# skipped when FASTDL_TEST_DEVICES leaves the CPU out. On the H200 machine, with the test
+# workers compiling Triton kernels beside it, one such test ran past pytest-timeout's 120 s.
+needs_cpu_tests = pytest.mark.skipif("cpu" not in DEVICES, reason="FASTDL_TEST_DEVICES leaves out the CPU")
+
+
 def backend_cases():
     """(backend, device) pairs that can run on this machine."""
     return [(b, d) for d in DEVICES for b in backends.available_backends(d)]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fastdl
 
-from conftest import assert_close, backend_cases, case_id
+from conftest import assert_close, backend_cases, case_id, needs_cpu_tests
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -228,6 +228,7 @@ def test_second_derivatives_under_enable(case):
         assert torch.autograd.gradgradcheck(lambda t, w_: F.layer_norm(t, (7,), w_), (x, w))
 
 
+@needs_cpu_tests
 def test_torch_compile_under_enable():
     """Compiling while enabled traces torch's ops as usual (inductor's kernels run) and matches."""
     def f(x, w):

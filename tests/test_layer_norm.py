@@ -6,7 +6,7 @@ import torch
 import fastdl
 from fastdl import reference as R
 
-from conftest import TOLERANCE, assert_close, backend_cases, case_id
+from conftest import TOLERANCE, assert_close, backend_cases, case_id, compile_backends
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -447,7 +447,7 @@ def test_module_fallback_and_strict():
             fastdl.nn.AddRMSNorm(8, strict=True)(x, x)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"] + (["triton", "cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("backend", compile_backends())
 def test_torch_compile_fullgraph(backend):
     """torch.compile(fullgraph=True) traces through the custom ops and matches eager,
     forward and backward (Triton under the interpreter cannot be compiled: on the GPU)."""

@@ -7,7 +7,7 @@ import torch
 import fastdl
 from fastdl.nn import _fallback
 
-from conftest import backend_cases, case_id
+from conftest import backend_cases, case_id, needs_cpu_tests
 
 PAIRS = [(torch.nn.Softmax, fastdl.nn.Softmax), (torch.nn.LogSoftmax, fastdl.nn.LogSoftmax)]
 
@@ -88,6 +88,7 @@ def test_autocast_follows_torch(case):
             torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
+@needs_cpu_tests
 def test_autocast_under_torch_compile_matches_eager():
     """The compiled path casts as the eager one does (the autocast probe is traced)."""
     if "cpu" not in fastdl.available_backends("cpu"):

@@ -6,7 +6,7 @@ import fastdl
 from fastdl.reference import log_softmax as ref_log_softmax
 from fastdl.reference import softmax as ref_softmax
 
-from conftest import DEVICES, assert_close, backend_cases, case_id, rel_err
+from conftest import assert_close, backend_cases, case_id, compile_backends, rel_err
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -434,7 +434,7 @@ class TestBadInputs:
             torch.ops.fastdl.softmax_rows_backward(torch.randn(2, 3), torch.randn(3, 2), False)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"] + (["triton", "cuda"] if "cuda" in DEVICES else []))
+@pytest.mark.parametrize("backend", compile_backends())
 def test_torch_compile_fullgraph(backend):
     """torch.compile(fullgraph=True) of a function calling the op traces through the
     custom op and matches eager, forward and backward. (Triton under the interpreter
