@@ -10,6 +10,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <stdexcept>
+
 #include "csrc/common/outputs.h"
 
 TORCH_LIBRARY(fastdl, m) {
@@ -17,6 +19,10 @@ TORCH_LIBRARY(fastdl, m) {
   m.def("native_built_with_cuda() -> bool");
   // test hook: fill every output with NaN before kernels write it (csrc/common/outputs.h)
   m.def("set_poison_outputs(bool enabled) -> ()");
+  // debugging aid (scripts/diagnose_exceptions.py): raises an error, kind 0 through
+  // TORCH_CHECK (a c10::Error that captures a backtrace), 1 as a c10::Error without one,
+  // 2 as a std::runtime_error; each reaches Python as a RuntimeError
+  m.def("raise_for_test(int kind) -> ()");
   // softmax / log_softmax over the last dim of a (rows, cols) tensor; the output is a
   // new contiguous tensor of the input's dtype
   m.def("softmax_rows_forward(Tensor x, bool log) -> Tensor");
@@ -54,9 +60,18 @@ static bool native_built_with_cuda() {
 
 static void set_poison_outputs(bool enabled) { fastdl::poison_outputs_flag().store(enabled); }
 
+// On the H200 machine (torch 2.11) every TORCH_CHECK failure in fastdl._C segfaulted; these
+// three ways of raising tell the backtrace capture, c10::Error and plain C++ unwinding apart.
+static void raise_for_test(int64_t kind) {
+  TORCH_CHECK(kind != 0, "fastdl.raise_for_test: TORCH_CHECK");
+  if (kind == 1) throw c10::Error("fastdl.raise_for_test: c10::Error without a backtrace");
+  throw std::runtime_error("fastdl.raise_for_test: std::runtime_error");
+}
+
 TORCH_LIBRARY_IMPL(fastdl, CompositeExplicitAutograd, m) {
   m.impl("native_built_with_cuda", &native_built_with_cuda);
   m.impl("set_poison_outputs", &set_poison_outputs);
+  m.impl("raise_for_test", &raise_for_test);
 }
 
 // `import fastdl._C` needs a module init function; the module itself is empty.

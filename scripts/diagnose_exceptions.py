@@ -43,6 +43,14 @@ CASES = {
     "fastdl._C raises, after a triton launch": (TRITON_CALL, FASTDL_ERROR),
     "fastdl._C's CUDA op raises": ("import fastdl",
                                    "torch.ops.fastdl.softmax_rows_forward(torch.randn(2, 3, 4, device='cuda'), False)"),
+    # fastdl.raise_for_test: which way of raising dies (csrc/bindings.cpp)
+    "fastdl._C raises TORCH_CHECK (backtrace captured)": (LOAD_C, "torch.ops.fastdl.raise_for_test(0)"),
+    "fastdl._C raises c10::Error without a backtrace": (LOAD_C, "torch.ops.fastdl.raise_for_test(1)"),
+    "fastdl._C raises std::runtime_error": (LOAD_C, "torch.ops.fastdl.raise_for_test(2)"),
+    "fastdl._C raises c10::Error w/o backtrace, after CUDA init": (LOAD_C + "\n" + CUDA_INIT,
+                                                                   "torch.ops.fastdl.raise_for_test(1)"),
+    "fastdl._C raises std::runtime_error, after CUDA init": (LOAD_C + "\n" + CUDA_INIT,
+                                                             "torch.ops.fastdl.raise_for_test(2)"),
 }
 
 
@@ -128,11 +136,11 @@ def main() -> int:
         results = dict(zip(runnable, pool.map(lambda case: run_case(*case), runnable.values())))
     for name, (setup, raising) in CASES.items():
         if name not in results:
-            print(f"{name:55s} skipped: no GPU")
+            print(f"{name:60s} skipped: no GPU")
             continue
         rc, last = results[name]
         verdict = "ok" if rc == 0 and last.startswith("RAISED") else f"DIED (exit {rc})"
-        print(f"{name:55s} {verdict}: {last[:110]}")
+        print(f"{name:60s} {verdict}: {last[:110]}")
         if verdict != "ok" and died is None:
             died = (setup, raising)
     if died and "--no-gdb" not in sys.argv:

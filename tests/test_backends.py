@@ -57,7 +57,7 @@ def test_exception_diagnosis_script_runs():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     verdicts = [line for line in out.stdout.splitlines() if "raises" in line]
     ran = [line for line in verdicts if "skipped" not in line]
-    assert len(verdicts) == 10 and ran and all(" ok: RAISED" in line for line in ran), out.stdout
+    assert len(verdicts) >= 15 and ran and all(" ok: RAISED" in line for line in ran), out.stdout
 
 
 def test_choice_precedence(monkeypatch):
