@@ -169,7 +169,8 @@ if has_step bench; then
     case $? in
       0) ;;
       124) echo "bench $op: stopped at the end of its share; the cases left are recorded as skipped" >> "$out/bench.log" ;;
-      *) echo "bench $op exited non-zero" >> "$out/bench.log" ;;
+      *) echo "bench $op exited non-zero: results.tar.gz keeps $op.json.partial, the cases timed before it" \
+           >> "$out/bench.log" ;;
     esac
   done
   tar -czf "$out/results.tar.gz" -C "$results" .

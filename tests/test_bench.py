@@ -35,6 +35,7 @@ def test_bench_runs_and_writes_results(tmp_path, monkeypatch, capsys):
         impls = {r["impl"] for r in data["records"]}
         assert {"torch", "torch.compile"} <= impls
         assert all(r["error"] is None and r["median_ms"] > 0 and r["gbps"] > 0 for r in data["records"]), data
+        assert not list(tmp_path.glob("*.partial")), "a finished run leaves no checkpoint"
         # each record says how it was timed: the sweep interleaved on the CPU, the small cases as calls
         assert {r["timing"] for r in data["records"] if r["direction"].endswith("(host)")} == {"host"}
         assert {r["timing"] for r in data["records"] if not r["direction"].endswith("(host)")} == {"cpu"}
@@ -45,6 +46,31 @@ def test_bench_runs_and_writes_results(tmp_path, monkeypatch, capsys):
         assert data["targets"] and all(t["status"] == "NOT RUN" for t in data["targets"])
     for png in ("softmax", "layer_norm", "rms_norm", "add_layer_norm"):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
+
+
+def test_run_cases_checkpoints_after_each_case(tmp_path):
+    """run_cases hands the records so far to on_case after every case; the bench's checkpoint
+    writes them to <op>.json.partial, which a process that dies leaves behind."""
+    from fastdl.bench.harness import Case, Impl, run_cases
+
+    def case(cols):
+        x = torch.randn(4, cols)
+        return Case("softmax", "fwd", torch.float32, (4, cols), 4 * cols * 4 * 2,
+                    lambda: [Impl("torch", lambda: torch.softmax(x, -1)), Impl("torch.compile", lambda: x * 2)])
+
+    path, write = bench_main.checkpoint(tmp_path, "softmax", {"device": "cpu"})
+    seen = []
+
+    def on_case(records):
+        seen.append(len(records))
+        write(records)
+
+    records = run_cases([case(8), case(16)], torch.device("cpu"), 10.0, quick=True, show_progress=False,
+                        on_case=on_case)
+    assert seen == [2, 4] and len(records) == 4
+    saved = json.loads(path.read_text())
+    assert path.name == "softmax.json.partial" and len(saved["records"]) == 4
+    assert saved["environment"]["device"] == "cpu"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -61,6 +61,20 @@ def merge_previous(path: Path, records: list, env: dict, order: list) -> tuple[l
     return merged, dict(env, runs=runs + [{k: env.get(k) for k in run_fields}])
 
 
+def checkpoint(out_dir: Path, op: str, env: dict):
+    """(path, write): write(records) puts the records timed so far in <op>.json.partial, so that
+    a process that dies mid-run (a segfault, where SIGTERM would have let it write its results)
+    leaves them; a run that ends writes <op>.json and removes the partial file. The name keeps
+    it out of `*.json` (preference, --merge)."""
+    path = out_dir / f"{op}.json.partial"
+
+    def write(records):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"environment": env, "records": [dataclasses.asdict(r) for r in records]}))
+
+    return path, write
+
+
 def run_isolated(op, device, copy_gbps, quick, max_seconds, dtypes=None):
     """run_cases, each case in a fresh `python -m fastdl.bench --only-case i` process."""
     cases = select_cases(op, device, quick, dtypes)
@@ -127,11 +141,12 @@ def main(argv=None):
     failed = total = 0
     for op in args.ops:  # one set of result files per benchmark module
         budget = None if args.max_seconds is None else max(0.0, args.max_seconds - (time.time() - start))
-        if device.type == "cpu" and not args.no_isolate:
+        partial, write_partial = checkpoint(out_dir, op, env)
+        if device.type == "cpu" and not args.no_isolate:  # each case in its own process already
             records = run_isolated(op, device, copy_gbps, args.quick, budget, args.dtypes)
         else:
             records = run_cases(select_cases(op, device, args.quick, args.dtypes), device, copy_gbps, args.quick,
-                                budget)
+                                budget, on_case=write_partial)
         print(markdown_table(records), flush=True)
         total += len(records)
         failed += sum(1 for r in records if r.error and not _skipped(r))
@@ -146,6 +161,7 @@ def main(argv=None):
             print(f"\n{op} targets{merged}:\n{targets.markdown(verdicts)}\n", flush=True)
         for path in write_results(records, op_env, out_dir, op, verdicts):
             print(f"wrote {path}")
+        partial.unlink(missing_ok=True)
     stopped = " (stopped by SIGTERM: the cases after it are recorded as skipped)" if stop_requested() else ""
     print(f"{total} timings, {failed} failed, in {time.time() - start:.0f}s{stopped}")
     return 1 if total and failed == total else 0

@@ -364,8 +364,10 @@ def skipped_record(case: Case, why: str) -> Record:
 
 
 def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: bool = False,
-              max_seconds: float | None = None, show_progress: bool = True) -> list[Record]:
-    """Time every case; past max_seconds, or once Stopped, the remaining cases are recorded as skipped."""
+              max_seconds: float | None = None, show_progress: bool = True,
+              on_case: Callable[[list[Record]], None] | None = None) -> list[Record]:
+    """Time every case; past max_seconds, or once Stopped, the remaining cases are recorded as
+    skipped. on_case(records so far) after each case (a checkpoint)."""
     import time
 
     records = []
@@ -383,6 +385,8 @@ def run_cases(cases: list[Case], device: torch.device, copy_gbps: float, quick: 
                 records.append(skipped_record(case, STOPPED))
         if progress:
             progress.update(case_label(case))
+        if on_case:
+            on_case(records)
     if progress:
         progress.close()
     return records
