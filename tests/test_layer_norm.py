@@ -123,6 +123,23 @@ def test_native_ops_take_parameters_in_the_input_dtype(case, dtype, cols):
         assert torch.equal(ours, fp32.to(dtype)), f"{name} differs from fp32 parameters' result rounded"
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bf16_weight_beside_fp32_bias(case):
+    """Parameters of two dtypes (bf16 x and weight, fp32 bias): each gradient in its
+    parameter's dtype, and dbias as exact as fp32 allows. It is not rounded through bf16 on
+    the way: the native backward op writes dweight and dbias in one dtype."""
+    backend, device = case
+    x = (torch.randn(5, 300, device=device) * 2).to(torch.bfloat16).requires_grad_()
+    w = (torch.rand(300, device=device) + 0.5).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(300, device=device, requires_grad=True)
+    dy = torch.randn(5, 300, device=device).to(torch.bfloat16)
+    with fastdl.use_backend(backend):
+        y = fastdl.ops.layer_norm(x, 300, w, b)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
+    assert (dx.dtype, dw.dtype, db.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert_close(db, dy.double().sum(0), torch.float32, "dbias")
+
+
 @pytest.mark.parametrize("shape", [(1000, 512), (64, 20000)], ids=["tile", "loop"])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_parameter_gradients_are_deterministic(case, shape):

@@ -54,6 +54,11 @@ struct NormRows : public torch::autograd::Function<NormRows> {
     ctx->saved_data["rms"] = rms;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = bias.has_value();
+    // weight and bias of different dtypes (a bf16 weight beside an fp32 bias): the backward
+    // op writes dweight and dbias in one dtype, weight's when it is x's, which would round
+    // an fp32 bias's gradient to bf16; such a weight goes to it in the statistics' dtype
+    ctx->saved_data["mixed_params"] = weight.has_value() && bias.has_value() &&
+                                      weight->scalar_type() != bias->scalar_type();
     if (!fused) ctx->mark_non_differentiable({h});
     ctx->set_materialize_grads(false);
     return {y, h};
@@ -77,8 +82,9 @@ struct NormRows : public torch::autograd::Function<NormRows> {
                                                           ctx->saved_data["eps"].toDouble(), rms);
       if (dsum.defined()) dx = dx + dsum;
     } else {
-      std::tie(dx, dweight, dbias) =
-          op.call(dy, present(dsum), input, present(weight), present(mean), rstd, has_bias, rms);
+      const at::Tensor w = ctx->saved_data["mixed_params"].toBool() ? weight.to(stats_type(input.scalar_type()))
+                                                                    : weight;
+      std::tie(dx, dweight, dbias) = op.call(dy, present(dsum), input, present(w), present(mean), rstd, has_bias, rms);
     }
     // dweight / dbias in weight's dtype or the statistics' (empty when absent); the engine casts
     // each gradient to its input's dtype (validate_outputs)

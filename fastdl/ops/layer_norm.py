@@ -148,13 +148,8 @@ def _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms, b
         param_shape = weight.shape if weight is not None else h.shape[h.dim() - normalized_ndim:]
         dweight = dweight.view(param_shape) if dweight is not None else None
         dbias = dbias.view(param_shape) if dbias is not None else None
-    # the dtypes the custom op's fake promises (weight's; dbias without a weight: h's): the
-    # kernels' native ops give weight's dtype when it is h's, else the statistics' dtype
-    param_dtype = weight.dtype if weight is not None else h.dtype
-    if dweight is not None and dweight.dtype != param_dtype:
-        dweight = dweight.to(param_dtype)
-    if dbias is not None and dbias.dtype != param_dtype:
-        dbias = dbias.to(param_dtype)
+    if dweight is not None and dweight.dtype != weight.dtype:
+        dweight = dweight.to(weight.dtype)
     return dx, dweight, dbias
 
 
@@ -184,6 +179,11 @@ def _(x, residual, weight, bias, normalized_ndim, eps, rms):
 def _norm_backward_op(dy: Tensor, dsum: Tensor | None, h: Tensor, weight: Tensor | None, mean: Tensor | None,
                       rstd: Tensor, has_bias: bool, normalized_ndim: int, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
     dx, dweight, dbias = _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms)
+    # dbias in the dtype the fake below promises (weight's; without a weight, h's): the native
+    # ops give weight's dtype when it is h's, else the statistics' dtype, as the other backends
+    bias_dtype = weight.dtype if weight is not None else h.dtype
+    if dbias is not None and dbias.dtype != bias_dtype:
+        dbias = dbias.to(bias_dtype)
     return dx, _or_empty(dweight, h), _or_empty(dbias, h)
 
 
