@@ -138,6 +138,11 @@ def test_bf16_weight_beside_fp32_bias(case):
     dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
     assert (dx.dtype, dw.dtype, db.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
     assert_close(db, dy.double().sum(0), torch.float32, "dbias")
+    with fastdl.use_backend(backend):  # the fp32 bias alone, no weight
+        y = fastdl.ops.layer_norm(x, 300, None, b)
+    (db,) = torch.autograd.grad(y, (b,), dy)
+    assert db.dtype == torch.float32
+    assert_close(db, dy.double().sum(0), torch.float32, "dbias without a weight")
 
 
 @pytest.mark.parametrize("shape", [(1000, 512), (64, 20000)], ids=["tile", "loop"])

@@ -54,11 +54,11 @@ struct NormRows : public torch::autograd::Function<NormRows> {
     ctx->saved_data["rms"] = rms;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = bias.has_value();
-    // weight and bias of different dtypes (a bf16 weight beside an fp32 bias): the backward
-    // op writes dweight and dbias in one dtype, weight's when it is x's, which would round
-    // an fp32 bias's gradient to bf16; such a weight goes to it in the statistics' dtype
-    ctx->saved_data["mixed_params"] = weight.has_value() && bias.has_value() &&
-                                      weight->scalar_type() != bias->scalar_type();
+    // The backward op writes dweight and dbias in one dtype, param_type of the weight alone; when
+    // the bias changes the forward's (a bf16 weight beside an fp32 bias), it would round the
+    // bias's gradient to bf16, so the backward passes the weight in the statistics' dtype
+    ctx->saved_data["mixed_params"] =
+        weight.has_value() && param_type(x, {&weight}) != param_type(x, {&weight, &bias});
     if (!fused) ctx->mark_non_differentiable({h});
     ctx->set_materialize_grads(false);
     return {y, h};

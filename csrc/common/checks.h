@@ -2,6 +2,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+#include <optional>
+
 namespace fastdl {
 
 // t is a 2-D (rows, cols) tensor on device_type whose last dim is contiguous.
@@ -29,5 +32,14 @@ inline void check_float_dtype(const char* fn, const char* name, const at::Tensor
 
 // dtype of saved statistics and parameter gradients: float, double for double inputs.
 inline at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The norms' parameter dtype: x's when every parameter given has it (a 16-bit model's weight
+// and bias, which the CUDA kernels read as they are), else the statistics' dtype. The
+// backward ops write dweight / dbias in it (csrc/bindings.cpp), given the weight alone.
+inline at::ScalarType param_type(const at::Tensor& x, std::initializer_list<const std::optional<at::Tensor>*> params) {
+  for (const auto* p : params)
+    if (p->has_value() && (*p)->scalar_type() != x.scalar_type()) return stats_type(x.scalar_type());
+  return x.scalar_type();
+}
 
 }  // namespace fastdl

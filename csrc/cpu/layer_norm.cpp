@@ -276,9 +276,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
       });
     });
   }
-  // stage 2: the partial rows, summed in chunk order; out in weight's dtype when it is x's,
-  // else the accumulation type (the op's contract, as the CUDA kernels write them)
-  const auto out_type = weight.has_value() && weight->scalar_type() == x.scalar_type() ? x.scalar_type() : acc;
+  // stage 2: the partial rows, summed in chunk order, out in the parameters' dtype as the CUDA
+  // kernels write them (param_type: weight's when it is x's, else the accumulation type)
+  const auto out_type = weight.has_value() ? param_type(x, {&weight}) : acc;
   auto reduce = [&](const at::Tensor& partial) {
     if (!partial.defined()) return at::empty({0}, x.options().dtype(out_type));
     at::Tensor out = at::empty({n}, partial.options());

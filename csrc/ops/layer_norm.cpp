@@ -3,8 +3,6 @@
 // implementation of the fastdl ops (same schema and results as csrc/cpu/layer_norm.cpp).
 #include <torch/library.h>
 
-#include <initializer_list>
-
 #include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
 #include "csrc/ops/common.h"
@@ -12,15 +10,6 @@
 
 namespace fastdl {
 namespace {
-
-// The type the kernels read weight / bias in (and write dweight / dbias in): x's dtype when
-// every parameter given has it (a 16-bit model's parameters, read as they are, with no
-// conversion kernel a call), else the accumulation type.
-at::ScalarType param_type(const at::Tensor& x, std::initializer_list<const std::optional<at::Tensor>*> params) {
-  for (const auto* p : params)
-    if (p->has_value() && (*p)->scalar_type() != x.scalar_type()) return stats_type(x.scalar_type());
-  return x.scalar_type();
-}
 
 // weight / bias as a contiguous vector of `type` on x's device; undefined when absent.
 at::Tensor param_as(const std::optional<at::Tensor>& p, at::ScalarType type, const at::Tensor& x, int64_t n,
