@@ -45,12 +45,24 @@ namespace fastdl::kernels {
 namespace {
 
 constexpr int kLoopThreads = 1024;  // threads of the loop kernels (rows past the tiles)
-// Largest tiles: forward 1024 threads x 16 values, backward 512 x 16 (it holds five
-// values a column: x, dy, weight, and the running dweight and dbias); fp64 holds half.
+// Largest tiles: forward 1024 threads x 16 values (or 512 x 32), backward 512 x 16 (it
+// holds five values a column: x, dy, weight, and the running dweight and dbias, so no more
+// than 16 a thread); fp64 holds half. The launch takes the first tile that holds the row
+// (with_row_tile).
 template <typename T> constexpr int kForwardMaxThreads = sizeof(T) == 8 ? 512 : 1024;
-constexpr int kForwardMaxElems = 16;
+constexpr int kForwardMaxElems = 32;
+template <typename T> constexpr int64_t kForwardMaxCols = static_cast<int64_t>(kForwardMaxThreads<T>) * 16;
 constexpr int kBackwardMaxThreads = 512;
 template <typename T> constexpr int kBackwardMaxElems = sizeof(T) == 8 ? 8 : 16;
+template <typename T> constexpr int64_t kBackwardMaxCols = int64_t{kBackwardMaxThreads} * kBackwardMaxElems<T>;
+
+// Call launch(threads, elems) with the tile for rows of `cols`; false past the tiles.
+template <typename T, typename F> bool with_forward_tile(int64_t cols, F&& launch) {
+  return with_row_tile<kForwardMaxThreads<T>, kForwardMaxElems, kForwardMaxCols<T>>(cols, tile_elems_knob(), launch);
+}
+template <typename T, typename F> bool with_backward_tile(int64_t cols, F&& launch) {
+  return with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>, kBackwardMaxCols<T>>(cols, tile_elems_knob(), launch);
+}
 constexpr int kSumCols = 32;  // columns per block of the partial-row sum
 constexpr int kSumRowThreads = 8;
 
@@ -425,7 +437,7 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
                        (residual == nullptr || rows_aligned<T>(residual, residual_stride)) &&
                        rows_aligned<T>(y, cols) && (sum == nullptr || ptr_aligned(sum)) &&
                        (weight == nullptr || ptr_aligned(weight)) && (bias == nullptr || ptr_aligned(bias));
-  const bool tiled = with_row_tile<kForwardMaxThreads<T>, kForwardMaxElems>(cols, [&](auto threads, auto elems) {
+  const bool tiled = with_forward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     constexpr int kRowsPerBlock = kTileBlockThreads<kThreads> / kThreads;
     const auto grid = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
@@ -448,7 +460,7 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
 // once. The loop kernel has two (16-byte vectors or single elements, by the rows'
 // alignment).
 template <typename T, typename W, typename F> void with_backward_kernels(int64_t cols, F&& use) {
-  const bool tiled = with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>>(cols, [&](auto threads, auto elems) {
+  const bool tiled = with_backward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     use(norm_backward_tile_kernel<T, W, kThreads, kElems>, kTileBlockThreads<kThreads>,
         kTileBlockThreads<kThreads> / kThreads);
@@ -514,7 +526,7 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
                        (weight == nullptr || ptr_aligned(weight)) &&
                        (dweight_partial == nullptr || ptr_aligned(dweight_partial)) &&
                        (dbias_partial == nullptr || ptr_aligned(dbias_partial));
-  const bool tiled = with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>>(cols, [&](auto threads, auto elems) {
+  const bool tiled = with_backward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     norm_backward_tile_kernel<T, W, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
         dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,

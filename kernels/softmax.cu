@@ -32,9 +32,17 @@ namespace fastdl::kernels {
 namespace {
 
 constexpr int kBlockThreads = 512;  // threads of the block-per-row kernels
-// Largest tiles: 1024 threads x 16 values; fp64 stops at 512 x 16 (register space).
+// Largest tiles: 1024 threads x 16 values (or 512 x 32); fp64 stops at 512 x 16, and 16
+// values a thread (register space: the backward's 32 doubles of dy and y spill on sm_80).
+// The launch takes the first tile that holds the row (with_row_tile).
 template <typename T> constexpr int kMaxTileThreads = sizeof(T) == 8 ? 512 : 1024;
-constexpr int kMaxTileElems = 16;
+template <typename T> constexpr int kMaxTileElems = sizeof(T) == 8 ? 16 : 32;
+template <typename T> constexpr int64_t kMaxTileCols = static_cast<int64_t>(kMaxTileThreads<T>) * 16;
+
+// Calls launch(threads, elems) with the tile for rows of `cols`; false past the tiles.
+template <typename T, typename F> bool with_tile(int64_t cols, F&& launch) {
+  return with_row_tile<kMaxTileThreads<T>, kMaxTileElems<T>, kMaxTileCols<T>>(cols, tile_elems_knob(), launch);
+}
 
 // ---------------------------------------------------------------------------------
 // forward
@@ -275,8 +283,6 @@ struct Split {
   dim3 grid(int64_t rows) const { return dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(rows)); }
 };
 
-template <typename T> constexpr int64_t kMaxTileCols = static_cast<int64_t>(kMaxTileThreads<T>) * kMaxTileElems;
-
 // Blocks an SM should hold for the split: FASTDL_CUDA_SPLIT_PER_SM when set to a number (0
 // never splits; a huge one splits rows into as many chunks as allowed), else as many
 // kBlockThreads-blocks of the chunk kernel as fit on an SM at once.
@@ -332,7 +338,7 @@ cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_
   // rows in steps also on rows equally far off (a ragged head and tail an element a thread)
   const bool aligned = rows_aligned<T>(x, x_row_stride) && rows_aligned<T>(y, cols);
   const bool step_vectors = rows_share_alignment<T>({{x, x_row_stride}, {y, cols}});
-  const bool tiled = with_row_tile<kMaxTileThreads<T>, kMaxTileElems>(cols, [&](auto threads, auto elems) {
+  const bool tiled = with_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     softmax_forward_tile_kernel<T, kThreads, kElems, kLog>
         <<<tile_grid<kThreads>(rows), kTileBlockThreads<kThreads>, 0, stream>>>(x, y, rows, cols, x_row_stride,
@@ -368,7 +374,7 @@ cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t cols,
   const bool aligned = rows_aligned<T>(dy, dy_row_stride) && rows_aligned<T>(y, y_row_stride) &&
                        rows_aligned<T>(dx, cols);
   const bool step_vectors = rows_share_alignment<T>({{dy, dy_row_stride}, {y, y_row_stride}, {dx, cols}});
-  const bool tiled = with_row_tile<kMaxTileThreads<T>, kMaxTileElems>(cols, [&](auto threads, auto elems) {
+  const bool tiled = with_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     softmax_backward_tile_kernel<T, kThreads, kElems, kLog>
         <<<tile_grid<kThreads>(rows), kTileBlockThreads<kThreads>, 0, stream>>>(

@@ -195,6 +195,39 @@ def test_softmax_remaining_tiles(runner, tmp_path, dtype, cols):
         assert _kernels(result) == ["softmax_forward_tile_kernel"]
 
 
+def _block_threads(result):
+    """Threads a block of each launch: a warp tile's blocks hold 4 rows of 32 threads."""
+    return [int(line.split(" block=(")[1].split(",")[0]) for line in result.launches]
+
+
+# FASTDL_CUDA_TILE_ELEMS: (dtype, cols, values a thread before more threads) -> a block's
+# threads (row_tile.cuh with_row_tile): the fewest threads whose tile holds the row with at
+# most that many values a thread; rows past those, more values a thread. 900 columns at 32
+# a thread are a warp's (blocks of 4 warps); fp64 holds at most 16 values a thread.
+SOFTMAX_TILE_KNOB = [(torch.float32, 900, 32, 128), (torch.float32, 3000, 8, 512), (torch.float32, 3000, 16, 256),
+                     (torch.float32, 3000, 32, 128), (torch.float32, 12000, 8, 1024), (torch.float32, 12000, 32, 512),
+                     (torch.bfloat16, 3000, 16, 256), (torch.float64, 3000, 32, 256), (torch.float64, 8000, 8, 512)]
+
+
+@pytest.mark.parametrize("dtype, cols, elems, threads", SOFTMAX_TILE_KNOB,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_softmax_tile_elems_knob(runner, tmp_path, dtype, cols, elems, threads):
+    """Every tile the tuner's knob can pick (256 threads, 32 values a thread) is right,
+    forward and backward, and it is the tile the rule says."""
+    rows = 5
+    env = {"FASTDL_CUDA_TILE_ELEMS": str(elems)}
+    x, _ = _rows(rows, cols, dtype, "contiguous")
+    y, result = _softmax_forward(runner, tmp_path / "fwd", x, 0, False, env=env)
+    assert_close(y, _softmax_ref(x, False), dtype)
+    assert _kernels(result) == ["softmax_forward_tile_kernel"] and _block_threads(result) == [threads], result.launches
+    y = _softmax_ref(x, False).to(dtype)
+    dy = torch.randn(rows, cols).to(dtype)
+    dx, result = _softmax_backward(runner, tmp_path / "bwd", dy, y, False, env=env)
+    expected = R.softmax_backward(dy.double(), y.double(), -1, False)
+    assert_close(dx, expected, dtype)
+    assert _block_threads(result) == [threads], result.launches
+
+
 def _special_rows(cols, dtype):
     """Rows of special values, each first in its row (and so first in a lane / a chunk):
     all -inf, -inf but one, NaN, NaN among -inf, huge magnitudes, +inf; and rows far from 0
@@ -274,7 +307,7 @@ def _norm_reference(inputs, rms, eps):
     return h, y, mean, rstd
 
 
-def _norm_forward(runner, tmp_path, inputs, offsets, rms, eps=1e-5, param_dtype=None):
+def _norm_forward(runner, tmp_path, inputs, offsets, rms, eps=1e-5, param_dtype=None, env=None):
     """param_dtype: weight / bias's dtype as the launcher is told (default the accumulation type)."""
     x = inputs["x"]
     rows, cols = x.shape
@@ -287,7 +320,7 @@ def _norm_forward(runner, tmp_path, inputs, offsets, rms, eps=1e-5, param_dtype=
     settings = {"dtype": emulated_cuda.DTYPE_NAMES[dtype], "rows": rows, "cols": cols, "x_stride": x.stride(0),
                 "residual_stride": inputs["residual"].stride(0) if "residual" in inputs else 0, "eps": repr(eps),
                 "rms": rms, "param_dtype": emulated_cuda.DTYPE_NAMES[param_dtype or acc]}
-    return _run(runner, tmp_path, "norm_forward", inputs, outputs, settings, offsets)
+    return _run(runner, tmp_path, "norm_forward", inputs, outputs, settings, offsets, env=env)
 
 
 @pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -410,6 +443,34 @@ def test_norm_remaining_tiles(runner, tmp_path, dtype, cols):
     for name, ref in grads.items():
         assert_close(back.outputs[name].view(ref.shape), ref, dtype if name == "dx" else torch.float32, name)
     assert _kernels(back)[0] == ("norm_backward_loop_kernel" if cols > 8192 else "norm_backward_tile_kernel")
+
+
+# FASTDL_CUDA_TILE_ELEMS as SOFTMAX_TILE_KNOB: (dtype, cols, values a thread) -> threads of
+# the forward's and the backward's blocks (None: the backward's loop kernel). The backward's
+# tiles stop at 512 x 16 (fp64 512 x 8); the forward's at 1024 x 16 or 512 x 32.
+NORM_TILE_KNOB = [(torch.float32, 3000, 8, 512, 512), (torch.float32, 3000, 32, 128, 256),
+                  (torch.float32, 12000, 32, 512, None), (torch.bfloat16, 3000, 16, 256, 256),
+                  (torch.float64, 3000, 32, 128, 512)]
+
+
+@pytest.mark.parametrize("dtype, cols, elems, forward_threads, backward_threads", NORM_TILE_KNOB,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_norm_tile_elems_knob(runner, tmp_path, dtype, cols, elems, forward_threads, backward_threads):
+    rows = 5
+    env = {"FASTDL_CUDA_TILE_ELEMS": str(elems)}
+    inputs, offsets = _norm_inputs((rows, cols), dtype, "add_layer_norm")
+    result = _norm_forward(runner, tmp_path / "fwd", inputs, offsets, False, env=env)
+    _, y, _, _ = _norm_reference(inputs, False, 1e-5)
+    assert_close(result.outputs["y"].view(rows, cols), y, dtype, "y")
+    assert _block_threads(result) == [forward_threads], result.launches
+    back, grads = _norm_backward(runner, tmp_path / "bwd", inputs, False, env=env)
+    for name, ref in grads.items():
+        assert_close(back.outputs[name].view(ref.shape), ref, dtype if name == "dx" else _acc(dtype), name)
+    if backward_threads is None:
+        assert _kernels(back)[0] == "norm_backward_loop_kernel", back.launches
+    else:
+        assert _kernels(back)[0] == "norm_backward_tile_kernel", back.launches
+        assert _block_threads(back)[0] == backward_threads, back.launches
 
 
 @pytest.mark.parametrize("cols", [7, 1000, 4096, 20000])

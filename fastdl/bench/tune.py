@@ -129,6 +129,12 @@ def all_cases(quick: bool) -> list[TuneCase]:
         TuneCase("softmax", "bwd", "triton", (8, 262144), Knob(sm + "SPLIT_PROGRAMS_PER_SM", [0, 1, 2, 4, 8, 16])),
         TuneCase("softmax", "fwd", "cuda", (8, 262144), Knob("env:FASTDL_CUDA_SPLIT_PER_SM", [None, 0, 1, 2, 4, 8])),
         TuneCase("softmax", "bwd", "cuda", (8, 262144), Knob("env:FASTDL_CUDA_SPLIT_PER_SM", [None, 0, 1, 2, 4, 8])),
+        # the CUDA tiles: values a thread before a tile takes more threads (kernels/common/row_tile.cuh)
+        *[TuneCase("softmax", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_TILE_ELEMS", [None, 8, 16, 32]))
+          for direction in ("fwd", "bwd") for cols in (1024, 4096, 16384)],
+        *[TuneCase("layer_norm", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_TILE_ELEMS",
+                                                                        [None, 8, 16, 32]))
+          for direction, cols in (("fwd", 1024), ("fwd", 4096), ("fwd", 16384), ("fwd+bwd", 1024), ("fwd+bwd", 4096))],
         # layer_norm: the backward's programs (partial rows of dweight / dbias), tiles, long rows
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 1024), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),
         TuneCase("layer_norm", "fwd+bwd", "triton", (16384, 4096), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),

@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/env.h"
 #include "common/reduce.cuh"
 
 namespace fastdl::kernels {
@@ -152,30 +153,78 @@ template <typename T, typename F> void with_vec(bool aligned, F&& launch) {
   else launch(std::integral_constant<int, 1>{});
 }
 
+// Values a thread of a tile holds before the tile takes more threads: the launch-time knob
+// FASTDL_CUDA_TILE_ELEMS (8, 16 or 32; python -m fastdl.bench.tune sweeps it), or 0 when it is
+// unset, for the default order of with_row_tile.
+inline int64_t tile_elems_knob() {
+  int64_t elems = 0;
+  return env_knob("FASTDL_CUDA_TILE_ELEMS", 0, 32, &elems) ? elems : 0;
+}
+
 // Calls launch(std::integral_constant<int, kThreads>{}, std::integral_constant<int, kElems>{})
-// with the smallest tile that holds `cols` columns, among tiles of at most kMaxThreads
-// threads and kMaxElems values a thread; false when none holds the row. Tiles, smallest
-// first: a warp, 128 and 512 threads with 8 then 16 values a thread, then 1024 x 16.
-// Only the tiles allowed are instantiated.
-template <int kMaxThreads, int kMaxElems, typename F> bool with_row_tile(int64_t cols, F&& launch) {
+// with the first tile that holds `cols` columns, among tiles of at most kMaxThreads threads,
+// kMaxElems values a thread and kMaxCols columns; false when none holds the row. Threads
+// are 32 (a warp), 128, 256, 512 or 1024, values a thread 8, 16 or 32.
+//   * tile_elems 0 (the default): a warp, 128 and 512 threads with 8 then 16 values a
+//     thread, then 1024 x 16.
+//   * tile_elems 8, 16 or 32: the fewest threads whose tile holds the row with at most
+//     tile_elems values a thread; rows longer than all of those, the fewest values a thread
+//     that hold it, then the fewest threads. More values a thread means more bytes in flight
+//     per thread and smaller reductions, fewer means more threads to hide latency: which
+//     wins depends on the GPU, so the tuner times it.
+// Only the tiles allowed are instantiated; the longest row a tile takes is always kMaxCols
+// (the largest tile's), whatever the order.
+template <int kMaxThreads, int kMaxElems, int64_t kMaxCols, typename F>
+bool with_row_tile(int64_t cols, int64_t tile_elems, F&& launch) {
   bool launched = false;
-  auto try_tile = [&](auto threads, auto elems) {
+  auto try_tile = [&](auto threads, auto elems, bool allowed) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    if constexpr (kThreads <= kMaxThreads && kElems <= kMaxElems) {
-      if (!launched && cols <= static_cast<int64_t>(kThreads) * kElems) {
+    constexpr int64_t kCols = static_cast<int64_t>(kThreads) * kElems;
+    if constexpr (kThreads <= kMaxThreads && kElems <= kMaxElems && kCols <= kMaxCols) {
+      if (!launched && allowed && cols <= kCols) {
         launch(threads, elems);
         launched = true;
       }
     }
   };
   using std::integral_constant;
-  try_tile(integral_constant<int, 32>{}, integral_constant<int, 8>{});
-  try_tile(integral_constant<int, 32>{}, integral_constant<int, 16>{});
-  try_tile(integral_constant<int, 128>{}, integral_constant<int, 8>{});
-  try_tile(integral_constant<int, 128>{}, integral_constant<int, 16>{});
-  try_tile(integral_constant<int, 512>{}, integral_constant<int, 8>{});
-  try_tile(integral_constant<int, 512>{}, integral_constant<int, 16>{});
-  try_tile(integral_constant<int, 1024>{}, integral_constant<int, 16>{});
+  using T32 = integral_constant<int, 32>;
+  using T128 = integral_constant<int, 128>;
+  using T256 = integral_constant<int, 256>;
+  using T512 = integral_constant<int, 512>;
+  using T1024 = integral_constant<int, 1024>;
+  using E8 = integral_constant<int, 8>;
+  using E16 = integral_constant<int, 16>;
+  using E32 = integral_constant<int, 32>;
+  if (tile_elems < 8) {
+    try_tile(T32{}, E8{}, true);
+    try_tile(T32{}, E16{}, true);
+    try_tile(T128{}, E8{}, true);
+    try_tile(T128{}, E16{}, true);
+    try_tile(T512{}, E8{}, true);
+    try_tile(T512{}, E16{}, true);
+    try_tile(T1024{}, E16{}, true);
+    return launched;
+  }
+  auto by_threads = [&](auto threads) {
+    try_tile(threads, E8{}, true);
+    try_tile(threads, E16{}, tile_elems >= 16);
+    try_tile(threads, E32{}, tile_elems >= 32);
+  };
+  by_threads(T32{});
+  by_threads(T128{});
+  by_threads(T256{});
+  by_threads(T512{});
+  by_threads(T1024{});
+  auto by_elems = [&](auto elems) {
+    try_tile(T32{}, elems, true);
+    try_tile(T128{}, elems, true);
+    try_tile(T256{}, elems, true);
+    try_tile(T512{}, elems, true);
+    try_tile(T1024{}, elems, true);
+  };
+  by_elems(E16{});
+  by_elems(E32{});
   return launched;
 }
 
