@@ -281,7 +281,10 @@ class _NormFunction(torch.autograd.Function):
 # x of any shape through the native op layer_norm_eager: the reshapes to rows and back, and
 # the autograd node (csrc/autograd/layer_norm.cpp) when a gradient is wanted, run in C++,
 # so no Python runs in the backward and a call costs less host time.
-_layer_norm_eager = torch.ops.fastdl.layer_norm_eager.default if _native.LOADED else None
+_layer_norm_eager = _native.bare_op(torch.ops.fastdl.layer_norm_eager.default) if _native.LOADED else None
+_autocast_on = torch._C._is_any_autocast_enabled
+_transforms_on = torch._C._are_functorch_transforms_active
+_compiling = torch.compiler.is_compiling
 
 
 # --- public API ------------------------------------------------------------------------
@@ -297,8 +300,8 @@ def _normalized_shape(op, normalized_shape):
 
 
 def _check_param(op, name, param, shape, x):
-    if isinstance(param, Tensor) and param.dtype in FLOAT_DTYPES and param.shape == shape and param.device == x.device:
-        return  # the common case in one test (host time counts)
+    """Raises the error for a weight / bias that is not a float tensor of `shape` on x's device
+    (_norm tests that common case itself first)."""
     check_tensor(op, name, param)
     check_float(op, name, param)
     if param.shape != shape:
@@ -319,19 +322,22 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
     if residual is not None:
         check_tensor(op, "residual", residual)
         check_same(op, "x", x, "residual", residual)
-    if weight is not None:
+    # weight and bias in _check_param's common case, tested here without the call (host time counts)
+    if weight is not None and not (isinstance(weight, Tensor) and weight.dtype in FLOAT_DTYPES and
+                                   weight.shape == shape and weight.device == x.device):
         _check_param(op, "weight", weight, shape, x)
-    if bias is not None:
+    if bias is not None and not (isinstance(bias, Tensor) and bias.dtype in FLOAT_DTYPES and bias.shape == shape and
+                                 bias.device == x.device):
         _check_param(op, "bias", bias, shape, x)
-    if (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)) is not None:
+    if _autocast_on() and (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)) is not None:
         # as torch under autocast: every operand in the dtype torch computes in
         x, residual, weight, bias = (t.to(cast) if t is not None else None for t in (x, residual, weight, bias))
     if eps is None:
         eps = torch.finfo(x.dtype).eps  # rms_norm's default, as torch
     eps = float(eps)
-    if torch._C._are_functorch_transforms_active():  # torch.func.grad / vmap / jacrev ...
+    if _transforms_on():  # torch.func.grad / vmap / jacrev ...
         y, h = _torch_forward(x, residual, weight, bias, eps, rms, ndim)[:2]
-    elif torch.compiler.is_compiling():
+    elif _compiling():
         y, h = torch.ops.fastdl.norm(x, residual, weight, bias, ndim, eps, rms)[:2]
     elif (backend := backends.resolve(RMS_OP if rms else OP, x)) in backends.NATIVE:
         y, h = _layer_norm_eager(x, residual, weight, bias, ndim, eps, rms)
