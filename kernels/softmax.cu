@@ -4,6 +4,11 @@
 //   * tile (rows up to 16384 columns; 8192 for fp64): a warp or a block holds its row in
 //     registers (common/row_tile.cuh: 16-byte loads, 8 or 16 values a thread), reduces
 //     max and sum, and writes: one read and one write of every element.
+//   * packed (16-bit rows up to 65536 columns, fp32 up to 32768, 16-byte aligned): 1024
+//     threads hold the row in registers as it is in memory (common/row_tile.cuh
+//     PackedRowTile), converting where used: one read and one write, as the tiles, at the
+//     price of exp taken twice (for the sum, then for the output). FASTDL_CUDA_PACKED_ROWS=0
+//     turns it off (the tuner compares the two).
 //   * block per row (longer rows): the block walks the row in 16-byte vectors keeping an
 //     online (max, sum) state per thread (Milakov & Gimelshein 2018), combines the states
 //     across the block, then a second sweep writes the output. The second read of the row
@@ -32,6 +37,12 @@ namespace fastdl::kernels {
 namespace {
 
 constexpr int kBlockThreads = 512;  // threads of the block-per-row kernels
+constexpr int kPackedThreads = 1024;  // threads of the packed kernel
+// Values a thread of the packed kernel holds, at most: 128 bytes (32 registers), so 64
+// halves or 32 floats; none for fp64, whose tiles already reach its register space. log_softmax
+// stops at 32 halves: at 64, ptxas spills 40-56 bytes of it (sm_80, sm_90a) where softmax fits.
+template <typename T, bool kLog>
+constexpr int kMaxPackedElems = sizeof(T) == 8 ? 0 : kLog ? 32 : 128 / static_cast<int>(sizeof(T));
 // Largest tiles: 1024 threads x 16 values (or 512 x 32); fp64 stops at 512 x 16, and 16
 // values a thread (register space: the backward's 32 doubles of dy and y spill on sm_80).
 // The launch takes the first tile that holds the row (with_row_tile).
@@ -42,6 +53,27 @@ template <typename T> constexpr int64_t kMaxTileCols = static_cast<int64_t>(kMax
 // Calls launch(threads, elems) with the tile for rows of `cols`; false past the tiles.
 template <typename T, typename F> bool with_tile(int64_t cols, F&& launch) {
   return with_row_tile<kMaxTileThreads<T>, kMaxTileElems<T>, kMaxTileCols<T>>(cols, tile_elems_knob(), launch);
+}
+
+// Calls launch(std::integral_constant<int, kElems>{}) with the packed kernel's values a thread
+// for rows of `cols` (32 or 64, whichever holds the row first); false when none does, or when
+// FASTDL_CUDA_PACKED_ROWS is 0.
+template <typename T, bool kLog, typename F> bool with_packed_tile(int64_t cols, F&& launch) {
+  int64_t enabled = 1;
+  env_knob("FASTDL_CUDA_PACKED_ROWS", 0, 1, &enabled);
+  bool launched = false;
+  auto try_elems = [&](auto elems) {
+    constexpr int kElems = decltype(elems)::value;
+    if constexpr (kElems <= kMaxPackedElems<T, kLog>) {
+      if (!launched && enabled && cols <= static_cast<int64_t>(kPackedThreads) * kElems) {
+        launch(elems);
+        launched = true;
+      }
+    }
+  };
+  try_elems(std::integral_constant<int, 32>{});
+  try_elems(std::integral_constant<int, 64>{});
+  return launched;
 }
 
 // ---------------------------------------------------------------------------------
@@ -77,6 +109,31 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
 #pragma unroll
   for (int i = 0; i < kElems; ++i) v[i] = kLog ? v[i] - scale : v[i] * scale;
   Tile::store(y + row * cols, t, cols, aligned, v);
+}
+
+// Long rows, one a block of kPackedThreads, held as they are (PackedRowTile).
+template <typename T, int kElems, bool kLog>
+__global__ void __launch_bounds__(kPackedThreads)
+    softmax_forward_packed_kernel(const T* __restrict__ x, T* __restrict__ y, int cols, int64_t x_row_stride) {
+  using A = typename Acc<T>::type;
+  __shared__ A scratch[kPackedThreads / kWarpSize];
+  const int64_t row = blockIdx.x;
+  const int t = threadIdx.x;
+  PackedRowTile<T, kPackedThreads, kElems> tile;
+  tile.load(x + row * x_row_stride, t, cols, from_acc<T>(A(-INFINITY)));  // padding: exp(-inf - m) = 0
+  A m = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) m = nan_max(m, tile.value(i));
+  m = block_max<kPackedThreads>(m, scratch);
+  tile.reconvert_after_here();
+  A s = 0;
+#pragma unroll
+  for (int i = 0; i < kElems; ++i) s += exp_acc(tile.value(i) - m);
+  s = block_sum<kPackedThreads>(s, scratch);  // an all -inf row gives NaN, as torch
+  tile.reconvert_after_here();
+  // log_softmax = (x - max) - log(sum), as the tile kernel
+  const A scale = kLog ? log_acc(s) : A(1) / s;
+  tile.store(y + row * cols, t, cols, [&](A v) { return kLog ? (v - m) - scale : exp_acc(v - m) * scale; });
 }
 
 // Columns [begin, end) of a row walked by a block of kBlockThreads in kVec-wide pieces
@@ -350,6 +407,13 @@ cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_
   Split split{1, cols};
   if (const cudaError_t err = plan_split<T>(rows, cols, workspace, workspace_bytes, &split); err != cudaSuccess)
     return err;
+  // enough rows to fill the device, on 16-byte boundaries: held in registers when they fit
+  if (split.chunks == 1 && aligned && with_packed_tile<T, kLog>(cols, [&](auto elems) {
+        constexpr int kElems = decltype(elems)::value;
+        softmax_forward_packed_kernel<T, kElems, kLog>
+            <<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(x, y, c, x_row_stride);
+      }))
+    return cudaGetLastError();
   const int chunk_cols = static_cast<int>(split.chunk_cols);  // <= cols
   auto* stats = static_cast<MaxSum<A>*>(workspace);
   with_vec<T>(step_vectors, [&](auto vec) {

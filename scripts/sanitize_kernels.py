@@ -37,7 +37,8 @@ def softmax_calls(dtype):
     # a shape for each tile (warp x 8 / x 16 values, 128, 512, 1024 threads) and the long rows' kernels: split
     # across programs / blocks (the default for so few rows), then one program / block a row
     tiles = [(1, 1), (37, 300), (5, 1000), (2, 1025), (3, 4097), (2, 9000)]
-    long_rows = [(2, 16385), (1, 70000)]
+    # contiguous 20000 / 40000: the packed kernel (rows in registers) when not split
+    long_rows = [(2, 16385), (1, 70000), (2, 20000), (2, 40000)]
     for split in (True, False):
         long_rows_split(split)
         for rows, cols in (tiles if split else []) + long_rows:

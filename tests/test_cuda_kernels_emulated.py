@@ -157,6 +157,28 @@ def test_softmax_long_rows_every_way(runner, tmp_path, how):
         assert kinds == ["softmax_forward_block_kernel"], kinds
 
 
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("cols", [20000, 40000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_softmax_packed_rows(runner, tmp_path, dtype, cols, log):
+    """Long aligned rows, enough of them not to be split, held in registers as they are
+    (the packed kernel): up to 32 values a thread (32768 columns), 64 for 16-bit softmax;
+    longer ones the block kernel. Special values (_special_rows) in the first rows; and the
+    same rows through the block kernel with FASTDL_CUDA_PACKED_ROWS=0, as right."""
+    rows = EMU_SPLIT_TARGET  # as many rows as the split aims for: none split
+    x = torch.cat([_special_rows(cols, dtype), _rows(rows - 10, cols, dtype, "contiguous")[0]])
+    expected = (torch.log_softmax if log else torch.softmax)(x.double(), -1).to(dtype).double()
+    packed = cols <= 32768 or (dtype != torch.float32 and not log)
+    for env, kernel in (({}, "softmax_forward_packed_kernel" if packed else "softmax_forward_block_kernel"),
+                        ({"FASTDL_CUDA_PACKED_ROWS": "0"}, "softmax_forward_block_kernel")):
+        y, result = _softmax_forward(runner, tmp_path / str(len(env)), x, 0, log, env=env)
+        assert _kernels(result) == [kernel], result.launches
+        assert torch.equal(y.isnan(), expected.isnan()), f"NaN where torch has none or none where it has ({env})"
+        fin = ~expected.isnan()
+        torch.testing.assert_close(y.double()[fin], expected[fin], rtol=TOLERANCE[dtype] * 10, atol=TOLERANCE[dtype])
+        assert_close(y[10:], _softmax_ref(x[10:], log), dtype, f"random rows ({env})")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "padded"])
 @pytest.mark.parametrize("split", [False, True], ids=["block", "split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -242,8 +242,19 @@ def test_long_rows_both_ways(case, dtype, shape, way, monkeypatch):
 CUDA_CASES = [c for c in CASES if c[0] == "cuda"] or [
     pytest.param(("cuda", "cuda"), marks=pytest.mark.skip(reason="the cuda backend needs a GPU and the CUDA build"))]
 # FASTDL_CUDA_SPLIT_PER_SM: 0 keeps one block a row, a huge value splits every long row
-# into as many chunks as allowed; the kernels launched say which way ran
-CUDA_LONG_ROW_WAYS = {"block": ("0", "_block_kernel"), "split": ("1000000", "_chunk_")}
+# into as many chunks as allowed; FASTDL_CUDA_PACKED_ROWS=0 keeps aligned rows that fit in
+# registers (the packed kernel) out of the block kernel. The kernels launched say which way ran
+CUDA_LONG_ROW_WAYS = {"block": ({"FASTDL_CUDA_SPLIT_PER_SM": "0", "FASTDL_CUDA_PACKED_ROWS": "0"}, "_block_kernel"),
+                      "split": ({"FASTDL_CUDA_SPLIT_PER_SM": "1000000"}, "_chunk_"),
+                      "packed": ({"FASTDL_CUDA_SPLIT_PER_SM": "0"}, "_packed_kernel")}
+# rows the packed kernel takes (kernels/softmax.cu: softmax forward rows 16-byte aligned, up to
+# 32 values a thread of 1024, 64 for 16-bit types; none for fp64)
+CUDA_PACKED_SHAPES = [(3, 40000), (2, 16392)]
+CUDA_WAY_CASES = [(way, dtype, shape) for way in CUDA_LONG_ROW_WAYS
+                  for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+                  for shape in ((3, 40000), (2, 16392), (1, 262145), (5, 70001))
+                  if way != "packed" or (shape in CUDA_PACKED_SHAPES and dtype != torch.float64 and
+                                         (dtype.itemsize == 2 or shape[1] <= 32768))]
 
 
 def _cuda_kernel_names(fn):
@@ -255,16 +266,16 @@ def _cuda_kernel_names(fn):
     return {e.name for e in prof.events()}
 
 
-@pytest.mark.parametrize("way", list(CUDA_LONG_ROW_WAYS))
-@pytest.mark.parametrize("shape", [(3, 40000), (2, 16392), (1, 262145), (5, 70001)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("way, dtype, shape", CUDA_WAY_CASES, ids=lambda v: str(v).replace("torch.", ""))
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
-def test_cuda_long_rows_both_ways(case, dtype, shape, way, monkeypatch):
-    """CUDA C++ long rows, one block a row or split across blocks (chunk kernels), aligned
-    rows (16392) and not (odd widths: scalar loads), forward and backward, softmax and
-    log_softmax, against float64; the special values against torch."""
-    per_sm, kernel = CUDA_LONG_ROW_WAYS[way]
-    monkeypatch.setenv("FASTDL_CUDA_SPLIT_PER_SM", per_sm)
+def test_cuda_long_rows_every_way(case, dtype, shape, way, monkeypatch):
+    """CUDA C++ long rows, one block a row, split across blocks (chunk kernels) or held in
+    registers (the packed kernel, aligned rows), aligned rows (16392, 40000) and not (odd
+    widths: scalar loads), forward and backward, softmax and log_softmax, against float64;
+    the special values against torch."""
+    env, kernel = CUDA_LONG_ROW_WAYS[way]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     backend, device = case
     x = torch.randn(shape, device=device).to(dtype)
     with fastdl.use_backend(backend):

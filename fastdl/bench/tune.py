@@ -135,6 +135,9 @@ def all_cases(quick: bool) -> list[TuneCase]:
         *[TuneCase("layer_norm", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_TILE_ELEMS",
                                                                         [None, 8, 16, 32]))
           for direction, cols in (("fwd", 1024), ("fwd", 4096), ("fwd", 16384), ("fwd+bwd", 1024), ("fwd+bwd", 4096))],
+        # softmax's long rows in registers (the packed kernel) or read twice (the block kernel)
+        *[TuneCase("softmax", "fwd", "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_ROWS", [None, 0]))
+          for cols in (32768, 65536)],
         # layer_norm: the backward's programs (partial rows of dweight / dbias), tiles, long rows
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 1024), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),
         TuneCase("layer_norm", "fwd+bwd", "triton", (16384, 4096), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),

@@ -11,7 +11,9 @@
 // A pack that runs past the row end is moved element by element, as is every pack when
 // the launch is not `aligned` (some row start is not on a 16-byte boundary).
 #pragma once
+#include <climits>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <type_traits>
 #include <utility>
@@ -76,6 +78,81 @@ template <typename T, int kThreads, int kElems> struct RowTile {
 #pragma unroll
         for (int k = 0; k < kPack; ++k)
           if (c0 + k < cols) row[c0 + k] = from_acc<T>(src[k]);
+      }
+    }
+  }
+};
+
+// A row held as it is in memory: this thread's kElems values of T (RowTile's columns) as
+// 16-byte vectors of raw 32-bit words, converted to the accumulation type where used. For
+// rows too long to hold converted: 64 halves a thread are 32 registers, 64 floats would be
+// all a 1024-thread block has. Words, not arrays of T: the compiler keeps 16-bit elements
+// one to a register, which would double the registers again. Rows 16-byte aligned, of a
+// whole number of vectors (cols % kPack == 0: an aligned contiguous output's rows are), so a
+// vector is all in the row or all past its end.
+template <typename T, int kThreads, int kElems> struct PackedRowTile {
+  using Layout = RowTile<T, kThreads, kElems>;
+  static constexpr int kPack = Layout::kPack;
+  static constexpr int kPerWord = 4 / static_cast<int>(sizeof(T));
+  static_assert(kPerWord >= 1, "elements of at most 4 bytes");
+  static_assert(static_cast<int64_t>(kThreads) * kElems <= INT32_MAX, "int columns");
+  uint4 packs[Layout::kPacks];
+
+  // First column of pack p of thread t.
+  __device__ static __forceinline__ int pack_col(int t, int p) { return (p * kThreads + t) * kPack; }
+
+  // This thread's values of the row; `fill` past `cols`.
+  __device__ __forceinline__ void load(const T* row, int t, int cols, T fill) {
+    T fills[kPerWord];
+#pragma unroll
+    for (int k = 0; k < kPerWord; ++k) fills[k] = fill;
+    unsigned fill_word;
+    memcpy(&fill_word, fills, sizeof fill_word);
+#pragma unroll
+    for (int p = 0; p < Layout::kPacks; ++p)
+      packs[p] = pack_col(t, p) < cols ? *reinterpret_cast<const uint4*>(row + pack_col(t, p))
+                                       : make_uint4(fill_word, fill_word, fill_word, fill_word);
+  }
+
+  // Element k of a pack, converted.
+  __device__ static __forceinline__ auto element(const uint4& pack, int k) {
+    const int w = k / kPerWord;
+    const unsigned word = w == 0 ? pack.x : w == 1 ? pack.y : w == 2 ? pack.z : pack.w;
+    T elements[kPerWord];
+    memcpy(elements, &word, sizeof word);
+    return to_acc(elements[k % kPerWord]);
+  }
+
+  // Value i of this thread, converted.
+  __device__ __forceinline__ auto value(int i) const { return element(packs[i / kPack], i % kPack); }
+
+  // Call between two sweeps over value(): the compiler must take the words as changed here
+  // (an empty volatile asm, no instruction), so the next sweep converts them again rather
+  // than keep every value converted by the last one, twice the registers.
+  __device__ __forceinline__ void reconvert_after_here() {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+    for (int p = 0; p < Layout::kPacks; ++p)
+      asm volatile("" : "+r"(packs[p].x), "+r"(packs[p].y), "+r"(packs[p].z), "+r"(packs[p].w));
+#endif
+  }
+
+  // Writes f(value) for each of this thread's columns < cols to a row of T, rounded to T.
+  template <typename F> __device__ __forceinline__ void store(T* row, int t, int cols, F&& f) const {
+#if defined(__CUDA_ARCH__)
+    asm volatile("" : "+r"(t), "+r"(cols));  // addresses worked out here, not kept from the load
+#endif
+#pragma unroll
+    for (int p = 0; p < Layout::kPacks; ++p) {
+      if (pack_col(t, p) < cols) {
+        uint4 pack = packs[p];
+#if defined(__CUDA_ARCH__)
+        asm volatile("" : "+r"(pack.x), "+r"(pack.y), "+r"(pack.z), "+r"(pack.w));  // a pack at a time
+#endif
+        Vec<T> out;
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) out.v[k] = from_acc<T>(f(element(pack, k)));
+        *reinterpret_cast<Vec<T>*>(row + pack_col(t, p)) = out;
       }
     }
   }
