@@ -129,6 +129,14 @@ def layer_norm_specs():
                    "n_rows": "i32", "n_col_vecs": "i32", "rows_per_program": "i32",
                    **{c: "constexpr" for c in const}}
             specs.append((k._norm_backward_loop_kernel, sig, const))
+        # stage 2 of dweight / dbias: dweight in x's dtype (a 16-bit model's weight), dbias in fp32
+        stat = "*fp64" if dtype == "fp64" else "*fp32"
+        for has_w, has_b in ((True, True), (True, False), (False, True)):
+            const = dict(BLOCK_COLS=k.SUM_BLOCK_COLS, ROWS=k.SUM_ROWS, HAS_WEIGHT=has_w, HAS_BIAS=has_b,
+                         ACC=ACC[dtype])
+            sig = {"dweight_partial_ptr": stat, "dbias_partial_ptr": stat, "dweight_ptr": p, "dbias_ptr": stat,
+                   "n_partial_rows": "i32", "n_col_vecs": "i32", **{c: "constexpr" for c in const}}
+            specs.append((k._sum_partial_rows_kernel, sig, const))
     return specs
 
 

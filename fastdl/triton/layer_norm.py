@@ -17,8 +17,9 @@ Backward (xhat = normalised input, g = dy * weight, means over the row):
     layer_norm: dx = rstd * (g - mean(g) - xhat * mean(g * xhat));  rms_norm drops mean(g)
     dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
 dweight / dbias are reduced in two deterministic stages: each program sums its own
-block of rows into one fp32 row of a partial buffer, then the partial rows are summed
-in a fixed order. No atomics: two runs give bitwise-equal gradients.
+block of rows into one fp32 row of a partial buffer, then one launch sums the partial
+rows of both in a fixed order and writes each in its output's dtype. No atomics: two runs
+give bitwise-equal gradients.
 Statistics (mean, rstd) are saved in fp32 (fp64 for fp64 inputs); arithmetic likewise.
 Row lengths and strides reach the kernels divided by ALIGN, as in softmax.py.
 """
@@ -40,6 +41,9 @@ LOOP_BLOCK_COLS = 2048
 TILE_ELEMENTS = 4096
 # Backward programs per SM: each reduces its rows' dweight into one partial row.
 PROGRAMS_PER_SM = 4
+# The partial-row sum: columns a program, partial rows an iteration.
+SUM_BLOCK_COLS = 64
+SUM_ROWS = 32
 
 
 # ---------------------------------------------------------------------------------
@@ -245,6 +249,43 @@ def _norm_backward_tile_kernel(
         tl.store(dbias_partial_ptr + pid * n_cols + cols, dbias_acc, mask=cols < n_cols)
 
 
+@tuned_num_warps(4, key=["BLOCK_COLS", "ROWS"], live_tiles=2)
+@triton.jit
+def _sum_partial_rows_kernel(
+    dweight_partial_ptr,  # (n_partial_rows, n_cols) contiguous, ACC (read when HAS_WEIGHT)
+    dbias_partial_ptr,  # likewise (read when HAS_BIAS)
+    dweight_ptr,  # (n_cols,): the column sums, in this pointer's dtype
+    dbias_ptr,
+    n_partial_rows,
+    n_col_vecs,  # / ALIGN, as in the other kernels
+    BLOCK_COLS: tl.constexpr,
+    ROWS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
+):
+    """Stage 2: the program's BLOCK_COLS columns of both partial buffers summed over their
+    rows, ROWS at a time into per-lane sums, then across the lanes: a fixed order."""
+    n_cols = n_col_vecs * ALIGN
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col = cols[None, :]
+    dweight_acc = tl.zeros([ROWS, BLOCK_COLS], ACC)
+    dbias_acc = tl.zeros([ROWS, BLOCK_COLS], ACC)
+    for start in range(0, n_partial_rows, ROWS):
+        row = (start + tl.arange(0, ROWS))[:, None]
+        mask = (row < n_partial_rows) & (col < n_cols)
+        offsets = row.to(tl.int64) * n_cols + col
+        if HAS_WEIGHT:
+            dweight_acc += tl.load(dweight_partial_ptr + offsets, mask=mask, other=0.0)
+        if HAS_BIAS:
+            dbias_acc += tl.load(dbias_partial_ptr + offsets, mask=mask, other=0.0)
+    if HAS_WEIGHT:
+        tl.store(dweight_ptr + cols, tl.sum(dweight_acc, axis=0).to(dweight_ptr.dtype.element_ty), mask=cols < n_cols)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + cols, tl.sum(dbias_acc, axis=0).to(dbias_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
 @tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=4)
 @triton.jit
 def _norm_backward_loop_kernel(
@@ -357,7 +398,8 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
 
 
 def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
-    """-> (dx, dweight or None, dbias or None); dweight/dbias in fp32 (the caller casts)."""
+    """-> (dx, dweight or None, dbias or None); dweight in weight's dtype, dbias in the
+    statistics' dtype (fp32; the caller casts it to the bias's)."""
     n_rows, n_cols = x.shape
     dx = empty_output((n_rows, n_cols), x.dtype, x.device)
     programs = _backward_programs(n_rows, x.device)
@@ -395,7 +437,17 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
                 _norm_backward_loop_kernel[(programs,)](
                     dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, rows_per_program=rows_per_program,
                     BLOCK_COLS=LOOP_BLOCK_COLS, **lengths, **operands, **flags)
-    # stage 2: the partial rows, summed in a fixed order
-    dweight = dweight_partial.sum(0) if dweight_partial is not None else None
-    dbias = dbias_partial.sum(0) if dbias_partial is not None else None
+    # stage 2: the partial rows, summed in a fixed order, in one launch for both
+    dweight = empty_output((n_cols,), weight.dtype, x.device) if weight is not None else None
+    dbias = empty_output((n_cols,), acc_dtype, x.device) if has_bias else None
+    if (dweight is not None or dbias is not None) and n_cols > 0:
+        align = row_alignment(acc_dtype, n_cols, n_cols)
+        with on_device(x):
+            _sum_partial_rows_kernel[(cdiv(n_cols, SUM_BLOCK_COLS),)](
+                dweight_partial_ptr=dweight_partial if dweight_partial is not None else rstd,
+                dbias_partial_ptr=dbias_partial if dbias_partial is not None else rstd,
+                dweight_ptr=dweight if dweight is not None else rstd, dbias_ptr=dbias if dbias is not None else rstd,
+                n_partial_rows=programs, n_col_vecs=n_cols // align, BLOCK_COLS=SUM_BLOCK_COLS, ROWS=SUM_ROWS,
+                HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None, ACC=accumulator_dtype(x.dtype),
+                ALIGN=align)
     return dx, dweight, dbias
