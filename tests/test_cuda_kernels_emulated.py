@@ -1,9 +1,10 @@
 """The CUDA C++ kernels (kernels/*.cu) run on the CPU, under the emulator of
 tests/cpp/cuda_emu (see tests/emulated_cuda.py), against the float64 reference: every
-kernel shape (warp and block tiles, the loop and block-per-row kernels, the long-row
-split), every dtype, misaligned and strided rows, special values, deterministic
-parameter gradients. Built with AddressSanitizer and UBSan, so a read or write past a
-buffer, a misaligned 16-byte access or a barrier some threads skip fails the test.
+kernel shape (warp and block tiles, the loop and block-per-row kernels, long rows held
+packed in registers, the long-row split), every dtype, misaligned and strided rows,
+special values, deterministic parameter gradients. Built with AddressSanitizer and UBSan,
+so a read or write past a buffer, a misaligned 16-byte access or a barrier some threads
+skip fails the test.
 
 This is not the GPU: timing, the memory model and the compiler's device code are not
 emulated (device math is the host's libm). The GPU tests (tests/test_softmax.py and
