@@ -255,8 +255,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   int64_t chunks = 1;
   while (chunks < wanted) chunks *= 2;
   chunks = std::min(chunks, std::max<int64_t>(rows, 1));
-  at::Tensor dweight_partial = weight.has_value() ? at::zeros({chunks, n}, x.options().dtype(acc)) : at::Tensor();
-  at::Tensor dbias_partial = has_bias ? at::zeros({chunks, n}, x.options().dtype(acc)) : at::Tensor();
+  // one chunk (small inputs): its partial row is the sum itself, so it is allocated as one
+  const auto partial_shape = chunks == 1 ? std::vector<int64_t>{n} : std::vector<int64_t>{chunks, n};
+  at::Tensor dweight_partial = weight.has_value() ? at::zeros(partial_shape, x.options().dtype(acc)) : at::Tensor();
+  at::Tensor dbias_partial = has_bias ? at::zeros(partial_shape, x.options().dtype(acc)) : at::Tensor();
   if (rows > 0 && n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastdl_norm_backward_cpu", [&] {
       using A = typename Acc<scalar_t>::type;
@@ -281,10 +283,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   const auto out_type = weight.has_value() ? param_type(x, {&weight}) : acc;
   auto reduce = [&](const at::Tensor& partial) {
     if (!partial.defined()) return at::empty({0}, x.options().dtype(out_type));
-    at::Tensor out = at::empty({n}, partial.options());
-    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "fastdl_norm_reduce_cpu", [&] {
-      sum_partial_rows(partial.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), chunks, n);
-    });
+    at::Tensor out = partial;  // one chunk: already the sum
+    if (chunks > 1) {
+      out = at::empty({n}, partial.options());
+      AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "fastdl_norm_reduce_cpu", [&] {
+        sum_partial_rows(partial.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), chunks, n);
+      });
+    }
     return out_type == acc ? out : out.to(out_type);
   };
   return {dx, reduce(dweight_partial), reduce(dbias_partial)};
