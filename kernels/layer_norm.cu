@@ -3,8 +3,8 @@
 //
 // Two shapes of kernel, picked by row length:
 //   * tile (rows up to 16384 columns forward, 8192 backward; half that for fp64): a warp
-//     or a block holds its row in registers (common/row_tile.cuh: 16-byte loads, 8 or 16
-//     values a thread). Forward: one read of x (and the residual), one write of y (and of
+//     or a block holds its row in registers (common/row_tile.cuh: 16-byte loads, 8 to 32
+//     values a thread forward, 8 or 16 backward). Forward: one read of x (and the residual), one write of y (and of
 //     x + residual); the variance is taken from deviations from the mean, held in
 //     registers (numerically safe, unlike sum of squares minus square of sums).
 //   * loop (longer rows), a block per row: sweep 1 writes x + residual (when fused) and

@@ -1,8 +1,8 @@
 // softmax / log_softmax over rows: CUDA C++ forward and backward kernels.
 //
-// Two shapes of kernel, picked by row length:
+// The shapes of kernel, picked by row length:
 //   * tile (rows up to 16384 columns; 8192 for fp64): a warp or a block holds its row in
-//     registers (common/row_tile.cuh: 16-byte loads, 8 or 16 values a thread), reduces
+//     registers (common/row_tile.cuh: 16-byte loads, 8 to 32 values a thread), reduces
 //     max and sum, and writes: one read and one write of every element.
 //   * packed (16-bit rows up to 65536 columns, fp32 up to 32768, 16-byte aligned): 1024
 //     threads hold the row in registers as it is in memory (common/row_tile.cuh

@@ -241,14 +241,13 @@ inline int64_t tile_elems_knob() {
 // Calls launch(std::integral_constant<int, kThreads>{}, std::integral_constant<int, kElems>{})
 // with the first tile that holds `cols` columns, among tiles of at most kMaxThreads threads,
 // kMaxElems values a thread and kMaxCols columns; false when none holds the row. Threads
-// are 32 (a warp), 128, 256, 512 or 1024, values a thread 8, 16 or 32.
-//   * tile_elems 0 (the default): a warp, 128 and 512 threads with 8 then 16 values a
-//     thread, then 1024 x 16.
-//   * tile_elems 8, 16 or 32: the fewest threads whose tile holds the row with at most
-//     tile_elems values a thread; rows longer than all of those, the fewest values a thread
-//     that hold it, then the fewest threads. More values a thread means more bytes in flight
-//     per thread and smaller reductions, fewer means more threads to hide latency: which
-//     wins depends on the GPU, so the tuner times it.
+// are 32 (a warp), 128, 256, 512 or 1024, values a thread 8, 16 or 32: the fewest threads
+// whose tile holds the row with at most tile_elems values a thread; rows longer than all of
+// those, the fewest values a thread that hold it, then the fewest threads. More values a
+// thread means more bytes in flight per thread and smaller reductions, fewer means more
+// threads to hide latency: which wins depends on the GPU, so the tuner times it. tile_elems
+// 0 (the default) is 16 without the 256-thread tiles: a warp, 128 and 512 threads with 8
+// then 16 values a thread, then 1024 x 16.
 // Only the tiles allowed are instantiated; the longest row a tile takes is always kMaxCols
 // (the largest tile's), whatever the order.
 template <int kMaxThreads, int kMaxElems, int64_t kMaxCols, typename F>
@@ -273,26 +272,18 @@ bool with_row_tile(int64_t cols, int64_t tile_elems, F&& launch) {
   using E8 = integral_constant<int, 8>;
   using E16 = integral_constant<int, 16>;
   using E32 = integral_constant<int, 32>;
-  if (tile_elems < 8) {
-    try_tile(T32{}, E8{}, true);
-    try_tile(T32{}, E16{}, true);
-    try_tile(T128{}, E8{}, true);
-    try_tile(T128{}, E16{}, true);
-    try_tile(T512{}, E8{}, true);
-    try_tile(T512{}, E16{}, true);
-    try_tile(T1024{}, E16{}, true);
-    return launched;
-  }
-  auto by_threads = [&](auto threads) {
-    try_tile(threads, E8{}, true);
-    try_tile(threads, E16{}, tile_elems >= 16);
-    try_tile(threads, E32{}, tile_elems >= 32);
+  const bool by_default = tile_elems < 8;
+  if (by_default) tile_elems = 16;
+  auto by_threads = [&](auto threads, bool allowed) {
+    try_tile(threads, E8{}, allowed);
+    try_tile(threads, E16{}, allowed && tile_elems >= 16);
+    try_tile(threads, E32{}, allowed && tile_elems >= 32);
   };
-  by_threads(T32{});
-  by_threads(T128{});
-  by_threads(T256{});
-  by_threads(T512{});
-  by_threads(T1024{});
+  by_threads(T32{}, true);
+  by_threads(T128{}, true);
+  by_threads(T256{}, !by_default);
+  by_threads(T512{}, true);
+  by_threads(T1024{}, true);  // its x 8 never wins by default: 512 x 16 holds as many columns
   auto by_elems = [&](auto elems) {
     try_tile(T32{}, elems, true);
     try_tile(T128{}, elems, true);
