@@ -90,6 +90,12 @@ _AUTOCAST_PROBES = {
 }
 
 
+# torch's state tests that the eager paths make on every call, bound once
+autocast_on = torch._C._is_any_autocast_enabled
+transforms_on = torch._C._are_functorch_transforms_active  # torch.func.grad / vmap / jacrev ...
+compiling = torch.compiler.is_compiling
+
+
 @functools.lru_cache(maxsize=256)
 def _autocast_probe(op: str, device: torch.device, dtype: torch.dtype, autocast_dtype: torch.dtype) -> torch.dtype:
     with torch.no_grad():
@@ -102,11 +108,11 @@ def autocast_dtype(op: str, x: torch.Tensor) -> torch.dtype | None:
 
     Under torch.compile the probe is traced (uncached): its dtype is known when the graph
     is built and its one-element tensor is dead code."""
-    if not torch._C._is_any_autocast_enabled():  # the common case in one call (host time counts)
+    if not autocast_on():  # the common case in one call (host time counts)
         return None
     device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else None  # cheaper than x.device.type
     if device_type is None or not torch.is_autocast_enabled(device_type):
         return None
-    probe = _autocast_probe.__wrapped__ if torch.compiler.is_compiling() else _autocast_probe
+    probe = _autocast_probe.__wrapped__ if compiling() else _autocast_probe
     dtype = probe(op, x.device, x.dtype, torch.get_autocast_dtype(device_type))
     return None if dtype == x.dtype else dtype

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from fastdl import _native, backends
 from fastdl._outputs import stats_dtype
-from fastdl.ops._common import FLOAT_DTYPES, autocast_dtype, check_float, check_same, check_tensor
+from fastdl.ops._common import FLOAT_DTYPES, autocast_dtype, check_float, check_same, check_tensor, compiling, \
+    transforms_on
 
 # the backend table's names: layer_norm (and the fused add), rms_norm (and its fused add)
 OP, RMS_OP = "layer_norm", "rms_norm"
@@ -282,9 +283,6 @@ class _NormFunction(torch.autograd.Function):
 # the autograd node (csrc/autograd/layer_norm.cpp) when a gradient is wanted, run in C++,
 # so no Python runs in the backward and a call costs less host time.
 _layer_norm_eager = _native.bare_op(torch.ops.fastdl.layer_norm_eager.default) if _native.LOADED else None
-_autocast_on = torch._C._is_any_autocast_enabled
-_transforms_on = torch._C._are_functorch_transforms_active
-_compiling = torch.compiler.is_compiling
 
 
 # --- public API ------------------------------------------------------------------------
@@ -300,8 +298,8 @@ def _normalized_shape(op, normalized_shape):
 
 
 def _check_param(op, name, param, shape, x):
-    """Raises the error for a weight / bias that is not a float tensor of `shape` on x's device
-    (_norm tests that common case itself first)."""
+    if isinstance(param, Tensor) and param.dtype in FLOAT_DTYPES and param.shape == shape and param.device == x.device:
+        return  # the common case in one test (host time counts)
     check_tensor(op, name, param)
     check_float(op, name, param)
     if param.shape != shape:
@@ -322,22 +320,19 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
     if residual is not None:
         check_tensor(op, "residual", residual)
         check_same(op, "x", x, "residual", residual)
-    # weight and bias in _check_param's common case, tested here without the call (host time counts)
-    if weight is not None and not (isinstance(weight, Tensor) and weight.dtype in FLOAT_DTYPES and
-                                   weight.shape == shape and weight.device == x.device):
+    if weight is not None:
         _check_param(op, "weight", weight, shape, x)
-    if bias is not None and not (isinstance(bias, Tensor) and bias.dtype in FLOAT_DTYPES and bias.shape == shape and
-                                 bias.device == x.device):
+    if bias is not None:
         _check_param(op, "bias", bias, shape, x)
-    if _autocast_on() and (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)) is not None:
+    if (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)) is not None:
         # as torch under autocast: every operand in the dtype torch computes in
         x, residual, weight, bias = (t.to(cast) if t is not None else None for t in (x, residual, weight, bias))
     if eps is None:
         eps = torch.finfo(x.dtype).eps  # rms_norm's default, as torch
     eps = float(eps)
-    if _transforms_on():  # torch.func.grad / vmap / jacrev ...
+    if transforms_on():  # torch.func.grad / vmap / jacrev ...
         y, h = _torch_forward(x, residual, weight, bias, eps, rms, ndim)[:2]
-    elif _compiling():
+    elif compiling():
         y, h = torch.ops.fastdl.norm(x, residual, weight, bias, ndim, eps, rms)[:2]
     elif (backend := backends.resolve(RMS_OP if rms else OP, x)) in backends.NATIVE:
         y, h = _layer_norm_eager(x, residual, weight, bias, ndim, eps, rms)

@@ -24,8 +24,8 @@ from torch import Tensor
 from fastdl import _native, backends
 from fastdl import reference as R
 from fastdl._outputs import stats_dtype
-from fastdl.ops._common import FLOAT_DTYPES, as_rows, autocast_dtype, check_float, check_same, check_tensor, \
-    from_rows, normalize_dim
+from fastdl.ops._common import FLOAT_DTYPES, as_rows, autocast_dtype, autocast_on, check_float, check_same, \
+    check_tensor, compiling, from_rows, normalize_dim, transforms_on
 
 backends.register_dtypes("softmax", {b: FLOAT_DTYPES for b in backends.BACKENDS})
 
@@ -121,17 +121,14 @@ class _SoftmaxFunction(torch.autograd.Function):
 
 # --- public API ------------------------------------------------------------------
 _softmax_eager = _native.bare_op(torch.ops.fastdl.softmax_eager.default) if _native.LOADED else None
-_autocast_on = torch._C._is_any_autocast_enabled
-_transforms_on = torch._C._are_functorch_transforms_active
-_compiling = torch.compiler.is_compiling
 
 
 def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
     # The common call in one test: a plain float tensor, a dim in range, no dtype, autocast,
     # transform or compile, on a native backend. Host time counts: the steps below cost
     # ~1 us more a call for the same result.
-    if (dtype is None and type(x) is Tensor and x.dtype in FLOAT_DTYPES and type(dim) is int and not _autocast_on()
-            and not _transforms_on() and not _compiling()):
+    if (dtype is None and type(x) is Tensor and x.dtype in FLOAT_DTYPES and type(dim) is int and not autocast_on()
+            and not transforms_on() and not compiling()):
         ndim = x.dim()
         if -ndim <= dim < ndim and backends.resolve("softmax", x) in backends.NATIVE:
             return _softmax_eager(x, dim % ndim, log)
@@ -142,11 +139,11 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
     dim = normalize_dim(op, dim, x.dim())
     if dtype is None and (cast := autocast_dtype(op, x)) is not None:
         x = x.to(cast)  # as torch under autocast
-    if torch._C._are_functorch_transforms_active():
+    if transforms_on():
         # torch.func.grad / vmap / jacrev ...: their wrapped tensors go through neither kind of
         # autograd node here; torch's own op composes with every transform
         return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
-    if torch.compiler.is_compiling():
+    if compiling():
         return torch.ops.fastdl.softmax(x, dim, log)
     backend = backends.resolve("softmax", x)
     if backend in backends.NATIVE:

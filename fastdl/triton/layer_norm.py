@@ -441,7 +441,7 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
     dweight = empty_output((n_cols,), weight.dtype, x.device) if weight is not None else None
     dbias = empty_output((n_cols,), acc_dtype, x.device) if has_bias else None
     if (dweight is not None or dbias is not None) and n_cols > 0:
-        align = row_alignment(acc_dtype, n_cols, n_cols)
+        align = row_alignment(acc_dtype, n_cols)  # the partial rows are n_cols apart
         with on_device(x):
             _sum_partial_rows_kernel[(cdiv(n_cols, SUM_BLOCK_COLS),)](
                 dweight_partial_ptr=dweight_partial if dweight_partial is not None else rstd,
