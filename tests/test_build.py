@@ -227,19 +227,31 @@ def test_failed_cuda_build_not_asked_for_falls_back_to_cpu(tmp_path):
     assert list((src / "fastdl").glob("_C.*.so")), log
 
 
-def test_half_row_conversions_match_c10(tmp_path):
-    """csrc/cpu/half_rows.h's vectorised bf16 / fp16 conversions equal c10's, bit for bit:
-    every 16-bit value, ties, overflow, subnormals and NaN (tests/cpp/half_rows_check.cpp)."""
+def _run_cpp_check(tmp_path, name: str, expect: str):
+    """Builds tests/cpp/<name>.cpp with -march=native (its loops vectorise as wide as this
+    machine goes, as the kernels' clones do) and runs it; its output must hold `expect`."""
     import torch
 
     cxx = shutil.which("g++") or shutil.which("c++")
     _require(cxx, "a C++ compiler")
     include = Path(torch.__file__).parent / "include"
-    exe = tmp_path / "half_rows_check"
-    # -march=native: the loops vectorise as wide as this machine goes, as the kernels' clones do
+    exe = tmp_path / name
     build = subprocess.run([cxx, "-std=c++17", "-O3", "-march=native", "-fopenmp", f"-I{ROOT}", f"-I{include}",
-                            str(ROOT / "tests" / "cpp" / "half_rows_check.cpp"), "-o", str(exe)],
+                            str(ROOT / "tests" / "cpp" / f"{name}.cpp"), "-o", str(exe)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "ok: 0 mismatches" in run.stdout, run.stdout[-3000:]
+    assert run.returncode == 0 and expect in run.stdout, run.stdout[-3000:]
+
+
+def test_cpu_exp_approx_accuracy(tmp_path):
+    """csrc/cpu/common.h's exp_approx (the CPU softmax's exp), in a vector loop, against double
+    exp over every 16th float up to 88: 1 ulp on [-87.3, 88], 0 below -88 and for -inf, NaN
+    for NaN (tests/cpp/exp_approx_check.cpp)."""
+    _run_cpp_check(tmp_path, "exp_approx_check", "ok: 0 failures")
+
+
+def test_half_row_conversions_match_c10(tmp_path):
+    """csrc/cpu/half_rows.h's vectorised bf16 / fp16 conversions equal c10's, bit for bit:
+    every 16-bit value, ties, overflow, subnormals and NaN (tests/cpp/half_rows_check.cpp)."""
+    _run_cpp_check(tmp_path, "half_rows_check", "ok: 0 mismatches")

@@ -36,62 +36,101 @@ inline int64_t grain_rows(int64_t cols, int64_t work = 32768) {
   return cols >= work ? 1 : work / (cols > 0 ? cols : 1);
 }
 
-// The sum over j in [0, n) of term(j) (which may also store), as four vector sums over
-// the four quarters of the range, added at the end. One vector accumulator is a chain of
-// dependent adds, 4 cycles each on current x86 cores: a loop that only loads and adds
-// waits on it (half of a LayerNorm forward's time went to its mean's adds); four chains
-// overlap. The order of the adds is fixed by n alone, so the result is deterministic.
+// Vector sums without -ffast-math: `kLanes` independent running sums (lane k adds the
+// terms j = k, k + kLanes, ...), added at the end in a fixed tree (lanes k and k + w, for
+// w = kLanes / 2, ..., 1). GCC keeps the lanes in registers (4 AVX-512 or 8 AVX2 ones,
+// so 4-8 chains of adds overlap their latency) and vectorises both the loop and the tree.
+// The order of the adds is fixed by n alone, the same in every ISA clone, so the result
+// is deterministic. (The `omp simd reduction` form this replaces ended each sum with a
+// chain of 16-64 scalar adds through the stack: ~200 cycles of a 700-cycle 256-column
+// softmax row.)
 #define FASTDL_LAMBDA_INLINE __attribute__((always_inline))
-template <typename A, typename Term> FASTDL_INLINE A sum_quarters(int64_t n, Term term) {
-  const int64_t q = n / 4;
-  A s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t j = 0; j < q; ++j) {
-    s0 += term(j);
-    s1 += term(q + j);
-    s2 += term(2 * q + j);
-    s3 += term(3 * q + j);
-  }
-  A tail = 0;
-  for (int64_t j = 4 * q; j < n; ++j) tail += term(j);
-  return ((s0 + s1) + (s2 + s3)) + tail;
+template <typename A> constexpr int kLanes = 256 / static_cast<int>(sizeof(A));  // 64 floats, 32 doubles
+
+// Folds lanes [W, 2W) onto [0, W), then W / 2, ..., 1: acc[0] ends with the tree's
+// result. One template level per step, so each step is a loop of constant length that
+// GCC unrolls and vectorises (a loop over the steps was left scalar in large functions).
+template <int W, typename A, int L, typename Combine> FASTDL_INLINE void fold_lanes(A (&acc)[L], Combine combine) {
+#pragma omp simd
+  for (int k = 0; k < W; ++k) acc[k] = combine(acc[k], acc[k + W]);
+  if constexpr (W > 1) fold_lanes<W / 2>(acc, combine);
 }
 
-// The max over j in [0, n) of value(j), four chains as sum_quarters. NaNs are skipped
-// (as a > b ? a : b does), so a row's max is the max of its other values.
-template <typename A, typename Value> FASTDL_INLINE A max_quarters(int64_t n, A init, Value value) {
-  const int64_t q = n / 4;
-  A m0 = init, m1 = init, m2 = init, m3 = init;
-#pragma omp simd reduction(max : m0, m1, m2, m3)
-  for (int64_t j = 0; j < q; ++j) {
-    const A v0 = value(j), v1 = value(q + j), v2 = value(2 * q + j), v3 = value(3 * q + j);
-    m0 = v0 > m0 ? v0 : m0;
-    m1 = v1 > m1 ? v1 : m1;
-    m2 = v2 > m2 ? v2 : m2;
-    m3 = v3 > m3 ? v3 : m3;
+// acc[0] = the sum of the lanes, in the tree order above.
+template <typename A, int L> FASTDL_INLINE A add_lanes(A (&acc)[L]) {
+  fold_lanes<L / 2>(acc, [](A a, A b) FASTDL_LAMBDA_INLINE { return a + b; });
+  return acc[0];
+}
+
+// Calls step(j, k) for j in [0, n) with k = j % L, its lane: L lanes at a time, then the
+// rest, each a loop over lanes that GCC vectorises.
+template <int L, typename Step> FASTDL_INLINE void for_each_lane(int64_t n, Step step) {
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+#pragma omp simd
+    for (int k = 0; k < L; ++k) step(j + k, k);
   }
-  for (int64_t j = 4 * q; j < n; ++j) {
+  const int64_t rest = n - j;
+#pragma omp simd
+  for (int64_t k = 0; k < rest; ++k) step(j + k, k);
+}
+
+// The sum over j in [0, n) of term(j) (which may also store).
+template <typename A, typename Term> FASTDL_INLINE A sum_lanes(int64_t n, Term term) {
+  constexpr int L = kLanes<A>;
+  A acc[L] = {};
+  for_each_lane<L>(n, [&](int64_t j, int64_t k) FASTDL_LAMBDA_INLINE { acc[k] += term(j); });
+  return add_lanes(acc);
+}
+
+// Two sums over j in [0, n) in one pass, each in half of sum_lanes's lanes (the same
+// registers): terms(j, a, b) sets a and b to the two terms of j.
+template <typename A, typename Terms> FASTDL_INLINE void sum_lanes2(int64_t n, Terms terms, A& sum_a, A& sum_b) {
+  constexpr int L = kLanes<A> / 2;
+  A acc_a[L] = {}, acc_b[L] = {};
+  for_each_lane<L>(n, [&](int64_t j, int64_t k) FASTDL_LAMBDA_INLINE {
+    A a, b;
+    terms(j, a, b);
+    acc_a[k] += a;
+    acc_b[k] += b;
+  });
+  sum_a = add_lanes(acc_a);
+  sum_b = add_lanes(acc_b);
+}
+
+// The max over j in [0, n) of value(j) (init if n is 0), in lanes as sum_lanes. NaNs
+// are skipped (v > m ? v : m keeps m), so a row's max is the max of its other values.
+template <typename A, typename Value> FASTDL_INLINE A max_lanes(int64_t n, A init, Value value) {
+  constexpr int L = kLanes<A>;
+  A acc[L];
+  for (int k = 0; k < L; ++k) acc[k] = init;
+  for_each_lane<L>(n, [&](int64_t j, int64_t k) FASTDL_LAMBDA_INLINE {
     const A v = value(j);
-    m0 = v > m0 ? v : m0;
-  }
-  m0 = m1 > m0 ? m1 : m0;
-  m2 = m3 > m2 ? m3 : m2;
-  return m2 > m0 ? m2 : m0;
+    acc[k] = v > acc[k] ? v : acc[k];
+  });
+  fold_lanes<L / 2>(acc, [](A a, A b) FASTDL_LAMBDA_INLINE { return b > a ? b : a; });
+  return acc[0];
 }
 
-// exp(x) for float, max relative error 8e-8 (1 ulp) on [-87.3, 1].
+// exp(x) for float, max relative error 8.3e-8 (1 ulp) on [-87.3, 88]
+// (tests/cpp/exp_approx_check.cpp).
 // Cody & Waite range reduction: n = round(x / ln2), r = x - n*ln2 with ln2 split in a
 // high part (exact in float) and a low part, then Cephes' degree-7 polynomial for e^r
-// and 2^n built in the exponent field. No libm call and no branch, so a loop over it
-// becomes AVX2 / AVX-512 code. Meant for x <= ~88 (softmax feeds x - max <= 0):
-// x < -87.34 gives 0, so -inf gives 0; NaN gives NaN.
+// and 2^n built in the exponent field. No libm call, no branch and no select past the
+// clamp, so a loop over it becomes AVX2 / AVX-512 code.
+// Meant for x <= ~88 (softmax feeds x - max <= 0). Below -87.34 the result is 0 or a
+// subnormal: x is clamped at -88, where n = -127 gives 2^n's field 0 and so 0, so -inf
+// gives 0. NaN gives NaN: the clamps keep it (x < c ? c : x is x for NaN) and every step
+// after carries it.
 __attribute__((always_inline)) inline float exp_approx(float x) {
   const float kLog2e = 1.44269504088896341f;
-  const float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: (t + m) - m rounds t to an integer
+  const float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: t = y + m rounds y to an integer n in t's low bits
+  const uint32_t kRoundMagicBits = 0x4b400000u;
   const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   float xc = x < -88.0f ? -88.0f : x;
   xc = xc > 88.0f ? 88.0f : xc;
-  const float n = (xc * kLog2e + kRoundMagic) - kRoundMagic;
+  const float t = xc * kLog2e + kRoundMagic;
+  const float n = t - kRoundMagic;
   const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -100,11 +139,13 @@ __attribute__((always_inline)) inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n: n + 127 in the exponent field, n read from t's bits (no float -> int conversion)
+  uint32_t t_bits;
+  std::memcpy(&t_bits, &t, sizeof(t_bits));
+  const uint32_t scale_bits = (t_bits - kRoundMagicBits + 127u) << 23;
   float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float result = x < -87.34f ? 0.0f : p * scale;
-  return x != x ? x : result;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return p * scale;
 }
 
 }  // namespace fastdl::cpu

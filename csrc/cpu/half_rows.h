@@ -227,7 +227,7 @@ template <typename T> FASTDL_INLINE void row_from_float(const float* __restrict 
   }
 }
 
-// A 16-bit row into float `dst`, returning its max (NaNs skipped, as max_quarters does).
+// A 16-bit row into float `dst`, returning its max (NaNs skipped, as max_lanes does).
 template <typename T> FASTDL_INLINE float row_to_float_max(const T* __restrict src, float* __restrict dst, int64_t n) {
   const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
   if constexpr (std::is_same_v<T, c10::Half>) {
@@ -235,9 +235,9 @@ template <typename T> FASTDL_INLINE float row_to_float_max(const T* __restrict s
     if (cpu_has_f16c()) return half_row_to_float_max_f16c(raw, dst, n);
 #endif
     half_row_to_float_soft(raw, dst, n);
-    return max_quarters<float>(n, -__builtin_inff(), [&](int64_t j) FASTDL_LAMBDA_INLINE { return dst[j]; });
+    return max_lanes<float>(n, -__builtin_inff(), [&](int64_t j) FASTDL_LAMBDA_INLINE { return dst[j]; });
   } else {
-    return max_quarters<float>(n, -__builtin_inff(), [&](int64_t j) FASTDL_LAMBDA_INLINE {
+    return max_lanes<float>(n, -__builtin_inff(), [&](int64_t j) FASTDL_LAMBDA_INLINE {
       const float v = bf16_to_float(raw[j]);
       dst[j] = v;
       return v;

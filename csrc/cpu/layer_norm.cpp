@@ -35,18 +35,17 @@ FASTDL_INLINE void norm_row_forward(const T* __restrict x, const T* __restrict r
   if (residual != nullptr) {
     // write the sum and add it up in the same pass; the sum as stored (rounded to T), as
     // the unfused add would give it
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
+    sum = sum_lanes<A>(n, [&](int64_t j) FASTDL_LAMBDA_INLINE {
       const A v = round_acc<T>(load_acc<A>(x, j) + load_acc<A>(residual, j));
       store_acc(h, j, v);
-      sum += v;
-    }
+      return v;
+    });
     src = h;
   } else if (!rms) {
-    sum = sum_quarters<A>(n, [&](int64_t j) FASTDL_LAMBDA_INLINE { return load_acc<A>(src, j); });
+    sum = sum_lanes<A>(n, [&](int64_t j) FASTDL_LAMBDA_INLINE { return load_acc<A>(src, j); });
   }
   const A mean = rms ? A(0) : sum / static_cast<A>(n);
-  const A sq = sum_quarters<A>(n, [&](int64_t j) FASTDL_LAMBDA_INLINE {
+  const A sq = sum_lanes<A>(n, [&](int64_t j) FASTDL_LAMBDA_INLINE {
     const A d = load_acc<A>(src, j) - mean;
     return d * d;
   });
@@ -88,25 +87,15 @@ template <typename T, typename A, bool kDsum, bool kDweight, bool kDbias>
 FASTDL_INLINE void norm_row_backward(const T* __restrict dy, const T* __restrict dsum, const T* __restrict x,
                                      const A* __restrict weight, A mean, A rstd, T* __restrict dx,
                                      A* __restrict dweight_partial, A* __restrict dbias_partial, int64_t n, bool rms) {
-  // sum(g * xhat) and sum(g) with g = dy * weight, each over the row's two halves: four
-  // chains of vector adds, as sum_quarters (csrc/cpu/common.h)
-  const int64_t half = n / 2;
-  A gx0 = 0, gx1 = 0, g0 = 0, g1 = 0;
-  auto g_of = [&](int64_t j) FASTDL_LAMBDA_INLINE { return load_acc<A>(dy, j) * weight[j]; };
-  auto xhat_of = [&](int64_t j) FASTDL_LAMBDA_INLINE { return (load_acc<A>(x, j) - mean) * rstd; };
-#pragma omp simd reduction(+ : gx0, gx1, g0, g1)
-  for (int64_t j = 0; j < half; ++j) {
-    const A ga = g_of(j), gb = g_of(half + j);
-    gx0 += ga * xhat_of(j);
-    gx1 += gb * xhat_of(half + j);
-    g0 += ga;
-    g1 += gb;
-  }
-  if (n % 2 != 0) {
-    gx0 += g_of(n - 1) * xhat_of(n - 1);
-    g0 += g_of(n - 1);
-  }
-  const A sum_gx = gx0 + gx1, sum_g = g0 + g1;
+  // sum(g * xhat) and sum(g) with g = dy * weight, in one pass (sum_lanes2, csrc/cpu/common.h)
+  A sum_gx, sum_g;
+  sum_lanes2<A>(
+      n,
+      [&](int64_t j, A& gx, A& g) FASTDL_LAMBDA_INLINE {
+        g = load_acc<A>(dy, j) * weight[j];
+        gx = g * ((load_acc<A>(x, j) - mean) * rstd);
+      },
+      sum_gx, sum_g);
   const A c1 = sum_gx / static_cast<A>(n);
   const A c2 = rms ? A(0) : sum_g / static_cast<A>(n);
 #pragma omp simd

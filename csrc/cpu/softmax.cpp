@@ -21,7 +21,7 @@ namespace fastdl::cpu {
 namespace {
 
 // Row sums run in blocks of kSumBlock elements, each a vector reduction, the block sums
-// then added in order: a lane of one long vector reduction adds up cols / 16 terms one
+// then added in order: a lane of one long vector reduction adds up cols / kLanes terms one
 // after the other, whose rounding error grows with the row (1e-5 relative at 256k
 // columns in fp32; blocked, 1e-7).
 constexpr int64_t kSumBlock = 2048;
@@ -34,7 +34,7 @@ template <typename A, typename Term> FASTDL_INLINE A blocked_sum(int64_t cols, T
   A sum = 0;
   for (int64_t b = 0; b < cols; b += kSumBlock) {
     const int64_t block_end = std::min(cols, b + kSumBlock);
-    sum += sum_quarters<A>(block_end - b, [&](int64_t j) FASTDL_LAMBDA_INLINE { return term(b + j); });
+    sum += sum_lanes<A>(block_end - b, [&](int64_t j) FASTDL_LAMBDA_INLINE { return term(b + j); });
   }
   return sum;
 }
@@ -44,7 +44,7 @@ template <typename T, bool kLog>
 FASTDL_INLINE void softmax_row_forward(const T* __restrict x, T* __restrict y, int64_t cols) {
   static_assert(std::is_same_v<T, typename Acc<T>::type>, "softmax_row_forward takes float or double rows");
   const T max_val =
-      max_quarters<T>(cols, -std::numeric_limits<T>::infinity(), [&](int64_t j) FASTDL_LAMBDA_INLINE { return x[j]; });
+      max_lanes<T>(cols, -std::numeric_limits<T>::infinity(), [&](int64_t j) FASTDL_LAMBDA_INLINE { return x[j]; });
   // A row of -inf gives max = -inf and NaN outputs, as torch does.
   if constexpr (kLog) {
     // store x - max while summing its exp, then subtract log(sum) in place. Always
@@ -204,7 +204,7 @@ int64_t chunk_len(int64_t cols, int64_t c) { return std::min(kChunkCols, cols - 
 template <typename T, bool kLog>
 FASTDL_MULTIVERSION void forward_chunk_stats(const T* x, T* y, int64_t n, T* chunk_max, T* chunk_sum) {
   const T max_val =
-      max_quarters<T>(n, -std::numeric_limits<T>::infinity(), [&](int64_t j) FASTDL_LAMBDA_INLINE { return x[j]; });
+      max_lanes<T>(n, -std::numeric_limits<T>::infinity(), [&](int64_t j) FASTDL_LAMBDA_INLINE { return x[j]; });
   T sum = 0;
   if (max_val == -std::numeric_limits<T>::infinity()) {  // -inf and NaN only (the max skips NaN)
     if constexpr (!kLog) std::fill(y, y + n, T(0));
