@@ -19,8 +19,9 @@
 //     dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
 // One kernel computes dx and the parameter gradients together: the grid holds as many
 // blocks as fill the device once, each walks its own run of rows, keeps the running
-// dweight / dbias of its columns (registers in the tile kernel, its own row of the
-// partial buffer in the loop kernel) and ends with one partial row; a second kernel sums
+// dweight / dbias of its columns (registers in the tile kernel; dynamic shared memory in
+// the loop kernel where it holds them, else its own row of the partial buffer) and ends
+// with one partial row; a second kernel sums
 // the partial rows in a fixed order (dweight's and dbias's in one launch). No atomics: two
 // runs give bitwise-equal gradients, and dy and x are read once, not once more for the
 // parameter gradients.
@@ -301,7 +302,11 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
                                              cols);
 }
 
-template <typename T, typename W, int kVec>
+// kSharedSums: the block's running dweight / dbias sums are kept in dynamic shared memory
+// (dweight's cols values, then dbias's) and written to its partial rows once, at the end.
+// Otherwise they sit in its partial rows, a read and a write of each per row: at hidden
+// 16384 four times the row's own DRAM traffic, through L2.
+template <typename T, typename W, int kVec, bool kSharedSums>
 __global__ void __launch_bounds__(kLoopThreads)
     norm_backward_loop_kernel(const T* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
                               const W* __restrict__ weight,
@@ -317,9 +322,21 @@ __global__ void __launch_bounds__(kLoopThreads)
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * kVec;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t end = begin + rows_per_block < rows ? begin + rows_per_block : rows;
-  // This block's partial rows: each thread reads and writes only its own columns.
+  // This block's partial rows and running sums: each thread reads and writes only its own
+  // columns (in shared memory too, so no barrier orders them).
   A* dw_row = dweight_partial != nullptr ? dweight_partial + static_cast<int64_t>(blockIdx.x) * cols : nullptr;
   A* db_row = dbias_partial != nullptr ? dbias_partial + static_cast<int64_t>(blockIdx.x) * cols : nullptr;
+  // in shared memory: dweight's sums at [0, cols), dbias's after them (32-bit offsets)
+  extern __shared__ __align__(16) unsigned char norm_shared_sums[];
+  A* const shared_sums = reinterpret_cast<A*>(norm_shared_sums);
+  const int db_shared_at = dw_row != nullptr ? static_cast<int>(cols) : 0;
+  if constexpr (kSharedSums) {
+    const A zeros[kVec] = {};
+    for (int64_t col = first_col; col < cols; col += kStep) {
+      if (dw_row != nullptr) store_acc<kVec>(shared_sums + static_cast<int>(col), zeros);
+      if (db_row != nullptr) store_acc<kVec>(shared_sums + db_shared_at + static_cast<int>(col), zeros);
+    }
+  }
   if (begin >= end) {
     const A zeros[kVec] = {};
     for (int64_t col = first_col; col < cols; col += kStep) {
@@ -371,21 +388,36 @@ __global__ void __launch_bounds__(kLoopThreads)
         for (int k = 0; k < kVec; ++k) v[k] += ds[k];
       }
       store_acc<kVec>(dx_row + col, v);
-      // add to this block's partial row at these columns (its first row starts it from zero)
-      auto accumulate = [&](A* partial_row, const A (&add)[kVec]) {
+      // add to this block's sums at these columns (in the partial rows, its first row
+      // starts them from zero; shared memory starts at zero)
+      auto accumulate = [&](A* partial_row, int shared_at, const A (&add)[kVec]) {
+        A* sums = kSharedSums ? shared_sums + (shared_at + static_cast<int>(col)) : partial_row + col;
         A p[kVec] = {};
-        if (!first) load_acc<kVec>(partial_row + col, p);
+        if (kSharedSums || !first) load_acc<kVec>(sums, p);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) p[k] += add[k];
-        store_acc<kVec>(partial_row + col, p);
+        store_acc<kVec>(sums, p);
       };
       if (dw_row != nullptr) {
         A dy_xhat[kVec];
 #pragma unroll
         for (int k = 0; k < kVec; ++k) dy_xhat[k] = d[k] * xhat[k];
-        accumulate(dw_row, dy_xhat);
+        accumulate(dw_row, 0, dy_xhat);
       }
-      if (db_row != nullptr) accumulate(db_row, d);
+      if (db_row != nullptr) accumulate(db_row, db_shared_at, d);
+    }
+  }
+  if constexpr (kSharedSums) {  // the sums to the partial rows
+    for (int64_t col = first_col; col < cols; col += kStep) {
+      A p[kVec];
+      if (dw_row != nullptr) {
+        load_acc<kVec>(shared_sums + static_cast<int>(col), p);
+        store_acc<kVec>(dw_row + col, p);
+      }
+      if (db_row != nullptr) {
+        load_acc<kVec>(shared_sums + db_shared_at + static_cast<int>(col), p);
+        store_acc<kVec>(db_row + col, p);
+      }
     }
   }
 }
@@ -455,20 +487,46 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
   return cudaGetLastError();
 }
 
-// Calls use(kernel, block_threads, rows_per_block_step) for each backward kernel that may
-// run at this row length: rows_per_block_step is the number of rows a block works on at
-// once. The loop kernel has two (16-byte vectors or single elements, by the rows'
-// alignment).
-template <typename T, typename W, typename F> void with_backward_kernels(int64_t cols, F&& use) {
+// The dynamic shared memory norm_backward_loop_kernel takes to keep `sums` (0-2) running
+// sums of a row of `cols` in A there: 0 (the partial rows instead) when they do not fit in
+// what a block may opt in to, or when FASTDL_CUDA_NORM_SHARED_SUMS is 0.
+template <typename A> cudaError_t loop_shared_bytes(int64_t cols, int sums, size_t* bytes) {
+  *bytes = 0;
+  int64_t enabled = 1;
+  env_knob("FASTDL_CUDA_NORM_SHARED_SUMS", 0, 1, &enabled);
+  if (sums == 0 || enabled == 0) return cudaSuccess;
+  int device = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  const int64_t needed = static_cast<int64_t>(sums) * cols * static_cast<int64_t>(sizeof(A));
+  // 1 KiB of the limit left to the kernel's static shared memory (its reduction scratch)
+  if (needed <= optin - 1024) *bytes = static_cast<size_t>(needed);
+  return cudaSuccess;
+}
+
+// Calls use(kernel, block_threads, rows_per_block_step, shared_bytes) for each backward
+// kernel that may run at this row length: rows_per_block_step is the number of rows a
+// block works on at once, shared_bytes its dynamic shared memory (with both sums). The
+// loop kernel has two (16-byte vectors or single elements, by the rows' alignment).
+template <typename T, typename W, typename F> cudaError_t with_backward_kernels(int64_t cols, F&& use) {
   const bool tiled = with_backward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     use(norm_backward_tile_kernel<T, W, kThreads, kElems>, kTileBlockThreads<kThreads>,
-        kTileBlockThreads<kThreads> / kThreads);
+        kTileBlockThreads<kThreads> / kThreads, size_t{0});
   });
-  if (!tiled) {
-    use(norm_backward_loop_kernel<T, W, Vec<T>::kSize>, kLoopThreads, 1);
-    use(norm_backward_loop_kernel<T, W, 1>, kLoopThreads, 1);
+  if (tiled) return cudaSuccess;
+  size_t bytes = 0;
+  const cudaError_t err = loop_shared_bytes<typename Acc<T>::type>(cols, 2, &bytes);
+  if (err != cudaSuccess) return err;
+  if (bytes > 0) {
+    use(norm_backward_loop_kernel<T, W, Vec<T>::kSize, true>, kLoopThreads, 1, bytes);
+    use(norm_backward_loop_kernel<T, W, 1, true>, kLoopThreads, 1, bytes);
+  } else {
+    use(norm_backward_loop_kernel<T, W, Vec<T>::kSize, false>, kLoopThreads, 1, size_t{0});
+    use(norm_backward_loop_kernel<T, W, 1, false>, kLoopThreads, 1, size_t{0});
   }
+  return cudaSuccess;
 }
 
 // Blocks that fill the device once (as many as are resident together), but no more than
@@ -483,19 +541,20 @@ template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, in
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   *blocks = INT64_MAX;
-  auto fewest = [&](auto kernel, int threads, int rows_at_once) {
+  auto fewest = [&](auto kernel, int threads, int rows_at_once, size_t shared_bytes) {
     int64_t per_sm = 0;
     if (!env_knob("FASTDL_CUDA_NORM_BLOCKS_PER_SM", 1, 1 << 16, &per_sm)) {
       int resident = 0;
-      const cudaError_t query = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, 0);
+      const cudaError_t query = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, shared_bytes);
       if (err == cudaSuccess) err = query;
       per_sm = std::max(resident, 1);
     }
     const int64_t fill = static_cast<int64_t>(sms) * per_sm, needed = (rows + rows_at_once - 1) / rows_at_once;
     *blocks = std::min(*blocks, std::max<int64_t>(1, std::min<int64_t>(fill, needed)));
   };
-  with_backward_kernels<T, T>(cols, fewest);
-  with_backward_kernels<T, typename Acc<T>::type>(cols, fewest);
+  const cudaError_t in_t = with_backward_kernels<T, T>(cols, fewest);
+  const cudaError_t in_a = with_backward_kernels<T, typename Acc<T>::type>(cols, fewest);
+  if (err == cudaSuccess) err = in_t != cudaSuccess ? in_t : in_a;
   return err;
 }
 
@@ -532,15 +591,29 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
         dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,
         dsum_stride, x_stride, rms, aligned);
   });
+  cudaError_t err = cudaSuccess;
   if (!tiled) {
+    size_t shared_bytes = 0;
+    err = loop_shared_bytes<A>(cols, (dweight_partial != nullptr) + (dbias_partial != nullptr), &shared_bytes);
+    if (err != cudaSuccess) return err;
     with_vec<T>(aligned, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      norm_backward_loop_kernel<T, W, kVec><<<grid, kLoopThreads, 0, stream>>>(
+      if (shared_bytes == 0) {
+        norm_backward_loop_kernel<T, W, kVec, false><<<grid, kLoopThreads, 0, stream>>>(
+            dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block,
+            dy_stride, dsum_stride, x_stride, rms);
+        return;
+      }
+      if (shared_bytes > 48 * 1024)  // past 48 KiB a kernel opts in
+        err = cudaFuncSetAttribute(reinterpret_cast<const void*>(norm_backward_loop_kernel<T, W, kVec, true>),
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
+      if (err != cudaSuccess) return;
+      norm_backward_loop_kernel<T, W, kVec, true><<<grid, kLoopThreads, shared_bytes, stream>>>(
           dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,
           dsum_stride, x_stride, rms);
     });
   }
-  cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   // one launch sums the partial rows of every parameter gradient asked for (grid.y of them)
   const A* partials[2];

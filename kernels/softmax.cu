@@ -7,8 +7,9 @@
 //   * packed (16-bit rows up to 65536 columns, fp32 up to 32768, 16-byte aligned): 1024
 //     threads hold the row in registers as it is in memory (common/row_tile.cuh
 //     PackedRowTile), converting where used: one read and one write, as the tiles, at the
-//     price of exp taken twice (for the sum, then for the output). FASTDL_CUDA_PACKED_ROWS=0
-//     turns it off (the tuner compares the two).
+//     price of exp taken twice (for the sum, then for the output). The backward holds one
+//     input and reads the other a pack at a time (softmax: dy twice, log_softmax: y once).
+//     FASTDL_CUDA_PACKED_ROWS=0 turns both off (the tuner compares the two).
 //   * block per row (longer rows): the block walks the row in 16-byte vectors keeping an
 //     online (max, sum) state per thread (Milakov & Gimelshein 2018), combines the states
 //     across the block, then a second sweep writes the output. The second read of the row
@@ -38,9 +39,10 @@ namespace {
 
 constexpr int kBlockThreads = 512;  // threads of the block-per-row kernels
 constexpr int kPackedThreads = 1024;  // threads of the packed kernel
-// Values a thread of the packed kernel holds, at most: 128 bytes (32 registers), so 64
+// Values a thread of the packed kernels holds, at most: 128 bytes (32 registers), so 64
 // halves or 32 floats; none for fp64, whose tiles already reach its register space. log_softmax
-// stops at 32 halves: at 64, ptxas spills 40-56 bytes of it (sm_80, sm_90a) where softmax fits.
+// stops at 32 halves: at 64, ptxas spills 40-72 bytes of it (forward and backward, sm_80 and
+// sm_90a) where softmax fits.
 template <typename T, bool kLog>
 constexpr int kMaxPackedElems = sizeof(T) == 8 ? 0 : kLog ? 32 : 128 / static_cast<int>(sizeof(T));
 // Largest tiles: 1024 threads x 16 values (or 512 x 32); fp64 stops at 512 x 16, and 16
@@ -55,16 +57,16 @@ template <typename T, typename F> bool with_tile(int64_t cols, F&& launch) {
   return with_row_tile<kMaxTileThreads<T>, kMaxTileElems<T>, kMaxTileCols<T>>(cols, tile_elems_knob(), launch);
 }
 
-// Calls launch(std::integral_constant<int, kElems>{}) with the packed kernel's values a thread
-// for rows of `cols` (32 or 64, whichever holds the row first); false when none does, or when
-// FASTDL_CUDA_PACKED_ROWS is 0.
-template <typename T, bool kLog, typename F> bool with_packed_tile(int64_t cols, F&& launch) {
+// Calls launch(std::integral_constant<int, kElems>{}) with a packed kernel's values a thread
+// for rows of `cols` (32 or 64, whichever holds the row first, up to kMaxElems); false when
+// none does, or when FASTDL_CUDA_PACKED_ROWS is 0.
+template <int kMaxElems, typename F> bool with_packed_tile(int64_t cols, F&& launch) {
   int64_t enabled = 1;
   env_knob("FASTDL_CUDA_PACKED_ROWS", 0, 1, &enabled);
   bool launched = false;
   auto try_elems = [&](auto elems) {
     constexpr int kElems = decltype(elems)::value;
-    if constexpr (kElems <= kMaxPackedElems<T, kLog>) {
+    if constexpr (kElems <= kMaxElems) {
       if (!launched && enabled && cols <= static_cast<int64_t>(kPackedThreads) * kElems) {
         launch(elems);
         launched = true;
@@ -286,6 +288,38 @@ __global__ void __launch_bounds__(kBlockThreads)
   block_write_dx<T, kLog, kVec>(dy_row, y_row, dx + row * cols, 0, cols, total);
 }
 
+// Long rows, one a block of kPackedThreads, one input held as it is (PackedRowTile) and the
+// other read a pack at a time. softmax holds y: dy is read for the dot product and again
+// for dx, 4 moves of a row where the block kernel makes 5. log_softmax holds dy, whose sum
+// is all the first sweep needs: y is read once, 3 moves.
+template <typename T, int kElems, bool kLog>
+__global__ void __launch_bounds__(kPackedThreads)
+    softmax_backward_packed_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int cols,
+                                   int64_t dy_row_stride, int64_t y_row_stride) {
+  using A = typename Acc<T>::type;
+  __shared__ A scratch[kPackedThreads / kWarpSize];
+  const int64_t row = blockIdx.x;
+  const int t = threadIdx.x;
+  const T* dy_row = dy + row * dy_row_stride;
+  const T* y_row = y + row * y_row_stride;
+  PackedRowTile<T, kPackedThreads, kElems> held;  // y (softmax) or dy (log_softmax); 0 past the row
+  held.load(kLog ? dy_row : y_row, t, cols, from_acc<T>(A(0)));
+  A total = 0;
+  if constexpr (kLog) {
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) total += held.value(i);
+  } else {
+    total = held.template sum_with<A>(dy_row, t, cols, [](A o, A g) { return g * o; });
+  }
+  total = block_sum<kPackedThreads>(total, scratch);
+  held.reconvert_after_here();
+  if constexpr (kLog) {
+    held.store(dx + row * cols, t, cols, [&](A g, A o) { return g - exp_acc(o) * total; }, y_row);
+  } else {
+    held.store(dx + row * cols, t, cols, [&](A o, A g) { return o * (g - total); }, dy_row);
+  }
+}
+
 // Split rows, grid (chunks, rows) as the forward's: each chunk's share of the dot product
 // to dots[row * chunks + chunk], then each block adds its row's shares and writes its chunk.
 // no 16-byte stores accepted: softmax_backward_chunk_dot_kernel: one dot share a block
@@ -408,7 +442,7 @@ cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_
   if (const cudaError_t err = plan_split<T>(rows, cols, workspace, workspace_bytes, &split); err != cudaSuccess)
     return err;
   // enough rows to fill the device, on 16-byte boundaries: held in registers when they fit
-  if (split.chunks == 1 && aligned && with_packed_tile<T, kLog>(cols, [&](auto elems) {
+  if (split.chunks == 1 && aligned && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
         constexpr int kElems = decltype(elems)::value;
         softmax_forward_packed_kernel<T, kElems, kLog>
             <<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(x, y, c, x_row_stride);
@@ -449,6 +483,13 @@ cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t cols,
   Split split{1, cols};
   if (const cudaError_t err = plan_split<T>(rows, cols, workspace, workspace_bytes, &split); err != cudaSuccess)
     return err;
+  // enough rows to fill the device, on 16-byte boundaries: one input held in registers
+  if (split.chunks == 1 && aligned && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
+        constexpr int kElems = decltype(elems)::value;
+        softmax_backward_packed_kernel<T, kElems, kLog><<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(
+            dy, y, dx, c, dy_row_stride, y_row_stride);
+      }))
+    return cudaGetLastError();
   const int chunk_cols = static_cast<int>(split.chunk_cols);  // <= cols
   auto* dots = static_cast<A*>(workspace);
   with_vec<T>(step_vectors, [&](auto vec) {

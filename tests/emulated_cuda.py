@@ -3,7 +3,7 @@ tests/cpp/cuda_emu (a fiber a GPU thread, barriers and warp shuffles emulated), 
 AddressSanitizer and UBSan: machines without a GPU run the kernels' code, catch an
 out-of-bounds access, a misaligned vector access or a barrier some threads skip.
 
-The kernels' sources are compiled as they are, but for three rewrites that keep every
+The kernels' sources are compiled as they are, but for four rewrites that keep every
 line where it was (rewrite_source):
 - each `kernel<<<grid, block, smem, stream>>>(args)` becomes
   `::fastdl_emu::launch("kernel", kernel, ::fastdl_emu::config(grid, block, smem, stream), args)`;
@@ -11,7 +11,9 @@ line where it was (rewrite_source):
   threads (a GPU refuses such a launch);
 - each `__shared__` variable (static here, one copy for the blocks that run one after
   another) is declared to the emulator, which fills it with 0xff bytes (NaN) at the start
-  of every block, so a read of shared memory no thread of this block wrote shows.
+  of every block, so a read of shared memory no thread of this block wrote shows; an
+  `extern __shared__ T name[];` (dynamic shared memory) becomes a pointer to the launch's
+  shared_bytes, poisoned the same way.
 """
 from __future__ import annotations
 
@@ -141,10 +143,33 @@ def _launch_bounds_check(source: str, start: int) -> tuple[int, str]:
     return body_open + 1, f' ::fastdl_emu::check_launch_bounds("{name}", {max_threads});'
 
 
+def rewrite_dynamic_shared(source: str) -> str:
+    """Each `extern __shared__ [__align__(N)] T name[];` as `T* name = (T*)<the block's
+    dynamic shared memory>;` on the same line."""
+    out, pos = [], 0
+    while (start := source.find("extern __shared__", pos)) >= 0:
+        end = source.index(";", start)
+        declaration = source[start + len("extern __shared__"):end]
+        if not declaration.replace(" ", "").endswith("[]"):
+            raise ValueError(f"cannot read a dynamic shared memory declaration: {source[start:end]!r}")
+        declaration = declaration.rstrip()[:-2].rstrip()
+        if "__align__(" in declaration:
+            align_open = declaration.index("__align__(") + len("__align__")
+            declaration = declaration[:declaration.index("__align__(")] + declaration[
+                _matching(declaration, align_open, "(", ")") + 1:]
+        words = declaration.split()
+        name, element = words[-1], " ".join(words[:-1])
+        if not name.isidentifier() or not element:
+            raise ValueError(f"cannot read a dynamic shared memory declaration: {source[start:end]!r}")
+        out += [source[pos:start],
+                f"{element}* {name} = static_cast<{element}*>(::fastdl_emu::dynamic_shared_memory());"]
+        pos = end + 1
+    out.append(source[pos:])
+    return "".join(out)
+
+
 def _shared_declaration(source: str, start: int) -> tuple[int, str]:
     end = source.index(";", start)
-    if "[]" in source[start:end].replace(" ", ""):
-        raise ValueError(f"dynamic shared memory is not emulated: {source[start:end]!r}")
     declarator = source[start + len("__shared__"):end].split("[")[0].split("=")[0]
     name = declarator.replace("*", " ").split()[-1]
     if not name.isidentifier():
@@ -155,11 +180,12 @@ def _shared_declaration(source: str, start: int) -> tuple[int, str]:
 def rewrite_source(source: str) -> str:
     """A kernels/*.cu source as the emulator compiles it (see the module's docstring):
     launches rewritten; after the `{` of each kernel declared `__launch_bounds__(N[, ...])`
-    a check that its block has at most N threads (the macro expands to nothing); after each
-    `__shared__ T name[...];` a call that declares it to the emulator, which poisons it as
-    each block starts."""
+    a check that its block has at most N threads (the macro expands to nothing); each
+    `extern __shared__ T name[];` a pointer to the block's dynamic shared memory; after each
+    other `__shared__ T name[...];` a call that declares it to the emulator, which poisons it
+    as each block starts."""
     source = _insert_at_each(rewrite_launches(source), "__launch_bounds__(", _launch_bounds_check)
-    return _insert_at_each(source, "__shared__", _shared_declaration)
+    return _insert_at_each(rewrite_dynamic_shared(source), "__shared__", _shared_declaration)
 
 
 def build(build_dir: Path) -> Path:

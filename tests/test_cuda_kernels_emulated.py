@@ -180,6 +180,26 @@ def test_softmax_packed_rows(runner, tmp_path, dtype, cols, log):
         assert_close(y[10:], _softmax_ref(x[10:], log), dtype, f"random rows ({env})")
 
 
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("cols", [20000, 40000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_softmax_backward_packed_rows(runner, tmp_path, dtype, cols, log):
+    """The packed backward (y held for softmax, dy for log_softmax; the other input read a
+    pack at a time) on the rows the packed forward takes; longer ones the block kernel.
+    Against float64, and as right as the block kernel with FASTDL_CUDA_PACKED_ROWS=0."""
+    rows = EMU_SPLIT_TARGET  # as many rows as the split aims for: none split
+    x, _ = _rows(rows, cols, dtype, "contiguous")
+    y = _softmax_ref(x, log).to(dtype)
+    dy, _ = _rows(rows, cols, dtype, "contiguous", scale=1.0)
+    expected = R.softmax_backward(dy.double(), y.double(), -1, log)
+    packed = cols <= 32768 or (dtype != torch.float32 and not log)
+    for env, kernel in (({}, "softmax_backward_packed_kernel" if packed else "softmax_backward_block_kernel"),
+                        ({"FASTDL_CUDA_PACKED_ROWS": "0"}, "softmax_backward_block_kernel")):
+        dx, result = _softmax_backward(runner, tmp_path / str(len(env)), dy, y, log, env=env)
+        assert _kernels(result) == [kernel], result.launches
+        assert_close(dx, expected, dtype, f"dx ({env})")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "padded"])
 @pytest.mark.parametrize("split", [False, True], ids=["block", "split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -438,6 +458,47 @@ def test_norm_parameter_gradients_deterministic(runner, tmp_path, cols, blocks_p
         assert torch.equal(first.outputs[name], again.outputs[name]), f"{name} differs between runs"
 
 
+def _shared_bytes(launch: str) -> int:
+    return int(launch.split(" shared=")[1].split()[0]) if " shared=" in launch else 0
+
+
+# norm_backward_loop_kernel keeps the dweight / dbias sums in shared memory when all of
+# them fit in what a block may opt in to (less 1 KiB): setting -> the device's opt-in limit
+# (None: never). 20000 fp32 columns: both sums on sm_90 (227 KiB), one sum in 96 KiB.
+SHARED_SUMS_CASES = {
+    "sm90": ({}, 232448),
+    "96KiB": ({"FASTDL_EMU_SMEM_OPTIN": "98304"}, 98304),
+    "off": ({"FASTDL_CUDA_NORM_SHARED_SUMS": "0"}, None),
+}
+
+
+@pytest.mark.parametrize("variant", ["rms_norm", "add_layer_norm", "layer_norm_plain"])
+@pytest.mark.parametrize("case", SHARED_SUMS_CASES)
+def test_norm_backward_shared_sums(runner, tmp_path, case, variant):
+    """The loop kernel's parameter-gradient sums in shared memory or in the partial rows:
+    right against float64 (dweight alone, both, neither), and bitwise the same gradients
+    either way (as many blocks each way: the shared memory alone would leave fewer resident)."""
+    env, optin = SHARED_SUMS_CASES[case]
+    blocks = {"FASTDL_CUDA_NORM_BLOCKS_PER_SM": "1"}
+    env = {**env, **blocks}
+    rows, cols = 13, 20000
+    inputs, _ = _norm_inputs((rows, cols), torch.float32, variant)
+    rms = NORM_VARIANTS[variant][3]
+    dy, dsum = torch.randn(rows, cols), torch.randn(rows, cols)
+    result, grads = _norm_backward(runner, tmp_path / "a", inputs, rms, env=env, dy=dy, dsum=dsum)
+    for name, ref in grads.items():
+        assert_close(result.outputs[name].view(ref.shape), ref, torch.float32, name)
+    sums = ("weight" in inputs) + ("bias" in inputs)
+    held = cols if optin is not None and sums > 0 and 4 * sums * cols <= optin - 1024 else 0
+    loop = result.launches[0]
+    assert loop.startswith("norm_backward_loop_kernel") and "invalid" not in loop, result.launches
+    assert _shared_bytes(loop) == held * 4 * sums, loop
+    off, _ = _norm_backward(runner, tmp_path / "b", inputs, rms, env={"FASTDL_CUDA_NORM_SHARED_SUMS": "0", **blocks},
+                            dy=dy, dsum=dsum)
+    for name in grads:
+        assert torch.equal(result.outputs[name], off.outputs[name]), f"{name} differs from the partial-row sums"
+
+
 @pytest.mark.parametrize("layout", ["strided", "padded", "offset"])
 @pytest.mark.parametrize("cols", [7, 1000, 20000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -521,8 +582,8 @@ def test_norm_parameters_in_the_input_dtype(runner, tmp_path, dtype, cols):
 
 def test_rewrite_keeps_lines_and_finds_every_launch():
     """The rewrite leaves no <<< behind, checks every __launch_bounds__, declares every
-    __shared__ variable, and keeps every line where it was (so the compiler's messages
-    point at kernels/*.cu lines)."""
+    __shared__ variable (a dynamic one as a pointer to the launch's shared memory), and keeps
+    every line where it was (so the compiler's messages point at kernels/*.cu lines)."""
     for path in emulated_cuda.KERNEL_SOURCES:
         source = path.read_text()
         rewritten = emulated_cuda.rewrite_source(source)
@@ -530,7 +591,10 @@ def test_rewrite_keeps_lines_and_finds_every_launch():
         assert rewritten.count("\n") == source.count("\n"), path.name
         assert rewritten.count("::fastdl_emu::launch(") == source.count("<<<"), path.name
         assert rewritten.count("::fastdl_emu::check_launch_bounds(") == source.count("__launch_bounds__("), path.name
-        assert rewritten.count("::fastdl_emu::shared_memory(") == source.count("__shared__"), path.name
+        declared = rewritten.count("::fastdl_emu::shared_memory(")
+        dynamic = rewritten.count("::fastdl_emu::dynamic_shared_memory(")
+        assert dynamic == source.count("extern __shared__"), path.name
+        assert declared + dynamic == source.count("__shared__"), path.name
     sample = "  k<T, 4>\n      <<<grid(n), kThreads<8>, 0, s>>>(a,\n b);\n"
     assert emulated_cuda.rewrite_launches(sample) == (
         '  ::fastdl_emu::launch("k<T, 4>", k<T, 4>, ::fastdl_emu::config(grid(n), kThreads<8>, 0, s), a,\n b)\n;\n')
@@ -541,3 +605,7 @@ def test_rewrite_keeps_lines_and_finds_every_launch():
         ' ::fastdl_emu::check_launch_bounds("k", kT<A, B>);\n'
         "  __shared__ float s[kT<A, B> / 32][3]; ::fastdl_emu::shared_memory(&s, sizeof(s));\n"
         "  __shared__ M<A> m; ::fastdl_emu::shared_memory(&m, sizeof(m));\n}\n")
+    dynamic = "  extern __shared__ __align__(16) unsigned char sums[];\n  __shared__ float s[4];\n"
+    assert emulated_cuda.rewrite_source(dynamic) == (
+        "  unsigned char* sums = static_cast<unsigned char*>(::fastdl_emu::dynamic_shared_memory());\n"
+        "  __shared__ float s[4]; ::fastdl_emu::shared_memory(&s, sizeof(s));\n")

@@ -209,6 +209,26 @@ def test_cuda_backward_blocks_knob(case, shape, blocks_per_sm, monkeypatch):
     assert all(torch.equal(a, c) for a, c in zip(*runs)), "two runs gave different parameter gradients"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
+def test_cuda_backward_shared_sums_knob(case, dtype, monkeypatch):
+    """The backward loop kernel's dweight / dbias sums in shared memory (default: all 20000
+    columns in fp32, the first 14464 in fp64) or through the partial rows only
+    (FASTDL_CUDA_NORM_SHARED_SUMS=0): right either way, and the same bits (as many blocks)."""
+    backend, _ = case
+    shape = (300, 20000)
+    monkeypatch.setenv("FASTDL_CUDA_NORM_BLOCKS_PER_SM", "1")
+    x, res, w, b = _inputs(shape, dtype, "cuda", "add_layer_norm")
+    _check(backend, "add_layer_norm", x, res, w, b, dtype)
+    dy = torch.randn(shape, device="cuda", dtype=dtype)
+    runs = []
+    for shared in ("1", "0"):
+        monkeypatch.setenv("FASTDL_CUDA_NORM_SHARED_SUMS", shared)
+        with fastdl.use_backend(backend):
+            runs.append(torch.autograd.grad(fastdl.ops.layer_norm(x, shape[-1], w, b), (x, w, b), dy))
+    assert all(torch.equal(a, c) for a, c in zip(*runs)), "shared-memory sums gave other gradient bits"
+
+
 # Row lengths at each edge of the CUDA kernels' shapes (tiles of a warp x 8 values up to
 # 1024 x 16 forward and 512 x 16 backward, half that for fp64, then the loop kernels),
 # run on the native backends, which take them fast; rows aligned to 16 bytes and rows

@@ -247,8 +247,8 @@ CUDA_CASES = [c for c in CASES if c[0] == "cuda"] or [
 CUDA_LONG_ROW_WAYS = {"block": ({"FASTDL_CUDA_SPLIT_PER_SM": "0", "FASTDL_CUDA_PACKED_ROWS": "0"}, "_block_kernel"),
                       "split": ({"FASTDL_CUDA_SPLIT_PER_SM": "1000000"}, "_chunk_"),
                       "packed": ({"FASTDL_CUDA_SPLIT_PER_SM": "0"}, "_packed_kernel")}
-# rows the packed kernel takes (kernels/softmax.cu: softmax forward rows 16-byte aligned, up to
-# 32 values a thread of 1024, 64 for 16-bit types; none for fp64)
+# rows the packed kernels take (kernels/softmax.cu: softmax rows 16-byte aligned, up to 32
+# values a thread of 1024, 64 for 16-bit types; none for fp64), forward and backward alike
 CUDA_PACKED_SHAPES = [(3, 40000), (2, 16392)]
 CUDA_WAY_CASES = [(way, dtype, shape) for way in CUDA_LONG_ROW_WAYS
                   for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -280,7 +280,10 @@ def test_cuda_long_rows_every_way(case, dtype, shape, way, monkeypatch):
     x = torch.randn(shape, device=device).to(dtype)
     with fastdl.use_backend(backend):
         names = _cuda_kernel_names(lambda: fastdl.ops.softmax(x, -1))
+        y = fastdl.ops.softmax(x, -1)
+        backward_names = _cuda_kernel_names(lambda: fastdl.ops.softmax_backward(torch.randn_like(y), y, -1, False))
     assert any(kernel in n for n in names), f"{way}: no {kernel} kernel among {sorted(names)}"
+    assert any(kernel in n and "backward" in n for n in backward_names), f"{way}: {sorted(backward_names)}"
     _check_long_rows(backend, device, dtype, shape, way)
     if dtype == torch.float32:
         _check_long_row_special_values(backend, device, shape)

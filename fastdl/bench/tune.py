@@ -135,9 +135,9 @@ def all_cases(quick: bool) -> list[TuneCase]:
         *[TuneCase("layer_norm", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_TILE_ELEMS",
                                                                         [None, 8, 16, 32]))
           for direction, cols in (("fwd", 1024), ("fwd", 4096), ("fwd", 16384), ("fwd+bwd", 1024), ("fwd+bwd", 4096))],
-        # softmax's long rows in registers (the packed kernel) or read twice (the block kernel)
-        *[TuneCase("softmax", "fwd", "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_ROWS", [None, 0]))
-          for cols in (32768, 65536)],
+        # softmax's long rows in registers (the packed kernels) or read twice (the block kernels)
+        *[TuneCase("softmax", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_ROWS", [None, 0]))
+          for direction in ("fwd", "bwd") for cols in (32768, 65536)],
         # layer_norm: the backward's programs (partial rows of dweight / dbias), tiles, long rows
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 1024), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),
         TuneCase("layer_norm", "fwd+bwd", "triton", (16384, 4096), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),
@@ -145,6 +145,10 @@ def all_cases(quick: bool) -> list[TuneCase]:
                                                                        [None, 1, 2, 4, 8, 16])),
         TuneCase("layer_norm", "fwd+bwd", "cuda", (16384, 4096), Knob("env:FASTDL_CUDA_NORM_BLOCKS_PER_SM",
                                                                         [None, 1, 2, 4, 8, 16])),
+        # the CUDA backward loop kernel's dweight / dbias sums in shared memory (default) or in the partial rows
+        *[TuneCase("layer_norm", "fwd+bwd", "cuda", (4096, cols), Knob("env:FASTDL_CUDA_NORM_SHARED_SUMS", [None, 0]),
+                   dtype)
+          for cols in (16384, 24576) for dtype in (torch.bfloat16, torch.float32)],
         TuneCase("layer_norm", "fwd", "triton", (4096, 1024), Knob(ln + "TILE_ELEMENTS", [1024, 2048, 4096, 8192])),
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 1024), Knob(ln + "TILE_ELEMENTS", [1024, 2048, 4096, 8192])),
         TuneCase("layer_norm", "fwd", "triton", (4096, 16384), Knob(ln + "FORWARD_TILE_MAX_COLS", [8192, 16384])),

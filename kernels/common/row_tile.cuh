@@ -137,8 +137,26 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
 #endif
   }
 
-  // Writes f(value) for each of this thread's columns < cols to a row of T, rounded to T.
-  template <typename F> __device__ __forceinline__ void store(T* row, int t, int cols, F&& f) const {
+  // The sum of f(value, other) over this thread's columns < cols, `other` the value at the
+  // same column of row `other_row` (16-byte aligned; read a pack at a time, not kept).
+  template <typename A, typename F>
+  __device__ __forceinline__ A sum_with(const T* other_row, int t, int cols, F&& f) const {
+    A total = 0;
+#pragma unroll
+    for (int p = 0; p < Layout::kPacks; ++p) {
+      if (pack_col(t, p) < cols) {
+        const uint4 other = *reinterpret_cast<const uint4*>(other_row + pack_col(t, p));
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) total += f(element(packs[p], k), element(other, k));
+      }
+    }
+    return total;
+  }
+
+  // Writes f(value) for each of this thread's columns < cols to a row of T, rounded to T;
+  // with other_row, f(value, other), `other` read from other_row as in sum_with.
+  template <typename F>
+  __device__ __forceinline__ void store(T* row, int t, int cols, F&& f, const T* other_row = nullptr) const {
 #if defined(__CUDA_ARCH__)
     asm volatile("" : "+r"(t), "+r"(cols));  // addresses worked out here, not kept from the load
 #endif
@@ -150,8 +168,14 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
         asm volatile("" : "+r"(pack.x), "+r"(pack.y), "+r"(pack.z), "+r"(pack.w));  // a pack at a time
 #endif
         Vec<T> out;
+        if constexpr (std::is_invocable_v<F, decltype(element(pack, 0))>) {
 #pragma unroll
-        for (int k = 0; k < kPack; ++k) out.v[k] = from_acc<T>(f(element(pack, k)));
+          for (int k = 0; k < kPack; ++k) out.v[k] = from_acc<T>(f(element(pack, k)));
+        } else {
+          const uint4 other = *reinterpret_cast<const uint4*>(other_row + pack_col(t, p));
+#pragma unroll
+          for (int k = 0; k < kPack; ++k) out.v[k] = from_acc<T>(f(element(pack, k), element(other, k)));
+        }
         *reinterpret_cast<Vec<T>*>(row + pack_col(t, p)) = out;
       }
     }

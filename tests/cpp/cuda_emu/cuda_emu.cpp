@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -52,7 +54,20 @@ struct Emulator {
   std::vector<std::string> launches;
   std::vector<SharedVariable> shared;
   uint64_t blocks_run = 0;  // this block's number, counted over every launch
+  // the running launch's dynamic shared memory (exactly its size, so that ASan sees past it)
+  std::unique_ptr<unsigned char[]> dynamic_shared;
+  size_t dynamic_shared_bytes = 0;
+  uint64_t dynamic_poisoned_in = 0;
+  // cudaFuncAttributeMaxDynamicSharedMemorySize set for each kernel
+  std::map<const void*, int> max_dynamic_shared;
 };
+
+// Shared memory a block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin): sm_90's
+// 227 KiB unless FASTDL_EMU_SMEM_OPTIN says otherwise (sm_80: 166912).
+int shared_optin_bytes() {
+  const char* set = std::getenv("FASTDL_EMU_SMEM_OPTIN");
+  return set != nullptr ? std::atoi(set) : 232448;
+}
 
 Emulator& emu() {
   static Emulator instance;
@@ -206,6 +221,17 @@ void shared_memory(void* data, size_t bytes) {
   }
 }
 
+void* dynamic_shared_memory() {
+  Emulator& e = emu();
+  current_fiber("an extern __shared__ declaration");
+  if (e.dynamic_shared_bytes == 0) return nullptr;  // a launch without any: a read of it faults
+  if (e.dynamic_poisoned_in != e.blocks_run) {
+    std::memset(e.dynamic_shared.get(), 0xff, e.dynamic_shared_bytes);
+    e.dynamic_poisoned_in = e.blocks_run;
+  }
+  return e.dynamic_shared.get();
+}
+
 void check_launch_bounds(const char* kernel, unsigned max_threads) {
   current_fiber("check_launch_bounds");
   const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
@@ -227,16 +253,21 @@ void shuffle_xor(const void* value, size_t bytes, int lane_mask, unsigned mask, 
   std::memcpy(result, f.result, bytes);
 }
 
-void run_grid(const char* kernel_name, const LaunchConfig& config, const std::function<void()>& body) {
+void run_grid(const char* kernel_name, const void* kernel, const LaunchConfig& config,
+              const std::function<void()>& body) {
   Emulator& e = emu();
   const dim3 g = config.grid, b = config.block;
   const uint64_t threads = static_cast<uint64_t>(b.x) * b.y * b.z;
-  // the runtime's limits (compute capability 8.x / 9.x)
+  // the runtime's limits (compute capability 8.x / 9.x); past 48 KiB of dynamic shared
+  // memory, the kernel must have opted in to at least that much
+  const auto opted = e.max_dynamic_shared.find(kernel);
+  const size_t shared_limit = opted != e.max_dynamic_shared.end() ? std::max(opted->second, 48 * 1024) : 48 * 1024;
   const bool valid = threads >= 1 && threads <= 1024 && b.z <= 64 && g.x >= 1 && g.x <= 2147483647u && g.y >= 1 &&
-                     g.y <= 65535 && g.z >= 1 && g.z <= 65535 && config.shared_bytes <= 48 * 1024;
-  char line[400];
-  std::snprintf(line, sizeof line, "%s grid=(%u,%u,%u) block=(%u,%u,%u)%s", kernel_name, g.x, g.y, g.z, b.x, b.y, b.z,
-                valid ? "" : " invalid");
+                     g.y <= 65535 && g.z >= 1 && g.z <= 65535 && config.shared_bytes <= shared_limit;
+  char line[400], shared[40] = "";
+  if (config.shared_bytes > 0) std::snprintf(shared, sizeof shared, " shared=%zu", config.shared_bytes);
+  std::snprintf(line, sizeof line, "%s grid=(%u,%u,%u) block=(%u,%u,%u)%s%s", kernel_name, g.x, g.y, g.z, b.x, b.y,
+                b.z, shared, valid ? "" : " invalid");
   e.launches.emplace_back(line);
   if (!valid) {
     if (e.last_error == cudaSuccess) e.last_error = cudaErrorInvalidConfiguration;
@@ -244,6 +275,9 @@ void run_grid(const char* kernel_name, const LaunchConfig& config, const std::fu
   }
   e.kernel = kernel_name;
   e.body = &body;
+  e.dynamic_shared.reset(config.shared_bytes > 0 ? new unsigned char[config.shared_bytes] : nullptr);
+  e.dynamic_shared_bytes = config.shared_bytes;
+  e.dynamic_poisoned_in = 0;
   gridDim = g;
   blockDim = b;
   for (unsigned z = 0; z < g.z; ++z)
@@ -253,6 +287,8 @@ void run_grid(const char* kernel_name, const LaunchConfig& config, const std::fu
         run_block(static_cast<int>(threads));
       }
   e.body = nullptr;
+  e.dynamic_shared.reset();
+  e.dynamic_shared_bytes = 0;
 }
 
 const std::vector<std::string>& launches() { return emu().launches; }
@@ -289,17 +325,32 @@ cudaError_t cudaGetDevice(int* device) {
 
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
   if (device != 0) return cudaErrorInvalidDevice;
+  if (attr == cudaDevAttrMaxSharedMemoryPerBlockOptin) {
+    *value = fastdl_emu::shared_optin_bytes();
+    return cudaSuccess;
+  }
   if (attr != cudaDevAttrMultiProcessorCount) fastdl_emu::fail("cudaDeviceGetAttribute: attribute not emulated");
   const char* sms = std::getenv("FASTDL_EMU_SMS");
   *value = sms != nullptr ? std::atoi(sms) : 4;
   return cudaSuccess;
 }
 
-// Blocks an SM holds by thread count alone (2048 threads, 32 blocks an SM on sm_80/sm_90).
+cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) fastdl_emu::fail("cudaFuncSetAttribute: not emulated");
+  if (value < 0 || value > fastdl_emu::shared_optin_bytes()) return cudaErrorInvalidValue;
+  fastdl_emu::emu().max_dynamic_shared[func] = value;
+  return cudaSuccess;
+}
+
+// Blocks an SM holds by thread count (2048 threads, 32 blocks an SM on sm_80/sm_90) and
+// by dynamic shared memory (an SM's is the block opt-in limit + 1 KiB, a block's its
+// shared_bytes + 1 KiB the runtime reserves, as on sm_80 / sm_90).
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int block_threads,
-                                                                   size_t, unsigned int) {
+                                                                   size_t shared_bytes, unsigned int) {
   if (block_threads < 1 || block_threads > 1024) return cudaErrorInvalidValue;
   *blocks = std::min(32, 2048 / block_threads);
+  const size_t per_sm = static_cast<size_t>(fastdl_emu::shared_optin_bytes()) + 1024;
+  if (shared_bytes > 0) *blocks = std::min<int>(*blocks, static_cast<int>(per_sm / (shared_bytes + 1024)));
   return cudaSuccess;
 }
 

@@ -61,6 +61,9 @@ void syncthreads();
 // thread of each block to pass it fills it with 0xff bytes (NaN in every float type), so
 // a read of shared memory no thread of this block wrote gives NaN, not the last block's value.
 void shared_memory(void* data, size_t bytes);
+// The block's dynamic shared memory (`extern __shared__ T name[];`, rewritten to a call
+// of this): the launch's shared_bytes, poisoned as static __shared__ variables are (null when it has none).
+void* dynamic_shared_memory();
 // Called on entry of a kernel declared __launch_bounds__(max_threads): a GPU refuses to
 // launch it with a larger block, so a launcher that asks for one is an error here.
 void check_launch_bounds(const char* kernel, unsigned max_threads);
@@ -78,17 +81,20 @@ inline LaunchConfig config(dim3 grid, dim3 block, size_t shared_bytes = 0, cudaS
 }
 
 // Runs `body` once per thread of every block of the grid (blocks in order, threads as
-// fibers); an invalid configuration sets the launch error, as the runtime does.
-void run_grid(const char* kernel_name, const LaunchConfig& config, const std::function<void()>& body);
+// fibers); an invalid configuration sets the launch error, as the runtime does (dynamic
+// shared memory past 48 KiB needs the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize).
+void run_grid(const char* kernel_name, const void* kernel, const LaunchConfig& config,
+              const std::function<void()>& body);
 
 template <typename... Params, typename... Args>
 void launch(const char* kernel_name, void (*kernel)(Params...), const LaunchConfig& config, Args&&... args) {
   // kernel parameters are passed by value, converted as at a call
   std::function<void()> body = [&] { kernel(args...); };
-  run_grid(kernel_name, config, body);
+  run_grid(kernel_name, reinterpret_cast<const void*>(kernel), config, body);
 }
 
-// Every launch so far: "<kernel as written> grid=(x,y,z) block=(x,y,z)[ invalid]".
+// Every launch so far: "<kernel as written> grid=(x,y,z) block=(x,y,z)[ shared=N][ invalid]"
+// (shared: its dynamic shared memory, when it has some).
 const std::vector<std::string>& launches();
 
 }  // namespace fastdl_emu
