@@ -36,6 +36,9 @@
 // spills accepted: norm_forward_loop_kernelId: fp64 sqrt slow path on sm_80
 #include <algorithm>
 #include <climits>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "common/env.h"
 #include "common/reduce.cuh"
@@ -487,6 +490,24 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
   return cudaGetLastError();
 }
 
+// Lets `kernel` take `bytes` of dynamic shared memory on the current device. Called again
+// only for more than it was given before: cudaFuncSetAttribute waits on the runtime's
+// copies in flight (oneapi-src/unified-runtime#2678 measured that), so not at every launch.
+// (bytes plus the kernel's static shared memory must stay within the device's opt-in limit.)
+inline cudaError_t opt_in_shared_memory(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> given;  // (kernel, device) -> bytes
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& allowed = given[{kernel, device}];
+  if (bytes <= allowed) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) allowed = bytes;
+  return err;
+}
+
 // The dynamic shared memory norm_backward_loop_kernel takes to keep `sums` (0-2) running
 // sums of a row of `cols` in A there: 0 (the partial rows instead) when they do not fit in
 // what a block may opt in to, or when FASTDL_CUDA_NORM_SHARED_SUMS is 0.
@@ -605,8 +626,8 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
         return;
       }
       if (shared_bytes > 48 * 1024)  // past 48 KiB a kernel opts in
-        err = cudaFuncSetAttribute(reinterpret_cast<const void*>(norm_backward_loop_kernel<T, W, kVec, true>),
-                                   cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
+        err = opt_in_shared_memory(reinterpret_cast<const void*>(norm_backward_loop_kernel<T, W, kVec, true>),
+                                   shared_bytes);
       if (err != cudaSuccess) return;
       norm_backward_loop_kernel<T, W, kVec, true><<<grid, kLoopThreads, shared_bytes, stream>>>(
           dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,
