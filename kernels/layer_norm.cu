@@ -38,6 +38,7 @@
 #include <climits>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 #include "common/env.h"
@@ -526,6 +527,13 @@ template <typename A> cudaError_t loop_shared_bytes(int64_t cols, int sums, size
   return cudaSuccess;
 }
 
+// Calls f(std::bool_constant<kSharedSums>{}) for the loop kernel that takes `shared_bytes`
+// of dynamic shared memory (none: the sums in the partial rows).
+template <typename F> void with_shared_sums(size_t shared_bytes, F&& f) {
+  if (shared_bytes > 0) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // Calls use(kernel, block_threads, rows_per_block_step, shared_bytes) for each backward
 // kernel that may run at this row length: rows_per_block_step is the number of rows a
 // block works on at once, shared_bytes its dynamic shared memory (with both sums). The
@@ -540,13 +548,11 @@ template <typename T, typename W, typename F> cudaError_t with_backward_kernels(
   size_t bytes = 0;
   const cudaError_t err = loop_shared_bytes<typename Acc<T>::type>(cols, 2, &bytes);
   if (err != cudaSuccess) return err;
-  if (bytes > 0) {
-    use(norm_backward_loop_kernel<T, W, Vec<T>::kSize, true>, kLoopThreads, 1, bytes);
-    use(norm_backward_loop_kernel<T, W, 1, true>, kLoopThreads, 1, bytes);
-  } else {
-    use(norm_backward_loop_kernel<T, W, Vec<T>::kSize, false>, kLoopThreads, 1, size_t{0});
-    use(norm_backward_loop_kernel<T, W, 1, false>, kLoopThreads, 1, size_t{0});
-  }
+  with_shared_sums(bytes, [&](auto shared) {
+    constexpr bool kShared = decltype(shared)::value;
+    use(norm_backward_loop_kernel<T, W, Vec<T>::kSize, kShared>, kLoopThreads, 1, bytes);
+    use(norm_backward_loop_kernel<T, W, 1, kShared>, kLoopThreads, 1, bytes);
+  });
   return cudaSuccess;
 }
 
@@ -618,20 +624,17 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
     err = loop_shared_bytes<A>(cols, (dweight_partial != nullptr) + (dbias_partial != nullptr), &shared_bytes);
     if (err != cudaSuccess) return err;
     with_vec<T>(aligned, [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      if (shared_bytes == 0) {
-        norm_backward_loop_kernel<T, W, kVec, false><<<grid, kLoopThreads, 0, stream>>>(
+      with_shared_sums(shared_bytes, [&](auto shared) {
+        constexpr int kVec = decltype(vec)::value;
+        constexpr bool kShared = decltype(shared)::value;
+        if (shared_bytes > 48 * 1024)  // past 48 KiB a kernel opts in
+          err = opt_in_shared_memory(reinterpret_cast<const void*>(norm_backward_loop_kernel<T, W, kVec, kShared>),
+                                     shared_bytes);
+        if (err != cudaSuccess) return;
+        norm_backward_loop_kernel<T, W, kVec, kShared><<<grid, kLoopThreads, shared_bytes, stream>>>(
             dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block,
             dy_stride, dsum_stride, x_stride, rms);
-        return;
-      }
-      if (shared_bytes > 48 * 1024)  // past 48 KiB a kernel opts in
-        err = opt_in_shared_memory(reinterpret_cast<const void*>(norm_backward_loop_kernel<T, W, kVec, true>),
-                                   shared_bytes);
-      if (err != cudaSuccess) return;
-      norm_backward_loop_kernel<T, W, kVec, true><<<grid, kLoopThreads, shared_bytes, stream>>>(
-          dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,
-          dsum_stride, x_stride, rms);
+      });
     });
   }
   if (err == cudaSuccess) err = cudaGetLastError();

@@ -158,6 +158,12 @@ def test_softmax_long_rows_every_way(runner, tmp_path, how):
         assert kinds == ["softmax_forward_block_kernel"], kinds
 
 
+def _packed(dtype, cols, log):
+    """Whether aligned rows of `cols` go to the packed kernels (kernels/softmax.cu): up to 32
+    values a thread of 1024, 64 for 16-bit softmax."""
+    return cols <= 32768 or (dtype != torch.float32 and not log)
+
+
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("cols", [20000, 40000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -169,7 +175,7 @@ def test_softmax_packed_rows(runner, tmp_path, dtype, cols, log):
     rows = EMU_SPLIT_TARGET  # as many rows as the split aims for: none split
     x = torch.cat([_special_rows(cols, dtype), _rows(rows - 10, cols, dtype, "contiguous")[0]])
     expected = (torch.log_softmax if log else torch.softmax)(x.double(), -1).to(dtype).double()
-    packed = cols <= 32768 or (dtype != torch.float32 and not log)
+    packed = _packed(dtype, cols, log)
     for env, kernel in (({}, "softmax_forward_packed_kernel" if packed else "softmax_forward_block_kernel"),
                         ({"FASTDL_CUDA_PACKED_ROWS": "0"}, "softmax_forward_block_kernel")):
         y, result = _softmax_forward(runner, tmp_path / str(len(env)), x, 0, log, env=env)
@@ -192,7 +198,7 @@ def test_softmax_backward_packed_rows(runner, tmp_path, dtype, cols, log):
     y = _softmax_ref(x, log).to(dtype)
     dy, _ = _rows(rows, cols, dtype, "contiguous", scale=1.0)
     expected = R.softmax_backward(dy.double(), y.double(), -1, log)
-    packed = cols <= 32768 or (dtype != torch.float32 and not log)
+    packed = _packed(dtype, cols, log)
     for env, kernel in (({}, "softmax_backward_packed_kernel" if packed else "softmax_backward_block_kernel"),
                         ({"FASTDL_CUDA_PACKED_ROWS": "0"}, "softmax_backward_block_kernel")):
         dx, result = _softmax_backward(runner, tmp_path / str(len(env)), dy, y, log, env=env)

@@ -125,7 +125,6 @@ template <typename A, typename Value> FASTDL_INLINE A max_lanes(int64_t n, A ini
 __attribute__((always_inline)) inline float exp_approx(float x) {
   const float kLog2e = 1.44269504088896341f;
   const float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: t = y + m rounds y to an integer n in t's low bits
-  const uint32_t kRoundMagicBits = 0x4b400000u;
   const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   float xc = x < -88.0f ? -88.0f : x;
   xc = xc > 88.0f ? 88.0f : xc;
@@ -139,10 +138,11 @@ __attribute__((always_inline)) inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  // 2^n: n + 127 in the exponent field, n read from t's bits (no float -> int conversion)
-  uint32_t t_bits;
+  // 2^n: n + 127 in the exponent field, n = t's bits less the magic's (no float -> int conversion)
+  uint32_t t_bits, magic_bits;
   std::memcpy(&t_bits, &t, sizeof(t_bits));
-  const uint32_t scale_bits = (t_bits - kRoundMagicBits + 127u) << 23;
+  std::memcpy(&magic_bits, &kRoundMagic, sizeof(magic_bits));
+  const uint32_t scale_bits = (t_bits - magic_bits + 127u) << 23;
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof(scale));
   return p * scale;
