@@ -5,6 +5,7 @@ import functools
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -92,8 +93,16 @@ _AUTOCAST_PROBES = {
 
 # torch's state tests that the eager paths make on every call, bound once
 autocast_on = torch._C._is_any_autocast_enabled
-transforms_on = torch._C._are_functorch_transforms_active  # torch.func.grad / vmap / jacrev ...
 compiling = torch.compiler.is_compiling
+_transforms_on = torch._C._are_functorch_transforms_active  # torch.func.grad / vmap / jacrev / jvp ...
+
+
+def composite_only() -> bool:
+    """Whether the op must be plain torch ops, which every kind of autodiff sees through:
+    under torch.func's transforms (whose wrapped tensors neither the C++ nor the Python
+    autograd node takes), or inside a forward-mode AD dual level (torch.autograd.forward_ad),
+    where fastdl's nodes, which have no forward derivative, would drop a dual input's tangent."""
+    return _transforms_on() or forward_ad._current_level >= 0
 
 
 @functools.lru_cache(maxsize=256)

@@ -9,7 +9,8 @@ layer_norm_eager, whose autograd node is C++; those of triton / torch through an
 autograd.Function (or, without grad, neither); torch.compile through the custom ops
 torch.ops.fastdl.norm / norm_backward. Under torch.func's transforms (grad, vmap, jacrev,
 functional_call per-sample gradients), whose wrapped tensors neither kind of autograd
-node takes, the same math in plain tensor ops, which the transforms see through.
+node takes, and in forward-mode AD (torch.autograd.forward_ad), for which neither node has
+a forward derivative: the same math in plain tensor ops, which every kind of autodiff sees through.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import Tensor
 from fastdl import _native, backends
 from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, autocast_dtype, check_float, check_same, check_tensor, compiling, \
-    transforms_on
+    composite_only
 
 # the backend table's names: layer_norm (and the fused add), rms_norm (and its fused add)
 OP, RMS_OP = "layer_norm", "rms_norm"
@@ -330,7 +331,7 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
     if eps is None:
         eps = torch.finfo(x.dtype).eps  # rms_norm's default, as torch
     eps = float(eps)
-    if transforms_on():  # torch.func.grad / vmap / jacrev ...
+    if composite_only():  # torch.func.grad / vmap / jacrev ..., or forward AD
         y, h = _torch_forward(x, residual, weight, bias, eps, rms, ndim)[:2]
     elif compiling():
         y, h = torch.ops.fastdl.norm(x, residual, weight, bias, ndim, eps, rms)[:2]

@@ -13,8 +13,9 @@ Three entries into the same forward/backward:
     dispatcher); without a gradient to record, neither: the backend's forward alone
   * under torch.compile: the custom op torch.ops.fastdl.softmax, with a fake
     implementation and registered autograd, so graphs are traced without breaks.
-Under torch.func's transforms (grad, vmap, jacrev ...) torch's own softmax runs instead:
-neither autograd node above composes with them.
+Under torch.func's transforms (grad, vmap, jacrev ...) and in forward-mode AD
+(torch.autograd.forward_ad) torch's own softmax runs instead: neither autograd node above
+composes with the transforms, and neither has a forward derivative.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from fastdl import _native, backends
 from fastdl import reference as R
 from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, as_rows, autocast_dtype, autocast_on, check_float, check_same, \
-    check_tensor, compiling, from_rows, normalize_dim, transforms_on
+    check_tensor, compiling, composite_only, from_rows, normalize_dim
 
 backends.register_dtypes("softmax", {b: FLOAT_DTYPES for b in backends.BACKENDS})
 
@@ -128,7 +129,7 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
     # transform or compile, on a native backend. Host time counts: the steps below cost
     # ~1 us more a call for the same result.
     if (dtype is None and type(x) is Tensor and x.dtype in FLOAT_DTYPES and type(dim) is int and not autocast_on()
-            and not transforms_on() and not compiling()):
+            and not composite_only() and not compiling()):
         ndim = x.dim()
         if -ndim <= dim < ndim and backends.resolve("softmax", x) in backends.NATIVE:
             return _softmax_eager(x, dim % ndim, log)
@@ -139,9 +140,9 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
     dim = normalize_dim(op, dim, x.dim())
     if dtype is None and (cast := autocast_dtype(op, x)) is not None:
         x = x.to(cast)  # as torch under autocast
-    if transforms_on():
-        # torch.func.grad / vmap / jacrev ...: their wrapped tensors go through neither kind of
-        # autograd node here; torch's own op composes with every transform
+    if composite_only():
+        # torch.func.grad / vmap / jacrev ... or forward AD: their tensors go through neither kind
+        # of autograd node here; torch's own op composes with every transform
         return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
     if compiling():
         return torch.ops.fastdl.softmax(x, dim, log)
