@@ -16,6 +16,7 @@ from fastdl import reference as R
 from conftest import assert_close, backend_cases, case_id
 
 CASES = backend_cases()
+NATIVE_CASES = [c for c in CASES if c[0] in fastdl.backends.NATIVE]
 DTYPES = [torch.float32, torch.bfloat16]
 
 # name -> (fastdl call, reference call), each f(x, residual, w, b) -> one tensor
@@ -89,6 +90,22 @@ def test_forward_mode_ad(case, op):
         _, jvp_out = jvp(lambda x_: fast(x_, r, w, b), (x,), (dx,))
     _, want_jvp = jvp(lambda x_: ref(x_, r64, w64, b64), (x64,), (dx64,))
     assert_close(jvp_out, want_jvp, torch.float32, f"{op}: torch.func.jvp")
+
+
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_native_eager_ops_refuse_a_dual_tensor(case):
+    """Called directly, the native eager ops (whose C++ nodes have no forward derivative)
+    refuse a forward-AD dual input with an error naming the op, rather than drop its tangent."""
+    _, device = case
+    x, r, w, b = _inputs((3, 8), torch.float32, device)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="fastdl.log_softmax: .*forward-mode AD"):
+            torch.ops.fastdl.softmax_eager(dual, 1, True)
+        for args in ((dual, r, w, b), (x, dual, w, b), (x, r, fwAD.make_dual(w, w), b),
+                     (x, None, w, fwAD.make_dual(b, b))):
+            with pytest.raises(RuntimeError, match="fastdl.layer_norm: .*forward-mode AD"):
+                torch.ops.fastdl.layer_norm_eager(*args, 1, 1e-5, False)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -3,7 +3,6 @@
 // csrc/autograd/softmax.cpp is for softmax. The forward and backward run the device's
 // layer_norm_rows_forward / _backward kernels through the dispatcher; no Python runs in
 // the backward.
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "csrc/common/autograd.h"
@@ -11,7 +10,6 @@
 namespace fastdl {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
@@ -36,60 +34,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_grads(const at::Te
   return {dx, weight.defined() ? (dya * xhat).sum(0) : at::Tensor(), has_bias ? dya.sum(0) : at::Tensor()};
 }
 
-struct NormRows : public torch::autograd::Function<NormRows> {
-  using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
-  static c10::TypedOperatorHandle<Forward> forward_op() {
-    static const auto op = typed_op<Forward>("fastdl::layer_norm_rows_forward");
-    return op;
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
+const RowOp<Forward>& forward_op() {
+  static const auto op = typed_op<Forward>("fastdl::layer_norm_rows_forward");
+  return op;
+}
+
+// The backward of a norm over the rows: gradients for (x, residual, weight, bias), from the
+// normalised input (x, or x + residual when fused, then an output of the forward) and the
+// forward's statistics
+struct NormRowsBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable input, weight, mean, rstd;
+  bool fused = false, rms = false, has_bias = false;
+  // The backward op writes dweight and dbias in one dtype, param_type of the weight alone; when
+  // the bias changes the forward's (a bf16 weight beside an fp32 bias), it would round the
+  // bias's gradient to bf16, so the backward passes the weight in the statistics' dtype
+  bool mixed_params = false;
+  double eps = 0;
+
+  std::string name() const override { return "fastdl::NormRowsBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    input.reset_data();
+    weight.reset_data();
+    mean.reset_data();
+    rstd.reset_data();
   }
 
-  // -> (y, x + residual); the second is empty, and not differentiable, without a residual
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& residual,
-                               const OptTensor& weight, const OptTensor& bias, double eps, bool rms) {
-    auto [y, h, mean, rstd] = forward_op().call(x, residual, weight, bias, eps, rms);
-    const bool fused = residual.has_value();
-    ctx->save_for_backward({fused ? h : x, weight.value_or(at::Tensor()), rms ? at::Tensor() : mean, rstd});
-    ctx->saved_data["fused"] = fused;
-    ctx->saved_data["rms"] = rms;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_bias"] = bias.has_value();
-    // The backward op writes dweight and dbias in one dtype, param_type of the weight alone; when
-    // the bias changes the forward's (a bf16 weight beside an fp32 bias), it would round the
-    // bias's gradient to bf16, so the backward passes the weight in the statistics' dtype
-    ctx->saved_data["mixed_params"] =
-        weight.has_value() && param_type(x, {&weight}) != param_type(x, {&weight, &bias});
-    if (!fused) ctx->mark_non_differentiable({h});
-    ctx->set_materialize_grads(false);
-    return {y, h};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
         bool, bool);
     static const auto op = typed_op<Backward>("fastdl::layer_norm_rows_backward");
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
-    const bool fused = ctx->saved_data["fused"].toBool(), rms = ctx->saved_data["rms"].toBool();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto self = node_ptr(this);
+    const at::Tensor input_ = input.unpack(self), weight_ = weight.unpack(self), mean_ = mean.unpack(self),
+                     rstd_ = rstd.unpack(self);
     // dy undefined: only the sum of a fused call was used downstream
-    const at::Tensor dy = grads[0].defined() ? contiguous_rows(grads[0]) : at::zeros_like(input);
+    const at::Tensor dy = grads[0].defined() ? contiguous_rows(grads[0]) : at::zeros_like(input_);
     const at::Tensor dsum = fused && grads[1].defined() ? contiguous_rows(grads[1]) : at::Tensor();
     at::Tensor dx, dweight, dbias;
     if (at::GradMode::is_enabled()) {  // create_graph=True: the gradient must be differentiable too
-      std::tie(dx, dweight, dbias) = differentiable_grads(dy, input, weight, has_bias,
-                                                          ctx->saved_data["eps"].toDouble(), rms);
+      std::tie(dx, dweight, dbias) = differentiable_grads(dy, input_, weight_, has_bias, eps, rms);
       if (dsum.defined()) dx = dx + dsum;
     } else {
-      const at::Tensor w = ctx->saved_data["mixed_params"].toBool() ? weight.to(stats_type(input.scalar_type()))
-                                                                    : weight;
-      std::tie(dx, dweight, dbias) = op.call(dy, present(dsum), input, present(w), present(mean), rstd, has_bias, rms);
+      const at::Tensor w = mixed_params ? weight_.to(stats_type(input_.scalar_type())) : weight_;
+      std::tie(dx, dweight, dbias) = op.call(dy, present(dsum), input_, present(w), present(mean_), rstd_, has_bias,
+                                             rms);
     }
     // dweight / dbias in weight's dtype or the statistics' (empty when absent); the engine casts
     // each gradient to its input's dtype (validate_outputs)
-    return {dx, fused ? dx : at::Tensor(), weight.defined() ? dweight : at::Tensor(), has_bias ? dbias : at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    return {dx, fused ? dx : at::Tensor(), weight_.defined() ? dweight : at::Tensor(),
+            has_bias ? dbias : at::Tensor()};
   }
 };
 
@@ -103,6 +100,11 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_eager(const at::Tensor& x, const O
                                                     int64_t normalized_ndim, double eps, bool rms) {
   TORCH_CHECK(normalized_ndim >= 1 && normalized_ndim <= x.dim(), "fastdl.layer_norm: normalized_ndim ",
               normalized_ndim, " out of range for a ", x.dim(), "-D x");
+  const char* op = rms ? "rms_norm" : "layer_norm";
+  check_no_forward_grad(op, x);
+  for (const OptTensor* t : {&residual, &weight, &bias}) {
+    if (t->has_value()) check_no_forward_grad(op, **t);
+  }
   const int64_t split = x.dim() - normalized_ndim;
   int64_t rows = 1, n = 1;
   for (int64_t d = 0; d < x.dim(); ++d) (d < split ? rows : n) *= x.size(d);
@@ -113,15 +115,28 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_eager(const at::Tensor& x, const O
   const OptTensor residual_rows = residual.has_value() ? OptTensor(as_rows(*residual)) : std::nullopt;
   const OptTensor weight_flat = flat(weight), bias_flat = flat(bias);
   auto wants_grad = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
-  at::Tensor y, h;
+  at::Tensor y, h, mean, rstd;
+  std::tie(y, h, mean, rstd) = forward_op().call(x_rows, residual_rows, weight_flat, bias_flat, eps, rms);
   if (at::GradMode::is_enabled() &&
       (x.requires_grad() || wants_grad(residual) || wants_grad(weight) || wants_grad(bias))) {
-    variable_list out = NormRows::apply(x_rows, residual_rows, weight_flat, bias_flat, eps, rms);
-    y = out[0];
-    h = out[1];
-  } else {  // no graph to record: the forward alone, without the autograd node's cost
-    std::tie(y, h, std::ignore, std::ignore) = NormRows::forward_op().call(x_rows, residual_rows, weight_flat,
-                                                                           bias_flat, eps, rms);
+    // record the backward, as torch's generated code does; without a residual, h is an empty
+    // tensor outside the graph
+    const bool fused = residual.has_value();
+    auto node = make_node<NormRowsBackward>();
+    auto tensor = [](const OptTensor& t) { return t.value_or(at::Tensor()); };
+    node->set_next_edges(torch::autograd::collect_next_edges(x_rows, tensor(residual_rows), tensor(weight_flat),
+                                                             tensor(bias_flat)));
+    node->fused = fused;
+    node->rms = rms;
+    node->has_bias = bias.has_value();
+    node->mixed_params = weight.has_value() && param_type(x, {&weight}) != param_type(x, {&weight, &bias});
+    node->eps = eps;
+    torch::autograd::set_history(y, node);
+    if (fused) torch::autograd::set_history(h, node);
+    node->input = torch::autograd::SavedVariable(fused ? h : x_rows, /*is_output=*/fused);
+    node->weight = torch::autograd::SavedVariable(tensor(weight_flat), false);
+    if (!rms) node->mean = torch::autograd::SavedVariable(mean, false);
+    node->rstd = torch::autograd::SavedVariable(rstd, false);
   }
   if (two_d) return {y, h};
   return {y.view(x.sizes()), residual.has_value() ? h.view(x.sizes()) : h};

@@ -3,7 +3,6 @@
 // softmax_rows_forward / _backward kernels through the dispatcher, and the backward is
 // a C++ node, so a training step pays neither a Python autograd.Function nor a Python
 // backward (a 4 x 8 fp32 softmax forward + backward on the CPU: see the commit).
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "csrc/common/autograd.h"
@@ -11,34 +10,37 @@
 namespace fastdl {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-struct SoftmaxRows : public torch::autograd::Function<SoftmaxRows> {
-  static c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, bool)> forward_op() {
-    static const auto op = typed_op<at::Tensor(const at::Tensor&, bool)>("fastdl::softmax_rows_forward");
-    return op;
+const RowOp<at::Tensor(const at::Tensor&, bool)>& forward_op() {
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, bool)>("fastdl::softmax_rows_forward");
+  return op;
+}
+
+// The backward of softmax / log_softmax over the rows, from the forward's output y
+struct SoftmaxRowsBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable y;
+  bool log = false;
+
+  std::string name() const override { return "fastdl::SoftmaxRowsBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    y.reset_data();
   }
 
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, bool log) {
-    at::Tensor y = forward_op().call(x, log);
-    ctx->saved_data["log"] = log;
-    ctx->save_for_backward({y});
-    return y;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
     static const auto op =
         typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, bool)>("fastdl::softmax_rows_backward");
-    const at::Tensor y = ctx->get_saved_variables()[0];
-    const bool log = ctx->saved_data["log"].toBool();
+    std::lock_guard<std::mutex> lock(mutex_);
     const at::Tensor& dy = grads[0];
-    if (!at::GradMode::is_enabled()) return {op.call(contiguous_rows(dy), y, log), at::Tensor()};
+    if (!dy.defined() || !task_should_compute_output(0)) return {at::Tensor()};
+    const at::Tensor out = y.unpack(node_ptr(this));
+    if (!at::GradMode::is_enabled()) return {op.call(contiguous_rows(dy), out, log)};
     // create_graph=True (a gradient penalty, a Hessian-vector product): the same formula
     // in differentiable ATen ops, in the accumulation dtype (fastdl/reference/softmax.py)
-    const at::Tensor g = dy.to(stats_type(y.scalar_type())), out = y.to(g.scalar_type());
-    const at::Tensor dx = log ? g - out.exp() * g.sum(-1, true) : out * (g - (g * out).sum(-1, true));
-    return {dx.to(y.scalar_type()), at::Tensor()};
+    const at::Tensor g = dy.to(stats_type(out.scalar_type())), o = out.to(g.scalar_type());
+    const at::Tensor dx = log ? g - o.exp() * g.sum(-1, true) : o * (g - (g * o).sum(-1, true));
+    return {dx.to(out.scalar_type())};
   }
 };
 
@@ -51,6 +53,7 @@ struct SoftmaxRows : public torch::autograd::Function<SoftmaxRows> {
 at::Tensor softmax_eager(const at::Tensor& x, int64_t dim, bool log) {
   const int64_t ndim = x.dim();
   TORCH_CHECK(0 <= dim && dim < std::max<int64_t>(ndim, 1), "fastdl.softmax: dim ", dim, " out of range");
+  check_no_forward_grad(log ? "log_softmax" : "softmax", x);
   at::Tensor rows;
   if (ndim == 2 && dim == 1) {
     rows = contiguous_rows(x);  // the common case, without a reshape
@@ -62,8 +65,14 @@ at::Tensor softmax_eager(const at::Tensor& x, int64_t dim, bool log) {
     const at::Tensor moved = dim == ndim - 1 ? x : x.movedim(dim, -1);
     rows = contiguous_rows(moved.reshape({count, x.size(dim)}));
   }
-  const at::Tensor y = at::GradMode::is_enabled() && x.requires_grad() ? SoftmaxRows::apply(rows, log)
-                                                                        : SoftmaxRows::forward_op().call(rows, log);
+  const at::Tensor y = forward_op().call(rows, log);
+  if (at::GradMode::is_enabled() && x.requires_grad()) {  // record the backward, as torch's generated code does
+    auto node = make_node<SoftmaxRowsBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(rows));
+    node->log = log;
+    torch::autograd::set_history(y, node);
+    node->y = torch::autograd::SavedVariable(y, /*is_output=*/true);
+  }
   if (ndim == 2 && dim == 1) return y;
   if (ndim == 0) return y.reshape({});
   if (dim == ndim - 1) return y.view(x.sizes());
