@@ -200,3 +200,68 @@ def test_host_cdiv_and_next_power_of_2_match_tritons():
         assert _launch.next_power_of_2(n) == triton.next_power_of_2(n), n
         for d in (1, 2, 3, 7, 64, 2048):
             assert _launch.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+# --- every launch may run more than once: Triton's autotuner times its choices on the caller's tensors ------
+class _Twice:
+    """Stands in for a kernel: runs each launch twice on the same arguments."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.kernel[grid](*args, **kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _run_every_launch_twice(monkeypatch, *modules):
+    for module in modules:
+        for name in [n for n in vars(module) if n.startswith("_") and n.endswith("_kernel")]:
+            monkeypatch.setattr(module, name, _Twice(getattr(module, name)))
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("n_cols", [1000, 8200], ids=["tile", "loop"])
+def test_norm_kernels_can_run_again(n_cols, rms, monkeypatch):
+    """On a GPU (FASTDL_TRITON_AUTOTUNE on, the default) Triton's autotuner runs a kernel once
+    for each num_warps it times, on the caller's own tensors, before the launch that counts.
+    A kernel that adds into an output rather than writing it then returns a multiple of its
+    result on the first call of each key (the loop backward's partial dweight / dbias rows
+    did). The suite runs without autotuning, so here every launch runs twice instead: the
+    fused norm's forward and backward (20 rows over 8 programs: one has none) still match
+    float64."""
+    _run_every_launch_twice(monkeypatch, norm_kernels)
+    rows = 20
+    x, residual, dy, dsum = (torch.randn(rows, n_cols, device=DEVICE) for _ in range(4))
+    weight, bias = torch.rand(n_cols, device=DEVICE) + 0.5, None if rms else torch.randn(n_cols, device=DEVICE)
+    y, h, mean, rstd = norm_kernels.norm_forward(x, residual, weight, bias, 1e-5, rms)
+    dx, dweight, dbias = norm_kernels.norm_backward(dy, dsum, h, weight, mean, rstd, bias is not None, rms)
+
+    leaves = [t.double().requires_grad_() for t in (x, residual, weight) + (() if rms else (bias,))]
+    h64 = leaves[0] + leaves[1]
+    y64 = (reference.rms_norm(h64, (n_cols,), leaves[2], 1e-5) if rms else
+           reference.layer_norm(h64, (n_cols,), leaves[2], leaves[3]))
+    grads = torch.autograd.grad([y64, h64], leaves, [dy.double(), dsum.double()])
+    assert_close(y, y64, torch.float32, "y")
+    assert_close(dx, grads[0], torch.float32, "dx")
+    assert_close(dweight, grads[2], torch.float32, "dweight")
+    if not rms:
+        assert_close(dbias, grads[3], torch.float32, "dbias")
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["loop", "split"])
+def test_softmax_kernels_can_run_again(split, monkeypatch):
+    """As test_norm_kernels_can_run_again, for softmax and log_softmax, forward and backward, on
+    rows short enough for the tile kernels and long enough for the loop or split kernels."""
+    _run_every_launch_twice(monkeypatch, softmax_kernels)
+    monkeypatch.setattr(softmax_kernels, "SPLIT_PROGRAMS_PER_SM", 4 if split else 0)
+    for n_cols in (1000, 20001):
+        x, dy = torch.randn(3, n_cols, device=DEVICE) * 3, torch.randn(3, n_cols, device=DEVICE)
+        for log in (False, True):
+            y = softmax_kernels.softmax_forward(x, log)
+            assert_close(y, (reference.log_softmax if log else reference.softmax)(x.double()), torch.float32, "y")
+            dx = softmax_kernels.softmax_backward(dy, y, log)
+            assert_close(dx, reference.softmax_backward(dy.double(), y.double(), -1, log), torch.float32, "dx")

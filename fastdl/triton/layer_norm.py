@@ -290,7 +290,7 @@ def _sum_partial_rows_kernel(
 @triton.jit
 def _norm_backward_loop_kernel(
     dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr,
-    dweight_partial_ptr,  # (programs, n_cols) fp32, zero-filled: accumulated chunk by chunk
+    dweight_partial_ptr,  # (programs, n_cols) fp32: accumulated row by row, chunk by chunk
     dbias_partial_ptr,
     dy_row_stride_vecs, dsum_row_stride_vecs, x_row_stride_vecs, n_rows, n_col_vecs, rows_per_program,
     BLOCK_COLS: tl.constexpr,
@@ -345,13 +345,22 @@ def _norm_backward_loop_kernel(
             if HAS_DSUM:
                 dx += tl.load(dsum_ptr + row * dsum_row_stride + cols, mask=mask, other=0.0).to(ACC)
             tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            # each program owns its partial row: read-modify-write without atomics
+            # each program owns its partial row: read-modify-write without atomics. Its first
+            # row writes it without reading, so the row needs no zeroing and a launch run
+            # again (as the autotuner does) writes the same sums. (A masked-off load instead of
+            # the branch spilled at 4 warps in bf16.)
             if HAS_WEIGHT:
                 p = dweight_partial_ptr + pid * n_cols + cols
-                tl.store(p, tl.load(p, mask=mask, other=0.0) + dy * xhat, mask=mask)
+                dweight = dy * xhat
+                if row > first:
+                    dweight += tl.load(p, mask=mask, other=0.0)
+                tl.store(p, dweight, mask=mask)
             if HAS_BIAS:
                 p = dbias_partial_ptr + pid * n_cols + cols
-                tl.store(p, tl.load(p, mask=mask, other=0.0) + dy, mask=mask)
+                dbias = dy
+                if row > first:
+                    dbias += tl.load(p, mask=mask, other=0.0)
+                tl.store(p, dbias, mask=mask)
 
 
 # ---------------------------------------------------------------------------------
@@ -402,17 +411,17 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
     statistics' dtype (fp32; the caller casts it to the bias's)."""
     n_rows, n_cols = x.shape
     dx = empty_output((n_rows, n_cols), x.dtype, x.device)
-    programs = _backward_programs(n_rows, x.device)
+    rows_per_program = max(1, cdiv(n_rows, _backward_programs(n_rows, x.device)))
+    programs = max(1, cdiv(n_rows, rows_per_program))  # none without rows: each writes its partial row
     acc_dtype = stats_dtype(x.dtype)
-    # The tile kernel writes every program's partial row whole (zeros when it has no rows);
-    # the loop kernel adds into its row, so that one starts from zeros (one memset more),
-    # as do the partials of an empty input (no kernel runs).
-    tiled = n_cols <= BACKWARD_TILE_MAX_COLS
-    new_partial = empty_output if tiled and x.numel() > 0 else torch.zeros
+    # Every program writes its partial rows whole, and the kernels never read what they have
+    # not written: a launch run again (Triton's autotuner times each choice on these
+    # tensors) gives the same sums. Only an empty input's partials (no kernel runs) are zeros.
+    new_partial = empty_output if x.numel() > 0 else torch.zeros
     dweight_partial = new_partial((programs, n_cols), dtype=acc_dtype, device=x.device) if weight is not None else None
     dbias_partial = new_partial((programs, n_cols), dtype=acc_dtype, device=x.device) if has_bias else None
     if x.numel() > 0:
-        rows_per_program = cdiv(n_rows, programs)
+        tiled = n_cols <= BACKWARD_TILE_MAX_COLS
         operands = dict(
             dsum_ptr=dsum if dsum is not None else dy,
             weight_ptr=weight if weight is not None else dy,
