@@ -5,9 +5,8 @@
 // torch.compile. Implementations register per device:
 //   CPU  -> csrc/cpu/<op>.cpp        CUDA -> csrc/ops/<op>.cpp (+ kernels/<op>.cu)
 //
-// No pybind11: importing fastdl._C runs the static registrations below and the
-// ops are reached as torch.ops.fastdl.<name>.
-#include <Python.h>
+// Importing fastdl._C (its module: csrc/python.cpp) runs the static registrations below,
+// and the ops are reached as torch.ops.fastdl.<name>.
 #include <torch/library.h>
 
 #include <stdexcept>
@@ -72,10 +71,4 @@ TORCH_LIBRARY_IMPL(fastdl, CompositeExplicitAutograd, m) {
   m.impl("native_built_with_cuda", &native_built_with_cuda);
   m.impl("set_poison_outputs", &set_poison_outputs);
   m.impl("raise_for_test", &raise_for_test);
-}
-
-// `import fastdl._C` needs a module init function; the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
 }

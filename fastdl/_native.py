@@ -43,3 +43,13 @@ def bare_op(overload):
     Python frame (~0.3 us a call; that frame only passes the arguments on). The overload
     itself where a torch keeps no such attribute."""
     return getattr(overload, "_op", overload)
+
+
+def eager_entry(name: str):
+    """The eager entry `name` of the native backends (softmax_eager, layer_norm_eager) as
+    fastdl._C's Python function of that name, which runs the op's C++ without torch.ops'
+    boxed call and takes any argument it does not handle to torch.ops.fastdl.<name>
+    (csrc/python.cpp); None without the native extension."""
+    if not LOADED:
+        return None
+    return getattr(_C, name, None) or bare_op(getattr(torch.ops.fastdl, name).default)

@@ -51,6 +51,9 @@ CASES = {
                                                                    "torch.ops.fastdl.raise_for_test(1)"),
     "fastdl._C raises std::runtime_error, after CUDA init": (LOAD_C + "\n" + CUDA_INIT,
                                                              "torch.ops.fastdl.raise_for_test(2)"),
+    # caught inside fastdl._C (csrc/python.cpp's HANDLE_TH_ERRORS), not in libtorch_python
+    "fastdl._C's Python function raises, caught in fastdl._C": (
+        "import fastdl", "fastdl._C.softmax_eager(torch.randn(2, 3), 5, False)"),
 }
 
 

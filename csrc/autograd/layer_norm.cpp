@@ -5,6 +5,7 @@
 // the backward.
 #include <torch/library.h>
 
+#include "csrc/autograd/eager.h"
 #include "csrc/common/autograd.h"
 
 namespace fastdl {
@@ -90,6 +91,8 @@ struct NormRowsBackward : public torch::autograd::Node {
   }
 };
 
+}  // namespace
+
 // Eager entry of the native backends: x of any shape, normalised over its last
 // normalized_ndim dims. The reshapes to (rows, n) and back happen here, under autograd
 // (this is a CompositeImplicitAutograd kernel), so they are differentiable views; the
@@ -141,8 +144,6 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_eager(const at::Tensor& x, const O
   if (two_d) return {y, h};
   return {y.view(x.sizes()), residual.has_value() ? h.view(x.sizes()) : h};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fastdl, CompositeImplicitAutograd, m) { m.impl("layer_norm_eager", &layer_norm_eager); }
 

@@ -5,6 +5,7 @@
 // backward (a 4 x 8 fp32 softmax forward + backward on the CPU: see the commit).
 #include <torch/library.h>
 
+#include "csrc/autograd/eager.h"
 #include "csrc/common/autograd.h"
 
 namespace fastdl {
@@ -44,6 +45,8 @@ struct SoftmaxRowsBackward : public torch::autograd::Node {
   }
 };
 
+}  // namespace
+
 // Eager entry of the native backends: softmax of x along dim (in [0, x.dim()), or 0 for
 // a 0-d x). x becomes the (rows, cols) layout the kernels take, with dim last and
 // contiguous, and the result goes back to x's shape, contiguous, as torch.softmax returns
@@ -81,8 +84,6 @@ at::Tensor softmax_eager(const at::Tensor& x, int64_t dim, bool log) {
   moved_sizes.push_back(x.size(dim));
   return y.view(moved_sizes).movedim(-1, dim).contiguous();
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fastdl, CompositeImplicitAutograd, m) { m.impl("softmax_eager", &softmax_eager); }
 

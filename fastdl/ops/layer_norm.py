@@ -283,7 +283,7 @@ class _NormFunction(torch.autograd.Function):
 # x of any shape through the native op layer_norm_eager: the reshapes to rows and back, and
 # the autograd node (csrc/autograd/layer_norm.cpp) when a gradient is wanted, run in C++,
 # so no Python runs in the backward and a call costs less host time.
-_layer_norm_eager = _native.bare_op(torch.ops.fastdl.layer_norm_eager.default) if _native.LOADED else None
+_layer_norm_eager = _native.eager_entry("layer_norm_eager")
 
 
 # --- public API ------------------------------------------------------------------------

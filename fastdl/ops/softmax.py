@@ -121,7 +121,7 @@ class _SoftmaxFunction(torch.autograd.Function):
 
 
 # --- public API ------------------------------------------------------------------
-_softmax_eager = _native.bare_op(torch.ops.fastdl.softmax_eager.default) if _native.LOADED else None
+_softmax_eager = _native.eager_entry("softmax_eager")
 
 
 def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:

@@ -1,0 +1,21 @@
+// The eager entries of the native backends (csrc/autograd/softmax.cpp, layer_norm.cpp):
+// registered as torch.ops.fastdl.softmax_eager / layer_norm_eager, and called directly by
+// fastdl._C's Python functions of the same names (csrc/python.cpp).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastdl {
+
+// softmax / log_softmax of x along dim (in [0, x.dim()), or 0 for a 0-d x)
+at::Tensor softmax_eager(const at::Tensor& x, int64_t dim, bool log);
+
+// layer_norm / rms_norm of x (+ residual) over its last normalized_ndim dims -> (y, x + residual or empty)
+std::tuple<at::Tensor, at::Tensor> layer_norm_eager(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const std::optional<at::Tensor>& bias, int64_t normalized_ndim,
+                                                    double eps, bool rms);
+
+}  // namespace fastdl
