@@ -3,6 +3,7 @@ what is saved, a second backward through a freed graph and an in-place change of
 tensor are refused, a graph is freed with its outputs, and torch.autograd.grad of some of
 the inputs gives their gradients. The cpu / cuda backends record hand-written C++ nodes
 (csrc/autograd); triton / torch a Python autograd.Function."""
+import concurrent.futures
 import gc
 import weakref
 
@@ -138,3 +139,41 @@ def test_grad_of_some_inputs(case, op):
         for leaf, want in zip(_wanted(leaves), full):
             (got,) = torch.autograd.grad(_loss(OPS[op][0](*leaves)), leaf)
             assert torch.equal(got, want), f"{op}: grad of one input differs from the full backward's"
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_anomaly_mode(case, op):
+    """Under torch.autograd.detect_anomaly (which records each node's forward traceback, from
+    C++ with the GIL released on the native backends) the gradients are the same."""
+    backend, device = case
+    leaves = _leaves(device, op)
+    with fastdl.use_backend(backend):
+        want = torch.autograd.grad(_loss(OPS[op][0](*leaves)), _wanted(leaves))
+        with torch.autograd.detect_anomaly(check_nan=True):
+            got = torch.autograd.grad(_loss(OPS[op][0](*leaves)), _wanted(leaves))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w), f"{op}: gradient under anomaly mode"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_threads(case):
+    """Forward and backward from four Python threads at once (the native eager entries
+    release the GIL, as torch's ops do) give each thread the gradients it gets alone."""
+    backend, device = case
+    if backend == "triton" and device == "cpu":
+        pytest.skip("Triton's interpreter (CPU tensors) is not thread-safe; a GPU runs this case")
+    inputs = [[_leaves(device, op) for op in OPS] for _ in range(4)]
+
+    def step(leaves_of_each_op):
+        with fastdl.use_backend(backend):
+            return [torch.autograd.grad(_loss(OPS[op][0](*leaves)), _wanted(leaves))
+                    for op, leaves in zip(OPS, leaves_of_each_op)]
+
+    alone = [step(leaves) for leaves in inputs]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(step, inputs * 3))
+    for i, grads in enumerate(together):
+        for op_grads, op_alone in zip(grads, alone[i % 4]):
+            for g, w in zip(op_grads, op_alone):
+                assert torch.equal(g, w), "a thread's gradients changed when threads ran together"
