@@ -68,7 +68,7 @@ at::Tensor softmax_eager(const at::Tensor& x, int64_t dim, bool log) {
     const at::Tensor moved = dim == ndim - 1 ? x : x.movedim(dim, -1);
     rows = contiguous_rows(moved.reshape({count, x.size(dim)}));
   }
-  const at::Tensor y = forward_op().call(rows, log);
+  at::Tensor y = forward_op().call(rows, log);  // not const: older torch takes set_history(at::Tensor&, ...)
   if (at::GradMode::is_enabled() && x.requires_grad()) {  // record the backward, as torch's generated code does
     auto node = make_node<SoftmaxRowsBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(rows));
