@@ -94,10 +94,11 @@ struct NormRowsBackward : public torch::autograd::Node {
 }  // namespace
 
 // Eager entry of the native backends: x of any shape, normalised over its last
-// normalized_ndim dims. The reshapes to (rows, n) and back happen here, under autograd
-// (this is a CompositeImplicitAutograd kernel), so they are differentiable views; the
-// autograd node is recorded only when a gradient is wanted. Done in C++ rather than in
-// fastdl/ops/layer_norm.py: the Python reshapes and helpers cost ~3 us a call.
+// normalized_ndim dims. The reshapes to (rows, n) and back happen here, under autograd (a
+// CompositeImplicitAutograd kernel, or called by fastdl._C.layer_norm_eager: above autograd
+// either way), so they are differentiable views; the autograd node is recorded only when a
+// gradient is wanted. Done in C++ rather than in fastdl/ops/layer_norm.py: the Python
+// reshapes and helpers cost ~3 us a call.
 std::tuple<at::Tensor, at::Tensor> layer_norm_eager(const at::Tensor& x, const OptTensor& residual,
                                                     const OptTensor& weight, const OptTensor& bias,
                                                     int64_t normalized_ndim, double eps, bool rms) {

@@ -51,8 +51,9 @@ struct SoftmaxRowsBackward : public torch::autograd::Node {
 // a 0-d x). x becomes the (rows, cols) layout the kernels take, with dim last and
 // contiguous, and the result goes back to x's shape, contiguous, as torch.softmax returns
 // it (fastdl/ops/_common.py as_rows / from_rows do the same in Python). This is a
-// CompositeImplicitAutograd kernel, so those moves are recorded by autograd; the node
-// itself only when a gradient is wanted. In C++: as_rows / from_rows cost ~1 us a call in Python.
+// CompositeImplicitAutograd kernel (or called by fastdl._C.softmax_eager: above autograd
+// either way), so those moves are recorded by autograd; the node itself only when a
+// gradient is wanted. In C++: as_rows / from_rows cost ~1 us a call in Python.
 at::Tensor softmax_eager(const at::Tensor& x, int64_t dim, bool log) {
   const int64_t ndim = x.dim();
   TORCH_CHECK(0 <= dim && dim < std::max<int64_t>(ndim, 1), "fastdl.softmax: dim ", dim, " out of range");
