@@ -505,6 +505,25 @@ def test_norm_backward_shared_sums(runner, tmp_path, case, variant):
         assert torch.equal(result.outputs[name], off.outputs[name]), f"{name} differs from the partial-row sums"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_norm_backward_sizes_partial_rows_alike_every_call(runner, tmp_path, dtype):
+    """A process's first norm backward splits the rows into as many partial rows as later
+    calls do, so two runs sum dweight / dbias in the same order. At 8200 columns the loop
+    kernel keeps both sums in 64 KiB of shared memory: past 48 KiB a kernel has no resident
+    blocks until it opts in, which its first launch does (the emulator answers the occupancy
+    query as the driver does). The sizing takes the fewest blocks over every kernel variant
+    the launch may pick, and those not launched yet answer 0 (1 block an SM) before the
+    launch and after it alike."""
+    rows, cols = 13, 8200
+    inputs, _ = _norm_inputs((rows, cols), dtype, "add_layer_norm")
+    result, grads = _norm_backward(runner, tmp_path, inputs, False)
+    for name, ref in grads.items():
+        assert_close(result.outputs[name].view(ref.shape), ref, dtype if name == "dx" else torch.float32, name)
+    assert _shared_bytes(result.launches[0]) > 48 * 1024, result.launches
+    sizes = dict(line.split() for line in result.stdout.splitlines() if line.startswith("partial_rows"))
+    assert sizes["partial_rows"] == sizes["partial_rows_after"], sizes
+
+
 @pytest.mark.parametrize("layout", ["strided", "padded", "offset"])
 @pytest.mark.parametrize("cols", [7, 1000, 20000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

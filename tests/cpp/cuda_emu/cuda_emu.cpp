@@ -344,10 +344,18 @@ cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, 
 
 // Blocks an SM holds by thread count (2048 threads, 32 blocks an SM on sm_80/sm_90) and
 // by dynamic shared memory (an SM's is the block opt-in limit + 1 KiB, a block's its
-// shared_bytes + 1 KiB the runtime reserves, as on sm_80 / sm_90).
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int block_threads,
+// shared_bytes + 1 KiB the runtime reserves, as on sm_80 / sm_90). None for more dynamic
+// shared memory than the kernel may take (48 KiB until it opts in to more), as the driver
+// answers: it reads the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize.
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void* func, int block_threads,
                                                                    size_t shared_bytes, unsigned int) {
   if (block_threads < 1 || block_threads > 1024) return cudaErrorInvalidValue;
+  const auto& opted = fastdl_emu::emu().max_dynamic_shared;
+  const auto given = opted.find(func);
+  if (shared_bytes > std::max<size_t>(given != opted.end() ? given->second : 0, 48 * 1024)) {
+    *blocks = 0;
+    return cudaSuccess;
+  }
   *blocks = std::min(32, 2048 / block_threads);
   const size_t per_sm = static_cast<size_t>(fastdl_emu::shared_optin_bytes()) + 1024;
   if (shared_bytes > 0) *blocks = std::min<int>(*blocks, static_cast<int>(per_sm / (shared_bytes + 1024)));

@@ -185,6 +185,10 @@ void norm_backward(Run& run) {
                                        run.flag("rms"), nullptr),
         "norm_backward");
   check(cudaGetLastError(), "norm_backward (launch)");
+  // asked again after a launch (which may have opted a kernel in to more shared memory): a
+  // second call must size its partial rows, and so sum dweight / dbias, as the first did
+  check(fastdl::kernels::norm_backward_partial_rows(dtype, rows, cols, &partial_rows), "norm_backward_partial_rows");
+  std::printf("partial_rows_after %lld\n", static_cast<long long>(partial_rows));
 }
 
 }  // namespace
