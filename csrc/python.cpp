@@ -65,8 +65,9 @@ bool tensor_arg(PyObject* obj, at::Tensor* out) {
 
 bool optional_tensor_arg(PyObject* obj, std::optional<at::Tensor>* out) {
   if (obj == Py_None) return true;
-  if (!plain_tensor(obj)) return false;
-  *out = THPVariable_Unpack(obj);
+  at::Tensor t;
+  if (!tensor_arg(obj, &t)) return false;
+  *out = std::move(t);
   return true;
 }
 

@@ -401,9 +401,12 @@ def norm_forward(x, residual, weight, bias, eps: float, rms: bool):
     return y, h, mean, rstd
 
 
-def _backward_programs(n_rows: int, device: torch.device) -> int:
-    # the interpreter counts 2 SMs: few programs, so each walks several rows
-    return max(1, min(n_rows, PROGRAMS_PER_SM * sm_count(device)))
+def _backward_programs(n_rows: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rows_per_program) of the backward: up to PROGRAMS_PER_SM an SM, none
+    without rows (each program writes its partial rows whole). The interpreter counts 2
+    SMs: few programs, so each walks several rows."""
+    rows_per_program = max(1, cdiv(n_rows, max(1, min(n_rows, PROGRAMS_PER_SM * sm_count(device)))))
+    return max(1, cdiv(n_rows, rows_per_program)), rows_per_program
 
 
 def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
@@ -411,8 +414,7 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
     statistics' dtype (fp32; the caller casts it to the bias's)."""
     n_rows, n_cols = x.shape
     dx = empty_output((n_rows, n_cols), x.dtype, x.device)
-    rows_per_program = max(1, cdiv(n_rows, _backward_programs(n_rows, x.device)))
-    programs = max(1, cdiv(n_rows, rows_per_program))  # none without rows: each writes its partial row
+    programs, rows_per_program = _backward_programs(n_rows, x.device)
     acc_dtype = stats_dtype(x.dtype)
     # Every program writes its partial rows whole, and the kernels never read what they have
     # not written: a launch run again (Triton's autotuner times each choice on these
