@@ -18,6 +18,11 @@ DEV_REQS = $(TORCH_PIN) triton==3.6.0 "numpy<2.4" "setuptools>=70.1" wheel pytes
 # compile-check the torch-facing CUDA code (csrc/ops) without a GPU.
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_PIN ?= torch==2.14.1
+# The torch of the lent GPU machine's image (../shared/NOTES-ENV.md; downloaded, ~1 min):
+# the CUDA part is built against it too, so that a GPU's short loan is not spent on a build
+# that fails there.
+GPU_IMAGE_VENV ?= .venv-cuda-image
+GPU_IMAGE_TORCH_PIN ?= torch==2.11.0
 PYTEST_ARGS ?=
 
 .PHONY: test bench venv build check-cuda-build clean
@@ -35,15 +40,17 @@ build: venv
 
 test: build
 	FASTDL_CUDA_VENV=$(CUDA_VENV) FASTDL_CUDA_TORCH_PIN=$(CUDA_TORCH_PIN) \
+	  FASTDL_GPU_IMAGE_VENV=$(GPU_IMAGE_VENV) FASTDL_GPU_IMAGE_TORCH_PIN=$(GPU_IMAGE_TORCH_PIN) \
 	  $(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 bench: build
 	$(PY) -m fastdl.bench
 
-# Builds fastdl._C with its CUDA part against a CUDA torch, in a separate venv
-# (tests/test_build.py runs this too).
+# Builds fastdl._C with its CUDA part against a CUDA torch, in a separate venv, and
+# against the GPU image's torch (tests/test_build.py runs these too).
 check-cuda-build:
 	bash scripts/check_cuda_build.sh $(CUDA_VENV) $(CUDA_TORCH_PIN)
+	bash scripts/check_cuda_build.sh $(GPU_IMAGE_VENV) $(GPU_IMAGE_TORCH_PIN) cuda-only
 
 clean:
 	rm -rf build fastdl/_C*.so *.egg-info

@@ -2,16 +2,18 @@
 # Compile-check the CUDA part of fastdl._C on a machine without a GPU.
 #
 # Builds fastdl._C against a CUDA build of torch installed in a separate venv, in build
-# folders of its own (the CPU build in fastdl/ is left alone): first CPU-only with no CUDA
-# toolkit in sight, then with FASTDL_BUILD_CUDA=ON (kernels/ + csrc/ops); loads each and
-# checks what it registers. Nothing runs on a GPU.
+# folders of that venv's own (the CPU build in fastdl/ is left alone): first CPU-only with
+# no CUDA toolkit in sight (`cuda-only` leaves this one out), then with FASTDL_BUILD_CUDA=ON
+# (kernels/ + csrc/ops); loads each and checks what it registers. Nothing runs on a GPU.
 #
-#   scripts/check_cuda_build.sh [VENV=.venv-cuda] [TORCH_PIN=torch==2.14.1]
+#   scripts/check_cuda_build.sh [VENV=.venv-cuda] [TORCH_PIN=torch==2.14.1] [cuda-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv-cuda}
 pin=${2:-torch==2.14.1}
-build=build/cuda-check
+parts=${3:-both}
+tag=$(basename "$venv")
+build=build/cuda-check/$tag
 mkdir -p "$build"
 
 cuda_home=${CUDA_HOME:-/usr/local/cuda}
@@ -44,13 +46,14 @@ PY
 # PATH, no CUDA_HOME): a pip-installed torch on a machine with only the GPU driver, or
 # FASTDL_BUILD_CUDA=0. torch's CMake config would insist on the toolkit; CMakeLists.txt
 # does without it there.
-cpu_build=build/cuda-torch-cpu-only
-mkdir -p "$cpu_build"
-env -u CUDA_HOME -u CUDA_PATH -u CUDACXX -u CUDAToolkit_ROOT PATH="$(dirname "$py"):/usr/bin:/bin" \
-  cmake -S . -B "$cpu_build" -GNinja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$py" -DFASTDL_BUILD_CUDA=OFF \
-  >"$cpu_build/configure.log" 2>&1 || { cat "$cpu_build/configure.log"; exit 1; }
-env PATH="$(dirname "$py"):/usr/bin:/bin" cmake --build "$cpu_build" -j "$(nproc)"
-"$py" - "$(ls "$cpu_build"/_C.*.so)" <<'PY'
+if [ "$parts" != cuda-only ]; then
+  cpu_build=build/cuda-torch-cpu-only/$tag
+  mkdir -p "$cpu_build"
+  env -u CUDA_HOME -u CUDA_PATH -u CUDACXX -u CUDAToolkit_ROOT PATH="$(dirname "$py"):/usr/bin:/bin" \
+    cmake -S . -B "$cpu_build" -GNinja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$py" -DFASTDL_BUILD_CUDA=OFF \
+    >"$cpu_build/configure.log" 2>&1 || { cat "$cpu_build/configure.log"; exit 1; }
+  env PATH="$(dirname "$py"):/usr/bin:/bin" cmake --build "$cpu_build" -j "$(nproc)"
+  "$py" - "$(ls "$cpu_build"/_C.*.so)" <<'PY'
 import sys, torch
 torch.ops.load_library(sys.argv[1])
 assert not torch.ops.fastdl.native_built_with_cuda(), "the CPU-only build has CUDA"
@@ -59,6 +62,7 @@ assert torch.allclose(torch.ops.fastdl.softmax_rows_forward(x, False), torch.sof
 print(f"check_cuda_build: CPU-only build against torch {torch.__version__} (CUDA {torch.version.cuda}), "
       "no CUDA toolkit: loads and runs")
 PY
+fi
 
 export PATH="$(dirname "$py"):$cuda_home/bin:$PATH"
 export CUDA_HOME="$cuda_home" CUDAToolkit_ROOT="$cuda_home"

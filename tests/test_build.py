@@ -10,7 +10,8 @@
   (tests/triton_compile_check.py);
 * the torch-facing CUDA code (csrc/ops) compiles and links against a CUDA build of
   torch, and the CPU-only build against it needs no CUDA toolkit
-  (scripts/check_cuda_build.sh; `make test` provides the environment); a CUDA build that
+  (scripts/check_cuda_build.sh; `make test` provides the environment); the CUDA part
+  builds against the GPU machine's torch (2.11) too; a CUDA build that
   fails without having been asked for leaves setup.py with the CPU part;
 * the CPU extension was built and loads;
 * the CPU kernels built for the ISA levels this machine would not pick (x86-64-v3, the
@@ -137,18 +138,32 @@ def test_triton_kernels_compile_for_sm90():
     assert re.search(r"compiled [1-9]\d* Triton kernel variants", result.stdout), result.stdout
 
 
-def test_cuda_part_builds_against_cuda_torch():
-    venv = os.environ.get("FASTDL_CUDA_VENV")
-    pin = os.environ.get("FASTDL_CUDA_TORCH_PIN", "torch==2.14.1")
-    _require(venv, "FASTDL_CUDA_VENV (set by `make test`)")
+def _check_cuda_build(venv_var: str, pin_var: str, *parts: str) -> str:
+    """scripts/check_cuda_build.sh with the venv and torch pin `make test` sets in the two
+    variables; its stdout, once it has built the CUDA part and found its kernels registered."""
+    venv, pin = os.environ.get(venv_var), os.environ.get(pin_var)
+    _require(venv and pin, f"{venv_var} and {pin_var} (set by `make test`)")
     _require(_nvcc(), "nvcc")
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "check_cuda_build.sh"), venv, pin],
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "check_cuda_build.sh"), venv, pin, *parts],
                             capture_output=True, text=True, cwd=ROOT)
     # pip's notes about unreachable index folders would bury the real error
     log = "\n".join(l for l in (result.stdout + result.stderr).splitlines() if not l.startswith("WARNING: Location"))
     assert result.returncode == 0, log[-8000:]
-    assert "no CUDA toolkit: loads and runs" in result.stdout  # the CPU-only build, against the same torch
+    assert f"built against torch {pin.split('==')[-1]}" in result.stdout, log[-8000:]
     assert "CUDA kernels registered" in result.stdout
+    return result.stdout
+
+
+def test_cuda_part_builds_against_cuda_torch():
+    out = _check_cuda_build("FASTDL_CUDA_VENV", "FASTDL_CUDA_TORCH_PIN")
+    assert "no CUDA toolkit: loads and runs" in out  # the CPU-only build, against the same torch
+
+
+def test_cuda_part_builds_against_the_gpu_image_torch():
+    """The same build against the torch of the lent GPU machine's image (2.11 there), which
+    differs from the dev machine's in what the C++ autograd code meets: its graph nodes
+    are held in std::shared_ptr, not c10::intrusive_ptr (csrc/common/autograd.h)."""
+    _check_cuda_build("FASTDL_GPU_IMAGE_VENV", "FASTDL_GPU_IMAGE_TORCH_PIN", "cuda-only")
 
 
 def _copy_sources(dest: Path) -> Path:

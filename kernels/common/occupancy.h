@@ -1,0 +1,68 @@
+// A kernel's shared memory opt-in and its resident blocks, each asked of the runtime once
+// per (kernel, device, ...) and remembered. Host code only; no torch here.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+
+namespace fastdl::kernels {
+
+// Dynamic shared memory any kernel may take; more needs the kernel's opt-in
+// (cudaFuncAttributeMaxDynamicSharedMemorySize), up to the device's opt-in limit.
+constexpr size_t kDefaultDynamicShared = 48 * 1024;
+
+// Lets `kernel` take `bytes` of dynamic shared memory on the current device. Called again
+// only for more than it was given before: cudaFuncSetAttribute waits on the runtime's
+// copies in flight (oneapi-src/unified-runtime#2678 measured that), so not at every launch.
+// (bytes plus the kernel's static shared memory must stay within the device's opt-in limit.)
+inline cudaError_t opt_in_shared_memory(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> given;  // (kernel, device) -> bytes
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& allowed = given[{kernel, device}];
+  if (bytes <= allowed) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err == cudaSuccess) allowed = bytes;
+  return err;
+}
+
+// Blocks of `kernel` an SM holds at once with `threads` threads and `shared_bytes` of
+// dynamic shared memory, on the current device. The kernel is opted in to shared_bytes
+// first, as its launch would be: the runtime answers 0 for a kernel that has not opted in
+// to what it asks, so without this the answer would depend on which kernels earlier calls
+// happened to launch (and a size derived from it, such as the order of a sum, would change
+// within a process). Asked once per (kernel, device, threads, shared_bytes): the answer
+// holds for the process, and the query costs host time on every call otherwise.
+inline cudaError_t resident_blocks(const void* kernel, int threads, size_t shared_bytes, int* blocks) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, size_t>, int> known;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const auto key = std::make_tuple(kernel, device, threads, shared_bytes);
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = known.find(key);
+    if (found != known.end()) {
+      *blocks = found->second;
+      return cudaSuccess;
+    }
+  }
+  if (shared_bytes > kDefaultDynamicShared) err = opt_in_shared_memory(kernel, shared_bytes);
+  int answer = 0;
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&answer, kernel, threads, shared_bytes);
+  if (err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(mutex);
+  known[key] = answer;
+  *blocks = answer;
+  return cudaSuccess;
+}
+
+}  // namespace fastdl::kernels
