@@ -36,12 +36,11 @@
 // spills accepted: norm_forward_loop_kernelId: fp64 sqrt slow path on sm_80
 #include <algorithm>
 #include <climits>
-#include <map>
-#include <mutex>
 #include <type_traits>
 #include <utility>
 
 #include "common/env.h"
+#include "common/occupancy.h"
 #include "common/reduce.cuh"
 #include "common/row_tile.cuh"
 #include "layer_norm.h"
@@ -491,24 +490,6 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
   return cudaGetLastError();
 }
 
-// Lets `kernel` take `bytes` of dynamic shared memory on the current device. Called again
-// only for more than it was given before: cudaFuncSetAttribute waits on the runtime's
-// copies in flight (oneapi-src/unified-runtime#2678 measured that), so not at every launch.
-// (bytes plus the kernel's static shared memory must stay within the device's opt-in limit.)
-inline cudaError_t opt_in_shared_memory(const void* kernel, size_t bytes) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, size_t> given;  // (kernel, device) -> bytes
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const std::lock_guard<std::mutex> lock(mutex);
-  size_t& allowed = given[{kernel, device}];
-  if (bytes <= allowed) return cudaSuccess;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (err == cudaSuccess) allowed = bytes;
-  return err;
-}
-
 // The dynamic shared memory norm_backward_loop_kernel takes to keep `sums` (0-2) running
 // sums of a row of `cols` in A there: 0 (the partial rows instead) when they do not fit in
 // what a block may opt in to, or when FASTDL_CUDA_NORM_SHARED_SUMS is 0.
@@ -561,7 +542,9 @@ template <typename T, typename W, typename F> cudaError_t with_backward_kernels(
 // the reduce then reads: FASTDL_CUDA_NORM_BLOCKS_PER_SM (at least 1) sets the blocks per SM
 // instead, to weigh that traffic against parallelism. Where two kernels may run (the loop
 // kernel's two variants: which one depends on pointers not known here), the fewer blocks.
-// Asked of the kernels with parameters in T and in A alike (the caller does not say which).
+// Asked of the kernels with parameters in T and in A alike (the caller does not say which),
+// each as it would launch (resident_blocks opts it in to its shared memory first), so the
+// answer, and with it the order dweight / dbias are summed in, is the same at every call.
 template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, int64_t* blocks) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -572,7 +555,8 @@ template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, in
     int64_t per_sm = 0;
     if (!env_knob("FASTDL_CUDA_NORM_BLOCKS_PER_SM", 1, 1 << 16, &per_sm)) {
       int resident = 0;
-      const cudaError_t query = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, shared_bytes);
+      const auto* function = reinterpret_cast<const void*>(kernel);
+      const cudaError_t query = resident_blocks(function, threads, shared_bytes, &resident);
       if (err == cudaSuccess) err = query;
       per_sm = std::max(resident, 1);
     }
@@ -627,7 +611,7 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
       with_shared_sums(shared_bytes, [&](auto shared) {
         constexpr int kVec = decltype(vec)::value;
         constexpr bool kShared = decltype(shared)::value;
-        if (shared_bytes > 48 * 1024)  // past 48 KiB a kernel opts in
+        if (shared_bytes > kDefaultDynamicShared)
           err = opt_in_shared_memory(reinterpret_cast<const void*>(norm_backward_loop_kernel<T, W, kVec, kShared>),
                                      shared_bytes);
         if (err != cudaSuccess) return;

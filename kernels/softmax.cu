@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "common/env.h"
+#include "common/occupancy.h"
 #include "common/reduce.cuh"
 #include "common/row_tile.cuh"
 #include "softmax.h"
@@ -380,8 +381,8 @@ struct Split {
 template <typename T> cudaError_t split_blocks_per_sm(int64_t* per_sm) {
   if (env_knob("FASTDL_CUDA_SPLIT_PER_SM", 0, 1 << 20, per_sm)) return cudaSuccess;
   int resident = 0;
-  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &resident, softmax_forward_chunk_stats_kernel<T, Vec<T>::kSize>, kBlockThreads, 0);
+  const cudaError_t err = resident_blocks(
+      reinterpret_cast<const void*>(softmax_forward_chunk_stats_kernel<T, Vec<T>::kSize>), kBlockThreads, 0, &resident);
   *per_sm = std::max(resident, 1);
   return err;
 }

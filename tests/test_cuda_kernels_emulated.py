@@ -510,18 +510,22 @@ def test_norm_backward_sizes_partial_rows_alike_every_call(runner, tmp_path, dty
     """A process's first norm backward splits the rows into as many partial rows as later
     calls do, so two runs sum dweight / dbias in the same order. At 8200 columns the loop
     kernel keeps both sums in 64 KiB of shared memory: past 48 KiB a kernel has no resident
-    blocks until it opts in, which its first launch does (the emulator answers the occupancy
-    query as the driver does). The sizing takes the fewest blocks over every kernel variant
-    the launch may pick, and those not launched yet answer 0 (1 block an SM) before the
-    launch and after it alike."""
+    blocks until it opts in (the emulator answers the occupancy query as the driver does).
+    The sizing asks every kernel variant the launch may pick as it would launch, opted in,
+    whether or not it has been launched: the device's true blocks (here 2 an SM, by threads),
+    not 1 an SM before some launch and more after. Each query is made once a process."""
     rows, cols = 13, 8200
     inputs, _ = _norm_inputs((rows, cols), dtype, "add_layer_norm")
     result, grads = _norm_backward(runner, tmp_path, inputs, False)
     for name, ref in grads.items():
         assert_close(result.outputs[name].view(ref.shape), ref, dtype if name == "dx" else torch.float32, name)
-    assert _shared_bytes(result.launches[0]) > 48 * 1024, result.launches
-    sizes = dict(line.split() for line in result.stdout.splitlines() if line.startswith("partial_rows"))
+    shared = _shared_bytes(result.launches[0])
+    assert shared > 48 * 1024, result.launches
+    sizes = dict(line.split() for line in result.stdout.splitlines() if line.startswith(("partial_rows", "occupancy")))
+    resident = min(2048 // 1024, (232448 + 1024) // (shared + 1024))  # 1024-thread blocks an SM of sm_90's
+    assert int(sizes["partial_rows"]) == min(rows, 4 * resident), sizes
     assert sizes["partial_rows"] == sizes["partial_rows_after"], sizes
+    assert int(sizes["occupancy_queries"]) > 0 and sizes["occupancy_queries_after"] == sizes["occupancy_queries"], sizes
 
 
 @pytest.mark.parametrize("layout", ["strided", "padded", "offset"])

@@ -60,6 +60,7 @@ struct Emulator {
   uint64_t dynamic_poisoned_in = 0;
   // cudaFuncAttributeMaxDynamicSharedMemorySize set for each kernel
   std::map<const void*, int> max_dynamic_shared;
+  int occupancy_queries = 0;
 };
 
 // Shared memory a block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin): sm_90's
@@ -293,6 +294,8 @@ void run_grid(const char* kernel_name, const void* kernel, const LaunchConfig& c
 
 const std::vector<std::string>& launches() { return emu().launches; }
 
+int occupancy_queries() { return emu().occupancy_queries; }
+
 }  // namespace fastdl_emu
 
 // ---------------------------------------------------------------------------------
@@ -349,6 +352,7 @@ cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, 
 // answers: it reads the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize.
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void* func, int block_threads,
                                                                    size_t shared_bytes, unsigned int) {
+  ++fastdl_emu::emu().occupancy_queries;
   if (block_threads < 1 || block_threads > 1024) return cudaErrorInvalidValue;
   const auto& opted = fastdl_emu::emu().max_dynamic_shared;
   const auto given = opted.find(func);

@@ -97,6 +97,9 @@ void launch(const char* kernel_name, void (*kernel)(Params...), const LaunchConf
 // (shared: its dynamic shared memory, when it has some).
 const std::vector<std::string>& launches();
 
+// cudaOccupancyMaxActiveBlocksPerMultiprocessor calls so far.
+int occupancy_queries();
+
 }  // namespace fastdl_emu
 
 inline void __syncthreads() { fastdl_emu::syncthreads(); }

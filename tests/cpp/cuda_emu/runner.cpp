@@ -175,6 +175,7 @@ void norm_backward(Run& run) {
   int64_t partial_rows = 0;
   check(fastdl::kernels::norm_backward_partial_rows(dtype, rows, cols, &partial_rows), "norm_backward_partial_rows");
   std::printf("partial_rows %lld\n", static_cast<long long>(partial_rows));
+  std::printf("occupancy_queries %d\n", fastdl_emu::occupancy_queries());
   void* dweight_partial = run.ptr("dweight") ? run.make("dweight_partial", partial_rows * cols * acc, 0).data : nullptr;
   void* dbias_partial = run.ptr("dbias") ? run.make("dbias_partial", partial_rows * cols * acc, 0).data : nullptr;
   check(fastdl::kernels::norm_backward(dtype, param_dtype(run, dtype), run.ptr("dy"), run.ptr("dsum"),
@@ -189,6 +190,7 @@ void norm_backward(Run& run) {
   // second call must size its partial rows, and so sum dweight / dbias, as the first did
   check(fastdl::kernels::norm_backward_partial_rows(dtype, rows, cols, &partial_rows), "norm_backward_partial_rows");
   std::printf("partial_rows_after %lld\n", static_cast<long long>(partial_rows));
+  std::printf("occupancy_queries_after %d\n", fastdl_emu::occupancy_queries());
 }
 
 }  // namespace
