@@ -1,8 +1,13 @@
 """fastdl.patch: swap torch.nn modules in a live model, weights and optimizer kept."""
+import copy
+import io
+import warnings
+
 import pytest
 import torch
 
 import fastdl
+from conftest import assert_close, backend_cases, case_id
 
 
 class Classifier(torch.nn.Module):
@@ -146,6 +151,86 @@ def test_torch_export_records_fastdl_ops():
     assert {"fastdl.norm.default", "fastdl.softmax.default"} <= targets, targets
     y = torch.randn(5, 8)
     torch.testing.assert_close(exported.module()(y), model(y), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", backend_cases(), ids=case_id)
+def test_torch_jit_trace_records_fastdl_ops(case):
+    """torch.jit.trace of a patched model records fastdl's custom ops (fastdl::norm,
+    fastdl::softmax), as torch.export does, not the row kernels beneath them: the traced
+    module computes and differentiates as the model does (input and parameter gradients
+    against float64 torch), on another batch size, and comes back from torch.jit.save / load.
+    The argument checks read no traced sizes (no TracerWarning). Before, the trace held the
+    native row ops, which have no autograd: the traced module's gradients were silently None."""
+    backend, device = case
+    torch.manual_seed(0)
+    model = fastdl.patch(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.ReLU(),
+                                             torch.nn.Linear(16, 4), torch.nn.RMSNorm(4, eps=1e-6),
+                                             torch.nn.LogSoftmax(-1))).to(device)
+    reference = fastdl.unpatch(copy.deepcopy(model)).double()
+    with fastdl.use_backend(backend), warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, (torch.randn(3, 8, device=device),))
+        kinds = [node.kind() for node in traced.inlined_graph.nodes()]
+        assert kinds.count("fastdl::norm") == 2 and kinds.count("fastdl::softmax") == 1, kinds
+        x = torch.randn(5, 8, device=device, requires_grad=True)
+        out = traced(x)
+        dy = torch.randn_like(out)
+        out.backward(dy)
+        x64 = x.detach().double().requires_grad_()
+        reference(x64).backward(dy.double())
+        assert_close(out, reference(x64), torch.float32, "output")
+        assert_close(x.grad, x64.grad, torch.float32, "dx")
+        for (name, param), param64 in zip(model.named_parameters(), reference.parameters()):
+            assert_close(param.grad, param64.grad, torch.float32, f"{name}'s gradient")
+        saved = io.BytesIO()
+        torch.jit.save(traced, saved)
+        saved.seek(0)
+        torch.testing.assert_close(torch.jit.load(saved)(x), out, rtol=0, atol=0)
+
+
+class _FusedBlock(torch.nn.Module):
+    """A pre-norm block on fastdl's fused modules and ops, for the FX test."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.linear = torch.nn.Linear(d, d)
+        self.add_norm, self.add_rms = fastdl.nn.AddLayerNorm(d), fastdl.nn.AddRMSNorm(d, eps=1e-6)
+
+    def forward(self, x):
+        h, y = self.add_norm(self.linear(x), x)
+        h2, y2 = self.add_rms(y, h)
+        return fastdl.ops.log_softmax(y2 + h2, -1, dtype=torch.float64).float() + fastdl.ops.rms_norm(x, x.shape[-1:])
+
+
+@pytest.mark.parametrize("case", backend_cases(), ids=case_id)
+def test_torch_fx_symbolic_trace_records_fastdl_ops(case):
+    """torch.fx.symbolic_trace of a patched model (what torchvision's feature extraction and
+    FX passes run) records each fastdl op as one call_function node, as FX records torch's
+    own functions, with the arguments it was given: the graph module computes and
+    differentiates bit for bit as the model does, and pickles. Before, the first fastdl op
+    refused FX's Proxy ("must be a torch.Tensor")."""
+    import pickle
+
+    backend, device = case
+    torch.manual_seed(0)
+    model = fastdl.patch(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.ReLU(),
+                                             _FusedBlock(16), torch.nn.Linear(16, 4), torch.nn.Softmax(-1))).to(device)
+    with fastdl.use_backend(backend):
+        graph_module = torch.fx.symbolic_trace(model)
+        targets = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
+        ops = fastdl.ops
+        for fn in (ops.layer_norm, ops.add_layer_norm, ops.add_rms_norm, ops.log_softmax, ops.rms_norm, ops.softmax):
+            assert targets.count(fn) == 1, (fn.__name__, targets)
+        x = torch.randn(5, 8, device=device, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        out, expected = graph_module(x), model(x2)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        dy = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [x, *model.parameters()], dy)
+        expected_grads = torch.autograd.grad(expected, [x2, *model.parameters()], dy)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(pickle.loads(pickle.dumps(graph_module))(x), out, rtol=0, atol=0)
 
 
 def test_patched_model_copies_and_pickles():

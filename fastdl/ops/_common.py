@@ -1,11 +1,13 @@
 """Input checks and layout helpers shared by fastdl.ops."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
 import torch
 import torch.autograd.forward_ad as forward_ad
+import torch.fx
 import torch.nn.functional as F
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -94,7 +96,33 @@ _AUTOCAST_PROBES = {
 # torch's state tests that the eager paths make on every call, bound once
 autocast_on = torch._C._is_any_autocast_enabled
 compiling = torch.compiler.is_compiling
+tracing = torch._C._is_tracing  # torch.jit.trace recording
 _transforms_on = torch._C._are_functorch_transforms_active  # torch.func.grad / vmap / jacrev / jvp ...
+
+
+def record_fx_call(fn, args: tuple, kwargs: dict):
+    """When torch.fx.symbolic_trace is tracing (an argument is an fx.Proxy): the call of
+    fastdl.ops' `fn` recorded as one node of the graph, as FX records torch's own functions
+    (the graph module then calls fn with tensors); else None. Only calls whose tensors are
+    not all tensors ask (host time counts)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.fx.Proxy):
+            return value.tracer.create_proxy("call_function", fn, args, kwargs)
+    return None
+
+
+@contextlib.contextmanager
+def untraced():
+    """Suspends torch.jit.trace's recording. While it records, a tensor's sizes read in
+    Python are traced 0-d tensors, so an argument check comparing them with ints warns
+    (TracerWarning) and would record size ops the graph does not need; the checks run
+    untraced instead, and the op itself (a torch.library custom op) is recorded."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 def composite_only() -> bool:

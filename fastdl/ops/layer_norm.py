@@ -23,7 +23,7 @@ from torch import Tensor
 from fastdl import _native, backends
 from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, autocast_dtype, check_float, check_same, check_tensor, compiling, \
-    composite_only
+    composite_only, record_fx_call, tracing, untraced
 
 # the backend table's names: layer_norm (and the fused add), rms_norm (and its fused add)
 OP, RMS_OP = "layer_norm", "rms_norm"
@@ -309,7 +309,8 @@ def _check_param(op, name, param, shape, x):
         raise ValueError(f"fastdl.{op}: {name} is on {param.device} but x is on {x.device}; expected one device")
 
 
-def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
+def _check_args(op, x, residual, normalized_shape, weight, bias):
+    """-> normalized_shape as a tuple, once every argument is checked."""
     if not isinstance(x, Tensor) or x.dtype not in FLOAT_DTYPES:
         check_tensor(op, "x", x)
         check_float(op, "x", x)
@@ -325,6 +326,32 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
         _check_param(op, "weight", weight, shape, x)
     if bias is not None:
         _check_param(op, "bias", bias, shape, x)
+    return shape
+
+
+def _fx_node(op, x, residual, normalized_shape, weight, bias, eps):
+    """Under torch.fx.symbolic_trace: the public op's call recorded as a graph node, its
+    arguments as the op takes them; else None."""
+    if op.endswith("rms_norm"):
+        args = (normalized_shape, weight, eps)
+    else:
+        args = (normalized_shape, weight, bias, eps)
+    return record_fx_call(_PUBLIC_OPS[op], (x, residual, *args) if op.startswith("add_") else (x, *args), {})
+
+
+def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
+    if type(x) is not Tensor and (node := _fx_node(op, x, residual, normalized_shape, weight, bias, eps)) is not None:
+        return node
+    # torch.compile and torch.jit.trace record the custom op; under torch.jit.trace the
+    # checks run untraced. (Dynamo cannot call tracing(), hence compiling() first.)
+    compiled = compiling()
+    traced = not compiled and tracing()
+    if traced:
+        with untraced():
+            shape = _check_args(op, x, residual, normalized_shape, weight, bias)
+    else:
+        shape = _check_args(op, x, residual, normalized_shape, weight, bias)
+    ndim = len(shape)
     if (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)) is not None:
         # as torch under autocast: every operand in the dtype torch computes in
         x, residual, weight, bias = (t.to(cast) if t is not None else None for t in (x, residual, weight, bias))
@@ -333,7 +360,7 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
     eps = float(eps)
     if composite_only():  # torch.func.grad / vmap / jacrev ..., or forward AD
         y, h = _torch_forward(x, residual, weight, bias, eps, rms, ndim)[:2]
-    elif compiling():
+    elif compiled or traced:
         y, h = torch.ops.fastdl.norm(x, residual, weight, bias, ndim, eps, rms)[:2]
     elif (backend := backends.resolve(RMS_OP if rms else OP, x)) in backends.NATIVE:
         y, h = _layer_norm_eager(x, residual, weight, bias, ndim, eps, rms)
@@ -368,3 +395,7 @@ def add_rms_norm(x: Tensor, residual: Tensor, normalized_shape, weight: Tensor |
                  eps: float | None = None) -> tuple[Tensor, Tensor]:
     """(x + residual, rms_norm(x + residual)) in one pass over memory."""
     return _norm("add_rms_norm", x, residual, normalized_shape, weight, None, eps, rms=True)
+
+
+_PUBLIC_OPS = {"layer_norm": layer_norm, "rms_norm": rms_norm, "add_layer_norm": add_layer_norm,
+               "add_rms_norm": add_rms_norm}

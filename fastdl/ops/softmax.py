@@ -26,7 +26,7 @@ from fastdl import _native, backends
 from fastdl import reference as R
 from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, as_rows, autocast_dtype, autocast_on, check_float, check_same, \
-    check_tensor, compiling, composite_only, from_rows, normalize_dim
+    check_tensor, compiling, composite_only, from_rows, normalize_dim, record_fx_call, tracing
 
 backends.register_dtypes("softmax", {b: FLOAT_DTYPES for b in backends.BACKENDS})
 
@@ -129,10 +129,13 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
     # transform or compile, on a native backend. Host time counts: the steps below cost
     # ~1 us more a call for the same result.
     if (dtype is None and type(x) is Tensor and x.dtype in FLOAT_DTYPES and type(dim) is int and not autocast_on()
-            and not composite_only() and not compiling()):
+            and not composite_only() and not compiling() and not tracing()):
         ndim = x.dim()
         if -ndim <= dim < ndim and backends.resolve("softmax", x) in backends.NATIVE:
             return _softmax_eager(x, dim % ndim, log)
+    if type(x) is not Tensor and (node := record_fx_call(log_softmax if log else softmax, (x, dim),
+                                                         {"dtype": dtype})) is not None:
+        return node  # torch.fx.symbolic_trace: the call as a graph node
     check_tensor(op, "x", x)
     if dtype is not None:
         x = x.to(dtype)  # as torch: cast first, then compute in dtype
@@ -144,7 +147,9 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
         # torch.func.grad / vmap / jacrev ... or forward AD: their tensors go through neither kind
         # of autograd node here; torch's own op composes with every transform
         return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
-    if compiling():
+    # torch.compile, torch.jit.trace: the custom op, which they record (compiling() first:
+    # dynamo cannot call tracing())
+    if compiling() or tracing():
         return torch.ops.fastdl.softmax(x, dim, log)
     backend = backends.resolve("softmax", x)
     if backend in backends.NATIVE:
