@@ -209,6 +209,9 @@ def resolve(op: str, t: torch.Tensor) -> str:
     # t.is_cuda / t.is_cpu: a tenth of the cost of t.device.type, on every call; the
     # choice as get_backend() finds it, less a call (_resolve_cached checks the name)
     device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
+    if t.is_nested:  # the modules then fall back to torch's, which takes them
+        raise BackendUnavailableError(f"fastdl.{op}: x is a nested tensor (torch.nested), which no fastdl backend "
+                                      "runs; torch's own op takes it")
     choice = _scoped_choice.get() or _global_choice or _env_choice or "auto"
     backend, error = _resolve_cached(op, device_type, t.dtype, choice)
     if error is not None:

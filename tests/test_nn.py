@@ -65,6 +65,35 @@ def test_strict_raises(monkeypatch):
             fastdl.nn.LogSoftmax(-1)(x)
 
 
+@pytest.mark.parametrize("layout", ["strided", "jagged"])
+def test_nested_tensors_fall_back_to_torch(monkeypatch, layout):
+    """A nested tensor (torch.nested), which no fastdl backend runs: fastdl.ops refuse it by
+    name (BackendUnavailableError), so the modules fall back to torch's forward, with its
+    result. (Before, the native ops failed inside torch: "Given dimension 1 is irregular",
+    "NestedTensor does not support directly calling torch.ops.aten.size".) Each module is
+    one torch takes in that layout."""
+    monkeypatch.setattr(_fallback, "_warned", set())
+    monkeypatch.delenv("FASTDL_STRICT", raising=False)
+    torch.manual_seed(0)
+    layout_arg = {"layout": torch.jagged} if layout == "jagged" else {}
+    x = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)], **layout_arg)
+    ops = [lambda t: fastdl.ops.softmax(t, -1), lambda t: fastdl.ops.log_softmax(t, -1),
+           lambda t: fastdl.ops.layer_norm(t, 8), lambda t: fastdl.ops.rms_norm(t, 8),
+           lambda t: fastdl.ops.add_layer_norm(t, t, 8)]
+    for op in ops:
+        with pytest.raises(fastdl.BackendUnavailableError, match=r"fastdl\.\w+: x is a nested tensor"):
+            op(x)
+    pairs = [(torch.nn.LayerNorm(8), fastdl.nn.LayerNorm(8)), (torch.nn.Softmax(-1), fastdl.nn.Softmax(-1))]
+    if layout == "jagged":  # torch takes these only in the jagged layout
+        pairs += [(torch.nn.RMSNorm(8), fastdl.nn.RMSNorm(8)), (torch.nn.LogSoftmax(-1), fastdl.nn.LogSoftmax(-1))]
+    for theirs, ours in pairs:
+        ours.load_state_dict(theirs.state_dict())
+        with pytest.warns(UserWarning, match="falling back to torch"):
+            out = ours(x)
+        for got, want in zip(out.unbind(), theirs(x).unbind()):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_bad_input_error_names_op():
     with pytest.raises(TypeError, match=r"fastdl\.softmax: argument x must be a floating-point tensor"):
         fastdl.nn.Softmax(-1)(torch.arange(4))
