@@ -3,6 +3,7 @@
 //
 //   fastdl._C.softmax_eager(x, dim, log)
 //   fastdl._C.layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms)
+//   fastdl._C.layer_norm_checked(x, residual, normalized_shape, weight, bias, eps, rms)
 //
 // which fastdl/ops call on every eager cpu / cuda call. They run the same C++ functions as
 // torch.ops.fastdl.softmax_eager / layer_norm_eager (csrc/autograd/eager.h), without the
@@ -13,7 +14,9 @@
 // They take plain tensors: torch.Tensor, or torch.nn.Parameter, whose __torch_function__ is
 // disabled. Any other argument (a tensor subclass, which may override __torch_function__
 // or __torch_dispatch__, a value of another type), or a TorchFunctionMode in force, goes
-// to the torch.ops op, which does all that torch does for such calls.
+// to the torch.ops op, which does all that torch does for such calls. layer_norm_checked
+// (a public norm call, its arguments checked here) answers NotImplemented instead, and
+// fastdl.ops take the call through Python.
 #include <Python.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/Exceptions.h>
@@ -90,6 +93,16 @@ bool float_arg(PyObject* obj, double* out) {
   return true;
 }
 
+// A new tuple (first, second) of Python tensors, or nullptr with a Python error set.
+PyObject* tensor_pair(at::Tensor first, at::Tensor second) {
+  PyObject* first_py = THPVariable_Wrap(std::move(first));
+  PyObject* second_py = first_py != nullptr ? THPVariable_Wrap(std::move(second)) : nullptr;
+  PyObject* pair = second_py != nullptr ? PyTuple_Pack(2, first_py, second_py) : nullptr;
+  Py_XDECREF(first_py);
+  Py_XDECREF(second_py);
+  return pair;
+}
+
 PyObject* softmax_eager_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   static PyObject* fallback = nullptr;
@@ -128,12 +141,85 @@ PyObject* layer_norm_eager_py(PyObject*, PyObject* const* args, Py_ssize_t nargs
     pybind11::gil_scoped_release no_gil;
     std::tie(y, h) = layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms);
   }
-  PyObject* y_py = THPVariable_Wrap(std::move(y));
-  PyObject* h_py = y_py != nullptr ? THPVariable_Wrap(std::move(h)) : nullptr;
-  PyObject* pair = h_py != nullptr ? PyTuple_Pack(2, y_py, h_py) : nullptr;
-  Py_XDECREF(y_py);
-  Py_XDECREF(h_py);
-  return pair;
+  return tensor_pair(std::move(y), std::move(h));
+  END_HANDLE_TH_ERRORS
+}
+
+// A float tensor fastdl's norms take as x / residual / weight / bias: fp32, fp16, bf16 or
+// fp64, strided (not sparse), not nested.
+bool float_strided(const at::Tensor& t) {
+  const at::ScalarType type = t.scalar_type();
+  return (type == at::kFloat || type == at::kHalf || type == at::kBFloat16 || type == at::kDouble) &&
+         t.layout() == at::kStrided && !t.is_nested();
+}
+
+// normalized_shape as the modules and most callers give it: an int, or a tuple of one int.
+bool one_dim_shape(PyObject* obj, int64_t* n) {
+  if (PyTuple_CheckExact(obj) && PyTuple_GET_SIZE(obj) == 1) obj = PyTuple_GET_ITEM(obj, 0);
+  return int_arg(obj, n);
+}
+
+// A weight / bias fastdl's norms take for rows of n on x's device: None, or a float vector of n.
+bool param_arg(PyObject* obj, const at::Tensor& x, int64_t n, std::optional<at::Tensor>* out) {
+  if (!optional_tensor_arg(obj, out)) return false;
+  if (!out->has_value()) return true;
+  const at::Tensor& p = **out;
+  return float_strided(p) && p.dim() == 1 && p.size(0) == n && p.device() == x.device();
+}
+
+// eps as a float; None is rms_norm's default, the machine epsilon of x's dtype (as torch).
+bool eps_arg(PyObject* obj, const at::Tensor& x, bool rms, double* eps) {
+  if (obj == Py_None && rms) {
+    switch (x.scalar_type()) {
+      case at::kHalf: *eps = 0.0009765625; return true;    // 2^-10
+      case at::kBFloat16: *eps = 0.0078125; return true;   // 2^-7
+      case at::kFloat: *eps = 1.1920928955078125e-07; return true;  // 2^-23
+      default: *eps = 2.220446049250313e-16; return true;  // 2^-52
+    }
+  }
+  if (PyLong_CheckExact(obj)) {
+    int64_t value = 0;
+    if (!int_arg(obj, &value)) return false;
+    *eps = static_cast<double>(value);
+    return true;
+  }
+  return float_arg(obj, eps);
+}
+
+// fastdl._C.layer_norm_checked(x, residual, normalized_shape, weight, bias, eps, rms): a
+// fastdl.ops norm call (layer_norm, rms_norm, add_layer_norm, add_rms_norm) whose arguments
+// are the common case, checked here instead of in Python (~1 us a call there): plain
+// tensors; x a float tensor whose last dim is normalized_shape (an int or a tuple of one);
+// residual of x's shape, dtype and device; weight / bias float vectors of that length on
+// x's device; eps a number (None: rms_norm's default). Returns y, or (x + residual, y) when
+// fused, as fastdl.ops do. Anything else, a TorchFunctionMode in force included, gets
+// NotImplemented, and fastdl.ops checks (and reports) it in Python. The caller has seen to
+// the rest: a native backend, no torch.compile, jit trace, autocast, torch.func transform
+// or forward-mode AD.
+PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  at::Tensor x;
+  std::optional<at::Tensor> residual, weight, bias;
+  int64_t n = 0;
+  double eps = 0;
+  bool rms = false;
+  if (nargs != 7 || at::impl::torch_function_mode_enabled() || !bool_arg(args[6], &rms) ||
+      !tensor_arg(args[0], &x) || !float_strided(x) || x.dim() < 1 || !one_dim_shape(args[2], &n) ||
+      x.size(-1) != n || !optional_tensor_arg(args[1], &residual) || !param_arg(args[3], x, n, &weight) ||
+      !param_arg(args[4], x, n, &bias) || !eps_arg(args[5], x, rms, &eps)) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  if (residual.has_value() && (!float_strided(*residual) || residual->scalar_type() != x.scalar_type() ||
+                               residual->device() != x.device() || residual->sizes() != x.sizes())) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  at::Tensor y, h;
+  {
+    pybind11::gil_scoped_release no_gil;
+    std::tie(y, h) = layer_norm_eager(x, residual, weight, bias, 1, eps, rms);
+  }
+  if (!residual.has_value()) return THPVariable_Wrap(std::move(y));
+  return tensor_pair(std::move(h), std::move(y));  // (x + residual, y), as fastdl.ops' fused norms
   END_HANDLE_TH_ERRORS
 }
 
@@ -144,6 +230,10 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms): as "
      "torch.ops.fastdl.layer_norm_eager, without its boxed call"},
+    {"layer_norm_checked", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&layer_norm_checked_py)),
+     METH_FASTCALL,
+     "layer_norm_checked(x, residual, normalized_shape, weight, bias, eps, rms): a fastdl.ops norm call of the "
+     "common case, its arguments checked in C++; NotImplemented for any other"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -6,6 +6,8 @@ import torch  # noqa: F401  (torch's libraries must be loaded before fastdl._C)
 # backends are then unavailable, with LOAD_ERROR saying why, instead of a failing import.
 REQUIRED_OPS = ("softmax_rows_forward", "softmax_rows_backward", "softmax_eager", "layer_norm_rows_forward",
                 "layer_norm_rows_backward", "layer_norm_eager", "set_poison_outputs", "native_built_with_cuda")
+# and the Python functions of fastdl._C itself (csrc/python.cpp)
+REQUIRED_FUNCTIONS = ("softmax_eager", "layer_norm_eager", "layer_norm_checked")
 
 
 def missing_ops(names=REQUIRED_OPS) -> list[str]:
@@ -16,7 +18,7 @@ def missing_ops(names=REQUIRED_OPS) -> list[str]:
 try:
     from fastdl import _C  # noqa: F401  (registers torch.ops.fastdl.*)
 
-    if missing := missing_ops():
+    if missing := missing_ops() + [f"{name}()" for name in REQUIRED_FUNCTIONS if not hasattr(_C, name)]:
         raise ImportError(f"fastdl._C is older than fastdl's Python code (it has no {', '.join(missing)}); rebuild "
                           "it: pip install --no-build-isolation --no-deps -e .")
     LOADED = True

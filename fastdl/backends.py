@@ -201,6 +201,14 @@ def runnable(op: str, t: torch.Tensor) -> list[str]:
     return [b for b in BACKENDS if _why_not(op, b, device_type, t.dtype) is None]
 
 
+def resolves_native(op: str, t: torch.Tensor) -> bool:
+    """Whether resolve(op, t) would give a native backend (cuda, cpu); False where it
+    would raise. For the eager paths' first test (host time counts)."""
+    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
+    choice = _scoped_choice.get() or _global_choice or _env_choice or "auto"
+    return _resolve_cached(op, device_type, t.dtype, choice)[0] in NATIVE
+
+
 def resolve(op: str, t: torch.Tensor) -> str:
     """The backend that runs `op` on tensor t (its device and dtype) now.
 
