@@ -18,9 +18,12 @@
 // (a public norm call, its arguments checked here) answers NotImplemented instead, and
 // fastdl.ops take the call through Python.
 #include <Python.h>
+#include <ATen/Dispatch.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+
+#include <limits>
 
 #include "csrc/autograd/eager.h"
 
@@ -170,16 +173,13 @@ bool param_arg(PyObject* obj, const at::Tensor& x, int64_t n, std::optional<at::
 // eps as a float; None is rms_norm's default, the machine epsilon of x's dtype (as torch).
 bool eps_arg(PyObject* obj, const at::Tensor& x, bool rms, double* eps) {
   if (obj == Py_None && rms) {
-    switch (x.scalar_type()) {
-      case at::kHalf: *eps = 0.0009765625; return true;    // 2^-10
-      case at::kBFloat16: *eps = 0.0078125; return true;   // 2^-7
-      case at::kFloat: *eps = 1.1920928955078125e-07; return true;  // 2^-23
-      default: *eps = 2.220446049250313e-16; return true;  // 2^-52
-    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdl.norm eps", [&] {
+      *eps = static_cast<double>(std::numeric_limits<scalar_t>::epsilon());
+    });
+    return true;
   }
-  if (PyLong_CheckExact(obj)) {
-    int64_t value = 0;
-    if (!int_arg(obj, &value)) return false;
+  int64_t value = 0;
+  if (int_arg(obj, &value)) {
     *eps = static_cast<double>(value);
     return true;
   }

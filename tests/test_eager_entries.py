@@ -2,6 +2,8 @@
 native backends as plain Python functions, which fastdl.ops calls on every cpu / cuda call.
 They must give what torch.ops.fastdl.<name> gives, and leave to it every call they do not
 handle themselves: tensor subclasses, TorchFunctionModes, arguments of other types."""
+import importlib
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -103,7 +105,7 @@ def test_errors_reach_python_as_the_torch_op_raises_them():
 
 
 # --- fastdl._C.layer_norm_checked: a public norm call, its arguments checked in C++ ---------
-_norm_ops = __import__("importlib").import_module("fastdl.ops.layer_norm")
+_norm_ops = importlib.import_module("fastdl.ops.layer_norm")  # (fastdl.ops.layer_norm is the function)
 
 # public op -> (call given x, residual, weight, bias), rms
 NORM_CALLS = {
