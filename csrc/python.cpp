@@ -3,6 +3,8 @@
 //
 //   fastdl._C.softmax_eager(x, dim, log)
 //   fastdl._C.layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms)
+//   fastdl._C.softmax_checked(x, dim, dtype, log)
+//   fastdl._C.softmax_backward_checked(grad_out, out, dim, log)
 //   fastdl._C.layer_norm_checked(x, residual, normalized_shape, weight, bias, eps, rms)
 //
 // which fastdl/ops call on every eager cpu / cuda call. They run the same C++ functions as
@@ -14,15 +16,21 @@
 // They take plain tensors: torch.Tensor, or torch.nn.Parameter, whose __torch_function__ is
 // disabled. Any other argument (a tensor subclass, which may override __torch_function__
 // or __torch_dispatch__, a value of another type), or a TorchFunctionMode in force, goes
-// to the torch.ops op, which does all that torch does for such calls. layer_norm_checked
-// (a public norm call, its arguments checked here) answers NotImplemented instead, and
+// to the torch.ops op, which does all that torch does for such calls. The checked entries
+// (a public call, its arguments checked here) answer NotImplemented instead, and
 // fastdl.ops take the call through Python.
 #include <Python.h>
 #include <ATen/Dispatch.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
+#include <algorithm>
+#include <cstring>
 #include <limits>
 
 #include "csrc/autograd/eager.h"
@@ -106,6 +114,144 @@ PyObject* tensor_pair(at::Tensor first, at::Tensor second) {
   return pair;
 }
 
+// --- the checked entries' gate -------------------------------------------------------
+// The checked entries (softmax_checked, softmax_backward_checked, layer_norm_checked) are
+// fastdl.ops' public calls themselves: fastdl.ops calls them first, with only torch.compile
+// ruled out in Python (dynamo must see that test), and takes the call through Python when
+// they answer NotImplemented. So they test here what fastdl.ops' Python tests: that nothing
+// records or transforms the call, and that the backend choice in force gives a native
+// backend.
+
+// Whether t has a forward-mode AD tangent (torch allows one dual level, level 0).
+bool has_tangent(const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
+bool has_tangent(const std::optional<at::Tensor>& t) { return t.has_value() && has_tangent(*t); }
+
+// Whether nothing records or transforms a call on x: no TorchFunctionMode in force, no
+// torch.jit.trace recording, no torch.func transform (grad, vmap, jacrev ...: the dynamic
+// layer front key is in the thread's dispatch keys while one runs), no autocast on x's
+// device, and no forward-mode AD tangent on x (the callers ask has_tangent of their other
+// tensors). Under any of them fastdl.ops run torch's op or a custom op instead.
+bool untransformed(const at::Tensor& x) {
+  return !at::impl::torch_function_mode_enabled() && !torch::jit::tracer::isTracing() &&
+         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+         !at::autocast::is_autocast_enabled(x.device().type()) && !has_tangent(x);
+}
+
+// An interned Python string, made once per name (never freed, as the module).
+PyObject* interned(const char* name) { return PyUnicode_InternFromString(name); }
+
+// The ops fastdl.backends resolves for the checked entries, and the choices it takes.
+enum class Op { kSoftmax, kLayerNorm, kRmsNorm, kCount };
+constexpr const char* kOpNames[] = {"softmax", "layer_norm", "rms_norm"};
+constexpr const char* kChoiceNames[] = {"auto", "triton", "cuda", "cpu", "torch"};
+constexpr int kChoices = 5;
+
+// What backends._resolve_cached answered for (op, device, dtype, choice), memoised here:
+// 0 not asked yet, 1 a native backend, 2 another (or an error). Asking it costs ~0.2 us a
+// call (its key tuple, and the garbage collections those tuples bring on); what it answers
+// changes only where backends.forget_resolutions() says so (fastdl._C.forget_resolutions).
+// Read and written with the GIL held.
+int8_t resolutions[static_cast<int>(Op::kCount)][2][4][kChoices];
+
+int dtype_index(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    case at::kDouble: return 3;
+    default: return -1;
+  }
+}
+
+// The index of choice (a str) in kChoiceNames, or -1 for another value.
+int choice_index(PyObject* choice) {
+  static PyObject* names[kChoices] = {};
+  for (int i = 0; i < kChoices; ++i) {
+    if (names[i] == nullptr) names[i] = interned(kChoiceNames[i]);
+    if (choice == names[i]) return i;
+  }
+  if (!PyUnicode_Check(choice)) return -1;
+  for (int i = 0; i < kChoices; ++i) {
+    if (PyUnicode_CompareWithASCIIString(choice, kChoiceNames[i]) == 0) return i;
+  }
+  return -1;
+}
+
+// Whether fastdl.backends resolves `op` on x (a cpu or cuda tensor of a float dtype, not
+// nested) to a native backend now, as backends.resolve would. The choice is read as
+// backends.get_backend reads it (use_backend's context variable, then set_backend's, then
+// FASTDL_BACKEND's, then "auto"), from the module's globals on every call (tests patch
+// them). 1 yes, 0 no, -1 with a Python error set (an unknown backend name, which
+// backends._resolve_cached reports).
+int resolves_native(Op op, const at::Tensor& x) {
+  static PyObject* backends = nullptr;  // a reference kept
+  if (backends == nullptr && (backends = PyImport_ImportModule("fastdl.backends")) == nullptr) return -1;
+  static PyObject* const scoped_name = interned("_scoped_choice");
+  static PyObject* const global_name = interned("_global_choice");
+  static PyObject* const env_name = interned("_env_choice");
+  PyObject* globals = PyModule_GetDict(backends);  // borrowed
+  PyObject* scoped = PyDict_GetItemWithError(globals, scoped_name);
+  PyObject* choice = nullptr;  // a new reference
+  if (scoped == nullptr || PyContextVar_Get(scoped, Py_None, &choice) < 0) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "fastdl.backends has no _scoped_choice");
+    return -1;
+  }
+  for (PyObject* name : {global_name, env_name}) {
+    if (choice != Py_None) break;
+    Py_DECREF(choice);
+    choice = PyDict_GetItemWithError(globals, name);
+    if (choice == nullptr) {
+      if (!PyErr_Occurred()) PyErr_Format(PyExc_RuntimeError, "fastdl.backends has no %U", name);
+      return -1;
+    }
+    Py_INCREF(choice);
+  }
+  const int choice_at = choice == Py_None ? 0 : choice_index(choice);  // None: "auto"
+  const int dtype_at = dtype_index(x.scalar_type());
+  int8_t* memo = choice_at >= 0 && dtype_at >= 0
+                     ? &resolutions[static_cast<int>(op)][x.is_cuda() ? 1 : 0][dtype_at][choice_at]
+                     : nullptr;
+  if (memo != nullptr && *memo != 0) {
+    Py_DECREF(choice);
+    return *memo == 1;
+  }
+  // not asked yet, or a name backends rejects: ask it (and let it raise)
+  static PyObject* const resolve_name = interned("_resolve_cached");
+  static PyObject* const cpu_name = interned("cpu");
+  static PyObject* const cuda_name = interned("cuda");
+  static PyObject* const auto_name = interned("auto");
+  static PyObject* op_names[static_cast<int>(Op::kCount)] = {};
+  PyObject*& op_name = op_names[static_cast<int>(op)];
+  if (op_name == nullptr) op_name = interned(kOpNames[static_cast<int>(op)]);
+  PyObject* resolve = PyDict_GetItemWithError(globals, resolve_name);
+  PyObject* result = nullptr;
+  if (resolve != nullptr) {
+    PyObject* args[] = {op_name, x.is_cuda() ? cuda_name : cpu_name,
+                        reinterpret_cast<PyObject*>(torch::getTHPDtype(x.scalar_type())),
+                        choice == Py_None ? auto_name : choice};
+    result = PyObject_Vectorcall(resolve, args, 4, nullptr);
+  } else if (!PyErr_Occurred()) {
+    PyErr_SetString(PyExc_RuntimeError, "fastdl.backends has no _resolve_cached");
+  }
+  Py_DECREF(choice);
+  if (result == nullptr) return -1;
+  bool native = false;  // result: (backend or None, error or None)
+  if (PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 2) {
+    PyObject* backend = PyTuple_GET_ITEM(result, 0);
+    native = PyUnicode_Check(backend) && (PyUnicode_Compare(backend, cpu_name) == 0 ||
+                                          PyUnicode_Compare(backend, cuda_name) == 0);
+  }
+  Py_DECREF(result);
+  if (memo != nullptr) *memo = native ? 1 : 2;
+  return native;
+}
+
+// fastdl._C.forget_resolutions(): backends' answers may have changed (its cache cleared).
+PyObject* forget_resolutions_py(PyObject*, PyObject*) {
+  std::memset(resolutions, 0, sizeof(resolutions));
+  Py_RETURN_NONE;
+}
+
 PyObject* softmax_eager_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   static PyObject* fallback = nullptr;
@@ -186,6 +332,72 @@ bool eps_arg(PyObject* obj, const at::Tensor& x, bool rms, double* eps) {
   return float_arg(obj, eps);
 }
 
+// x on a device a native backend runs (cpu, cuda).
+bool native_device(const at::Tensor& x) { return x.is_cpu() || x.is_cuda(); }
+
+// For a softmax call along dim of t, its other arguments checked: 1 (dim made non-negative)
+// when dim is in range and the backend chosen is native, 0 when not, -1 with a Python error
+// set.
+int softmax_dim_on_native(const at::Tensor& t, int64_t* dim) {
+  const int64_t rank = std::max<int64_t>(t.dim(), 1);  // a 0-d t takes dim 0 or -1, as torch
+  if (*dim < -rank || *dim >= rank) return 0;
+  *dim = (*dim + rank) % rank;
+  return resolves_native(Op::kSoftmax, t);
+}
+
+// fastdl._C.softmax_checked(x, dim, dtype, log): a fastdl.ops softmax / log_softmax call
+// whose arguments are the common case, checked here instead of in Python: x a plain float
+// tensor, dim an int in range, dtype None, nothing recording or transforming the call
+// (untransformed) and a native backend chosen. Anything else gets NotImplemented, and
+// fastdl.ops checks (and reports) it in Python. The caller has ruled out torch.compile.
+PyObject* softmax_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  at::Tensor x;
+  int64_t dim = 0;
+  bool log = false;
+  if (nargs != 4 || args[2] != Py_None || !bool_arg(args[3], &log) || !tensor_arg(args[0], &x) ||
+      !float_strided(x) || !native_device(x) || !int_arg(args[1], &dim) || !untransformed(x)) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const int taken = softmax_dim_on_native(x, &dim);
+  if (taken < 0) return nullptr;
+  if (taken == 0) Py_RETURN_NOTIMPLEMENTED;
+  at::Tensor y;
+  {
+    pybind11::gil_scoped_release no_gil;
+    y = softmax_eager(x, dim, log);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// fastdl._C.softmax_backward_checked(grad_out, out, dim, log): a fastdl.ops.softmax_backward
+// call of the common case, checked here: out a plain float tensor, grad_out one of its
+// shape, dtype and device, dim an int in range, log a bool, nothing recording or
+// transforming the call and a native backend chosen. NotImplemented for any other.
+PyObject* softmax_backward_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  at::Tensor grad_out, out;
+  int64_t dim = 0;
+  bool log = false;
+  if (nargs != 4 || !bool_arg(args[3], &log) || !tensor_arg(args[1], &out) || !float_strided(out) ||
+      !native_device(out) || !tensor_arg(args[0], &grad_out) || !float_strided(grad_out) ||
+      grad_out.scalar_type() != out.scalar_type() || grad_out.device() != out.device() ||
+      grad_out.sizes() != out.sizes() || !int_arg(args[2], &dim) || !untransformed(out) || has_tangent(grad_out)) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const int taken = softmax_dim_on_native(out, &dim);
+  if (taken < 0) return nullptr;
+  if (taken == 0) Py_RETURN_NOTIMPLEMENTED;
+  at::Tensor grad_in;
+  {
+    pybind11::gil_scoped_release no_gil;
+    grad_in = softmax_backward_eager(grad_out, out, dim, log);
+  }
+  return THPVariable_Wrap(std::move(grad_in));
+  END_HANDLE_TH_ERRORS
+}
+
 // fastdl._C.layer_norm_checked(x, residual, normalized_shape, weight, bias, eps, rms): a
 // fastdl.ops norm call (layer_norm, rms_norm, add_layer_norm, add_rms_norm) whose arguments
 // are the common case, checked here instead of in Python (~1 us a call there): plain
@@ -193,9 +405,9 @@ bool eps_arg(PyObject* obj, const at::Tensor& x, bool rms, double* eps) {
 // residual of x's shape, dtype and device; weight / bias float vectors of that length on
 // x's device; eps a number (None: rms_norm's default). Returns y, or (x + residual, y) when
 // fused, as fastdl.ops do. Anything else, a TorchFunctionMode in force included, gets
-// NotImplemented, and fastdl.ops checks (and reports) it in Python. The caller has seen to
-// the rest: a native backend, no torch.compile, jit trace, autocast, torch.func transform
-// or forward-mode AD.
+// NotImplemented, and fastdl.ops checks (and reports) it in Python; so does a call that
+// something records or transforms (untransformed), or whose backend is not native. The
+// caller has ruled out torch.compile.
 PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   at::Tensor x;
@@ -203,7 +415,7 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
   int64_t n = 0;
   double eps = 0;
   bool rms = false;
-  if (nargs != 7 || at::impl::torch_function_mode_enabled() || !bool_arg(args[6], &rms) ||
+  if (nargs != 7 || !bool_arg(args[6], &rms) ||
       !tensor_arg(args[0], &x) || !float_strided(x) || x.dim() < 1 || !one_dim_shape(args[2], &n) ||
       x.size(-1) != n || !optional_tensor_arg(args[1], &residual) || !param_arg(args[3], x, n, &weight) ||
       !param_arg(args[4], x, n, &bias) || !eps_arg(args[5], x, rms, &eps)) {
@@ -213,6 +425,12 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
                                residual->device() != x.device() || residual->sizes() != x.sizes())) {
     Py_RETURN_NOTIMPLEMENTED;
   }
+  if (!native_device(x) || !untransformed(x) || has_tangent(residual) || has_tangent(weight) || has_tangent(bias)) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const int native = resolves_native(rms ? Op::kRmsNorm : Op::kLayerNorm, x);
+  if (native < 0) return nullptr;
+  if (native == 0) Py_RETURN_NOTIMPLEMENTED;
   at::Tensor y, h;
   {
     pybind11::gil_scoped_release no_gil;
@@ -230,6 +448,16 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms): as "
      "torch.ops.fastdl.layer_norm_eager, without its boxed call"},
+    {"softmax_checked", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&softmax_checked_py)),
+     METH_FASTCALL,
+     "softmax_checked(x, dim, dtype, log): a fastdl.ops softmax call of the common case, its arguments checked "
+     "in C++; NotImplemented for any other"},
+    {"forget_resolutions", &forget_resolutions_py, METH_NOARGS,
+     "forget_resolutions(): what the checked entries memoised of fastdl.backends' answers (its cache was cleared)"},
+    {"softmax_backward_checked",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&softmax_backward_checked_py)), METH_FASTCALL,
+     "softmax_backward_checked(grad_out, out, dim, log): a fastdl.ops.softmax_backward call of the common case, "
+     "its arguments checked in C++; NotImplemented for any other"},
     {"layer_norm_checked", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&layer_norm_checked_py)),
      METH_FASTCALL,
      "layer_norm_checked(x, residual, normalized_shape, weight, bias, eps, rms): a fastdl.ops norm call of the "

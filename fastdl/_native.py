@@ -7,7 +7,10 @@ import torch  # noqa: F401  (torch's libraries must be loaded before fastdl._C)
 REQUIRED_OPS = ("softmax_rows_forward", "softmax_rows_backward", "softmax_eager", "layer_norm_rows_forward",
                 "layer_norm_rows_backward", "layer_norm_eager", "set_poison_outputs", "native_built_with_cuda")
 # and the Python functions of fastdl._C itself (csrc/python.cpp)
-REQUIRED_FUNCTIONS = ("softmax_eager", "layer_norm_eager", "layer_norm_checked")
+REQUIRED_FUNCTIONS = (
+    "softmax_eager", "layer_norm_eager", "softmax_checked", "softmax_backward_checked", "layer_norm_checked",
+    "forget_resolutions",
+)
 
 
 def missing_ops(names=REQUIRED_OPS) -> list[str]:

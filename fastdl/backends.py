@@ -169,7 +169,15 @@ def register_dtypes(op: str, dtypes_by_backend: dict[str, tuple], native_kernel:
     _OP_DTYPES[op] = dict(dtypes_by_backend)
     if native_kernel is not None:
         _NATIVE_KERNEL[op] = native_kernel
+    forget_resolutions()
+
+
+def forget_resolutions() -> None:
+    """Clear what resolve remembers (its cache, and fastdl._C's memo of it, which the
+    checked eager entries read): call it after changing PREFERENCE or what a backend takes."""
     _resolve_cached.cache_clear()
+    if _native.LOADED:
+        _native._C.forget_resolutions()
 
 
 def _why_not(op: str, backend: str, device_type: str, dtype: torch.dtype) -> str | None:
@@ -199,14 +207,6 @@ def runnable(op: str, t: torch.Tensor) -> list[str]:
     """Every backend that can run `op` on tensor t here, in BACKENDS order."""
     device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
     return [b for b in BACKENDS if _why_not(op, b, device_type, t.dtype) is None]
-
-
-def resolves_native(op: str, t: torch.Tensor) -> bool:
-    """Whether resolve(op, t) would give a native backend (cuda, cpu); False where it
-    would raise. For the eager paths' first test (host time counts)."""
-    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else t.device.type
-    choice = _scoped_choice.get() or _global_choice or _env_choice or "auto"
-    return _resolve_cached(op, device_type, t.dtype, choice)[0] in NATIVE
 
 
 def resolve(op: str, t: torch.Tensor) -> str:

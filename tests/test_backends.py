@@ -148,14 +148,14 @@ def test_preference_by_dtype(monkeypatch):
     """A (device, dtype) entry of PREFERENCE overrides the device's order for that dtype."""
     table = {"cpu": ("cpu", "torch"), ("cpu", torch.float16): ("torch",)}
     monkeypatch.setitem(backends.PREFERENCE, "softmax", table)
-    backends._resolve_cached.cache_clear()
+    backends.forget_resolutions()
     try:
         assert backends.resolve("softmax", torch.ones(1, dtype=torch.float16)) == "torch"
         expected = "cpu" if "cpu" in fastdl.available_backends("cpu") else "torch"
         assert backends.resolve("softmax", torch.ones(1)) == expected
     finally:
         monkeypatch.undo()
-        backends._resolve_cached.cache_clear()
+        backends.forget_resolutions()
 
 
 @pytest.mark.parametrize("op", ["softmax", "layer_norm"])

@@ -422,7 +422,7 @@ class TestBadInputs:
 
         only_fp32 = dict(backends._OP_DTYPES["softmax"], cpu=(torch.float32,))
         monkeypatch.setitem(backends._OP_DTYPES, "softmax", only_fp32)
-        backends._resolve_cached.cache_clear()
+        backends.forget_resolutions()
         try:
             with pytest.raises(fastdl.BackendUnavailableError, match=r"backend 'cpu' cannot run here: .*float16"):
                 with fastdl.use_backend("cpu"):
@@ -432,7 +432,7 @@ class TestBadInputs:
                                        torch.full((2, 3), 1 / 3, dtype=torch.float16))
         finally:
             monkeypatch.undo()
-            backends._resolve_cached.cache_clear()
+            backends.forget_resolutions()
 
     def test_native_op_checks(self):
         """The C++ ops check what they are given, too (called directly, bypassing Python)."""

@@ -25,7 +25,7 @@ from torch import Tensor
 from fastdl import _native, backends
 from fastdl import reference as R
 from fastdl._outputs import stats_dtype
-from fastdl.ops._common import FLOAT_DTYPES, as_rows, autocast_dtype, autocast_on, check_float, check_same, \
+from fastdl.ops._common import FLOAT_DTYPES, as_rows, autocast_dtype, check_float, check_same, \
     check_tensor, compiling, composite_only, from_rows, normalize_dim, record_fx_call, tracing
 
 backends.register_dtypes("softmax", {b: FLOAT_DTYPES for b in backends.BACKENDS})
@@ -122,17 +122,15 @@ class _SoftmaxFunction(torch.autograd.Function):
 
 # --- public API ------------------------------------------------------------------
 _softmax_eager = _native.eager_entry("softmax_eager")
+# The common call (a plain float tensor, a dim in range, no dtype, nothing recording or
+# transforming it, a native backend), its arguments checked in C++ (csrc/python.cpp): host
+# time counts, and the Python below costs ~0.8 us more a call for the same result. It
+# answers NotImplemented for any other call.
+_softmax_checked = _native._C.softmax_checked if _native.LOADED else None
+_softmax_backward_checked = _native._C.softmax_backward_checked if _native.LOADED else None
 
 
 def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool) -> Tensor:
-    # The common call in one test: a plain float tensor, a dim in range, no dtype, autocast,
-    # transform or compile, on a native backend. Host time counts: the steps below cost
-    # ~1 us more a call for the same result.
-    if (dtype is None and type(x) is Tensor and x.dtype in FLOAT_DTYPES and type(dim) is int and not autocast_on()
-            and not composite_only() and not compiling() and not tracing()):
-        ndim = x.dim()
-        if -ndim <= dim < ndim and backends.resolve("softmax", x) in backends.NATIVE:
-            return _softmax_eager(x, dim % ndim, log)
     if type(x) is not Tensor and (node := record_fx_call(log_softmax if log else softmax, (x, dim),
                                                          {"dtype": dtype})) is not None:
         return node  # torch.fx.symbolic_trace: the call as a graph node
@@ -166,16 +164,26 @@ def softmax(x: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tenso
 
     The output is a new contiguous tensor of x's shape (in dtype when given).
     """
+    # torch.compile is ruled out first, in Python: dynamo must see that test
+    if type(x) is Tensor and not compiling() and _softmax_checked is not None:
+        if (out := _softmax_checked(x, dim, dtype, False)) is not NotImplemented:
+            return out
     return _softmax("softmax", x, dim, dtype, log=False)
 
 
 def log_softmax(x: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tensor:
     """log_softmax of x along dim, as torch.log_softmax(x, dim, dtype=dtype)."""
+    if type(x) is Tensor and not compiling() and _softmax_checked is not None:
+        if (out := _softmax_checked(x, dim, dtype, True)) is not NotImplemented:
+            return out
     return _softmax("log_softmax", x, dim, dtype, log=True)
 
 
 def softmax_backward(grad_out: Tensor, out: Tensor, dim: int = -1, log: bool = False) -> Tensor:
     """Gradient of (log_)softmax's input from its output `out` and `grad_out`."""
+    if type(out) is Tensor and not compiling() and _softmax_backward_checked is not None:
+        if (dx := _softmax_backward_checked(grad_out, out, dim, log)) is not NotImplemented:
+            return dx  # the common call, checked in C++ as softmax's
     op = "softmax_backward"
     check_tensor(op, "grad_out", grad_out)
     check_tensor(op, "out", out)
