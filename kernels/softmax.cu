@@ -348,7 +348,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   using A = typename Acc<T>::type;
   __shared__ A scratch[kBlockThreads / kWarpSize];
   const int64_t row = blockIdx.y;
-  const A total = block_sum<kBlockThreads>(threadIdx.x < gridDim.x ? dots[row * gridDim.x + threadIdx.x] : A(0), scratch);
+  const A mine = threadIdx.x < gridDim.x ? dots[row * gridDim.x + threadIdx.x] : A(0);
+  const A total = block_sum<kBlockThreads>(mine, scratch);
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk_cols;
   const int64_t end = begin + chunk_cols < cols ? begin + chunk_cols : cols;
   block_write_dx<T, kLog, kVec>(dy + row * dy_row_stride, y + row * y_row_stride, dx + row * cols, begin, end, total);

@@ -297,7 +297,8 @@ def _normalized_shape(op, normalized_shape):
         return normalized_shape  # a module's own: torch.nn.LayerNorm keeps a tuple
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise TypeError(f"fastdl.{op}: argument normalized_shape must be an int or a tuple of ints, got {normalized_shape!r}")
+        raise TypeError(f"fastdl.{op}: argument normalized_shape must be an int or a tuple of ints, "
+                        f"got {normalized_shape!r}")
     return shape
 
 

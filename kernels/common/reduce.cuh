@@ -76,7 +76,8 @@ template <typename A> __device__ __forceinline__ MaxSum<A> warp_combine(MaxSum<A
   return v;
 }
 
-template <int kThreads, typename A> __device__ __forceinline__ MaxSum<A> block_combine(MaxSum<A> v, MaxSum<A>* scratch) {
+template <int kThreads, typename A>
+__device__ __forceinline__ MaxSum<A> block_combine(MaxSum<A> v, MaxSum<A>* scratch) {
   constexpr int kWarps = kThreads / kWarpSize;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   v = warp_combine(v);
