@@ -23,7 +23,8 @@ CUDA_TORCH_PIN ?= torch==2.14.1
 # that fails there.
 GPU_IMAGE_VENV ?= .venv-cuda-image
 GPU_IMAGE_TORCH_PIN ?= torch==2.11.0
-PYTEST_ARGS ?=
+# the 25 slowest tests at the end of each run: where CI's time goes
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: test bench venv build check-cuda-build clean
 
