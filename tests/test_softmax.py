@@ -79,6 +79,27 @@ def test_kernel_shape_edges(case, dtype, cols, misaligned):
         assert_close(dx, ref_dx, dtype, f"backward, {cols} columns")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_cpu_every_row_tail(dtype):
+    """The CPU kernels work a row in blocks of 16 or 64 columns (the fp16 backward's AVX-512
+    loops, csrc/cpu/softmax.cpp; the lanes of the generic ones), then its last columns: 1 to
+    130 columns take every length of that tail, in one and in several blocks."""
+    if "cpu" not in fastdl.available_backends():
+        pytest.skip("the cpu backend is not built")
+    for cols in range(1, 131):
+        x = (torch.randn(3, cols) * 3).to(dtype)
+        grad = torch.randn(3, cols).to(dtype)
+        for log in (False, True):
+            fn = fastdl.ops.log_softmax if log else fastdl.ops.softmax
+            y = _run("cpu", fn, x, -1)
+            assert_close(y, _reference(x, -1, log), dtype, f"forward, {cols} columns")
+            dx = _run("cpu", fastdl.ops.softmax_backward, grad, y, -1, log)
+            y64, grad64 = y.double(), grad.double()
+            ref_dx = (grad64 - y64.exp() * grad64.sum(-1, keepdim=True) if log
+                      else y64 * (grad64 - (grad64 * y64).sum(-1, keepdim=True)))
+            assert_close(dx, ref_dx, dtype, f"{'log_softmax' if log else 'softmax'} backward, {cols} columns")
+
+
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
 def test_native_backends_record_a_cpp_autograd_node(case):
     """cpu / cuda record the backward as a C++ node (csrc/autograd/softmax.cpp), no Python

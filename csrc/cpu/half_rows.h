@@ -9,8 +9,8 @@
 // (load_acc / store_acc): no extra pass over the row. fp16 in software costs ~20 vector
 // ops an element, twice bf16's kernel time; so fp16 rows are converted whole, with F16C
 // where the CPU has it, into float buffers (L1/L2) that the float kernels run on, and the
-// result is rounded once into the output row. (The norms' fp16 backward, on AVX-512 CPUs,
-// converts in its own loops instead: half_row_backward_avx512, csrc/cpu/layer_norm.cpp.)
+// result is rounded once into the output row. (Some fp16 backward kernels, on AVX-512
+// CPUs, convert in their own loops instead: csrc/cpu/avx512.h.)
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -188,43 +188,6 @@ __attribute__((target("avx,f16c"))) inline void half_row_from_float_affine_f16c(
   for (; j < n; ++j) dst[j] = _cvtss_sh(src[j] * scale + offset, _MM_FROUND_TO_NEAREST_INT);
 }
 
-// AVX-512 (F, BW, VL): 16 fp16 values a register, converted in the loop that loads or
-// stores them, with masked loads and stores for a row's last columns. For kernels written
-// in these intrinsics (GCC 12 does not vectorise fp16 conversions in the generic loops);
-// picked at run time (cpu_has_avx512).
-#define FASTDL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-inline bool cpu_has_avx512() {
-#if defined(FASTDL_CPU_ISA_BASELINE) || defined(FASTDL_CPU_ISA_V3)
-  return false;  // a test build for one lower level (CMakeLists.txt) runs that level's code
-#else
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return has;
-#endif
-}
-
-// The mask of the first n of 16 lanes (none for n <= 0).
-inline __mmask16 first_lanes(int64_t n) {
-  return n <= 0 ? __mmask16(0) : n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
-}
-
-// The lanes of m of 16 fp16 values as floats (0 elsewhere), and v's lanes of m rounded
-// into fp16 (to nearest even). The maskz conversions: GCC 12 warns of the plain ones'
-// undefined source operand.
-FASTDL_AVX512 inline __m512 half_load16(const void* p, __mmask16 m) {
-  return _mm512_maskz_cvtph_ps(0xffff, _mm256_maskz_loadu_epi16(m, p));
-}
-FASTDL_AVX512 inline void half_store16(void* p, __mmask16 m, __m512 v) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_maskz_cvtps_ph(0xffff, v, _MM_FROUND_TO_NEAREST_INT));
-}
-
-// The sum of 32 lanes held in two registers (lanes 0-15 and 16-31), in add_lanes' tree:
-// the order sum_lanes gives 32 lanes.
-FASTDL_AVX512 inline float add_lanes32(__m512 low, __m512 high) {
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, _mm512_add_ps(low, high));
-  return add_lanes(lanes);
-}
 #endif
 
 // half_rows_add_soft, with F16C where the CPU has it.

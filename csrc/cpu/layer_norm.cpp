@@ -18,6 +18,7 @@
 
 #include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
+#include "csrc/cpu/avx512.h"
 #include "csrc/cpu/common.h"
 #include "csrc/cpu/half_rows.h"
 
@@ -110,12 +111,11 @@ FASTDL_INLINE void norm_row_backward(const T* __restrict dy, const T* __restrict
   }
 }
 
-#ifdef FASTDL_F16C
-// norm_row_backward for an fp16 row on an AVX-512 CPU. The generic loops take fp16 rows
-// through float buffers (GCC 12 does not vectorise fp16 conversions): a conversion pass,
-// bound by memory, then the float math, one after the other, which left the fp16 backward
-// at twice bf16's time. Here each load converts 16 values inside the loop that uses them,
-// as bf16 rows are converted, so the loads overlap the math (4096 x 1024, 2-core VM, AMD
+#ifdef FASTDL_AVX512_KERNELS
+// norm_row_backward for an fp16 row on an AVX-512 CPU (csrc/cpu/avx512.h). The generic
+// loops' float buffers left the fp16 backward at twice bf16's time; here each load converts
+// 16 values inside the loop that uses them, as bf16 rows are converted, so the loads
+// overlap the math (4096 x 1024, 2-core VM, AMD
 // EPYC: 1.66-1.81 -> 0.82-1.02 ms, aten 1.2-1.24; one thread 3.9 -> 1.6 ms, aten 2.35).
 // The math and the order of the sums are norm_row_backward's (term j in lane j % 32, then
 // add_lanes' tree).
@@ -138,8 +138,8 @@ FASTDL_AVX512 void half_row_backward_avx512(const c10::Half* __restrict dy, cons
       sum_g[part] = _mm512_mask_add_ps(sum_g[part], m, sum_g[part], g);
     }
   }
-  const __m512 c1 = _mm512_set1_ps(add_lanes32(sum_gx[0], sum_gx[1]) / static_cast<float>(n));
-  const __m512 c2 = _mm512_set1_ps(rms ? 0.0f : add_lanes32(sum_g[0], sum_g[1]) / static_cast<float>(n));
+  const __m512 c1 = _mm512_set1_ps(add_lanes_of(sum_gx) / static_cast<float>(n));
+  const __m512 c2 = _mm512_set1_ps(rms ? 0.0f : add_lanes_of(sum_g) / static_cast<float>(n));
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = first_lanes(n - j);
     const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(half_load16(x + j, m), mean_v), rstd_v);
@@ -169,7 +169,7 @@ FASTDL_MULTIVERSION void norm_backward_rows(const T* dy, int64_t dy_stride, cons
                                             typename Acc<T>::type* dbias_partial, int64_t begin, int64_t end,
                                             int64_t n, bool rms) {
   if constexpr (std::is_same_v<T, c10::Half>) {
-#ifdef FASTDL_F16C
+#ifdef FASTDL_AVX512_KERNELS
     if (cpu_has_avx512()) {
       for (int64_t r = begin; r < end; ++r)
         half_row_backward_avx512<kDsum, kDweight, kDbias>(dy + r * dy_stride, dsum + r * dsum_stride, x + r * x_stride,

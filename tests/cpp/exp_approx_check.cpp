@@ -1,6 +1,7 @@
 // Checks csrc/cpu/common.h's exp_approx against double-precision exp, over every 16th
-// float of [-inf, 88] (and NaN), in a vector loop as the kernels run it. Built and run by
-// tests/test_build.py. What it asserts:
+// float of [-inf, 88] (and NaN), in a vector loop as the kernels run it; and, where the CPU
+// has AVX-512, csrc/cpu/avx512.h's exp_approx16 the same way. Built and run by
+// tests/test_build.py. What it asserts of each:
 //   [-87.3, 88]:  relative error <= 1.2e-7 (1 ulp)
 //   [-88, -87.3): within 2^-126 of exp(x) (0 or a subnormal: the smallest normal float is
 //                 exp(-87.34))
@@ -11,9 +12,47 @@
 #include <cstring>
 #include <vector>
 
+#include "csrc/cpu/avx512.h"
 #include "csrc/cpu/common.h"
 
 using fastdl::cpu::exp_approx;
+
+#ifdef FASTDL_AVX512_KERNELS
+FASTDL_AVX512 void exp_approx16_all(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = fastdl::cpu::first_lanes(n - i);
+    _mm512_mask_storeu_ps(y + i, m, fastdl::cpu::exp_approx16(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+#endif
+
+// The failures of y = exp(x) against the bounds above, printed under `name`.
+int64_t check(const char* name, const std::vector<float>& x, const std::vector<float>& y) {
+  int64_t failures = 0;
+  double worst_rel = 0;
+  float worst_x = 0;
+  auto fail = [&](float xi, float got, double want) {
+    if (++failures <= 10) std::printf("%s(%a) = %a, exp gives %a\n", name, xi, got, want);
+  };
+  for (size_t i = 0; i < x.size(); ++i) {
+    const float xi = x[i], got = y[i];
+    const double want = std::exp(static_cast<double>(xi));
+    if (std::isnan(xi)) {
+      if (!std::isnan(got)) fail(xi, got, want);
+    } else if (xi < -88.0f) {
+      if (got != 0.0f) fail(xi, got, want);
+    } else if (xi < -87.3f) {
+      if (!(std::fabs(got - want) <= 0x1p-126)) fail(xi, got, want);
+    } else {
+      const double rel = std::fabs(got - want) / want;
+      if (rel > worst_rel) worst_rel = rel, worst_x = xi;
+      if (!(rel <= 1.2e-7)) fail(xi, got, want);
+    }
+  }
+  std::printf("%s: %zu values, worst relative error %.3g at %a, %lld failures\n", name, x.size(), worst_rel, worst_x,
+              static_cast<long long>(failures));
+  return failures;
+}
 
 int main() {
   std::vector<float> x, y;
@@ -43,28 +82,16 @@ int main() {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) yp[i] = exp_approx(xp[i]);
 
-  int64_t failures = 0;
-  double worst_rel = 0;
-  float worst_x = 0;
-  auto fail = [&](float xi, float got, double want) {
-    if (++failures <= 10) std::printf("exp_approx(%a) = %a, exp gives %a\n", xi, got, want);
-  };
-  for (int64_t i = 0; i < n; ++i) {
-    const float xi = x[i], got = y[i];
-    const double want = std::exp(static_cast<double>(xi));
-    if (std::isnan(xi)) {
-      if (!std::isnan(got)) fail(xi, got, want);
-    } else if (xi < -88.0f) {
-      if (got != 0.0f) fail(xi, got, want);
-    } else if (xi < -87.3f) {
-      if (!(std::fabs(got - want) <= 0x1p-126)) fail(xi, got, want);
-    } else {
-      const double rel = std::fabs(got - want) / want;
-      if (rel > worst_rel) worst_rel = rel, worst_x = xi;
-      if (!(rel <= 1.2e-7)) fail(xi, got, want);
-    }
+  int64_t failures = check("exp_approx", x, y);
+#ifdef FASTDL_AVX512_KERNELS
+  if (fastdl::cpu::cpu_has_avx512()) {
+    std::vector<float> y16(x.size());
+    exp_approx16_all(x.data(), y16.data(), n);
+    failures += check("exp_approx16", x, y16);
+  } else {
+    std::printf("exp_approx16: not checked, this CPU has no AVX-512\n");
   }
-  std::printf("%lld values, worst relative error %.3g at %a\n", static_cast<long long>(n), worst_rel, worst_x);
+#endif
   std::printf("ok: %lld failures\n", static_cast<long long>(failures));
   return failures == 0 ? 0 : 1;
 }
