@@ -262,8 +262,8 @@ def _run_cpp_check(tmp_path, name: str, expect: str):
 def test_cpu_exp_approx_accuracy(tmp_path):
     """csrc/cpu/common.h's exp_approx (the CPU softmax's exp), in a vector loop, against double
     exp over every 16th float up to 88: 1 ulp on [-87.3, 88], 0 below -88 and for -inf, NaN
-    for NaN (tests/cpp/exp_approx_check.cpp). Where the CPU has AVX-512, the same of
-    csrc/cpu/avx512.h's exp_approx16 (the fp16 log_softmax backward's)."""
+    for NaN (tests/cpp/exp_approx_check.cpp). Where the CPU has AVX2, the same of
+    csrc/cpu/avx2.h's exp_approx8 (the fp16 log_softmax backward's)."""
     _run_cpp_check(tmp_path, "exp_approx_check", "ok: 0 failures")
 
 

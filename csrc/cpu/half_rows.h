@@ -9,8 +9,8 @@
 // (load_acc / store_acc): no extra pass over the row. fp16 in software costs ~20 vector
 // ops an element, twice bf16's kernel time; so fp16 rows are converted whole, with F16C
 // where the CPU has it, into float buffers (L1/L2) that the float kernels run on, and the
-// result is rounded once into the output row. (Some fp16 backward kernels, on AVX-512
-// CPUs, convert in their own loops instead: csrc/cpu/avx512.h.)
+// result is rounded once into the output row. (Some fp16 backward kernels, on AVX2 CPUs,
+// convert in their own loops instead: csrc/cpu/avx2.h.)
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -288,8 +288,8 @@ template <typename T, typename A> FASTDL_INLINE A round_acc(A v) {
 // Float rows for one task of a 16-bit kernel: `count` buffers of n floats each. They lie
 // n + 32 floats apart: n apart, with n a multiple of 1024, element j of every buffer had the
 // same address modulo 4 KiB, and each load waited on the store before it to another buffer
-// (4K aliasing; the F16C layer_norm backward, fp16 4096 x 1024, one thread: 3.3-3.65 ms
-// -> 2.7-3.3 ms, 2-core VM, AMD EPYC).
+// (4K aliasing; the fp16 layer_norm backward through these buffers, 4096 x 1024, one
+// thread: 3.3-3.65 ms -> 2.7-3.3 ms, 2-core VM, AMD EPYC).
 struct FloatRows {
   FloatRows(int count, int64_t n)
       : stride_(n + 32), data_(static_cast<size_t>(count) * static_cast<size_t>(stride_)) {}

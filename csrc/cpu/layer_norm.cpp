@@ -18,7 +18,7 @@
 
 #include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
-#include "csrc/cpu/avx512.h"
+#include "csrc/cpu/avx2.h"
 #include "csrc/cpu/common.h"
 #include "csrc/cpu/half_rows.h"
 
@@ -111,52 +111,43 @@ FASTDL_INLINE void norm_row_backward(const T* __restrict dy, const T* __restrict
   }
 }
 
-#ifdef FASTDL_AVX512_KERNELS
-// norm_row_backward for an fp16 row on an AVX-512 CPU (csrc/cpu/avx512.h). The generic
-// loops' float buffers left the fp16 backward at twice bf16's time; here each load converts
-// 16 values inside the loop that uses them, as bf16 rows are converted, so the loads
-// overlap the math (4096 x 1024, 2-core VM, AMD
-// EPYC: 1.66-1.81 -> 0.82-1.02 ms, aten 1.2-1.24; one thread 3.9 -> 1.6 ms, aten 2.35).
-// The math and the order of the sums are norm_row_backward's (term j in lane j % 32, then
-// add_lanes' tree).
+#ifdef FASTDL_AVX2_KERNELS
+// norm_row_backward for an fp16 row on an AVX2 CPU (csrc/cpu/avx2.h): each load converts
+// 8 values inside the loop that uses them, as bf16 rows are converted, so the loads overlap
+// the math (4096 x 1024, 2-core VM, AMD EPYC: 1.66-1.81 -> 0.88-1.0 ms, aten 1.2-1.25; one
+// thread 3.9 -> 1.63-1.76 ms, aten 2.34-2.4). The math and the order of the sums are
+// norm_row_backward's: term j in lane j % 32 (four registers a sum), then add_lanes' tree.
 template <bool kDsum, bool kDweight, bool kDbias>
-FASTDL_AVX512 void half_row_backward_avx512(const c10::Half* __restrict dy, const c10::Half* __restrict dsum,
-                                            const c10::Half* __restrict x, const float* __restrict weight,
-                                            float mean, float rstd, c10::Half* __restrict dx,
-                                            float* __restrict dweight_partial, float* __restrict dbias_partial,
-                                            int64_t n, bool rms) {
-  const __m512 mean_v = _mm512_set1_ps(mean), rstd_v = _mm512_set1_ps(rstd);
-  // sum(g * xhat) and sum(g) with g = dy * weight, each in 32 lanes (two registers)
-  __m512 sum_gx[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, sum_g[2] = {sum_gx[0], sum_gx[0]};
+FASTDL_AVX2 void half_row_backward_avx2(const c10::Half* __restrict dy, const c10::Half* __restrict dsum,
+                                        const c10::Half* __restrict x, const float* __restrict weight, float mean,
+                                        float rstd, c10::Half* __restrict dx, float* __restrict dweight_partial,
+                                        float* __restrict dbias_partial, int64_t n, bool rms) {
+  const __m256 mean_v = _mm256_set1_ps(mean), rstd_v = _mm256_set1_ps(rstd), zero = _mm256_setzero_ps();
+  __m256 sum_gx[4] = {zero, zero, zero, zero}, sum_g[4] = {zero, zero, zero, zero};
   for (int64_t j = 0; j < n; j += 32) {
-    for (int part = 0; part < 2; ++part) {
-      const int64_t at = j + 16 * part;
-      const __mmask16 m = first_lanes(n - at);
-      const __m512 g = _mm512_mul_ps(half_load16(dy + at, m), _mm512_maskz_loadu_ps(m, weight + at));
-      const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(half_load16(x + at, m), mean_v), rstd_v);
-      sum_gx[part] = _mm512_mask3_fmadd_ps(g, xhat, sum_gx[part], m);
-      sum_g[part] = _mm512_mask_add_ps(sum_g[part], m, sum_g[part], g);
+    for (int part = 0; part < 4 && j + 8 * part < n; ++part) {
+      const int64_t at = j + 8 * part;  // past the row, dy and weight load as 0: g = 0 adds 0
+      const __m256 g = _mm256_mul_ps(load8_first(dy + at, n - at), load8_first(weight + at, n - at));
+      const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8_first(x + at, n - at), mean_v), rstd_v);
+      sum_gx[part] = _mm256_fmadd_ps(g, xhat, sum_gx[part]);
+      sum_g[part] = _mm256_add_ps(sum_g[part], g);
     }
   }
-  const __m512 c1 = _mm512_set1_ps(add_lanes_of(sum_gx) / static_cast<float>(n));
-  const __m512 c2 = _mm512_set1_ps(rms ? 0.0f : add_lanes_of(sum_g) / static_cast<float>(n));
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = first_lanes(n - j);
-    const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(half_load16(x + j, m), mean_v), rstd_v);
-    const __m512 d = half_load16(dy + j, m);
+  const __m256 c1 = _mm256_set1_ps(add_lanes_of(sum_gx) / static_cast<float>(n));
+  const __m256 c2 = _mm256_set1_ps(rms ? 0.0f : add_lanes_of(sum_g) / static_cast<float>(n));
+  for (int64_t j = 0; j < n; j += 8) {
+    const int64_t k = n - j;  // columns left: 8 or more but in the row's last block
+    const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8_first(x + j, k), mean_v), rstd_v);
+    const __m256 d = load8_first(dy + j, k);
     // (d * weight - c2 - xhat * c1) * rstd
-    __m512 v = _mm512_fmsub_ps(d, _mm512_maskz_loadu_ps(m, weight + j), c2);
-    v = _mm512_mul_ps(_mm512_fnmadd_ps(xhat, c1, v), rstd_v);
-    if constexpr (kDsum) v = _mm512_add_ps(v, half_load16(dsum + j, m));
-    half_store16(dx + j, m, v);
-    if constexpr (kDweight) {
-      const __m512 partial = _mm512_maskz_loadu_ps(m, dweight_partial + j);
-      _mm512_mask_storeu_ps(dweight_partial + j, m, _mm512_fmadd_ps(d, xhat, partial));
-    }
-    if constexpr (kDbias) {
-      const __m512 partial = _mm512_maskz_loadu_ps(m, dbias_partial + j);
-      _mm512_mask_storeu_ps(dbias_partial + j, m, _mm512_add_ps(partial, d));
-    }
+    __m256 v = _mm256_fmsub_ps(d, load8_first(weight + j, k), c2);
+    v = _mm256_mul_ps(_mm256_fnmadd_ps(xhat, c1, v), rstd_v);
+    if constexpr (kDsum) v = _mm256_add_ps(v, load8_first(dsum + j, k));
+    store8_first(dx + j, k, v);
+    if constexpr (kDweight)
+      store8_first(dweight_partial + j, k, _mm256_fmadd_ps(d, xhat, load8_first(dweight_partial + j, k)));
+    if constexpr (kDbias)
+      store8_first(dbias_partial + j, k, _mm256_add_ps(load8_first(dbias_partial + j, k), d));
   }
 }
 #endif
@@ -169,16 +160,16 @@ FASTDL_MULTIVERSION void norm_backward_rows(const T* dy, int64_t dy_stride, cons
                                             typename Acc<T>::type* dbias_partial, int64_t begin, int64_t end,
                                             int64_t n, bool rms) {
   if constexpr (std::is_same_v<T, c10::Half>) {
-#ifdef FASTDL_AVX512_KERNELS
-    if (cpu_has_avx512()) {
+#ifdef FASTDL_AVX2_KERNELS
+    if (cpu_has_avx2()) {
       for (int64_t r = begin; r < end; ++r)
-        half_row_backward_avx512<kDsum, kDweight, kDbias>(dy + r * dy_stride, dsum + r * dsum_stride, x + r * x_stride,
-                                                          weight, mean ? mean[r] : 0.0f, rstd[r], dx + r * n,
-                                                          dweight_partial, dbias_partial, n, rms);
+        half_row_backward_avx2<kDsum, kDweight, kDbias>(dy + r * dy_stride, dsum + r * dsum_stride, x + r * x_stride,
+                                                        weight, mean ? mean[r] : 0.0f, rstd[r], dx + r * n,
+                                                        dweight_partial, dbias_partial, n, rms);
       return;
     }
 #endif
-    // through float buffers converted with F16C (csrc/cpu/half_rows.h)
+    // through float buffers (csrc/cpu/half_rows.h)
     FloatRows buf(4, n);
     for (int64_t r = begin; r < end; ++r) {
       row_to_float(dy + r * dy_stride, buf[0], n);

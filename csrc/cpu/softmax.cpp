@@ -14,7 +14,7 @@
 
 #include "csrc/common/checks.h"
 #include "csrc/common/outputs.h"
-#include "csrc/cpu/avx512.h"
+#include "csrc/cpu/avx2.h"
 #include "csrc/cpu/common.h"
 #include "csrc/cpu/half_rows.h"
 
@@ -128,28 +128,30 @@ __attribute__((target("avx,f16c"))) void half_softmax_backward_row_f16c(const c1
 }
 #endif
 
-#ifdef FASTDL_AVX512_KERNELS
-// An fp16 log_softmax row's backward on an AVX-512 CPU (csrc/cpu/avx512.h), converting
-// 16 values as it loads them: dot = sum(dy) in blocked_sum's blocks and sum_lanes' 64
-// lanes, then dx = dy - exp(y) * dot, softmax_row_backward's math.
-FASTDL_AVX512 void half_log_softmax_backward_row_avx512(const c10::Half* __restrict dy, const c10::Half* __restrict y,
-                                                        c10::Half* __restrict dx, int64_t n) {
+#ifdef FASTDL_AVX2_KERNELS
+// An fp16 log_softmax row's backward on an AVX2 CPU (csrc/cpu/avx2.h), converting 8
+// values as it loads them: dot = sum(dy) in blocked_sum's blocks and sum_lanes' 64 lanes,
+// then dx = dy - exp(y) * dot, softmax_row_backward's math. Through float buffers it took
+// five passes, 1.5x aten's time.
+FASTDL_AVX2 void half_log_softmax_backward_row_avx2(const c10::Half* __restrict dy, const c10::Half* __restrict y,
+                                                    c10::Half* __restrict dx, int64_t n) {
   float dot = 0;
   for (int64_t b = 0; b < n; b += kSumBlock) {
     const int64_t block_end = std::min(n, b + kSumBlock);
-    __m512 lanes[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m256 lanes[8];
+    for (__m256& lane : lanes) lane = _mm256_setzero_ps();
     for (int64_t j = b; j < block_end; j += 64) {
-      for (int part = 0; part < 4; ++part) {
-        const __mmask16 m = first_lanes(block_end - j - 16 * part);
-        lanes[part] = _mm512_mask_add_ps(lanes[part], m, lanes[part], half_load16(dy + j + 16 * part, m));
+      for (int part = 0; part < 8 && j + 8 * part < block_end; ++part) {
+        const int64_t at = j + 8 * part;  // the values past block_end load as 0
+        lanes[part] = _mm256_add_ps(lanes[part], load8_first(dy + at, block_end - at));
       }
     }
     dot += add_lanes_of(lanes);
   }
-  const __m512 dot_v = _mm512_set1_ps(dot);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = first_lanes(n - j);
-    half_store16(dx + j, m, _mm512_fnmadd_ps(exp_approx16(half_load16(y + j, m)), dot_v, half_load16(dy + j, m)));
+  const __m256 dot_v = _mm256_set1_ps(dot);
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256 e = exp_approx8(load8_first(y + j, n - j));
+    store8_first(dx + j, n - j, _mm256_fnmadd_ps(e, dot_v, load8_first(dy + j, n - j)));
   }
 }
 #endif
@@ -184,17 +186,17 @@ FASTDL_MULTIVERSION void forward_rows(const T* x, int64_t x_stride, T* y, int64_
 
 // bf16 rows convert inside the backward's loops (a shift). fp16 softmax rows take
 // half_softmax_backward_row_f16c where the CPU has F16C, fp16 log_softmax rows
-// half_log_softmax_backward_row_avx512 where it has AVX-512; the rest go through float
-// buffers. (bf16 in the same hand-written AVX2 form was no faster than
-// GCC's code: its rounding, ~7 integer ops for 8 values, is what it spends on.)
+// half_log_softmax_backward_row_avx2 where it has AVX2; the rest go through float buffers.
+// (bf16 in the same hand-written AVX2 form was no faster than GCC's code: its rounding,
+// ~7 integer ops for 8 values, is what it spends on.)
 template <typename T, bool kLog>
 FASTDL_MULTIVERSION void backward_rows(const T* dy, int64_t dy_stride, const T* y, int64_t y_stride, T* dx,
                                        int64_t begin, int64_t end, int64_t cols) {
   if constexpr (std::is_same_v<T, c10::Half>) {
-#ifdef FASTDL_AVX512_KERNELS
-    if (kLog && cpu_has_avx512()) {
+#ifdef FASTDL_AVX2_KERNELS
+    if (kLog && cpu_has_avx2()) {
       for (int64_t r = begin; r < end; ++r)
-        half_log_softmax_backward_row_avx512(dy + r * dy_stride, y + r * y_stride, dx + r * cols, cols);
+        half_log_softmax_backward_row_avx2(dy + r * dy_stride, y + r * y_stride, dx + r * cols, cols);
       return;
     }
 #endif
