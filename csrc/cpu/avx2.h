@@ -34,29 +34,80 @@ FASTDL_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 FASTDL_AVX2 inline void store8(c10::Half* p, __m256 v) { half_store8(p, v); }
 FASTDL_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 
-// load8 / store8 of the first min(k, 8) values at p (loads give 0 after them): a row's last
-// k < 8 values go through 8 on the stack. (Not vmaskmovps: AVX2 has no 16-bit form, and
-// the float store form is microcoded on AMD CPUs: it took the norm backward from 2.9 to
-// 5.4 ms on an EPYC.)
-template <typename T> FASTDL_AVX2 inline __m256 load8_first(const T* p, int64_t k) {
-  if (k >= 8) return load8(p);
-  alignas(32) T part[8] = {};
-  std::memcpy(part, p, static_cast<size_t>(k) * sizeof(T));
-  return load8(part);
-}
-template <typename T> FASTDL_AVX2 inline void store8_first(T* p, int64_t k, __m256 v) {
-  if (k >= 8) return store8(p, v);
-  alignas(32) T part[8];
-  store8(part, v);
-  std::memcpy(p, part, static_cast<size_t>(k) * sizeof(T));
+// All ones in the lanes below k of 8, 0 elsewhere (to zero what a tail's padding gives).
+FASTDL_AVX2 inline __m256 first_lanes8(int64_t k) {
+  return _mm256_cmp_ps(_mm256_set1_ps(static_cast<float>(k < 8 ? k : 8)), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7),
+                       _CMP_GT_OQ);
 }
 
-// The sum of the L = 8 * R lanes held in R registers (lanes 8 r to 8 r + 7 in register r),
-// in add_lanes' tree: the order sum_lanes gives L lanes.
-template <int R> FASTDL_AVX2 inline float add_lanes_of(const __m256 (&regs)[R]) {
-  alignas(32) float lanes[8 * R];
-  for (int r = 0; r < R; ++r) _mm256_store_ps(lanes + 8 * r, regs[r]);
-  return add_lanes(lanes);
+// Columns [at, at + 8) of a row that ends at column n, as floats (0 past the end), and v
+// into those of them before the end (rounded into fp16 for fp16 rows). A row's last, partial
+// block: loaded as the row's last 8 values moved down by a lane permute where the row has
+// 8 or more (through the stack, a load would wait on the stores before it), else through 8
+// on the stack; stored through 8 on the stack. (Not vmaskmovps: AVX2 has no 16-bit form,
+// and the float store form is microcoded on AMD CPUs: it took the norm backward from 2.9
+// to 5.4 ms on an EPYC.) The copy loops have a constant length: memcpy(k) was a libc call.
+template <typename T> FASTDL_AVX2 inline __m256 load_cols8(const T* row, int64_t at, int64_t n) {
+  const int64_t k = n - at;
+  if (k >= 8) return load8(row + at);
+  if (n >= 8) {
+    const __m256i down = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                          _mm256_set1_epi32(static_cast<int>(8 - k)));
+    return _mm256_and_ps(_mm256_permutevar8x32_ps(load8(row + n - 8), down), first_lanes8(k));
+  }
+  alignas(32) T part[8] = {};
+  for (int i = 0; i < 8; ++i)
+    if (i < k) part[i] = row[at + i];
+  return load8(part);
+}
+template <typename T> FASTDL_AVX2 inline void store_cols8(T* row, int64_t at, int64_t n, __m256 v) {
+  const int64_t k = n - at;
+  if (k >= 8) return store8(row + at, v);
+  alignas(32) T part[8];
+  store8(part, v);
+  for (int i = 0; i < 8; ++i)
+    if (i < k) row[at + i] = part[i];
+}
+
+// v rounded to fp16 precision (to nearest even), as floats: what an fp16 store and load give.
+FASTDL_AVX2 inline __m256 half_round8(__m256 v) {
+  return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// For lambdas called in FASTDL_AVX2 functions: the same target, inlined.
+#define FASTDL_AVX2_LAMBDA __attribute__((target("avx2,fma,f16c"), always_inline))
+
+// body(at, end) for the columns [at, at + 8) of a row of n, 8 at a time, where body loads
+// and stores with load_cols8 / store_cols8(.., at, end, ..). end is at + 8 in the loop over
+// whole blocks, so the compiler drops the tail code there (inside the loop it took
+// registers: the fp16 log_softmax backward went from 0.95 to 1.15 ms), and n for a row's
+// last, partial block.
+template <typename Body> FASTDL_AVX2 inline void for_cols8(int64_t n, Body body) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) body(j, j + 8);
+  if (j < n) body(j, n);
+}
+
+// S sums over a row of n columns: add(at, end, acc) adds the terms of columns [at, at + 8)
+// into acc[0..S), as for_cols8's body (those past the row must add 0). Four registers a
+// sum (column j in lane j % 32), then add_lanes' tree: the order is fixed by n alone.
+template <int S, typename Add> FASTDL_AVX2 inline void sum_row8(int64_t n, Add add, float (&sums)[S]) {
+  __m256 acc[4][S];
+  for (int part = 0; part < 4; ++part)
+    for (int s = 0; s < S; ++s) acc[part][s] = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+#pragma GCC unroll 4
+    for (int part = 0; part < 4; ++part) add(j + 8 * part, j + 8 * part + 8, acc[part]);
+  }
+#pragma GCC unroll 4
+  for (int part = 0; part < 4; ++part)  // the last n % 32 columns
+    if (j + 8 * part < n) add(j + 8 * part, n, acc[part]);
+  for (int s = 0; s < S; ++s) {
+    alignas(32) float lanes[32];
+    for (int part = 0; part < 4; ++part) _mm256_store_ps(lanes + 8 * part, acc[part][s]);
+    sums[s] = add_lanes(lanes);
+  }
 }
 
 // exp_approx (common.h) on 8 floats: the same steps, constants and clamps. NaN stays NaN:

@@ -57,6 +57,48 @@ FASTDL_INLINE void norm_row_forward(const T* __restrict x, const T* __restrict r
   *rstd_out = rstd;
 }
 
+#ifdef FASTDL_AVX2_KERNELS
+// norm_row_forward for an fp16 row on an AVX2 CPU (csrc/cpu/avx2.h), converting 8 values
+// as it loads or stores them, where the generic loops take fp16 rows through float
+// buffers. norm_row_forward's math; the sums in sum_row8's order.
+FASTDL_AVX2 void half_row_forward_avx2(const c10::Half* __restrict x, const c10::Half* __restrict residual,
+                                       c10::Half* __restrict h, const float* __restrict weight,
+                                       const float* __restrict bias, c10::Half* __restrict y, int64_t n, float eps,
+                                       bool rms, float* mean_out, float* rstd_out) {
+  const c10::Half* src = residual != nullptr ? h : x;
+  float sum[1] = {0.0f};
+  if (residual != nullptr) {
+    // write the sum and add it up in the same pass; the sum as stored (rounded to fp16), as
+    // the unfused add would give it. Past the row, x and residual load as 0 and add 0.
+    sum_row8(n, [&](int64_t at, int64_t end, __m256 (&acc)[1]) FASTDL_AVX2_LAMBDA {
+      const __m256 v = half_round8(_mm256_add_ps(load_cols8(x, at, end), load_cols8(residual, at, end)));
+      store_cols8(h, at, end, v);
+      acc[0] = _mm256_add_ps(acc[0], v);
+    }, sum);
+  } else if (!rms) {
+    sum_row8(n, [&](int64_t at, int64_t end, __m256 (&acc)[1]) FASTDL_AVX2_LAMBDA {
+      acc[0] = _mm256_add_ps(acc[0], load_cols8(x, at, end));
+    }, sum);
+  }
+  const float mean = rms ? 0.0f : sum[0] / static_cast<float>(n);
+  const __m256 mean_v = _mm256_set1_ps(mean);
+  float sq[1];
+  sum_row8(n, [&](int64_t at, int64_t end, __m256 (&acc)[1]) FASTDL_AVX2_LAMBDA {
+    __m256 d = _mm256_sub_ps(load_cols8(src, at, end), mean_v);
+    if (end - at < 8) d = _mm256_and_ps(d, first_lanes8(end - at));  // past the row: 0, not -mean
+    acc[0] = _mm256_fmadd_ps(d, d, acc[0]);
+  }, sq);
+  const float rstd = 1.0f / std::sqrt(sq[0] / static_cast<float>(n) + eps);
+  const __m256 rstd_v = _mm256_set1_ps(rstd);
+  for_cols8(n, [&](int64_t at, int64_t end) FASTDL_AVX2_LAMBDA {
+    const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load_cols8(src, at, end), mean_v), rstd_v);
+    store_cols8(y, at, end, _mm256_fmadd_ps(xhat, load_cols8(weight, at, end), load_cols8(bias, at, end)));
+  });
+  if (mean_out != nullptr) *mean_out = mean;
+  *rstd_out = rstd;
+}
+#endif
+
 template <typename T>
 FASTDL_MULTIVERSION void norm_forward_rows(const T* x, int64_t x_stride, const T* residual, int64_t residual_stride,
                                            T* h, const typename Acc<T>::type* weight,
@@ -64,7 +106,16 @@ FASTDL_MULTIVERSION void norm_forward_rows(const T* x, int64_t x_stride, const T
                                            typename Acc<T>::type* rstd, int64_t begin, int64_t end, int64_t n,
                                            typename Acc<T>::type eps, bool rms) {
   if constexpr (std::is_same_v<T, c10::Half>) {
-    // through float buffers converted with F16C (csrc/cpu/half_rows.h); the sum is rounded
+#ifdef FASTDL_AVX2_KERNELS
+    if (cpu_has_avx2()) {
+      for (int64_t r = begin; r < end; ++r)
+        half_row_forward_avx2(x + r * x_stride, residual ? residual + r * residual_stride : nullptr,
+                              h ? h + r * n : nullptr, weight, bias, y + r * n, n, eps, rms, mean ? mean + r : nullptr,
+                              rstd + r);
+      return;
+    }
+#endif
+    // through float buffers (csrc/cpu/half_rows.h); the sum is rounded
     // to T before the norm reads it back, as the unfused add would give it
     FloatRows buf(2, n);
     for (int64_t r = begin; r < end; ++r) {
@@ -115,40 +166,37 @@ FASTDL_INLINE void norm_row_backward(const T* __restrict dy, const T* __restrict
 // norm_row_backward for an fp16 row on an AVX2 CPU (csrc/cpu/avx2.h): each load converts
 // 8 values inside the loop that uses them, as bf16 rows are converted, so the loads overlap
 // the math (4096 x 1024, 2-core VM, AMD EPYC: 1.66-1.81 -> 0.88-1.0 ms, aten 1.2-1.25; one
-// thread 3.9 -> 1.63-1.76 ms, aten 2.34-2.4). The math and the order of the sums are
-// norm_row_backward's: term j in lane j % 32 (four registers a sum), then add_lanes' tree.
+// thread 3.9 -> 1.63-1.76 ms, aten 2.34-2.4). norm_row_backward's math; the sums in
+// sum_row8's order.
 template <bool kDsum, bool kDweight, bool kDbias>
 FASTDL_AVX2 void half_row_backward_avx2(const c10::Half* __restrict dy, const c10::Half* __restrict dsum,
                                         const c10::Half* __restrict x, const float* __restrict weight, float mean,
                                         float rstd, c10::Half* __restrict dx, float* __restrict dweight_partial,
                                         float* __restrict dbias_partial, int64_t n, bool rms) {
-  const __m256 mean_v = _mm256_set1_ps(mean), rstd_v = _mm256_set1_ps(rstd), zero = _mm256_setzero_ps();
-  __m256 sum_gx[4] = {zero, zero, zero, zero}, sum_g[4] = {zero, zero, zero, zero};
-  for (int64_t j = 0; j < n; j += 32) {
-    for (int part = 0; part < 4 && j + 8 * part < n; ++part) {
-      const int64_t at = j + 8 * part;  // past the row, dy and weight load as 0: g = 0 adds 0
-      const __m256 g = _mm256_mul_ps(load8_first(dy + at, n - at), load8_first(weight + at, n - at));
-      const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8_first(x + at, n - at), mean_v), rstd_v);
-      sum_gx[part] = _mm256_fmadd_ps(g, xhat, sum_gx[part]);
-      sum_g[part] = _mm256_add_ps(sum_g[part], g);
-    }
-  }
-  const __m256 c1 = _mm256_set1_ps(add_lanes_of(sum_gx) / static_cast<float>(n));
-  const __m256 c2 = _mm256_set1_ps(rms ? 0.0f : add_lanes_of(sum_g) / static_cast<float>(n));
-  for (int64_t j = 0; j < n; j += 8) {
-    const int64_t k = n - j;  // columns left: 8 or more but in the row's last block
-    const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load8_first(x + j, k), mean_v), rstd_v);
-    const __m256 d = load8_first(dy + j, k);
+  const __m256 mean_v = _mm256_set1_ps(mean), rstd_v = _mm256_set1_ps(rstd);
+  // sum(g * xhat) and sum(g) with g = dy * weight; past the row, dy and weight load as 0: g = 0 adds 0
+  float sums[2];
+  sum_row8(n, [&](int64_t at, int64_t end, __m256 (&acc)[2]) FASTDL_AVX2_LAMBDA {
+    const __m256 g = _mm256_mul_ps(load_cols8(dy, at, end), load_cols8(weight, at, end));
+    const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load_cols8(x, at, end), mean_v), rstd_v);
+    acc[0] = _mm256_fmadd_ps(g, xhat, acc[0]);
+    acc[1] = _mm256_add_ps(acc[1], g);
+  }, sums);
+  const __m256 c1 = _mm256_set1_ps(sums[0] / static_cast<float>(n));
+  const __m256 c2 = _mm256_set1_ps(rms ? 0.0f : sums[1] / static_cast<float>(n));
+  for_cols8(n, [&](int64_t at, int64_t end) FASTDL_AVX2_LAMBDA {
+    const __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(load_cols8(x, at, end), mean_v), rstd_v);
+    const __m256 d = load_cols8(dy, at, end);
     // (d * weight - c2 - xhat * c1) * rstd
-    __m256 v = _mm256_fmsub_ps(d, load8_first(weight + j, k), c2);
+    __m256 v = _mm256_fmsub_ps(d, load_cols8(weight, at, end), c2);
     v = _mm256_mul_ps(_mm256_fnmadd_ps(xhat, c1, v), rstd_v);
-    if constexpr (kDsum) v = _mm256_add_ps(v, load8_first(dsum + j, k));
-    store8_first(dx + j, k, v);
+    if constexpr (kDsum) v = _mm256_add_ps(v, load_cols8(dsum, at, end));
+    store_cols8(dx, at, end, v);
     if constexpr (kDweight)
-      store8_first(dweight_partial + j, k, _mm256_fmadd_ps(d, xhat, load8_first(dweight_partial + j, k)));
+      store_cols8(dweight_partial, at, end, _mm256_fmadd_ps(d, xhat, load_cols8(dweight_partial, at, end)));
     if constexpr (kDbias)
-      store8_first(dbias_partial + j, k, _mm256_add_ps(load8_first(dbias_partial + j, k), d));
-  }
+      store_cols8(dbias_partial, at, end, _mm256_add_ps(load_cols8(dbias_partial, at, end), d));
+  });
 }
 #endif
 

@@ -20,7 +20,7 @@ using fastdl::cpu::exp_approx;
 #ifdef FASTDL_AVX2_KERNELS
 FASTDL_AVX2 void exp_approx8_all(const float* x, float* y, int64_t n) {
   using namespace fastdl::cpu;
-  for (int64_t i = 0; i < n; i += 8) store8_first(y + i, n - i, exp_approx8(load8_first(x + i, n - i)));
+  for (int64_t i = 0; i < n; i += 8) store_cols8(y, i, n, exp_approx8(load_cols8(x, i, n)));
 }
 #endif
 
