@@ -9,7 +9,7 @@
 // math. They are picked at run time (cpu_has_avx2), beside the generic code for older
 // CPUs. (AVX-512 versions, 16 values a register, were measured too, at 4096 x 1024 on the
 // dev VM's EPYC: the norm backward no faster, as it waits on memory; the log_softmax
-// backward, bound by its exp, 0.81-0.84 ms against these 0.95-1.04 ms, aten 1.06-1.1.)
+// backward, bound by its exp, 0.81-0.84 ms against these 0.93-1.04 ms, aten 1.06-1.1.)
 #pragma once
 #include <cstdint>
 #include <cstring>
