@@ -37,21 +37,22 @@ NATIVE = ("cuda", "cpu")
 # rms_norm 4/4, softmax bf16 9/14, fp16 6/10, fp32 5/5) and in every host-timed one: an eager
 # call on triton costs ~40-90 us more host time (softmax bf16 32x512: 49 vs 11 us a call). The
 # triton kernels win only at the largest sizes (softmax fwd bf16 4096x16384: 88% vs 64% of copy).
-# cpu: benchmarks/results/cpu, run at d450b1b (fastdl-cpu vs torch eager, 2-core Xeon VM;
-# the f998b28, c239258, 04ec140 and 88fb053 runs there and the 2c43ffc run on a 2-core EPYC gave the
-# same orders but for 16-bit softmax, which went to torch until the lane sums of ac5e65e).
+# cpu: benchmarks/results/cpu, run at 96ab999 (fastdl-cpu vs torch eager, 2-core EPYC VM;
+# the b39ef3d run there, the d450b1b, f998b28, c239258, 04ec140 and 88fb053 runs on a 2-core
+# Xeon VM and the 2c43ffc run on an EPYC gave the same orders but for 16-bit softmax, which
+# went to torch until the lane sums of ac5e65e).
 PREFERENCE = {
     "softmax": {
         "cuda": ("cuda", "triton", "torch"),
-        # fp32 4096x4096: fwd 2.02x, bwd 1.65x; 4096x1024: bf16 fwd 1.24x / bwd 1.02x, fp16
-        # 1.17x / 1.07x. A training step (fwd + bwd through fastdl.ops, one warm process, same
+        # fp32 4096x4096: fwd 2.47x, bwd 2.72x; 4096x1024: bf16 fwd 1.34x / bwd 0.98x, fp16
+        # 1.43x / 1.36x. A training step (fwd + bwd through fastdl.ops, one warm process, same
         # VM, c239258's code): cpu 1.05-1.15x the torch backend at 4096x256 / 4096x1024 in bf16 and fp16
         # (bf16 log_softmax 4096x1024 level, 0.98x), 1.3-1.45x at 64x512
         "cpu": ("cpu", "torch"),
     },
     # layer_norm and the fused add + layer_norm.
-    # fp32 4096x4096: 1.87x / 1.52x fwd / fwd+bwd; 4096x1024: bf16 1.48x-2.27x, fp16
-    # 1.22x-3.47x. Were fastdl-cpu to trail eager (bf16 layer_norm fwd did, 0.94x, at
+    # fp32 4096x4096: 2.79x / 2.22x fwd / fwd+bwd; 4096x1024: bf16 1.44x-2.14x, fp16
+    # 1.75x-2.07x (layer_norm, add_layer_norm). Were fastdl-cpu to trail eager (bf16 layer_norm fwd did, 0.94x, at
     # 88fb053), the norms' "torch" backend would be no way out: it is plain tensor ops (it
     # must return mean and rstd), not eager's kernel, and ~4x slower still (4096x1024 fp16
     # fwd: 8.1 ms, fastdl-cpu 2.1 ms, eager 1.3 ms at 1a25ae6). So cpu is first for every dtype.
