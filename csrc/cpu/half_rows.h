@@ -10,7 +10,7 @@
 // ops an element, twice bf16's kernel time; so fp16 rows are converted whole, with F16C
 // where the CPU has it, into float buffers (L1/L2) that the float kernels run on, and the
 // result is rounded once into the output row. (On AVX2 CPUs the norms' fp16 kernels and
-// the fp16 log_softmax backward convert in their own loops instead: csrc/cpu/avx2.h.)
+// the fp16 softmax backward convert in their own loops instead: csrc/cpu/avx2.h.)
 #pragma once
 #include <cstdint>
 #include <cstring>

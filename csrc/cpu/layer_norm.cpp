@@ -165,7 +165,7 @@ FASTDL_INLINE void norm_row_backward(const T* __restrict dy, const T* __restrict
 #ifdef FASTDL_AVX2_KERNELS
 // norm_row_backward for an fp16 row on an AVX2 CPU (csrc/cpu/avx2.h): each load converts
 // 8 values inside the loop that uses them, as bf16 rows are converted, so the loads overlap
-// the math (4096 x 1024, 2-core VM, AMD EPYC: 1.66-1.81 -> 0.88-1.0 ms, aten 1.2-1.25; one
+// the math (4096 x 1024, 2-core VM, AMD EPYC: 1.66-1.81 -> 0.6-0.9 ms, aten 1.19-1.29; one
 // thread 3.9 -> 1.63-1.76 ms, aten 2.34-2.4). norm_row_backward's math; the sums in
 // sum_row8's order.
 template <bool kDsum, bool kDweight, bool kDbias>

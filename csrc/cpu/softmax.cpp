@@ -98,56 +98,32 @@ FASTDL_INLINE void softmax_row_forward_16(const T* __restrict x, T* __restrict y
   }
 }
 
-#ifdef FASTDL_F16C
-// An fp16 row's softmax backward in two passes, converting 8 values at a time with F16C:
-// dot = sum(dy * y) in blocks as blocked_sum, then dx = y * (dy - dot). Through float
-// buffers it took five passes (4096 x 1024 on 2 threads: 0.79 -> 0.55 ms, torch 0.58).
-__attribute__((target("avx,f16c"))) void half_softmax_backward_row_f16c(const c10::Half* __restrict dy,
-                                                                        const c10::Half* __restrict y,
-                                                                        c10::Half* __restrict dx, int64_t n) {
-  float dot = 0;
-  for (int64_t b = 0; b < n; b += kSumBlock) {
-    const int64_t block_end = std::min(n, b + kSumBlock);
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();  // two chains of adds
-    int64_t j = b;
-    for (; j + 16 <= block_end; j += 16) {
-      s0 = _mm256_add_ps(s0, _mm256_mul_ps(half_load8(dy + j), half_load8(y + j)));
-      s1 = _mm256_add_ps(s1, _mm256_mul_ps(half_load8(dy + j + 8), half_load8(y + j + 8)));
-    }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, _mm256_add_ps(s0, s1));
-    float part = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-    for (; j < block_end; ++j) part += load_acc<float>(dy, j) * load_acc<float>(y, j);
-    dot += part;
-  }
-  const __m256 dot8 = _mm256_set1_ps(dot);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    half_store8(dx + j, _mm256_mul_ps(half_load8(y + j), _mm256_sub_ps(half_load8(dy + j), dot8)));
-  for (; j < n; ++j) store_acc(dx, j, load_acc<float>(y, j) * (load_acc<float>(dy, j) - dot));
-}
-#endif
 
 #ifdef FASTDL_AVX2_KERNELS
-// An fp16 log_softmax row's backward on an AVX2 CPU (csrc/cpu/avx2.h), converting 8
-// values as it loads them: dot = sum(dy) in blocked_sum's blocks (each in sum_row8's
-// order), then dx = dy - exp(y) * dot, softmax_row_backward's math. Through float buffers it took
-// five passes, 1.5x aten's time.
-FASTDL_AVX2 void half_log_softmax_backward_row_avx2(const c10::Half* __restrict dy, const c10::Half* __restrict y,
-                                                    c10::Half* __restrict dx, int64_t n) {
-  float dot = 0;
+// softmax_row_backward for an fp16 row on an AVX2 CPU (csrc/cpu/avx2.h), converting 8
+// values as it loads or stores them: the dot product in blocked_sum's blocks (each in
+// sum_row8's order), then dx. Through float buffers it took five passes (4096 x 1024,
+// 2-core VM, AMD EPYC: softmax 0.79 -> 0.55 ms, torch 0.58, with an F16C kernel of this
+// shape; log_softmax 1.53-1.61 -> 0.93-1.04 ms, aten 1.06-1.12).
+template <bool kLog>
+FASTDL_AVX2 void half_softmax_backward_row_avx2(const c10::Half* __restrict dy, const c10::Half* __restrict y,
+                                                c10::Half* __restrict dx, int64_t n) {
+  float dot = 0;  // softmax: sum(dy * y); log_softmax: sum(dy)
   for (int64_t b = 0; b < n; b += kSumBlock) {
     const int64_t len = std::min(kSumBlock, n - b);
     float block_sum[1];
     sum_row8(len, [&](int64_t at, int64_t end, __m256 (&acc)[1]) FASTDL_AVX2_LAMBDA {
-      acc[0] = _mm256_add_ps(acc[0], load_cols8(dy + b, at, end));  // past the block: 0
+      const __m256 d = load_cols8(dy + b, at, end);  // past the block: 0
+      acc[0] = kLog ? _mm256_add_ps(acc[0], d) : _mm256_fmadd_ps(d, load_cols8(y + b, at, end), acc[0]);
     }, block_sum);
     dot += block_sum[0];
   }
   const __m256 dot_v = _mm256_set1_ps(dot);
   for_cols8(n, [&](int64_t at, int64_t end) FASTDL_AVX2_LAMBDA {
-    const __m256 e = exp_approx8(load_cols8(y, at, end));
-    store_cols8(dx, at, end, _mm256_fnmadd_ps(e, dot_v, load_cols8(dy, at, end)));
+    const __m256 d = load_cols8(dy, at, end), out = load_cols8(y, at, end);
+    // softmax: y * (dy - dot); log_softmax: dy - exp(y) * dot
+    store_cols8(dx, at, end,
+                kLog ? _mm256_fnmadd_ps(exp_approx8(out), dot_v, d) : _mm256_mul_ps(out, _mm256_sub_ps(d, dot_v)));
   });
 }
 #endif
@@ -180,26 +156,18 @@ FASTDL_MULTIVERSION void forward_rows(const T* x, int64_t x_stride, T* y, int64_
   }
 }
 
-// bf16 rows convert inside the backward's loops (a shift). fp16 softmax rows take
-// half_softmax_backward_row_f16c where the CPU has F16C, fp16 log_softmax rows
-// half_log_softmax_backward_row_avx2 where it has AVX2; the rest go through float buffers.
-// (bf16 in the same hand-written AVX2 form was no faster than GCC's code: its rounding,
-// ~7 integer ops for 8 values, is what it spends on.)
+// bf16 rows convert inside the backward's loops (a shift). fp16 rows take
+// half_softmax_backward_row_avx2 where the CPU has AVX2, else float buffers. (bf16 in the
+// same hand-written AVX2 form was no faster than GCC's code: its rounding, ~7 integer ops
+// for 8 values, is what it spends on.)
 template <typename T, bool kLog>
 FASTDL_MULTIVERSION void backward_rows(const T* dy, int64_t dy_stride, const T* y, int64_t y_stride, T* dx,
                                        int64_t begin, int64_t end, int64_t cols) {
   if constexpr (std::is_same_v<T, c10::Half>) {
 #ifdef FASTDL_AVX2_KERNELS
-    if (kLog && cpu_has_avx2()) {
+    if (cpu_has_avx2()) {
       for (int64_t r = begin; r < end; ++r)
-        half_log_softmax_backward_row_avx2(dy + r * dy_stride, y + r * y_stride, dx + r * cols, cols);
-      return;
-    }
-#endif
-#ifdef FASTDL_F16C
-    if (!kLog && cpu_has_f16c()) {
-      for (int64_t r = begin; r < end; ++r)
-        half_softmax_backward_row_f16c(dy + r * dy_stride, y + r * y_stride, dx + r * cols, cols);
+        half_softmax_backward_row_avx2<kLog>(dy + r * dy_stride, y + r * y_stride, dx + r * cols, cols);
       return;
     }
 #endif
