@@ -94,9 +94,9 @@ def test_forward_backward(case, dtype, shape, variant):
 @pytest.mark.parametrize("variant", ["layer_norm", "layer_norm_plain", "rms_norm", "add_layer_norm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_cpu_every_row_tail(dtype, variant):
-    """The CPU kernels work a row in blocks of 8 or 32 columns (the fp16 backward's AVX2
-    loops, csrc/cpu/layer_norm.cpp; the lanes of the generic ones), then its last columns:
-    hidden 1 to 65 takes every length of that tail, in one and in several blocks."""
+    """The CPU kernels work a row in blocks of 8 and 32 columns (the fp16 kernels' AVX2
+    loops, csrc/cpu/avx2.h) or 32 and 64 (the lanes of the generic ones), then its last
+    columns: hidden 1 to 65 takes every length of that tail, in one and in several blocks."""
     if "cpu" not in fastdl.available_backends():
         pytest.skip("the cpu backend is not built")
     for n in range(1, 66):

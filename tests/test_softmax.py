@@ -81,9 +81,9 @@ def test_kernel_shape_edges(case, dtype, cols, misaligned):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_cpu_every_row_tail(dtype):
-    """The CPU kernels work a row in blocks of 8 or 64 columns (the fp16 backward's AVX2
-    loops, csrc/cpu/softmax.cpp; the lanes of the generic ones), then its last columns: 1 to
-    130 columns take every length of that tail, in one and in several blocks."""
+    """The CPU kernels work a row in blocks of 8 and 32 columns (the fp16 backward's AVX2
+    loops, csrc/cpu/avx2.h) or 64 (the lanes of the generic ones), then its last columns: 1
+    to 130 columns take every length of that tail, in one and in several blocks."""
     if "cpu" not in fastdl.available_backends():
         pytest.skip("the cpu backend is not built")
     for cols in range(1, 131):

@@ -187,7 +187,6 @@ __attribute__((target("avx,f16c"))) inline void half_row_from_float_affine_f16c(
   for (; j + 8 <= n; j += 8) half_store8(dst + j, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(src + j), s), o));
   for (; j < n; ++j) dst[j] = _cvtss_sh(src[j] * scale + offset, _MM_FROUND_TO_NEAREST_INT);
 }
-
 #endif
 
 // half_rows_add_soft, with F16C where the CPU has it.

@@ -98,7 +98,6 @@ FASTDL_INLINE void softmax_row_forward_16(const T* __restrict x, T* __restrict y
   }
 }
 
-
 #ifdef FASTDL_AVX2_KERNELS
 // softmax_row_backward for an fp16 row on an AVX2 CPU (csrc/cpu/avx2.h), converting 8
 // values as it loads or stores them: the dot product in blocked_sum's blocks (each in
