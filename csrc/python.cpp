@@ -24,7 +24,9 @@
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/Device.h>
 #include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
@@ -128,13 +130,14 @@ bool has_tangent(const std::optional<at::Tensor>& t) { return t.has_value() && h
 
 // Whether nothing records or transforms a call on x: no TorchFunctionMode in force, no
 // torch.jit.trace recording, no torch.func transform (grad, vmap, jacrev ...: the dynamic
-// layer front key is in the thread's dispatch keys while one runs), no autocast on x's
-// device, and no forward-mode AD tangent on x (the callers ask has_tangent of their other
-// tensors). Under any of them fastdl.ops run torch's op or a custom op instead.
+// layer front key is in the thread's dispatch keys while one runs), and no forward-mode AD
+// tangent on x (the callers ask has_tangent of their other tensors). Under any of them
+// fastdl.ops run torch's op or a custom op instead. (Autocast is not one of them: the
+// entries cast as fastdl.ops does, autocast_dtype below.)
 bool untransformed(const at::Tensor& x) {
   return !at::impl::torch_function_mode_enabled() && !torch::jit::tracer::isTracing() &&
          !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
-         !at::autocast::is_autocast_enabled(x.device().type()) && !has_tangent(x);
+         !has_tangent(x);
 }
 
 // An interned Python string, made once per name (never freed, as the module).
@@ -153,6 +156,8 @@ constexpr int kChoices = 5;
 // Read and written with the GIL held.
 int8_t resolutions[static_cast<int>(Op::kCount)][2][4][kChoices];
 
+// The float dtypes the memos index: dtype_index(kIndexedDtypes[i]) == i, -1 for another.
+constexpr at::ScalarType kIndexedDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble};
 int dtype_index(at::ScalarType type) {
   switch (type) {
     case at::kFloat: return 0;
@@ -177,13 +182,13 @@ int choice_index(PyObject* choice) {
   return -1;
 }
 
-// Whether fastdl.backends resolves `op` on x (a cpu or cuda tensor of a float dtype, not
-// nested) to a native backend now, as backends.resolve would. The choice is read as
+// Whether fastdl.backends resolves `op` for a cpu or cuda (`cuda`) tensor of a float dtype
+// to a native backend now, as backends.resolve would. The choice is read as
 // backends.get_backend reads it (use_backend's context variable, then set_backend's, then
 // FASTDL_BACKEND's, then "auto"), from the module's globals on every call (tests patch
 // them). 1 yes, 0 no, -1 with a Python error set (an unknown backend name, which
 // backends._resolve_cached reports).
-int resolves_native(Op op, const at::Tensor& x) {
+int resolves_native(Op op, bool cuda, at::ScalarType dtype) {
   static PyObject* backends = nullptr;  // a reference kept
   if (backends == nullptr && (backends = PyImport_ImportModule("fastdl.backends")) == nullptr) return -1;
   static PyObject* const scoped_name = interned("_scoped_choice");
@@ -207,10 +212,9 @@ int resolves_native(Op op, const at::Tensor& x) {
     Py_INCREF(choice);
   }
   const int choice_at = choice == Py_None ? 0 : choice_index(choice);  // None: "auto"
-  const int dtype_at = dtype_index(x.scalar_type());
-  int8_t* memo = choice_at >= 0 && dtype_at >= 0
-                     ? &resolutions[static_cast<int>(op)][x.is_cuda() ? 1 : 0][dtype_at][choice_at]
-                     : nullptr;
+  const int dtype_at = dtype_index(dtype);
+  int8_t* memo =
+      choice_at >= 0 && dtype_at >= 0 ? &resolutions[static_cast<int>(op)][cuda ? 1 : 0][dtype_at][choice_at] : nullptr;
   if (memo != nullptr && *memo != 0) {
     Py_DECREF(choice);
     return *memo == 1;
@@ -226,8 +230,7 @@ int resolves_native(Op op, const at::Tensor& x) {
   PyObject* resolve = PyDict_GetItemWithError(globals, resolve_name);
   PyObject* result = nullptr;
   if (resolve != nullptr) {
-    PyObject* args[] = {op_name, x.is_cuda() ? cuda_name : cpu_name,
-                        reinterpret_cast<PyObject*>(torch::getTHPDtype(x.scalar_type())),
+    PyObject* args[] = {op_name, cuda ? cuda_name : cpu_name, reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype)),
                         choice == Py_None ? auto_name : choice};
     result = PyObject_Vectorcall(resolve, args, 4, nullptr);
   } else if (!PyErr_Occurred()) {
@@ -246,9 +249,62 @@ int resolves_native(Op op, const at::Tensor& x) {
   return native;
 }
 
-// fastdl._C.forget_resolutions(): backends' answers may have changed (its cache cleared).
+// torch's ops whose dtype under autocast fastdl's follow: the keys of
+// fastdl.ops._common._AUTOCAST_PROBES.
+enum class Probe { kSoftmax, kLogSoftmax, kLayerNorm, kRmsNorm, kCount };
+constexpr const char* kProbeNames[] = {"softmax", "log_softmax", "layer_norm", "rms_norm"};
+
+// What fastdl.ops._common._autocast_probe answered for (op, device, x's dtype, autocast
+// dtype), memoised here as resolutions are: 0 not asked yet, else 1 + the dtype_index of
+// the dtype torch's op computes in. Read and written with the GIL held.
+int8_t autocast_answers[static_cast<int>(Probe::kCount)][2][4][4];
+
+// The dtype a fastdl.ops call on x computes in, as fastdl.ops._common.autocast_dtype gives
+// it: x's own, unless autocast is on on x's device, where it is the dtype torch's own op
+// computes in (CUDA autocast runs softmax and the norms in fp32, CPU autocast leaves them
+// alone; the probe asks torch, once per key). 1 with *dtype set; 0 where the answer is not
+// one memoised here (the call goes to Python); -1 with a Python error set.
+int autocast_dtype(Probe probe, const at::Tensor& x, at::ScalarType* dtype) {
+  *dtype = x.scalar_type();
+  const c10::DeviceType device = x.device().type();
+  if (!at::autocast::is_autocast_enabled(device)) return 1;
+  const int from = dtype_index(x.scalar_type());
+  const at::ScalarType low = at::autocast::get_autocast_dtype(device);
+  const int low_at = dtype_index(low);
+  if (from < 0 || low_at < 0) return 0;
+  int8_t& memo = autocast_answers[static_cast<int>(probe)][x.is_cuda() ? 1 : 0][from][low_at];
+  if (memo == 0) {
+    static PyObject* common = nullptr;  // a reference kept
+    if (common == nullptr && (common = PyImport_ImportModule("fastdl.ops._common")) == nullptr) return -1;
+    static PyObject* const probe_name = interned("_autocast_probe");
+    static PyObject* names[static_cast<int>(Probe::kCount)] = {};
+    PyObject*& name = names[static_cast<int>(probe)];
+    if (name == nullptr) name = interned(kProbeNames[static_cast<int>(probe)]);
+    PyObject* ask = PyObject_GetAttr(common, probe_name);  // read on every miss: tests patch it
+    PyObject* device_py = ask != nullptr ? THPDevice_New(x.device()) : nullptr;
+    PyObject* answer = nullptr;
+    if (device_py != nullptr) {
+      PyObject* args[] = {name, device_py, reinterpret_cast<PyObject*>(torch::getTHPDtype(x.scalar_type())),
+                          reinterpret_cast<PyObject*>(torch::getTHPDtype(low))};
+      answer = PyObject_Vectorcall(ask, args, 4, nullptr);
+    }
+    Py_XDECREF(ask);
+    Py_XDECREF(device_py);
+    if (answer == nullptr) return -1;
+    const int answer_at = THPDtype_Check(answer) ? dtype_index(reinterpret_cast<THPDtype*>(answer)->scalar_type) : -1;
+    Py_DECREF(answer);
+    if (answer_at < 0) return 0;
+    memo = static_cast<int8_t>(answer_at + 1);
+  }
+  *dtype = kIndexedDtypes[memo - 1];
+  return 1;
+}
+
+// fastdl._C.forget_resolutions(): backends' answers may have changed (its cache cleared),
+// or the autocast probe's (tests patch it).
 PyObject* forget_resolutions_py(PyObject*, PyObject*) {
   std::memset(resolutions, 0, sizeof(resolutions));
+  std::memset(autocast_answers, 0, sizeof(autocast_answers));
   Py_RETURN_NONE;
 }
 
@@ -316,10 +372,11 @@ bool param_arg(PyObject* obj, const at::Tensor& x, int64_t n, std::optional<at::
   return float_strided(p) && p.dim() == 1 && p.size(0) == n && p.device() == x.device();
 }
 
-// eps as a float; None is rms_norm's default, the machine epsilon of x's dtype (as torch).
-bool eps_arg(PyObject* obj, const at::Tensor& x, bool rms, double* eps) {
+// eps as a float; None is rms_norm's default, the machine epsilon of the dtype the norm
+// computes in (as torch).
+bool eps_arg(PyObject* obj, at::ScalarType dtype, bool rms, double* eps) {
   if (obj == Py_None && rms) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastdl.norm eps", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastdl.norm eps", [&] {
       *eps = static_cast<double>(std::numeric_limits<scalar_t>::epsilon());
     });
     return true;
@@ -335,21 +392,22 @@ bool eps_arg(PyObject* obj, const at::Tensor& x, bool rms, double* eps) {
 // x on a device a native backend runs (cpu, cuda).
 bool native_device(const at::Tensor& x) { return x.is_cpu() || x.is_cuda(); }
 
-// For a softmax call along dim of t, its other arguments checked: 1 (dim made non-negative)
-// when dim is in range and the backend chosen is native, 0 when not, -1 with a Python error
-// set.
-int softmax_dim_on_native(const at::Tensor& t, int64_t* dim) {
+// For a softmax call along dim of t, computed in dtype, its other arguments checked: 1 (dim
+// made non-negative) when dim is in range and the backend chosen is native, 0 when not, -1
+// with a Python error set.
+int softmax_dim_on_native(const at::Tensor& t, at::ScalarType dtype, int64_t* dim) {
   const int64_t rank = std::max<int64_t>(t.dim(), 1);  // a 0-d t takes dim 0 or -1, as torch
   if (*dim < -rank || *dim >= rank) return 0;
   *dim = (*dim + rank) % rank;
-  return resolves_native(Op::kSoftmax, t);
+  return resolves_native(Op::kSoftmax, t.is_cuda(), dtype);
 }
 
 // fastdl._C.softmax_checked(x, dim, dtype, log): a fastdl.ops softmax / log_softmax call
 // whose arguments are the common case, checked here instead of in Python: x a plain float
 // tensor, dim an int in range, dtype None, nothing recording or transforming the call
-// (untransformed) and a native backend chosen. Anything else gets NotImplemented, and
-// fastdl.ops checks (and reports) it in Python. The caller has ruled out torch.compile.
+// (untransformed) and a native backend chosen. Under autocast x is cast first, as
+// fastdl.ops casts it. Anything else gets NotImplemented, and fastdl.ops checks (and
+// reports) it in Python. The caller has ruled out torch.compile.
 PyObject* softmax_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   at::Tensor x;
@@ -359,13 +417,15 @@ PyObject* softmax_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs)
       !float_strided(x) || !native_device(x) || !int_arg(args[1], &dim) || !untransformed(x)) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  const int taken = softmax_dim_on_native(x, &dim);
+  at::ScalarType dtype;
+  int taken = autocast_dtype(log ? Probe::kLogSoftmax : Probe::kSoftmax, x, &dtype);
+  if (taken > 0) taken = softmax_dim_on_native(x, dtype, &dim);
   if (taken < 0) return nullptr;
   if (taken == 0) Py_RETURN_NOTIMPLEMENTED;
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
-    y = softmax_eager(x, dim, log);
+    y = softmax_eager(dtype == x.scalar_type() ? x : x.to(dtype), dim, log);
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
@@ -374,7 +434,8 @@ PyObject* softmax_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs)
 // fastdl._C.softmax_backward_checked(grad_out, out, dim, log): a fastdl.ops.softmax_backward
 // call of the common case, checked here: out a plain float tensor, grad_out one of its
 // shape, dtype and device, dim an int in range, log a bool, nothing recording or
-// transforming the call and a native backend chosen. NotImplemented for any other.
+// transforming the call and a native backend chosen. NotImplemented for any other. (No
+// cast under autocast: fastdl.ops.softmax_backward makes none.)
 PyObject* softmax_backward_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   at::Tensor grad_out, out;
@@ -386,7 +447,7 @@ PyObject* softmax_backward_checked_py(PyObject*, PyObject* const* args, Py_ssize
       grad_out.sizes() != out.sizes() || !int_arg(args[2], &dim) || !untransformed(out) || has_tangent(grad_out)) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  const int taken = softmax_dim_on_native(out, &dim);
+  const int taken = softmax_dim_on_native(out, out.scalar_type(), &dim);
   if (taken < 0) return nullptr;
   if (taken == 0) Py_RETURN_NOTIMPLEMENTED;
   at::Tensor grad_in;
@@ -403,8 +464,9 @@ PyObject* softmax_backward_checked_py(PyObject*, PyObject* const* args, Py_ssize
 // are the common case, checked here instead of in Python (~1 us a call there): plain
 // tensors; x a float tensor whose last dim is normalized_shape (an int or a tuple of one);
 // residual of x's shape, dtype and device; weight / bias float vectors of that length on
-// x's device; eps a number (None: rms_norm's default). Returns y, or (x + residual, y) when
-// fused, as fastdl.ops do. Anything else, a TorchFunctionMode in force included, gets
+// x's device; eps a number (None: rms_norm's default). Under autocast every tensor is cast
+// first, as fastdl.ops casts them. Returns y, or (x + residual, y) when fused, as
+// fastdl.ops do. Anything else, a TorchFunctionMode in force included, gets
 // NotImplemented, and fastdl.ops checks (and reports) it in Python; so does a call that
 // something records or transforms (untransformed), or whose backend is not native. The
 // caller has ruled out torch.compile.
@@ -418,7 +480,7 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
   if (nargs != 7 || !bool_arg(args[6], &rms) ||
       !tensor_arg(args[0], &x) || !float_strided(x) || x.dim() < 1 || !one_dim_shape(args[2], &n) ||
       x.size(-1) != n || !optional_tensor_arg(args[1], &residual) || !param_arg(args[3], x, n, &weight) ||
-      !param_arg(args[4], x, n, &bias) || !eps_arg(args[5], x, rms, &eps)) {
+      !param_arg(args[4], x, n, &bias)) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   if (residual.has_value() && (!float_strided(*residual) || residual->scalar_type() != x.scalar_type() ||
@@ -428,12 +490,20 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
   if (!native_device(x) || !untransformed(x) || has_tangent(residual) || has_tangent(weight) || has_tangent(bias)) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  const int native = resolves_native(rms ? Op::kRmsNorm : Op::kLayerNorm, x);
+  at::ScalarType dtype;
+  int native = autocast_dtype(rms ? Probe::kRmsNorm : Probe::kLayerNorm, x, &dtype);
+  if (native > 0) native = eps_arg(args[5], dtype, rms, &eps) ? 1 : 0;  // rms_norm's default: dtype's epsilon
+  if (native > 0) native = resolves_native(rms ? Op::kRmsNorm : Op::kLayerNorm, x.is_cuda(), dtype);
   if (native < 0) return nullptr;
   if (native == 0) Py_RETURN_NOTIMPLEMENTED;
   at::Tensor y, h;
   {
     pybind11::gil_scoped_release no_gil;
+    if (dtype != x.scalar_type()) {  // every operand in the dtype torch computes in, as fastdl.ops
+      x = x.to(dtype);
+      for (std::optional<at::Tensor>* t : {&residual, &weight, &bias})
+        if (t->has_value()) *t = (*t)->to(dtype);
+    }
     std::tie(y, h) = layer_norm_eager(x, residual, weight, bias, 1, eps, rms);
   }
   if (!residual.has_value()) return THPVariable_Wrap(std::move(y));
@@ -453,7 +523,8 @@ PyMethodDef methods[] = {
      "softmax_checked(x, dim, dtype, log): a fastdl.ops softmax call of the common case, its arguments checked "
      "in C++; NotImplemented for any other"},
     {"forget_resolutions", &forget_resolutions_py, METH_NOARGS,
-     "forget_resolutions(): what the checked entries memoised of fastdl.backends' answers (its cache was cleared)"},
+     "forget_resolutions(): what the checked entries memoised of fastdl.backends' and the autocast probe's "
+     "answers"},
     {"softmax_backward_checked",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&softmax_backward_checked_py)), METH_FASTCALL,
      "softmax_backward_checked(grad_out, out, dim, log): a fastdl.ops.softmax_backward call of the common case, "

@@ -7,6 +7,7 @@ fastdl._C.softmax_checked / softmax_backward_checked / layer_norm_checked: fastd
 public calls of the common case, their arguments (and what torch records or transforms)
 checked in C++; they must give what the Python path gives, and answer NotImplemented for
 every other call."""
+import contextlib
 import importlib
 
 import torch.autograd.forward_ad as forward_ad
@@ -136,6 +137,46 @@ def _checked_and_python_paths(monkeypatch, module, name, device, run):
     return results
 
 
+# Under autocast the checked entries cast as fastdl.ops does, to the dtype torch's own op
+# computes in (fastdl.ops._common's probe, its answers memoised in C++). "fp32 rule": the
+# probe made to answer as CUDA autocast does (fp16 / bf16 in fp32), so that a CPU-only
+# machine takes the cast too; CPU autocast leaves softmax and the norms alone.
+AUTOCAST = [None, "bf16", "bf16, fp32 rule"]
+
+
+@contextlib.contextmanager
+def _autocast(kind, device):
+    if kind is None:
+        yield
+        return
+    common = importlib.import_module("fastdl.ops._common")
+    probes = dict(common._AUTOCAST_PROBES)
+
+    def forget():
+        common._autocast_probe.cache_clear()
+        fastdl._C.forget_resolutions()
+
+    if kind.endswith("fp32 rule"):
+        for name, probe in probes.items():
+            common._AUTOCAST_PROBES[name] = \
+                lambda t, probe=probe: probe(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
+    forget()
+    try:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            yield
+    finally:
+        common._AUTOCAST_PROBES.update(probes)
+        forget()
+
+
+def _computes_in(kind, dtype):
+    """The dtype a softmax / norm call on a `dtype` x computes in under autocast `kind`, on
+    a CPU x (on CUDA autocast takes 16-bit x to fp32 whatever the kind)."""
+    if kind is not None and kind.endswith("fp32 rule") and dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return dtype
+
+
 # public op -> (call given x, residual, weight, bias), rms
 NORM_CALLS = {
     "layer_norm": lambda x, r, w, b: fastdl.ops.layer_norm(x, x.shape[-1], w, b),
@@ -148,13 +189,15 @@ NORM_CALLS = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("call", list(NORM_CALLS))
-def test_checked_norm_call_is_the_python_path(monkeypatch, call, dtype, device):
+def test_checked_norm_call_is_the_python_path(monkeypatch, call, dtype, autocast, device):
     """The norms' common call runs through layer_norm_checked and gives, bit for bit, the
     outputs and gradients of the Python path it skips (layer_norm_checked made to answer
-    NotImplemented): rms_norm's default eps is the dtype's machine epsilon in C++ too, an
-    int eps and a 1-tuple normalized_shape are read as Python reads them."""
+    NotImplemented): rms_norm's default eps is the machine epsilon of the dtype it computes
+    in in C++ too, an int eps and a 1-tuple normalized_shape are read as Python reads them,
+    and under autocast every tensor is cast as Python casts it."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, 24, device=device, dtype=dtype, requires_grad=True)
     residual = torch.randn_like(x, requires_grad=True)
@@ -162,7 +205,10 @@ def test_checked_norm_call_is_the_python_path(monkeypatch, call, dtype, device):
     bias = torch.nn.Parameter(torch.randn(24, device=device))
 
     def run():
-        out = _outputs(NORM_CALLS[call](x, residual, weight, bias))
+        with _autocast(autocast, device):
+            out = _outputs(NORM_CALLS[call](x, residual, weight, bias))
+        if device == "cpu":
+            assert all(o.dtype == _computes_in(autocast, dtype) for o in out)
         loss = sum((o.float() ** 3).sum() for o in out)
         inputs = [t for t in (x, residual, weight, bias) if t.requires_grad]
         return out + torch.autograd.grad(loss, inputs, allow_unused=True)
@@ -230,17 +276,21 @@ SOFTMAX_CALLS = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("call", list(SOFTMAX_CALLS))
-def test_checked_softmax_call_is_the_python_path(monkeypatch, call, dtype, device):
+def test_checked_softmax_call_is_the_python_path(monkeypatch, call, dtype, autocast, device):
     """softmax's common call runs through softmax_checked and gives, bit for bit, the output
     and gradient of the Python path it skips (softmax_checked made to answer NotImplemented):
-    a negative dim and a 0-d x's dim are read as Python reads them."""
+    a negative dim and a 0-d x's dim are read as Python reads them, and under autocast x is
+    cast as Python casts it."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, 24, device=device, dtype=dtype, requires_grad=True)
 
     def run():
-        out = SOFTMAX_CALLS[call](x)
+        with _autocast(autocast, device):
+            out = SOFTMAX_CALLS[call](x)
+        assert device != "cpu" or out.dtype == _computes_in(autocast, dtype)
         return out, torch.autograd.grad((out.float() ** 3).sum(), x)[0]
 
     checked, python = _checked_and_python_paths(monkeypatch, _softmax_ops, "_softmax_checked", device, run)
@@ -287,17 +337,23 @@ SOFTMAX_BACKWARD_CALLS = {
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("autocast", AUTOCAST, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("call", list(SOFTMAX_BACKWARD_CALLS))
-def test_checked_softmax_backward_call_is_the_python_path(monkeypatch, call, dtype, device):
+def test_checked_softmax_backward_call_is_the_python_path(monkeypatch, call, dtype, autocast, device):
     """fastdl.ops.softmax_backward's common call runs through softmax_backward_checked and
-    gives, bit for bit, what the Python path it skips gives."""
+    gives, bit for bit, what the Python path it skips gives (under autocast too, where
+    neither casts)."""
     torch.manual_seed(0)
     out = torch.softmax(torch.randn(3, 5, 24, device=device, dtype=dtype), -1)
     grad_out = torch.randn_like(out)
-    checked, python = _checked_and_python_paths(monkeypatch, _softmax_ops, "_softmax_backward_checked", device,
-                                                lambda: SOFTMAX_BACKWARD_CALLS[call](grad_out, out))
-    assert torch.equal(checked, python)
+
+    def run():
+        with _autocast(autocast, device):
+            return SOFTMAX_BACKWARD_CALLS[call](grad_out, out)
+
+    checked, python = _checked_and_python_paths(monkeypatch, _softmax_ops, "_softmax_backward_checked", device, run)
+    assert checked.dtype == dtype and torch.equal(checked, python)
 
 
 def test_checked_softmax_backward_call_leaves_the_rest_to_python():
@@ -343,9 +399,10 @@ def _checked(name):
 @pytest.mark.parametrize("name", list(CHECKED))
 def test_checked_calls_leave_recorded_and_transformed_calls_to_python(name):
     """A call that torch records or transforms takes fastdl.ops' Python path, which runs
-    torch's op or a custom op for it: under torch.jit.trace, a torch.func transform, autocast
-    on x's device, or with a forward-mode AD tangent on any tensor argument (a tangent-free
-    call inside a dual level is taken: it has no tangent to carry)."""
+    torch's op or a custom op for it: under torch.jit.trace, a torch.func transform, or with
+    a forward-mode AD tangent on any tensor argument (a tangent-free call inside a dual level
+    is taken: it has no tangent to carry). Autocast is taken (the entries cast as Python
+    does: the *_is_the_python_path tests)."""
     entry = _checked(name)
     x, w = torch.randn(4, 8), torch.rand(8) + 0.5
     assert entry(*CHECKED[name](x, w)) is not NotImplemented
@@ -363,8 +420,6 @@ def test_checked_calls_leave_recorded_and_transformed_calls_to_python(name):
 
     torch.func.vmap(transformed)(x.unsqueeze(0))
     torch.func.grad(lambda t: (answers.setdefault("torch.func.grad", entry(*CHECKED[name](t, w))), t.sum())[1])(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        answers["autocast on x's device"] = entry(*CHECKED[name](x, w))
     with forward_ad.dual_level():
         answers["x dual"] = entry(*CHECKED[name](forward_ad.make_dual(x, torch.ones_like(x)), w))
         if name.startswith("layer_norm"):
@@ -372,9 +427,9 @@ def test_checked_calls_leave_recorded_and_transformed_calls_to_python(name):
         assert entry(*CHECKED[name](x, w)) is not NotImplemented, "a call without a tangent in a dual level"
     for what, answer in answers.items():
         assert answer is NotImplemented, what
-    if torch.cuda.is_available():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            assert entry(*CHECKED[name](x, w)) is not NotImplemented, "autocast on another device"
+    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            assert entry(*CHECKED[name](x, w)) is not NotImplemented, f"autocast on {device}"
 
 
 @pytest.mark.parametrize("name", list(CHECKED))
