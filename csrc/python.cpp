@@ -404,21 +404,28 @@ int softmax_dim_on_native(const at::Tensor& t, at::ScalarType dtype, int64_t* di
 
 // fastdl._C.softmax_checked(x, dim, dtype, log): a fastdl.ops softmax / log_softmax call
 // whose arguments are the common case, checked here instead of in Python: x a plain float
-// tensor, dim an int in range, dtype None, nothing recording or transforming the call
-// (untransformed) and a native backend chosen. Under autocast x is cast first, as
-// fastdl.ops casts it. Anything else gets NotImplemented, and fastdl.ops checks (and
-// reports) it in Python. The caller has ruled out torch.compile.
+// tensor, dim an int in range, dtype None or a float dtype, nothing recording or
+// transforming the call (untransformed) and a native backend chosen. x is cast first to
+// dtype, or when none is given to the dtype autocast computes in, as fastdl.ops casts it.
+// Anything else gets NotImplemented, and fastdl.ops checks (and reports) it in Python. The
+// caller has ruled out torch.compile.
 PyObject* softmax_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   at::Tensor x;
   int64_t dim = 0;
   bool log = false;
-  if (nargs != 4 || args[2] != Py_None || !bool_arg(args[3], &log) || !tensor_arg(args[0], &x) ||
-      !float_strided(x) || !native_device(x) || !int_arg(args[1], &dim) || !untransformed(x)) {
+  if (nargs != 4 || !bool_arg(args[3], &log) || !tensor_arg(args[0], &x) || !float_strided(x) ||
+      !native_device(x) || !int_arg(args[1], &dim) || !untransformed(x)) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  at::ScalarType dtype;
-  int taken = autocast_dtype(log ? Probe::kLogSoftmax : Probe::kSoftmax, x, &dtype);
+  at::ScalarType dtype = at::kFloat;
+  int taken = 0;
+  if (args[2] == Py_None) {
+    taken = autocast_dtype(log ? Probe::kLogSoftmax : Probe::kSoftmax, x, &dtype);
+  } else if (THPDtype_Check(args[2])) {  // as torch: cast, then compute in dtype (no autocast cast)
+    dtype = reinterpret_cast<THPDtype*>(args[2])->scalar_type;
+    taken = dtype_index(dtype) >= 0 ? 1 : 0;
+  }
   if (taken > 0) taken = softmax_dim_on_native(x, dtype, &dim);
   if (taken < 0) return nullptr;
   if (taken == 0) Py_RETURN_NOTIMPLEMENTED;

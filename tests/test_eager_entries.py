@@ -272,6 +272,8 @@ SOFTMAX_CALLS = {
     "log_softmax dim -2": lambda x: fastdl.ops.log_softmax(x, -2),
     "softmax of a transposed x": lambda x: fastdl.ops.softmax(x.transpose(0, 2), 1),
     "log_softmax of a 0-d x": lambda x: fastdl.ops.log_softmax(x[0, 0, 0], -1),
+    "softmax in dtype fp32": lambda x: fastdl.ops.softmax(x, -1, dtype=torch.float32),
+    "log_softmax in dtype bf16": lambda x: fastdl.ops.log_softmax(x, 1, torch.bfloat16),
 }
 
 
@@ -282,15 +284,16 @@ SOFTMAX_CALLS = {
 def test_checked_softmax_call_is_the_python_path(monkeypatch, call, dtype, autocast, device):
     """softmax's common call runs through softmax_checked and gives, bit for bit, the output
     and gradient of the Python path it skips (softmax_checked made to answer NotImplemented):
-    a negative dim and a 0-d x's dim are read as Python reads them, and under autocast x is
-    cast as Python casts it."""
+    a negative dim and a 0-d x's dim are read as Python reads them, x is cast to the dtype
+    given, or else under autocast as Python casts it."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, 24, device=device, dtype=dtype, requires_grad=True)
+    given = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(call.split("in dtype ")[-1])
 
     def run():
         with _autocast(autocast, device):
             out = SOFTMAX_CALLS[call](x)
-        assert device != "cpu" or out.dtype == _computes_in(autocast, dtype)
+        assert out.dtype == given if given else device != "cpu" or out.dtype == _computes_in(autocast, dtype)
         return out, torch.autograd.grad((out.float() ** 3).sum(), x)[0]
 
     checked, python = _checked_and_python_paths(monkeypatch, _softmax_ops, "_softmax_checked", device, run)
@@ -315,7 +318,8 @@ def test_checked_softmax_call_leaves_the_rest_to_python():
         "dim 1 of a 0-d x": (torch.tensor(1.0), 1, None, False),
         "dim a bool": (x, True, None, False),
         "dim a float": (x, 1.0, None, False),
-        "dtype given": (x, -1, torch.float64, False),
+        "dtype an int dtype": (x, -1, torch.int64, False),
+        "dtype a string": (x, -1, "float32", False),
         "log an int": (x, -1, None, 0),
         "too few arguments": ok[:3],
     }

@@ -122,7 +122,7 @@ class _SoftmaxFunction(torch.autograd.Function):
 
 # --- public API ------------------------------------------------------------------
 _softmax_eager = _native.eager_entry("softmax_eager")
-# The common call (a plain float tensor, a dim in range, no dtype, nothing recording or
+# The common call (a plain float tensor, a dim in range, a float dtype or none, nothing recording or
 # transforming it, a native backend), its arguments checked in C++ (csrc/python.cpp): host
 # time counts, and the Python below costs ~0.8 us more a call for the same result. It
 # answers NotImplemented for any other call.
