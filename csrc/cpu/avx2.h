@@ -25,7 +25,7 @@ namespace fastdl::cpu {
 
 inline bool cpu_has_avx2() {
   static const bool has = cpu_has_f16c() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;  // cpu_has_f16c is false in the baseline test build (CMakeLists.txt)
+  return has;
 }
 
 // 8 fp16 / float values at p as floats, and v stored at p, rounded into fp16 / as floats.

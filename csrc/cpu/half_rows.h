@@ -100,16 +100,14 @@ FASTDL_INLINE void half_rows_add_soft(const uint16_t* __restrict x, const uint16
 // fp16 rows in hardware: F16C (every x86-64 since Ivy Bridge / Piledriver) converts 8 values
 // an instruction, rounding to nearest even as the software path does; about half the time
 // of the software loops, which took half of an fp16 kernel's time. Picked per row at run
-// time (cpu_has_f16c), since the kernels' AVX2 clone does not assume F16C.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// time (cpu_has_f16c), since the kernels' AVX2 clone does not assume F16C. A baseline test
+// build (CMakeLists.txt) leaves them out, as a build for a CPU other than x86-64 (aarch64,
+// e.g. a GH200's Grace) does: it compiles and runs the code those get.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(FASTDL_CPU_ISA_BASELINE)
 #define FASTDL_F16C 1
 inline bool cpu_has_f16c() {
-#ifdef FASTDL_CPU_ISA_BASELINE
-  return false;  // a baseline test build (CMakeLists.txt) runs the software conversions
-#else
   static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
   return has;
-#endif
 }
 
 // 8 fp16 values (c10::Half or their uint16_t bits) as floats, and 8 floats rounded into
