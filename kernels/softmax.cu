@@ -315,9 +315,9 @@ __global__ void __launch_bounds__(kPackedThreads)
   total = block_sum<kPackedThreads>(total, scratch);
   held.reconvert_after_here();
   if constexpr (kLog) {
-    held.store(dx + row * cols, t, cols, [&](A g, A o) { return g - exp_acc(o) * total; }, y_row);
+    held.store_with(y_row, dx + row * cols, t, cols, [&](A g, A o) { return g - exp_acc(o) * total; });
   } else {
-    held.store(dx + row * cols, t, cols, [&](A o, A g) { return o * (g - total); }, dy_row);
+    held.store_with(dy_row, dx + row * cols, t, cols, [&](A o, A g) { return o * (g - total); });
   }
 }
 

@@ -153,10 +153,29 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
     return total;
   }
 
-  // Writes f(value) for each of this thread's columns < cols to a row of T, rounded to T;
-  // with other_row, f(value, other), `other` read from other_row as in sum_with.
+  // Writes f(value) for each of this thread's columns < cols to a row of T, rounded to T.
+  template <typename F> __device__ __forceinline__ void store(T* row, int t, int cols, F&& f) const {
+    store_packs(row, t, cols, [&](const uint4& pack, int, Vec<T>& out) {
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) out.v[k] = from_acc<T>(f(element(pack, k)));
+    });
+  }
+
+  // store with f(value, other), `other` the value at the same column of row `other_row`
+  // (read as in sum_with).
   template <typename F>
-  __device__ __forceinline__ void store(T* row, int t, int cols, F&& f, const T* other_row = nullptr) const {
+  __device__ __forceinline__ void store_with(const T* other_row, T* row, int t, int cols, F&& f) const {
+    store_packs(row, t, cols, [&](const uint4& pack, int col, Vec<T>& out) {
+      const uint4 other = *reinterpret_cast<const uint4*>(other_row + col);
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) out.v[k] = from_acc<T>(f(element(pack, k), element(other, k)));
+    });
+  }
+
+ private:
+  // fill(pack, col, out) makes the 16 bytes written for the pack at column col, for each
+  // pack before cols.
+  template <typename Fill> __device__ __forceinline__ void store_packs(T* row, int t, int cols, Fill&& fill) const {
 #if defined(__CUDA_ARCH__)
     asm volatile("" : "+r"(t), "+r"(cols));  // addresses worked out here, not kept from the load
 #endif
@@ -168,14 +187,7 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
         asm volatile("" : "+r"(pack.x), "+r"(pack.y), "+r"(pack.z), "+r"(pack.w));  // a pack at a time
 #endif
         Vec<T> out;
-        if constexpr (std::is_invocable_v<F, decltype(element(pack, 0))>) {
-#pragma unroll
-          for (int k = 0; k < kPack; ++k) out.v[k] = from_acc<T>(f(element(pack, k)));
-        } else {
-          const uint4 other = *reinterpret_cast<const uint4*>(other_row + pack_col(t, p));
-#pragma unroll
-          for (int k = 0; k < kPack; ++k) out.v[k] = from_acc<T>(f(element(pack, k), element(other, k)));
-        }
+        fill(pack, pack_col(t, p), out);
         *reinterpret_cast<Vec<T>*>(row + pack_col(t, p)) = out;
       }
     }
