@@ -19,6 +19,9 @@ CPU_HALF_DTYPES, CPU_HALF_SHAPE = (torch.bfloat16, torch.float16), (4096, 1024)
 # a small input (64 tokens of a BERT-base-sized model), timed as calls back to back: what
 # a call costs the host (Python, dispatch, launch) when the kernels take microseconds
 HOST_SHAPE = (64, 768)
+# direction suffix of a mixed-precision training step's call: x in bf16, parameters in
+# fp32, under torch.autocast(bf16) (on CUDA the norms then compute in fp32, as torch's do)
+AUTOCAST = " autocast"
 
 # the norm issue's targets (H100, side by side in one run)
 _ALL = ("bfloat16", "float16", "float32")
@@ -61,13 +64,28 @@ def _timed(fn, direction, inputs, dy):
     return fwd_bwd
 
 
+def _under_autocast(fn, device):
+    def run(*args):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn(*args)
+
+    return run
+
+
 def _impls(op, device, dtype, shape, direction):
+    mixed = direction.endswith(AUTOCAST)
+    direction = direction.removesuffix(AUTOCAST)
     rows, n = shape
     grad = direction != "fwd"
+    param_dtype = torch.float32 if mixed else dtype
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
-    w = torch.rand(n, device=device, dtype=dtype, requires_grad=grad)
-    b = torch.randn(n, device=device, dtype=dtype, requires_grad=grad)
-    dy = (torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
+    w = torch.rand(n, device=device, dtype=param_dtype, requires_grad=grad)
+    b = torch.randn(n, device=device, dtype=param_dtype, requires_grad=grad)
+    out_dtype = dtype
+    if mixed:  # the dtype autocast computes in on this device
+        with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
+            out_dtype = F.layer_norm(x[:1], (n,)).dtype
+    dy = (torch.randn(shape, device=device, dtype=out_dtype), torch.randn(shape, device=device, dtype=out_dtype))
     if op == "layer_norm":
         inputs = (x, w, b)
         eager = lambda x_, w_, b_: F.layer_norm(x_, (n,), w_, b_)  # noqa: E731
@@ -85,10 +103,12 @@ def _impls(op, device, dtype, shape, direction):
             return h, F.layer_norm(h, (n,), w_, b_)
 
         fast = lambda x_, r_, w_, b_: fastdl.ops.add_layer_norm(x_, r_, n, w_, b_)  # noqa: E731
+    if mixed:
+        eager, fast = _under_autocast(eager, device), _under_autocast(fast, device)
     compiled = harness.compiled(eager)
     impls = [Impl("torch", _timed(eager, direction, inputs, dy)),
              Impl("torch.compile", _timed(compiled, direction, inputs, dy))]
-    apex = _apex_layer_norm() if device.type == "cuda" and op == "layer_norm" else None
+    apex = _apex_layer_norm() if device.type == "cuda" and op == "layer_norm" and not mixed else None
     if apex is not None:
         impls.append(Impl("apex", _timed(lambda x_, w_, b_: apex(x_, w_, b_, (n,), 1e-5), direction, inputs, dy)))
     impls += [Impl(f"fastdl-{be}", _timed(fast, direction, inputs, dy), backend=be)
@@ -106,9 +126,15 @@ def _bytes(op, direction, rows, n, size):
 def _host_cases(device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = torch.tensor([], dtype=dtype).element_size()
-    return [Case(op, direction + harness.HOST, dtype, HOST_SHAPE, _bytes(op, direction, *HOST_SHAPE, size),
-                 functools.partial(_impls, op, device, dtype, HOST_SHAPE, direction), timing="host")
-            for op in ("layer_norm", "rms_norm", "add_layer_norm") for direction in ("fwd", "fwd+bwd")]
+    out = [Case(op, direction + harness.HOST, dtype, HOST_SHAPE, _bytes(op, direction, *HOST_SHAPE, size),
+                functools.partial(_impls, op, device, dtype, HOST_SHAPE, direction), timing="host")
+           for op in ("layer_norm", "rms_norm", "add_layer_norm") for direction in ("fwd", "fwd+bwd")]
+    # a mixed-precision step's layer_norm (bf16 x, fp32 parameters, autocast), forward + backward
+    mixed = "fwd+bwd" + AUTOCAST
+    out.append(Case("layer_norm", mixed + harness.HOST, torch.bfloat16, HOST_SHAPE,
+                    _bytes("layer_norm", "fwd+bwd", *HOST_SHAPE, 2),
+                    functools.partial(_impls, "layer_norm", device, torch.bfloat16, HOST_SHAPE, mixed), timing="host"))
+    return out
 
 
 def cases(device: torch.device, quick: bool = False):
