@@ -180,6 +180,24 @@ def test_parameter_gradients_are_deterministic(case, shape):
         assert torch.equal(first, second), "two runs gave different parameter gradients"
 
 
+@pytest.mark.parametrize("shape", [(5, 1000), (2, 20000)], ids=["tile", "loop"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fused_sum_is_torchs_add(case, dtype, shape):
+    """The fused norms' first output is x + residual as torch's add stores it, bit for bit
+    (16-bit sums rounded to nearest even), and that is the sum they normalise, as the
+    unfused add and norm would. (Under the Triton interpreter, through tests/conftest.py's
+    bf16 rounding: the interpreter's own truncates.)"""
+    backend, device = case
+    x, res, w, b = (t.detach() for t in _inputs(shape, dtype, device, "add_layer_norm"))
+    with fastdl.use_backend(backend):
+        h, y = fastdl.ops.add_layer_norm(x, res, shape[-1], w, b)
+        h_rms, _ = fastdl.ops.add_rms_norm(x, res, shape[-1], w)
+        y_unfused = fastdl.ops.layer_norm(x + res, shape[-1], w, b)
+    assert torch.equal(h, x + res) and torch.equal(h_rms, x + res)
+    assert_close(y, y_unfused.double(), dtype, "fused against unfused")
+
+
 @pytest.mark.skipif("cpu" not in fastdl.available_backends("cpu"), reason="the CPU kernels are not built")
 @pytest.mark.parametrize("shape", [(300, 768), (5000, 64), (3, 20000)], ids=str)
 def test_cpu_gradients_same_bits_any_thread_count(shape):
