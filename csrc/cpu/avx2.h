@@ -113,18 +113,19 @@ template <int S, typename Add> FASTDL_AVX2 inline void sum_row8(int64_t n, Add a
 // exp_approx (common.h) on 8 floats: the same steps, constants and clamps. NaN stays NaN:
 // vmaxps / vminps return their second operand when either is NaN.
 FASTDL_AVX2 inline __m256 exp_approx8(__m256 x) {
-  const __m256 round_magic = _mm256_set1_ps(12582912.0f);  // 1.5 * 2^23
-  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-88.0f), x));
-  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), round_magic);
+  using namespace exp_approx_constants;
+  const __m256 round_magic = _mm256_set1_ps(kRoundMagic);
+  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(kClamp), _mm256_max_ps(_mm256_set1_ps(-kClamp), x));
+  const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), round_magic);
   const __m256 n = _mm256_sub_ps(t, round_magic);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kPoly[0]);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kPoly[1]));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kPoly[2]));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kPoly[3]));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kPoly[4]));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kPoly[5]));
   p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
   // 2^n: n + 127 in the exponent field, n = t's bits less the magic's
   const __m256i field = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(round_magic));

@@ -112,6 +112,17 @@ template <typename A, typename Value> FASTDL_INLINE A max_lanes(int64_t n, A ini
   return acc[0];
 }
 
+// exp_approx's constants (below), shared with avx2.h's exp_approx8 (the same steps on 8 floats).
+namespace exp_approx_constants {
+constexpr float kClamp = 88.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: t = y + m rounds y to an integer n in t's low bits
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+// e^r ~ 1 + r + r^2 * (kPoly[0] r^5 + kPoly[1] r^4 + ... + kPoly[5]), Horner's order
+constexpr float kPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+}  // namespace exp_approx_constants
+
 // exp(x) for float, max relative error 8.3e-8 (1 ulp) on [-87.3, 88]
 // (tests/cpp/exp_approx_check.cpp).
 // Cody & Waite range reduction: n = round(x / ln2), r = x - n*ln2 with ln2 split in a
@@ -123,20 +134,18 @@ template <typename A, typename Value> FASTDL_INLINE A max_lanes(int64_t n, A ini
 // gives 0. NaN gives NaN: the clamps keep it (x < c ? c : x is x for NaN) and every step
 // after carries it.
 __attribute__((always_inline)) inline float exp_approx(float x) {
-  const float kLog2e = 1.44269504088896341f;
-  const float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: t = y + m rounds y to an integer n in t's low bits
-  const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  float xc = x < -88.0f ? -88.0f : x;
-  xc = xc > 88.0f ? 88.0f : xc;
+  using namespace exp_approx_constants;
+  float xc = x < -kClamp ? -kClamp : x;
+  xc = xc > kClamp ? kClamp : xc;
   const float t = xc * kLog2e + kRoundMagic;
   const float n = t - kRoundMagic;
   const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float p = kPoly[0];
+  p = p * r + kPoly[1];
+  p = p * r + kPoly[2];
+  p = p * r + kPoly[3];
+  p = p * r + kPoly[4];
+  p = p * r + kPoly[5];
   p = p * (r * r) + r + 1.0f;
   // 2^n: n + 127 in the exponent field, n = t's bits less the magic's (no float -> int conversion)
   uint32_t t_bits, magic_bits;
