@@ -51,8 +51,9 @@ PREFERENCE = {
         "cpu": ("cpu", "torch"),
     },
     # layer_norm and the fused add + layer_norm.
-    # fp32 4096x4096: 2.79x / 2.22x fwd / fwd+bwd; 4096x1024: bf16 1.44x-2.14x, fp16
-    # 1.75x-2.07x (layer_norm, add_layer_norm). Were fastdl-cpu to trail eager (bf16 layer_norm fwd did, 0.94x, at
+    # fp32 4096x4096: 2.79x / 2.22x fwd / fwd+bwd; 4096x1024: bf16 1.37x-1.90x (re-timed at
+    # 4aec82e, merged into that run), fp16 1.75x-2.07x (layer_norm, add_layer_norm). Were
+    # fastdl-cpu to trail eager (bf16 layer_norm fwd did, 0.94x, at
     # 88fb053), the norms' "torch" backend would be no way out: it is plain tensor ops (it
     # must return mean and rstd), not eager's kernel, and ~4x slower still (4096x1024 fp16
     # fwd: 8.1 ms, fastdl-cpu 2.1 ms, eager 1.3 ms at 1a25ae6). So cpu is first for every dtype.
@@ -63,7 +64,7 @@ PREFERENCE = {
     # rms_norm and the fused add + rms_norm (layer_norm's kernels, its own order)
     "rms_norm": {
         "cuda": ("cuda", "triton", "torch"),
-        "cpu": ("cpu", "torch"),  # fp32 5.4x / 7.5x, bf16 8.1x / 18.3x, fp16 8.2x / 11.7x
+        "cpu": ("cpu", "torch"),  # fp32 8.43x / 12.10x, bf16 8.28x / 13.19x, fp16 11.06x / 23.56x
     },
 }
 
