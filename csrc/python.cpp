@@ -274,13 +274,10 @@ int autocast_dtype(Probe probe, const at::Tensor& x, at::ScalarType* dtype) {
   if (from < 0 || low_at < 0) return 0;
   int8_t& memo = autocast_answers[static_cast<int>(probe)][x.is_cuda() ? 1 : 0][from][low_at];
   if (memo == 0) {
-    static PyObject* common = nullptr;  // a reference kept
-    if (common == nullptr && (common = PyImport_ImportModule("fastdl.ops._common")) == nullptr) return -1;
-    static PyObject* const probe_name = interned("_autocast_probe");
     static PyObject* names[static_cast<int>(Probe::kCount)] = {};
     PyObject*& name = names[static_cast<int>(probe)];
     if (name == nullptr) name = interned(kProbeNames[static_cast<int>(probe)]);
-    PyObject* ask = PyObject_GetAttr(common, probe_name);  // read on every miss: tests patch it
+    PyObject* ask = lookup("fastdl.ops._common", "_autocast_probe");  // on every miss: tests patch it
     PyObject* device_py = ask != nullptr ? THPDevice_New(x.device()) : nullptr;
     PyObject* answer = nullptr;
     if (device_py != nullptr) {
