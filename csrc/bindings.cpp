@@ -33,20 +33,23 @@ TORCH_LIBRARY(fastdl, m) {
   m.def("softmax_eager(Tensor x, int dim, bool log) -> Tensor");
   // layer_norm / rms_norm over the last dim of (rows, cols), with an optional residual
   // added first (fused add); returns (y, x + residual or empty, mean or empty (rms),
-  // rstd), statistics in float32 (float64 for float64)
-  m.def("layer_norm_rows_forward(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
-  // (dx, dweight or empty, dbias or empty); dweight / dbias in weight's dtype when it is
-  // x's, else the statistics' dtype, summed in the statistics' dtype deterministically;
-  // dsum is the gradient reaching x + residual from elsewhere
+  // rstd), statistics in float32 (float64 for float64). y in out_dtype: None (x's), or
+  // the statistics' dtype (a 16-bit x normalised into fp32 in one pass; no residual)
+  m.def("layer_norm_rows_forward(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms,"
+        " ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (dx, dweight or empty, dbias or empty); dx in x's dtype, dy in x's or the statistics'
+  // dtype (after an out_dtype forward); dweight / dbias in weight's dtype when it is x's
+  // and dy is too, else the statistics' dtype, summed in the statistics' dtype
+  // deterministically; dsum is the gradient reaching x + residual from elsewhere
   m.def("layer_norm_rows_backward(Tensor dy, Tensor? dsum, Tensor x, Tensor? weight, Tensor? mean, Tensor rstd,"
         " bool has_bias, bool rms) -> (Tensor, Tensor, Tensor)");
   // the eager path of the native backends (csrc/autograd/layer_norm.cpp): x of any shape,
   // normalised over its last normalized_ndim dims (weight / bias of those dims' shape),
   // through layer_norm_rows_forward, with its backward recorded as a C++ autograd node
-  // when a gradient is wanted; returns (y, x + residual or empty)
+  // when a gradient is wanted; returns (y, x + residual or empty); out_dtype as
+  // layer_norm_rows_forward's (the backward then gives x's gradient in x's dtype)
   m.def("layer_norm_eager(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, int normalized_ndim, float eps,"
-        " bool rms) -> (Tensor, Tensor)");
+        " bool rms, ScalarType? out_dtype=None) -> (Tensor, Tensor)");
 }
 
 static bool native_built_with_cuda() {

@@ -2,7 +2,7 @@
 // and it holds the eager entries of the native backends as plain Python functions,
 //
 //   fastdl._C.softmax_eager(x, dim, log)
-//   fastdl._C.layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms)
+//   fastdl._C.layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms, out_dtype=None)
 //   fastdl._C.softmax_checked(x, dim, dtype, log)
 //   fastdl._C.softmax_backward_checked(grad_out, out, dim, log)
 //   fastdl._C.layer_norm_checked(x, residual, normalized_shape, weight, bias, eps, rms)
@@ -36,6 +36,7 @@
 #include <limits>
 
 #include "csrc/autograd/eager.h"
+#include "csrc/common/checks.h"
 
 namespace fastdl {
 namespace {
@@ -103,6 +104,13 @@ bool bool_arg(PyObject* obj, bool* out) {
 bool float_arg(PyObject* obj, double* out) {
   if (!PyFloat_CheckExact(obj)) return false;
   *out = PyFloat_AS_DOUBLE(obj);
+  return true;
+}
+
+bool optional_dtype_arg(PyObject* obj, std::optional<at::ScalarType>* out) {
+  if (obj == Py_None) return true;
+  if (!THPDtype_Check(obj)) return false;
+  *out = reinterpret_cast<THPDtype*>(obj)->scalar_type;
   return true;
 }
 
@@ -332,16 +340,17 @@ PyObject* layer_norm_eager_py(PyObject*, PyObject* const* args, Py_ssize_t nargs
   int64_t normalized_ndim = 0;
   double eps = 0;
   bool rms = false;
-  if (nargs != 7 || at::impl::torch_function_mode_enabled() || !tensor_arg(args[0], &x) ||
+  std::optional<at::ScalarType> out_dtype;
+  if ((nargs != 7 && nargs != 8) || at::impl::torch_function_mode_enabled() || !tensor_arg(args[0], &x) ||
       !optional_tensor_arg(args[1], &residual) || !optional_tensor_arg(args[2], &weight) ||
       !optional_tensor_arg(args[3], &bias) || !int_arg(args[4], &normalized_ndim) || !float_arg(args[5], &eps) ||
-      !bool_arg(args[6], &rms)) {
+      !bool_arg(args[6], &rms) || (nargs == 8 && !optional_dtype_arg(args[7], &out_dtype))) {
     return through_torch_ops(&fallback, "layer_norm_eager", args, nargs);
   }
   at::Tensor y, h;
   {
     pybind11::gil_scoped_release no_gil;
-    std::tie(y, h) = layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms);
+    std::tie(y, h) = layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms, out_dtype);
   }
   return tensor_pair(std::move(y), std::move(h));
   END_HANDLE_TH_ERRORS
@@ -468,12 +477,13 @@ PyObject* softmax_backward_checked_py(PyObject*, PyObject* const* args, Py_ssize
 // are the common case, checked here instead of in Python (~1 us a call there): plain
 // tensors; x a float tensor whose last dim is normalized_shape (an int or a tuple of one);
 // residual of x's shape, dtype and device; weight / bias float vectors of that length on
-// x's device; eps a number (None: rms_norm's default). Under autocast every tensor is cast
-// first, as fastdl.ops casts them. Returns y, or (x + residual, y) when fused, as
-// fastdl.ops do. Anything else, a TorchFunctionMode in force included, gets
-// NotImplemented, and fastdl.ops checks (and reports) it in Python; so does a call that
-// something records or transforms (untransformed), or whose backend is not native. The
-// caller has ruled out torch.compile.
+// x's device; eps a number (None: rms_norm's default). Under autocast the tensors are cast
+// as fastdl.ops casts them: a 16-bit x that would be cast to fp32 without a residual is
+// read as it is, y written in fp32 (out_dtype), weight / bias cast; else every tensor.
+// Returns y, or (x + residual, y) when fused, as fastdl.ops do. Anything else, a
+// TorchFunctionMode in force included, gets NotImplemented, and fastdl.ops checks (and
+// reports) it in Python; so does a call that something records or transforms
+// (untransformed), or whose backend is not native. The caller has ruled out torch.compile.
 PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   at::Tensor x;
@@ -496,19 +506,25 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
   }
   at::ScalarType dtype;
   int native = autocast_dtype(rms ? Probe::kRmsNorm : Probe::kLayerNorm, x, &dtype);
+  // the cast fused into the norm (out_dtype), as fastdl.ops' _norm decides it
+  const bool fused_cast = native > 0 && dtype != x.scalar_type() && !residual.has_value() &&
+                          dtype == stats_type(x.scalar_type());
   if (native > 0) native = eps_arg(args[5], dtype, rms, &eps) ? 1 : 0;  // rms_norm's default: dtype's epsilon
-  if (native > 0) native = resolves_native(rms ? Op::kRmsNorm : Op::kLayerNorm, x.is_cuda(), dtype);
+  if (native > 0)
+    native = resolves_native(rms ? Op::kRmsNorm : Op::kLayerNorm, x.is_cuda(), fused_cast ? x.scalar_type() : dtype);
   if (native < 0) return nullptr;
   if (native == 0) Py_RETURN_NOTIMPLEMENTED;
   at::Tensor y, h;
   {
     pybind11::gil_scoped_release no_gil;
-    if (dtype != x.scalar_type()) {  // every operand in the dtype torch computes in, as fastdl.ops
-      x = x.to(dtype);
+    std::optional<at::ScalarType> out_dtype;
+    if (dtype != x.scalar_type()) {  // the operands in the dtype torch computes in, as fastdl.ops
+      if (fused_cast) out_dtype = dtype;
+      else x = x.to(dtype);
       for (std::optional<at::Tensor>* t : {&residual, &weight, &bias})
         if (t->has_value()) *t = (*t)->to(dtype);
     }
-    std::tie(y, h) = layer_norm_eager(x, residual, weight, bias, 1, eps, rms);
+    std::tie(y, h) = layer_norm_eager(x, residual, weight, bias, 1, eps, rms, out_dtype);
   }
   if (!residual.has_value()) return THPVariable_Wrap(std::move(y));
   return tensor_pair(std::move(h), std::move(y));  // (x + residual, y), as fastdl.ops' fused norms
@@ -520,7 +536,7 @@ PyMethodDef methods[] = {
      "softmax_eager(x, dim, log): as torch.ops.fastdl.softmax_eager, without its boxed call"},
     {"layer_norm_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&layer_norm_eager_py)),
      METH_FASTCALL,
-     "layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms): as "
+     "layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms, out_dtype=None): as "
      "torch.ops.fastdl.layer_norm_eager, without its boxed call"},
     {"softmax_checked", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&softmax_checked_py)),
      METH_FASTCALL,

@@ -73,10 +73,10 @@ constexpr int kSumRowThreads = 8;
 // ---------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------
-template <typename T, typename W, int kThreads, int kElems>
+template <typename T, typename W, typename Y, int kThreads, int kElems>
 __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     norm_forward_tile_kernel(const T* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
-                             const W* __restrict__ bias, T* __restrict__ y, T* __restrict__ sum,
+                             const W* __restrict__ bias, Y* __restrict__ y, T* __restrict__ sum,
                              typename Acc<T>::type* __restrict__ mean_out, typename Acc<T>::type* __restrict__ rstd_out,
                              int64_t rows, int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
                              typename Acc<T>::type eps, bool rms, bool aligned) {
@@ -131,10 +131,10 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   Tile::store(y + row * cols, t, cols, aligned, v);
 }
 
-template <typename T, typename W, int kVec>
+template <typename T, typename W, typename Y, int kVec>
 __global__ void __launch_bounds__(kLoopThreads)
     norm_forward_loop_kernel(const T* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
-                             const W* __restrict__ bias, T* __restrict__ y, T* __restrict__ sum,
+                             const W* __restrict__ bias, Y* __restrict__ y, T* __restrict__ sum,
                              typename Acc<T>::type* __restrict__ mean_out, typename Acc<T>::type* __restrict__ rstd_out,
                              int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
                              typename Acc<T>::type eps, bool rms) {
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kLoopThreads)
     if (!rms) mean_out[row] = mean;
     rstd_out[row] = rstd;
   }
-  T* y_row = y + row * cols;
+  Y* y_row = y + row * cols;
   for (int64_t col = first_col; col < cols; col += kStep) {
     A v[kVec];
     load_acc<kVec>(src + col, v);
@@ -239,9 +239,9 @@ __device__ __forceinline__ void write_block_partial(const A (&v)[kElems], A* __r
   }
 }
 
-template <typename T, typename W, int kThreads, int kElems>
+template <typename T, typename W, typename D, int kThreads, int kElems>
 __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
-    norm_backward_tile_kernel(const T* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
+    norm_backward_tile_kernel(const D* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
                               const W* __restrict__ weight,
                               const typename Acc<T>::type* __restrict__ mean,
                               const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ dx,
@@ -309,9 +309,9 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
 // (dweight's cols values, then dbias's) and written to its partial rows once, at the end.
 // Otherwise they sit in its partial rows, a read and a write of each per row: at hidden
 // 16384 four times the row's own DRAM traffic, through L2.
-template <typename T, typename W, int kVec, bool kSharedSums>
+template <typename T, typename W, typename D, int kVec, bool kSharedSums>
 __global__ void __launch_bounds__(kLoopThreads)
-    norm_backward_loop_kernel(const T* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
+    norm_backward_loop_kernel(const D* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
                               const W* __restrict__ weight,
                               const typename Acc<T>::type* __restrict__ mean,
                               const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ dx,
@@ -349,7 +349,7 @@ __global__ void __launch_bounds__(kLoopThreads)
     return;
   }
   for (int64_t row = begin; row < end; ++row) {
-    const T* dy_row = dy + row * dy_row_stride;
+    const D* dy_row = dy + row * dy_row_stride;
     const T* x_row = x + row * x_row_stride;
     const A m = rms ? A(0) : mean[row];
     const A r = rstd[row];
@@ -454,7 +454,7 @@ __global__ void __launch_bounds__(kSumCols* kSumRowThreads)
 // ---------------------------------------------------------------------------------
 // launch
 // ---------------------------------------------------------------------------------
-template <typename T, typename W>
+template <typename T, typename W, typename Y>
 cudaError_t forward_typed(const void* x_, const void* residual_, const void* weight_, const void* bias_, void* y_,
                           void* sum_, void* mean_, void* rstd_, int64_t rows, int64_t cols, int64_t x_stride,
                           int64_t residual_stride, double eps, bool rms, cudaStream_t stream) {
@@ -463,27 +463,27 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
   const T* residual = static_cast<const T*>(residual_);
   const W* weight = static_cast<const W*>(weight_);
   const W* bias = static_cast<const W*>(bias_);
-  T* y = static_cast<T*>(y_);
+  Y* y = static_cast<Y*>(y_);
   T* sum = static_cast<T*>(sum_);
   A* mean = static_cast<A*>(mean_);
   A* rstd = static_cast<A*>(rstd_);
   // outputs are contiguous: their rows start aligned when cols is a whole number of vectors
   const bool aligned = rows_aligned<T>(x, x_stride) &&
                        (residual == nullptr || rows_aligned<T>(residual, residual_stride)) &&
-                       rows_aligned<T>(y, cols) && (sum == nullptr || ptr_aligned(sum)) &&
+                       rows_aligned<Y>(y, cols) && (sum == nullptr || ptr_aligned(sum)) &&
                        (weight == nullptr || ptr_aligned(weight)) && (bias == nullptr || ptr_aligned(bias));
   const bool tiled = with_forward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     constexpr int kRowsPerBlock = kTileBlockThreads<kThreads> / kThreads;
     const auto grid = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-    norm_forward_tile_kernel<T, W, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
+    norm_forward_tile_kernel<T, W, Y, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
         x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_stride, residual_stride, static_cast<A>(eps), rms,
         aligned);
   });
   if (!tiled) {
     with_vec<T>(aligned, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      norm_forward_loop_kernel<T, W, kVec><<<static_cast<unsigned>(rows), kLoopThreads, 0, stream>>>(
+      norm_forward_loop_kernel<T, W, Y, kVec><<<static_cast<unsigned>(rows), kLoopThreads, 0, stream>>>(
           x, residual, weight, bias, y, sum, mean, rstd, cols, x_stride, residual_stride, static_cast<A>(eps), rms);
     });
   }
@@ -519,10 +519,10 @@ template <typename F> void with_shared_sums(size_t shared_bytes, F&& f) {
 // kernel that may run at this row length: rows_per_block_step is the number of rows a
 // block works on at once, shared_bytes its dynamic shared memory (with both sums). The
 // loop kernel has two (16-byte vectors or single elements, by the rows' alignment).
-template <typename T, typename W, typename F> cudaError_t with_backward_kernels(int64_t cols, F&& use) {
+template <typename T, typename W, typename D, typename F> cudaError_t with_backward_kernels(int64_t cols, F&& use) {
   const bool tiled = with_backward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    use(norm_backward_tile_kernel<T, W, kThreads, kElems>, kTileBlockThreads<kThreads>,
+    use(norm_backward_tile_kernel<T, W, D, kThreads, kElems>, kTileBlockThreads<kThreads>,
         kTileBlockThreads<kThreads> / kThreads, size_t{0});
   });
   if (tiled) return cudaSuccess;
@@ -531,8 +531,8 @@ template <typename T, typename W, typename F> cudaError_t with_backward_kernels(
   if (err != cudaSuccess) return err;
   with_shared_sums(bytes, [&](auto shared) {
     constexpr bool kShared = decltype(shared)::value;
-    use(norm_backward_loop_kernel<T, W, Vec<T>::kSize, kShared>, kLoopThreads, 1, bytes);
-    use(norm_backward_loop_kernel<T, W, 1, kShared>, kLoopThreads, 1, bytes);
+    use(norm_backward_loop_kernel<T, W, D, Vec<T>::kSize, kShared>, kLoopThreads, 1, bytes);
+    use(norm_backward_loop_kernel<T, W, D, 1, kShared>, kLoopThreads, 1, bytes);
   });
   return cudaSuccess;
 }
@@ -542,9 +542,10 @@ template <typename T, typename W, typename F> cudaError_t with_backward_kernels(
 // the reduce then reads: FASTDL_CUDA_NORM_BLOCKS_PER_SM (at least 1) sets the blocks per SM
 // instead, to weigh that traffic against parallelism. Where two kernels may run (the loop
 // kernel's two variants: which one depends on pointers not known here), the fewer blocks.
-// Asked of the kernels with parameters in T and in A alike (the caller does not say which),
-// each as it would launch (resident_blocks opts it in to its shared memory first), so the
-// answer, and with it the order dweight / dbias are summed in, is the same at every call.
+// Asked of every kernel that may run for T: parameters in T or in A, dy in T or (with the
+// parameters in A) in A; the caller does not say which. Each is asked as it would launch
+// (resident_blocks opts it in to its shared memory first), so the answer, and with it the
+// order dweight / dbias are summed in, is the same at every call.
 template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, int64_t* blocks) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -563,20 +564,22 @@ template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, in
     const int64_t fill = static_cast<int64_t>(sms) * per_sm, needed = (rows + rows_at_once - 1) / rows_at_once;
     *blocks = std::min(*blocks, std::max<int64_t>(1, std::min<int64_t>(fill, needed)));
   };
-  const cudaError_t in_t = with_backward_kernels<T, T>(cols, fewest);
-  const cudaError_t in_a = with_backward_kernels<T, typename Acc<T>::type>(cols, fewest);
-  if (err == cudaSuccess) err = in_t != cudaSuccess ? in_t : in_a;
+  using A = typename Acc<T>::type;
+  const cudaError_t in_t = with_backward_kernels<T, T, T>(cols, fewest);
+  const cudaError_t in_a = with_backward_kernels<T, A, T>(cols, fewest);
+  const cudaError_t dy_in_a = with_backward_kernels<T, A, A>(cols, fewest);
+  if (err == cudaSuccess) err = in_t != cudaSuccess ? in_t : in_a != cudaSuccess ? in_a : dy_in_a;
   return err;
 }
 
-template <typename T, typename W>
+template <typename T, typename W, typename D>
 cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, const void* weight_,
                            const void* mean_, const void* rstd_, void* dx_, void* dweight_partial_,
                            void* dbias_partial_, int64_t partial_rows, void* dweight_, void* dbias_, int64_t rows,
                            int64_t cols, int64_t dy_stride, int64_t dsum_stride, int64_t x_stride, bool rms,
                            cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  const T* dy = static_cast<const T*>(dy_);
+  const D* dy = static_cast<const D*>(dy_);
   const T* dsum = static_cast<const T*>(dsum_);
   const T* x = static_cast<const T*>(x_);
   const W* weight = static_cast<const W*>(weight_);
@@ -591,14 +594,14 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
   const int64_t rows_per_block = (rows + partial_rows - 1) / partial_rows;
   const auto grid = static_cast<unsigned>(partial_rows);
   // partial rows are cols apart too: aligned with the rows of dx when their base is
-  const bool aligned = rows_aligned<T>(dy, dy_stride) && (dsum == nullptr || rows_aligned<T>(dsum, dsum_stride)) &&
+  const bool aligned = rows_aligned<D>(dy, dy_stride) && (dsum == nullptr || rows_aligned<T>(dsum, dsum_stride)) &&
                        rows_aligned<T>(x, x_stride) && rows_aligned<T>(dx, cols) &&
                        (weight == nullptr || ptr_aligned(weight)) &&
                        (dweight_partial == nullptr || ptr_aligned(dweight_partial)) &&
                        (dbias_partial == nullptr || ptr_aligned(dbias_partial));
   const bool tiled = with_backward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    norm_backward_tile_kernel<T, W, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
+    norm_backward_tile_kernel<T, W, D, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
         dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,
         dsum_stride, x_stride, rms, aligned);
   });
@@ -612,10 +615,10 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
         constexpr int kVec = decltype(vec)::value;
         constexpr bool kShared = decltype(shared)::value;
         if (shared_bytes > kDefaultDynamicShared)
-          err = opt_in_shared_memory(reinterpret_cast<const void*>(norm_backward_loop_kernel<T, W, kVec, kShared>),
-                                     shared_bytes);
+          err = opt_in_shared_memory(
+              reinterpret_cast<const void*>(norm_backward_loop_kernel<T, W, D, kVec, kShared>), shared_bytes);
         if (err != cudaSuccess) return;
-        norm_backward_loop_kernel<T, W, kVec, kShared><<<grid, kLoopThreads, shared_bytes, stream>>>(
+        norm_backward_loop_kernel<T, W, D, kVec, kShared><<<grid, kLoopThreads, shared_bytes, stream>>>(
             dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block,
             dy_stride, dsum_stride, x_stride, rms);
       });
@@ -639,8 +642,9 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
 
 }  // namespace
 
-// The element type T of x, and the parameters' type: T itself (P = true) or the
-// accumulation type; any other param_dtype is refused.
+// The element type T of x; the parameters' type W: T itself or the accumulation type A; and
+// the type of y (forward) or dy (backward): T, or A when W is A. Any other combination is
+// refused.
 #define FASTDL_DTYPE_CASES(CALL)                \
   case DType::kFloat32: return CALL(float);     \
   case DType::kFloat16: return CALL(__half);    \
@@ -649,19 +653,31 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
 
 namespace {
 DType acc_dtype(DType dtype) { return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32; }
+
+// The parameters in x's dtype or the accumulation type; y / dy in x's dtype, or in the
+// accumulation type when the parameters are (CUDA autocast's fp32 norm of 16-bit x).
+bool valid_types(DType dtype, DType param_dtype, DType out_dtype) {
+  const DType acc = acc_dtype(dtype);
+  if (param_dtype != dtype && param_dtype != acc) return false;
+  return out_dtype == dtype || (out_dtype == acc && param_dtype == acc);
+}
 }  // namespace
 
-cudaError_t norm_forward(DType dtype, DType param_dtype, const void* x, const void* residual, const void* weight,
-                         const void* bias, void* y, void* sum, void* mean, void* rstd, int64_t rows, int64_t cols,
-                         int64_t x_row_stride, int64_t residual_row_stride, double eps, bool rms, cudaStream_t stream) {
-  if (param_dtype != dtype && param_dtype != acc_dtype(dtype)) return cudaErrorInvalidValue;
+cudaError_t norm_forward(DType dtype, DType param_dtype, DType out_dtype, const void* x, const void* residual,
+                         const void* weight, const void* bias, void* y, void* sum, void* mean, void* rstd, int64_t rows,
+                         int64_t cols, int64_t x_row_stride, int64_t residual_row_stride, double eps, bool rms,
+                         cudaStream_t stream) {
+  if (!valid_types(dtype, param_dtype, out_dtype)) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
   if (rows > INT_MAX) return cudaErrorInvalidValue;  // at most one block per row
-  const bool params_in_t = param_dtype == dtype;
-#define FASTDL_FORWARD(T, W)                                                                                   \
-  forward_typed<T, W>(x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_row_stride, residual_row_stride, \
-                      eps, rms, stream)
-#define FASTDL_CALL(T) params_in_t ? FASTDL_FORWARD(T, T) : FASTDL_FORWARD(T, typename Acc<T>::type)
+  const bool params_in_t = param_dtype == dtype, out_in_t = out_dtype == dtype;
+#define FASTDL_FORWARD(T, W, Y)                                                                                      \
+  forward_typed<T, W, Y>(x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_row_stride, residual_row_stride, \
+                         eps, rms, stream)
+#define FASTDL_CALL(T)                                                                      \
+  params_in_t ? FASTDL_FORWARD(T, T, T)                                                     \
+  : out_in_t  ? FASTDL_FORWARD(T, typename Acc<T>::type, T)                                 \
+              : FASTDL_FORWARD(T, typename Acc<T>::type, typename Acc<T>::type)
   switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
 #undef FASTDL_CALL
 #undef FASTDL_FORWARD
@@ -677,19 +693,22 @@ cudaError_t norm_backward_partial_rows(DType dtype, int64_t rows, int64_t cols, 
   return cudaErrorInvalidValue;
 }
 
-cudaError_t norm_backward(DType dtype, DType param_dtype, const void* dy, const void* dsum, const void* x,
-                          const void* weight, const void* mean, const void* rstd, void* dx, void* dweight_partial,
-                          void* dbias_partial, int64_t partial_rows, void* dweight, void* dbias, int64_t rows,
-                          int64_t cols, int64_t dy_row_stride, int64_t dsum_row_stride, int64_t x_row_stride, bool rms,
-                          cudaStream_t stream) {
-  if (param_dtype != dtype && param_dtype != acc_dtype(dtype)) return cudaErrorInvalidValue;
+cudaError_t norm_backward(DType dtype, DType param_dtype, DType dy_dtype, const void* dy, const void* dsum,
+                          const void* x, const void* weight, const void* mean, const void* rstd, void* dx,
+                          void* dweight_partial, void* dbias_partial, int64_t partial_rows, void* dweight, void* dbias,
+                          int64_t rows, int64_t cols, int64_t dy_row_stride, int64_t dsum_row_stride,
+                          int64_t x_row_stride, bool rms, cudaStream_t stream) {
+  if (!valid_types(dtype, param_dtype, dy_dtype)) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
   if (partial_rows < 1 || partial_rows > INT_MAX) return cudaErrorInvalidValue;
-  const bool params_in_t = param_dtype == dtype;
-#define FASTDL_BACKWARD(T, W)                                                                                       \
-  backward_typed<T, W>(dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, partial_rows, dweight, \
-                       dbias, rows, cols, dy_row_stride, dsum_row_stride, x_row_stride, rms, stream)
-#define FASTDL_CALL(T) params_in_t ? FASTDL_BACKWARD(T, T) : FASTDL_BACKWARD(T, typename Acc<T>::type)
+  const bool params_in_t = param_dtype == dtype, dy_in_t = dy_dtype == dtype;
+#define FASTDL_BACKWARD(T, W, D)                                                                                       \
+  backward_typed<T, W, D>(dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, partial_rows, dweight, \
+                          dbias, rows, cols, dy_row_stride, dsum_row_stride, x_row_stride, rms, stream)
+#define FASTDL_CALL(T)                                                                       \
+  params_in_t ? FASTDL_BACKWARD(T, T, T)                                                     \
+  : dy_in_t   ? FASTDL_BACKWARD(T, typename Acc<T>::type, T)                                 \
+              : FASTDL_BACKWARD(T, typename Acc<T>::type, typename Acc<T>::type)
   switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
 #undef FASTDL_CALL
 #undef FASTDL_BACKWARD

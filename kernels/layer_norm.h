@@ -3,7 +3,9 @@
 // and a stream. Inputs have a contiguous last dim; outputs are written contiguous.
 // Statistics (mean, rstd) and the backward's partial buffers are in the accumulation type A:
 // float, or double for double inputs. weight / bias, and the backward's dweight / dbias, are
-// in param_dtype: x's own dtype or A's (anything else: cudaErrorInvalidValue). Absent
+// in param_dtype: x's own dtype or A's. y (forward) and dy (backward) are in out_dtype /
+// dy_dtype: x's own, or A's when param_dtype is A's (a 16-bit x normalised into fp32, as
+// CUDA autocast runs the norms, in one pass). Anything else: cudaErrorInvalidValue. Absent
 // operands are nullptr.
 #pragma once
 #include <cuda_runtime.h>
@@ -16,9 +18,10 @@ namespace fastdl::kernels {
 
 // y = norm(x [+ residual]) * weight + bias; sum = x + residual when residual is given;
 // mean (not for rms) and rstd per row.
-cudaError_t norm_forward(DType dtype, DType param_dtype, const void* x, const void* residual, const void* weight,
-                         const void* bias, void* y, void* sum, void* mean, void* rstd, int64_t rows, int64_t cols,
-                         int64_t x_row_stride, int64_t residual_row_stride, double eps, bool rms, cudaStream_t stream);
+cudaError_t norm_forward(DType dtype, DType param_dtype, DType out_dtype, const void* x, const void* residual,
+                         const void* weight, const void* bias, void* y, void* sum, void* mean, void* rstd, int64_t rows,
+                         int64_t cols, int64_t x_row_stride, int64_t residual_row_stride, double eps, bool rms,
+                         cudaStream_t stream);
 
 // Rows of the partial buffers the backward's parameter-gradient reduction uses for a
 // (rows, cols) input of `dtype` on the current device: one per block of the backward,
@@ -28,10 +31,10 @@ cudaError_t norm_backward_partial_rows(DType dtype, int64_t rows, int64_t cols, 
 
 // dx (+ dsum, the gradient reaching x + residual from elsewhere); dweight / dbias
 // (when non-null) reduced deterministically through the partial buffers.
-cudaError_t norm_backward(DType dtype, DType param_dtype, const void* dy, const void* dsum, const void* x,
-                          const void* weight, const void* mean, const void* rstd, void* dx, void* dweight_partial,
-                          void* dbias_partial, int64_t partial_rows, void* dweight, void* dbias, int64_t rows,
-                          int64_t cols, int64_t dy_row_stride, int64_t dsum_row_stride, int64_t x_row_stride, bool rms,
-                          cudaStream_t stream);
+cudaError_t norm_backward(DType dtype, DType param_dtype, DType dy_dtype, const void* dy, const void* dsum,
+                          const void* x, const void* weight, const void* mean, const void* rstd, void* dx,
+                          void* dweight_partial, void* dbias_partial, int64_t partial_rows, void* dweight, void* dbias,
+                          int64_t rows, int64_t cols, int64_t dy_row_stride, int64_t dsum_row_stride,
+                          int64_t x_row_stride, bool rms, cudaStream_t stream);
 
 }  // namespace fastdl::kernels

@@ -4,6 +4,8 @@ On a machine without a GPU the Triton kernels run under the interpreter on CPU
 tensors: TRITON_INTERPRET=1 must be set before any kernel is decorated, so it is
 set here, before fastdl.triton is imported. On a GPU machine it is left unset.
 """
+import contextlib
+import importlib
 import os
 
 import torch
@@ -61,7 +63,7 @@ _interpreter_rounds_bf16_as_a_gpu_does()
 
 import pytest  # noqa: E402
 
-from fastdl import _outputs, backends  # noqa: E402
+from fastdl import _native, _outputs, backends  # noqa: E402
 
 # ||out - ref|| / ||ref|| against the float64 reference (../shared/DESIGN.md)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -109,6 +111,37 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def assert_close(out, ref, dtype, what=""):
     err = rel_err(out, ref)
     assert err <= TOLERANCE[dtype], f"{what} relative error {err:.3g} > {TOLERANCE[dtype]:.0e} for {dtype}"
+
+
+@contextlib.contextmanager
+def autocast_as(kind, device):
+    """torch.autocast(device, bf16) for kind "bf16"; for "bf16, fp32 rule" with fastdl.ops'
+    autocast probe made to answer as CUDA autocast does (fp16 / bf16 softmax and norms in
+    fp32), so that a CPU-only machine takes that path too (CPU autocast leaves them alone);
+    None: no autocast. The probe's answers memoised in Python and in C++ are dropped on the
+    way in and out."""
+    if kind is None:
+        yield
+        return
+    common = importlib.import_module("fastdl.ops._common")
+    probes = dict(common._AUTOCAST_PROBES)
+
+    def forget():
+        common._autocast_probe.cache_clear()
+        if _native.LOADED:
+            _native._C.forget_resolutions()
+
+    if kind.endswith("fp32 rule"):
+        for name, probe in probes.items():
+            common._AUTOCAST_PROBES[name] = \
+                lambda t, probe=probe: probe(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
+    forget()
+    try:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            yield
+    finally:
+        common._AUTOCAST_PROBES.update(probes)
+        forget()
 
 
 @pytest.fixture(autouse=True)

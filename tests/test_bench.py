@@ -266,6 +266,22 @@ def test_every_bench_module_declares_checkable_targets():
             assert t.op in ops, t
 
 
+def test_gpu_sweep_times_the_autocast_norms_after_bf16():
+    """The GPU sweep (listed here without one: cases only build their inputs when run) has
+    device-timed autocast cases, bf16 x under torch.autocast, right after the bf16 cases, and
+    counts their least traffic: x read in bf16, y written in fp32 (6 bytes a value), and
+    backward dy in fp32, x and dx in bf16 (8 more)."""
+    cases = bench_layer_norm.cases(torch.device("cuda"))
+    mixed = [i for i, c in enumerate(cases) if c.direction in ("fwd autocast", "fwd+bwd autocast")]
+    assert {cases[i].op for i in mixed} == {"layer_norm", "rms_norm"} and len(mixed) == 12
+    assert all(cases[i].dtype == torch.bfloat16 for i in mixed)
+    last_bf16 = max(i for i, c in enumerate(cases) if c.dtype == torch.bfloat16 and i not in mixed)
+    assert mixed == list(range(last_bf16 + 1, last_bf16 + 13))
+    for i in mixed:
+        rows, n = cases[i].shape
+        assert cases[i].bytes_moved == (6 if cases[i].direction == "fwd autocast" else 14) * rows * n
+
+
 def test_pytest_benchmark_suites_run():
     """Every bench op has benchmarks/bench_<op>.py, and the suites run (each case once,
     untimed; torch.compile left out here for time)."""

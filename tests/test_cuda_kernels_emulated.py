@@ -356,19 +356,21 @@ def _norm_reference(inputs, rms, eps):
     return h, y, mean, rstd
 
 
-def _norm_forward(runner, tmp_path, inputs, offsets, rms, eps=1e-5, param_dtype=None, env=None):
-    """param_dtype: weight / bias's dtype as the launcher is told (default the accumulation type)."""
+def _norm_forward(runner, tmp_path, inputs, offsets, rms, eps=1e-5, param_dtype=None, env=None, out_dtype=None):
+    """param_dtype: weight / bias's dtype as the launcher is told (default the accumulation
+    type); out_dtype: y's (default x's)."""
     x = inputs["x"]
     rows, cols = x.shape
     dtype, acc = x.dtype, _acc(x.dtype)
-    outputs = {"y": (dtype, rows * cols), "rstd": (acc, rows)}
+    outputs = {"y": (out_dtype or dtype, rows * cols), "rstd": (acc, rows)}
     if not rms:
         outputs["mean"] = (acc, rows)
     if "residual" in inputs:
         outputs["sum"] = (dtype, rows * cols)
     settings = {"dtype": emulated_cuda.DTYPE_NAMES[dtype], "rows": rows, "cols": cols, "x_stride": x.stride(0),
                 "residual_stride": inputs["residual"].stride(0) if "residual" in inputs else 0, "eps": repr(eps),
-                "rms": rms, "param_dtype": emulated_cuda.DTYPE_NAMES[param_dtype or acc]}
+                "rms": rms, "param_dtype": emulated_cuda.DTYPE_NAMES[param_dtype or acc],
+                "out_dtype": emulated_cuda.DTYPE_NAMES[out_dtype or dtype]}
     return _run(runner, tmp_path, "norm_forward", inputs, outputs, settings, offsets, env=env)
 
 
@@ -391,17 +393,18 @@ def test_norm_forward(runner, tmp_path, dtype, variant, shape):
     assert _kernels(result) == ["norm_forward_tile_kernel" if cols <= tile_max else "norm_forward_loop_kernel"]
 
 
-def _norm_backward(runner, tmp_path, inputs, rms, env=None, dy=None, dsum=None, param_dtype=None):
+def _norm_backward(runner, tmp_path, inputs, rms, env=None, dy=None, dsum=None, param_dtype=None, dy_dtype=None):
     """dx (+ dsum), dweight, dbias of the norm of inputs["x"] (+ residual) for dy (random
-    unless given), from the kernels and from float64 autograd of the reference. param_dtype:
-    weight's, dweight's and dbias's dtype as the launcher is told (default the accumulation type)."""
+    unless given, in dy_dtype: default x's), from the kernels and from float64 autograd of
+    the reference. param_dtype: weight's, dweight's and dbias's dtype as the launcher is
+    told (default the accumulation type)."""
     x = inputs["x"]
     rows, cols = x.shape
     dtype, acc = x.dtype, _acc(x.dtype)
     param_dtype = param_dtype or acc
     h, _, mean, rstd = _norm_reference(inputs, rms, 1e-5)
     h_in = h.to(dtype)  # the backward reads the normalised input (x + residual when fused)
-    dy = torch.randn(rows, cols).to(dtype) if dy is None else dy
+    dy = torch.randn(rows, cols).to(dy_dtype or dtype) if dy is None else dy
     kernel_inputs = {"dy": dy, "x": h_in, "rstd": rstd.to(acc)}
     if not rms:
         kernel_inputs["mean"] = mean.to(acc)
@@ -416,7 +419,7 @@ def _norm_backward(runner, tmp_path, inputs, rms, env=None, dy=None, dsum=None, 
         outputs["dbias"] = (param_dtype, cols)
     settings = {"dtype": emulated_cuda.DTYPE_NAMES[dtype], "rows": rows, "cols": cols, "dy_stride": dy.stride(0),
                 "dsum_stride": cols, "x_stride": h_in.stride(0), "rms": rms,
-                "param_dtype": emulated_cuda.DTYPE_NAMES[param_dtype]}
+                "param_dtype": emulated_cuda.DTYPE_NAMES[param_dtype], "dy_dtype": emulated_cuda.DTYPE_NAMES[dy.dtype]}
     result = _run(runner, tmp_path, "norm_backward", kernel_inputs, outputs, settings, env=env)
 
     h64 = h_in.double().requires_grad_()
@@ -607,6 +610,34 @@ def test_norm_parameters_in_the_input_dtype(runner, tmp_path, dtype, cols):
     other = torch.bfloat16 if dtype == torch.float16 else torch.float16
     with pytest.raises(AssertionError, match="cudaErrorInvalidValue"):
         _norm_forward(runner, tmp_path / "other", inputs, offsets, False, param_dtype=other)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("cols", [7, 1000, 8193, 20000])
+@pytest.mark.parametrize("variant", ["layer_norm", "rms_norm", "layer_norm_plain"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_norm_of_16_bit_x_in_fp32(runner, tmp_path, dtype, variant, cols, layout):
+    """y written in fp32 from 16-bit x (out_dtype, the cast CUDA autocast makes fused into
+    the norm) and the backward from an fp32 dy, dx in x's dtype: as right as fp32 kernels,
+    y unrounded (fp32 tolerance against the float64 reference of x as given), tile and loop
+    kernels, rows aligned and not. With the parameters in x's dtype it is refused."""
+    rows = 5
+    rms = NORM_VARIANTS[variant][3]
+    inputs, offsets = _norm_inputs((rows, cols), dtype, variant, layout)
+    result = _norm_forward(runner, tmp_path / "fwd", inputs, offsets, rms, out_dtype=torch.float32)
+    _, y, mean, rstd = _norm_reference(inputs, rms, 1e-5)
+    assert result.outputs["y"].dtype == torch.float32
+    assert_close(result.outputs["y"].view(rows, cols), y, torch.float32, "y")
+    assert_close(result.outputs["rstd"], rstd, torch.float32, "rstd")
+    back, grads = _norm_backward(runner, tmp_path / "bwd", inputs, rms, dy_dtype=torch.float32)
+    for name, ref in grads.items():
+        out = back.outputs[name]
+        assert out.dtype == (dtype if name == "dx" else torch.float32), name
+        assert_close(out.view(ref.shape), ref, dtype if name == "dx" else torch.float32, name)
+    with pytest.raises(AssertionError, match="cudaErrorInvalidValue"):
+        _norm_forward(runner, tmp_path / "params", inputs, offsets, rms, param_dtype=dtype, out_dtype=torch.float32)
+    with pytest.raises(AssertionError, match="cudaErrorInvalidValue"):
+        _norm_backward(runner, tmp_path / "params_bwd", inputs, rms, param_dtype=dtype, dy_dtype=torch.float32)
 
 
 def test_rewrite_keeps_lines_and_finds_every_launch():

@@ -7,7 +7,6 @@ fastdl._C.softmax_checked / softmax_backward_checked / layer_norm_checked: fastd
 public calls of the common case, their arguments (and what torch records or transforms)
 checked in C++; they must give what the Python path gives, and answer NotImplemented for
 every other call."""
-import contextlib
 import importlib
 
 import torch.autograd.forward_ad as forward_ad
@@ -19,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 import fastdl
 from fastdl import _native
 
-from conftest import DEVICES
+from conftest import DEVICES, autocast_as
 
 pytestmark = pytest.mark.skipif(not _native.LOADED, reason="fastdl._C is not built")
 
@@ -138,35 +137,8 @@ def _checked_and_python_paths(monkeypatch, module, name, device, run):
 
 
 # Under autocast the checked entries cast as fastdl.ops does, to the dtype torch's own op
-# computes in (fastdl.ops._common's probe, its answers memoised in C++). "fp32 rule": the
-# probe made to answer as CUDA autocast does (fp16 / bf16 in fp32), so that a CPU-only
-# machine takes the cast too; CPU autocast leaves softmax and the norms alone.
+# computes in (fastdl.ops._common's probe, its answers memoised in C++): conftest.autocast_as.
 AUTOCAST = [None, "bf16", "bf16, fp32 rule"]
-
-
-@contextlib.contextmanager
-def _autocast(kind, device):
-    if kind is None:
-        yield
-        return
-    common = importlib.import_module("fastdl.ops._common")
-    probes = dict(common._AUTOCAST_PROBES)
-
-    def forget():
-        common._autocast_probe.cache_clear()
-        fastdl._C.forget_resolutions()
-
-    if kind.endswith("fp32 rule"):
-        for name, probe in probes.items():
-            common._AUTOCAST_PROBES[name] = \
-                lambda t, probe=probe: probe(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
-    forget()
-    try:
-        with torch.autocast(device, dtype=torch.bfloat16):
-            yield
-    finally:
-        common._AUTOCAST_PROBES.update(probes)
-        forget()
 
 
 def _computes_in(kind, dtype):
@@ -205,7 +177,7 @@ def test_checked_norm_call_is_the_python_path(monkeypatch, call, dtype, autocast
     bias = torch.nn.Parameter(torch.randn(24, device=device))
 
     def run():
-        with _autocast(autocast, device):
+        with autocast_as(autocast, device):
             out = _outputs(NORM_CALLS[call](x, residual, weight, bias))
         if device == "cpu":
             assert all(o.dtype == _computes_in(autocast, dtype) for o in out)
@@ -291,7 +263,7 @@ def test_checked_softmax_call_is_the_python_path(monkeypatch, call, dtype, autoc
     given = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(call.split("in dtype ")[-1])
 
     def run():
-        with _autocast(autocast, device):
+        with autocast_as(autocast, device):
             out = SOFTMAX_CALLS[call](x)
         assert out.dtype == given if given else device != "cpu" or out.dtype == _computes_in(autocast, dtype)
         return out, torch.autograd.grad((out.float() ** 3).sum(), x)[0]
@@ -353,7 +325,7 @@ def test_checked_softmax_backward_call_is_the_python_path(monkeypatch, call, dty
     grad_out = torch.randn_like(out)
 
     def run():
-        with _autocast(autocast, device):
+        with autocast_as(autocast, device):
             return SOFTMAX_BACKWARD_CALLS[call](grad_out, out)
 
     checked, python = _checked_and_python_paths(monkeypatch, _softmax_ops, "_softmax_backward_checked", device, run)

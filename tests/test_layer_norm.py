@@ -6,7 +6,7 @@ import torch
 import fastdl
 from fastdl import reference as R
 
-from conftest import TOLERANCE, assert_close, backend_cases, case_id, compile_backends
+from conftest import TOLERANCE, assert_close, autocast_as, backend_cases, case_id, compile_backends
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -113,6 +113,35 @@ def test_fp32_weights_with_half_inputs(case, dtype, variant):
     """Mixed-precision training keeps the parameters in fp32."""
     backend, device = case
     _check(backend, variant, *_inputs((33, 300), dtype, device, variant, weight_dtype=torch.float32), dtype)
+
+
+@pytest.mark.parametrize("cols", [300, 20000], ids=["tile", "loop"])
+@pytest.mark.parametrize("variant", ["layer_norm", "layer_norm_plain", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fp32_norm_of_16_bit_x_reads_x_as_it_is(case, dtype, variant, cols):
+    """Under an autocast that runs the norms in fp32 (CUDA's; on a CPU x, the probe made to
+    answer so), a 16-bit x is not cast first: the norm reads it as it is and writes y in fp32
+    (the graph holds no cast of x), y matches the float64 reference at fp32 tolerance, and x's
+    gradient comes back in x's dtype, as the cast's backward would give it."""
+    backend, device = case
+    fn, ref_fn, _, _, _, rms = VARIANTS[variant]
+    x, _, w, b = _inputs((5, cols), dtype, device, variant, weight_dtype=torch.float32)
+    eps = 1e-5
+    with autocast_as("bf16, fp32 rule", device), fastdl.use_backend(backend):
+        y = _call(fn, variant, x, None, w, b, cols, eps)
+    assert y.dtype == torch.float32
+    assert y.grad_fn.next_functions[0][0].variable is x, "x was cast before the norm"
+    leaves = [t for t in (x, w, b) if t is not None]
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, w64, b64 = (leaves64 + [None, None])[:3]
+    ref = _call(ref_fn, variant, x64, None, w64, b64, cols, eps)
+    assert_close(y, ref, torch.float32, "y")
+    for leaf, grad, ref_grad in zip(leaves, grads, torch.autograd.grad(ref, leaves64, dy.double())):
+        assert grad.dtype == leaf.dtype
+        assert_close(grad, ref_grad, dtype if leaf is x else torch.float32, "dx" if leaf is x else "dparam")
 
 
 @pytest.mark.parametrize("cols", [300, 20000], ids=["tile", "loop"])
@@ -465,6 +494,14 @@ class TestBadInputs:
             torch.ops.fastdl.layer_norm_rows_forward(torch.randn(3, 4), None, torch.ones(5), None, 1e-5, False)
         with pytest.raises(RuntimeError, match=r"x must be 2-D"):
             torch.ops.fastdl.layer_norm_rows_forward(torch.randn(3), None, None, None, 1e-5, False)
+        x = torch.randn(3, 4, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match=r"out_dtype must be x's dtype \(BFloat16\) or Float, got Half"):
+            torch.ops.fastdl.layer_norm_rows_forward(x, None, None, None, 1e-5, False, torch.float16)
+        with pytest.raises(RuntimeError, match=r"out_dtype Float is not taken with a residual"):
+            torch.ops.fastdl.layer_norm_rows_forward(x, x, None, None, 1e-5, False, torch.float32)
+        _, _, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward(x, None, None, None, 1e-5, False)
+        with pytest.raises(RuntimeError, match=r"dy is Double but x is BFloat16; expected x's dtype or Float"):
+            torch.ops.fastdl.layer_norm_rows_backward(x.double(), None, x, None, mean, rstd, False, False)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

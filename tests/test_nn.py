@@ -7,7 +7,7 @@ import torch
 import fastdl
 from fastdl.nn import _fallback
 
-from conftest import backend_cases, case_id, needs_cpu_tests
+from conftest import autocast_as, backend_cases, case_id, needs_cpu_tests
 
 PAIRS = [(torch.nn.Softmax, fastdl.nn.Softmax), (torch.nn.LogSoftmax, fastdl.nn.LogSoftmax)]
 
@@ -118,8 +118,10 @@ def test_autocast_follows_torch(case):
 
 
 @needs_cpu_tests
-def test_autocast_under_torch_compile_matches_eager():
-    """The compiled path casts as the eager one does (the autocast probe is traced)."""
+@pytest.mark.parametrize("kind", ["bf16", "bf16, fp32 rule"])
+def test_autocast_under_torch_compile_matches_eager(kind):
+    """The compiled path casts as the eager one does (the autocast probe is traced); under
+    the fp32 rule (CUDA autocast's: a bf16 x's norm in fp32, the cast fused) too."""
     if "cpu" not in fastdl.available_backends("cpu"):
         pytest.skip("fastdl._C not built")
     w = torch.rand(16) + 0.5
@@ -130,8 +132,8 @@ def test_autocast_under_torch_compile_matches_eager():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     for x in (torch.randn(4, 16), torch.randn(4, 16).bfloat16()):
-        with torch.autocast("cpu", dtype=torch.bfloat16), fastdl.use_backend("cpu"):
+        with autocast_as(kind, "cpu"), fastdl.use_backend("cpu"):
             eager, traced = f(x), compiled(x)
         for a, b in zip(eager, traced):
-            assert a.dtype == b.dtype
+            assert a.dtype == b.dtype == (torch.float32 if kind.endswith("fp32 rule") else x.dtype)
             torch.testing.assert_close(a, b)

@@ -102,12 +102,16 @@ def layer_norm_specs():
         (True, True, True, False), (False, False, False, False)]
     for dtype in POINTER:
         p = POINTER[dtype]
-        for rms, fused, has_w, has_b in variants if dtype == "fp32" else variants[:2]:
+        # y (and dy) in x's dtype, and for a 16-bit x without a residual also in fp32 (out_dtype:
+        # the norm CUDA autocast runs in fp32, the cast of x fused)
+        outs = [(rms, fused, has_w, has_b, out) for rms, fused, has_w, has_b in variants
+                for out in [p] + (["*fp32"] if dtype in ("fp16", "bf16") and not fused else [])]
+        for rms, fused, has_w, has_b, out in outs if dtype == "fp32" else outs[:3]:
             flags = dict(RMS=rms, HAS_WEIGHT=has_w, HAS_BIAS=has_b, ACC=ACC[dtype])
             stat = "*fp64" if dtype == "fp64" else "*fp32"
-            fwd_ptrs = {"x_ptr": p, "residual_ptr": p, "weight_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": p,
+            fwd_ptrs = {"x_ptr": p, "residual_ptr": p, "weight_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": out,
                         "sum_ptr": p, "mean_ptr": stat, "rstd_ptr": stat}
-            bwd_ptrs = {"dy_ptr": p, "dsum_ptr": p, "x_ptr": p, "weight_ptr": "*fp32", "mean_ptr": stat,
+            bwd_ptrs = {"dy_ptr": out, "dsum_ptr": p, "x_ptr": p, "weight_ptr": "*fp32", "mean_ptr": stat,
                         "rstd_ptr": stat, "dx_ptr": p, "dweight_partial_ptr": stat, "dbias_partial_ptr": stat}
             for block_cols, rows in [(1024, 4), (k.FORWARD_TILE_MAX_COLS, 1)]:
                 const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_RESIDUAL=fused, **flags)
@@ -151,6 +155,12 @@ EDGE_ACCESSES = {"_softmax_forward_loop_kernel": 3, "_softmax_chunk_stats_kernel
                  "_softmax_backward_chunk_write_kernel": 3}
 
 
+def row_dtype(signature):
+    """The dtype of the rows a kernel works (what ALIGN counts in): x's where the kernel reads
+    an x (a norm's y / dy may be fp32 beside a 16-bit x), else its first pointer's."""
+    return signature.get("x_ptr", next(v for v in signature.values() if v.startswith("*")))[1:]
+
+
 def variants():
     """(kernel, signature, constexprs, num_warps, aligned) for every compile to check: each
     spec unaligned (ALIGN 1, and VEC 1 where the kernel peels rows: rows of any length and
@@ -162,8 +172,7 @@ def variants():
         for kernel, signature, constexprs in make_specs():
             signature = {**signature, "ALIGN": "constexpr", "VEC": "constexpr"}
             signature = {name: signature[name] for name in kernel.fn.arg_names}  # in the kernel's order
-            dtype = next(v for v in signature.values() if v.startswith("*"))[1:]
-            vec = 16 // ITEMSIZE[dtype]
+            vec = 16 // ITEMSIZE[row_dtype(signature)]
             peels = "VEC" in kernel.fn.arg_names
             unaligned = {**constexprs, "ALIGN": 1, **({"VEC": 1} if peels else {})}
             aligned = {**constexprs, **({"ALIGN": 1, "VEC": vec} if peels else {"ALIGN": vec})}
@@ -180,8 +189,13 @@ def check_variant(index, arch):
     """Compile VARIANTS[index] and check its SASS; returns (description, problems, fp64 spills)."""
     kernel, signature, constexprs, num_warps, aligned = VARIANTS[index]
     fn = kernel.fn  # the @triton.jit under tuned_num_warps
-    dtype = next(v for v in signature.values() if v.startswith("*"))[1:]
-    what = (f"{fn.__name__} {dtype} {dict((k, v) for k, v in constexprs.items() if k != 'ACC')} "
+    dtype = row_dtype(signature)
+    out = signature.get("dy_ptr", signature.get("y_ptr"))  # y's dtype in a norm (fp32 beside a 16-bit x)
+    if "x_ptr" in signature and out not in (None, signature["x_ptr"]):
+        dtype_label = f"{dtype} (y {out[1:]})"
+    else:
+        dtype_label = dtype
+    what = (f"{fn.__name__} {dtype_label} {dict((k, v) for k, v in constexprs.items() if k != 'ACC')} "
             f"num_warps={num_warps}{' aligned' if aligned else ''}")
     attrs = {}
     for i, name in enumerate(fn.arg_names):

@@ -35,8 +35,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_grads(const at::Te
   return {dx, weight.defined() ? (dya * xhat).sum(0) : at::Tensor(), has_bias ? dya.sum(0) : at::Tensor()};
 }
 
-using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool);
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&,
+                                                                           const OptTensor&, const OptTensor&, double,
+                                                                           bool, std::optional<at::ScalarType>);
 const RowOp<Forward>& forward_op() {
   static const auto op = typed_op<Forward>("fastdl::layer_norm_rows_forward");
   return op;
@@ -44,7 +45,8 @@ const RowOp<Forward>& forward_op() {
 
 // The backward of a norm over the rows: gradients for (x, residual, weight, bias), from the
 // normalised input (x, or x + residual when fused, then an output of the forward) and the
-// forward's statistics
+// forward's statistics. dy comes in y's dtype: the input's, or after an out_dtype forward
+// the statistics' (the backward op takes either and writes dx in the input's dtype).
 struct NormRowsBackward : public torch::autograd::Node {
   torch::autograd::SavedVariable input, weight, mean, rstd;
   bool fused = false, rms = false, has_bias = false;
@@ -101,7 +103,8 @@ struct NormRowsBackward : public torch::autograd::Node {
 // reshapes and helpers cost ~3 us a call.
 std::tuple<at::Tensor, at::Tensor> layer_norm_eager(const at::Tensor& x, const OptTensor& residual,
                                                     const OptTensor& weight, const OptTensor& bias,
-                                                    int64_t normalized_ndim, double eps, bool rms) {
+                                                    int64_t normalized_ndim, double eps, bool rms,
+                                                    std::optional<at::ScalarType> out_dtype) {
   TORCH_CHECK(normalized_ndim >= 1 && normalized_ndim <= x.dim(), "fastdl.layer_norm: normalized_ndim ",
               normalized_ndim, " out of range for a ", x.dim(), "-D x");
   const char* op = rms ? "rms_norm" : "layer_norm";
@@ -120,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_eager(const at::Tensor& x, const O
   const OptTensor weight_flat = flat(weight), bias_flat = flat(bias);
   auto wants_grad = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
   at::Tensor y, h, mean, rstd;
-  std::tie(y, h, mean, rstd) = forward_op().call(x_rows, residual_rows, weight_flat, bias_flat, eps, rms);
+  std::tie(y, h, mean, rstd) = forward_op().call(x_rows, residual_rows, weight_flat, bias_flat, eps, rms, out_dtype);
   if (at::GradMode::is_enabled() &&
       (x.requires_grad() || wants_grad(residual) || wants_grad(weight) || wants_grad(bias))) {
     // record the backward, as torch's generated code does; without a residual, h is an empty

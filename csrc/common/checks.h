@@ -33,6 +33,29 @@ inline void check_float_dtype(const char* fn, const char* name, const at::Tensor
 // dtype of saved statistics and parameter gradients: float, double for double inputs.
 inline at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The dtype a norm's y is written in (its out_dtype): x's, or the statistics' dtype for a
+// 16-bit x normalised into fp32 in one pass (fastdl.ops does so under CUDA autocast, which
+// runs the norms in fp32); not with a residual, whose sum would then be in fp32 too.
+inline at::ScalarType norm_out_type(const char* fn, const at::Tensor& x, bool has_residual,
+                                    std::optional<at::ScalarType> out_dtype) {
+  const at::ScalarType type = x.scalar_type();
+  if (!out_dtype.has_value() || *out_dtype == type) return type;
+  TORCH_CHECK(*out_dtype == stats_type(type), fn, ": out_dtype must be x's dtype (", type, ") or ", stats_type(type),
+              ", got ", *out_dtype);
+  TORCH_CHECK(!has_residual, fn, ": out_dtype ", *out_dtype, " is not taken with a residual (x is ", type, ")");
+  return *out_dtype;
+}
+
+// dy of a norm's backward is in x's dtype, or in the statistics' dtype (the gradient of an
+// out_dtype forward's y); true for the latter.
+inline bool norm_dy_in_stats_type(const char* fn, const at::Tensor& dy, const at::Tensor& x) {
+  const at::ScalarType type = x.scalar_type();
+  if (dy.scalar_type() == type) return false;
+  TORCH_CHECK(dy.scalar_type() == stats_type(type), fn, ": dy is ", dy.scalar_type(), " but x is ", type,
+              "; expected x's dtype or ", stats_type(type));
+  return true;
+}
+
 // The norms' parameter dtype: x's when every parameter given has it (a 16-bit model's weight
 // and bias, which the CUDA kernels read as they are), else the statistics' dtype. The
 // backward ops write dweight / dbias in it (csrc/bindings.cpp), given the weight alone.

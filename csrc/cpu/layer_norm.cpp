@@ -279,11 +279,15 @@ at::Tensor param_or(const std::optional<at::Tensor>& p, int64_t n, at::ScalarTyp
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool rms) {
+    const std::optional<at::Tensor>& bias, double eps, bool rms, std::optional<at::ScalarType> out_dtype) {
   const char* fn = "fastdl.layer_norm (cpu)";
   check_rows(fn, "x", x, at::kCPU);
   const int64_t rows = x.size(0), n = x.size(1);
   check_float_dtype(fn, "x", x);
+  // y in fp32 from 16-bit x: x cast first, as torch under autocast (the CUDA kernels fuse the
+  // cast; CPU autocast leaves the norms in x's dtype, so on CPU this is only the op's contract)
+  const at::ScalarType out_type = norm_out_type(fn, x, residual.has_value(), out_dtype);
+  if (out_type != x.scalar_type()) return layer_norm_rows_forward(x.to(out_type), residual, weight, bias, eps, rms, {});
   if (residual.has_value()) {
     check_rows(fn, "residual", *residual, at::kCPU, rows, n);
     TORCH_CHECK(residual->scalar_type() == x.scalar_type(), fn, ": residual is ", residual->scalar_type(),
@@ -322,7 +326,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   const int64_t rows = x.size(0), n = x.size(1);
   check_rows(fn, "dy", dy, at::kCPU, rows, n);
   check_float_dtype(fn, "x", x);
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), fn, ": dy is ", dy.scalar_type(), " but x is ", x.scalar_type());
+  if (norm_dy_in_stats_type(fn, dy, x)) {  // after an out_dtype forward: as its cast of x, then dx cast back
+    const auto as_dy = [&](const at::Tensor& t) { return t.to(dy.scalar_type()); };
+    auto grads = layer_norm_rows_backward(dy, dsum.has_value() ? std::optional(as_dy(*dsum)) : std::nullopt, as_dy(x),
+                                          weight, mean, rstd, has_bias, rms);
+    std::get<0>(grads) = std::get<0>(grads).to(x.scalar_type());
+    return grads;
+  }
   if (dsum.has_value()) {
     check_rows(fn, "dsum", *dsum, at::kCPU, rows, n);
     TORCH_CHECK(dsum->scalar_type() == x.scalar_type(), fn, ": dsum is ", dsum->scalar_type(), " but x is ",

@@ -25,7 +25,7 @@ const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool rms) {
+    const std::optional<at::Tensor>& bias, double eps, bool rms, std::optional<at::ScalarType> out_dtype) {
   const char* fn = "fastdl.layer_norm (cuda)";
   check_rows(fn, "x", x, at::kCUDA);
   const int64_t rows = x.size(0), n = x.size(1);
@@ -35,22 +35,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forwa
     TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(), fn,
                 ": residual must match x's dtype and device");
   }
+  // y in fp32 from 16-bit x, the cast fused: 6 bytes a value moved, not the 14 of a cast kernel
+  // then the norm; the kernels take that with the parameters in fp32 only (as autocast has them)
+  const at::ScalarType out_type = norm_out_type(fn, x, residual.has_value(), out_dtype);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::ScalarType params = param_type(x, {&weight, &bias});
+  const at::ScalarType params =
+      out_type != x.scalar_type() ? stats_type(x.scalar_type()) : param_type(x, {&weight, &bias});
   const at::Tensor w = param_as(weight, params, x, n, fn, "weight");
   const at::Tensor b = param_as(bias, params, x, n, fn, "bias");
   const auto acc = x.options().dtype(stats_type(x.scalar_type()));
-  at::Tensor y = empty_output({rows, n}, x.options());
+  at::Tensor y = empty_output({rows, n}, x.options().dtype(out_type));
   at::Tensor h = residual.has_value() ? empty_output({rows, n}, x.options()) : at::empty({0}, x.options());
   at::Tensor mean = rms ? at::empty({0}, acc) : empty_output({rows}, acc);
   at::Tensor rstd = empty_output({rows}, acc);
-  check_cuda_launch(fn, kernels::norm_forward(dtype, kernel_dtype(fn, "weight", params), x.const_data_ptr(),
-                                              residual.has_value() ? residual->const_data_ptr() : nullptr,
-                                              ptr_or_null(w), ptr_or_null(b), y.mutable_data_ptr(),
-                                              residual.has_value() ? h.mutable_data_ptr() : nullptr,
-                                              rms ? nullptr : mean.mutable_data_ptr(), rstd.mutable_data_ptr(), rows,
-                                              n, x.stride(0), residual.has_value() ? residual->stride(0) : 0, eps, rms,
-                                              at::cuda::getCurrentCUDAStream()));
+  check_cuda_launch(fn, kernels::norm_forward(
+                            dtype, kernel_dtype(fn, "weight", params), kernel_dtype(fn, "y", out_type),
+                            x.const_data_ptr(), residual.has_value() ? residual->const_data_ptr() : nullptr,
+                            ptr_or_null(w), ptr_or_null(b), y.mutable_data_ptr(),
+                            residual.has_value() ? h.mutable_data_ptr() : nullptr,
+                            rms ? nullptr : mean.mutable_data_ptr(), rstd.mutable_data_ptr(), rows, n, x.stride(0),
+                            residual.has_value() ? residual->stride(0) : 0, eps, rms,
+                            at::cuda::getCurrentCUDAStream()));
   return {y, h, mean, rstd};
 }
 
@@ -63,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   const int64_t rows = x.size(0), n = x.size(1);
   check_rows(fn, "dy", dy, at::kCUDA, rows, n);
   const auto dtype = kernel_dtype(fn, "x", x);
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type() && dy.device() == x.device(), fn,
-              ": dy must match x's dtype and device");
+  TORCH_CHECK(dy.device() == x.device(), fn, ": dy must be on x's device");
+  const bool dy_in_acc = norm_dy_in_stats_type(fn, dy, x);
   if (dsum.has_value()) {
     check_rows(fn, "dsum", *dsum, at::kCUDA, rows, n);
     TORCH_CHECK(dsum->scalar_type() == x.scalar_type() && dsum->device() == x.device(), fn,
@@ -79,8 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
               fn, ": mean must be a contiguous (", rows, ") ", acc, " tensor on x's device for layer_norm");
   const c10::cuda::CUDAGuard guard(x.device());
   // dweight / dbias come out in the type the kernels read weight in: weight's dtype when it is
-  // x's, else the accumulation type (the op's contract, csrc/bindings.cpp)
-  const at::ScalarType params = weight.has_value() ? param_type(x, {&weight}) : acc;
+  // x's, else the accumulation type (the op's contract, csrc/bindings.cpp); with dy in the
+  // accumulation type, that type (the kernels take dy in it only so)
+  const at::ScalarType params = weight.has_value() && !dy_in_acc ? param_type(x, {&weight}) : acc;
   const at::Tensor w = param_as(weight, params, x, n, fn, "weight");
   const auto acc_opts = x.options().dtype(acc);
   at::Tensor dx = empty_output({rows, n}, x.options());
@@ -97,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   at::Tensor dweight_partial = weight.has_value() ? at::empty({partial_rows, n}, acc_opts) : at::Tensor();
   at::Tensor dbias_partial = has_bias ? at::empty({partial_rows, n}, acc_opts) : at::Tensor();
   check_cuda_launch(fn, kernels::norm_backward(
-                            dtype, kernel_dtype(fn, "weight", params), dy.const_data_ptr(),
+                            dtype, kernel_dtype(fn, "weight", params), kernel_dtype(fn, "dy", dy), dy.const_data_ptr(),
                             dsum.has_value() ? dsum->const_data_ptr() : nullptr,
                             x.const_data_ptr(), ptr_or_null(w), rms ? nullptr : mean->const_data_ptr(),
                             rstd.const_data_ptr(), dx.mutable_data_ptr(), mutable_or_null(dweight_partial),

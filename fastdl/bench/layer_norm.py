@@ -22,6 +22,10 @@ HOST_SHAPE = (64, 768)
 # direction suffix of a mixed-precision training step's call: x in bf16, parameters in
 # fp32, under torch.autocast(bf16) (on CUDA the norms then compute in fp32, as torch's do)
 AUTOCAST = " autocast"
+# the GPU sweep's autocast cases (bf16 x, 4096 rows): torch casts x to fp32, then normalises;
+# fastdl reads x as it is and writes y in fp32, so the least traffic is 2 + 4 bytes a value
+# forward and dy 4 + x 2 + dx 2 backward (the GB/s column counts that)
+GPU_AUTOCAST_ROWS, GPU_AUTOCAST_HIDDEN = 4096, (1024, 4096, 8192)
 
 # the norm issue's targets (H100, side by side in one run)
 _ALL = ("bfloat16", "float16", "float32")
@@ -123,6 +127,18 @@ def _bytes(op, direction, rows, n, size):
     return (fwd if direction == "fwd" else fwd + bwd) * rows * n * size
 
 
+def _autocast_bytes(direction, rows, n):
+    return (6 if direction == "fwd" else 14) * rows * n
+
+
+def _gpu_autocast_cases(device, quick):
+    hidden = GPU_AUTOCAST_HIDDEN[::2] if quick else GPU_AUTOCAST_HIDDEN
+    shapes = [(GPU_AUTOCAST_ROWS, n) for n in hidden]
+    return [Case(op, direction + AUTOCAST, torch.bfloat16, shape, _autocast_bytes(direction, *shape),
+                 functools.partial(_impls, op, device, torch.bfloat16, shape, direction + AUTOCAST))
+            for op in ("layer_norm", "rms_norm") for shape in shapes for direction in ("fwd", "fwd+bwd")]
+
+
 def _host_cases(device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = torch.tensor([], dtype=dtype).element_size()
@@ -155,6 +171,8 @@ def cases(device: torch.device, quick: bool = False):
                     for direction in ("fwd", "fwd+bwd"):
                         out.append(Case(op, direction, dtype, (rows, n), _bytes(op, direction, rows, n, size),
                                         functools.partial(_impls, op, device, dtype, (rows, n), direction)))
+        if device.type == "cuda" and dtype == torch.bfloat16:
+            out += _gpu_autocast_cases(device, quick)  # after the bf16 sweep the targets name
     if device.type == "cpu" and not quick:
         for dtype in CPU_HALF_DTYPES:
             for op in ("layer_norm", "rms_norm", "add_layer_norm"):

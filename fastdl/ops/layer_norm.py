@@ -32,11 +32,11 @@ backends.register_dtypes(RMS_OP, {b: FLOAT_DTYPES for b in backends.BACKENDS}, n
 
 
 # --- the torch backend: the kernels' math in plain PyTorch ------------------------------
-def _torch_forward(x, residual, weight, bias, eps, rms, normalized_ndim=1):
+def _torch_forward(x, residual, weight, bias, eps, rms, normalized_ndim=1, out_dtype=None):
     """(y, h, mean, rstd) over the last normalized_ndim dims, the statistics in x's leading
-    shape (h / mean None when absent). The torch backend runs it on rows; under torch.func's
-    transforms _norm runs it on the full tensors: plain ops compose with grad and vmap,
-    fastdl's autograd nodes do not."""
+    shape (h / mean None when absent), y in out_dtype (None: x's). The torch backend runs it
+    on rows; under torch.func's transforms _norm runs it on the full tensors: plain ops
+    compose with grad and vmap, fastdl's autograd nodes do not."""
     h = None
     if residual is not None:
         h = x + residual
@@ -52,10 +52,11 @@ def _torch_forward(x, residual, weight, bias, eps, rms, normalized_ndim=1):
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype), h, None if rms else mean.reshape(stats_shape), rstd.reshape(stats_shape)
+    return y.to(out_dtype or x.dtype), h, None if rms else mean.reshape(stats_shape), rstd.reshape(stats_shape)
 
 
 def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
+    # dy in x's dtype, or in the statistics' (the gradient of an out_dtype forward's y)
     acc_dtype = stats_dtype(x.dtype)
     xhat = (x.to(acc_dtype) - (0 if rms else mean[:, None])) * rstd[:, None]
     dy32 = dy.to(acc_dtype)
@@ -72,17 +73,20 @@ def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
 
 
 # --- dispatch ----------------------------------------------------------------------
-def _rows_forward(x, residual, weight, bias, eps, rms, backend=None):
+def _rows_forward(x, residual, weight, bias, eps, rms, backend=None, out_dtype=None):
+    """out_dtype: y's dtype, None (x's) or the statistics' (a 16-bit x normalised into fp32,
+    as under CUDA autocast, in one pass: see _norm); not with a residual."""
     backend = backend or backends.resolve(RMS_OP if rms else OP, x)
     if backend == "triton":
         from fastdl.triton.layer_norm import norm_forward
 
-        return norm_forward(x, residual, weight, bias, eps, rms)
+        return norm_forward(x, residual, weight, bias, eps, rms, out_dtype)
     if backend in ("cuda", "cpu"):
-        y, h, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward.default(x, residual, weight, bias, eps, rms)
+        y, h, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward.default(x, residual, weight, bias, eps, rms,
+                                                                            out_dtype)
         # the native op returns empty tensors for what is absent
         return y, h if residual is not None else None, mean if not rms else None, rstd
-    return _torch_forward(x, residual, weight, bias, eps, rms)
+    return _torch_forward(x, residual, weight, bias, eps, rms, out_dtype=out_dtype)
 
 
 def _rows_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms, backend=None):
@@ -122,12 +126,12 @@ def _rows_and_n(t, normalized_ndim):
 
 # The eager path calls these directly and skips every step it can: a 2-D x with one
 # normalised dim needs no reshapes or views, absent outputs stay None (~1 us each saved).
-def _forward(x, residual, weight, bias, normalized_ndim, eps, rms, backend=None):
-    """Full-shape tensors in; (y, h, mean, rstd) out in x's shapes, h / mean None when absent.
-    On `backend`, or the one resolved now."""
+def _forward(x, residual, weight, bias, normalized_ndim, eps, rms, backend=None, out_dtype=None):
+    """Full-shape tensors in; (y, h, mean, rstd) out in x's shapes, h / mean None when absent,
+    y in out_dtype (None: x's). On `backend`, or the one resolved now."""
     rows, n = _rows_and_n(x, normalized_ndim)
     y, h, mean, rstd = _rows_forward(_as_rows(x, rows, n), _as_rows(residual, rows, n), _flat(weight, n),
-                                     _flat(bias, n), eps, rms, backend=backend)
+                                     _flat(bias, n), eps, rms, backend=backend, out_dtype=out_dtype)
     if x.dim() != 2 or normalized_ndim != 1:
         stats_shape = x.shape[: x.dim() - normalized_ndim]
         y, rstd = y.view(x.shape), rstd.view(stats_shape)
@@ -137,8 +141,8 @@ def _forward(x, residual, weight, bias, normalized_ndim, eps, rms, backend=None)
 
 
 def _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms, backend=None):
-    """-> (dx, dweight, dbias) in the shapes and dtypes of x, weight, bias (None when absent).
-    On `backend`, or the one resolved now."""
+    """-> (dx, dweight, dbias) in the shapes and dtypes of x, weight, bias (None when absent);
+    dy in h's dtype or, after an out_dtype forward, in y's. On `backend`, or the one resolved now."""
     rows, n = _rows_and_n(h, normalized_ndim)
     two_d = h.dim() == 2 and normalized_ndim == 1
     dx, dweight, dbias = _rows_backward(
@@ -163,18 +167,20 @@ def _or_empty(t, like):
 # --- torch.library registration (the torch.compile path) -------------------------
 @torch.library.custom_op("fastdl::norm", mutates_args=())
 def _norm_op(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-             normalized_ndim: int, eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, h, mean, rstd = _forward(x, residual, weight, bias, normalized_ndim, eps, rms)
+             normalized_ndim: int, eps: float, rms: bool,
+             out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, h, mean, rstd = _forward(x, residual, weight, bias, normalized_ndim, eps, rms, out_dtype=out_dtype)
     return y, _or_empty(h, x), _or_empty(mean, rstd), rstd
 
 
 @_norm_op.register_fake
-def _(x, residual, weight, bias, normalized_ndim, eps, rms):
+def _(x, residual, weight, bias, normalized_ndim, eps, rms, out_dtype=None):
     stats_shape = x.shape[: x.dim() - normalized_ndim]
     stats = stats_dtype(x.dtype)
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
     mean = x.new_empty(stats_shape, dtype=stats) if not rms else x.new_empty(0, dtype=stats)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), h, mean, x.new_empty(stats_shape, dtype=stats)
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
+    return y, h, mean, x.new_empty(stats_shape, dtype=stats)
 
 
 @torch.library.custom_op("fastdl::norm_backward", mutates_args=())
@@ -248,12 +254,12 @@ def _differentiable_grads(ctx, dy, dsum):
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, normalized_ndim, eps, rms = inputs
+    x, residual, weight, bias, normalized_ndim, eps, rms = inputs[:7]
     _save(ctx, x, residual, weight, bias, normalized_ndim, eps, rms, output)
 
 
 def _op_backward(ctx, dy, dsum, _dmean, _drstd):
-    return *_grads(ctx, dy, dsum, _norm_backward_op), None, None, None
+    return *_grads(ctx, dy, dsum, _norm_backward_op), None, None, None, None
 
 
 _norm_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -264,8 +270,8 @@ class _NormFunction(torch.autograd.Function):
     """Returns y, or (y, h) when fused; mean and rstd are saved for the backward, not returned."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, normalized_ndim, eps, rms, backend):
-        outputs = _forward(x, residual, weight, bias, normalized_ndim, eps, rms, backend)
+    def forward(ctx, x, residual, weight, bias, normalized_ndim, eps, rms, backend, out_dtype):
+        outputs = _forward(x, residual, weight, bias, normalized_ndim, eps, rms, backend, out_dtype)
         _save(ctx, x, residual, weight, bias, normalized_ndim, eps, rms, outputs)
         ctx.backend = backend  # the backward runs on the forward's backend
         ctx.set_materialize_grads(False)
@@ -275,8 +281,8 @@ class _NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dsum=None):
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be differentiable too
-            return *_differentiable_grads(ctx, dy, dsum), None, None, None, None
-        return *_grads(ctx, dy, dsum, functools.partial(_backward, backend=ctx.backend)), None, None, None, None
+            return *_differentiable_grads(ctx, dy, dsum), None, None, None, None, None
+        return *_grads(ctx, dy, dsum, functools.partial(_backward, backend=ctx.backend)), None, None, None, None, None
 
 
 # --- eager path of the native backends ---------------------------------------------------
@@ -364,25 +370,34 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
     else:
         shape = _check_args(op, x, residual, normalized_shape, weight, bias)
     ndim = len(shape)
+    out_dtype = None
     if (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)) is not None:
-        # as torch under autocast: every operand in the dtype torch computes in
-        x, residual, weight, bias = (t.to(cast) if t is not None else None for t in (x, residual, weight, bias))
+        # as torch under autocast: every operand in the dtype torch computes in. A 16-bit x
+        # that CUDA autocast would cast to fp32 is read as it is and y written in fp32, in one
+        # pass (torch's cast writes 4 bytes a value and the norm reads them back: 14 bytes a
+        # value moved, 6 fused), and the backward writes dx in x's dtype, as the cast's would.
+        # The fused add keeps the cast (its sum would be in fp32).
+        if residual is None and cast == stats_dtype(x.dtype):
+            out_dtype = cast
+            weight, bias = (t.to(cast) if t is not None else None for t in (weight, bias))
+        else:
+            x, residual, weight, bias = (t.to(cast) if t is not None else None for t in (x, residual, weight, bias))
     if eps is None:
-        eps = torch.finfo(x.dtype).eps  # rms_norm's default, as torch
+        eps = torch.finfo(out_dtype or x.dtype).eps  # rms_norm's default, as torch: the dtype computed in
     eps = float(eps)
     if composite_only():  # torch.func.grad / vmap / jacrev ..., or forward AD
-        y, h = _torch_forward(x, residual, weight, bias, eps, rms, ndim)[:2]
+        y, h = _torch_forward(x, residual, weight, bias, eps, rms, ndim, out_dtype)[:2]
     elif compiled or traced:
-        y, h = torch.ops.fastdl.norm(x, residual, weight, bias, ndim, eps, rms)[:2]
+        y, h = torch.ops.fastdl.norm(x, residual, weight, bias, ndim, eps, rms, out_dtype)[:2]
     elif (backend := backends.resolve(RMS_OP if rms else OP, x)) in backends.NATIVE:
-        y, h = _layer_norm_eager(x, residual, weight, bias, ndim, eps, rms)
+        y, h = _layer_norm_eager(x, residual, weight, bias, ndim, eps, rms, out_dtype)
     elif torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad) or
                                       (weight is not None and weight.requires_grad) or
                                       (bias is not None and bias.requires_grad)):
-        out = _NormFunction.apply(x, residual, weight, bias, ndim, eps, rms, backend)
+        out = _NormFunction.apply(x, residual, weight, bias, ndim, eps, rms, backend, out_dtype)
         y, h = out if residual is not None else (out, None)
     else:
-        y, h = _forward(x, residual, weight, bias, ndim, eps, rms, backend)[:2]
+        y, h = _forward(x, residual, weight, bias, ndim, eps, rms, backend, out_dtype)[:2]
     return (h, y) if residual is not None else y
 
 

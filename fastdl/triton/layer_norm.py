@@ -366,10 +366,10 @@ def _norm_backward_loop_kernel(
 # ---------------------------------------------------------------------------------
 # launchers: (rows, cols) tensors whose last dim is contiguous; None for absent operands
 # ---------------------------------------------------------------------------------
-def norm_forward(x, residual, weight, bias, eps: float, rms: bool):
-    """-> (y, x + residual or None, mean or None (RMS), rstd)."""
+def norm_forward(x, residual, weight, bias, eps: float, rms: bool, out_dtype=None):
+    """-> (y, x + residual or None, mean or None (RMS), rstd); y in out_dtype (None: x's)."""
     n_rows, n_cols = x.shape
-    y = empty_output((n_rows, n_cols), x.dtype, x.device)
+    y = empty_output((n_rows, n_cols), out_dtype or x.dtype, x.device)
     h = empty_output((n_rows, n_cols), x.dtype, x.device) if residual is not None else None
     mean = None if rms else empty_output((n_rows,), stats_dtype(x.dtype), x.device)
     rstd = empty_output((n_rows,), stats_dtype(x.dtype), x.device)
@@ -410,7 +410,8 @@ def _backward_programs(n_rows: int, device: torch.device) -> tuple[int, int]:
 
 
 def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
-    """-> (dx, dweight or None, dbias or None); dweight in weight's dtype, dbias in the
+    """-> (dx, dweight or None, dbias or None); dx in x's dtype (dy in x's or in y's, the
+    statistics' dtype after an out_dtype forward), dweight in weight's dtype, dbias in the
     statistics' dtype (fp32; the caller casts it to the bias's)."""
     n_rows, n_cols = x.shape
     dx = empty_output((n_rows, n_cols), x.dtype, x.device)

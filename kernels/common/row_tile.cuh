@@ -62,22 +62,29 @@ template <typename T, int kThreads, int kElems> struct RowTile {
     }
   }
 
-  // Writes this thread's values (columns < cols) to a row of T, rounded to T.
-  template <typename A>
-  __device__ static __forceinline__ void store(T* row, int t, int64_t cols, bool aligned, const A (&in)[kElems]) {
+  // Writes this thread's values (columns < cols) to a row of U (the row's T, or the
+  // accumulation type: a norm of 16-bit x written in fp32), rounded to U.
+  template <typename U, typename A>
+  __device__ static __forceinline__ void store(U* row, int t, int64_t cols, bool aligned, const A (&in)[kElems]) {
+    constexpr int kVectors = kPack * static_cast<int>(sizeof(U)) / kVecBytes;
+    static_assert(kVectors * kVecBytes == kPack * static_cast<int>(sizeof(U)), "packs of whole vectors");
 #pragma unroll
     for (int p = 0; p < kPacks; ++p) {
       const int64_t c0 = pack_col(t, p);
       const A* src = in + p * kPack;
       if (aligned && c0 + kPack <= cols) {
-        Vec<T> vec;
+        Vec<U>* dst = reinterpret_cast<Vec<U>*>(row + c0);
 #pragma unroll
-        for (int k = 0; k < kPack; ++k) vec.v[k] = from_acc<T>(src[k]);
-        *reinterpret_cast<Vec<T>*>(row + c0) = vec;
+        for (int v = 0; v < kVectors; ++v) {
+          Vec<U> vec;
+#pragma unroll
+          for (int k = 0; k < Vec<U>::kSize; ++k) vec.v[k] = from_acc<U>(src[v * Vec<U>::kSize + k]);
+          dst[v] = vec;
+        }
       } else {
 #pragma unroll
         for (int k = 0; k < kPack; ++k)
-          if (c0 + k < cols) row[c0 + k] = from_acc<T>(src[k]);
+          if (c0 + k < cols) row[c0 + k] = from_acc<U>(src[k]);
       }
     }
   }

@@ -156,9 +156,15 @@ DType param_dtype(Run& run, DType dtype) {
   return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
 }
 
+// y (forward) / dy (backward) in --set <key>=..., by default x's dtype
+DType dtype_or(Run& run, const char* key, DType dtype) {
+  return run.settings.count(key) ? parse_dtype(run.get(key)) : dtype;
+}
+
 void norm_forward(Run& run) {
   const DType dtype = parse_dtype(run.get("dtype"));
-  check(fastdl::kernels::norm_forward(dtype, param_dtype(run, dtype), run.ptr("x"), run.ptr("residual"),
+  check(fastdl::kernels::norm_forward(dtype, param_dtype(run, dtype), dtype_or(run, "out_dtype", dtype),
+                                      run.ptr("x"), run.ptr("residual"),
                                       run.ptr("weight"), run.ptr("bias"), run.ptr("y"), run.ptr("sum"),
                                       run.ptr("mean"), run.ptr("rstd"),
                                       run.num("rows"), run.num("cols"), run.num("x_stride"),
@@ -178,7 +184,8 @@ void norm_backward(Run& run) {
   std::printf("occupancy_queries %d\n", fastdl_emu::occupancy_queries());
   void* dweight_partial = run.ptr("dweight") ? run.make("dweight_partial", partial_rows * cols * acc, 0).data : nullptr;
   void* dbias_partial = run.ptr("dbias") ? run.make("dbias_partial", partial_rows * cols * acc, 0).data : nullptr;
-  check(fastdl::kernels::norm_backward(dtype, param_dtype(run, dtype), run.ptr("dy"), run.ptr("dsum"),
+  check(fastdl::kernels::norm_backward(dtype, param_dtype(run, dtype), dtype_or(run, "dy_dtype", dtype),
+                                       run.ptr("dy"), run.ptr("dsum"),
                                        run.ptr("x"), run.ptr("weight"), run.ptr("mean"), run.ptr("rstd"),
                                        run.ptr("dx"), dweight_partial, dbias_partial, partial_rows,
                                        run.ptr("dweight"), run.ptr("dbias"), rows, cols,
