@@ -23,14 +23,17 @@ TORCH_LIBRARY(fastdl, m) {
   // 2 as a std::runtime_error; each reaches Python as a RuntimeError
   m.def("raise_for_test(int kind) -> ()");
   // softmax / log_softmax over the last dim of a (rows, cols) tensor; the output is a
-  // new contiguous tensor of the input's dtype
-  m.def("softmax_rows_forward(Tensor x, bool log) -> Tensor");
-  // grad_x from grad_out and the forward's output
-  m.def("softmax_rows_backward(Tensor grad_out, Tensor out, bool log) -> Tensor");
+  // new contiguous tensor of out_dtype: None (the input's), or float32 for a float16 /
+  // bfloat16 input (its softmax computed and written in fp32, the cast fused)
+  m.def("softmax_rows_forward(Tensor x, bool log, ScalarType? out_dtype=None) -> Tensor");
+  // grad_x from grad_out and the forward's output (one dtype), in grad_in_dtype: None (out's),
+  // or float16 / bfloat16 for a float32 out (the input's dtype of such a forward)
+  m.def("softmax_rows_backward(Tensor grad_out, Tensor out, bool log, ScalarType? grad_in_dtype=None) -> Tensor");
   // the eager path of the native backends (csrc/autograd/softmax.cpp): softmax of x of any
   // shape along dim (normalised, >= 0), through softmax_rows_forward, with its backward
-  // recorded as a C++ autograd node when x requires grad
-  m.def("softmax_eager(Tensor x, int dim, bool log) -> Tensor");
+  // recorded as a C++ autograd node when x requires grad; out_dtype as softmax_rows_forward's
+  // (x's gradient then comes back in x's dtype)
+  m.def("softmax_eager(Tensor x, int dim, bool log, ScalarType? out_dtype=None) -> Tensor");
   // layer_norm / rms_norm over the last dim of (rows, cols), with an optional residual
   // added first (fused add); returns (y, x + residual or empty, mean or empty (rms),
   // rstd), statistics in float32 (float64 for float64). y in out_dtype: None (x's), or

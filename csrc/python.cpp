@@ -1,7 +1,7 @@
 // The Python module fastdl._C: importing it runs the op registrations of the other files,
 // and it holds the eager entries of the native backends as plain Python functions,
 //
-//   fastdl._C.softmax_eager(x, dim, log)
+//   fastdl._C.softmax_eager(x, dim, log, out_dtype=None)
 //   fastdl._C.layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms, out_dtype=None)
 //   fastdl._C.softmax_checked(x, dim, dtype, log)
 //   fastdl._C.softmax_backward_checked(grad_out, out, dim, log)
@@ -319,14 +319,15 @@ PyObject* softmax_eager_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   at::Tensor x;
   int64_t dim = 0;
   bool log = false;
-  if (nargs != 3 || at::impl::torch_function_mode_enabled() || !tensor_arg(args[0], &x) ||
-      !int_arg(args[1], &dim) || !bool_arg(args[2], &log)) {
+  std::optional<at::ScalarType> out_dtype;
+  if ((nargs != 3 && nargs != 4) || at::impl::torch_function_mode_enabled() || !tensor_arg(args[0], &x) ||
+      !int_arg(args[1], &dim) || !bool_arg(args[2], &log) || (nargs == 4 && !optional_dtype_arg(args[3], &out_dtype))) {
     return through_torch_ops(&fallback, "softmax_eager", args, nargs);
   }
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;  // as torch's bindings: other Python threads run meanwhile
-    y = softmax_eager(x, dim, log);
+    y = softmax_eager(x, dim, log, out_dtype);
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
@@ -412,7 +413,8 @@ int softmax_dim_on_native(const at::Tensor& t, at::ScalarType dtype, int64_t* di
 // whose arguments are the common case, checked here instead of in Python: x a plain float
 // tensor, dim an int in range, dtype None or a float dtype, nothing recording or
 // transforming the call (untransformed) and a native backend chosen. x is cast first to
-// dtype, or when none is given to the dtype autocast computes in, as fastdl.ops casts it.
+// dtype, or when none is given to the dtype autocast computes in, as fastdl.ops casts it;
+// a 16-bit x computed in fp32 is not cast but read as it is, y written in fp32.
 // Anything else gets NotImplemented, and fastdl.ops checks (and reports) it in Python. The
 // caller has ruled out torch.compile.
 PyObject* softmax_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -432,13 +434,16 @@ PyObject* softmax_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     dtype = reinterpret_cast<THPDtype*>(args[2])->scalar_type;
     taken = dtype_index(dtype) >= 0 ? 1 : 0;
   }
-  if (taken > 0) taken = softmax_dim_on_native(x, dtype, &dim);
+  // the cast fused into the kernels (out_dtype), as fastdl.ops' _softmax decides it
+  const bool fused_cast = taken > 0 && dtype != x.scalar_type() && softmax_dtypes(x.scalar_type(), dtype);
+  if (taken > 0) taken = softmax_dim_on_native(x, fused_cast ? x.scalar_type() : dtype, &dim);
   if (taken < 0) return nullptr;
   if (taken == 0) Py_RETURN_NOTIMPLEMENTED;
   at::Tensor y;
   {
     pybind11::gil_scoped_release no_gil;
-    y = softmax_eager(dtype == x.scalar_type() ? x : x.to(dtype), dim, log);
+    if (fused_cast) y = softmax_eager(x, dim, log, dtype);
+    else y = softmax_eager(dtype == x.scalar_type() ? x : x.to(dtype), dim, log);
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
@@ -533,7 +538,7 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
 
 PyMethodDef methods[] = {
     {"softmax_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&softmax_eager_py)), METH_FASTCALL,
-     "softmax_eager(x, dim, log): as torch.ops.fastdl.softmax_eager, without its boxed call"},
+     "softmax_eager(x, dim, log, out_dtype=None): as torch.ops.fastdl.softmax_eager, without its boxed call"},
     {"layer_norm_eager", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&layer_norm_eager_py)),
      METH_FASTCALL,
      "layer_norm_eager(x, residual, weight, bias, normalized_ndim, eps, rms, out_dtype=None): as "

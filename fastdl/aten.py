@@ -84,15 +84,15 @@ def _plain_softmax_backward_rows(grad: torch.Tensor, out: torch.Tensor, log: boo
 
 
 def _softmax_forward(x: torch.Tensor, dim: int, half_to_float: bool, log: bool) -> torch.Tensor:
-    if half_to_float:  # CUDA's softmax(half, dtype=float): compute and return in float
-        x = x.float()
+    # half_to_float: CUDA's softmax(half, dtype=float), computed and returned in float (the
+    # backends read the half x as it is and write float)
     dim = dim % max(x.dim(), 1)
     rows = as_rows(x, dim)
     backend = _backend("softmax", x)
     if backend == "torch":
-        out = _plain_softmax_rows(rows, log)
+        out = _plain_softmax_rows(rows.float() if half_to_float else rows, log)
     else:
-        out = _softmax_ops._rows_forward(backend, rows, log)
+        out = _softmax_ops._rows_forward(backend, rows, log, torch.float32 if half_to_float else None)
     return from_rows(out, x, dim)
 
 
@@ -105,8 +105,9 @@ def _softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int,
     backend = _backend("softmax", output)
     if backend == "torch":
         dx = _plain_softmax_backward_rows(grad_rows, out_rows, log)
-    else:
-        dx = _softmax_ops._rows_backward(backend, grad_rows, out_rows, log)
+    else:  # after a half_to_float forward, dx written in the half dtype by the backend itself
+        fused = input_dtype != output.dtype and _softmax_ops._fuses_cast(input_dtype, output.dtype)
+        dx = _softmax_ops._rows_backward(backend, grad_rows, out_rows, log, input_dtype if fused else None)
     dx = from_rows(dx, output, dim)
     return dx if dx.dtype == input_dtype else dx.to(input_dtype)
 

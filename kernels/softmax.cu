@@ -82,9 +82,9 @@ template <int kMaxElems, typename F> bool with_packed_tile(int64_t cols, F&& lau
 // ---------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------
-template <typename T, int kThreads, int kElems, bool kLog>
+template <typename T, typename Y, int kThreads, int kElems, bool kLog>
 __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
-    softmax_forward_tile_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t cols,
+    softmax_forward_tile_kernel(const T* __restrict__ x, Y* __restrict__ y, int64_t rows, int64_t cols,
                                 int64_t x_row_stride, bool aligned) {
   using A = typename Acc<T>::type;
   using Tile = RowTile<T, kThreads, kElems>;
@@ -161,9 +161,10 @@ __device__ __forceinline__ MaxSum<A> block_max_sum(const T* x_row, int64_t begin
   return block_combine<kBlockThreads>(state, scratch);
 }
 
-// y over columns [begin, end) from the row's max and sum; y_row shares x_row's alignment.
-template <typename T, bool kLog, int kVec, typename A>
-__device__ __forceinline__ void block_write_softmax(const T* x_row, T* y_row, int64_t begin, int64_t end,
+// y over columns [begin, end) from the row's max and sum; y_row shares x_row's alignment
+// (y of the accumulation type beside a 16-bit x: both rows 16-byte aligned).
+template <typename T, bool kLog, int kVec, typename Y, typename A>
+__device__ __forceinline__ void block_write_softmax(const T* x_row, Y* y_row, int64_t begin, int64_t end,
                                                     MaxSum<A> row) {
   // log_softmax = (x - max) - log(sum): never x - (max + log(sum)), which loses log(sum) near 3e38
   const A scale = kLog ? log_acc(row.s) : A(1) / row.s;
@@ -177,9 +178,9 @@ __device__ __forceinline__ void block_write_softmax(const T* x_row, T* y_row, in
   });
 }
 
-template <typename T, bool kLog, int kVec>
+template <typename T, typename Y, bool kLog, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
-    softmax_forward_block_kernel(const T* __restrict__ x, T* __restrict__ y, int cols, int64_t x_row_stride) {
+    softmax_forward_block_kernel(const T* __restrict__ x, Y* __restrict__ y, int cols, int64_t x_row_stride) {
   using A = typename Acc<T>::type;
   __shared__ MaxSum<A> scratch[kBlockThreads / kWarpSize];
   const int64_t row = blockIdx.x;
@@ -206,10 +207,10 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // Every block of a row combines the row's chunk states the same way (one a thread, then
 // the block's fixed reduction tree), so all its chunks scale by the same bits.
-template <typename T, bool kLog, int kVec>
+template <typename T, typename Y, bool kLog, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
     softmax_forward_chunk_write_kernel(const T* __restrict__ x, const MaxSum<typename Acc<T>::type>* __restrict__ stats,
-                                       T* __restrict__ y, int cols, int chunk_cols, int64_t x_row_stride) {
+                                       Y* __restrict__ y, int cols, int chunk_cols, int64_t x_row_stride) {
   using A = typename Acc<T>::type;
   __shared__ MaxSum<A> scratch[kBlockThreads / kWarpSize];
   const int64_t row = blockIdx.y;
@@ -223,9 +224,11 @@ __global__ void __launch_bounds__(kBlockThreads)
 // ---------------------------------------------------------------------------------
 // backward:  softmax dx = y * (dy - sum(dy * y));  log_softmax dx = dy - exp(y) * sum(dy)
 // ---------------------------------------------------------------------------------
-template <typename T, int kThreads, int kElems, bool kLog>
+// dy and y in D: dx's T, or the accumulation type after a forward that wrote fp32 from a
+// 16-bit x (the tile laid out by T's 16-byte vectors, D's read two of them a pack).
+template <typename T, typename D, int kThreads, int kElems, bool kLog>
 __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
-    softmax_backward_tile_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int64_t rows,
+    softmax_backward_tile_kernel(const D* __restrict__ dy, const D* __restrict__ y, T* __restrict__ dx, int64_t rows,
                                  int64_t cols, int64_t dy_row_stride, int64_t y_row_stride, bool aligned) {
   using A = typename Acc<T>::type;
   using Tile = RowTile<T, kThreads, kElems>;
@@ -248,8 +251,8 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
 // This thread's share of the row's dot product over columns [begin, end): sum(dy * y), or
 // sum(dy) for log_softmax (not yet reduced across the block). The rows share dy_row's
 // alignment (for_row_pieces), as do dx's below.
-template <typename T, bool kLog, int kVec, typename A = typename Acc<T>::type>
-__device__ __forceinline__ A thread_dot(const T* dy_row, const T* y_row, int64_t begin, int64_t end) {
+template <typename T, bool kLog, int kVec, typename D, typename A = typename Acc<T>::type>
+__device__ __forceinline__ A thread_dot(const D* dy_row, const D* y_row, int64_t begin, int64_t end) {
   A total = 0;
   for_row_pieces<kBlockThreads, kVec>(dy_row, begin, end, [&](int64_t col, auto width) {
     constexpr int n = decltype(width)::value;
@@ -262,10 +265,15 @@ __device__ __forceinline__ A thread_dot(const T* dy_row, const T* y_row, int64_t
   return total;
 }
 
-template <typename T, bool kLog, int kVec, typename A>
-__device__ __forceinline__ void block_write_dx(const T* dy_row, const T* y_row, T* dx_row, int64_t begin, int64_t end,
+template <typename T, bool kLog, int kVec, typename D, typename A>
+__device__ __forceinline__ void block_write_dx(const D* dy_row, const D* y_row, T* dx_row, int64_t begin, int64_t end,
                                                A total) {
-  for_row_pieces<kBlockThreads, kVec>(dy_row, begin, end, [&](int64_t col, auto width) {
+  // cut by the narrower dx when dy is wider (the rows are all 16-byte aligned then)
+  const auto* cut_row = [&] {
+    if constexpr (std::is_same_v<D, T>) return dy_row;
+    else return dx_row;
+  }();
+  for_row_pieces<kBlockThreads, kVec>(cut_row, begin, end, [&](int64_t col, auto width) {
     constexpr int n = decltype(width)::value;
     A g[n], o[n];
     load_acc<n>(dy_row + col, g);
@@ -276,15 +284,15 @@ __device__ __forceinline__ void block_write_dx(const T* dy_row, const T* y_row, 
   });
 }
 
-template <typename T, bool kLog, int kVec>
+template <typename T, typename D, bool kLog, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
-    softmax_backward_block_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int cols,
+    softmax_backward_block_kernel(const D* __restrict__ dy, const D* __restrict__ y, T* __restrict__ dx, int cols,
                                   int64_t dy_row_stride, int64_t y_row_stride) {
   using A = typename Acc<T>::type;
   __shared__ A scratch[kBlockThreads / kWarpSize];
   const int64_t row = blockIdx.x;
-  const T* dy_row = dy + row * dy_row_stride;
-  const T* y_row = y + row * y_row_stride;
+  const D* dy_row = dy + row * dy_row_stride;
+  const D* y_row = y + row * y_row_stride;
   const A total = block_sum<kBlockThreads>(thread_dot<T, kLog, kVec>(dy_row, y_row, 0, cols), scratch);
   block_write_dx<T, kLog, kVec>(dy_row, y_row, dx + row * cols, 0, cols, total);
 }
@@ -324,9 +332,9 @@ __global__ void __launch_bounds__(kPackedThreads)
 // Split rows, grid (chunks, rows) as the forward's: each chunk's share of the dot product
 // to dots[row * chunks + chunk], then each block adds its row's shares and writes its chunk.
 // no 16-byte stores accepted: softmax_backward_chunk_dot_kernel: one dot share a block
-template <typename T, bool kLog, int kVec>
+template <typename T, typename D, bool kLog, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
-    softmax_backward_chunk_dot_kernel(const T* __restrict__ dy, const T* __restrict__ y,
+    softmax_backward_chunk_dot_kernel(const D* __restrict__ dy, const D* __restrict__ y,
                                       typename Acc<T>::type* __restrict__ dots, int cols, int chunk_cols,
                                       int64_t dy_row_stride, int64_t y_row_stride) {
   using A = typename Acc<T>::type;
@@ -340,9 +348,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (threadIdx.x == 0) dots[row * gridDim.x + blockIdx.x] = share;
 }
 
-template <typename T, bool kLog, int kVec>
+template <typename T, typename D, bool kLog, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
-    softmax_backward_chunk_write_kernel(const T* __restrict__ dy, const T* __restrict__ y,
+    softmax_backward_chunk_write_kernel(const D* __restrict__ dy, const D* __restrict__ y,
                                         const typename Acc<T>::type* __restrict__ dots, T* __restrict__ dx, int cols,
                                         int chunk_cols, int64_t dy_row_stride, int64_t y_row_stride) {
   using A = typename Acc<T>::type;
@@ -423,17 +431,23 @@ cudaError_t plan_split(int64_t rows, int64_t cols, const void* workspace, size_t
   return err;
 }
 
-template <typename T, bool kLog>
-cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_stride, void* workspace,
+// y in Y: x's T, or the accumulation type (a 16-bit x's softmax written in fp32, the cast
+// CUDA autocast and torch.softmax(x, dtype=float32) make fused). Such a mixed call takes
+// the tile, block and split kernels (laid out by T's vectors), not the packed ones, and
+// moves 16 bytes at a time in the kernels that walk rows in steps only when every row
+// is 16-byte aligned.
+template <typename T, typename Y, bool kLog>
+cudaError_t forward(const T* x, Y* y, int64_t rows, int64_t cols, int64_t x_row_stride, void* workspace,
                     size_t workspace_bytes, cudaStream_t stream) {
   using A = typename Acc<T>::type;
+  constexpr bool kMixed = !std::is_same_v<T, Y>;
   // the output's row stride is cols. Tiles move 16 bytes on aligned rows; the kernels that walk
   // rows in steps also on rows equally far off (a ragged head and tail an element a thread)
-  const bool aligned = rows_aligned<T>(x, x_row_stride) && rows_aligned<T>(y, cols);
-  const bool step_vectors = rows_share_alignment<T>({{x, x_row_stride}, {y, cols}});
+  const bool aligned = rows_aligned<T>(x, x_row_stride) && rows_aligned<Y>(y, cols);
+  const bool step_vectors = kMixed ? aligned : rows_share_alignment<T>({{x, x_row_stride}, {y, cols}});
   const bool tiled = with_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    softmax_forward_tile_kernel<T, kThreads, kElems, kLog>
+    softmax_forward_tile_kernel<T, Y, kThreads, kElems, kLog>
         <<<tile_grid<kThreads>(rows), kTileBlockThreads<kThreads>, 0, stream>>>(x, y, rows, cols, x_row_stride,
                                                                                     aligned);
   });
@@ -444,12 +458,14 @@ cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_
   if (const cudaError_t err = plan_split<T>(rows, cols, workspace, workspace_bytes, &split); err != cudaSuccess)
     return err;
   // enough rows to fill the device, on 16-byte boundaries: held in registers when they fit
-  if (split.chunks == 1 && aligned && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
-        constexpr int kElems = decltype(elems)::value;
-        softmax_forward_packed_kernel<T, kElems, kLog>
-            <<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(x, y, c, x_row_stride);
-      }))
-    return cudaGetLastError();
+  if constexpr (!kMixed) {
+    if (split.chunks == 1 && aligned && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
+          constexpr int kElems = decltype(elems)::value;
+          softmax_forward_packed_kernel<T, kElems, kLog>
+              <<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(x, y, c, x_row_stride);
+        }))
+      return cudaGetLastError();
+  }
   const int chunk_cols = static_cast<int>(split.chunk_cols);  // <= cols
   auto* stats = static_cast<MaxSum<A>*>(workspace);
   with_vec<T>(step_vectors, [&](auto vec) {
@@ -457,26 +473,30 @@ cudaError_t forward(const T* x, T* y, int64_t rows, int64_t cols, int64_t x_row_
     if (split.chunks > 1) {
       softmax_forward_chunk_stats_kernel<T, kVec>
           <<<split.grid(rows), kBlockThreads, 0, stream>>>(x, stats, c, chunk_cols, x_row_stride);
-      softmax_forward_chunk_write_kernel<T, kLog, kVec>
+      softmax_forward_chunk_write_kernel<T, Y, kLog, kVec>
           <<<split.grid(rows), kBlockThreads, 0, stream>>>(x, stats, y, c, chunk_cols, x_row_stride);
     } else {
-      softmax_forward_block_kernel<T, kLog, kVec>
+      softmax_forward_block_kernel<T, Y, kLog, kVec>
           <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(x, y, c, x_row_stride);
     }
   });
   return cudaGetLastError();
 }
 
-template <typename T, bool kLog>
-cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t cols, int64_t dy_row_stride,
+// dy and y in D: dx's T, or the accumulation type (the gradient of a mixed forward, dx
+// written in the 16-bit x's dtype); mixed calls run as mixed forwards do.
+template <typename T, typename D, bool kLog>
+cudaError_t backward(const D* dy, const D* y, T* dx, int64_t rows, int64_t cols, int64_t dy_row_stride,
                      int64_t y_row_stride, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   using A = typename Acc<T>::type;
-  const bool aligned = rows_aligned<T>(dy, dy_row_stride) && rows_aligned<T>(y, y_row_stride) &&
+  constexpr bool kMixed = !std::is_same_v<T, D>;
+  const bool aligned = rows_aligned<D>(dy, dy_row_stride) && rows_aligned<D>(y, y_row_stride) &&
                        rows_aligned<T>(dx, cols);
-  const bool step_vectors = rows_share_alignment<T>({{dy, dy_row_stride}, {y, y_row_stride}, {dx, cols}});
+  const bool step_vectors =
+      kMixed ? aligned : rows_share_alignment<T>({{dy, dy_row_stride}, {y, y_row_stride}, {dx, cols}});
   const bool tiled = with_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    softmax_backward_tile_kernel<T, kThreads, kElems, kLog>
+    softmax_backward_tile_kernel<T, D, kThreads, kElems, kLog>
         <<<tile_grid<kThreads>(rows), kTileBlockThreads<kThreads>, 0, stream>>>(
             dy, y, dx, rows, cols, dy_row_stride, y_row_stride, aligned);
   });
@@ -486,23 +506,25 @@ cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t cols,
   if (const cudaError_t err = plan_split<T>(rows, cols, workspace, workspace_bytes, &split); err != cudaSuccess)
     return err;
   // enough rows to fill the device, on 16-byte boundaries: one input held in registers
-  if (split.chunks == 1 && aligned && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
-        constexpr int kElems = decltype(elems)::value;
-        softmax_backward_packed_kernel<T, kElems, kLog><<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(
-            dy, y, dx, c, dy_row_stride, y_row_stride);
-      }))
-    return cudaGetLastError();
+  if constexpr (!kMixed) {
+    if (split.chunks == 1 && aligned && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
+          constexpr int kElems = decltype(elems)::value;
+          softmax_backward_packed_kernel<T, kElems, kLog><<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(
+              dy, y, dx, c, dy_row_stride, y_row_stride);
+        }))
+      return cudaGetLastError();
+  }
   const int chunk_cols = static_cast<int>(split.chunk_cols);  // <= cols
   auto* dots = static_cast<A*>(workspace);
   with_vec<T>(step_vectors, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
     if (split.chunks > 1) {
-      softmax_backward_chunk_dot_kernel<T, kLog, kVec>
+      softmax_backward_chunk_dot_kernel<T, D, kLog, kVec>
           <<<split.grid(rows), kBlockThreads, 0, stream>>>(dy, y, dots, c, chunk_cols, dy_row_stride, y_row_stride);
-      softmax_backward_chunk_write_kernel<T, kLog, kVec><<<split.grid(rows), kBlockThreads, 0, stream>>>(
+      softmax_backward_chunk_write_kernel<T, D, kLog, kVec><<<split.grid(rows), kBlockThreads, 0, stream>>>(
           dy, y, dots, dx, c, chunk_cols, dy_row_stride, y_row_stride);
     } else {
-      softmax_backward_block_kernel<T, kLog, kVec>
+      softmax_backward_block_kernel<T, D, kLog, kVec>
           <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(dy, y, dx, c, dy_row_stride, y_row_stride);
     }
   });
@@ -512,23 +534,23 @@ cudaError_t backward(const T* dy, const T* y, T* dx, int64_t rows, int64_t cols,
 // Grid limits: one block per row (block kernels), at most one per row (tile kernels).
 bool sizes_supported(int64_t rows, int64_t cols) { return rows <= INT_MAX && cols <= INT_MAX; }
 
-template <typename T>
+template <typename T, typename Y>
 cudaError_t forward_typed(const void* x, void* y, int64_t rows, int64_t cols, int64_t stride, bool log,
                           void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   const T* xp = static_cast<const T*>(x);
-  T* yp = static_cast<T*>(y);
-  return log ? forward<T, true>(xp, yp, rows, cols, stride, workspace, workspace_bytes, stream)
-             : forward<T, false>(xp, yp, rows, cols, stride, workspace, workspace_bytes, stream);
+  Y* yp = static_cast<Y*>(y);
+  return log ? forward<T, Y, true>(xp, yp, rows, cols, stride, workspace, workspace_bytes, stream)
+             : forward<T, Y, false>(xp, yp, rows, cols, stride, workspace, workspace_bytes, stream);
 }
 
-template <typename T>
+template <typename T, typename D>
 cudaError_t backward_typed(const void* dy, const void* y, void* dx, int64_t rows, int64_t cols, int64_t dy_stride,
                            int64_t y_stride, bool log, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  const T* dyp = static_cast<const T*>(dy);
-  const T* yp = static_cast<const T*>(y);
+  const D* dyp = static_cast<const D*>(dy);
+  const D* yp = static_cast<const D*>(y);
   T* dxp = static_cast<T*>(dx);
-  return log ? backward<T, true>(dyp, yp, dxp, rows, cols, dy_stride, y_stride, workspace, workspace_bytes, stream)
-             : backward<T, false>(dyp, yp, dxp, rows, cols, dy_stride, y_stride, workspace, workspace_bytes, stream);
+  return log ? backward<T, D, true>(dyp, yp, dxp, rows, cols, dy_stride, y_stride, workspace, workspace_bytes, stream)
+             : backward<T, D, false>(dyp, yp, dxp, rows, cols, dy_stride, y_stride, workspace, workspace_bytes, stream);
 }
 
 template <typename T> cudaError_t workspace_bytes_typed(int64_t rows, int64_t cols, size_t* bytes) {
@@ -555,29 +577,51 @@ cudaError_t softmax_workspace_bytes(DType dtype, int64_t rows, int64_t cols, siz
   return cudaErrorInvalidValue;
 }
 
-cudaError_t softmax_forward(DType dtype, const void* x, void* y, int64_t rows, int64_t cols, int64_t x_row_stride,
-                            bool log, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+// x's (dx's) dtype T and y's (dy's) dtype: T itself, or float beside a 16-bit T; any other pair
+// is refused.
+#define FASTDL_MIXED_CASES(CALL)                                                                          \
+  case DType::kFloat16: return other == DType::kFloat32 ? CALL(__half, float) : CALL(__half, __half);   \
+  case DType::kBFloat16:                                                                                   \
+    return other == DType::kFloat32 ? CALL(__nv_bfloat16, float) : CALL(__nv_bfloat16, __nv_bfloat16);  \
+  case DType::kFloat32: return CALL(float, float);                                                        \
+  case DType::kFloat64: return CALL(double, double);
+
+namespace {
+bool valid_pair(DType dtype, DType other) {
+  return other == dtype || (other == DType::kFloat32 && (dtype == DType::kFloat16 || dtype == DType::kBFloat16));
+}
+}  // namespace
+
+cudaError_t softmax_forward(DType dtype, DType out_dtype, const void* x, void* y, int64_t rows, int64_t cols,
+                            int64_t x_row_stride, bool log, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream) {
+  if (!valid_pair(dtype, out_dtype)) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
   if (!sizes_supported(rows, cols)) return cudaErrorInvalidValue;
-#define FASTDL_CALL(T) forward_typed<T>(x, y, rows, cols, x_row_stride, log, workspace, workspace_bytes, stream)
-  switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
+  const DType other = out_dtype;
+#define FASTDL_CALL(T, Y) forward_typed<T, Y>(x, y, rows, cols, x_row_stride, log, workspace, workspace_bytes, stream)
+  switch (dtype) { FASTDL_MIXED_CASES(FASTDL_CALL) }
 #undef FASTDL_CALL
   return cudaErrorInvalidValue;
 }
 
-cudaError_t softmax_backward(DType dtype, const void* grad_out, const void* out, void* grad_in, int64_t rows,
-                             int64_t cols, int64_t grad_out_row_stride, int64_t out_row_stride, bool log,
-                             void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+cudaError_t softmax_backward(DType dtype, DType grad_in_dtype, const void* grad_out, const void* out,
+                             void* grad_in, int64_t rows, int64_t cols, int64_t grad_out_row_stride,
+                             int64_t out_row_stride, bool log, void* workspace, size_t workspace_bytes,
+                             cudaStream_t stream) {
+  if (!valid_pair(grad_in_dtype, dtype)) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
   if (!sizes_supported(rows, cols)) return cudaErrorInvalidValue;
-#define FASTDL_CALL(T)                                                                                 \
-  backward_typed<T>(grad_out, out, grad_in, rows, cols, grad_out_row_stride, out_row_stride, log, workspace, \
-                    workspace_bytes, stream)
-  switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
+  const DType other = dtype;
+#define FASTDL_CALL(T, D)                                                                                 \
+  backward_typed<T, D>(grad_out, out, grad_in, rows, cols, grad_out_row_stride, out_row_stride, log, workspace, \
+                       workspace_bytes, stream)
+  switch (grad_in_dtype) { FASTDL_MIXED_CASES(FASTDL_CALL) }
 #undef FASTDL_CALL
   return cudaErrorInvalidValue;
 }
 
+#undef FASTDL_MIXED_CASES
 #undef FASTDL_DTYPE_CASES
 
 }  // namespace fastdl::kernels

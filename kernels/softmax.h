@@ -19,12 +19,19 @@ namespace fastdl::kernels {
 // aims for; 0: never split) is read here and by the launchers.
 cudaError_t softmax_workspace_bytes(DType dtype, int64_t rows, int64_t cols, size_t* bytes);
 
-cudaError_t softmax_forward(DType dtype, const void* x, void* y, int64_t rows, int64_t cols, int64_t x_row_stride,
-                            bool log, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// y in out_dtype: x's dtype, or float32 for a float16 / bfloat16 x (its softmax written in
+// fp32 in one pass, as torch.softmax(x, dtype=torch.float32) and CUDA autocast compute it);
+// any other: cudaErrorInvalidValue. The workspace is sized for x's dtype.
+cudaError_t softmax_forward(DType dtype, DType out_dtype, const void* x, void* y, int64_t rows, int64_t cols,
+                            int64_t x_row_stride, bool log, void* workspace, size_t workspace_bytes,
+                            cudaStream_t stream);
 
-// grad_in = d(loss)/dx from grad_out and the forward's output `out`.
-cudaError_t softmax_backward(DType dtype, const void* grad_out, const void* out, void* grad_in, int64_t rows,
-                             int64_t cols, int64_t grad_out_row_stride, int64_t out_row_stride, bool log,
-                             void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// grad_in = d(loss)/dx from grad_out and the forward's output `out`, both of `dtype`;
+// grad_in in grad_in_dtype: dtype, or the float16 / bfloat16 x of a forward that wrote fp32
+// (then dtype is float32, and the workspace is sized for grad_in_dtype).
+cudaError_t softmax_backward(DType dtype, DType grad_in_dtype, const void* grad_out, const void* out,
+                             void* grad_in, int64_t rows, int64_t cols, int64_t grad_out_row_stride,
+                             int64_t out_row_stride, bool log, void* workspace, size_t workspace_bytes,
+                             cudaStream_t stream);
 
 }  // namespace fastdl::kernels

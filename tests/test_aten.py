@@ -198,6 +198,27 @@ def test_model_runs_under_enable_and_trains(calls):
         assert (g - r).norm() <= 1e-5 * max(r.norm(), 1e-6)
 
 
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_half_to_float_ops_on_every_backend(case, log):
+    """aten::_softmax(x, dim, half_to_float=True) and the backward given the half input_dtype,
+    as CUDA's softmax(half, dtype=float) calls them, called directly (torch's CPU kernel refuses
+    half_to_float; fastdl's take it on any device): fp32 out from the half x, dx in half."""
+    backend, device = case
+    forward = torch.ops.aten._log_softmax if log else torch.ops.aten._softmax
+    backward = torch.ops.aten._log_softmax_backward_data if log else torch.ops.aten._softmax_backward_data
+    x = torch.randn(16, 300, device=device, dtype=torch.float16)
+    grad_out = torch.randn(16, 300, device=device)
+    with fastdl.use_backend(backend), fastdl.enabled():
+        y = forward(x, -1, True)
+        dx = backward(grad_out, y, -1, torch.float16)
+    x64 = x.double().requires_grad_()
+    ref = torch.log_softmax(x64, -1) if log else torch.softmax(x64, -1)
+    assert y.dtype == torch.float32 and dx.dtype == torch.float16
+    assert_close(y, ref, torch.float32, "forward")
+    assert_close(dx, torch.autograd.grad(ref, x64, grad_out.double())[0], torch.float16, "dx")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="half_to_float is CUDA's softmax path")
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_half_to_float_on_cuda(backend):

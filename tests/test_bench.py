@@ -282,6 +282,19 @@ def test_gpu_sweep_times_the_autocast_norms_after_bf16():
         assert cases[i].bytes_moved == (6 if cases[i].direction == "fwd autocast" else 14) * rows * n
 
 
+def test_gpu_sweep_times_the_fp32_softmax_of_bf16_after_bf16():
+    """The GPU softmax sweep times a bf16 x's softmax in fp32 (torch.softmax(x, dtype=float32)),
+    forward and forward + backward, after the bf16 cases, counting x in bf16 and y in fp32 (6
+    bytes a value) and backward dy and y in fp32 and dx in bf16 (10 more)."""
+    cases = bench_softmax.cases(torch.device("cuda"))
+    mixed = [i for i, c in enumerate(cases) if c.direction.endswith(" to fp32")]
+    assert len(mixed) == 6 and all(cases[i].dtype == torch.bfloat16 for i in mixed)
+    assert mixed == list(range(mixed[0], mixed[0] + 6)) and cases[mixed[-1] + 1].dtype == torch.float16
+    for i in mixed:
+        rows, n = cases[i].shape
+        assert cases[i].bytes_moved == (6 if cases[i].direction == "fwd to fp32" else 16) * rows * n
+
+
 def test_pytest_benchmark_suites_run():
     """Every bench op has benchmarks/bench_<op>.py, and the suites run (each case once,
     untimed; torch.compile left out here for time)."""

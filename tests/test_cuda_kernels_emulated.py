@@ -75,19 +75,23 @@ EMU_SPLIT_TARGET = 4 * (2048 // 512)
 SOFTMAX_SHAPES = [(5, 1), (9, 37), (3, 1000), (2, 5000), (1, 16384), (3, 20000)]
 
 
-def _softmax_forward(runner, tmp_path, x, offset, log, workspace="full", env=None):
+def _softmax_forward(runner, tmp_path, x, offset, log, workspace="full", env=None, out_dtype=None):
     rows, cols = x.shape
-    result = _run(runner, tmp_path, "softmax_forward", {"x": x}, {"y": (x.dtype, rows * cols)},
+    out_dtype = out_dtype or x.dtype
+    result = _run(runner, tmp_path, "softmax_forward", {"x": x}, {"y": (out_dtype, rows * cols)},
                   {"dtype": emulated_cuda.DTYPE_NAMES[x.dtype], "rows": rows, "cols": cols, "x_stride": x.stride(0),
-                   "log": log, "workspace": workspace}, offsets={"x": offset}, env=env)
+                   "log": log, "workspace": workspace, "out_dtype": emulated_cuda.DTYPE_NAMES[out_dtype]},
+                  offsets={"x": offset}, env=env)
     return result.outputs["y"].view(rows, cols), result
 
 
-def _softmax_backward(runner, tmp_path, dy, y, log, offsets=None, env=None):
+def _softmax_backward(runner, tmp_path, dy, y, log, offsets=None, env=None, dx_dtype=None):
     rows, cols = y.shape
-    result = _run(runner, tmp_path, "softmax_backward", {"dy": dy, "y": y}, {"dx": (y.dtype, rows * cols)},
+    dx_dtype = dx_dtype or y.dtype
+    result = _run(runner, tmp_path, "softmax_backward", {"dy": dy, "y": y}, {"dx": (dx_dtype, rows * cols)},
                   {"dtype": emulated_cuda.DTYPE_NAMES[y.dtype], "rows": rows, "cols": cols, "dy_stride": dy.stride(0),
-                   "y_stride": y.stride(0), "log": log}, offsets=offsets, env=env)
+                   "y_stride": y.stride(0), "log": log, "dx_dtype": emulated_cuda.DTYPE_NAMES[dx_dtype]},
+                  offsets=offsets, env=env)
     return result.outputs["dx"].view(rows, cols), result
 
 
@@ -139,6 +143,40 @@ def test_softmax_row_layouts(runner, tmp_path, dtype, cols, layout):
         dx, _ = _softmax_backward(runner, tmp_path / f"bwd{log}", dy, y_in, log,
                                   offsets={"dy": dy_offset, "y": y_offset})
         assert_close(dx, R.softmax_backward(dy.double(), y_in.double(), -1, log), dtype, f"backward log={log}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "offset"])
+@pytest.mark.parametrize("rows,cols", [(5, 37), (3, 1000), (1, 16384), (2, 20000), (EMU_SPLIT_TARGET, 40000)],
+                         ids=["warp", "tile", "largest-tile", "split", "block"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_softmax_of_16_bit_x_in_fp32(runner, tmp_path, dtype, rows, cols, layout):
+    """y written in fp32 from a 16-bit x (the cast of torch.softmax(x, dtype=float32) and of
+    CUDA autocast fused), and the backward from fp32 dy and y with dx in x's dtype: as right
+    as the fp32 kernels (y unrounded: fp32 tolerance), through the tile, split and block
+    kernels (never the packed ones), aligned rows and rows one element off (the kernels that
+    walk rows in steps then go an element at a time). Any other pair of dtypes is refused."""
+    x, offset = _rows(rows, cols, dtype, layout)
+    kind = _expected_kernels(dtype, cols, split=rows < EMU_SPLIT_TARGET)
+    for log in (False, True):
+        y, result = _softmax_forward(runner, tmp_path / f"fwd{log}", x, offset, log, out_dtype=torch.float32)
+        assert y.dtype == torch.float32
+        assert_close(y, _softmax_ref(x, log), torch.float32, f"forward log={log}")
+        assert all(kind in k for k in _kernels(result)), result.launches
+        dy = torch.randn(rows, cols)
+        # dy and y also 16 bytes past a 32-byte boundary: 16-byte aligned, but a vector of 8
+        # floats (one of dx's 16-byte vectors) then starts mid-way; the rows are cut by dx's
+        for shift in (0, 4):
+            dx, back = _softmax_backward(runner, tmp_path / f"bwd{log}{shift}", dy, y, log, dx_dtype=dtype,
+                                         offsets={"dy": shift, "y": shift})
+            assert dx.dtype == dtype
+            assert_close(dx, R.softmax_backward(dy.double(), y.double(), -1, log), dtype, f"backward log={log}")
+            assert all(kind in k for k in _kernels(back)), back.launches
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    with pytest.raises(AssertionError, match="cudaErrorInvalidValue"):
+        _softmax_forward(runner, tmp_path / "other", x, offset, False, out_dtype=other)
+    with pytest.raises(AssertionError, match="cudaErrorInvalidValue"):
+        _softmax_backward(runner, tmp_path / "other_bwd", torch.randn(rows, cols).double(),
+                          torch.rand(rows, cols).double(), False, dx_dtype=dtype)
 
 
 @pytest.mark.parametrize("how", ["split_off", "no_workspace", "short_workspace", "many_chunks"])

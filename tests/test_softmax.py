@@ -6,7 +6,7 @@ import fastdl
 from fastdl.reference import log_softmax as ref_log_softmax
 from fastdl.reference import softmax as ref_softmax
 
-from conftest import assert_close, backend_cases, case_id, compile_backends, rel_err
+from conftest import assert_close, autocast_as, backend_cases, case_id, compile_backends, rel_err
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -393,6 +393,35 @@ def test_dtype_argument(case):
                                torch.softmax(ints, 1, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("how", ["dtype=float32", "autocast"])
+@pytest.mark.parametrize("cols", [37, 1000, 20000], ids=["warp", "tile", "long"])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fp32_softmax_of_16_bit_x_reads_x_as_it_is(case, dtype, log, cols, how):
+    """A 16-bit x's softmax computed in fp32, asked with dtype=torch.float32 or by an autocast
+    that runs softmax in fp32 (CUDA's; on a CPU x the probe made to answer so): x is not cast
+    first (the graph holds no cast of x), the kernels read it as it is and write fp32, at fp32
+    tolerance against float64; x's gradient comes back in x's dtype."""
+    backend, device = case
+    fn, ref_fn = (fastdl.ops.log_softmax, torch.log_softmax) if log else (fastdl.ops.softmax, torch.softmax)
+    x = (torch.randn(3, cols, device=device) * 3).to(dtype).requires_grad_()
+    if how == "autocast":
+        with autocast_as("bf16, fp32 rule", device):
+            y = _run(backend, fn, x, -1)
+    else:
+        y = _run(backend, fn, x, -1, dtype=torch.float32)
+    assert y.dtype == torch.float32
+    assert y.grad_fn.next_functions[0][0].variable is x, "x was cast before the softmax"
+    x64 = x.detach().double().requires_grad_()
+    ref = ref_fn(x64, -1)
+    assert_close(y, ref, torch.float32, "forward")
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert dx.dtype == dtype
+    assert_close(dx, torch.autograd.grad(ref, x64, dy.double())[0], dtype, "dx")
+
+
 def test_softmax_backward_public_function():
     y = torch.softmax(torch.randn(3, 8, dtype=torch.float64), -1)
     g = torch.randn_like(y)
@@ -467,6 +496,13 @@ class TestBadInputs:
             torch.ops.fastdl.softmax_rows_forward(torch.randn(4, 6).t(), False)
         with pytest.raises(RuntimeError, match=r"does not match out"):
             torch.ops.fastdl.softmax_rows_backward(torch.randn(2, 3), torch.randn(3, 2), False)
+        half = torch.randn(2, 3, dtype=torch.float16)
+        with pytest.raises(RuntimeError, match=r"out_dtype must be x's dtype \(Half\) or, for a Half / BFloat16 x, "
+                                               r"Float; got BFloat16"):
+            torch.ops.fastdl.softmax_rows_forward(half, False, torch.bfloat16)
+        with pytest.raises(RuntimeError, match=r"grad_in_dtype must be out's dtype \(Half\) or, for a Float out, "
+                                               r"Half / BFloat16; got Float"):
+            torch.ops.fastdl.softmax_rows_backward(half, half, False, torch.float32)
 
 
 @pytest.mark.parametrize("backend", compile_backends())

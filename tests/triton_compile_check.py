@@ -90,6 +90,32 @@ def softmax_specs():
                        "dy_row_stride_vecs": "i64", "y_row_stride_vecs": "i64", **chunk_args,
                        **{c: "constexpr" for c in const}}
                 specs.append((k._softmax_backward_chunk_write_kernel, sig, const))
+    # a 16-bit x's softmax written in fp32 (out_dtype: torch.softmax(x, dtype=float32), CUDA
+    # autocast), and its backward from fp32 dy and y to a 16-bit dx
+    for dtype in ("fp16", "bf16"):
+        p, rows_args = POINTER[dtype], {"dy_row_stride_vecs": "i64", "y_row_stride_vecs": "i64"}
+        chunk_args = {"n_col_vecs": "i32", "chunk_cols": "i32", "n_chunks": "i32"}
+        for log in (False, True):
+            const = dict(BLOCK_COLS=k.SINGLE_PASS_MAX_COLS, ROWS=1, LOG=log, ACC=tl.float32)
+            tile = {"n_rows": "i32", "n_col_vecs": "i32", **{c: "constexpr" for c in const}}
+            specs.append((k._softmax_forward_tile_kernel,
+                          {"x_ptr": p, "y_ptr": "*fp32", "x_row_stride_vecs": "i64", **tile}, const))
+            specs.append((k._softmax_backward_tile_kernel,
+                          {"dy_ptr": "*fp32", "y_ptr": "*fp32", "dx_ptr": p, **rows_args, **tile}, const))
+            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, LOG=log, ACC=tl.float32)
+            loop = {"n_col_vecs": "i32", **{c: "constexpr" for c in const}}
+            specs.append((k._softmax_forward_loop_kernel,
+                          {"x_ptr": p, "y_ptr": "*fp32", "x_row_stride_vecs": "i64", **loop}, const))
+            specs.append((k._softmax_backward_loop_kernel,
+                          {"dy_ptr": "*fp32", "y_ptr": "*fp32", "dx_ptr": p, **rows_args, **loop}, const))
+            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, BLOCK_CHUNKS=1024, LOG=log, ACC=tl.float32)
+            chunk = {**chunk_args, **{c: "constexpr" for c in const}}
+            specs.append((k._softmax_chunk_write_kernel, {"x_ptr": p, "y_ptr": "*fp32", "max_ptr": "*fp32",
+                                                          "sum_ptr": "*fp32", "x_row_stride_vecs": "i64", **chunk},
+                          const))
+            specs.append((k._softmax_backward_chunk_write_kernel,
+                          {"dy_ptr": "*fp32", "y_ptr": "*fp32", "dx_ptr": p, "dot_ptr": "*fp32", **rows_args, **chunk},
+                          const))
     return specs
 
 
@@ -156,9 +182,11 @@ EDGE_ACCESSES = {"_softmax_forward_loop_kernel": 3, "_softmax_chunk_stats_kernel
 
 
 def row_dtype(signature):
-    """The dtype of the rows a kernel works (what ALIGN counts in): x's where the kernel reads
-    an x (a norm's y / dy may be fp32 beside a 16-bit x), else its first pointer's."""
-    return signature.get("x_ptr", next(v for v in signature.values() if v.startswith("*")))[1:]
+    """The dtype of the rows a kernel works (what ALIGN and VEC count in): x's where the kernel
+    reads an x, else dx's where it writes one (a norm's y / dy and a softmax's y / dy may be fp32
+    beside a 16-bit x, and the launchers count the narrower elements), else its first pointer's."""
+    first = next(v for v in signature.values() if v.startswith("*"))
+    return signature.get("x_ptr", signature.get("dx_ptr", first))[1:]
 
 
 def variants():
@@ -190,11 +218,8 @@ def check_variant(index, arch):
     kernel, signature, constexprs, num_warps, aligned = VARIANTS[index]
     fn = kernel.fn  # the @triton.jit under tuned_num_warps
     dtype = row_dtype(signature)
-    out = signature.get("dy_ptr", signature.get("y_ptr"))  # y's dtype in a norm (fp32 beside a 16-bit x)
-    if "x_ptr" in signature and out not in (None, signature["x_ptr"]):
-        dtype_label = f"{dtype} (y {out[1:]})"
-    else:
-        dtype_label = dtype
+    out = signature.get("dy_ptr", signature.get("y_ptr"))  # y's dtype (fp32 beside a 16-bit x or dx)
+    dtype_label = f"{dtype} (y {out[1:]})" if out not in (None, f"*{dtype}") else dtype
     what = (f"{fn.__name__} {dtype_label} {dict((k, v) for k, v in constexprs.items() if k != 'ACC')} "
             f"num_warps={num_warps}{' aligned' if aligned else ''}")
     attrs = {}

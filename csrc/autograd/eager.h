@@ -9,8 +9,10 @@
 
 namespace fastdl {
 
-// softmax / log_softmax of x along dim (in [0, x.dim()), or 0 for a 0-d x)
-at::Tensor softmax_eager(const at::Tensor& x, int64_t dim, bool log);
+// softmax / log_softmax of x along dim (in [0, x.dim()), or 0 for a 0-d x), y in out_dtype
+// (nullopt: x's), as softmax_rows_forward takes it
+at::Tensor softmax_eager(const at::Tensor& x, int64_t dim, bool log,
+                         std::optional<at::ScalarType> out_dtype = std::nullopt);
 
 // the gradient of softmax / log_softmax's input along dim from its output out and grad_out
 at::Tensor softmax_backward_eager(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log);

@@ -13,21 +13,26 @@ namespace {
 
 using torch::autograd::variable_list;
 
-const RowOp<at::Tensor(const at::Tensor&, bool)>& forward_op() {
-  static const auto op = typed_op<at::Tensor(const at::Tensor&, bool)>("fastdl::softmax_rows_forward");
+using OptType = std::optional<at::ScalarType>;
+using Forward = at::Tensor(const at::Tensor&, bool, OptType);
+using Backward = at::Tensor(const at::Tensor&, const at::Tensor&, bool, OptType);
+
+const RowOp<Forward>& forward_op() {
+  static const auto op = typed_op<Forward>("fastdl::softmax_rows_forward");
   return op;
 }
 
-const RowOp<at::Tensor(const at::Tensor&, const at::Tensor&, bool)>& backward_op() {
-  static const auto op =
-      typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, bool)>("fastdl::softmax_rows_backward");
+const RowOp<Backward>& backward_op() {
+  static const auto op = typed_op<Backward>("fastdl::softmax_rows_backward");
   return op;
 }
 
-// The backward of softmax / log_softmax over the rows, from the forward's output y
+// The backward of softmax / log_softmax over the rows, from the forward's output y; x's
+// gradient in x's dtype (a 16-bit x's, when y was written in fp32)
 struct SoftmaxRowsBackward : public torch::autograd::Node {
   torch::autograd::SavedVariable y;
   bool log = false;
+  at::ScalarType x_type = at::kFloat;
 
   std::string name() const override { return "fastdl::SoftmaxRowsBackward"; }
   void release_variables() override {
@@ -40,12 +45,13 @@ struct SoftmaxRowsBackward : public torch::autograd::Node {
     const at::Tensor& dy = grads[0];
     if (!dy.defined() || !task_should_compute_output(0)) return {at::Tensor()};
     const at::Tensor out = y.unpack(node_ptr(this));
-    if (!at::GradMode::is_enabled()) return {backward_op().call(contiguous_rows(dy), out, log)};
+    const OptType grad_in_dtype = x_type != out.scalar_type() ? OptType(x_type) : std::nullopt;
+    if (!at::GradMode::is_enabled()) return {backward_op().call(contiguous_rows(dy), out, log, grad_in_dtype)};
     // create_graph=True (a gradient penalty, a Hessian-vector product): the same formula
     // in differentiable ATen ops, in the accumulation dtype (fastdl/reference/softmax.py)
     const at::Tensor g = dy.to(stats_type(out.scalar_type())), o = out.to(g.scalar_type());
     const at::Tensor dx = log ? g - o.exp() * g.sum(-1, true) : o * (g - (g * o).sum(-1, true));
-    return {dx.to(out.scalar_type())};
+    return {dx.to(x_type)};
   }
 };
 
@@ -80,16 +86,17 @@ at::Tensor shaped_as(const at::Tensor& y, const at::Tensor& x, int64_t dim) {
 // a 0-d x), returned in x's shape, contiguous, as torch.softmax returns it. This is a
 // CompositeImplicitAutograd kernel (or called by fastdl._C.softmax_eager: above autograd
 // either way), so the layout moves are recorded by autograd; the node itself only when a
-// gradient is wanted.
-at::Tensor softmax_eager(const at::Tensor& x, int64_t dim, bool log) {
+// gradient is wanted. out_dtype: y's dtype (as softmax_rows_forward takes it).
+at::Tensor softmax_eager(const at::Tensor& x, int64_t dim, bool log, OptType out_dtype) {
   TORCH_CHECK(0 <= dim && dim < std::max<int64_t>(x.dim(), 1), "fastdl.softmax: dim ", dim, " out of range");
   check_no_forward_grad(log ? "log_softmax" : "softmax", x);
   const at::Tensor rows = rows_along(x, dim);
-  at::Tensor y = forward_op().call(rows, log);  // not const: older torch takes set_history(at::Tensor&, ...)
+  at::Tensor y = forward_op().call(rows, log, out_dtype);  // not const: older torch takes set_history(at::Tensor&, ...)
   if (at::GradMode::is_enabled() && x.requires_grad()) {  // record the backward, as torch's generated code does
     auto node = make_node<SoftmaxRowsBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(rows));
     node->log = log;
+    node->x_type = x.scalar_type();
     torch::autograd::set_history(y, node);
     node->y = torch::autograd::SavedVariable(y, /*is_output=*/true);
   }
@@ -102,7 +109,7 @@ at::Tensor softmax_eager(const at::Tensor& x, int64_t dim, bool log) {
 at::Tensor softmax_backward_eager(const at::Tensor& grad_out, const at::Tensor& out, int64_t dim, bool log) {
   TORCH_CHECK(0 <= dim && dim < std::max<int64_t>(out.dim(), 1), "fastdl.softmax_backward: dim ", dim,
               " out of range");
-  return shaped_as(backward_op().call(rows_along(grad_out, dim), rows_along(out, dim), log), out, dim);
+  return shaped_as(backward_op().call(rows_along(grad_out, dim), rows_along(out, dim), log, std::nullopt), out, dim);
 }
 
 TORCH_LIBRARY_IMPL(fastdl, CompositeImplicitAutograd, m) { m.impl("softmax_eager", &softmax_eager); }

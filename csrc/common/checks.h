@@ -33,6 +33,13 @@ inline void check_float_dtype(const char* fn, const char* name, const at::Tensor
 // dtype of saved statistics and parameter gradients: float, double for double inputs.
 inline at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// A softmax's output dtype beside its input's: the same, or float32 beside a float16 /
+// bfloat16 input (its softmax written in fp32 in one pass, the cast that
+// torch.softmax(x, dtype=torch.float32) and CUDA autocast make fused into the kernels).
+inline bool softmax_dtypes(at::ScalarType input, at::ScalarType output) {
+  return output == input || (output == at::kFloat && (input == at::kHalf || input == at::kBFloat16));
+}
+
 // The dtype a norm's y is written in (its out_dtype): x's, or the statistics' dtype for a
 // 16-bit x normalised into fp32 in one pass (fastdl.ops does so under CUDA autocast, which
 // runs the norms in fp32); not with a residual, whose sum would then be in fp32 too.

@@ -25,20 +25,26 @@ void check_softmax_rows(const char* fn, const char* name, const at::Tensor& t) {
               " is too large (rows and cols must each be below 2^31)");
 }
 
-at::Tensor softmax_rows_forward(const at::Tensor& x, bool log) {
+at::Tensor softmax_rows_forward(const at::Tensor& x, bool log, std::optional<at::ScalarType> out_dtype) {
   const char* fn = "fastdl.softmax (cuda)";
   check_softmax_rows(fn, "x", x);
   const auto dtype = kernel_dtype(fn, "x", x);
+  // fp32 from a 16-bit x in one pass: 2 + 4 bytes a value, where a cast then the softmax move 2 + 4 + 4 + 4
+  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(softmax_dtypes(x.scalar_type(), out_type), fn, ": out_dtype must be x's dtype (", x.scalar_type(),
+              ") or, for a Half / BFloat16 x, Float; got ", out_type);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = empty_output(x.sizes(), x.options());
+  at::Tensor y = empty_output(x.sizes(), x.options().dtype(out_type));
   at::Tensor workspace = split_workspace(fn, dtype, x);
-  check_cuda_launch(fn, kernels::softmax_forward(dtype, x.const_data_ptr(), y.mutable_data_ptr(), x.size(0), x.size(1),
-                                                 x.stride(0), log, mutable_or_null(workspace), bytes_of(workspace),
+  check_cuda_launch(fn, kernels::softmax_forward(dtype, kernel_dtype(fn, "out_dtype", out_type), x.const_data_ptr(),
+                                                 y.mutable_data_ptr(), x.size(0), x.size(1), x.stride(0), log,
+                                                 mutable_or_null(workspace), bytes_of(workspace),
                                                  at::cuda::getCurrentCUDAStream()));
   return y;
 }
 
-at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& out, bool log) {
+at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& out, bool log,
+                                 std::optional<at::ScalarType> grad_in_dtype) {
   const char* fn = "fastdl.softmax_backward (cuda)";
   check_softmax_rows(fn, "grad_out", grad_out);
   check_softmax_rows(fn, "out", out);
@@ -49,13 +55,18 @@ at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& o
   TORCH_CHECK(grad_out.scalar_type() == out.scalar_type(), fn, ": grad_out is ", grad_out.scalar_type(),
               " but out is ", out.scalar_type());
   const auto dtype = kernel_dtype(fn, "out", out);
+  const at::ScalarType grad_in_type = grad_in_dtype.value_or(out.scalar_type());
+  TORCH_CHECK(softmax_dtypes(grad_in_type, out.scalar_type()), fn, ": grad_in_dtype must be out's dtype (",
+              out.scalar_type(), ") or, for a Float out, Half / BFloat16; got ", grad_in_type);
+  const auto grad_in_kernel_dtype = kernel_dtype(fn, "grad_in_dtype", grad_in_type);
   const c10::cuda::CUDAGuard guard(out.device());
-  at::Tensor grad_in = empty_output(out.sizes(), out.options());
-  at::Tensor workspace = split_workspace(fn, dtype, out);
-  check_cuda_launch(fn, kernels::softmax_backward(dtype, grad_out.const_data_ptr(), out.const_data_ptr(),
-                                                  grad_in.mutable_data_ptr(), out.size(0), out.size(1),
-                                                  grad_out.stride(0), out.stride(0), log, mutable_or_null(workspace),
-                                                  bytes_of(workspace), at::cuda::getCurrentCUDAStream()));
+  at::Tensor grad_in = empty_output(out.sizes(), out.options().dtype(grad_in_type));
+  at::Tensor workspace = split_workspace(fn, grad_in_kernel_dtype, out);  // sized for dx's dtype
+  check_cuda_launch(fn, kernels::softmax_backward(dtype, grad_in_kernel_dtype, grad_out.const_data_ptr(),
+                                                  out.const_data_ptr(), grad_in.mutable_data_ptr(), out.size(0),
+                                                  out.size(1), grad_out.stride(0), out.stride(0), log,
+                                                  mutable_or_null(workspace), bytes_of(workspace),
+                                                  at::cuda::getCurrentCUDAStream()));
   return grad_in;
 }
 

@@ -25,6 +25,12 @@ CPU_HALF_DTYPES, CPU_HALF_SHAPE = (torch.bfloat16, torch.float16), (4096, 1024)
 # a small input (attention scores of a small model), timed as calls back to back: what a
 # call costs the host (Python, dispatch, launch) when the kernel itself takes microseconds
 HOST_SHAPE = (32, 512)
+# direction suffix of a bf16 x's softmax computed and returned in fp32, forward (and
+# backward to a bf16 dx): torch.softmax(x, -1, dtype=torch.float32) as LLaMA-style attention
+# calls it, and what CUDA autocast makes of any softmax. torch casts x first; fastdl reads it
+# as it is, so the least traffic is x 2 + y 4 bytes a value forward and dy 4 + y 4 + dx 2
+# backward (the GB/s column counts that). GPU only, 4096 rows.
+TO_FP32, GPU_TO_FP32_COLS = " to fp32", (1024, 4096, 16384)
 
 # the foundation issue's targets (H100, side by side in one run)
 _HALF = ("float16", "bfloat16")
@@ -40,6 +46,28 @@ TARGETS = [
     Target("softmax fwd fp32 4096x4096 (CPU): >= 1.0x torch eager", "softmax", "fwd", "cpu", ("float32",),
            "vs_eager", 1.0, shapes=((4096, 4096),)),
 ]
+
+
+def _to_fp32_impls(device, dtype, shape, direction):
+    backward = direction.startswith("fwd+bwd")
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=backward)
+    dy = torch.randn(shape, device=device)
+    eager = lambda t: torch.softmax(t, -1, dtype=torch.float32)  # noqa: E731
+    fast = lambda t: fastdl.ops.softmax(t, -1, dtype=torch.float32)  # noqa: E731
+    compiled = harness.compiled(eager)
+
+    def timed(fn):
+        return (lambda: torch.autograd.grad(fn(x), x, dy)) if backward else (lambda: fn(x))
+
+    return ([Impl("torch", timed(eager)), Impl("torch.compile", timed(compiled))] +
+            [Impl(f"fastdl-{b}", timed(fast), backend=b) for b in harness.fastdl_backends(device)])
+
+
+def _to_fp32_cases(device, quick):
+    cols = GPU_TO_FP32_COLS[::2] if quick else GPU_TO_FP32_COLS
+    return [Case("softmax", direction + TO_FP32, torch.bfloat16, (GPU_ROWS, n), per_value * GPU_ROWS * n,
+                 functools.partial(_to_fp32_impls, device, torch.bfloat16, (GPU_ROWS, n), direction + TO_FP32))
+            for n in cols for direction, per_value in (("fwd", 6), ("fwd+bwd", 16))]
 
 
 def _impls(device, dtype, shape, direction):
@@ -96,6 +124,8 @@ def cases(device: torch.device, quick: bool = False):
                                 functools.partial(_impls, device, dtype, shape, direction)))
         if dtype == dtypes[0] and (device.type == "cuda" or not quick):
             out += _long_row_cases(device)  # after the first dtype's sweep, before the others
+        if dtype == torch.bfloat16 and device.type == "cuda":
+            out += _to_fp32_cases(device, quick)
     if device.type == "cpu" and not quick:
         for dtype in CPU_HALF_DTYPES:
             for direction, tensors in (("fwd", 2), ("bwd", 3)):

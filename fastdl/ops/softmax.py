@@ -31,68 +31,91 @@ from fastdl.ops._common import FLOAT_DTYPES, as_rows, autocast_dtype, check_floa
 backends.register_dtypes("softmax", {b: FLOAT_DTYPES for b in backends.BACKENDS})
 
 
-def _rows_forward(backend: str, x: Tensor, log: bool) -> Tensor:
+def _fuses_cast(x_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether a softmax of an x_dtype tensor computed in dtype reads x as it is and writes
+    fp32 (out_dtype): a 16-bit x in fp32, as torch.softmax(x, dtype=torch.float32) and CUDA
+    autocast compute it. Torch casts x first (the cast writes 4 bytes a value and the softmax
+    reads them back: 14 bytes a value moved, 6 fused); the backward then writes x's gradient
+    in x's dtype, as the cast's backward gives it. (csrc/python.cpp's softmax_checked decides alike.)"""
+    return dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16)
+
+
+def _rows_forward(backend: str, x: Tensor, log: bool, out_dtype: torch.dtype | None = None) -> Tensor:
+    """out_dtype: the output's dtype, None (x's) or fp32 for a 16-bit x (_fuses_cast)."""
     if backend == "triton":
         from fastdl.triton.softmax import softmax_forward
 
-        return softmax_forward(x, log)
+        return softmax_forward(x, log, out_dtype)
     if backend in ("cuda", "cpu"):
-        return torch.ops.fastdl.softmax_rows_forward.default(x, log)
+        return torch.ops.fastdl.softmax_rows_forward.default(x, log, out_dtype)
+    x = x if out_dtype is None else x.to(out_dtype)
     return torch.log_softmax(x, -1) if log else torch.softmax(x, -1)
 
 
-def _rows_backward(backend: str, grad_out: Tensor, out: Tensor, log: bool) -> Tensor:
+def _rows_backward(backend: str, grad_out: Tensor, out: Tensor, log: bool,
+                   grad_in_dtype: torch.dtype | None = None) -> Tensor:
+    """grad_in_dtype: the gradient's dtype, None (out's) or x's after an out_dtype forward."""
     if backend == "triton":
         from fastdl.triton.softmax import softmax_backward
 
-        return softmax_backward(grad_out, out, log)
+        return softmax_backward(grad_out, out, log, grad_in_dtype)
     if backend in ("cuda", "cpu"):
-        return torch.ops.fastdl.softmax_rows_backward.default(grad_out, out, log)
+        return torch.ops.fastdl.softmax_rows_backward.default(grad_out, out, log, grad_in_dtype)
     if log:
-        return torch.ops.aten._log_softmax_backward_data(grad_out, out, -1, out.dtype)
-    return torch.ops.aten._softmax_backward_data(grad_out, out, -1, out.dtype)
+        dx = torch.ops.aten._log_softmax_backward_data(grad_out, out, -1, out.dtype)
+    else:
+        dx = torch.ops.aten._softmax_backward_data(grad_out, out, -1, out.dtype)
+    return dx if grad_in_dtype is None else dx.to(grad_in_dtype)
 
 
-def _forward(x: Tensor, dim: int, log: bool, backend: str | None = None) -> Tensor:
-    """(log_)softmax of x along dim on `backend`, or the one resolved now."""
+def _forward(x: Tensor, dim: int, log: bool, backend: str | None = None,
+             out_dtype: torch.dtype | None = None) -> Tensor:
+    """(log_)softmax of x along dim on `backend`, or the one resolved now; in out_dtype (None: x's)."""
     backend = backend or backends.resolve("softmax", x)
-    return from_rows(_rows_forward(backend, as_rows(x, dim), log), x, dim)
+    return from_rows(_rows_forward(backend, as_rows(x, dim), log, out_dtype), x, dim)
 
 
-def _backward(grad_out: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
+def _backward(grad_out: Tensor, out: Tensor, dim: int, log: bool, grad_in_dtype: torch.dtype | None = None) -> Tensor:
     backend = backends.resolve("softmax", out)
-    return from_rows(_rows_backward(backend, as_rows(grad_out, dim), as_rows(out, dim), log), out, dim)
+    return from_rows(_rows_backward(backend, as_rows(grad_out, dim), as_rows(out, dim), log, grad_in_dtype), out, dim)
 
 
 # --- torch.library registration (the torch.compile path) -------------------------
 @torch.library.custom_op("fastdl::softmax", mutates_args=())
-def _softmax_op(x: Tensor, dim: int, log: bool) -> Tensor:
-    return _forward(x, dim, log)
+def _softmax_op(x: Tensor, dim: int, log: bool, out_dtype: torch.dtype | None = None) -> Tensor:
+    return _forward(x, dim, log, out_dtype=out_dtype)
 
 
 @_softmax_op.register_fake
-def _(x, dim, log):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(x, dim, log, out_dtype=None):
+    return torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fastdl::softmax_backward", mutates_args=())
-def _softmax_backward_op(grad_out: Tensor, out: Tensor, dim: int, log: bool) -> Tensor:
-    return _backward(grad_out, out, dim, log)
+def _softmax_backward_op(grad_out: Tensor, out: Tensor, dim: int, log: bool,
+                         grad_in_dtype: torch.dtype | None = None) -> Tensor:
+    return _backward(grad_out, out, dim, log, grad_in_dtype)
 
 
 @_softmax_backward_op.register_fake
-def _(grad_out, out, dim, log):
-    return torch.empty_like(out, memory_format=torch.contiguous_format)
+def _(grad_out, out, dim, log, grad_in_dtype=None):
+    return torch.empty_like(out, dtype=grad_in_dtype or out.dtype, memory_format=torch.contiguous_format)
+
+
+def _grad_in_dtype(x_dtype: torch.dtype, out: Tensor) -> torch.dtype | None:
+    return None if x_dtype == out.dtype else x_dtype
 
 
 def _setup_context(ctx, inputs, output):
-    _, ctx.dim, ctx.log = inputs
+    x, ctx.dim, ctx.log = inputs[:3]
+    ctx.x_dtype = x.dtype
     ctx.save_for_backward(output)
 
 
 def _op_backward(ctx, grad_out):
     (out,) = ctx.saved_tensors
-    return _softmax_backward_op(grad_out, out, ctx.dim, ctx.log), None, None
+    dx = _softmax_backward_op(grad_out, out, ctx.dim, ctx.log, _grad_in_dtype(ctx.x_dtype, out))
+    return dx, None, None, None
 
 
 _softmax_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -101,9 +124,10 @@ _softmax_op.register_autograd(_op_backward, setup_context=_setup_context)
 # --- eager path ----------------------------------------------------------------
 class _SoftmaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, log, backend):
-        out = _forward(x, dim, log, backend)
+    def forward(ctx, x, dim, log, backend, out_dtype):
+        out = _forward(x, dim, log, backend, out_dtype)
         ctx.dim, ctx.log, ctx.backend = dim, log, backend  # the backward runs on the forward's backend
+        ctx.x_dtype = x.dtype
         ctx.save_for_backward(out)
         return out
 
@@ -115,9 +139,10 @@ class _SoftmaxFunction(torch.autograd.Function):
             # plain torch ops, differentiable in grad_out and, through out, in x
             acc = stats_dtype(out.dtype)
             dx = R.softmax_backward(grad_out.to(acc), out.to(acc), ctx.dim, ctx.log)
-            return dx.to(out.dtype), None, None, None
-        dx = _rows_backward(ctx.backend, as_rows(grad_out, ctx.dim), as_rows(out, ctx.dim), ctx.log)
-        return from_rows(dx, out, ctx.dim), None, None, None
+            return dx.to(ctx.x_dtype), None, None, None, None
+        dx = _rows_backward(ctx.backend, as_rows(grad_out, ctx.dim), as_rows(out, ctx.dim), ctx.log,
+                            _grad_in_dtype(ctx.x_dtype, out))
+        return from_rows(dx, out, ctx.dim), None, None, None, None
 
 
 # --- public API ------------------------------------------------------------------
@@ -135,28 +160,35 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
                                                          {"dtype": dtype})) is not None:
         return node  # torch.fx.symbolic_trace: the call as a graph node
     check_tensor(op, "x", x)
-    if dtype is not None:
-        x = x.to(dtype)  # as torch: cast first, then compute in dtype
+    out_dtype = None  # the dtype computed and written in, when x is read as it is (_fuses_cast)
+    if dtype is not None:  # as torch: compute in dtype (x cast first, or read as it is)
+        if _fuses_cast(x.dtype, dtype):
+            out_dtype = dtype
+        else:
+            x = x.to(dtype)
     check_float(op, "x", x)
     dim = normalize_dim(op, dim, x.dim())
-    if dtype is None and (cast := autocast_dtype(op, x)) is not None:
-        x = x.to(cast)  # as torch under autocast
+    if dtype is None and (cast := autocast_dtype(op, x)) is not None:  # as torch under autocast
+        if _fuses_cast(x.dtype, cast):
+            out_dtype = cast
+        else:
+            x = x.to(cast)
     if composite_only():
         # torch.func.grad / vmap / jacrev ... or forward AD: their tensors go through neither kind
         # of autograd node here; torch's own op composes with every transform
-        return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
+        return torch.log_softmax(x, dim, dtype=out_dtype) if log else torch.softmax(x, dim, dtype=out_dtype)
     # torch.compile, torch.jit.trace: the custom op, which they record (compiling() first:
     # dynamo cannot call tracing())
     if compiling() or tracing():
-        return torch.ops.fastdl.softmax(x, dim, log)
+        return torch.ops.fastdl.softmax(x, dim, log, out_dtype)
     backend = backends.resolve("softmax", x)
     if backend in backends.NATIVE:
         # the layout moves and the autograd node (when x requires grad) in C++
         # (csrc/autograd/softmax.cpp): no Python in the backward, and less host time
-        return _softmax_eager(x, dim, log)
+        return _softmax_eager(x, dim, log, out_dtype)
     if x.requires_grad and torch.is_grad_enabled():
-        return _SoftmaxFunction.apply(x, dim, log, backend)
-    return _forward(x, dim, log, backend)  # no graph to record
+        return _SoftmaxFunction.apply(x, dim, log, backend, out_dtype)
+    return _forward(x, dim, log, backend, out_dtype)  # no graph to record
 
 
 def softmax(x: Tensor, dim: int = -1, dtype: torch.dtype | None = None) -> Tensor:

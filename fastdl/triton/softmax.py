@@ -427,9 +427,12 @@ def split_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, i
     return cdiv(n_cols, chunk_cols), chunk_cols  # no empty chunk
 
 
-def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
+def softmax_forward(x: torch.Tensor, log: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y in out_dtype (None: x's; fp32 beside a 16-bit x, which the kernels read as it is).
+    ALIGN and VEC count x's elements, the narrower: their multiples are whole 16-byte
+    vectors of y too."""
     n_rows, n_cols = x.shape
-    y = empty_output((n_rows, n_cols), x.dtype, x.device)
+    y = empty_output((n_rows, n_cols), out_dtype or x.dtype, x.device)
     if y.numel() == 0:
         return y
     acc = accumulator_dtype(x.dtype)
@@ -469,13 +472,16 @@ def softmax_forward(x: torch.Tensor, log: bool) -> torch.Tensor:
     return y
 
 
-def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool) -> torch.Tensor:
+def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool,
+                     grad_in_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dx in grad_in_dtype (None: out's; a 16-bit x's beside an fp32 out). ALIGN and VEC
+    count dx's elements, the narrower, as softmax_forward counts x's."""
     n_rows, n_cols = out.shape
-    dx = empty_output((n_rows, n_cols), out.dtype, out.device)
+    dx = empty_output((n_rows, n_cols), grad_in_dtype or out.dtype, out.device)
     if dx.numel() == 0:
         return dx
     acc = accumulator_dtype(out.dtype)
-    align = row_alignment(out.dtype, n_cols, grad_out.stride(0), out.stride(0))
+    align = row_alignment(dx.dtype, n_cols, grad_out.stride(0), out.stride(0))
     dy_row_stride_vecs, y_row_stride_vecs = grad_out.stride(0) // align, out.stride(0) // align
     n_col_vecs = n_cols // align
     if n_cols <= SINGLE_PASS_MAX_COLS:
@@ -487,7 +493,7 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool) -> to
                 BLOCK_COLS=block_cols, ROWS=rows, LOG=log, ACC=acc, ALIGN=align,
             )
         return dx
-    vec = row_vector(out.dtype, (grad_out, grad_out.stride(0)), (out, out.stride(0)), (dx, n_cols))
+    vec = row_vector(dx.dtype, (grad_out, grad_out.stride(0)), (out, out.stride(0)), (dx, n_cols))
     chunks, chunk_cols = split_chunks(n_rows, n_cols, out.device)
     if chunks == 1:
         with on_device(out):

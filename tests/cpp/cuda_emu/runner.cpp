@@ -127,23 +127,30 @@ void* softmax_workspace(Run& run, DType dtype, int64_t rows, int64_t cols, size_
   return run.make("workspace", *bytes, 0).data;
 }
 
+// y (softmax forward) / dx (softmax backward) / y and dy (norm forward / backward) in
+// --set <key>=..., by default `dtype`
+DType dtype_or(Run& run, const char* key, DType dtype) {
+  return run.settings.count(key) ? parse_dtype(run.get(key)) : dtype;
+}
+
 void softmax_forward(Run& run) {
   const DType dtype = parse_dtype(run.get("dtype"));
   const int64_t rows = run.num("rows"), cols = run.num("cols");
   size_t bytes = 0;
   void* workspace = softmax_workspace(run, dtype, rows, cols, &bytes);
-  check(fastdl::kernels::softmax_forward(dtype, run.ptr("x"), run.ptr("y"), rows, cols, run.num("x_stride"),
-                                         run.flag("log"), workspace, bytes, nullptr),
+  check(fastdl::kernels::softmax_forward(dtype, dtype_or(run, "out_dtype", dtype), run.ptr("x"), run.ptr("y"), rows,
+                                         cols, run.num("x_stride"), run.flag("log"), workspace, bytes, nullptr),
         "softmax_forward");
   check(cudaGetLastError(), "softmax_forward (launch)");
 }
 
 void softmax_backward(Run& run) {
   const DType dtype = parse_dtype(run.get("dtype"));
+  const DType dx_dtype = dtype_or(run, "dx_dtype", dtype);
   const int64_t rows = run.num("rows"), cols = run.num("cols");
   size_t bytes = 0;
-  void* workspace = softmax_workspace(run, dtype, rows, cols, &bytes);
-  check(fastdl::kernels::softmax_backward(dtype, run.ptr("dy"), run.ptr("y"), run.ptr("dx"), rows, cols,
+  void* workspace = softmax_workspace(run, dx_dtype, rows, cols, &bytes);
+  check(fastdl::kernels::softmax_backward(dtype, dx_dtype, run.ptr("dy"), run.ptr("y"), run.ptr("dx"), rows, cols,
                                           run.num("dy_stride"), run.num("y_stride"), run.flag("log"), workspace,
                                           bytes, nullptr),
         "softmax_backward");
@@ -154,11 +161,6 @@ void softmax_backward(Run& run) {
 DType param_dtype(Run& run, DType dtype) {
   if (run.settings.count("param_dtype")) return parse_dtype(run.get("param_dtype"));
   return dtype == DType::kFloat64 ? DType::kFloat64 : DType::kFloat32;
-}
-
-// y (forward) / dy (backward) in --set <key>=..., by default x's dtype
-DType dtype_or(Run& run, const char* key, DType dtype) {
-  return run.settings.count(key) ? parse_dtype(run.get(key)) : dtype;
 }
 
 void norm_forward(Run& run) {
