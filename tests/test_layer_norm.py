@@ -478,6 +478,8 @@ class TestBadInputs:
     def test_residual_mismatch(self):
         with pytest.raises(ValueError, match=r"residual has shape \(3, 5\) but x has \(3, 4\)"):
             fastdl.ops.add_rms_norm(torch.randn(3, 4), torch.randn(3, 5), 4)
+        with pytest.raises(TypeError, match=r"fastdl\.add_layer_norm: argument residual must be a floating-point"):
+            fastdl.ops.add_layer_norm(torch.randn(3, 4), torch.ones(3, 4, dtype=torch.int64), 4)
 
     def test_integer_input(self):
         with pytest.raises(TypeError, match=r"fastdl\.layer_norm: argument x must be a floating-point tensor"):
@@ -595,6 +597,51 @@ class _MLP(torch.nn.Module):
 
     def forward(self, x):
         return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fused_add_of_two_dtypes_promotes_as_torch(case, dtypes):
+    """x and residual of two float dtypes: the sum in the promoted dtype, as torch's x + residual
+    (an fp32 residual stream beside a bf16 sublayer output under autocast), and its norm;
+    each input's gradient in its own dtype."""
+    backend, device = case
+    x = torch.randn(6, 40, device=device).to(dtypes[0]).requires_grad_()
+    residual = torch.randn(6, 40, device=device).to(dtypes[1]).requires_grad_()
+    w = (torch.rand(40, device=device) + 0.5).requires_grad_()
+    with fastdl.use_backend(backend):
+        h, y = fastdl.ops.add_layer_norm(x, residual, 40, w)
+    common = torch.promote_types(*dtypes)
+    assert h.dtype == y.dtype == common
+    assert torch.equal(h, x + residual)
+    h64 = x.detach().to(common).double() + residual.detach().to(common).double()
+    assert_close(y, R.layer_norm(h64, 40, w.detach().double(), None, 1e-5), common, "y")
+    grads = torch.autograd.grad((h.float().sum() + (y.float() ** 2).sum()), (x, residual, w))
+    assert [g.dtype for g in grads] == [dtypes[0], dtypes[1], torch.float32]
+
+
+@pytest.mark.parametrize("kind", ["bf16", "bf16, fp32 rule"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_pre_norm_sequence_under_autocast(case, kind):
+    """A pre-norm stack of Linear sublayers under autocast: the residual stream stays fp32
+    while the sublayers give bf16, and each fused add promotes as torch's x + residual does;
+    the output's dtype and values are those of the same stack written with torch.nn."""
+    backend, device = case
+    d = 16
+    block = fastdl.nn.PreNormSequence(d, [torch.nn.Linear(d, d), torch.nn.Linear(d, d)], device=device)
+    x = torch.randn(4, d, device=device, requires_grad=True)
+    with autocast_as(kind, device), fastdl.use_backend(backend):
+        out = block(x)
+        (dx,) = torch.autograd.grad(out.float().sum(), x)
+        h = x
+        for i, f in enumerate(block.sublayers):
+            h = h + f(torch.nn.functional.layer_norm(h, (d,), block.norms[i].weight, block.norms[i].bias))
+        ref = torch.nn.functional.layer_norm(h, (d,), block.norms[-1].weight, block.norms[-1].bias)
+        (ref_dx,) = torch.autograd.grad(ref.float().sum(), x)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx, ref_dx, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])

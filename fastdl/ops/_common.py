@@ -27,11 +27,11 @@ def check_float(op: str, name: str, t: torch.Tensor) -> None:
         )
 
 
-def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor) -> None:
-    """t has ref's device, dtype and shape."""
+def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Tensor, dtype: bool = True) -> None:
+    """t has ref's device, dtype (unless dtype=False) and shape."""
     if t.device != ref.device:
         raise ValueError(f"fastdl.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; expected one device")
-    if t.dtype != ref.dtype:
+    if dtype and t.dtype != ref.dtype:
         raise TypeError(f"fastdl.{op}: {name} is {t.dtype} but {ref_name} is {ref.dtype}; expected one dtype")
     if t.is_nested or ref.is_nested:
         return  # a strided nested tensor has no shape; the backends refuse it by name (backends.resolve)

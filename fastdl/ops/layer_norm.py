@@ -329,9 +329,10 @@ def _check_args(op, x, residual, normalized_shape, weight, bias):
     if ndim == 0 or x_dim < ndim or (x.size(-1) != shape[0] if ndim == 1 else x.shape[x_dim - ndim:] != shape):
         raise ValueError(f"fastdl.{op}: normalized_shape {shape} does not match the last dims of x of shape "
                          f"{tuple(x.shape)}")
-    if residual is not None:
+    if residual is not None:  # of x's shape and device; its dtype may differ (_norm promotes, as x + residual)
         check_tensor(op, "residual", residual)
-        check_same(op, "x", x, "residual", residual)
+        check_float(op, "residual", residual)
+        check_same(op, "x", x, "residual", residual, dtype=False)
     if weight is not None:
         _check_param(op, "weight", weight, shape, x)
     if bias is not None:
@@ -370,6 +371,11 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
     else:
         shape = _check_args(op, x, residual, normalized_shape, weight, bias)
     ndim = len(shape)
+    if residual is not None and residual.dtype != x.dtype:
+        # as torch's x + residual: both in the promoted dtype (an fp32 residual stream beside a
+        # bf16 sublayer output under autocast), then the norm of that
+        common = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(common), residual.to(common)
     out_dtype = None
     if (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)) is not None:
         # as torch under autocast: every operand in the dtype torch computes in. A 16-bit x
