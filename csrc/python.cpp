@@ -435,7 +435,7 @@ PyObject* softmax_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     taken = dtype_index(dtype) >= 0 ? 1 : 0;
   }
   // the cast fused into the kernels (out_dtype), as fastdl.ops' _softmax decides it
-  const bool fused_cast = taken > 0 && dtype != x.scalar_type() && softmax_dtypes(x.scalar_type(), dtype);
+  const bool fused_cast = taken > 0 && dtype != x.scalar_type() && fused_cast_dtypes(x.scalar_type(), dtype);
   if (taken > 0) taken = softmax_dim_on_native(x, fused_cast ? x.scalar_type() : dtype, &dim);
   if (taken < 0) return nullptr;
   if (taken == 0) Py_RETURN_NOTIMPLEMENTED;
@@ -512,8 +512,8 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
   at::ScalarType dtype;
   int native = autocast_dtype(rms ? Probe::kRmsNorm : Probe::kLayerNorm, x, &dtype);
   // the cast fused into the norm (out_dtype), as fastdl.ops' _norm decides it
-  const bool fused_cast = native > 0 && dtype != x.scalar_type() && !residual.has_value() &&
-                          dtype == stats_type(x.scalar_type());
+  const bool fused_cast =
+      native > 0 && dtype != x.scalar_type() && !residual.has_value() && fused_cast_dtypes(x.scalar_type(), dtype);
   if (native > 0) native = eps_arg(args[5], dtype, rms, &eps) ? 1 : 0;  // rms_norm's default: dtype's epsilon
   if (native > 0)
     native = resolves_native(rms ? Op::kRmsNorm : Op::kLayerNorm, x.is_cuda(), fused_cast ? x.scalar_type() : dtype);

@@ -33,7 +33,7 @@ import torch
 
 from fastdl import backends
 from fastdl._outputs import stats_dtype
-from fastdl.ops._common import FLOAT_DTYPES, as_rows, from_rows
+from fastdl.ops._common import FLOAT_DTYPES, as_rows, from_rows, fuses_cast
 
 # the op modules (fastdl.ops.softmax the attribute is the function, hence importlib)
 _softmax_ops = importlib.import_module("fastdl.ops.softmax")
@@ -106,7 +106,7 @@ def _softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int,
     if backend == "torch":
         dx = _plain_softmax_backward_rows(grad_rows, out_rows, log)
     else:  # after a half_to_float forward, dx written in the half dtype by the backend itself
-        fused = input_dtype != output.dtype and _softmax_ops._fuses_cast(input_dtype, output.dtype)
+        fused = fuses_cast(input_dtype, output.dtype)
         dx = _softmax_ops._rows_backward(backend, grad_rows, out_rows, log, input_dtype if fused else None)
     dx = from_rows(dx, output, dim)
     return dx if dx.dtype == input_dtype else dx.to(input_dtype)

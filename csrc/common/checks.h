@@ -33,11 +33,29 @@ inline void check_float_dtype(const char* fn, const char* name, const at::Tensor
 // dtype of saved statistics and parameter gradients: float, double for double inputs.
 inline at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// A softmax's output dtype beside its input's: the same, or float32 beside a float16 /
-// bfloat16 input (its softmax written in fp32 in one pass, the cast that
-// torch.softmax(x, dtype=torch.float32) and CUDA autocast make fused into the kernels).
-inline bool softmax_dtypes(at::ScalarType input, at::ScalarType output) {
+// An output dtype beside its input's that the kernels write in one pass: the same, or float32
+// beside a float16 / bfloat16 input (the cast that torch.softmax(x, dtype=torch.float32) and
+// CUDA autocast make before softmax and the norms, fused into the kernels; fastdl.ops._common's
+// fuses_cast is the Python side of the rule).
+inline bool fused_cast_dtypes(at::ScalarType input, at::ScalarType output) {
   return output == input || (output == at::kFloat && (input == at::kHalf || input == at::kBFloat16));
+}
+
+// softmax's output dtype from its input's and out_dtype (nullopt: the input's), checked.
+inline at::ScalarType softmax_out_type(const char* fn, at::ScalarType x, std::optional<at::ScalarType> out_dtype) {
+  const at::ScalarType out = out_dtype.value_or(x);
+  TORCH_CHECK(fused_cast_dtypes(x, out), fn, ": out_dtype must be x's dtype (", x,
+              ") or, for a Half / BFloat16 x, Float; got ", out);
+  return out;
+}
+
+// softmax's backward: the gradient's dtype from out's and grad_in_dtype (nullopt: out's), checked.
+inline at::ScalarType softmax_grad_in_type(const char* fn, at::ScalarType out,
+                                           std::optional<at::ScalarType> grad_in_dtype) {
+  const at::ScalarType grad_in = grad_in_dtype.value_or(out);
+  TORCH_CHECK(fused_cast_dtypes(grad_in, out), fn, ": grad_in_dtype must be out's dtype (", out,
+              ") or, for a Float out, Half / BFloat16; got ", grad_in);
+  return grad_in;
 }
 
 // The dtype a norm's y is written in (its out_dtype): x's, or the statistics' dtype for a

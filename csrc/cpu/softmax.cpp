@@ -359,12 +359,9 @@ void check_softmax_rows(const char* fn, const char* name, const at::Tensor& t) {
 
 at::Tensor softmax_rows_forward(const at::Tensor& x, bool log, std::optional<at::ScalarType> out_dtype) {
   check_softmax_rows("fastdl.softmax (cpu)", "x", x);
-  if (out_dtype.has_value() && *out_dtype != x.scalar_type()) {
-    // fp32 from a 16-bit x: x cast first, as torch (the CUDA kernels fuse the cast)
-    TORCH_CHECK(softmax_dtypes(x.scalar_type(), *out_dtype), "fastdl.softmax (cpu): out_dtype must be x's dtype (",
-                x.scalar_type(), ") or, for a Half / BFloat16 x, Float; got ", *out_dtype);
-    return softmax_rows_forward(x.to(*out_dtype), log, std::nullopt);
-  }
+  const at::ScalarType out_type = softmax_out_type("fastdl.softmax (cpu)", x.scalar_type(), out_dtype);
+  // fp32 from a 16-bit x: x cast first, as torch (the CUDA kernels fuse the cast)
+  if (out_type != x.scalar_type()) return softmax_rows_forward(x.to(out_type), log, std::nullopt);
   at::Tensor y = empty_output(x.sizes(), x.options());
   const int64_t rows = x.size(0), cols = x.size(1);
   if (y.numel() == 0) return y;
@@ -395,12 +392,10 @@ at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& o
               " does not match out of shape ", out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == out.scalar_type(), "fastdl.softmax_backward (cpu): grad_out is ",
               grad_out.scalar_type(), " but out is ", out.scalar_type());
-  if (grad_in_dtype.has_value() && *grad_in_dtype != out.scalar_type()) {  // computed in out's dtype, then cast
-    TORCH_CHECK(softmax_dtypes(*grad_in_dtype, out.scalar_type()), "fastdl.softmax_backward (cpu): grad_in_dtype "
-                "must be out's dtype (", out.scalar_type(), ") or, for a Float out, Half / BFloat16; got ",
-                *grad_in_dtype);
-    return softmax_rows_backward(grad_out, out, log, std::nullopt).to(*grad_in_dtype);
-  }
+  const at::ScalarType grad_in_type =
+      softmax_grad_in_type("fastdl.softmax_backward (cpu)", out.scalar_type(), grad_in_dtype);
+  if (grad_in_type != out.scalar_type())  // computed in out's dtype, then cast
+    return softmax_rows_backward(grad_out, out, log, std::nullopt).to(grad_in_type);
   at::Tensor dx = empty_output(out.sizes(), out.options());
   const int64_t rows = out.size(0), cols = out.size(1);
   if (dx.numel() == 0) return dx;

@@ -30,9 +30,7 @@ at::Tensor softmax_rows_forward(const at::Tensor& x, bool log, std::optional<at:
   check_softmax_rows(fn, "x", x);
   const auto dtype = kernel_dtype(fn, "x", x);
   // fp32 from a 16-bit x in one pass: 2 + 4 bytes a value, where a cast then the softmax move 2 + 4 + 4 + 4
-  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
-  TORCH_CHECK(softmax_dtypes(x.scalar_type(), out_type), fn, ": out_dtype must be x's dtype (", x.scalar_type(),
-              ") or, for a Half / BFloat16 x, Float; got ", out_type);
+  const at::ScalarType out_type = softmax_out_type(fn, x.scalar_type(), out_dtype);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = empty_output(x.sizes(), x.options().dtype(out_type));
   at::Tensor workspace = split_workspace(fn, dtype, x);
@@ -55,9 +53,7 @@ at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& o
   TORCH_CHECK(grad_out.scalar_type() == out.scalar_type(), fn, ": grad_out is ", grad_out.scalar_type(),
               " but out is ", out.scalar_type());
   const auto dtype = kernel_dtype(fn, "out", out);
-  const at::ScalarType grad_in_type = grad_in_dtype.value_or(out.scalar_type());
-  TORCH_CHECK(softmax_dtypes(grad_in_type, out.scalar_type()), fn, ": grad_in_dtype must be out's dtype (",
-              out.scalar_type(), ") or, for a Float out, Half / BFloat16; got ", grad_in_type);
+  const at::ScalarType grad_in_type = softmax_grad_in_type(fn, out.scalar_type(), grad_in_dtype);
   const auto grad_in_kernel_dtype = kernel_dtype(fn, "grad_in_dtype", grad_in_type);
   const c10::cuda::CUDAGuard guard(out.device());
   at::Tensor grad_in = empty_output(out.sizes(), out.options().dtype(grad_in_type));

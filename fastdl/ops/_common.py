@@ -95,6 +95,16 @@ _AUTOCAST_PROBES = {
 }
 
 
+def fuses_cast(x_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether an op on an x_dtype tensor computed in dtype reads x as it is and writes fp32
+    (out_dtype): a 16-bit x computed in fp32, as torch.softmax(x, dtype=torch.float32) and CUDA
+    autocast's softmax and norms compute it. Torch casts x first (the cast writes 4 bytes a
+    value and the op reads them back: 14 bytes a value moved, 6 fused); the backward then
+    writes x's gradient in x's dtype, as the cast's backward gives it. (csrc/common/checks.h's
+    fused_cast_dtypes is the C++ side of the rule.)"""
+    return dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16)
+
+
 # torch's state tests that the eager paths make on every call, bound once
 autocast_on = torch._C._is_any_autocast_enabled
 compiling = torch.compiler.is_compiling

@@ -23,7 +23,7 @@ from torch import Tensor
 from fastdl import _native, backends
 from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, autocast_dtype, check_float, check_same, check_tensor, \
-    compiling, composite_only, record_fx_call, tracing, untraced
+    compiling, composite_only, fuses_cast, record_fx_call, tracing, untraced
 
 # the backend table's names: layer_norm (and the fused add), rms_norm (and its fused add)
 OP, RMS_OP = "layer_norm", "rms_norm"
@@ -383,7 +383,7 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
         # pass (torch's cast writes 4 bytes a value and the norm reads them back: 14 bytes a
         # value moved, 6 fused), and the backward writes dx in x's dtype, as the cast's would.
         # The fused add keeps the cast (its sum would be in fp32).
-        if residual is None and cast == stats_dtype(x.dtype):
+        if residual is None and fuses_cast(x.dtype, cast):
             out_dtype = cast
             weight, bias = (t.to(cast) if t is not None else None for t in (weight, bias))
         else:

@@ -26,22 +26,13 @@ from fastdl import _native, backends
 from fastdl import reference as R
 from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, as_rows, autocast_dtype, check_float, check_same, \
-    check_tensor, compiling, composite_only, from_rows, normalize_dim, record_fx_call, tracing
+    check_tensor, compiling, composite_only, from_rows, fuses_cast, normalize_dim, record_fx_call, tracing
 
 backends.register_dtypes("softmax", {b: FLOAT_DTYPES for b in backends.BACKENDS})
 
 
-def _fuses_cast(x_dtype: torch.dtype, dtype: torch.dtype) -> bool:
-    """Whether a softmax of an x_dtype tensor computed in dtype reads x as it is and writes
-    fp32 (out_dtype): a 16-bit x in fp32, as torch.softmax(x, dtype=torch.float32) and CUDA
-    autocast compute it. Torch casts x first (the cast writes 4 bytes a value and the softmax
-    reads them back: 14 bytes a value moved, 6 fused); the backward then writes x's gradient
-    in x's dtype, as the cast's backward gives it. (csrc/python.cpp's softmax_checked decides alike.)"""
-    return dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16)
-
-
 def _rows_forward(backend: str, x: Tensor, log: bool, out_dtype: torch.dtype | None = None) -> Tensor:
-    """out_dtype: the output's dtype, None (x's) or fp32 for a 16-bit x (_fuses_cast)."""
+    """out_dtype: the output's dtype, None (x's) or fp32 for a 16-bit x (fuses_cast)."""
     if backend == "triton":
         from fastdl.triton.softmax import softmax_forward
 
@@ -160,16 +151,16 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
                                                          {"dtype": dtype})) is not None:
         return node  # torch.fx.symbolic_trace: the call as a graph node
     check_tensor(op, "x", x)
-    out_dtype = None  # the dtype computed and written in, when x is read as it is (_fuses_cast)
+    out_dtype = None  # the dtype computed and written in, when x is read as it is (fuses_cast)
     if dtype is not None:  # as torch: compute in dtype (x cast first, or read as it is)
-        if _fuses_cast(x.dtype, dtype):
+        if fuses_cast(x.dtype, dtype):
             out_dtype = dtype
         else:
             x = x.to(dtype)
     check_float(op, "x", x)
     dim = normalize_dim(op, dim, x.dim())
     if dtype is None and (cast := autocast_dtype(op, x)) is not None:  # as torch under autocast
-        if _fuses_cast(x.dtype, cast):
+        if fuses_cast(x.dtype, cast):
             out_dtype = cast
         else:
             x = x.to(cast)
