@@ -483,8 +483,8 @@ PyObject* softmax_backward_checked_py(PyObject*, PyObject* const* args, Py_ssize
 // tensors; x a float tensor whose last dim is normalized_shape (an int or a tuple of one);
 // residual of x's shape, dtype and device; weight / bias float vectors of that length on
 // x's device; eps a number (None: rms_norm's default). Under autocast the tensors are cast
-// as fastdl.ops casts them: a 16-bit x that would be cast to fp32 without a residual is
-// read as it is, y written in fp32 (out_dtype), weight / bias cast; else every tensor.
+// as fastdl.ops casts them: a 16-bit x that would be cast to fp32 is read as it is (and the
+// residual with it), y written in fp32 (out_dtype), weight / bias cast; else every tensor.
 // Returns y, or (x + residual, y) when fused, as fastdl.ops do. Anything else, a
 // TorchFunctionMode in force included, gets NotImplemented, and fastdl.ops checks (and
 // reports) it in Python; so does a call that something records or transforms
@@ -513,7 +513,7 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
   int native = autocast_dtype(rms ? Probe::kRmsNorm : Probe::kLayerNorm, x, &dtype);
   // the cast fused into the norm (out_dtype), as fastdl.ops' _norm decides it
   const bool fused_cast =
-      native > 0 && dtype != x.scalar_type() && !residual.has_value() && fused_cast_dtypes(x.scalar_type(), dtype);
+      native > 0 && dtype != x.scalar_type() && fused_cast_dtypes(x.scalar_type(), dtype);
   if (native > 0) native = eps_arg(args[5], dtype, rms, &eps) ? 1 : 0;  // rms_norm's default: dtype's epsilon
   if (native > 0)
     native = resolves_native(rms ? Op::kRmsNorm : Op::kLayerNorm, x.is_cuda(), fused_cast ? x.scalar_type() : dtype);
@@ -524,9 +524,13 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
     pybind11::gil_scoped_release no_gil;
     std::optional<at::ScalarType> out_dtype;
     if (dtype != x.scalar_type()) {  // the operands in the dtype torch computes in, as fastdl.ops
-      if (fused_cast) out_dtype = dtype;
-      else x = x.to(dtype);
-      for (std::optional<at::Tensor>* t : {&residual, &weight, &bias})
+      if (fused_cast) {
+        out_dtype = dtype;
+      } else {
+        x = x.to(dtype);
+        if (residual.has_value()) residual = residual->to(dtype);
+      }
+      for (std::optional<at::Tensor>* t : {&weight, &bias})
         if (t->has_value()) *t = (*t)->to(dtype);
     }
     std::tie(y, h) = layer_norm_eager(x, residual, weight, bias, 1, eps, rms, out_dtype);

@@ -468,9 +468,10 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
   A* mean = static_cast<A*>(mean_);
   A* rstd = static_cast<A*>(rstd_);
   // outputs are contiguous: their rows start aligned when cols is a whole number of vectors
+  // of each (the sum's in T, y's in Y: an fp32 y's vectors are half as long as a 16-bit sum's)
   const bool aligned = rows_aligned<T>(x, x_stride) &&
                        (residual == nullptr || rows_aligned<T>(residual, residual_stride)) &&
-                       rows_aligned<Y>(y, cols) && (sum == nullptr || ptr_aligned(sum)) &&
+                       rows_aligned<Y>(y, cols) && (sum == nullptr || rows_aligned<T>(sum, cols)) &&
                        (weight == nullptr || ptr_aligned(weight)) && (bias == nullptr || ptr_aligned(bias));
   const bool tiled = with_forward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;

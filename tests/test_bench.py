@@ -270,16 +270,19 @@ def test_gpu_sweep_times_the_autocast_norms_after_bf16():
     """The GPU sweep (listed here without one: cases only build their inputs when run) has
     device-timed autocast cases, bf16 x under torch.autocast, right after the bf16 cases, and
     counts their least traffic: x read in bf16, y written in fp32 (6 bytes a value), and
-    backward dy in fp32, x and dx in bf16 (8 more)."""
+    backward dy in fp32, x and dx in bf16 (8 more); the fused add reads x and residual and
+    writes the sum in bf16 and y in fp32 (10), and backward reads dy in fp32, the sum's
+    gradient and the sum and writes dx in bf16 (10 more)."""
     cases = bench_layer_norm.cases(torch.device("cuda"))
     mixed = [i for i, c in enumerate(cases) if c.direction in ("fwd autocast", "fwd+bwd autocast")]
-    assert {cases[i].op for i in mixed} == {"layer_norm", "rms_norm"} and len(mixed) == 12
+    assert {cases[i].op for i in mixed} == {"layer_norm", "rms_norm", "add_layer_norm"} and len(mixed) == 18
     assert all(cases[i].dtype == torch.bfloat16 for i in mixed)
     last_bf16 = max(i for i, c in enumerate(cases) if c.dtype == torch.bfloat16 and i not in mixed)
-    assert mixed == list(range(last_bf16 + 1, last_bf16 + 13))
+    assert mixed == list(range(last_bf16 + 1, last_bf16 + 19))
     for i in mixed:
         rows, n = cases[i].shape
-        assert cases[i].bytes_moved == (6 if cases[i].direction == "fwd autocast" else 14) * rows * n
+        fwd, fwd_bwd = (10, 20) if cases[i].op == "add_layer_norm" else (6, 14)
+        assert cases[i].bytes_moved == (fwd if cases[i].direction == "fwd autocast" else fwd_bwd) * rows * n
 
 
 def test_gpu_sweep_times_the_fp32_softmax_of_bf16_after_bf16():

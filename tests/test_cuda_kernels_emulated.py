@@ -53,11 +53,15 @@ def _run(runner, tmp_path, op, inputs, outputs, settings, offsets=None, env=None
 def _rows(rows, cols, dtype, layout, scale=3.0):
     """A (rows, cols) input laid out as `layout`: contiguous, strided (row stride cols + 3:
     rows off 16-byte boundaries), padded (row stride a whole number of 16-byte vectors past
-    cols: aligned, not contiguous) or offset (contiguous, base one element off)."""
+    cols: aligned, not contiguous, when cols is a whole number of vectors), vector rows (row
+    stride cols rounded up to 16 elements: every row on a 16-byte boundary, whatever cols) or
+    offset (contiguous, base one element off)."""
     if layout == "strided":
         return (torch.randn(rows, cols + 3) * scale).to(dtype)[:, :cols], 0
     if layout == "padded":
         return (torch.randn(rows, cols + 16) * scale).to(dtype)[:, :cols], 0
+    if layout == "vector rows":
+        return (torch.randn(rows, -(-cols // 16) * 16) * scale).to(dtype)[:, :cols], 0
     return (torch.randn(rows, cols) * scale).to(dtype), 1 if layout == "offset" else 0
 
 
@@ -652,13 +656,15 @@ def test_norm_parameters_in_the_input_dtype(runner, tmp_path, dtype, cols):
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("cols", [7, 1000, 8193, 20000])
-@pytest.mark.parametrize("variant", ["layer_norm", "rms_norm", "layer_norm_plain"])
+@pytest.mark.parametrize("variant", ["layer_norm", "rms_norm", "layer_norm_plain", "add_layer_norm", "add_rms_norm_plain"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_norm_of_16_bit_x_in_fp32(runner, tmp_path, dtype, variant, cols, layout):
     """y written in fp32 from 16-bit x (out_dtype, the cast CUDA autocast makes fused into
     the norm) and the backward from an fp32 dy, dx in x's dtype: as right as fp32 kernels,
     y unrounded (fp32 tolerance against the float64 reference of x as given), tile and loop
-    kernels, rows aligned and not. With the parameters in x's dtype it is refused."""
+    kernels, rows aligned and not. A fused add writes x + residual in x's dtype, as torch's
+    add, and y is the norm of that rounded sum; its backward adds the sum's gradient, in x's
+    dtype. With the parameters in x's dtype it is refused."""
     rows = 5
     rms = NORM_VARIANTS[variant][3]
     inputs, offsets = _norm_inputs((rows, cols), dtype, variant, layout)
@@ -667,6 +673,8 @@ def test_norm_of_16_bit_x_in_fp32(runner, tmp_path, dtype, variant, cols, layout
     assert result.outputs["y"].dtype == torch.float32
     assert_close(result.outputs["y"].view(rows, cols), y, torch.float32, "y")
     assert_close(result.outputs["rstd"], rstd, torch.float32, "rstd")
+    if "residual" in inputs:
+        assert torch.equal(result.outputs["sum"].view(rows, cols), inputs["x"] + inputs["residual"]), "x + residual"
     back, grads = _norm_backward(runner, tmp_path / "bwd", inputs, rms, dy_dtype=torch.float32)
     for name, ref in grads.items():
         out = back.outputs[name]
@@ -676,6 +684,21 @@ def test_norm_of_16_bit_x_in_fp32(runner, tmp_path, dtype, variant, cols, layout
         _norm_forward(runner, tmp_path / "params", inputs, offsets, rms, param_dtype=dtype, out_dtype=torch.float32)
     with pytest.raises(AssertionError, match="cudaErrorInvalidValue"):
         _norm_backward(runner, tmp_path / "params_bwd", inputs, rms, param_dtype=dtype, dy_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("cols", [1004, 20004], ids=["tile", "loop"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_norm_16_bit_sum_beside_fp32_y(runner, tmp_path, dtype, cols):
+    """A fused add's 16-bit sum beside its fp32 y, x and residual in rows on 16-byte
+    boundaries, 4 columns past whole 16-bit vectors: y's rows (fp32, cols apart) all start on
+    a boundary, the sum's (16-bit, cols apart) every other one does not, so the kernels must
+    not move the sum 16 bytes at a time (UBSan fails a misaligned vector access)."""
+    rows = 3
+    inputs, offsets = _norm_inputs((rows, cols), dtype, "add_layer_norm", "vector rows")
+    result = _norm_forward(runner, tmp_path, inputs, offsets, False, out_dtype=torch.float32)
+    _, y, _, _ = _norm_reference(inputs, False, 1e-5)
+    assert_close(result.outputs["y"].view(rows, cols), y, torch.float32, "y")
+    assert torch.equal(result.outputs["sum"].view(rows, cols), inputs["x"] + inputs["residual"]), "x + residual"
 
 
 def test_rewrite_keeps_lines_and_finds_every_launch():

@@ -145,6 +145,41 @@ def test_fp32_norm_of_16_bit_x_reads_x_as_it_is(case, dtype, variant, cols):
 
 
 @pytest.mark.parametrize("cols", [300, 20000], ids=["tile", "loop"])
+@pytest.mark.parametrize("variant", ["add_layer_norm", "add_rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fp32_norm_of_16_bit_sum_reads_x_as_it_is(case, dtype, variant, cols):
+    """The fused adds under an autocast that runs the norms in fp32: x + residual in x's dtype,
+    bit for bit torch's add (which autocast leaves alone), and y its norm in fp32, in one pass
+    (the graph holds no cast of x or residual); y matches the float64 norm of that sum at fp32
+    tolerance, and x's and residual's gradients (h's gradient plus the norm's) come back in
+    x's dtype."""
+    backend, device = case
+    fn, ref_fn, _, _, _, rms = VARIANTS[variant]
+    ref_norm = R.rms_norm if rms else R.layer_norm
+    x, res, w, b = _inputs((5, cols), dtype, device, variant, weight_dtype=torch.float32)
+    eps = 1e-5
+    with autocast_as("bf16, fp32 rule", device), fastdl.use_backend(backend):
+        h, y = _call(fn, variant, x, res, w, b, cols, eps)
+    assert h.dtype == dtype and y.dtype == torch.float32
+    assert torch.equal(h, x + res)
+    assert {e[0].variable for e in y.grad_fn.next_functions[:2]} == {x, res}, "x or residual was cast first"
+    leaves = [t for t in (x, res, w, b) if t is not None]
+    dh, dy = torch.randn_like(h), torch.randn_like(y)
+    grads = torch.autograd.grad((h, y), leaves, (dh, dy))
+    h64 = h.detach().double().requires_grad_()
+    params64 = [t.detach().double().requires_grad_() for t in (w, b) if t is not None]
+    ref = ref_norm(h64, cols, *params64, eps=eps)
+    assert_close(y, ref, torch.float32, "y")
+    ref_grads = torch.autograd.grad(ref, [h64, *params64], dy.double())
+    ref_dsum = ref_grads[0] + dh.double()
+    for name, leaf, grad, ref_grad in zip(("x", "residual", "weight", "bias"), leaves, grads,
+                                          [ref_dsum, ref_dsum, *ref_grads[1:]]):
+        assert grad.dtype == leaf.dtype
+        assert_close(grad, ref_grad, dtype if leaf.dtype == dtype else torch.float32, name)
+
+
+@pytest.mark.parametrize("cols", [300, 20000], ids=["tile", "loop"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("cuda", "cpu")], ids=case_id)
 def test_native_ops_take_parameters_in_the_input_dtype(case, dtype, cols):
@@ -499,8 +534,6 @@ class TestBadInputs:
         x = torch.randn(3, 4, dtype=torch.bfloat16)
         with pytest.raises(RuntimeError, match=r"out_dtype must be x's dtype \(BFloat16\) or Float, got Half"):
             torch.ops.fastdl.layer_norm_rows_forward(x, None, None, None, 1e-5, False, torch.float16)
-        with pytest.raises(RuntimeError, match=r"out_dtype Float is not taken with a residual"):
-            torch.ops.fastdl.layer_norm_rows_forward(x, x, None, None, 1e-5, False, torch.float32)
         _, _, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward(x, None, None, None, 1e-5, False)
         with pytest.raises(RuntimeError, match=r"dy is Double but x is BFloat16; expected x's dtype or Float"):
             torch.ops.fastdl.layer_norm_rows_backward(x.double(), None, x, None, mean, rstd, False, False)

@@ -121,19 +121,22 @@ def test_autocast_follows_torch(case):
 @pytest.mark.parametrize("kind", ["bf16", "bf16, fp32 rule"])
 def test_autocast_under_torch_compile_matches_eager(kind):
     """The compiled path casts as the eager one does (the autocast probe is traced); under
-    the fp32 rule (CUDA autocast's: a bf16 x's norm in fp32, the cast fused) too."""
+    the fp32 rule (CUDA autocast's: a bf16 x's norm in fp32, the cast fused) too, where a fused
+    add's sum stays in x's dtype."""
     if "cpu" not in fastdl.available_backends("cpu"):
         pytest.skip("fastdl._C not built")
     w = torch.rand(16) + 0.5
 
     def f(x):
-        return fastdl.ops.layer_norm(fastdl.ops.softmax(x, -1), 16, w), fastdl.ops.rms_norm(x, 16, w, 1e-6)
+        h, y = fastdl.ops.add_layer_norm(x, x.flip(0), 16, w)
+        return fastdl.ops.layer_norm(fastdl.ops.softmax(x, -1), 16, w), fastdl.ops.rms_norm(x, 16, w, 1e-6), y, h
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
     for x in (torch.randn(4, 16), torch.randn(4, 16).bfloat16()):
         with autocast_as(kind, "cpu"), fastdl.use_backend("cpu"):
             eager, traced = f(x), compiled(x)
-        for a, b in zip(eager, traced):
-            assert a.dtype == b.dtype == (torch.float32 if kind.endswith("fp32 rule") else x.dtype)
+        computes_in = torch.float32 if kind.endswith("fp32 rule") else x.dtype
+        for a, b, dtype in zip(eager, traced, [computes_in] * 3 + [x.dtype]):
+            assert a.dtype == b.dtype == dtype
             torch.testing.assert_close(a, b)

@@ -128,11 +128,11 @@ def layer_norm_specs():
         (True, True, True, False), (False, False, False, False)]
     for dtype in POINTER:
         p = POINTER[dtype]
-        # y (and dy) in x's dtype, and for a 16-bit x without a residual also in fp32 (out_dtype:
-        # the norm CUDA autocast runs in fp32, the cast of x fused)
+        # y (and dy) in x's dtype, and for a 16-bit x also in fp32 (out_dtype: the norm CUDA
+        # autocast runs in fp32, the cast of x, or of the fused add's 16-bit sum, fused)
         outs = [(rms, fused, has_w, has_b, out) for rms, fused, has_w, has_b in variants
-                for out in [p] + (["*fp32"] if dtype in ("fp16", "bf16") and not fused else [])]
-        for rms, fused, has_w, has_b, out in outs if dtype == "fp32" else outs[:3]:
+                for out in [p] + (["*fp32"] if dtype in ("fp16", "bf16") else [])]
+        for rms, fused, has_w, has_b, out in outs if dtype == "fp32" else outs[:4]:
             flags = dict(RMS=rms, HAS_WEIGHT=has_w, HAS_BIAS=has_b, ACC=ACC[dtype])
             stat = "*fp64" if dtype == "fp64" else "*fp32"
             fwd_ptrs = {"x_ptr": p, "residual_ptr": p, "weight_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": out,

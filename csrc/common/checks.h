@@ -60,14 +60,13 @@ inline at::ScalarType softmax_grad_in_type(const char* fn, at::ScalarType out,
 
 // The dtype a norm's y is written in (its out_dtype): x's, or the statistics' dtype for a
 // 16-bit x normalised into fp32 in one pass (fastdl.ops does so under CUDA autocast, which
-// runs the norms in fp32); not with a residual, whose sum would then be in fp32 too.
-inline at::ScalarType norm_out_type(const char* fn, const at::Tensor& x, bool has_residual,
-                                    std::optional<at::ScalarType> out_dtype) {
+// runs the norms in fp32). With a residual, x + residual stays in x's dtype, as torch's add
+// gives it under autocast, and y is the fp32 norm of that sum.
+inline at::ScalarType norm_out_type(const char* fn, const at::Tensor& x, std::optional<at::ScalarType> out_dtype) {
   const at::ScalarType type = x.scalar_type();
   if (!out_dtype.has_value() || *out_dtype == type) return type;
   TORCH_CHECK(*out_dtype == stats_type(type), fn, ": out_dtype must be x's dtype (", type, ") or ", stats_type(type),
               ", got ", *out_dtype);
-  TORCH_CHECK(!has_residual, fn, ": out_dtype ", *out_dtype, " is not taken with a residual (x is ", type, ")");
   return *out_dtype;
 }
 

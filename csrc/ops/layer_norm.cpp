@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forwa
   }
   // y in fp32 from 16-bit x, the cast fused: 6 bytes a value moved, not the 14 of a cast kernel
   // then the norm; the kernels take that with the parameters in fp32 only (as autocast has them)
-  const at::ScalarType out_type = norm_out_type(fn, x, residual.has_value(), out_dtype);
+  const at::ScalarType out_type = norm_out_type(fn, x, out_dtype);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType params =
       out_type != x.scalar_type() ? stats_type(x.scalar_type()) : param_type(x, {&weight, &bias});

@@ -24,7 +24,10 @@ HOST_SHAPE = (64, 768)
 AUTOCAST = " autocast"
 # the GPU sweep's autocast cases (bf16 x, 4096 rows): torch casts x to fp32, then normalises;
 # fastdl reads x as it is and writes y in fp32, so the least traffic is 2 + 4 bytes a value
-# forward and dy 4 + x 2 + dx 2 backward (the GB/s column counts that)
+# forward and dy 4 + x 2 + dx 2 backward (the GB/s column counts that). The fused add: torch
+# adds in bf16, casts the sum and normalises it; fastdl reads x and residual in bf16 and
+# writes the sum in bf16 and y in fp32 (10 bytes a value), and its backward reads dy (fp32),
+# the sum's gradient and the sum (bf16) and writes dx (bf16): 10 more
 GPU_AUTOCAST_ROWS, GPU_AUTOCAST_HIDDEN = 4096, (1024, 4096, 8192)
 
 # the norm issue's targets (H100, side by side in one run)
@@ -89,7 +92,9 @@ def _impls(op, device, dtype, shape, direction):
     if mixed:  # the dtype autocast computes in on this device
         with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
             out_dtype = F.layer_norm(x[:1], (n,)).dtype
-    dy = (torch.randn(shape, device=device, dtype=out_dtype), torch.randn(shape, device=device, dtype=out_dtype))
+    # the gradients of the outputs: y's in out_dtype; the fused add's (h, y), h in x's dtype
+    dy = (torch.randn(shape, device=device, dtype=out_dtype),) if op != "add_layer_norm" else \
+        (torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=out_dtype))
     if op == "layer_norm":
         inputs = (x, w, b)
         eager = lambda x_, w_, b_: F.layer_norm(x_, (n,), w_, b_)  # noqa: E731
@@ -127,16 +132,18 @@ def _bytes(op, direction, rows, n, size):
     return (fwd if direction == "fwd" else fwd + bwd) * rows * n * size
 
 
-def _autocast_bytes(direction, rows, n):
-    return (6 if direction == "fwd" else 14) * rows * n
+def _autocast_bytes(op, direction, rows, n):
+    fwd, bwd = (10, 10) if op == "add_layer_norm" else (6, 8)
+    return (fwd if direction == "fwd" else fwd + bwd) * rows * n
 
 
 def _gpu_autocast_cases(device, quick):
     hidden = GPU_AUTOCAST_HIDDEN[::2] if quick else GPU_AUTOCAST_HIDDEN
     shapes = [(GPU_AUTOCAST_ROWS, n) for n in hidden]
-    return [Case(op, direction + AUTOCAST, torch.bfloat16, shape, _autocast_bytes(direction, *shape),
+    return [Case(op, direction + AUTOCAST, torch.bfloat16, shape, _autocast_bytes(op, direction, *shape),
                  functools.partial(_impls, op, device, torch.bfloat16, shape, direction + AUTOCAST))
-            for op in ("layer_norm", "rms_norm") for shape in shapes for direction in ("fwd", "fwd+bwd")]
+            for op in ("layer_norm", "rms_norm", "add_layer_norm") for shape in shapes
+            for direction in ("fwd", "fwd+bwd")]
 
 
 def _host_cases(device):

@@ -75,7 +75,7 @@ def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
 # --- dispatch ----------------------------------------------------------------------
 def _rows_forward(x, residual, weight, bias, eps, rms, backend=None, out_dtype=None):
     """out_dtype: y's dtype, None (x's) or the statistics' (a 16-bit x normalised into fp32,
-    as under CUDA autocast, in one pass: see _norm); not with a residual."""
+    as under CUDA autocast, in one pass: see _norm); h stays in x's dtype."""
     backend = backend or backends.resolve(RMS_OP if rms else OP, x)
     if backend == "triton":
         from fastdl.triton.layer_norm import norm_forward
@@ -382,8 +382,9 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
         # that CUDA autocast would cast to fp32 is read as it is and y written in fp32, in one
         # pass (torch's cast writes 4 bytes a value and the norm reads them back: 14 bytes a
         # value moved, 6 fused), and the backward writes dx in x's dtype, as the cast's would.
-        # The fused add keeps the cast (its sum would be in fp32).
-        if residual is None and fuses_cast(x.dtype, cast):
+        # A fused add's sum stays in x's dtype, as torch's x + residual under autocast, and y is
+        # the fp32 norm of it (10 bytes a value moved where torch's add, cast and norm move 20).
+        if fuses_cast(x.dtype, cast):
             out_dtype = cast
             weight, bias = (t.to(cast) if t is not None else None for t in (weight, bias))
         else:
