@@ -656,7 +656,8 @@ def test_norm_parameters_in_the_input_dtype(runner, tmp_path, dtype, cols):
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("cols", [7, 1000, 8193, 20000])
-@pytest.mark.parametrize("variant", ["layer_norm", "rms_norm", "layer_norm_plain", "add_layer_norm", "add_rms_norm_plain"])
+@pytest.mark.parametrize("variant",
+                         ["layer_norm", "rms_norm", "layer_norm_plain", "add_layer_norm", "add_rms_norm_plain"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_norm_of_16_bit_x_in_fp32(runner, tmp_path, dtype, variant, cols, layout):
     """y written in fp32 from 16-bit x (out_dtype, the cast CUDA autocast makes fused into
