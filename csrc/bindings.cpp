@@ -36,8 +36,10 @@ TORCH_LIBRARY(fastdl, m) {
   m.def("softmax_eager(Tensor x, int dim, bool log, ScalarType? out_dtype=None) -> Tensor");
   // layer_norm / rms_norm over the last dim of (rows, cols), with an optional residual
   // added first (fused add); returns (y, x + residual or empty, mean or empty (rms),
-  // rstd), statistics in float32 (float64 for float64). y in out_dtype: None (x's), or
-  // the statistics' dtype (a 16-bit x normalised into fp32 in one pass; no residual)
+  // rstd), statistics in float32 (float64 for float64). The residual in x's dtype, or
+  // float32 beside a float16 / bfloat16 x (or the other way round): the sum then in float32,
+  // as torch's add promotes. y in out_dtype: None (the sum's, x's without a residual), or the
+  // statistics' dtype (16-bit rows normalised into fp32 in one pass)
   m.def("layer_norm_rows_forward(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms,"
         " ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // (dx, dweight or empty, dbias or empty); dx in x's dtype, dy in x's or the statistics'

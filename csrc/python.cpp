@@ -481,10 +481,12 @@ PyObject* softmax_backward_checked_py(PyObject*, PyObject* const* args, Py_ssize
 // fastdl.ops norm call (layer_norm, rms_norm, add_layer_norm, add_rms_norm) whose arguments
 // are the common case, checked here instead of in Python (~1 us a call there): plain
 // tensors; x a float tensor whose last dim is normalized_shape (an int or a tuple of one);
-// residual of x's shape, dtype and device; weight / bias float vectors of that length on
-// x's device; eps a number (None: rms_norm's default). Under autocast the tensors are cast
-// as fastdl.ops casts them: a 16-bit x that would be cast to fp32 is read as it is (and the
-// residual with it), y written in fp32 (out_dtype), weight / bias cast; else every tensor.
+// residual of x's shape and device, in x's dtype or, for a 16-bit x, fp32 (or the other way
+// round: the sum in fp32, as torch's add promotes); weight / bias float vectors of that
+// length on x's device; eps a number (None: rms_norm's default). Under autocast the tensors
+// are cast as fastdl.ops casts them: 16-bit rows that would be cast to fp32 are read as they
+// are (x, and the residual with it), y written in fp32 (out_dtype), weight / bias cast; else
+// every tensor.
 // Returns y, or (x + residual, y) when fused, as fastdl.ops do. Anything else, a
 // TorchFunctionMode in force included, gets NotImplemented, and fastdl.ops checks (and
 // reports) it in Python; so does a call that something records or transforms
@@ -502,28 +504,38 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
       !param_arg(args[4], x, n, &bias)) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  if (residual.has_value() && (!float_strided(*residual) || residual->scalar_type() != x.scalar_type() ||
-                               residual->device() != x.device() || residual->sizes() != x.sizes())) {
+  // a residual of x's dtype, or a 16-bit one beside an fp32 one, read as they are (fastdl.ops'
+  // fuses_promotion: the sum in fp32); other pairs fastdl.ops casts first
+  const bool mixed = residual.has_value() && residual->scalar_type() != x.scalar_type();
+  if (residual.has_value() &&
+      (!float_strided(*residual) || residual->device() != x.device() || residual->sizes() != x.sizes() ||
+       (mixed && !fused_cast_dtypes(x.scalar_type(), residual->scalar_type()) &&
+        !fused_cast_dtypes(residual->scalar_type(), x.scalar_type())))) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   if (!native_device(x) || !untransformed(x) || has_tangent(residual) || has_tangent(weight) || has_tangent(bias)) {
     Py_RETURN_NOTIMPLEMENTED;
   }
+  // the input in the dtype of the rows the norm reads: x's, or the fp32 one of a mixed pair
+  const at::Tensor& wide = mixed && residual->scalar_type() == at::kFloat ? *residual : x;
   at::ScalarType dtype;
-  int native = autocast_dtype(rms ? Probe::kRmsNorm : Probe::kLayerNorm, x, &dtype);
+  int native = autocast_dtype(rms ? Probe::kRmsNorm : Probe::kLayerNorm, wide, &dtype);
   // the cast fused into the norm (out_dtype), as fastdl.ops' _norm decides it
   const bool fused_cast =
-      native > 0 && dtype != x.scalar_type() && fused_cast_dtypes(x.scalar_type(), dtype);
+      native > 0 && dtype != wide.scalar_type() && fused_cast_dtypes(wide.scalar_type(), dtype);
   if (native > 0) native = eps_arg(args[5], dtype, rms, &eps) ? 1 : 0;  // rms_norm's default: dtype's epsilon
-  if (native > 0)
-    native = resolves_native(rms ? Op::kRmsNorm : Op::kLayerNorm, x.is_cuda(), fused_cast ? x.scalar_type() : dtype);
+  // the backend resolved by x's dtype, as fastdl.ops resolves it, but where every operand is cast
+  if (native > 0) {
+    const bool cast_all = dtype != wide.scalar_type() && !fused_cast;
+    native = resolves_native(rms ? Op::kRmsNorm : Op::kLayerNorm, x.is_cuda(), cast_all ? dtype : x.scalar_type());
+  }
   if (native < 0) return nullptr;
   if (native == 0) Py_RETURN_NOTIMPLEMENTED;
   at::Tensor y, h;
   {
     pybind11::gil_scoped_release no_gil;
     std::optional<at::ScalarType> out_dtype;
-    if (dtype != x.scalar_type()) {  // the operands in the dtype torch computes in, as fastdl.ops
+    if (dtype != wide.scalar_type()) {  // the operands in the dtype torch computes in, as fastdl.ops
       if (fused_cast) {
         out_dtype = dtype;
       } else {

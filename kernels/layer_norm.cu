@@ -73,10 +73,10 @@ constexpr int kSumRowThreads = 8;
 // ---------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------
-template <typename T, typename W, typename Y, int kThreads, int kElems>
+template <typename T, typename W, typename Y, typename R, int kThreads, int kElems>
 __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
-    norm_forward_tile_kernel(const T* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
-                             const W* __restrict__ bias, Y* __restrict__ y, T* __restrict__ sum,
+    norm_forward_tile_kernel(const T* __restrict__ x, const R* __restrict__ residual, const W* __restrict__ weight,
+                             const W* __restrict__ bias, Y* __restrict__ y, R* __restrict__ sum,
                              typename Acc<T>::type* __restrict__ mean_out, typename Acc<T>::type* __restrict__ rstd_out,
                              int64_t rows, int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
                              typename Acc<T>::type eps, bool rms, bool aligned) {
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     A r[kElems];
     Tile::load(residual + row * residual_row_stride, t, cols, aligned, r, A(0));
 #pragma unroll
-    for (int i = 0; i < kElems; ++i) v[i] = to_acc(from_acc<T>(v[i] + r[i]));  // rounded, as the unfused add
+    for (int i = 0; i < kElems; ++i) v[i] = to_acc(from_acc<R>(v[i] + r[i]));  // rounded, as the unfused add
     Tile::store(sum + row * cols, t, cols, aligned, v);
   }
   A mean = 0;
@@ -131,10 +131,10 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   Tile::store(y + row * cols, t, cols, aligned, v);
 }
 
-template <typename T, typename W, typename Y, int kVec>
+template <typename T, typename W, typename Y, typename R, int kVec>
 __global__ void __launch_bounds__(kLoopThreads)
-    norm_forward_loop_kernel(const T* __restrict__ x, const T* __restrict__ residual, const W* __restrict__ weight,
-                             const W* __restrict__ bias, Y* __restrict__ y, T* __restrict__ sum,
+    norm_forward_loop_kernel(const T* __restrict__ x, const R* __restrict__ residual, const W* __restrict__ weight,
+                             const W* __restrict__ bias, Y* __restrict__ y, R* __restrict__ sum,
                              typename Acc<T>::type* __restrict__ mean_out, typename Acc<T>::type* __restrict__ rstd_out,
                              int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
                              typename Acc<T>::type eps, bool rms) {
@@ -144,18 +144,21 @@ __global__ void __launch_bounds__(kLoopThreads)
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * kVec;
   const int64_t row = blockIdx.x;
   const T* x_row = x + row * x_row_stride;
-  const T* src = x_row;
+  // the row sweeps 2-3 read: the sum when fused, else x (R is T but for a residual wider than
+  // x, which the launch never leaves out)
+  const R* src = nullptr;
+  if constexpr (std::is_same_v<R, T>) src = x_row;
   A total = 0;
   if (residual != nullptr) {
-    const T* r_row = residual + row * residual_row_stride;
-    T* h_row = sum + row * cols;
+    const R* r_row = residual + row * residual_row_stride;
+    R* h_row = sum + row * cols;
     for (int64_t col = first_col; col < cols; col += kStep) {
       A h[kVec], r[kVec];
       load_acc<kVec>(x_row + col, h);
       load_acc<kVec>(r_row + col, r);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        h[k] = to_acc(from_acc<T>(h[k] + r[k]));  // rounded, as the unfused add
+        h[k] = to_acc(from_acc<R>(h[k] + r[k]));  // rounded, as the unfused add
         total += h[k];
       }
       store_acc<kVec>(h_row + col, h);
@@ -454,21 +457,23 @@ __global__ void __launch_bounds__(kSumCols* kSumRowThreads)
 // ---------------------------------------------------------------------------------
 // launch
 // ---------------------------------------------------------------------------------
-template <typename T, typename W, typename Y>
+template <typename T, typename W, typename Y, typename R>
 cudaError_t forward_typed(const void* x_, const void* residual_, const void* weight_, const void* bias_, void* y_,
                           void* sum_, void* mean_, void* rstd_, int64_t rows, int64_t cols, int64_t x_stride,
                           int64_t residual_stride, double eps, bool rms, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const T* x = static_cast<const T*>(x_);
-  const T* residual = static_cast<const T*>(residual_);
+  const R* residual = static_cast<const R*>(residual_);
   const W* weight = static_cast<const W*>(weight_);
   const W* bias = static_cast<const W*>(bias_);
   Y* y = static_cast<Y*>(y_);
-  T* sum = static_cast<T*>(sum_);
+  R* sum = static_cast<R*>(sum_);
   A* mean = static_cast<A*>(mean_);
   A* rstd = static_cast<A*>(rstd_);
   // outputs are contiguous: their rows start aligned when cols is a whole number of vectors
-  // of each (the sum's in T, y's in Y: an fp32 y's vectors are half as long as a 16-bit sum's)
+  // of each (the sum's in R, y's in Y: an fp32 y's vectors are half as long as a 16-bit sum's).
+  // The tiles and steps are laid out by T's vectors; rows of a wider R read or written at
+  // those columns are aligned too when their strides are whole numbers of T's vectors.
   const bool aligned = rows_aligned<T>(x, x_stride) &&
                        (residual == nullptr || rows_aligned<T>(residual, residual_stride)) &&
                        rows_aligned<Y>(y, cols) && (sum == nullptr || rows_aligned<T>(sum, cols)) &&
@@ -477,14 +482,14 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     constexpr int kRowsPerBlock = kTileBlockThreads<kThreads> / kThreads;
     const auto grid = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-    norm_forward_tile_kernel<T, W, Y, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
+    norm_forward_tile_kernel<T, W, Y, R, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
         x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_stride, residual_stride, static_cast<A>(eps), rms,
         aligned);
   });
   if (!tiled) {
     with_vec<T>(aligned, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      norm_forward_loop_kernel<T, W, Y, kVec><<<static_cast<unsigned>(rows), kLoopThreads, 0, stream>>>(
+      norm_forward_loop_kernel<T, W, Y, R, kVec><<<static_cast<unsigned>(rows), kLoopThreads, 0, stream>>>(
           x, residual, weight, bias, y, sum, mean, rstd, cols, x_stride, residual_stride, static_cast<A>(eps), rms);
     });
   }
@@ -643,9 +648,10 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
 
 }  // namespace
 
-// The element type T of x; the parameters' type W: T itself or the accumulation type A; and
-// the type of y (forward) or dy (backward): T, or A when W is A. Any other combination is
-// refused.
+// The element type T of x; the parameters' type W: T itself or the accumulation type A; the
+// type of y (forward) or dy (backward): T, or A when W is A; and the forward's residual and
+// sum type R: T, or A when W and Y are A too (a 16-bit x beside an fp32 residual). Any other
+// combination is refused.
 #define FASTDL_DTYPE_CASES(CALL)                \
   case DType::kFloat32: return CALL(float);     \
   case DType::kFloat16: return CALL(__half);    \
@@ -664,21 +670,25 @@ bool valid_types(DType dtype, DType param_dtype, DType out_dtype) {
 }
 }  // namespace
 
-cudaError_t norm_forward(DType dtype, DType param_dtype, DType out_dtype, const void* x, const void* residual,
-                         const void* weight, const void* bias, void* y, void* sum, void* mean, void* rstd, int64_t rows,
-                         int64_t cols, int64_t x_row_stride, int64_t residual_row_stride, double eps, bool rms,
-                         cudaStream_t stream) {
+cudaError_t norm_forward(DType dtype, DType param_dtype, DType out_dtype, DType residual_dtype, const void* x,
+                         const void* residual, const void* weight, const void* bias, void* y, void* sum, void* mean,
+                         void* rstd, int64_t rows, int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
+                         double eps, bool rms, cudaStream_t stream) {
   if (!valid_types(dtype, param_dtype, out_dtype)) return cudaErrorInvalidValue;
+  const bool residual_in_t = residual_dtype == dtype;
+  if (!residual_in_t && (residual == nullptr || residual_dtype != acc_dtype(dtype) || out_dtype == dtype))
+    return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
   if (rows > INT_MAX) return cudaErrorInvalidValue;  // at most one block per row
   const bool params_in_t = param_dtype == dtype, out_in_t = out_dtype == dtype;
-#define FASTDL_FORWARD(T, W, Y)                                                                                      \
-  forward_typed<T, W, Y>(x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_row_stride, residual_row_stride, \
-                         eps, rms, stream)
-#define FASTDL_CALL(T)                                                                      \
-  params_in_t ? FASTDL_FORWARD(T, T, T)                                                     \
-  : out_in_t  ? FASTDL_FORWARD(T, typename Acc<T>::type, T)                                 \
-              : FASTDL_FORWARD(T, typename Acc<T>::type, typename Acc<T>::type)
+#define FASTDL_FORWARD(T, W, Y, R)                                                                                 \
+  forward_typed<T, W, Y, R>(x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_row_stride,                \
+                            residual_row_stride, eps, rms, stream)
+#define FASTDL_CALL(T)                                                                                 \
+  params_in_t    ? FASTDL_FORWARD(T, T, T, T)                                                          \
+  : out_in_t     ? FASTDL_FORWARD(T, typename Acc<T>::type, T, T)                                      \
+  : residual_in_t ? FASTDL_FORWARD(T, typename Acc<T>::type, typename Acc<T>::type, T)                 \
+                  : FASTDL_FORWARD(T, typename Acc<T>::type, typename Acc<T>::type, typename Acc<T>::type)
   switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
 #undef FASTDL_CALL
 #undef FASTDL_FORWARD

@@ -5,8 +5,10 @@
 // float, or double for double inputs. weight / bias, and the backward's dweight / dbias, are
 // in param_dtype: x's own dtype or A's. y (forward) and dy (backward) are in out_dtype /
 // dy_dtype: x's own, or A's when param_dtype is A's (a 16-bit x normalised into fp32, as
-// CUDA autocast runs the norms, in one pass). Anything else: cudaErrorInvalidValue. Absent
-// operands are nullptr.
+// CUDA autocast runs the norms, in one pass). The forward's residual and sum are in
+// residual_dtype: x's own, or A's when y is (a 16-bit x beside an fp32 residual, the sum
+// in fp32 as torch's add promotes). Anything else: cudaErrorInvalidValue. Absent operands
+// are nullptr.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -18,10 +20,10 @@ namespace fastdl::kernels {
 
 // y = norm(x [+ residual]) * weight + bias; sum = x + residual when residual is given;
 // mean (not for rms) and rstd per row.
-cudaError_t norm_forward(DType dtype, DType param_dtype, DType out_dtype, const void* x, const void* residual,
-                         const void* weight, const void* bias, void* y, void* sum, void* mean, void* rstd, int64_t rows,
-                         int64_t cols, int64_t x_row_stride, int64_t residual_row_stride, double eps, bool rms,
-                         cudaStream_t stream);
+cudaError_t norm_forward(DType dtype, DType param_dtype, DType out_dtype, DType residual_dtype, const void* x,
+                         const void* residual, const void* weight, const void* bias, void* y, void* sum, void* mean,
+                         void* rstd, int64_t rows, int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
+                         double eps, bool rms, cudaStream_t stream);
 
 // Rows of the partial buffers the backward's parameter-gradient reduction uses for a
 // (rows, cols) input of `dtype` on the current device: one per block of the backward,

@@ -407,12 +407,14 @@ def _norm_forward(runner, tmp_path, inputs, offsets, rms, eps=1e-5, param_dtype=
     outputs = {"y": (out_dtype or dtype, rows * cols), "rstd": (acc, rows)}
     if not rms:
         outputs["mean"] = (acc, rows)
+    residual_dtype = inputs["residual"].dtype if "residual" in inputs else dtype
     if "residual" in inputs:
-        outputs["sum"] = (dtype, rows * cols)
+        outputs["sum"] = (residual_dtype, rows * cols)  # the sum in the residual's dtype (x's, or fp32 beside it)
     settings = {"dtype": emulated_cuda.DTYPE_NAMES[dtype], "rows": rows, "cols": cols, "x_stride": x.stride(0),
                 "residual_stride": inputs["residual"].stride(0) if "residual" in inputs else 0, "eps": repr(eps),
                 "rms": rms, "param_dtype": emulated_cuda.DTYPE_NAMES[param_dtype or acc],
-                "out_dtype": emulated_cuda.DTYPE_NAMES[out_dtype or dtype]}
+                "out_dtype": emulated_cuda.DTYPE_NAMES[out_dtype or dtype],
+                "residual_dtype": emulated_cuda.DTYPE_NAMES[residual_dtype]}
     return _run(runner, tmp_path, "norm_forward", inputs, outputs, settings, offsets, env=env)
 
 
@@ -700,6 +702,30 @@ def test_norm_16_bit_sum_beside_fp32_y(runner, tmp_path, dtype, cols):
     _, y, _, _ = _norm_reference(inputs, False, 1e-5)
     assert_close(result.outputs["y"].view(rows, cols), y, torch.float32, "y")
     assert torch.equal(result.outputs["sum"].view(rows, cols), inputs["x"] + inputs["residual"]), "x + residual"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "vector rows"])
+@pytest.mark.parametrize("cols", [7, 1000, 1004, 20000])
+@pytest.mark.parametrize("variant", ["add_layer_norm", "add_rms_norm_plain"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_norm_of_16_bit_x_beside_fp32_residual(runner, tmp_path, dtype, variant, cols, layout):
+    """A 16-bit x beside an fp32 residual (a bf16 sublayer output beside an fp32 residual
+    stream under autocast), both read as they are: the sum in fp32 bit for bit torch's
+    promoting x + residual, y its fp32 norm, tile and loop kernels, rows aligned and not.
+    An fp32 residual with y or the parameters in x's dtype is refused."""
+    rows = 3
+    rms = NORM_VARIANTS[variant][3]
+    inputs, offsets = _norm_inputs((rows, cols), dtype, variant, layout)
+    inputs["residual"], offsets["residual"] = _rows(rows, cols, torch.float32, layout, scale=1.0)
+    result = _norm_forward(runner, tmp_path / "fwd", inputs, offsets, rms, out_dtype=torch.float32)
+    _, y, mean, rstd = _norm_reference(inputs, rms, 1e-5)
+    assert result.outputs["sum"].dtype == torch.float32
+    assert torch.equal(result.outputs["sum"].view(rows, cols), inputs["x"] + inputs["residual"]), "x + residual"
+    assert_close(result.outputs["y"].view(rows, cols), y, torch.float32, "y")
+    assert_close(result.outputs["rstd"], rstd, torch.float32, "rstd")
+    for refused in ({"out_dtype": dtype}, {"param_dtype": dtype}):
+        with pytest.raises(AssertionError, match="cudaErrorInvalidValue"):
+            _norm_forward(runner, tmp_path / "refused", inputs, offsets, rms, **{"out_dtype": torch.float32, **refused})
 
 
 def test_rewrite_keeps_lines_and_finds_every_launch():

@@ -149,6 +149,11 @@ def _computes_in(kind, dtype):
     return dtype
 
 
+def _fp32(t):
+    """A 16-bit tensor in fp32 (an fp32 residual stream beside it); others as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 # public op -> (call given x, residual, weight, bias), rms
 NORM_CALLS = {
     "layer_norm": lambda x, r, w, b: fastdl.ops.layer_norm(x, x.shape[-1], w, b),
@@ -157,6 +162,10 @@ NORM_CALLS = {
     "rms_norm (default eps)": lambda x, r, w, b: fastdl.ops.rms_norm(x, x.shape[-1], w),
     "add_layer_norm": lambda x, r, w, b: fastdl.ops.add_layer_norm(x, r, x.shape[-1], w, b),
     "add_rms_norm (default eps)": lambda x, r, w, b: fastdl.ops.add_rms_norm(x, r, (x.shape[-1],), w),
+    # a 16-bit x beside an fp32 residual stream (and the other way round): the sum and y in
+    # fp32, both read as they are (for an fp32 / fp64 x, the call above)
+    "add_layer_norm (fp32 residual)": lambda x, r, w, b: fastdl.ops.add_layer_norm(x, _fp32(r), x.shape[-1], w, b),
+    "add_rms_norm (fp32 x)": lambda x, r, w, b: fastdl.ops.add_rms_norm(_fp32(x), r, x.shape[-1], w),
 }
 
 
@@ -179,8 +188,9 @@ def test_checked_norm_call_is_the_python_path(monkeypatch, call, dtype, autocast
     def run():
         with autocast_as(autocast, device):
             out = _outputs(NORM_CALLS[call](x, residual, weight, bias))
-        if device == "cpu":  # y in the dtype computed in; x + residual in x's, as torch's add
-            assert out[-1].dtype == _computes_in(autocast, dtype) and all(o.dtype == dtype for o in out[:-1])
+        if device == "cpu":  # y in the dtype computed in; x + residual in x's (or the promoted), as torch's add
+            rows = _fp32(torch.empty(0, dtype=dtype)).dtype if "fp32" in call else dtype
+            assert out[-1].dtype == _computes_in(autocast, rows) and all(o.dtype == rows for o in out[:-1])
         loss = sum((o.float() ** 3).sum() for o in out)
         inputs = [t for t in (x, residual, weight, bias) if t.requires_grad]
         return out + torch.autograd.grad(loss, inputs, allow_unused=True)

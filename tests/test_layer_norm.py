@@ -532,8 +532,14 @@ class TestBadInputs:
         with pytest.raises(RuntimeError, match=r"x must be 2-D"):
             torch.ops.fastdl.layer_norm_rows_forward(torch.randn(3), None, None, None, 1e-5, False)
         x = torch.randn(3, 4, dtype=torch.bfloat16)
-        with pytest.raises(RuntimeError, match=r"out_dtype must be x's dtype \(BFloat16\) or Float, got Half"):
+        with pytest.raises(RuntimeError, match=r"out_dtype must be the dtype of the rows normalised \(BFloat16: "
+                                               r"x's, or x \+ residual's\) or Float, got Half"):
             torch.ops.fastdl.layer_norm_rows_forward(x, None, None, None, 1e-5, False, torch.float16)
+        with pytest.raises(RuntimeError, match=r"out_dtype must be the dtype of the rows normalised \(Float: "):
+            torch.ops.fastdl.layer_norm_rows_forward(x, x.float(), None, None, 1e-5, False, torch.bfloat16)
+        with pytest.raises(RuntimeError, match=r"residual is Half but x is BFloat16; expected x's dtype, or Float "
+                                               r"beside a Half / BFloat16 one"):
+            torch.ops.fastdl.layer_norm_rows_forward(x, x.half(), None, None, 1e-5, False)
         _, _, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward(x, None, None, None, 1e-5, False)
         with pytest.raises(RuntimeError, match=r"dy is Double but x is BFloat16; expected x's dtype or Float"):
             torch.ops.fastdl.layer_norm_rows_backward(x.double(), None, x, None, mean, rstd, False, False)
@@ -632,26 +638,38 @@ class _MLP(torch.nn.Module):
         return self.down(torch.nn.functional.gelu(self.up(x)))
 
 
+@pytest.mark.parametrize("cols", [40, 20000], ids=["tile", "loop"])
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                    (torch.float16, torch.bfloat16)], ids=str)
+                                    (torch.float32, torch.float16), (torch.float16, torch.bfloat16)], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_fused_add_of_two_dtypes_promotes_as_torch(case, dtypes):
+def test_fused_add_of_two_dtypes_promotes_as_torch(case, dtypes, cols):
     """x and residual of two float dtypes: the sum in the promoted dtype, as torch's x + residual
     (an fp32 residual stream beside a bf16 sublayer output under autocast), and its norm;
-    each input's gradient in its own dtype."""
+    each input's gradient (the sum's, plus the norm's) in its own dtype. A 16-bit one beside
+    an fp32 one is read as it is."""
     backend, device = case
-    x = torch.randn(6, 40, device=device).to(dtypes[0]).requires_grad_()
-    residual = torch.randn(6, 40, device=device).to(dtypes[1]).requires_grad_()
-    w = (torch.rand(40, device=device) + 0.5).requires_grad_()
+    x = torch.randn(3, cols, device=device).to(dtypes[0]).requires_grad_()
+    residual = torch.randn(3, cols, device=device).to(dtypes[1]).requires_grad_()
+    w = (torch.rand(cols, device=device) + 0.5).requires_grad_()
+    b = torch.randn(cols, device=device).requires_grad_()
     with fastdl.use_backend(backend):
-        h, y = fastdl.ops.add_layer_norm(x, residual, 40, w)
+        h, y = fastdl.ops.add_layer_norm(x, residual, cols, w, b)
     common = torch.promote_types(*dtypes)
     assert h.dtype == y.dtype == common
     assert torch.equal(h, x + residual)
-    h64 = x.detach().to(common).double() + residual.detach().to(common).double()
-    assert_close(y, R.layer_norm(h64, 40, w.detach().double(), None, 1e-5), common, "y")
-    grads = torch.autograd.grad((h.float().sum() + (y.float() ** 2).sum()), (x, residual, w))
-    assert [g.dtype for g in grads] == [dtypes[0], dtypes[1], torch.float32]
+    if torch.float32 in dtypes:  # a 16-bit one beside fp32: both read as they are, no cast first
+        assert {e[0].variable for e in y.grad_fn.next_functions[:2]} == {x, residual}, "cast before the norm"
+    dh, dy = torch.randn_like(h), torch.randn_like(y)
+    grads = torch.autograd.grad((h, y), (x, residual, w, b), (dh, dy))
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))  # h: torch's sum, exactly
+    ref = R.layer_norm(h64, cols, w64, b64, 1e-5)
+    assert_close(y, ref, common, "y")
+    ref_grads = torch.autograd.grad(ref, (h64, w64, b64), dy.double())
+    dsum = ref_grads[0] + dh.double()
+    for name, leaf, grad, ref_grad in zip(("x", "residual", "weight", "bias"), (x, residual, w, b), grads,
+                                          (dsum, dsum, *ref_grads[1:])):
+        assert grad.dtype == leaf.dtype, name
+        assert_close(grad, ref_grad, leaf.dtype if name in ("x", "residual") else common, name)
 
 
 @pytest.mark.parametrize("kind", ["bf16", "bf16, fp32 rule"])

@@ -122,14 +122,16 @@ def test_autocast_follows_torch(case):
 def test_autocast_under_torch_compile_matches_eager(kind):
     """The compiled path casts as the eager one does (the autocast probe is traced); under
     the fp32 rule (CUDA autocast's: a bf16 x's norm in fp32, the cast fused) too, where a fused
-    add's sum stays in x's dtype."""
+    add's sum stays in x's dtype; and a fused add promotes a bf16 x beside an fp32 residual."""
     if "cpu" not in fastdl.available_backends("cpu"):
         pytest.skip("fastdl._C not built")
     w = torch.rand(16) + 0.5
 
     def f(x):
         h, y = fastdl.ops.add_layer_norm(x, x.flip(0), 16, w)
-        return fastdl.ops.layer_norm(fastdl.ops.softmax(x, -1), 16, w), fastdl.ops.rms_norm(x, 16, w, 1e-6), y, h
+        wide_h, wide_y = fastdl.ops.add_rms_norm(x, x.float().flip(0) * 1.001, 16, w)  # fp32 beside a bf16 x
+        return (fastdl.ops.layer_norm(fastdl.ops.softmax(x, -1), 16, w), fastdl.ops.rms_norm(x, 16, w, 1e-6), y, h,
+                wide_y, wide_h)
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
@@ -137,6 +139,6 @@ def test_autocast_under_torch_compile_matches_eager(kind):
         with autocast_as(kind, "cpu"), fastdl.use_backend("cpu"):
             eager, traced = f(x), compiled(x)
         computes_in = torch.float32 if kind.endswith("fp32 rule") else x.dtype
-        for a, b, dtype in zip(eager, traced, [computes_in] * 3 + [x.dtype]):
+        for a, b, dtype in zip(eager, traced, [computes_in] * 3 + [x.dtype] + [torch.float32] * 2, strict=True):
             assert a.dtype == b.dtype == dtype
             torch.testing.assert_close(a, b)

@@ -129,14 +129,17 @@ def layer_norm_specs():
     for dtype in POINTER:
         p = POINTER[dtype]
         # y (and dy) in x's dtype, and for a 16-bit x also in fp32 (out_dtype: the norm CUDA
-        # autocast runs in fp32, the cast of x, or of the fused add's 16-bit sum, fused)
-        outs = [(rms, fused, has_w, has_b, out) for rms, fused, has_w, has_b in variants
-                for out in [p] + (["*fp32"] if dtype in ("fp16", "bf16") else [])]
-        for rms, fused, has_w, has_b, out in outs if dtype == "fp32" else outs[:4]:
+        # autocast runs in fp32, the cast of x, or of the fused add's 16-bit sum, fused); the
+        # residual and sum in x's dtype, and for a 16-bit x also in fp32 (an fp32 residual
+        # stream beside it: the sum promoted, y in fp32)
+        wide = ["*fp32"] if dtype in ("fp16", "bf16") else []
+        outs = [(rms, fused, has_w, has_b, out, res) for rms, fused, has_w, has_b in variants
+                for out, res in [(p, p)] + [(w, w_res) for w in wide for w_res in [p] + wide * fused]]
+        for rms, fused, has_w, has_b, out, res in outs if dtype == "fp32" else outs[:5]:
             flags = dict(RMS=rms, HAS_WEIGHT=has_w, HAS_BIAS=has_b, ACC=ACC[dtype])
             stat = "*fp64" if dtype == "fp64" else "*fp32"
-            fwd_ptrs = {"x_ptr": p, "residual_ptr": p, "weight_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": out,
-                        "sum_ptr": p, "mean_ptr": stat, "rstd_ptr": stat}
+            fwd_ptrs = {"x_ptr": p, "residual_ptr": res, "weight_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": out,
+                        "sum_ptr": res, "mean_ptr": stat, "rstd_ptr": stat}
             bwd_ptrs = {"dy_ptr": out, "dsum_ptr": p, "x_ptr": p, "weight_ptr": "*fp32", "mean_ptr": stat,
                         "rstd_ptr": stat, "dx_ptr": p, "dweight_partial_ptr": stat, "dbias_partial_ptr": stat}
             for block_cols, rows in [(1024, 4), (k.FORWARD_TILE_MAX_COLS, 1)]:
@@ -144,7 +147,8 @@ def layer_norm_specs():
                 sig = {**fwd_ptrs, "x_row_stride_vecs": "i64", "residual_row_stride_vecs": "i64",
                        "n_rows": "i32", "n_col_vecs": "i32", "eps": "fp32", **{c: "constexpr" for c in const}}
                 specs.append((k._norm_forward_tile_kernel, sig, const))
-            for block_cols, rows in [(1024, 4), (k.BACKWARD_TILE_MAX_COLS, 1)]:
+            # (the backward of an fp32 sum is the fp32 one's: no spec of its own)
+            for block_cols, rows in [(1024, 4), (k.BACKWARD_TILE_MAX_COLS, 1)] if res == p else []:
                 const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_DSUM=fused, **flags)
                 sig = {**bwd_ptrs, "dy_row_stride_vecs": "i64", "dsum_row_stride_vecs": "i64",
                        "x_row_stride_vecs": "i64", "n_rows": "i32", "n_col_vecs": "i32", "rows_per_program": "i32",
@@ -158,7 +162,8 @@ def layer_norm_specs():
             sig = {**bwd_ptrs, "dy_row_stride_vecs": "i64", "dsum_row_stride_vecs": "i64", "x_row_stride_vecs": "i64",
                    "n_rows": "i32", "n_col_vecs": "i32", "rows_per_program": "i32",
                    **{c: "constexpr" for c in const}}
-            specs.append((k._norm_backward_loop_kernel, sig, const))
+            if res == p:
+                specs.append((k._norm_backward_loop_kernel, sig, const))
         # stage 2 of dweight / dbias: dweight in x's dtype (a 16-bit model's weight), dbias in fp32
         stat = "*fp64" if dtype == "fp64" else "*fp32"
         for has_w, has_b in ((True, True), (True, False), (False, True)):

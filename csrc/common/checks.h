@@ -58,15 +58,25 @@ inline at::ScalarType softmax_grad_in_type(const char* fn, at::ScalarType out,
   return grad_in;
 }
 
-// The dtype a norm's y is written in (its out_dtype): x's, or the statistics' dtype for a
-// 16-bit x normalised into fp32 in one pass (fastdl.ops does so under CUDA autocast, which
-// runs the norms in fp32). With a residual, x + residual stays in x's dtype, as torch's add
-// gives it under autocast, and y is the fp32 norm of that sum.
-inline at::ScalarType norm_out_type(const char* fn, const at::Tensor& x, std::optional<at::ScalarType> out_dtype) {
-  const at::ScalarType type = x.scalar_type();
+// The dtype of a fused add's sum x + residual: x's, or for a 16-bit one beside an fp32 one
+// fp32, as torch's add promotes (fastdl.ops' fuses_promotion: the kernels read both as they
+// are; any other pair fastdl.ops casts first), checked.
+inline at::ScalarType norm_sum_type(const char* fn, at::ScalarType x, at::ScalarType residual) {
+  if (residual == x) return x;
+  TORCH_CHECK(fused_cast_dtypes(x, residual) || fused_cast_dtypes(residual, x), fn, ": residual is ", residual,
+              " but x is ", x, "; expected x's dtype, or Float beside a Half / BFloat16 one");
+  return at::kFloat;
+}
+
+// The dtype a norm's y is written in (its out_dtype), given the dtype of the rows it
+// normalises (x's, or the fused add's sum's: norm_sum_type): that one, or the statistics'
+// dtype for 16-bit rows normalised into fp32 in one pass (fastdl.ops does so under CUDA
+// autocast, which runs the norms in fp32). With a residual of x's dtype the sum stays in it,
+// as torch's add gives it under autocast, and y is the fp32 norm of that sum.
+inline at::ScalarType norm_out_type(const char* fn, at::ScalarType type, std::optional<at::ScalarType> out_dtype) {
   if (!out_dtype.has_value() || *out_dtype == type) return type;
-  TORCH_CHECK(*out_dtype == stats_type(type), fn, ": out_dtype must be x's dtype (", type, ") or ", stats_type(type),
-              ", got ", *out_dtype);
+  TORCH_CHECK(*out_dtype == stats_type(type), fn, ": out_dtype must be the dtype of the rows normalised (", type,
+              ": x's, or x + residual's) or ", stats_type(type), ", got ", *out_dtype);
   return *out_dtype;
 }
 

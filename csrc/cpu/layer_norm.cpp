@@ -284,16 +284,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forwa
   check_rows(fn, "x", x, at::kCPU);
   const int64_t rows = x.size(0), n = x.size(1);
   check_float_dtype(fn, "x", x);
+  at::ScalarType sum_type = x.scalar_type();
   if (residual.has_value()) {
     check_rows(fn, "residual", *residual, at::kCPU, rows, n);
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), fn, ": residual is ", residual->scalar_type(),
-                " but x is ", x.scalar_type());
+    sum_type = norm_sum_type(fn, x.scalar_type(), residual->scalar_type());
   }
-  // y in fp32 from 16-bit x: x (or x + residual, added in x's dtype) cast first, as torch under
-  // autocast (the CUDA kernels fuse the cast; CPU autocast leaves the norms in x's dtype, so on
-  // CPU this is only the op's contract)
-  const at::ScalarType out_type = norm_out_type(fn, x, out_dtype);
-  if (out_type != x.scalar_type()) {
+  // y in fp32 from 16-bit x: x (or x + residual, added in the sum's dtype) cast first, as torch
+  // under autocast (the CUDA kernels fuse the cast; CPU autocast leaves the norms in x's dtype,
+  // so on CPU this is only the op's contract). A residual of another dtype: the sum first, as
+  // torch's add promotes, then its norm (the CUDA kernels read both as they are).
+  const at::ScalarType out_type = norm_out_type(fn, sum_type, out_dtype);
+  if (out_type != x.scalar_type() || (residual.has_value() && residual->scalar_type() != x.scalar_type())) {
     if (!residual.has_value()) return layer_norm_rows_forward(x.to(out_type), {}, weight, bias, eps, rms, {});
     at::Tensor h = at::add(x, *residual).contiguous();
     auto out = layer_norm_rows_forward(h.to(out_type), {}, weight, bias, eps, rms, {});

@@ -29,32 +29,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forwa
   const char* fn = "fastdl.layer_norm (cuda)";
   check_rows(fn, "x", x, at::kCUDA);
   const int64_t rows = x.size(0), n = x.size(1);
-  const auto dtype = kernel_dtype(fn, "x", x);
+  kernel_dtype(fn, "x", x);
+  at::ScalarType sum_type = x.scalar_type();
   if (residual.has_value()) {
     check_rows(fn, "residual", *residual, at::kCUDA, rows, n);
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type() && residual->device() == x.device(), fn,
-                ": residual must match x's dtype and device");
+    TORCH_CHECK(residual->device() == x.device(), fn, ": residual must be on x's device");
+    sum_type = norm_sum_type(fn, x.scalar_type(), residual->scalar_type());
   }
-  // y in fp32 from 16-bit x, the cast fused: 6 bytes a value moved, not the 14 of a cast kernel
-  // then the norm; the kernels take that with the parameters in fp32 only (as autocast has them)
-  const at::ScalarType out_type = norm_out_type(fn, x, out_dtype);
+  // The kernels read the narrower of x and residual as "x" (the add commutes): a 16-bit one
+  // beside an fp32 one is read as it is, where torch's add reads both and writes the fp32 sum
+  // the norm then reads back (18 bytes a value moved; 14 fused)
+  const bool swap = residual.has_value() && x.scalar_type() == sum_type && residual->scalar_type() != sum_type;
+  const at::Tensor& narrow = swap ? *residual : x;
+  const std::optional<at::Tensor>& wide = swap ? std::optional<at::Tensor>(x) : residual;
+  const auto dtype = kernel_dtype(fn, "x", narrow);
+  // y in fp32 from 16-bit rows, the cast fused: 6 bytes a value moved, not the 14 of a cast
+  // kernel then the norm; the kernels take that with the parameters in fp32 only (as autocast
+  // has them)
+  const at::ScalarType out_type = norm_out_type(fn, sum_type, out_dtype);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType params =
-      out_type != x.scalar_type() ? stats_type(x.scalar_type()) : param_type(x, {&weight, &bias});
+      out_type != narrow.scalar_type() ? stats_type(narrow.scalar_type()) : param_type(narrow, {&weight, &bias});
   const at::Tensor w = param_as(weight, params, x, n, fn, "weight");
   const at::Tensor b = param_as(bias, params, x, n, fn, "bias");
-  const auto acc = x.options().dtype(stats_type(x.scalar_type()));
+  const auto acc = x.options().dtype(stats_type(sum_type));
   at::Tensor y = empty_output({rows, n}, x.options().dtype(out_type));
-  at::Tensor h = residual.has_value() ? empty_output({rows, n}, x.options()) : at::empty({0}, x.options());
+  at::Tensor h =
+      residual.has_value() ? empty_output({rows, n}, x.options().dtype(sum_type)) : at::empty({0}, x.options());
   at::Tensor mean = rms ? at::empty({0}, acc) : empty_output({rows}, acc);
   at::Tensor rstd = empty_output({rows}, acc);
   check_cuda_launch(fn, kernels::norm_forward(
                             dtype, kernel_dtype(fn, "weight", params), kernel_dtype(fn, "y", out_type),
-                            x.const_data_ptr(), residual.has_value() ? residual->const_data_ptr() : nullptr,
+                            kernel_dtype(fn, "residual", residual.has_value() ? sum_type : narrow.scalar_type()),
+                            narrow.const_data_ptr(), wide.has_value() ? wide->const_data_ptr() : nullptr,
                             ptr_or_null(w), ptr_or_null(b), y.mutable_data_ptr(),
                             residual.has_value() ? h.mutable_data_ptr() : nullptr,
-                            rms ? nullptr : mean.mutable_data_ptr(), rstd.mutable_data_ptr(), rows, n, x.stride(0),
-                            residual.has_value() ? residual->stride(0) : 0, eps, rms,
+                            rms ? nullptr : mean.mutable_data_ptr(), rstd.mutable_data_ptr(), rows, n,
+                            narrow.stride(0), wide.has_value() ? wide->stride(0) : 0, eps, rms,
                             at::cuda::getCurrentCUDAStream()));
   return {y, h, mean, rstd};
 }

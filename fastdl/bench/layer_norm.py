@@ -29,6 +29,12 @@ AUTOCAST = " autocast"
 # writes the sum in bf16 and y in fp32 (10 bytes a value), and its backward reads dy (fp32),
 # the sum's gradient and the sum (bf16) and writes dx (bf16): 10 more
 GPU_AUTOCAST_ROWS, GPU_AUTOCAST_HIDDEN = 4096, (1024, 4096, 8192)
+# suffix of the fused add's autocast case with an fp32 residual stream beside the bf16 x (a
+# sublayer's output): the sum and y in fp32, as torch's add promotes. torch adds (2 + 4 read,
+# 4 written) then normalises (4 + 4); fastdl reads x and residual as they are and writes the
+# sum and y: 14 bytes a value. Backward: dy, the sum's gradient and the sum read, the
+# residual's gradient (fp32) and x's (bf16) written: 18 more
+FP32_RESIDUAL = ", fp32 residual"
 
 # the norm issue's targets (H100, side by side in one run)
 _ALL = ("bfloat16", "float16", "float32")
@@ -80,6 +86,8 @@ def _under_autocast(fn, device):
 
 
 def _impls(op, device, dtype, shape, direction):
+    wide_residual = direction.endswith(FP32_RESIDUAL)
+    direction = direction.removesuffix(FP32_RESIDUAL)
     mixed = direction.endswith(AUTOCAST)
     direction = direction.removesuffix(AUTOCAST)
     rows, n = shape
@@ -88,13 +96,15 @@ def _impls(op, device, dtype, shape, direction):
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
     w = torch.rand(n, device=device, dtype=param_dtype, requires_grad=grad)
     b = torch.randn(n, device=device, dtype=param_dtype, requires_grad=grad)
-    out_dtype = dtype
+    r = torch.randn(shape, device=device, dtype=torch.float32 if wide_residual else dtype, requires_grad=grad)
+    sum_dtype = torch.promote_types(dtype, r.dtype) if op == "add_layer_norm" else dtype
+    out_dtype = sum_dtype
     if mixed:  # the dtype autocast computes in on this device
         with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
-            out_dtype = F.layer_norm(x[:1], (n,)).dtype
-    # the gradients of the outputs: y's in out_dtype; the fused add's (h, y), h in x's dtype
+            out_dtype = F.layer_norm(x[:1].to(sum_dtype), (n,)).dtype
+    # the gradients of the outputs: y's in out_dtype; the fused add's (h, y), h in the sum's dtype
     dy = (torch.randn(shape, device=device, dtype=out_dtype),) if op != "add_layer_norm" else \
-        (torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=out_dtype))
+        (torch.randn(shape, device=device, dtype=sum_dtype), torch.randn(shape, device=device, dtype=out_dtype))
     if op == "layer_norm":
         inputs = (x, w, b)
         eager = lambda x_, w_, b_: F.layer_norm(x_, (n,), w_, b_)  # noqa: E731
@@ -104,7 +114,6 @@ def _impls(op, device, dtype, shape, direction):
         eager = lambda x_, w_: F.rms_norm(x_, (n,), w_, 1e-6)  # noqa: E731
         fast = lambda x_, w_: fastdl.ops.rms_norm(x_, n, w_, 1e-6)  # noqa: E731
     else:  # add_layer_norm: torch's separate add then layer_norm, against the fused op
-        r = torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
         inputs = (x, r, w, b)
 
         def eager(x_, r_, w_, b_):
@@ -132,18 +141,23 @@ def _bytes(op, direction, rows, n, size):
     return (fwd if direction == "fwd" else fwd + bwd) * rows * n * size
 
 
-def _autocast_bytes(op, direction, rows, n):
-    fwd, bwd = (10, 10) if op == "add_layer_norm" else (6, 8)
+def _autocast_bytes(op, direction, rows, n, wide_residual=False):
+    fwd, bwd = ((14, 18) if wide_residual else (10, 10)) if op == "add_layer_norm" else (6, 8)
     return (fwd if direction == "fwd" else fwd + bwd) * rows * n
 
 
 def _gpu_autocast_cases(device, quick):
     hidden = GPU_AUTOCAST_HIDDEN[::2] if quick else GPU_AUTOCAST_HIDDEN
     shapes = [(GPU_AUTOCAST_ROWS, n) for n in hidden]
-    return [Case(op, direction + AUTOCAST, torch.bfloat16, shape, _autocast_bytes(op, direction, *shape),
-                 functools.partial(_impls, op, device, torch.bfloat16, shape, direction + AUTOCAST))
-            for op in ("layer_norm", "rms_norm", "add_layer_norm") for shape in shapes
-            for direction in ("fwd", "fwd+bwd")]
+    out = [Case(op, direction + AUTOCAST, torch.bfloat16, shape, _autocast_bytes(op, direction, *shape),
+                functools.partial(_impls, op, device, torch.bfloat16, shape, direction + AUTOCAST))
+           for op in ("layer_norm", "rms_norm", "add_layer_norm") for shape in shapes
+           for direction in ("fwd", "fwd+bwd")]
+    wide = AUTOCAST + FP32_RESIDUAL
+    return out + [Case("add_layer_norm", direction + wide, torch.bfloat16, shape,
+                       _autocast_bytes("add_layer_norm", direction, *shape, wide_residual=True),
+                       functools.partial(_impls, "add_layer_norm", device, torch.bfloat16, shape, direction + wide))
+                  for shape in shapes for direction in ("fwd", "fwd+bwd")]
 
 
 def _host_cases(device):

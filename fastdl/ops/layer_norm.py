@@ -23,7 +23,7 @@ from torch import Tensor
 from fastdl import _native, backends
 from fastdl._outputs import stats_dtype
 from fastdl.ops._common import FLOAT_DTYPES, autocast_dtype, check_float, check_same, check_tensor, \
-    compiling, composite_only, fuses_cast, record_fx_call, tracing, untraced
+    compiling, composite_only, fuses_cast, fuses_promotion, record_fx_call, tracing, untraced
 
 # the backend table's names: layer_norm (and the fused add), rms_norm (and its fused add)
 OP, RMS_OP = "layer_norm", "rms_norm"
@@ -74,8 +74,9 @@ def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
 
 # --- dispatch ----------------------------------------------------------------------
 def _rows_forward(x, residual, weight, bias, eps, rms, backend=None, out_dtype=None):
-    """out_dtype: y's dtype, None (x's) or the statistics' (a 16-bit x normalised into fp32,
-    as under CUDA autocast, in one pass: see _norm); h stays in x's dtype."""
+    """out_dtype: y's dtype, None (the sum's: x's, or with a residual of another dtype the
+    promoted one) or the statistics' (a 16-bit x normalised into fp32, as under CUDA autocast,
+    in one pass: see _norm); h in x's dtype, or the promoted one (fuses_promotion)."""
     backend = backend or backends.resolve(RMS_OP if rms else OP, x)
     if backend == "triton":
         from fastdl.triton.layer_norm import norm_forward
@@ -176,10 +177,12 @@ def _norm_op(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Te
 @_norm_op.register_fake
 def _(x, residual, weight, bias, normalized_ndim, eps, rms, out_dtype=None):
     stats_shape = x.shape[: x.dim() - normalized_ndim]
-    stats = stats_dtype(x.dtype)
-    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    stats = stats_dtype(sum_dtype)
+    h = torch.empty_like(x, dtype=sum_dtype, memory_format=torch.contiguous_format) if residual is not None \
+        else x.new_empty(0)
     mean = x.new_empty(stats_shape, dtype=stats) if not rms else x.new_empty(0, dtype=stats)
-    y = torch.empty_like(x, dtype=out_dtype or x.dtype, memory_format=torch.contiguous_format)
+    y = torch.empty_like(x, dtype=out_dtype or sum_dtype, memory_format=torch.contiguous_format)
     return y, h, mean, x.new_empty(stats_shape, dtype=stats)
 
 
@@ -371,26 +374,33 @@ def _norm(op, x, residual, normalized_shape, weight, bias, eps, rms):
     else:
         shape = _check_args(op, x, residual, normalized_shape, weight, bias)
     ndim = len(shape)
+    wide = x  # an input in the dtype of the sum the norm reads (x's without a residual)
     if residual is not None and residual.dtype != x.dtype:
-        # as torch's x + residual: both in the promoted dtype (an fp32 residual stream beside a
-        # bf16 sublayer output under autocast), then the norm of that
-        common = torch.promote_types(x.dtype, residual.dtype)
-        x, residual = x.to(common), residual.to(common)
+        # as torch's x + residual: the sum in the promoted dtype, then the norm of that. A
+        # 16-bit one beside an fp32 one (an fp32 residual stream beside a bf16 sublayer output
+        # under autocast) is read as it is; other pairs are cast first.
+        if fuses_promotion(x.dtype, residual.dtype):
+            wide = residual if residual.dtype == torch.float32 else x
+        else:
+            common = torch.promote_types(x.dtype, residual.dtype)
+            x, residual = x.to(common), residual.to(common)
+            wide = x
     out_dtype = None
-    if (cast := autocast_dtype("rms_norm" if rms else "layer_norm", x)) is not None:
+    if (cast := autocast_dtype("rms_norm" if rms else "layer_norm", wide)) is not None:
         # as torch under autocast: every operand in the dtype torch computes in. A 16-bit x
         # that CUDA autocast would cast to fp32 is read as it is and y written in fp32, in one
         # pass (torch's cast writes 4 bytes a value and the norm reads them back: 14 bytes a
         # value moved, 6 fused), and the backward writes dx in x's dtype, as the cast's would.
         # A fused add's sum stays in x's dtype, as torch's x + residual under autocast, and y is
         # the fp32 norm of it (10 bytes a value moved where torch's add, cast and norm move 20).
-        if fuses_cast(x.dtype, cast):
+        if fuses_cast(wide.dtype, cast):
             out_dtype = cast
             weight, bias = (t.to(cast) if t is not None else None for t in (weight, bias))
         else:
             x, residual, weight, bias = (t.to(cast) if t is not None else None for t in (x, residual, weight, bias))
+            wide = x
     if eps is None:
-        eps = torch.finfo(out_dtype or x.dtype).eps  # rms_norm's default, as torch: the dtype computed in
+        eps = torch.finfo(out_dtype or wide.dtype).eps  # rms_norm's default, as torch: the dtype computed in
     eps = float(eps)
     if composite_only():  # torch.func.grad / vmap / jacrev ..., or forward AD
         y, h = _torch_forward(x, residual, weight, bias, eps, rms, ndim, out_dtype)[:2]

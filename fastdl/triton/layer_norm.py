@@ -367,12 +367,17 @@ def _norm_backward_loop_kernel(
 # launchers: (rows, cols) tensors whose last dim is contiguous; None for absent operands
 # ---------------------------------------------------------------------------------
 def norm_forward(x, residual, weight, bias, eps: float, rms: bool, out_dtype=None):
-    """-> (y, x + residual or None, mean or None (RMS), rstd); y in out_dtype (None: x's)."""
+    """-> (y, x + residual or None, mean or None (RMS), rstd); y in out_dtype (None: the sum's).
+    A residual of another dtype (a 16-bit one beside fp32: fuses_promotion) is read as it is,
+    the sum rounded to the promoted dtype, as torch's add; row lengths and strides are then
+    counted in the narrower dtype's elements."""
     n_rows, n_cols = x.shape
-    y = empty_output((n_rows, n_cols), out_dtype or x.dtype, x.device)
-    h = empty_output((n_rows, n_cols), x.dtype, x.device) if residual is not None else None
-    mean = None if rms else empty_output((n_rows,), stats_dtype(x.dtype), x.device)
-    rstd = empty_output((n_rows,), stats_dtype(x.dtype), x.device)
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    narrow = x.dtype if residual is None or residual.dtype.itemsize >= x.dtype.itemsize else residual.dtype
+    y = empty_output((n_rows, n_cols), out_dtype or sum_dtype, x.device)
+    h = empty_output((n_rows, n_cols), sum_dtype, x.device) if residual is not None else None
+    mean = None if rms else empty_output((n_rows,), stats_dtype(sum_dtype), x.device)
+    rstd = empty_output((n_rows,), stats_dtype(sum_dtype), x.device)
     if x.numel() == 0:
         return y, h, mean, rstd
     operands = dict(
@@ -383,9 +388,9 @@ def norm_forward(x, residual, weight, bias, eps: float, rms: bool, out_dtype=Non
         mean_ptr=mean if mean is not None else rstd,
     )
     flags = dict(RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-                 HAS_BIAS=bias is not None, ACC=accumulator_dtype(x.dtype))
+                 HAS_BIAS=bias is not None, ACC=accumulator_dtype(sum_dtype))
     residual_stride = residual.stride(0) if residual is not None else 0
-    align = row_alignment(x.dtype, n_cols, x.stride(0), residual_stride)
+    align = row_alignment(narrow, n_cols, x.stride(0), residual_stride)
     lengths = dict(x_row_stride_vecs=x.stride(0) // align, residual_row_stride_vecs=residual_stride // align,
                    n_col_vecs=n_cols // align, ALIGN=align)
     if n_cols <= FORWARD_TILE_MAX_COLS:

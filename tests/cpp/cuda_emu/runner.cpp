@@ -166,7 +166,7 @@ DType param_dtype(Run& run, DType dtype) {
 void norm_forward(Run& run) {
   const DType dtype = parse_dtype(run.get("dtype"));
   check(fastdl::kernels::norm_forward(dtype, param_dtype(run, dtype), dtype_or(run, "out_dtype", dtype),
-                                      run.ptr("x"), run.ptr("residual"),
+                                      dtype_or(run, "residual_dtype", dtype), run.ptr("x"), run.ptr("residual"),
                                       run.ptr("weight"), run.ptr("bias"), run.ptr("y"), run.ptr("sum"),
                                       run.ptr("mean"), run.ptr("rstd"),
                                       run.num("rows"), run.num("cols"), run.num("x_stride"),
