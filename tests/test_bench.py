@@ -31,6 +31,8 @@ def test_bench_runs_and_writes_results(tmp_path, monkeypatch, capsys):
     assert "| layer_norm | fwd+bwd (host) | float32 | 4x24 | torch |" in out
     # a mixed-precision step's call: bf16 x, fp32 parameters, under autocast
     assert "| layer_norm | fwd+bwd autocast (host) | bfloat16 | 4x24 | fastdl-cpu |" in out
+    # a pre-norm block's fused add there: bf16 x beside an fp32 residual stream
+    assert "| add_layer_norm | fwd+bwd autocast, fp32 residual (host) | bfloat16 | 4x24 | fastdl-cpu |" in out
     for name in ("softmax", "layer_norm"):
         data = json.loads((tmp_path / f"{name}.json").read_text())
         assert data["environment"]["torch"] == torch.__version__

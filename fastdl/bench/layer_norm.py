@@ -171,6 +171,12 @@ def _host_cases(device):
     out.append(Case("layer_norm", mixed + harness.HOST, torch.bfloat16, HOST_SHAPE,
                     _bytes("layer_norm", "fwd+bwd", *HOST_SHAPE, 2),
                     functools.partial(_impls, "layer_norm", device, torch.bfloat16, HOST_SHAPE, mixed), timing="host"))
+    # and a pre-norm block's fused add there: the bf16 sublayer output beside the fp32 residual stream
+    wide = mixed + FP32_RESIDUAL
+    out.append(Case("add_layer_norm", wide + harness.HOST, torch.bfloat16, HOST_SHAPE,
+                    _autocast_bytes("add_layer_norm", "fwd+bwd", *HOST_SHAPE, wide_residual=True),
+                    functools.partial(_impls, "add_layer_norm", device, torch.bfloat16, HOST_SHAPE, wide),
+                    timing="host"))
     return out
 
 
