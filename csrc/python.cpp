@@ -504,15 +504,14 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
       !param_arg(args[4], x, n, &bias)) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  // a residual of x's dtype, or a 16-bit one beside an fp32 one, read as they are (fastdl.ops'
-  // fuses_promotion: the sum in fp32); other pairs fastdl.ops casts first
-  const bool mixed = residual.has_value() && residual->scalar_type() != x.scalar_type();
+  // a residual of x's dtype, or a 16-bit one beside an fp32 one, read as they are (the sum then
+  // in fp32); other pairs fastdl.ops casts first
   if (residual.has_value() &&
       (!float_strided(*residual) || residual->device() != x.device() || residual->sizes() != x.sizes() ||
-       (mixed && !fused_cast_dtypes(x.scalar_type(), residual->scalar_type()) &&
-        !fused_cast_dtypes(residual->scalar_type(), x.scalar_type())))) {
+       !fused_sum_dtypes(x.scalar_type(), residual->scalar_type()))) {
     Py_RETURN_NOTIMPLEMENTED;
   }
+  const bool mixed = residual.has_value() && residual->scalar_type() != x.scalar_type();
   if (!native_device(x) || !untransformed(x) || has_tangent(residual) || has_tangent(weight) || has_tangent(bias)) {
     Py_RETURN_NOTIMPLEMENTED;
   }

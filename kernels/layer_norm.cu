@@ -684,10 +684,10 @@ cudaError_t norm_forward(DType dtype, DType param_dtype, DType out_dtype, DType 
 #define FASTDL_FORWARD(T, W, Y, R)                                                                                 \
   forward_typed<T, W, Y, R>(x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_row_stride,                \
                             residual_row_stride, eps, rms, stream)
-#define FASTDL_CALL(T)                                                                                 \
-  params_in_t    ? FASTDL_FORWARD(T, T, T, T)                                                          \
-  : out_in_t     ? FASTDL_FORWARD(T, typename Acc<T>::type, T, T)                                      \
-  : residual_in_t ? FASTDL_FORWARD(T, typename Acc<T>::type, typename Acc<T>::type, T)                 \
+#define FASTDL_CALL(T)                                                                    \
+  params_in_t     ? FASTDL_FORWARD(T, T, T, T)                                            \
+  : out_in_t      ? FASTDL_FORWARD(T, typename Acc<T>::type, T, T)                        \
+  : residual_in_t ? FASTDL_FORWARD(T, typename Acc<T>::type, typename Acc<T>::type, T)    \
                   : FASTDL_FORWARD(T, typename Acc<T>::type, typename Acc<T>::type, typename Acc<T>::type)
   switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
 #undef FASTDL_CALL

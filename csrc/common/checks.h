@@ -58,13 +58,18 @@ inline at::ScalarType softmax_grad_in_type(const char* fn, at::ScalarType out,
   return grad_in;
 }
 
-// The dtype of a fused add's sum x + residual: x's, or for a 16-bit one beside an fp32 one
-// fp32, as torch's add promotes (fastdl.ops' fuses_promotion: the kernels read both as they
-// are; any other pair fastdl.ops casts first), checked.
+// Whether a fused add-norm reads x and residual of these dtypes as they are: one dtype, or a
+// 16-bit one beside an fp32 one, the sum then in fp32 as torch's add promotes (fastdl.ops'
+// fuses_promotion; any other pair fastdl.ops casts first).
+inline bool fused_sum_dtypes(at::ScalarType x, at::ScalarType residual) {
+  return residual == x || fused_cast_dtypes(x, residual) || fused_cast_dtypes(residual, x);
+}
+
+// The dtype of a fused add's sum x + residual (fused_sum_dtypes), checked.
 inline at::ScalarType norm_sum_type(const char* fn, at::ScalarType x, at::ScalarType residual) {
   if (residual == x) return x;
-  TORCH_CHECK(fused_cast_dtypes(x, residual) || fused_cast_dtypes(residual, x), fn, ": residual is ", residual,
-              " but x is ", x, "; expected x's dtype, or Float beside a Half / BFloat16 one");
+  TORCH_CHECK(fused_sum_dtypes(x, residual), fn, ": residual is ", residual, " but x is ", x,
+              "; expected x's dtype, or Float beside a Half / BFloat16 one");
   return at::kFloat;
 }
 

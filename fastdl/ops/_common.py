@@ -110,7 +110,7 @@ def fuses_promotion(x_dtype: torch.dtype, residual_dtype: torch.dtype) -> bool:
     one beside an fp32 one (a bf16 sublayer output beside an fp32 residual stream under
     autocast), the sum and y in fp32, as torch's x + residual promotes. Torch's add reads 2 + 4
     bytes a value and writes 4, the norm reads them back and writes 4 (18); fused, 14. The
-    same pair as fuses_cast (csrc/common/checks.h's fused_cast_dtypes is the C++ side)."""
+    same pair as fuses_cast (csrc/common/checks.h's fused_sum_dtypes is the C++ side)."""
     return fuses_cast(x_dtype, residual_dtype) or fuses_cast(residual_dtype, x_dtype)
 
 
