@@ -96,8 +96,9 @@ def _impls(op, device, dtype, shape, direction):
     x = torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
     w = torch.rand(n, device=device, dtype=param_dtype, requires_grad=grad)
     b = torch.randn(n, device=device, dtype=param_dtype, requires_grad=grad)
-    r = torch.randn(shape, device=device, dtype=torch.float32 if wide_residual else dtype, requires_grad=grad)
-    sum_dtype = torch.promote_types(dtype, r.dtype) if op == "add_layer_norm" else dtype
+    r = torch.randn(shape, device=device, dtype=torch.float32 if wide_residual else dtype, requires_grad=grad) \
+        if op == "add_layer_norm" else None
+    sum_dtype = torch.promote_types(dtype, r.dtype) if r is not None else dtype
     out_dtype = sum_dtype
     if mixed:  # the dtype autocast computes in on this device
         with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
@@ -141,23 +142,24 @@ def _bytes(op, direction, rows, n, size):
     return (fwd if direction == "fwd" else fwd + bwd) * rows * n * size
 
 
-def _autocast_bytes(op, direction, rows, n, wide_residual=False):
-    fwd, bwd = ((14, 18) if wide_residual else (10, 10)) if op == "add_layer_norm" else (6, 8)
-    return (fwd if direction == "fwd" else fwd + bwd) * rows * n
+def _autocast_bytes(op, direction, rows, n):
+    """The least traffic of an autocast case; direction "fwd" or "fwd+bwd", then AUTOCAST
+    (and FP32_RESIDUAL)."""
+    if op != "add_layer_norm":
+        fwd, bwd = 6, 8
+    else:
+        fwd, bwd = (14, 18) if direction.endswith(FP32_RESIDUAL) else (10, 10)
+    return (fwd if direction.startswith("fwd" + AUTOCAST) else fwd + bwd) * rows * n
 
 
 def _gpu_autocast_cases(device, quick):
     hidden = GPU_AUTOCAST_HIDDEN[::2] if quick else GPU_AUTOCAST_HIDDEN
     shapes = [(GPU_AUTOCAST_ROWS, n) for n in hidden]
-    out = [Case(op, direction + AUTOCAST, torch.bfloat16, shape, _autocast_bytes(op, direction, *shape),
-                functools.partial(_impls, op, device, torch.bfloat16, shape, direction + AUTOCAST))
-           for op in ("layer_norm", "rms_norm", "add_layer_norm") for shape in shapes
-           for direction in ("fwd", "fwd+bwd")]
-    wide = AUTOCAST + FP32_RESIDUAL
-    return out + [Case("add_layer_norm", direction + wide, torch.bfloat16, shape,
-                       _autocast_bytes("add_layer_norm", direction, *shape, wide_residual=True),
-                       functools.partial(_impls, "add_layer_norm", device, torch.bfloat16, shape, direction + wide))
-                  for shape in shapes for direction in ("fwd", "fwd+bwd")]
+    variants = [(op, AUTOCAST) for op in ("layer_norm", "rms_norm", "add_layer_norm")] + \
+        [("add_layer_norm", AUTOCAST + FP32_RESIDUAL)]
+    return [Case(op, direction + suffix, torch.bfloat16, shape, _autocast_bytes(op, direction + suffix, *shape),
+                 functools.partial(_impls, op, device, torch.bfloat16, shape, direction + suffix))
+            for op, suffix in variants for shape in shapes for direction in ("fwd", "fwd+bwd")]
 
 
 def _host_cases(device):
@@ -174,7 +176,7 @@ def _host_cases(device):
     # and a pre-norm block's fused add there: the bf16 sublayer output beside the fp32 residual stream
     wide = mixed + FP32_RESIDUAL
     out.append(Case("add_layer_norm", wide + harness.HOST, torch.bfloat16, HOST_SHAPE,
-                    _autocast_bytes("add_layer_norm", "fwd+bwd", *HOST_SHAPE, wide_residual=True),
+                    _autocast_bytes("add_layer_norm", wide, *HOST_SHAPE),
                     functools.partial(_impls, "add_layer_norm", device, torch.bfloat16, HOST_SHAPE, wide),
                     timing="host"))
     return out
