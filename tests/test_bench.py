@@ -293,6 +293,20 @@ def test_gpu_sweep_times_the_autocast_norms_after_bf16():
         assert cases[i].bytes_moved == (fwd if direction == "fwd" else fwd_bwd) * rows * n
 
 
+def test_cpu_sweep_times_the_fused_add_of_an_fp32_residual_stream():
+    """The CPU sweep times, after the 16-bit cases, a pre-norm block's fused add under CPU
+    autocast at the sweep's size: bf16 x beside an fp32 residual, counting 14 bytes a value
+    forward and 18 more backward, as the GPU sweep does."""
+    cases = bench_layer_norm.cases(torch.device("cpu"))
+    wide = [c for c in cases if c.direction.endswith(" autocast, fp32 residual")]
+    assert [(c.op, c.direction, c.dtype, c.shape) for c in wide] == [
+        ("add_layer_norm", d + " autocast, fp32 residual", torch.bfloat16, bench_layer_norm.CPU_HALF_SHAPE)
+        for d in ("fwd", "fwd+bwd")]
+    rows, n = bench_layer_norm.CPU_HALF_SHAPE
+    assert [c.bytes_moved for c in wide] == [14 * rows * n, 32 * rows * n]
+    assert cases[-2:] == wide
+
+
 def test_gpu_sweep_times_the_fp32_softmax_of_bf16_after_bf16():
     """The GPU softmax sweep times a bf16 x's softmax in fp32 (torch.softmax(x, dtype=float32)),
     forward and forward + backward, after the bf16 cases, counting x in bf16 and y in fp32 (6
@@ -304,6 +318,17 @@ def test_gpu_sweep_times_the_fp32_softmax_of_bf16_after_bf16():
     for i in mixed:
         rows, n = cases[i].shape
         assert cases[i].bytes_moved == (6 if cases[i].direction == "fwd to fp32" else 16) * rows * n
+
+
+def test_cpu_sweep_times_the_fp32_softmax_of_bf16_last():
+    """The CPU softmax sweep ends with a bf16 x's softmax in fp32 at the 16-bit cases' size,
+    forward and forward + backward, counted as the GPU sweep counts them."""
+    cases = bench_softmax.cases(torch.device("cpu"))
+    rows, n = bench_softmax.CPU_HALF_SHAPE
+    assert [(c.direction, c.dtype, c.shape, c.bytes_moved) for c in cases if c.direction.endswith(" to fp32")] == [
+        ("fwd to fp32", torch.bfloat16, (rows, n), 6 * rows * n), ("fwd+bwd to fp32", torch.bfloat16, (rows, n),
+                                                                  16 * rows * n)]
+    assert [c.direction for c in cases[-2:]] == ["fwd to fp32", "fwd+bwd to fp32"]
 
 
 def test_pytest_benchmark_suites_run():

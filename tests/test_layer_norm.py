@@ -351,6 +351,51 @@ def test_kernel_shape_edges(case, dtype, cols, misaligned, variant):
     _check(backend, variant, x, res, w, b, dtype)
 
 
+@pytest.mark.parametrize("residual", ["none", "x's dtype", "fp32"])
+@pytest.mark.parametrize("cols", [7, 300, 20000])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_native_fp32_norm_of_16_bit_row_views(case, dtype, cols, residual):
+    """The native ops' one-pass paths from 16-bit rows to an fp32 y (x alone; beside a residual
+    of its dtype, the sum in it; beside an fp32 residual, the sum fp32) and back, on row views
+    of wider tensors one element in: x, residual, dy and dsum each read at its own stride. y,
+    the sum (torch's x + residual, bit for bit), mean, rstd, dx, dweight and dbias against
+    float64."""
+    backend, device = case
+    rows, eps = 5, 1e-5
+
+    def row_view(dt, width):  # (rows, cols) of a (rows, cols + width) tensor, one element in
+        return torch.randn(rows, cols + width, device=device).to(dt)[:, 1 : cols + 1]
+
+    x = row_view(dtype, 9)
+    res = None if residual == "none" else row_view(dtype if residual == "x's dtype" else torch.float32, 5)
+    w, b = torch.rand(cols, device=device) + 0.5, torch.randn(cols, device=device)
+    inputs = [t.clone() for t in (x, res) if t is not None]
+    y, h, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward(x, res, w, b, eps, False, torch.float32)
+    rows_normalised = x if res is None else x + res
+    if res is not None:
+        assert h.dtype == rows_normalised.dtype and torch.equal(h, rows_normalised)
+    assert y.dtype == mean.dtype == rstd.dtype == torch.float32
+    h64, w64, b64 = (t.double().requires_grad_() for t in (rows_normalised, w, b))
+    mean64 = h64.mean(-1)
+    rstd64 = ((h64 - mean64[:, None]) ** 2).mean(-1).add(eps).rsqrt()
+    ref = R.layer_norm(h64, cols, w64, b64, eps)
+    for out, expected, name in ((y, ref, "y"), (mean, mean64, "mean"), (rstd, rstd64, "rstd")):
+        assert_close(out, expected, torch.float32, name)
+    # the backward takes the rows normalised (16-bit, or the fp32 sum) beside an fp32 dy
+    dy, dsum = row_view(torch.float32, 3), row_view(rows_normalised.dtype, 7) if res is not None else None
+    dx, dweight, dbias = torch.ops.fastdl.layer_norm_rows_backward(dy, dsum, rows_normalised, w, mean, rstd, True,
+                                                                   False)
+    ref_dh, ref_dw, ref_db = torch.autograd.grad(ref, (h64, w64, b64), dy.double())
+    if dsum is not None:
+        ref_dh = ref_dh + dsum.double()
+    assert dx.dtype == rows_normalised.dtype and dweight.dtype == dbias.dtype == torch.float32
+    assert_close(dx, ref_dh, rows_normalised.dtype, "dx")
+    assert_close(dweight, ref_dw, torch.float32, "dweight")
+    assert_close(dbias, ref_db, torch.float32, "dbias")
+    assert all(torch.equal(a, c) for a, c in zip(inputs, [t for t in (x, res) if t is not None]))
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_gradcheck_float64(case):
     backend, device = case

@@ -422,6 +422,36 @@ def test_fp32_softmax_of_16_bit_x_reads_x_as_it_is(case, dtype, log, cols, how):
     assert_close(dx, torch.autograd.grad(ref, x64, dy.double())[0], dtype, "dx")
 
 
+@pytest.mark.parametrize("cols", [37, 1000, 40000])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
+def test_native_fp32_softmax_of_16_bit_row_views(case, dtype, cols):
+    """The native ops' one-pass paths from a 16-bit x to an fp32 y and from the fp32 y and dy
+    back to a 16-bit dx, on row views of wider tensors one element in (x, y and dy each read
+    at its own stride; 40000 columns: past the float kernels' long-row split), against
+    float64."""
+    _, device = case
+
+    def row_view(dt, width):  # (5, cols) of a (5, cols + width) tensor, one element in
+        return (torch.randn(5, cols + width, device=device) * 3).to(dt)[:, 1 : cols + 1]
+
+    x = row_view(dtype, 9)
+    x_before = x.clone()
+    for log in (False, True):
+        y = torch.ops.fastdl.softmax_rows_forward(x, log, torch.float32)
+        assert y.dtype == torch.float32
+        ref = _reference(x, -1, log)
+        assert_close(y, ref, torch.float32, "forward")
+        y_view, dy = row_view(torch.float32, 5), row_view(torch.float32, 3)
+        y_view.copy_(y)
+        dx = torch.ops.fastdl.softmax_rows_backward(dy, y_view, log, dtype)
+        assert dx.dtype == dtype
+        dy64 = dy.double()
+        ref_dx = dy64 - ref.exp() * dy64.sum(-1, keepdim=True) if log else ref * (dy64 - (dy64 * ref).sum(-1, True))
+        assert_close(dx, ref_dx, dtype, "dx")
+    assert torch.equal(x, x_before)
+
+
 def test_softmax_backward_public_function():
     y = torch.softmax(torch.randn(3, 8, dtype=torch.float64), -1)
     g = torch.randn_like(y)

@@ -226,6 +226,25 @@ template <typename T> FASTDL_INLINE void row_from_float(const float* __restrict 
   }
 }
 
+// h = x + r of two 16-bit rows, rounded to their dtype (as torch's add stores it), and h as
+// float in `sum`.
+template <typename T>
+FASTDL_INLINE void rows_add_to_float(const T* x, const T* r, T* h, float* __restrict sum, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    half_rows_add(x, r, h, sum, n);
+  } else {
+    const uint16_t* xr = reinterpret_cast<const uint16_t*>(x);
+    const uint16_t* rr = reinterpret_cast<const uint16_t*>(r);
+    uint16_t* hr = reinterpret_cast<uint16_t*>(h);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t v = float_to_bf16(bf16_to_float(xr[j]) + bf16_to_float(rr[j]));
+      hr[j] = v;
+      sum[j] = bf16_to_float(v);
+    }
+  }
+}
+
 // A 16-bit row into float `dst`, returning its max (NaNs skipped, as max_lanes does).
 template <typename T> FASTDL_INLINE float row_to_float_max(const T* __restrict src, float* __restrict dst, int64_t n) {
   const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);

@@ -136,6 +136,33 @@ FASTDL_MULTIVERSION void norm_forward_rows(const T* x, int64_t x_stride, const T
   }
 }
 
+// y in fp32 from 16-bit rows, the cast fused (CUDA autocast's norms, or an out_dtype): each
+// row converted into an L1 buffer as it is read, then normalised by the float kernel. With
+// a residual of x's dtype the sum is stored in it (rounded as torch's add stores it) and
+// normalised from the buffer; beside an fp32 residual the sum is fp32, as torch's add
+// promotes, and the float kernel adds it. One pass over the rows where the unfused ops
+// (the cast or the promoting add, then the norm) write and read back an fp32 copy.
+template <typename T, typename R>
+FASTDL_MULTIVERSION void norm_forward_rows_to_float(const T* x, int64_t x_stride, const R* residual,
+                                                    int64_t residual_stride, R* h, const float* weight,
+                                                    const float* bias, float* y, float* mean, float* rstd,
+                                                    int64_t begin, int64_t end, int64_t n, float eps, bool rms) {
+  FloatRows buf(1, n);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x_row = x + r * x_stride;
+    float* mean_row = mean ? mean + r : nullptr;
+    if constexpr (std::is_same_v<R, T>) {  // the sum in x's dtype, normalised from the buffer
+      if (residual != nullptr) rows_add_to_float(x_row, residual + r * residual_stride, h + r * n, buf[0], n);
+      else row_to_float(x_row, buf[0], n);
+      norm_row_forward<float>(buf[0], nullptr, nullptr, weight, bias, y + r * n, n, eps, rms, mean_row, rstd + r);
+    } else {  // beside an fp32 residual: x's row in fp32, added to it by the float kernel
+      row_to_float(x_row, buf[0], n);
+      norm_row_forward<float>(buf[0], residual + r * residual_stride, h + r * n, weight, bias, y + r * n, n, eps,
+                              rms, mean_row, rstd + r);
+    }
+  }
+}
+
 // dx for one row; adds this row's dy * xhat and dy to the chunk's partial rows. The
 // optional operands are template flags, so the vector loop has no branches.
 template <typename T, typename A, bool kDsum, bool kDweight, bool kDbias>
@@ -239,20 +266,34 @@ FASTDL_MULTIVERSION void norm_backward_rows(const T* dy, int64_t dy_stride, cons
   }
 }
 
-// norm_backward_rows with the flags picked at run time
-template <typename T, typename... Args>
-void norm_backward_rows_dispatch(bool has_dsum, bool has_dweight, bool has_dbias, Args... args) {
-  const int which = (has_dsum ? 4 : 0) | (has_dweight ? 2 : 0) | (has_dbias ? 1 : 0);
-  switch (which) {
-    case 0: return norm_backward_rows<T, false, false, false>(args...);
-    case 1: return norm_backward_rows<T, false, false, true>(args...);
-    case 2: return norm_backward_rows<T, false, true, false>(args...);
-    case 3: return norm_backward_rows<T, false, true, true>(args...);
-    case 4: return norm_backward_rows<T, true, false, false>(args...);
-    case 5: return norm_backward_rows<T, true, false, true>(args...);
-    case 6: return norm_backward_rows<T, true, true, false>(args...);
-    default: return norm_backward_rows<T, true, true, true>(args...);
+// dx of 16-bit rows whose y was written in fp32 (norm_forward_rows_to_float): dy read as it
+// is, x (the rows normalised) and dsum converted into L1 buffers, dx rounded into x's dtype.
+// One pass, where casting x and dsum to fp32 and dx back writes and reads three fp32 copies.
+template <typename T, bool kDsum, bool kDweight, bool kDbias>
+FASTDL_MULTIVERSION void norm_backward_rows_from_float(const float* dy, int64_t dy_stride, const T* dsum,
+                                                       int64_t dsum_stride, const T* x, int64_t x_stride,
+                                                       const float* weight, const float* mean, const float* rstd,
+                                                       T* dx, float* dweight_partial, float* dbias_partial,
+                                                       int64_t begin, int64_t end, int64_t n, bool rms) {
+  FloatRows buf(3, n);
+  for (int64_t r = begin; r < end; ++r) {
+    row_to_float(x + r * x_stride, buf[0], n);
+    if constexpr (kDsum) row_to_float(dsum + r * dsum_stride, buf[1], n);
+    norm_row_backward<float, float, kDsum, kDweight, kDbias>(dy + r * dy_stride, buf[1], buf[0], weight,
+                                                             mean ? mean[r] : 0.0f, rstd[r], buf[2], dweight_partial,
+                                                             dbias_partial, n, rms);
+    row_from_float(buf[2], dx + r * n, n);
   }
+}
+
+// fn(kDsum, kDweight, kDbias) with the backward's three flags picked at run time, each passed
+// as a std::bool_constant (its ::value a template argument)
+template <typename Fn> void with_backward_flags(bool has_dsum, bool has_dweight, bool has_dbias, Fn fn) {
+  const auto bias = [&](auto dsum, auto dweight) {
+    has_dbias ? fn(dsum, dweight, std::true_type{}) : fn(dsum, dweight, std::false_type{});
+  };
+  const auto weight = [&](auto dsum) { has_dweight ? bias(dsum, std::true_type{}) : bias(dsum, std::false_type{}); };
+  has_dsum ? weight(std::true_type{}) : weight(std::false_type{});
 }
 
 // out[j] = sum over c of partial[c][j], in order of c: the same bits for any thread count.
@@ -277,6 +318,43 @@ at::Tensor param_or(const std::optional<at::Tensor>& p, int64_t n, at::ScalarTyp
   return p->to(acc).contiguous();
 }
 
+// layer_norm_rows_forward of 16-bit rows into an fp32 y (norm_forward_rows_to_float): x alone,
+// x + residual of x's dtype (the sum in it), or a 16-bit one beside an fp32 one (the sum fp32;
+// the add commutes, so the 16-bit one is read as "x"). The caller has checked the shapes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_to_float(
+    const char* fn, const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, bool rms) {
+  const bool swap = residual.has_value() && x.scalar_type() == at::kFloat;
+  const at::Tensor& narrow = swap ? *residual : x;
+  const std::optional<at::Tensor>& other = swap ? std::optional<at::Tensor>(x) : residual;
+  const int64_t rows = x.size(0), n = x.size(1);
+  const at::Tensor w = param_or(weight, n, at::kFloat, 1.0, fn, "weight");
+  const at::Tensor b = param_or(bias, n, at::kFloat, 0.0, fn, "bias");
+  const auto fp32 = x.options().dtype(at::kFloat);
+  at::Tensor y = empty_output({rows, n}, fp32);
+  at::Tensor h = other.has_value() ? empty_output({rows, n}, other->options()) : at::empty({0}, x.options());
+  at::Tensor mean = rms ? at::empty({0}, fp32) : empty_output({rows}, fp32);
+  at::Tensor rstd = empty_output({rows}, fp32);
+  if (rows == 0 || n == 0) return {y, h, mean, rstd};
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(narrow.scalar_type(), "fastdl_norm_forward_to_float_cpu", [&] {
+    const auto run = [&](auto* residual_type) {
+      using R = std::remove_pointer_t<decltype(residual_type)>;
+      const R* rp = other.has_value() ? other->const_data_ptr<R>() : nullptr;
+      R* hp = other.has_value() ? h.mutable_data_ptr<R>() : nullptr;
+      at::parallel_for(0, rows, grain_rows(n), [&](int64_t begin, int64_t end) {
+        norm_forward_rows_to_float<scalar_t, R>(
+            narrow.const_data_ptr<scalar_t>(), narrow.stride(0), rp, other.has_value() ? other->stride(0) : 0, hp,
+            w.const_data_ptr<float>(), b.const_data_ptr<float>(), y.mutable_data_ptr<float>(),
+            rms ? nullptr : mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), begin, end, n,
+            static_cast<float>(eps), rms);
+      });
+    };
+    if (other.has_value() && other->scalar_type() == at::kFloat) run(static_cast<float*>(nullptr));
+    else run(static_cast<scalar_t*>(nullptr));
+  });
+  return {y, h, mean, rstd};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool rms, std::optional<at::ScalarType> out_dtype) {
@@ -289,17 +367,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forwa
     check_rows(fn, "residual", *residual, at::kCPU, rows, n);
     sum_type = norm_sum_type(fn, x.scalar_type(), residual->scalar_type());
   }
-  // y in fp32 from 16-bit x: x (or x + residual, added in the sum's dtype) cast first, as torch
-  // under autocast (the CUDA kernels fuse the cast; CPU autocast leaves the norms in x's dtype,
-  // so on CPU this is only the op's contract). A residual of another dtype: the sum first, as
-  // torch's add promotes, then its norm (the CUDA kernels read both as they are).
+  // y in fp32 from 16-bit rows (CUDA autocast's norms; CPU autocast leaves the norms in x's
+  // dtype, so on the CPU it is the op's contract), or a 16-bit x beside an fp32 residual (a
+  // bf16 sublayer output beside an fp32 residual stream under autocast): in one pass
   const at::ScalarType out_type = norm_out_type(fn, sum_type, out_dtype);
   if (out_type != x.scalar_type() || (residual.has_value() && residual->scalar_type() != x.scalar_type())) {
-    if (!residual.has_value()) return layer_norm_rows_forward(x.to(out_type), {}, weight, bias, eps, rms, {});
-    at::Tensor h = at::add(x, *residual).contiguous();
-    auto out = layer_norm_rows_forward(h.to(out_type), {}, weight, bias, eps, rms, {});
-    std::get<1>(out) = h;
-    return out;
+    return norm_forward_to_float(fn, x, residual, weight, bias, eps, rms);
   }
   const auto acc = stats_type(x.scalar_type());
   const at::Tensor w = param_or(weight, n, acc, 1.0, fn, "weight");
@@ -334,13 +407,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   const int64_t rows = x.size(0), n = x.size(1);
   check_rows(fn, "dy", dy, at::kCPU, rows, n);
   check_float_dtype(fn, "x", x);
-  if (norm_dy_in_stats_type(fn, dy, x)) {  // after an out_dtype forward: as its cast of x, then dx cast back
-    const auto as_dy = [&](const at::Tensor& t) { return t.to(dy.scalar_type()); };
-    auto grads = layer_norm_rows_backward(dy, dsum.has_value() ? std::optional(as_dy(*dsum)) : std::nullopt, as_dy(x),
-                                          weight, mean, rstd, has_bias, rms);
-    std::get<0>(grads) = std::get<0>(grads).to(x.scalar_type());
-    return grads;
-  }
+  // dy in fp32 beside 16-bit x: the gradient of an fp32 y (norm_forward_rows_to_float)
+  const bool dy_in_acc = norm_dy_in_stats_type(fn, dy, x);
   if (dsum.has_value()) {
     check_rows(fn, "dsum", *dsum, at::kCPU, rows, n);
     TORCH_CHECK(dsum->scalar_type() == x.scalar_type(), fn, ": dsum is ", dsum->scalar_type(), " but x is ",
@@ -378,19 +446,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
       at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
         for (int64_t c = chunk_begin; c < chunk_end; ++c) {
           const int64_t begin = c * rows / chunks, end = (c + 1) * rows / chunks;
-          norm_backward_rows_dispatch<scalar_t>(
-              dsp != nullptr, dweight_partial.defined(), dbias_partial.defined(), dy.const_data_ptr<scalar_t>(),
-              dy.stride(0), dsp, ds_stride, x.const_data_ptr<scalar_t>(), x.stride(0), w.const_data_ptr<A>(), mp,
-              rstd.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(),
-              dweight_partial.defined() ? dweight_partial.mutable_data_ptr<A>() + c * n : nullptr,
-              dbias_partial.defined() ? dbias_partial.mutable_data_ptr<A>() + c * n : nullptr, begin, end, n, rms);
+          A* dwp = dweight_partial.defined() ? dweight_partial.mutable_data_ptr<A>() + c * n : nullptr;
+          A* dbp = dbias_partial.defined() ? dbias_partial.mutable_data_ptr<A>() + c * n : nullptr;
+          with_backward_flags(dsp != nullptr, dwp != nullptr, dbp != nullptr, [&](auto dsum_, auto dweight_,
+                                                                                  auto dbias_) {
+            constexpr bool kDsum = decltype(dsum_)::value, kDweight = decltype(dweight_)::value,
+                           kDbias = decltype(dbias_)::value;
+            if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+              if (dy_in_acc) {
+                return norm_backward_rows_from_float<scalar_t, kDsum, kDweight, kDbias>(
+                    dy.const_data_ptr<A>(), dy.stride(0), dsp, ds_stride, x.const_data_ptr<scalar_t>(), x.stride(0),
+                    w.const_data_ptr<A>(), mp, rstd.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(), dwp, dbp,
+                    begin, end, n, rms);
+              }
+            }
+            norm_backward_rows<scalar_t, kDsum, kDweight, kDbias>(
+                dy.const_data_ptr<scalar_t>(), dy.stride(0), dsp, ds_stride, x.const_data_ptr<scalar_t>(), x.stride(0),
+                w.const_data_ptr<A>(), mp, rstd.const_data_ptr<A>(), dx.mutable_data_ptr<scalar_t>(), dwp, dbp, begin,
+                end, n, rms);
+          });
         }
       });
     });
   }
   // stage 2: the partial rows, summed in chunk order, out in the parameters' dtype as the CUDA
   // kernels write them (param_type: weight's when it is x's, else the accumulation type)
-  const auto out_type = weight.has_value() ? param_type(x, {&weight}) : acc;
+  const auto out_type = weight.has_value() && !dy_in_acc ? param_type(x, {&weight}) : acc;
   auto reduce = [&](const at::Tensor& partial) {
     if (!partial.defined()) return at::empty({0}, x.options().dtype(out_type));
     at::Tensor out = partial;  // one chunk: already the sum

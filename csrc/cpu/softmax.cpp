@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "csrc/common/checks.h"
@@ -73,12 +74,13 @@ FASTDL_INLINE void softmax_row_forward(const T* __restrict x, T* __restrict y, i
 
 // A 16-bit row (bf16, fp16) in three passes, as the float kernel's: x into the float row
 // `buf` while finding the max, exp in place while summing (log_softmax: x - max), then
-// scaled (less log(sum)) and rounded into y. bf16 converts with a shift, fp16 with F16C
-// where the CPU has it (csrc/cpu/half_rows.h). (Converting inside the exp loop instead
-// left that loop scalar in GCC's target_clones functions.)
+// scaled (less log(sum)): y = buf * scale + offset, which this returns as {scale, offset}
+// for the caller's last pass. bf16 converts with a shift, fp16 with F16C where the CPU has
+// it (csrc/cpu/half_rows.h). (Converting inside the exp loop instead left that loop scalar
+// in GCC's target_clones functions.)
 template <typename T, bool kLog>
-FASTDL_INLINE void softmax_row_forward_16(const T* __restrict x, T* __restrict y, float* __restrict buf,
-                                          int64_t cols) {
+FASTDL_INLINE std::pair<float, float> softmax_row_16_into(const T* __restrict x, float* __restrict buf,
+                                                          int64_t cols) {
   const float max_val = row_to_float_max(x, buf, cols);
   if constexpr (kLog) {
     // (x - max) - log(sum), in that order, as the float kernel
@@ -87,15 +89,35 @@ FASTDL_INLINE void softmax_row_forward_16(const T* __restrict x, T* __restrict y
       buf[j] = shifted;
       return exp_acc(shifted);
     });
-    row_from_float_affine(buf, 1.0f, -std::log(sum), y, cols);
+    return {1.0f, -std::log(sum)};
   } else {
     const float sum = blocked_sum<float>(cols, [&](int64_t j) FASTDL_LAMBDA_INLINE {
       const float e = exp_acc(buf[j] - max_val);
       buf[j] = e;
       return e;
     });
-    row_from_float_affine(buf, 1.0f / sum, 0.0f, y, cols);
+    return {1.0f / sum, 0.0f};
   }
+}
+
+// ... rounded into the 16-bit row y (with scale 1 or offset 0 the one operation of the
+// float kernel's last pass, rounded once)
+template <typename T, bool kLog>
+FASTDL_INLINE void softmax_row_forward_16(const T* __restrict x, T* __restrict y, float* __restrict buf,
+                                          int64_t cols) {
+  const auto [scale, offset] = softmax_row_16_into<T, kLog>(x, buf, cols);
+  row_from_float_affine(buf, scale, offset, y, cols);
+}
+
+// ... into an fp32 y (torch.softmax(x, dtype=torch.float32) of a 16-bit x, as attention
+// often calls it): y is the float row the passes run in, so x is read once and y written
+// and read back in L1/L2, where a cast first writes an fp32 copy of x and reads it back.
+// The float kernel's bits: the same max, exps, sum and last operation.
+template <typename T, bool kLog>
+FASTDL_INLINE void softmax_row_forward_16_to_float(const T* __restrict x, float* __restrict y, int64_t cols) {
+  const auto [scale, offset] = softmax_row_16_into<T, kLog>(x, y, cols);
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) y[j] = y[j] * scale + offset;
 }
 
 #ifdef FASTDL_AVX2_KERNELS
@@ -152,6 +174,27 @@ FASTDL_MULTIVERSION void forward_rows(const T* x, int64_t x_stride, T* y, int64_
     for (int64_t r = begin; r < end; ++r) softmax_row_forward_16<T, kLog>(x + r * x_stride, y + r * cols, buf[0], cols);
   } else {
     for (int64_t r = begin; r < end; ++r) softmax_row_forward<T, kLog>(x + r * x_stride, y + r * cols, cols);
+  }
+}
+
+// 16-bit rows into an fp32 y; every row length (the float kernels' long-row path is float
+// only)
+template <typename T, bool kLog>
+FASTDL_MULTIVERSION void forward_rows_to_float(const T* x, int64_t x_stride, float* y, int64_t begin, int64_t end,
+                                               int64_t cols) {
+  for (int64_t r = begin; r < end; ++r) softmax_row_forward_16_to_float<T, kLog>(x + r * x_stride, y + r * cols, cols);
+}
+
+// The gradient of an fp32 y of 16-bit x (forward_rows_to_float) in x's dtype: the float
+// kernel's dx into an L1 buffer, rounded into dx, where casting afterwards writes the fp32
+// dx and reads it back.
+template <typename T, bool kLog>
+FASTDL_MULTIVERSION void backward_rows_from_float(const float* dy, int64_t dy_stride, const float* y, int64_t y_stride,
+                                                  T* dx, int64_t begin, int64_t end, int64_t cols) {
+  FloatRows buf(1, cols);
+  for (int64_t r = begin; r < end; ++r) {
+    softmax_row_backward<float, kLog>(dy + r * dy_stride, y + r * y_stride, buf[0], cols);
+    row_from_float(buf[0], dx + r * cols, cols);
   }
 }
 
@@ -360,11 +403,20 @@ void check_softmax_rows(const char* fn, const char* name, const at::Tensor& t) {
 at::Tensor softmax_rows_forward(const at::Tensor& x, bool log, std::optional<at::ScalarType> out_dtype) {
   check_softmax_rows("fastdl.softmax (cpu)", "x", x);
   const at::ScalarType out_type = softmax_out_type("fastdl.softmax (cpu)", x.scalar_type(), out_dtype);
-  // fp32 from a 16-bit x: x cast first, as torch (the CUDA kernels fuse the cast)
-  if (out_type != x.scalar_type()) return softmax_rows_forward(x.to(out_type), log, std::nullopt);
-  at::Tensor y = empty_output(x.sizes(), x.options());
+  at::Tensor y = empty_output(x.sizes(), x.options().dtype(out_type));
   const int64_t rows = x.size(0), cols = x.size(1);
   if (y.numel() == 0) return y;
+  if (out_type != x.scalar_type()) {  // fp32 from a 16-bit x, the cast fused
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fastdl_softmax_to_float_cpu", [&] {
+      at::parallel_for(0, rows, grain_rows(cols, 8192), [&](int64_t begin, int64_t end) {
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        float* yp = y.mutable_data_ptr<float>();
+        if (log) forward_rows_to_float<scalar_t, true>(xp, x.stride(0), yp, begin, end, cols);
+        else forward_rows_to_float<scalar_t, false>(xp, x.stride(0), yp, begin, end, cols);
+      });
+    });
+    return y;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fastdl_softmax_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -394,11 +446,21 @@ at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& o
               grad_out.scalar_type(), " but out is ", out.scalar_type());
   const at::ScalarType grad_in_type =
       softmax_grad_in_type("fastdl.softmax_backward (cpu)", out.scalar_type(), grad_in_dtype);
-  if (grad_in_type != out.scalar_type())  // computed in out's dtype, then cast
-    return softmax_rows_backward(grad_out, out, log, std::nullopt).to(grad_in_type);
-  at::Tensor dx = empty_output(out.sizes(), out.options());
+  at::Tensor dx = empty_output(out.sizes(), out.options().dtype(grad_in_type));
   const int64_t rows = out.size(0), cols = out.size(1);
   if (dx.numel() == 0) return dx;
+  if (grad_in_type != out.scalar_type()) {  // a 16-bit dx from an fp32 out, the cast fused
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(grad_in_type, "fastdl_softmax_backward_from_float_cpu", [&] {
+      at::parallel_for(0, rows, grain_rows(cols, 8192), [&](int64_t begin, int64_t end) {
+        const float *dyp = grad_out.const_data_ptr<float>(), *yp = out.const_data_ptr<float>();
+        scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+        const int64_t dy_stride = grad_out.stride(0), y_stride = out.stride(0);
+        if (log) backward_rows_from_float<scalar_t, true>(dyp, dy_stride, yp, y_stride, dxp, begin, end, cols);
+        else backward_rows_from_float<scalar_t, false>(dyp, dy_stride, yp, y_stride, dxp, begin, end, cols);
+      });
+    });
+    return dx;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fastdl_softmax_backward_cpu", [&] {
     const scalar_t* dyp = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* yp = out.const_data_ptr<scalar_t>();

@@ -208,4 +208,13 @@ def cases(device: torch.device, quick: bool = False):
                 for direction in ("fwd", "fwd+bwd"):
                     out.append(Case(op, direction, dtype, CPU_HALF_SHAPE, _bytes(op, direction, *CPU_HALF_SHAPE, 2),
                                     functools.partial(_impls, op, device, dtype, CPU_HALF_SHAPE, direction)))
+        # a pre-norm block's fused add under CPU autocast, at the sweep's size: the bf16 sublayer
+        # output beside the fp32 residual stream (CPU autocast leaves the norms alone, but the
+        # add promotes)
+        for direction in ("fwd", "fwd+bwd"):
+            wide = direction + AUTOCAST + FP32_RESIDUAL
+            out.append(Case("add_layer_norm", wide, torch.bfloat16, CPU_HALF_SHAPE,
+                            _autocast_bytes("add_layer_norm", wide, *CPU_HALF_SHAPE),
+                            functools.partial(_impls, "add_layer_norm", device, torch.bfloat16, CPU_HALF_SHAPE,
+                                              wide)))
     return out

@@ -29,7 +29,7 @@ HOST_SHAPE = (32, 512)
 # backward to a bf16 dx): torch.softmax(x, -1, dtype=torch.float32) as LLaMA-style attention
 # calls it, and what CUDA autocast makes of any softmax. torch casts x first; fastdl reads it
 # as it is, so the least traffic is x 2 + y 4 bytes a value forward and dy 4 + y 4 + dx 2
-# backward (the GB/s column counts that). GPU only, 4096 rows.
+# backward (the GB/s column counts that). GPU: 4096 rows; CPU: CPU_HALF_SHAPE.
 TO_FP32, GPU_TO_FP32_COLS = " to fp32", (1024, 4096, 16384)
 
 # the foundation issue's targets (H100, side by side in one run)
@@ -64,10 +64,13 @@ def _to_fp32_impls(device, dtype, shape, direction):
 
 
 def _to_fp32_cases(device, quick):
-    cols = GPU_TO_FP32_COLS[::2] if quick else GPU_TO_FP32_COLS
-    return [Case("softmax", direction + TO_FP32, torch.bfloat16, (GPU_ROWS, n), per_value * GPU_ROWS * n,
-                 functools.partial(_to_fp32_impls, device, torch.bfloat16, (GPU_ROWS, n), direction + TO_FP32))
-            for n in cols for direction, per_value in (("fwd", 6), ("fwd+bwd", 16))]
+    if device.type == "cuda":
+        shapes = [(GPU_ROWS, n) for n in (GPU_TO_FP32_COLS[::2] if quick else GPU_TO_FP32_COLS)]
+    else:
+        shapes = [CPU_HALF_SHAPE]
+    return [Case("softmax", direction + TO_FP32, torch.bfloat16, shape, per_value * shape[0] * shape[1],
+                 functools.partial(_to_fp32_impls, device, torch.bfloat16, shape, direction + TO_FP32))
+            for shape in shapes for direction, per_value in (("fwd", 6), ("fwd+bwd", 16))]
 
 
 def _impls(device, dtype, shape, direction):
@@ -131,4 +134,5 @@ def cases(device: torch.device, quick: bool = False):
             for direction, tensors in (("fwd", 2), ("bwd", 3)):
                 out.append(Case("softmax", direction, dtype, CPU_HALF_SHAPE, tensors * 4096 * 1024 * 2,
                                 functools.partial(_impls, device, dtype, CPU_HALF_SHAPE, direction)))
+        out += _to_fp32_cases(device, quick)
     return out
