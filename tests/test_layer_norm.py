@@ -144,6 +144,26 @@ def test_fp32_norm_of_16_bit_x_reads_x_as_it_is(case, dtype, variant, cols):
         assert_close(grad, ref_grad, dtype if leaf is x else torch.float32, "dx" if leaf is x else "dparam")
 
 
+def _check_fused_add(ref_norm, h, y, x, res, w, b, eps):
+    """A fused add's outputs h = x + residual (as computed: torch's sum, checked by the caller)
+    and y = norm(h), y in fp32: y against the float64 norm of h, and each input's gradient (x's
+    and residual's: h's gradient plus the norm's) against float64, each in its input's dtype
+    and at that dtype's tolerance."""
+    leaves = [t for t in (x, res, w, b) if t is not None]
+    dh, dy = torch.randn_like(h), torch.randn_like(y)
+    grads = torch.autograd.grad((h, y), leaves, (dh, dy))
+    h64 = h.detach().double().requires_grad_()
+    params64 = [t.detach().double().requires_grad_() for t in (w, b) if t is not None]
+    ref = ref_norm(h64, h.shape[-1], *params64, eps=eps)
+    assert_close(y, ref, torch.float32, "y")
+    ref_grads = torch.autograd.grad(ref, [h64, *params64], dy.double())
+    ref_dsum = ref_grads[0] + dh.double()
+    for name, leaf, grad, ref_grad in zip(("x", "residual", "weight", "bias"), leaves, grads,
+                                          [ref_dsum, ref_dsum, *ref_grads[1:]]):
+        assert grad.dtype == leaf.dtype, name
+        assert_close(grad, ref_grad, leaf.dtype, name)
+
+
 @pytest.mark.parametrize("cols", [300, 20000], ids=["tile", "loop"])
 @pytest.mark.parametrize("variant", ["add_layer_norm", "add_rms_norm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -164,19 +184,7 @@ def test_fp32_norm_of_16_bit_sum_reads_x_as_it_is(case, dtype, variant, cols):
     assert h.dtype == dtype and y.dtype == torch.float32
     assert torch.equal(h, x + res)
     assert {e[0].variable for e in y.grad_fn.next_functions[:2]} == {x, res}, "x or residual was cast first"
-    leaves = [t for t in (x, res, w, b) if t is not None]
-    dh, dy = torch.randn_like(h), torch.randn_like(y)
-    grads = torch.autograd.grad((h, y), leaves, (dh, dy))
-    h64 = h.detach().double().requires_grad_()
-    params64 = [t.detach().double().requires_grad_() for t in (w, b) if t is not None]
-    ref = ref_norm(h64, cols, *params64, eps=eps)
-    assert_close(y, ref, torch.float32, "y")
-    ref_grads = torch.autograd.grad(ref, [h64, *params64], dy.double())
-    ref_dsum = ref_grads[0] + dh.double()
-    for name, leaf, grad, ref_grad in zip(("x", "residual", "weight", "bias"), leaves, grads,
-                                          [ref_dsum, ref_dsum, *ref_grads[1:]]):
-        assert grad.dtype == leaf.dtype
-        assert_close(grad, ref_grad, dtype if leaf.dtype == dtype else torch.float32, name)
+    _check_fused_add(ref_norm, h, y, x, res, w, b, eps)
 
 
 @pytest.mark.parametrize("cols", [300, 20000], ids=["tile", "loop"])
@@ -704,17 +712,7 @@ def test_fused_add_of_two_dtypes_promotes_as_torch(case, dtypes, cols):
     assert torch.equal(h, x + residual)
     if torch.float32 in dtypes:  # a 16-bit one beside fp32: both read as they are, no cast first
         assert {e[0].variable for e in y.grad_fn.next_functions[:2]} == {x, residual}, "cast before the norm"
-    dh, dy = torch.randn_like(h), torch.randn_like(y)
-    grads = torch.autograd.grad((h, y), (x, residual, w, b), (dh, dy))
-    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, w, b))  # h: torch's sum, exactly
-    ref = R.layer_norm(h64, cols, w64, b64, 1e-5)
-    assert_close(y, ref, common, "y")
-    ref_grads = torch.autograd.grad(ref, (h64, w64, b64), dy.double())
-    dsum = ref_grads[0] + dh.double()
-    for name, leaf, grad, ref_grad in zip(("x", "residual", "weight", "bias"), (x, residual, w, b), grads,
-                                          (dsum, dsum, *ref_grads[1:])):
-        assert grad.dtype == leaf.dtype, name
-        assert_close(grad, ref_grad, leaf.dtype if name in ("x", "residual") else common, name)
+    _check_fused_add(R.layer_norm, h, y, x, residual, w, b, 1e-5)
 
 
 @pytest.mark.parametrize("kind", ["bf16", "bf16, fp32 rule"])

@@ -422,18 +422,19 @@ def test_fp32_softmax_of_16_bit_x_reads_x_as_it_is(case, dtype, log, cols, how):
     assert_close(dx, torch.autograd.grad(ref, x64, dy.double())[0], dtype, "dx")
 
 
+@pytest.mark.parametrize("rows", [5, 1])
 @pytest.mark.parametrize("cols", [37, 1000, 40000])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", NATIVE_CASES, ids=case_id)
-def test_native_fp32_softmax_of_16_bit_row_views(case, dtype, cols):
+def test_native_fp32_softmax_of_16_bit_row_views(case, dtype, cols, rows):
     """The native ops' one-pass paths from a 16-bit x to an fp32 y and from the fp32 y and dy
     back to a 16-bit dx, on row views of wider tensors one element in (x, y and dy each read
-    at its own stride; 40000 columns: past the float kernels' long-row split), against
-    float64."""
+    at its own stride; 40000 columns: the float kernels' long rows, which one row among more
+    threads takes cast first on the CPU), against float64."""
     _, device = case
 
-    def row_view(dt, width):  # (5, cols) of a (5, cols + width) tensor, one element in
-        return (torch.randn(5, cols + width, device=device) * 3).to(dt)[:, 1 : cols + 1]
+    def row_view(dt, width):  # (rows, cols) of a (rows, cols + width) tensor, one element in
+        return (torch.randn(rows, cols + width, device=device) * 3).to(dt)[:, 1 : cols + 1]
 
     x = row_view(dtype, 9)
     x_before = x.clone()

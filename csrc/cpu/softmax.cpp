@@ -403,8 +403,13 @@ void check_softmax_rows(const char* fn, const char* name, const at::Tensor& t) {
 at::Tensor softmax_rows_forward(const at::Tensor& x, bool log, std::optional<at::ScalarType> out_dtype) {
   check_softmax_rows("fastdl.softmax (cpu)", "x", x);
   const at::ScalarType out_type = softmax_out_type("fastdl.softmax (cpu)", x.scalar_type(), out_dtype);
-  at::Tensor y = empty_output(x.sizes(), x.options().dtype(out_type));
   const int64_t rows = x.size(0), cols = x.size(1);
+  // fewer long rows than threads: the float kernels split each row over the threads
+  // (forward_split), where the fused kernel takes a row a thread (1 x 262144 bf16, 2 threads:
+  // 0.075 ms cast first, 0.109 fused), so x is cast first
+  if (out_type != x.scalar_type() && long_rows(cols) && rows < at::get_num_threads())
+    return softmax_rows_forward(x.to(out_type), log, std::nullopt);
+  at::Tensor y = empty_output(x.sizes(), x.options().dtype(out_type));
   if (y.numel() == 0) return y;
   if (out_type != x.scalar_type()) {  // fp32 from a 16-bit x, the cast fused
     AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fastdl_softmax_to_float_cpu", [&] {
