@@ -177,8 +177,8 @@ FASTDL_MULTIVERSION void forward_rows(const T* x, int64_t x_stride, T* y, int64_
   }
 }
 
-// 16-bit rows into an fp32 y; every row length (the float kernels' long-row path is float
-// only)
+// 16-bit rows into an fp32 y, a row a task at every length (softmax_rows_forward casts
+// first where the float kernels would split fewer long rows than threads)
 template <typename T, bool kLog>
 FASTDL_MULTIVERSION void forward_rows_to_float(const T* x, int64_t x_stride, float* y, int64_t begin, int64_t end,
                                                int64_t cols) {
