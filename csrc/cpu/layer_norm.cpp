@@ -452,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
                                                                                   auto dbias_) {
             constexpr bool kDsum = decltype(dsum_)::value, kDweight = decltype(dweight_)::value,
                            kDbias = decltype(dbias_)::value;
-            if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+            if constexpr (kIs16Bit<scalar_t>) {
               if (dy_in_acc) {
                 return norm_backward_rows_from_float<scalar_t, kDsum, kDweight, kDbias>(
                     dy.const_data_ptr<A>(), dy.stride(0), dsp, ds_stride, x.const_data_ptr<scalar_t>(), x.stride(0),

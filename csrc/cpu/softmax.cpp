@@ -413,9 +413,9 @@ at::Tensor softmax_rows_forward(const at::Tensor& x, bool log, std::optional<at:
   if (y.numel() == 0) return y;
   if (out_type != x.scalar_type()) {  // fp32 from a 16-bit x, the cast fused
     AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fastdl_softmax_to_float_cpu", [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      float* yp = y.mutable_data_ptr<float>();
       at::parallel_for(0, rows, grain_rows(cols, 8192), [&](int64_t begin, int64_t end) {
-        const scalar_t* xp = x.const_data_ptr<scalar_t>();
-        float* yp = y.mutable_data_ptr<float>();
         if (log) forward_rows_to_float<scalar_t, true>(xp, x.stride(0), yp, begin, end, cols);
         else forward_rows_to_float<scalar_t, false>(xp, x.stride(0), yp, begin, end, cols);
       });
@@ -456,10 +456,10 @@ at::Tensor softmax_rows_backward(const at::Tensor& grad_out, const at::Tensor& o
   if (dx.numel() == 0) return dx;
   if (grad_in_type != out.scalar_type()) {  // a 16-bit dx from an fp32 out, the cast fused
     AT_DISPATCH_REDUCED_FLOATING_TYPES(grad_in_type, "fastdl_softmax_backward_from_float_cpu", [&] {
+      const float *dyp = grad_out.const_data_ptr<float>(), *yp = out.const_data_ptr<float>();
+      scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+      const int64_t dy_stride = grad_out.stride(0), y_stride = out.stride(0);
       at::parallel_for(0, rows, grain_rows(cols, 8192), [&](int64_t begin, int64_t end) {
-        const float *dyp = grad_out.const_data_ptr<float>(), *yp = out.const_data_ptr<float>();
-        scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-        const int64_t dy_stride = grad_out.stride(0), y_stride = out.stride(0);
         if (log) backward_rows_from_float<scalar_t, true>(dyp, dy_stride, yp, y_stride, dxp, begin, end, cols);
         else backward_rows_from_float<scalar_t, false>(dyp, dy_stride, yp, y_stride, dxp, begin, end, cols);
       });
