@@ -42,12 +42,14 @@ TORCH_LIBRARY(fastdl, m) {
   // statistics' dtype (16-bit rows normalised into fp32 in one pass)
   m.def("layer_norm_rows_forward(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms,"
         " ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
-  // (dx, dweight or empty, dbias or empty); dx in x's dtype, dy in x's or the statistics'
-  // dtype (after an out_dtype forward); dweight / dbias in weight's dtype when it is x's
-  // and dy is too, else the statistics' dtype, summed in the statistics' dtype
-  // deterministically; dsum is the gradient reaching x + residual from elsewhere
+  // (dx, dweight or empty, dbias or empty, dx in narrow_dtype or empty); dx in x's dtype, dy
+  // in x's or the statistics' dtype (after an out_dtype forward); dweight / dbias in weight's
+  // dtype when it is x's and dy is too, else the statistics' dtype, summed in the statistics'
+  // dtype deterministically; dsum is the gradient reaching x + residual from elsewhere.
+  // narrow_dtype: float16 / bfloat16 beside float32 rows (the fp32 sum of a 16-bit x and an
+  // fp32 residual): dx also written rounded to it in the same pass, the 16-bit one's gradient
   m.def("layer_norm_rows_backward(Tensor dy, Tensor? dsum, Tensor x, Tensor? weight, Tensor? mean, Tensor rstd,"
-        " bool has_bias, bool rms) -> (Tensor, Tensor, Tensor)");
+        " bool has_bias, bool rms, ScalarType? narrow_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
   // the eager path of the native backends (csrc/autograd/layer_norm.cpp): x of any shape,
   // normalised over its last normalized_ndim dims (weight / bias of those dims' shape),
   // through layer_norm_rows_forward, with its backward recorded as a C++ autograd node

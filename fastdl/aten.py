@@ -152,7 +152,7 @@ def _native_layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weigh
     rstd = rstd.to(stats).reshape(-1)
     has_bias = bias is not None and output_mask[2]
     with _layer_norm_scope(x):
-        dx, dweight, dbias = _norm_ops._backward(grad_out, None, x, weight, mean, rstd, has_bias, ndim, False)
+        dx, dweight, dbias, _ = _norm_ops._backward(grad_out, None, x, weight, mean, rstd, has_bias, ndim, False)
     # every output is a tensor: the ones autograd did not ask for are empty and go unused
     empty = x.new_empty(0)
     if dbias is not None and dbias.dtype != bias.dtype:

@@ -30,6 +30,11 @@
 // model's parameters are read as they are, with no conversion kernel before each call, and
 // the backward writes dweight / dbias in W (summed in A, rounded once at the end).
 //
+// A 16-bit x beside an fp32 residual is normalised as their fp32 sum; the backward of such
+// rows (fp32) also writes dx rounded to x's dtype (N, a second store of the values it holds),
+// the 16-bit input's gradient: 18 bytes a value moved, where a cast of the fp32 dx after
+// the backward would read it again (22).
+//
 // Register spills accepted (tests/test_build.py reads these lines): the double
 // instantiation (mangled "...Id...") on sm_80 keeps 8 bytes on the stack for the slow
 // path of double sqrt. fp64 is there for gradcheck, not for speed.
@@ -242,13 +247,13 @@ __device__ __forceinline__ void write_block_partial(const A (&v)[kElems], A* __r
   }
 }
 
-template <typename T, typename W, typename D, int kThreads, int kElems>
+template <typename T, typename W, typename D, typename N, int kThreads, int kElems>
 __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     norm_backward_tile_kernel(const D* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
                               const W* __restrict__ weight,
                               const typename Acc<T>::type* __restrict__ mean,
                               const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ dx,
-                              typename Acc<T>::type* __restrict__ dweight_partial,
+                              N* __restrict__ dx_narrow, typename Acc<T>::type* __restrict__ dweight_partial,
                               typename Acc<T>::type* __restrict__ dbias_partial, int64_t rows, int64_t cols,
                               int64_t rows_per_block, int64_t dy_row_stride, int64_t dsum_row_stride,
                               int64_t x_row_stride, bool rms, bool aligned) {
@@ -298,6 +303,7 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
       for (int i = 0; i < kElems; ++i) xhat[i] += g[i];
     }
     Tile::store(dx + row * cols, t, cols, aligned, xhat);
+    if constexpr (!std::is_same_v<N, T>) Tile::store(dx_narrow + row * cols, t, cols, aligned, xhat);
   }
   // Every block writes its partial row, zeros when it had no rows.
   if (dweight_partial != nullptr)
@@ -312,13 +318,13 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
 // (dweight's cols values, then dbias's) and written to its partial rows once, at the end.
 // Otherwise they sit in its partial rows, a read and a write of each per row: at hidden
 // 16384 four times the row's own DRAM traffic, through L2.
-template <typename T, typename W, typename D, int kVec, bool kSharedSums>
+template <typename T, typename W, typename D, typename N, int kVec, bool kSharedSums>
 __global__ void __launch_bounds__(kLoopThreads)
     norm_backward_loop_kernel(const D* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
                               const W* __restrict__ weight,
                               const typename Acc<T>::type* __restrict__ mean,
                               const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ dx,
-                              typename Acc<T>::type* __restrict__ dweight_partial,
+                              N* __restrict__ dx_narrow, typename Acc<T>::type* __restrict__ dweight_partial,
                               typename Acc<T>::type* __restrict__ dbias_partial, int64_t rows, int64_t cols,
                               int64_t rows_per_block, int64_t dy_row_stride, int64_t dsum_row_stride,
                               int64_t x_row_stride, bool rms) {
@@ -394,6 +400,7 @@ __global__ void __launch_bounds__(kLoopThreads)
         for (int k = 0; k < kVec; ++k) v[k] += ds[k];
       }
       store_acc<kVec>(dx_row + col, v);
+      if constexpr (!std::is_same_v<N, T>) store_acc<kVec>(dx_narrow + row * cols + col, v);
       // add to this block's sums at these columns (in the partial rows, its first row
       // starts them from zero; shared memory starts at zero)
       auto accumulate = [&](A* partial_row, int shared_at, const A (&add)[kVec]) {
@@ -525,10 +532,11 @@ template <typename F> void with_shared_sums(size_t shared_bytes, F&& f) {
 // kernel that may run at this row length: rows_per_block_step is the number of rows a
 // block works on at once, shared_bytes its dynamic shared memory (with both sums). The
 // loop kernel has two (16-byte vectors or single elements, by the rows' alignment).
-template <typename T, typename W, typename D, typename F> cudaError_t with_backward_kernels(int64_t cols, F&& use) {
+template <typename T, typename W, typename D, typename N, typename F>
+cudaError_t with_backward_kernels(int64_t cols, F&& use) {
   const bool tiled = with_backward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    use(norm_backward_tile_kernel<T, W, D, kThreads, kElems>, kTileBlockThreads<kThreads>,
+    use(norm_backward_tile_kernel<T, W, D, N, kThreads, kElems>, kTileBlockThreads<kThreads>,
         kTileBlockThreads<kThreads> / kThreads, size_t{0});
   });
   if (tiled) return cudaSuccess;
@@ -537,8 +545,8 @@ template <typename T, typename W, typename D, typename F> cudaError_t with_backw
   if (err != cudaSuccess) return err;
   with_shared_sums(bytes, [&](auto shared) {
     constexpr bool kShared = decltype(shared)::value;
-    use(norm_backward_loop_kernel<T, W, D, Vec<T>::kSize, kShared>, kLoopThreads, 1, bytes);
-    use(norm_backward_loop_kernel<T, W, D, 1, kShared>, kLoopThreads, 1, bytes);
+    use(norm_backward_loop_kernel<T, W, D, N, Vec<T>::kSize, kShared>, kLoopThreads, 1, bytes);
+    use(norm_backward_loop_kernel<T, W, D, N, 1, kShared>, kLoopThreads, 1, bytes);
   });
   return cudaSuccess;
 }
@@ -548,11 +556,12 @@ template <typename T, typename W, typename D, typename F> cudaError_t with_backw
 // the reduce then reads: FASTDL_CUDA_NORM_BLOCKS_PER_SM (at least 1) sets the blocks per SM
 // instead, to weigh that traffic against parallelism. Where two kernels may run (the loop
 // kernel's two variants: which one depends on pointers not known here), the fewer blocks.
-// Asked of every kernel that may run for T: parameters in T or in A, dy in T or (with the
-// parameters in A) in A; the caller does not say which. Each is asked as it would launch
-// (resident_blocks opts it in to its shared memory first), so the answer, and with it the
-// order dweight / dbias are summed in, is the same at every call.
-template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, int64_t* blocks) {
+// Asked of every kernel that may run for T and N (dx's narrow copy, N = T for none):
+// parameters in T or in A, dy in T or (with the parameters in A) in A; the caller does not
+// say which. Each is asked as it would launch (resident_blocks opts it in to its shared
+// memory first), so the answer, and with it the order dweight / dbias are summed in, is the
+// same at every call.
+template <typename T, typename N> cudaError_t backward_blocks(int64_t rows, int64_t cols, int64_t* blocks) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
@@ -571,16 +580,16 @@ template <typename T> cudaError_t backward_blocks(int64_t rows, int64_t cols, in
     *blocks = std::min(*blocks, std::max<int64_t>(1, std::min<int64_t>(fill, needed)));
   };
   using A = typename Acc<T>::type;
-  const cudaError_t in_t = with_backward_kernels<T, T, T>(cols, fewest);
-  const cudaError_t in_a = with_backward_kernels<T, A, T>(cols, fewest);
-  const cudaError_t dy_in_a = with_backward_kernels<T, A, A>(cols, fewest);
+  const cudaError_t in_t = with_backward_kernels<T, T, T, N>(cols, fewest);
+  const cudaError_t in_a = with_backward_kernels<T, A, T, N>(cols, fewest);
+  const cudaError_t dy_in_a = with_backward_kernels<T, A, A, N>(cols, fewest);
   if (err == cudaSuccess) err = in_t != cudaSuccess ? in_t : in_a != cudaSuccess ? in_a : dy_in_a;
   return err;
 }
 
-template <typename T, typename W, typename D>
+template <typename T, typename W, typename D, typename N>
 cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, const void* weight_,
-                           const void* mean_, const void* rstd_, void* dx_, void* dweight_partial_,
+                           const void* mean_, const void* rstd_, void* dx_, void* dx_narrow_, void* dweight_partial_,
                            void* dbias_partial_, int64_t partial_rows, void* dweight_, void* dbias_, int64_t rows,
                            int64_t cols, int64_t dy_stride, int64_t dsum_stride, int64_t x_stride, bool rms,
                            cudaStream_t stream) {
@@ -592,6 +601,7 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
   const A* mean = static_cast<const A*>(mean_);
   const A* rstd = static_cast<const A*>(rstd_);
   T* dx = static_cast<T*>(dx_);
+  N* dx_narrow = std::is_same_v<N, T> ? nullptr : static_cast<N*>(dx_narrow_);
   W* dweight = static_cast<W*>(dweight_);
   W* dbias = static_cast<W*>(dbias_);
   // partial rows are written only for the gradients asked for
@@ -599,17 +609,19 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
   A* dbias_partial = dbias != nullptr ? static_cast<A*>(dbias_partial_) : nullptr;
   const int64_t rows_per_block = (rows + partial_rows - 1) / partial_rows;
   const auto grid = static_cast<unsigned>(partial_rows);
-  // partial rows are cols apart too: aligned with the rows of dx when their base is
+  // partial rows are cols apart too: aligned with the rows of dx when their base is; so are
+  // the narrow copy's rows to its packs' size (a pack of T's kPack elements of N)
   const bool aligned = rows_aligned<D>(dy, dy_stride) && (dsum == nullptr || rows_aligned<T>(dsum, dsum_stride)) &&
                        rows_aligned<T>(x, x_stride) && rows_aligned<T>(dx, cols) &&
+                       (dx_narrow == nullptr || ptr_aligned(dx_narrow)) &&
                        (weight == nullptr || ptr_aligned(weight)) &&
                        (dweight_partial == nullptr || ptr_aligned(dweight_partial)) &&
                        (dbias_partial == nullptr || ptr_aligned(dbias_partial));
   const bool tiled = with_backward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    norm_backward_tile_kernel<T, W, D, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
-        dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride,
-        dsum_stride, x_stride, rms, aligned);
+    norm_backward_tile_kernel<T, W, D, N, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
+        dy, dsum, x, weight, mean, rstd, dx, dx_narrow, dweight_partial, dbias_partial, rows, cols, rows_per_block,
+        dy_stride, dsum_stride, x_stride, rms, aligned);
   });
   cudaError_t err = cudaSuccess;
   if (!tiled) {
@@ -622,10 +634,10 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
         constexpr bool kShared = decltype(shared)::value;
         if (shared_bytes > kDefaultDynamicShared)
           err = opt_in_shared_memory(
-              reinterpret_cast<const void*>(norm_backward_loop_kernel<T, W, D, kVec, kShared>), shared_bytes);
+              reinterpret_cast<const void*>(norm_backward_loop_kernel<T, W, D, N, kVec, kShared>), shared_bytes);
         if (err != cudaSuccess) return;
-        norm_backward_loop_kernel<T, W, D, kVec, kShared><<<grid, kLoopThreads, shared_bytes, stream>>>(
-            dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, rows, cols, rows_per_block,
+        norm_backward_loop_kernel<T, W, D, N, kVec, kShared><<<grid, kLoopThreads, shared_bytes, stream>>>(
+            dy, dsum, x, weight, mean, rstd, dx, dx_narrow, dweight_partial, dbias_partial, rows, cols, rows_per_block,
             dy_stride, dsum_stride, x_stride, rms);
       });
     });
@@ -668,6 +680,12 @@ bool valid_types(DType dtype, DType param_dtype, DType out_dtype) {
   if (param_dtype != dtype && param_dtype != acc) return false;
   return out_dtype == dtype || (out_dtype == acc && param_dtype == acc);
 }
+
+// dx's narrow copy: none (x's own dtype), or fp16 / bf16 beside fp32 rows.
+bool valid_narrow(DType dtype, DType dx_narrow_dtype) {
+  return dx_narrow_dtype == dtype ||
+         (dtype == DType::kFloat32 && (dx_narrow_dtype == DType::kFloat16 || dx_narrow_dtype == DType::kBFloat16));
+}
 }  // namespace
 
 cudaError_t norm_forward(DType dtype, DType param_dtype, DType out_dtype, DType residual_dtype, const void* x,
@@ -695,31 +713,44 @@ cudaError_t norm_forward(DType dtype, DType param_dtype, DType out_dtype, DType 
   return cudaErrorInvalidValue;
 }
 
-cudaError_t norm_backward_partial_rows(DType dtype, int64_t rows, int64_t cols, int64_t* partial_rows) {
+cudaError_t norm_backward_partial_rows(DType dtype, DType dx_narrow_dtype, int64_t rows, int64_t cols,
+                                       int64_t* partial_rows) {
   *partial_rows = 1;
+  if (!valid_narrow(dtype, dx_narrow_dtype)) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
-#define FASTDL_CALL(T) backward_blocks<T>(rows, cols, partial_rows)
+  if (dx_narrow_dtype != dtype) {  // fp32 rows (valid_narrow)
+    return dx_narrow_dtype == DType::kFloat16 ? backward_blocks<float, __half>(rows, cols, partial_rows)
+                                              : backward_blocks<float, __nv_bfloat16>(rows, cols, partial_rows);
+  }
+#define FASTDL_CALL(T) backward_blocks<T, T>(rows, cols, partial_rows)
   switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
 #undef FASTDL_CALL
   return cudaErrorInvalidValue;
 }
 
-cudaError_t norm_backward(DType dtype, DType param_dtype, DType dy_dtype, const void* dy, const void* dsum,
-                          const void* x, const void* weight, const void* mean, const void* rstd, void* dx,
-                          void* dweight_partial, void* dbias_partial, int64_t partial_rows, void* dweight, void* dbias,
-                          int64_t rows, int64_t cols, int64_t dy_row_stride, int64_t dsum_row_stride,
-                          int64_t x_row_stride, bool rms, cudaStream_t stream) {
-  if (!valid_types(dtype, param_dtype, dy_dtype)) return cudaErrorInvalidValue;
+cudaError_t norm_backward(DType dtype, DType param_dtype, DType dy_dtype, DType dx_narrow_dtype, const void* dy,
+                          const void* dsum, const void* x, const void* weight, const void* mean, const void* rstd,
+                          void* dx, void* dx_narrow, void* dweight_partial, void* dbias_partial, int64_t partial_rows,
+                          void* dweight, void* dbias, int64_t rows, int64_t cols, int64_t dy_row_stride,
+                          int64_t dsum_row_stride, int64_t x_row_stride, bool rms, cudaStream_t stream) {
+  if (!valid_types(dtype, param_dtype, dy_dtype) || !valid_narrow(dtype, dx_narrow_dtype)) return cudaErrorInvalidValue;
+  if (dx_narrow_dtype != dtype && dx_narrow == nullptr) return cudaErrorInvalidValue;
   if (rows == 0 || cols == 0) return cudaSuccess;
   if (partial_rows < 1 || partial_rows > INT_MAX) return cudaErrorInvalidValue;
   const bool params_in_t = param_dtype == dtype, dy_in_t = dy_dtype == dtype;
-#define FASTDL_BACKWARD(T, W, D)                                                                                       \
-  backward_typed<T, W, D>(dy, dsum, x, weight, mean, rstd, dx, dweight_partial, dbias_partial, partial_rows, dweight, \
-                          dbias, rows, cols, dy_row_stride, dsum_row_stride, x_row_stride, rms, stream)
+#define FASTDL_BACKWARD(T, W, D, N)                                                                                  \
+  backward_typed<T, W, D, N>(dy, dsum, x, weight, mean, rstd, dx, dx_narrow, dweight_partial, dbias_partial,         \
+                             partial_rows, dweight, dbias, rows, cols, dy_row_stride, dsum_row_stride, x_row_stride, \
+                             rms, stream)
+  // fp32 rows (valid_narrow; params and dy in fp32 too) whose dx is also written in fp16 / bf16
+  if (dx_narrow_dtype != dtype) {
+    return dx_narrow_dtype == DType::kFloat16 ? FASTDL_BACKWARD(float, float, float, __half)
+                                              : FASTDL_BACKWARD(float, float, float, __nv_bfloat16);
+  }
 #define FASTDL_CALL(T)                                                                       \
-  params_in_t ? FASTDL_BACKWARD(T, T, T)                                                     \
-  : dy_in_t   ? FASTDL_BACKWARD(T, typename Acc<T>::type, T)                                 \
-              : FASTDL_BACKWARD(T, typename Acc<T>::type, typename Acc<T>::type)
+  params_in_t ? FASTDL_BACKWARD(T, T, T, T)                                                  \
+  : dy_in_t   ? FASTDL_BACKWARD(T, typename Acc<T>::type, T, T)                              \
+              : FASTDL_BACKWARD(T, typename Acc<T>::type, typename Acc<T>::type, T)
   switch (dtype) { FASTDL_DTYPE_CASES(FASTDL_CALL) }
 #undef FASTDL_CALL
 #undef FASTDL_BACKWARD

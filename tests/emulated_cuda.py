@@ -1,7 +1,9 @@
 """Builds and runs the CUDA C++ launchers of kernels/ on the CPU, under the emulator in
 tests/cpp/cuda_emu (a fiber a GPU thread, barriers and warp shuffles emulated), with
 AddressSanitizer and UBSan: machines without a GPU run the kernels' code, catch an
-out-of-bounds access, a misaligned vector access or a barrier some threads skip.
+out-of-bounds access, a misaligned vector access (the kernels' FASTDL_CHECK_ALIGNED, which
+the emulator defines: UBSan missed a misaligned move of 16-bit values) or a barrier some
+threads skip.
 
 The kernels' sources are compiled as they are, but for four rewrites that keep every
 line where it was (rewrite_source):

@@ -172,8 +172,8 @@ def test_backward_runs_on_the_forwards_backend(op, monkeypatch):
                             lambda backend, *a: ran.append(backend) or rows_backward(backend, *a))
         call = lambda t: fastdl.ops.softmax(t, -1)  # noqa: E731
     else:
-        monkeypatch.setattr(module, "_rows_backward", lambda *a, backend=None: ran.append(backend) or rows_backward(
-            *a, backend=backend))
+        monkeypatch.setattr(module, "_rows_backward", lambda *a, backend=None, **k: ran.append(backend) or rows_backward(
+            *a, backend=backend, **k))
         call = lambda t: fastdl.ops.layer_norm(t, 5)  # noqa: E731
     x = torch.randn(3, 5, requires_grad=True)
     runnable = fastdl.available_backends("cpu")

@@ -3,6 +3,7 @@ tests/cpp/cuda_emu (see tests/emulated_cuda.py), against the float64 reference: 
 kernel shape (warp and block tiles, the loop and block-per-row kernels, long rows held
 packed in registers, the long-row split), every dtype, misaligned and strided rows,
 special values, deterministic parameter gradients. Built with AddressSanitizer and UBSan,
+and every vector access's alignment checked (FASTDL_CHECK_ALIGNED, kernels/common/types.cuh),
 so a read or write past a buffer, a misaligned 16-byte access or a barrier some threads
 skip fails the test.
 
@@ -255,7 +256,8 @@ def test_softmax_rows_equally_off_16_byte_boundaries(runner, tmp_path, dtype, sp
     """Rows of an odd length (20001 columns: as with a 50257-wide vocabulary, rows after the
     first start off a 16-byte boundary, input and output rows by the same amount): the block
     and split kernels cut every row into a ragged head, whole vectors and a ragged tail. A
-    vector access off a boundary fails under UBSan; a column missed or taken twice, here."""
+    vector access off a boundary fails the emulator's alignment check; a column missed or taken
+    twice, here."""
     rows, cols = 3, 20001
     env = None if split else {"FASTDL_CUDA_SPLIT_PER_SM": "0"}
     x, _ = _rows(rows, cols, dtype, layout)
@@ -437,11 +439,13 @@ def test_norm_forward(runner, tmp_path, dtype, variant, shape):
     assert _kernels(result) == ["norm_forward_tile_kernel" if cols <= tile_max else "norm_forward_loop_kernel"]
 
 
-def _norm_backward(runner, tmp_path, inputs, rms, env=None, dy=None, dsum=None, param_dtype=None, dy_dtype=None):
+def _norm_backward(runner, tmp_path, inputs, rms, env=None, dy=None, dsum=None, param_dtype=None, dy_dtype=None,
+                   dx_narrow_dtype=None):
     """dx (+ dsum), dweight, dbias of the norm of inputs["x"] (+ residual) for dy (random
     unless given, in dy_dtype: default x's), from the kernels and from float64 autograd of
     the reference. param_dtype: weight's, dweight's and dbias's dtype as the launcher is
-    told (default the accumulation type)."""
+    told (default the accumulation type). dx_narrow_dtype: dx also asked for rounded to it
+    (the output dx_narrow)."""
     x = inputs["x"]
     rows, cols = x.shape
     dtype, acc = x.dtype, _acc(x.dtype)
@@ -464,6 +468,9 @@ def _norm_backward(runner, tmp_path, inputs, rms, env=None, dy=None, dsum=None, 
     settings = {"dtype": emulated_cuda.DTYPE_NAMES[dtype], "rows": rows, "cols": cols, "dy_stride": dy.stride(0),
                 "dsum_stride": cols, "x_stride": h_in.stride(0), "rms": rms,
                 "param_dtype": emulated_cuda.DTYPE_NAMES[param_dtype], "dy_dtype": emulated_cuda.DTYPE_NAMES[dy.dtype]}
+    if dx_narrow_dtype is not None:
+        outputs["dx_narrow"] = (dx_narrow_dtype, rows * cols)
+        settings["dx_narrow_dtype"] = emulated_cuda.DTYPE_NAMES[dx_narrow_dtype]
     result = _run(runner, tmp_path, "norm_backward", kernel_inputs, outputs, settings, env=env)
 
     h64 = h_in.double().requires_grad_()
@@ -695,7 +702,7 @@ def test_norm_16_bit_sum_beside_fp32_y(runner, tmp_path, dtype, cols):
     """A fused add's 16-bit sum beside its fp32 y, x and residual in rows on 16-byte
     boundaries, 4 columns past whole 16-bit vectors: y's rows (fp32, cols apart) all start on
     a boundary, the sum's (16-bit, cols apart) every other one does not, so the kernels must
-    not move the sum 16 bytes at a time (UBSan fails a misaligned vector access)."""
+    not move the sum 16 bytes at a time (the emulator fails a misaligned vector access)."""
     rows = 3
     inputs, offsets = _norm_inputs((rows, cols), dtype, "add_layer_norm", "vector rows")
     result = _norm_forward(runner, tmp_path, inputs, offsets, False, out_dtype=torch.float32)
@@ -726,6 +733,37 @@ def test_norm_of_16_bit_x_beside_fp32_residual(runner, tmp_path, dtype, variant,
     for refused in ({"out_dtype": dtype}, {"param_dtype": dtype}):
         with pytest.raises(AssertionError, match="cudaErrorInvalidValue"):
             _norm_forward(runner, tmp_path / "refused", inputs, offsets, rms, **{"out_dtype": torch.float32, **refused})
+
+
+@pytest.mark.parametrize("cols", [7, 1000, 1004, 1006, 8192, 20000, 20004])
+@pytest.mark.parametrize("variant", ["add_layer_norm", "add_rms_norm_plain", "layer_norm_plain"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_norm_backward_writes_dx_narrow_beside_fp32_rows(runner, tmp_path, dtype, variant, cols):
+    """The backward of fp32 rows (the fp32 sum of a 16-bit x and an fp32 residual) writing dx
+    also rounded to x's dtype, the 16-bit input's gradient, in the same pass: dx_narrow is
+    dx's bits rounded, tile and loop kernels. At 1004 and 20004 columns the fp32 rows are on
+    16-byte boundaries and every other 16-bit row is not (it takes 8-byte packs; the emulator
+    fails a misaligned one); at 7 and 1006 no row is, and values move one at a time. A narrow dx
+    beside rows that are not fp32, or in fp64, is refused."""
+    rows = 5
+    rms = NORM_VARIANTS[variant][3]
+    inputs, _ = _norm_inputs((rows, cols), torch.float32, variant)
+    dy, dsum = torch.randn(rows, cols), torch.randn(rows, cols)
+    result, grads = _norm_backward(runner, tmp_path / "a", inputs, rms, dy=dy, dsum=dsum, dx_narrow_dtype=dtype)
+    for name, ref in grads.items():
+        assert_close(result.outputs[name].view(ref.shape), ref, torch.float32, name)
+    narrow = result.outputs["dx_narrow"]
+    assert narrow.dtype == dtype
+    assert torch.equal(narrow, result.outputs["dx"].to(dtype)), "dx_narrow is not dx rounded"
+    assert _kernels(result)[0] == ("norm_backward_loop_kernel" if cols > 8192 else "norm_backward_tile_kernel")
+    alone, _ = _norm_backward(runner, tmp_path / "b", inputs, rms, dy=dy, dsum=dsum)
+    for name in grads:  # the narrow copy changes nothing else, the partial rows' count included
+        assert torch.equal(result.outputs[name], alone.outputs[name]), name
+    half_inputs, _ = _norm_inputs((rows, cols), dtype, variant)
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    for refused_inputs, refused in ((half_inputs, other), (inputs, torch.float64)):
+        with pytest.raises(AssertionError, match="cudaErrorInvalidValue"):
+            _norm_backward(runner, tmp_path / "refused", refused_inputs, rms, dx_narrow_dtype=refused)
 
 
 def test_rewrite_keeps_lines_and_finds_every_launch():

@@ -203,7 +203,7 @@ def test_native_ops_take_parameters_in_the_input_dtype(case, dtype, cols):
             w_, b_ = w.detach().to(params), b.detach().to(params)
             y, h, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward(x.detach(), res.detach(), w_, b_, 1e-5, False)
             grads[params] = torch.ops.fastdl.layer_norm_rows_backward(dy, None, h, w_, mean, rstd, True, False)
-            grads[params] = (y, *grads[params])
+            grads[params] = (y, *grads[params][:3])
     for name, ours, fp32 in zip(("y", "dx", "dweight", "dbias"), grads[dtype], grads[torch.float32]):
         assert ours.dtype == dtype, name
         assert fp32.dtype == (torch.float32 if name in ("dweight", "dbias") else dtype), name
@@ -368,7 +368,8 @@ def test_native_fp32_norm_of_16_bit_row_views(case, dtype, cols, residual):
     of its dtype, the sum in it; beside an fp32 residual, the sum fp32) and back, on row views
     of wider tensors one element in: x, residual, dy and dsum each read at its own stride. y,
     the sum (torch's x + residual, bit for bit), mean, rstd, dx, dweight and dbias against
-    float64."""
+    float64; beside an fp32 residual the backward also writes x's gradient (narrow_dtype), dx's
+    bits rounded."""
     backend, device = case
     rows, eps = 5, 1e-5
 
@@ -392,8 +393,9 @@ def test_native_fp32_norm_of_16_bit_row_views(case, dtype, cols, residual):
         assert_close(out, expected, torch.float32, name)
     # the backward takes the rows normalised (16-bit, or the fp32 sum) beside an fp32 dy
     dy, dsum = row_view(torch.float32, 3), row_view(rows_normalised.dtype, 7) if res is not None else None
-    dx, dweight, dbias = torch.ops.fastdl.layer_norm_rows_backward(dy, dsum, rows_normalised, w, mean, rstd, True,
-                                                                   False)
+    narrow = dtype if residual == "fp32" else None
+    dx, dweight, dbias, dx_narrow = torch.ops.fastdl.layer_norm_rows_backward(dy, dsum, rows_normalised, w, mean,
+                                                                              rstd, True, False, narrow)
     ref_dh, ref_dw, ref_db = torch.autograd.grad(ref, (h64, w64, b64), dy.double())
     if dsum is not None:
         ref_dh = ref_dh + dsum.double()
@@ -401,6 +403,10 @@ def test_native_fp32_norm_of_16_bit_row_views(case, dtype, cols, residual):
     assert_close(dx, ref_dh, rows_normalised.dtype, "dx")
     assert_close(dweight, ref_dw, torch.float32, "dweight")
     assert_close(dbias, ref_db, torch.float32, "dbias")
+    if narrow is not None:
+        assert dx_narrow.dtype == dtype and torch.equal(dx_narrow, dx.to(dtype)), "dx_narrow is not dx rounded"
+    else:
+        assert dx_narrow.numel() == 0
     assert all(torch.equal(a, c) for a, c in zip(inputs, [t for t in (x, res) if t is not None]))
 
 
@@ -596,6 +602,22 @@ class TestBadInputs:
         _, _, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward(x, None, None, None, 1e-5, False)
         with pytest.raises(RuntimeError, match=r"dy is Double but x is BFloat16; expected x's dtype or Float"):
             torch.ops.fastdl.layer_norm_rows_backward(x.double(), None, x, None, mean, rstd, False, False)
+        with pytest.raises(RuntimeError, match=r"layer_norm_backward \(cpu\): narrow_dtype must be Half or BFloat16 "
+                                               r"beside Float rows, got Half beside BFloat16"):
+            torch.ops.fastdl.layer_norm_rows_backward(x, None, x, None, mean, rstd, False, False, torch.float16)
+        _, _, mean, rstd = torch.ops.fastdl.layer_norm_rows_forward(x.float(), None, None, None, 1e-5, False)
+        with pytest.raises(RuntimeError, match=r"narrow_dtype must be Half or BFloat16 beside Float rows, got Double"):
+            torch.ops.fastdl.layer_norm_rows_backward(x.float(), None, x.float(), None, mean, rstd, False, False,
+                                                      torch.float64)
+
+    def test_triton_narrow_dtype_check(self):
+        pytest.importorskip("triton")
+        from fastdl.triton.layer_norm import norm_backward
+
+        x = torch.randn(3, 4, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match=r"narrow_dtype must be float16 or bfloat16 beside float32 rows, got "
+                                             r"torch.float16 beside torch.bfloat16"):
+            norm_backward(x, None, x, None, None, torch.ones(3), False, True, torch.float16)
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -653,10 +675,12 @@ def test_module_fallback_and_strict():
             fastdl.nn.AddRMSNorm(8, strict=True)(x, x)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16 x, fp32 residual"])
 @pytest.mark.parametrize("backend", compile_backends())
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, x_dtype):
     """torch.compile(fullgraph=True) traces through the custom ops and matches eager,
-    forward and backward (Triton under the interpreter cannot be compiled: on the GPU)."""
+    forward and backward (Triton under the interpreter cannot be compiled: on the GPU); with a
+    bf16 x beside the fp32 residual, x's gradient comes from the backward op in bf16."""
     device = "cuda" if backend in ("triton", "cuda") else "cpu"
     if backend not in fastdl.available_backends(device):
         pytest.skip(f"backend {backend} not available")
@@ -670,7 +694,7 @@ def test_torch_compile_fullgraph(backend):
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True)
-    x = torch.randn(4, 16, device=device, requires_grad=True)
+    x = torch.randn(4, 16, device=device).to(x_dtype).requires_grad_()
     r = torch.randn(4, 16, device=device, requires_grad=True)
     with fastdl.use_backend(backend):
         eager = f(x, r)
@@ -679,6 +703,7 @@ def test_torch_compile_fullgraph(backend):
         g_out = torch.autograd.grad(out, (x, r))
     torch.testing.assert_close(out, eager)
     for a, c in zip(g_out, g_eager):
+        assert a.dtype == c.dtype
         torch.testing.assert_close(a, c)
 
 
@@ -713,6 +738,35 @@ def test_fused_add_of_two_dtypes_promotes_as_torch(case, dtypes, cols):
     if torch.float32 in dtypes:  # a 16-bit one beside fp32: both read as they are, no cast first
         assert {e[0].variable for e in y.grad_fn.next_functions[:2]} == {x, residual}, "cast before the norm"
     _check_fused_add(R.layer_norm, h, y, x, residual, w, b, 1e-5)
+
+
+@pytest.mark.parametrize("variant", ["add_layer_norm", "add_rms_norm"])
+@pytest.mark.parametrize("cols", [37, 40, 20000], ids=["odd", "tile", "loop"])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fused_add_pair_backward_gives_each_input_its_dtype(case, dtypes, cols, variant):
+    """A 16-bit x beside an fp32 residual (or the other way round): the backward node itself
+    returns the 16-bit one's gradient in its dtype, written beside the fp32 one's by the
+    backward kernel, so autograd has no cast to make after it (it would read the fp32
+    gradient again); its bits are the fp32 gradient's rounded. (Triton casts after the kernel
+    for rows off 16-byte boundaries, such as 37 columns. Values: against float64 in
+    test_fused_add_of_two_dtypes_promotes_as_torch.)"""
+    backend, device = case
+    fn, _, _, _, has_b, _ = VARIANTS[variant]
+    x = torch.randn(3, cols, device=device).to(dtypes[0]).requires_grad_()
+    residual = torch.randn(3, cols, device=device).to(dtypes[1]).requires_grad_()
+    w = (torch.rand(cols, device=device) + 0.5).requires_grad_()
+    b = torch.randn(cols, device=device).requires_grad_() if has_b else None
+    with fastdl.use_backend(backend):
+        h, y = _call(fn, variant, x, residual, w, b, cols, 1e-5)
+    node = y.grad_fn
+    assert h.grad_fn is node
+    with torch.no_grad():  # the node's own outputs, before the engine sees them
+        grads = (node if callable(node) else node.apply)(torch.randn_like(y), torch.randn_like(h))
+    dx, dresidual = grads[:2]
+    assert dx.dtype == x.dtype and dresidual.dtype == residual.dtype
+    narrow, wide = (dx, dresidual) if x.dtype != torch.float32 else (dresidual, dx)
+    assert torch.equal(narrow, wide.to(narrow.dtype)), "the 16-bit gradient is not the fp32 one rounded"
 
 
 @pytest.mark.parametrize("kind", ["bf16", "bf16, fp32 rule"])

@@ -139,7 +139,7 @@ def test_launchers_pass_the_row_alignment(dtype, row_stride, expected, monkeypat
     assert_close(y, reference.layer_norm(x.double(), (n_cols,), weight.double(), bias.double()), dtype, "layer_norm")
     x64 = x.double().requires_grad_()
     reference.layer_norm(x64, (n_cols,), weight.double(), bias.double()).backward(dy.double())
-    dx, _, _ = norm_kernels.norm_backward(dy, None, x, weight, mean, rstd, True, rms=False)
+    dx, _, _, _ = norm_kernels.norm_backward(dy, None, x, weight, mean, rstd, True, rms=False)
     assert_close(dx, x64.grad, dtype, "layer_norm backward")
 
     assert aligns == {
@@ -238,7 +238,7 @@ def test_norm_kernels_can_run_again(n_cols, rms, monkeypatch):
     x, residual, dy, dsum = (torch.randn(rows, n_cols, device=DEVICE) for _ in range(4))
     weight, bias = torch.rand(n_cols, device=DEVICE) + 0.5, None if rms else torch.randn(n_cols, device=DEVICE)
     y, h, mean, rstd = norm_kernels.norm_forward(x, residual, weight, bias, 1e-5, rms)
-    dx, dweight, dbias = norm_kernels.norm_backward(dy, dsum, h, weight, mean, rstd, bias is not None, rms)
+    dx, dweight, dbias, _ = norm_kernels.norm_backward(dy, dsum, h, weight, mean, rstd, bias is not None, rms)
 
     leaves = [t.double().requires_grad_() for t in (x, residual, weight) + (() if rms else (bias,))]
     h64 = leaves[0] + leaves[1]

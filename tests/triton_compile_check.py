@@ -22,6 +22,7 @@ Checked on the SASS (nvdisasm), for fp32 / fp16 / bf16:
     kernels but the peeling kernels' ragged edges (EDGE_ACCESSES).
 """
 import argparse
+import itertools
 import multiprocessing
 import os
 import re
@@ -142,15 +143,18 @@ def layer_norm_specs():
                         "sum_ptr": res, "mean_ptr": stat, "rstd_ptr": stat}
             bwd_ptrs = {"dy_ptr": out, "dsum_ptr": p, "x_ptr": p, "weight_ptr": "*fp32", "mean_ptr": stat,
                         "rstd_ptr": stat, "dx_ptr": p, "dweight_partial_ptr": stat, "dbias_partial_ptr": stat}
+            # dx of fp32 rows also in 16 bits (the fp32 sum of a 16-bit x and an fp32 residual)
+            narrows = [(p, False)] + [(n, True) for n in ("*fp16", "*bf16") if dtype == "fp32" and fused]
             for block_cols, rows in [(1024, 4), (k.FORWARD_TILE_MAX_COLS, 1)]:
                 const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_RESIDUAL=fused, **flags)
                 sig = {**fwd_ptrs, "x_row_stride_vecs": "i64", "residual_row_stride_vecs": "i64",
                        "n_rows": "i32", "n_col_vecs": "i32", "eps": "fp32", **{c: "constexpr" for c in const}}
                 specs.append((k._norm_forward_tile_kernel, sig, const))
             # (the backward of an fp32 sum is the fp32 one's: no spec of its own)
-            for block_cols, rows in [(1024, 4), (k.BACKWARD_TILE_MAX_COLS, 1)] if res == p else []:
-                const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_DSUM=fused, **flags)
-                sig = {**bwd_ptrs, "dy_row_stride_vecs": "i64", "dsum_row_stride_vecs": "i64",
+            for (block_cols, rows), (narrow, has_narrow) in itertools.product(
+                    [(1024, 4), (k.BACKWARD_TILE_MAX_COLS, 1)] if res == p else [], narrows):
+                const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_DSUM=fused, HAS_DX_NARROW=has_narrow, **flags)
+                sig = {**bwd_ptrs, "dx_narrow_ptr": narrow, "dy_row_stride_vecs": "i64", "dsum_row_stride_vecs": "i64",
                        "x_row_stride_vecs": "i64", "n_rows": "i32", "n_col_vecs": "i32", "rows_per_program": "i32",
                        **{c: "constexpr" for c in const}}
                 specs.append((k._norm_backward_tile_kernel, sig, const))
@@ -158,11 +162,11 @@ def layer_norm_specs():
             sig = {**fwd_ptrs, "x_row_stride_vecs": "i64", "residual_row_stride_vecs": "i64", "n_col_vecs": "i32",
                    "eps": "fp32", **{c: "constexpr" for c in const}}
             specs.append((k._norm_forward_loop_kernel, sig, const))
-            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_DSUM=fused, **flags)
-            sig = {**bwd_ptrs, "dy_row_stride_vecs": "i64", "dsum_row_stride_vecs": "i64", "x_row_stride_vecs": "i64",
-                   "n_rows": "i32", "n_col_vecs": "i32", "rows_per_program": "i32",
-                   **{c: "constexpr" for c in const}}
-            if res == p:
+            for narrow, has_narrow in narrows if res == p else []:
+                const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_DSUM=fused, HAS_DX_NARROW=has_narrow, **flags)
+                sig = {**bwd_ptrs, "dx_narrow_ptr": narrow, "dy_row_stride_vecs": "i64",
+                       "dsum_row_stride_vecs": "i64", "x_row_stride_vecs": "i64", "n_rows": "i32",
+                       "n_col_vecs": "i32", "rows_per_program": "i32", **{c: "constexpr" for c in const}}
                 specs.append((k._norm_backward_loop_kernel, sig, const))
         # stage 2 of dweight / dbias: dweight in x's dtype (a 16-bit model's weight), dbias in fp32
         stat = "*fp64" if dtype == "fp64" else "*fp32"
@@ -210,7 +214,9 @@ def variants():
             unaligned = {**constexprs, "ALIGN": 1, **({"VEC": 1} if peels else {})}
             aligned = {**constexprs, **({"ALIGN": 1, "VEC": vec} if peels else {"ALIGN": vec})}
             for num_warps in kernel.offered_num_warps(constexprs):
-                yield kernel, signature, unaligned, num_warps, False
+                # (the norm backward's narrow dx is fused for rows of 16-byte vectors only)
+                if not constexprs.get("HAS_DX_NARROW"):
+                    yield kernel, signature, unaligned, num_warps, False
                 if constexprs["BLOCK_COLS"] >= 16:  # one-column rows cannot be vectorised
                     yield kernel, signature, aligned, num_warps, True
 

@@ -54,6 +54,10 @@ struct NormRowsBackward : public torch::autograd::Node {
   // the bias changes the forward's (a bf16 weight beside an fp32 bias), it would round the
   // bias's gradient to bf16, so the backward passes the weight in the statistics' dtype
   bool mixed_params = false;
+  // A 16-bit x beside an fp32 residual (or the other way round), their sum fp32: the backward
+  // op writes the 16-bit one's gradient too (narrow_dtype), where the engine would cast dx
+  std::optional<at::ScalarType> narrow_dtype;
+  bool narrow_is_x = false;  // else the residual is the 16-bit one
   double eps = 0;
 
   std::string name() const override { return "fastdl::NormRowsBackward"; }
@@ -66,9 +70,9 @@ struct NormRowsBackward : public torch::autograd::Node {
   }
 
   variable_list apply(variable_list&& grads) override {
-    using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const OptTensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const at::Tensor&,
-        bool, bool);
+        bool, bool, std::optional<at::ScalarType>);
     static const auto op = typed_op<Backward>("fastdl::layer_norm_rows_backward");
     std::lock_guard<std::mutex> lock(mutex_);
     const auto self = node_ptr(this);
@@ -77,19 +81,21 @@ struct NormRowsBackward : public torch::autograd::Node {
     // dy undefined: only the sum of a fused call was used downstream
     const at::Tensor dy = grads[0].defined() ? contiguous_rows(grads[0]) : at::zeros_like(input_);
     const at::Tensor dsum = fused && grads[1].defined() ? contiguous_rows(grads[1]) : at::Tensor();
-    at::Tensor dx, dweight, dbias;
+    at::Tensor dx, dweight, dbias, dx_narrow;
     if (at::GradMode::is_enabled()) {  // create_graph=True: the gradient must be differentiable too
       std::tie(dx, dweight, dbias) = differentiable_grads(dy, input_, weight_, has_bias, eps, rms);
       if (dsum.defined()) dx = dx + dsum;
+      dx_narrow = dx;  // cast by the engine
     } else {
       const at::Tensor w = mixed_params ? weight_.to(stats_type(input_.scalar_type())) : weight_;
-      std::tie(dx, dweight, dbias) = op.call(dy, present(dsum), input_, present(w), present(mean_), rstd_, has_bias,
-                                             rms);
+      std::tie(dx, dweight, dbias, dx_narrow) = op.call(dy, present(dsum), input_, present(w), present(mean_), rstd_,
+                                                        has_bias, rms, narrow_dtype);
+      if (!narrow_dtype.has_value()) dx_narrow = dx;
     }
     // dweight / dbias in weight's dtype or the statistics' (empty when absent); the engine casts
     // each gradient to its input's dtype (validate_outputs)
-    return {dx, fused ? dx : at::Tensor(), weight_.defined() ? dweight : at::Tensor(),
-            has_bias ? dbias : at::Tensor()};
+    return {narrow_is_x ? dx_narrow : dx, fused ? (narrow_is_x ? dx : dx_narrow) : at::Tensor(),
+            weight_.defined() ? dweight : at::Tensor(), has_bias ? dbias : at::Tensor()};
   }
 };
 
@@ -137,6 +143,10 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_eager(const at::Tensor& x, const O
     node->rms = rms;
     node->has_bias = bias.has_value();
     node->mixed_params = weight.has_value() && param_type(x, {&weight}) != param_type(x, {&weight, &bias});
+    if (fused && residual->scalar_type() != x.scalar_type()) {  // the fp32 sum of a 16-bit and an fp32 one
+      node->narrow_is_x = x.scalar_type() != h.scalar_type();
+      node->narrow_dtype = node->narrow_is_x ? x.scalar_type() : residual->scalar_type();
+    }
     node->eps = eps;
     torch::autograd::set_history(y, node);
     if (fused) torch::autograd::set_history(h, node);

@@ -85,6 +85,14 @@ inline at::ScalarType norm_out_type(const char* fn, at::ScalarType type, std::op
   return *out_dtype;
 }
 
+// The dtype a norm's backward also writes dx in (its narrow_dtype), beside rows of dtype x:
+// none, or Half / BFloat16 beside Float rows (fused_cast_dtypes), the fp32 sum of a 16-bit x
+// and an fp32 residual, whose 16-bit input's gradient is dx rounded to it.
+inline void check_norm_narrow_type(const char* fn, at::ScalarType x, std::optional<at::ScalarType> narrow_dtype) {
+  TORCH_CHECK(!narrow_dtype.has_value() || (*narrow_dtype != x && fused_cast_dtypes(*narrow_dtype, x)), fn,
+              ": narrow_dtype must be Half or BFloat16 beside Float rows, got ", *narrow_dtype, " beside ", x);
+}
+
 // dy of a norm's backward is in x's dtype, or in the statistics' dtype (the gradient of an
 // out_dtype forward's y); true for the latter.
 inline bool norm_dy_in_stats_type(const char* fn, const at::Tensor& dy, const at::Tensor& x) {

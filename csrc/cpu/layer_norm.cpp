@@ -286,6 +286,24 @@ FASTDL_MULTIVERSION void norm_backward_rows_from_float(const float* dy, int64_t 
   }
 }
 
+// dx of fp32 rows, the fp32 sum of a 16-bit x and an fp32 residual (norm_forward_rows_to_float),
+// also rounded to x's dtype N as each row is written, while it is in L1: the 16-bit input's
+// gradient in the same pass, where autograd's cast of the fp32 dx would read it back.
+template <typename N, bool kDsum, bool kDweight, bool kDbias>
+FASTDL_MULTIVERSION void norm_backward_rows_to_narrow(const float* dy, int64_t dy_stride, const float* dsum,
+                                                      int64_t dsum_stride, const float* x, int64_t x_stride,
+                                                      const float* weight, const float* mean, const float* rstd,
+                                                      float* dx, N* dx_narrow, float* dweight_partial,
+                                                      float* dbias_partial, int64_t begin, int64_t end, int64_t n,
+                                                      bool rms) {
+  for (int64_t r = begin; r < end; ++r) {
+    norm_row_backward<float, float, kDsum, kDweight, kDbias>(dy + r * dy_stride, dsum + r * dsum_stride,
+                                                             x + r * x_stride, weight, mean ? mean[r] : 0.0f, rstd[r],
+                                                             dx + r * n, dweight_partial, dbias_partial, n, rms);
+    row_from_float(dx + r * n, dx_narrow + r * n, n);
+  }
+}
+
 // fn(kDsum, kDweight, kDbias) with the backward's three flags picked at run time, each passed
 // as a std::bool_constant (its ::value a template argument)
 template <typename Fn> void with_backward_flags(bool has_dsum, bool has_dweight, bool has_dbias, Fn fn) {
@@ -398,10 +416,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forwa
   return {y, h, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
     const at::Tensor& dy, const std::optional<at::Tensor>& dsum, const at::Tensor& x,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
-    bool has_bias, bool rms) {
+    bool has_bias, bool rms, std::optional<at::ScalarType> narrow_dtype) {
   const char* fn = "fastdl.layer_norm_backward (cpu)";
   check_rows(fn, "x", x, at::kCPU);
   const int64_t rows = x.size(0), n = x.size(1);
@@ -409,6 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   check_float_dtype(fn, "x", x);
   // dy in fp32 beside 16-bit x: the gradient of an fp32 y (norm_forward_rows_to_float)
   const bool dy_in_acc = norm_dy_in_stats_type(fn, dy, x);
+  check_norm_narrow_type(fn, x.scalar_type(), narrow_dtype);
   if (dsum.has_value()) {
     check_rows(fn, "dsum", *dsum, at::kCPU, rows, n);
     TORCH_CHECK(dsum->scalar_type() == x.scalar_type(), fn, ": dsum is ", dsum->scalar_type(), " but x is ",
@@ -422,6 +441,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
               fn, ": mean must be a contiguous (", rows, ") ", acc, " tensor for layer_norm");
   const at::Tensor w = param_or(weight, n, acc, 1.0, fn, "weight");
   at::Tensor dx = empty_output({rows, n}, x.options());
+  // the 16-bit input's gradient of a 16-bit x and fp32 residual pair, written beside dx
+  at::Tensor dx_narrow = narrow_dtype.has_value() ? empty_output({rows, n}, x.options().dtype(*narrow_dtype))
+                                                  : at::empty({0}, x.options());
   // stage 1 buffers: one partial row per chunk of rows. A chunk holds about a task's worth
   // of work (grain_rows) and there are at most kMaxChunks: small inputs get few partial rows
   // to zero and sum, not one per row. Their count is a power of two, the rows spread evenly
@@ -452,6 +474,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
                                                                                   auto dbias_) {
             constexpr bool kDsum = decltype(dsum_)::value, kDweight = decltype(dweight_)::value,
                            kDbias = decltype(dbias_)::value;
+            if constexpr (std::is_same_v<scalar_t, float>) {
+              if (narrow_dtype.has_value()) {
+                return AT_DISPATCH_REDUCED_FLOATING_TYPES(*narrow_dtype, "fastdl_norm_backward_to_narrow_cpu", [&] {
+                  norm_backward_rows_to_narrow<scalar_t, kDsum, kDweight, kDbias>(
+                      dy.const_data_ptr<float>(), dy.stride(0), dsp, ds_stride, x.const_data_ptr<float>(),
+                      x.stride(0), w.const_data_ptr<float>(), mp, rstd.const_data_ptr<float>(),
+                      dx.mutable_data_ptr<float>(), dx_narrow.mutable_data_ptr<scalar_t>(), dwp, dbp, begin, end, n,
+                      rms);
+                });
+              }
+            }
             if constexpr (kIs16Bit<scalar_t>) {
               if (dy_in_acc) {
                 return norm_backward_rows_from_float<scalar_t, kDsum, kDweight, kDbias>(
@@ -483,7 +516,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
     }
     return out_type == acc ? out : out.to(out_type);
   };
-  return {dx, reduce(dweight_partial), reduce(dbias_partial)};
+  return {dx, reduce(dweight_partial), reduce(dbias_partial), dx_narrow};
 }
 
 }  // namespace

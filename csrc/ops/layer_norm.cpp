@@ -70,10 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forwa
   return {y, h, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
     const at::Tensor& dy, const std::optional<at::Tensor>& dsum, const at::Tensor& x,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& mean, const at::Tensor& rstd,
-    bool has_bias, bool rms) {
+    bool has_bias, bool rms, std::optional<at::ScalarType> narrow_dtype) {
   const char* fn = "fastdl.layer_norm_backward (cuda)";
   check_rows(fn, "x", x, at::kCUDA);
   const int64_t rows = x.size(0), n = x.size(1);
@@ -81,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   const auto dtype = kernel_dtype(fn, "x", x);
   TORCH_CHECK(dy.device() == x.device(), fn, ": dy must be on x's device");
   const bool dy_in_acc = norm_dy_in_stats_type(fn, dy, x);
+  check_norm_narrow_type(fn, x.scalar_type(), narrow_dtype);
   if (dsum.has_value()) {
     check_rows(fn, "dsum", *dsum, at::kCUDA, rows, n);
     TORCH_CHECK(dsum->scalar_type() == x.scalar_type() && dsum->device() == x.device(), fn,
@@ -101,8 +102,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   const at::Tensor w = param_as(weight, params, x, n, fn, "weight");
   const auto acc_opts = x.options().dtype(acc);
   at::Tensor dx = empty_output({rows, n}, x.options());
+  // the 16-bit input's gradient of a 16-bit x and fp32 residual pair, written beside dx
+  at::Tensor dx_narrow = narrow_dtype.has_value() ? empty_output({rows, n}, x.options().dtype(*narrow_dtype))
+                                                  : at::empty({0}, x.options());
+  const auto narrow = narrow_dtype.has_value() ? kernel_dtype(fn, "narrow_dtype", *narrow_dtype) : dtype;
   int64_t partial_rows = 1;
-  check_cuda_launch(fn, kernels::norm_backward_partial_rows(dtype, rows, n, &partial_rows));
+  check_cuda_launch(fn, kernels::norm_backward_partial_rows(dtype, narrow, rows, n, &partial_rows));
   // written whole by the kernels when there are rows (poisoned in tests), zeros otherwise
   auto param_grad = [&](bool wanted) {
     const auto opts = x.options().dtype(params);
@@ -114,15 +119,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_backward(
   at::Tensor dweight_partial = weight.has_value() ? at::empty({partial_rows, n}, acc_opts) : at::Tensor();
   at::Tensor dbias_partial = has_bias ? at::empty({partial_rows, n}, acc_opts) : at::Tensor();
   check_cuda_launch(fn, kernels::norm_backward(
-                            dtype, kernel_dtype(fn, "weight", params), kernel_dtype(fn, "dy", dy), dy.const_data_ptr(),
-                            dsum.has_value() ? dsum->const_data_ptr() : nullptr,
+                            dtype, kernel_dtype(fn, "weight", params), kernel_dtype(fn, "dy", dy), narrow,
+                            dy.const_data_ptr(), dsum.has_value() ? dsum->const_data_ptr() : nullptr,
                             x.const_data_ptr(), ptr_or_null(w), rms ? nullptr : mean->const_data_ptr(),
-                            rstd.const_data_ptr(), dx.mutable_data_ptr(), mutable_or_null(dweight_partial),
-                            mutable_or_null(dbias_partial), partial_rows, mutable_or_null(dweight),
-                            mutable_or_null(dbias), rows, n,
-                            dy.stride(0), dsum.has_value() ? dsum->stride(0) : 0, x.stride(0), rms,
+                            rstd.const_data_ptr(), dx.mutable_data_ptr(),
+                            narrow_dtype.has_value() ? dx_narrow.mutable_data_ptr() : nullptr,
+                            mutable_or_null(dweight_partial), mutable_or_null(dbias_partial), partial_rows,
+                            mutable_or_null(dweight), mutable_or_null(dbias), rows, n, dy.stride(0),
+                            dsum.has_value() ? dsum->stride(0) : 0, x.stride(0), rms,
                             at::cuda::getCurrentCUDAStream()));
-  return {dx, dweight, dbias};
+  return {dx, dweight, dbias, dx_narrow};
 }
 
 }  // namespace

@@ -55,8 +55,9 @@ def _torch_forward(x, residual, weight, bias, eps, rms, normalized_ndim=1, out_d
     return y.to(out_dtype or x.dtype), h, None if rms else mean.reshape(stats_shape), rstd.reshape(stats_shape)
 
 
-def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
-    # dy in x's dtype, or in the statistics' (the gradient of an out_dtype forward's y)
+def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms, narrow_dtype=None):
+    # dy in x's dtype, or in the statistics' (the gradient of an out_dtype forward's y);
+    # narrow_dtype: dx also rounded to it (the 16-bit input's gradient of a mixed pair)
     acc_dtype = stats_dtype(x.dtype)
     xhat = (x.to(acc_dtype) - (0 if rms else mean[:, None])) * rstd[:, None]
     dy32 = dy.to(acc_dtype)
@@ -69,7 +70,7 @@ def _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms):
         dx = dx + dsum
     dweight = (dy32 * xhat).sum(0) if weight is not None else None
     dbias = dy32.sum(0) if has_bias else None
-    return dx.to(x.dtype), dweight, dbias
+    return dx.to(x.dtype), dweight, dbias, dx.to(narrow_dtype) if narrow_dtype is not None else None
 
 
 # --- dispatch ----------------------------------------------------------------------
@@ -90,17 +91,21 @@ def _rows_forward(x, residual, weight, bias, eps, rms, backend=None, out_dtype=N
     return _torch_forward(x, residual, weight, bias, eps, rms, out_dtype=out_dtype)
 
 
-def _rows_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms, backend=None):
+def _rows_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms, backend=None, narrow_dtype=None):
+    """-> (dx, dweight, dbias, dx in narrow_dtype), None for what is absent. narrow_dtype:
+    fp16 / bf16 beside fp32 rows, the sum of a 16-bit x and an fp32 residual (fuses_promotion),
+    whose 16-bit input's gradient the backends write in the same pass as dx."""
     backend = backend or backends.resolve(RMS_OP if rms else OP, x)
     if backend == "triton":
         from fastdl.triton.layer_norm import norm_backward
 
-        return norm_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms)
+        return norm_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms, narrow_dtype)
     if backend in ("cuda", "cpu"):
-        dx, dweight, dbias = torch.ops.fastdl.layer_norm_rows_backward.default(dy, dsum, x, weight, mean, rstd,
-                                                                               has_bias, rms)
-        return dx, dweight if weight is not None else None, dbias if has_bias else None
-    return _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms)
+        dx, dweight, dbias, dx_narrow = torch.ops.fastdl.layer_norm_rows_backward.default(
+            dy, dsum, x, weight, mean, rstd, has_bias, rms, narrow_dtype)
+        return (dx, dweight if weight is not None else None, dbias if has_bias else None,
+                dx_narrow if narrow_dtype is not None else None)
+    return _torch_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms, narrow_dtype)
 
 
 def _as_rows(t, rows, n):
@@ -141,23 +146,25 @@ def _forward(x, residual, weight, bias, normalized_ndim, eps, rms, backend=None,
     return y, h, mean, rstd
 
 
-def _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms, backend=None):
-    """-> (dx, dweight, dbias) in the shapes and dtypes of x, weight, bias (None when absent);
-    dy in h's dtype or, after an out_dtype forward, in y's. On `backend`, or the one resolved now."""
+def _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms, backend=None, narrow_dtype=None):
+    """-> (dx, dweight, dbias, dx in narrow_dtype) in the shapes and dtypes of x, weight, bias
+    (None when absent); dy in h's dtype or, after an out_dtype forward, in y's. On `backend`,
+    or the one resolved now. narrow_dtype as _rows_backward's."""
     rows, n = _rows_and_n(h, normalized_ndim)
     two_d = h.dim() == 2 and normalized_ndim == 1
-    dx, dweight, dbias = _rows_backward(
+    dx, dweight, dbias, dx_narrow = _rows_backward(
         _as_rows(dy, rows, n), _as_rows(dsum, rows, n), _as_rows(h, rows, n), _flat(weight, n),
         mean if mean is None or two_d else mean.reshape(-1), rstd if two_d else rstd.reshape(-1), has_bias, rms,
-        backend=backend)
+        backend=backend, narrow_dtype=narrow_dtype)
     if not two_d:
         dx = dx.view(h.shape)
+        dx_narrow = dx_narrow.view(h.shape) if dx_narrow is not None else None
         param_shape = weight.shape if weight is not None else h.shape[h.dim() - normalized_ndim:]
         dweight = dweight.view(param_shape) if dweight is not None else None
         dbias = dbias.view(param_shape) if dbias is not None else None
     if dweight is not None and dweight.dtype != weight.dtype:
         dweight = dweight.to(weight.dtype)
-    return dx, dweight, dbias
+    return dx, dweight, dbias, dx_narrow
 
 
 def _or_empty(t, like):
@@ -188,22 +195,26 @@ def _(x, residual, weight, bias, normalized_ndim, eps, rms, out_dtype=None):
 
 @torch.library.custom_op("fastdl::norm_backward", mutates_args=())
 def _norm_backward_op(dy: Tensor, dsum: Tensor | None, h: Tensor, weight: Tensor | None, mean: Tensor | None,
-                      rstd: Tensor, has_bias: bool, normalized_ndim: int, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dweight, dbias = _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms)
+                      rstd: Tensor, has_bias: bool, normalized_ndim: int, rms: bool,
+                      narrow_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dweight, dbias, dx_narrow = _backward(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms,
+                                              narrow_dtype=narrow_dtype)
     # dbias in the dtype the fake below promises (weight's; without a weight, h's): the native
     # ops give weight's dtype when it is h's, else the statistics' dtype, as the other backends
     bias_dtype = weight.dtype if weight is not None else h.dtype
     if dbias is not None and dbias.dtype != bias_dtype:
         dbias = dbias.to(bias_dtype)
-    return dx, _or_empty(dweight, h), _or_empty(dbias, h)
+    return dx, _or_empty(dweight, h), _or_empty(dbias, h), _or_empty(dx_narrow, h)
 
 
 @_norm_backward_op.register_fake
-def _(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms):
+def _(dy, dsum, h, weight, mean, rstd, has_bias, normalized_ndim, rms, narrow_dtype=None):
     dweight = torch.empty_like(weight) if weight is not None else h.new_empty(0)
     dbias = h.new_empty(h.shape[h.dim() - normalized_ndim:], dtype=weight.dtype if weight is not None else h.dtype) \
         if has_bias else h.new_empty(0)
-    return torch.empty_like(h, memory_format=torch.contiguous_format), dweight, dbias
+    dx_narrow = torch.empty_like(h, dtype=narrow_dtype, memory_format=torch.contiguous_format) \
+        if narrow_dtype is not None else h.new_empty(0)
+    return torch.empty_like(h, memory_format=torch.contiguous_format), dweight, dbias, dx_narrow
 
 
 def _save(ctx, x, residual, weight, bias, normalized_ndim, eps, rms, outputs):
@@ -212,6 +223,12 @@ def _save(ctx, x, residual, weight, bias, normalized_ndim, eps, rms, outputs):
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.normalized_ndim, ctx.eps, ctx.rms = normalized_ndim, eps, rms
+    # a 16-bit x beside an fp32 residual (or the other way round): the backward writes the
+    # 16-bit one's gradient too, where autograd would cast dx
+    ctx.narrow_dtype, ctx.narrow_is_x = None, False
+    if ctx.fused and residual.dtype != x.dtype:
+        ctx.narrow_is_x = x.dtype != h.dtype
+        ctx.narrow_dtype = x.dtype if ctx.narrow_is_x else residual.dtype
     ctx.save_for_backward(h if ctx.fused else x, weight, mean if not rms else None, rstd)
 
 
@@ -221,11 +238,14 @@ def _grads(ctx, dy, dsum, backward):
         dy = torch.zeros_like(normalised_input)
     if dsum is not None and (not ctx.fused or dsum.numel() == 0):
         dsum = None
-    dx, dweight, dbias = backward(dy, dsum, normalised_input, weight, mean, rstd, ctx.has_bias,
-                                  ctx.normalized_ndim, ctx.rms)
+    dx, dweight, dbias, dx_narrow = backward(dy, dsum, normalised_input, weight, mean, rstd, ctx.has_bias,
+                                             ctx.normalized_ndim, ctx.rms, narrow_dtype=ctx.narrow_dtype)
     if ctx.has_bias and dbias.dtype != ctx.bias_dtype:
         dbias = dbias.to(ctx.bias_dtype)
-    return dx, dx if ctx.fused else None, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None
+    dx_x, dx_residual = dx, dx if ctx.fused else None
+    if ctx.narrow_dtype is not None:
+        dx_x, dx_residual = (dx_narrow, dx) if ctx.narrow_is_x else (dx, dx_narrow)
+    return dx_x, dx_residual, dweight if ctx.has_weight else None, dbias if ctx.has_bias else None
 
 
 def _differentiable_grads(ctx, dy, dsum):

@@ -184,6 +184,7 @@ def _norm_backward_tile_kernel(
     mean_ptr,
     rstd_ptr,
     dx_ptr,  # (n_rows, n_cols) contiguous
+    dx_narrow_ptr,  # likewise, in a 16-bit dtype beside fp32 rows (written when HAS_DX_NARROW)
     dweight_partial_ptr,  # (programs, n_cols) fp32: this program's sum of dy * xhat
     dbias_partial_ptr,  # (programs, n_cols) fp32: this program's sum of dy
     dy_row_stride_vecs,  # / ALIGN, as n_col_vecs
@@ -198,6 +199,7 @@ def _norm_backward_tile_kernel(
     HAS_DSUM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DX_NARROW: tl.constexpr,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
@@ -238,7 +240,10 @@ def _norm_backward_tile_kernel(
             dx = (g - c2 - xhat * c1) * rstd
         if HAS_DSUM:
             dx += tl.load(dsum_ptr + row * dsum_row_stride + col, mask=mask, other=0.0).to(ACC)
-        tl.store(dx_ptr + row * n_cols + col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        out_offsets = row * n_cols + col  # dx's rows, and dx_narrow's: contiguous
+        if HAS_DX_NARROW:  # stored first: after dx, the unaligned tile spilled a register at 16 warps
+            tl.store(dx_narrow_ptr + out_offsets, dx.to(dx_narrow_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + out_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
             dweight_acc += tl.sum(dy * xhat, axis=0)
         if HAS_BIAS:
@@ -289,7 +294,7 @@ def _sum_partial_rows_kernel(
 @tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=4)
 @triton.jit
 def _norm_backward_loop_kernel(
-    dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr,
+    dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dx_narrow_ptr,
     dweight_partial_ptr,  # (programs, n_cols) fp32: accumulated row by row, chunk by chunk
     dbias_partial_ptr,
     dy_row_stride_vecs, dsum_row_stride_vecs, x_row_stride_vecs, n_rows, n_col_vecs, rows_per_program,
@@ -298,6 +303,7 @@ def _norm_backward_loop_kernel(
     HAS_DSUM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_DX_NARROW: tl.constexpr,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
@@ -345,6 +351,8 @@ def _norm_backward_loop_kernel(
             if HAS_DSUM:
                 dx += tl.load(dsum_ptr + row * dsum_row_stride + cols, mask=mask, other=0.0).to(ACC)
             tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if HAS_DX_NARROW:
+                tl.store(dx_narrow_ptr + row * n_cols + cols, dx.to(dx_narrow_ptr.dtype.element_ty), mask=mask)
             # each program owns its partial row: read-modify-write without atomics. Its first
             # row writes it without reading, so the row needs no zeroing and a launch run
             # again (as the autotuner does) writes the same sums. (A masked-off load instead of
@@ -414,12 +422,20 @@ def _backward_programs(n_rows: int, device: torch.device) -> tuple[int, int]:
     return max(1, cdiv(n_rows, rows_per_program)), rows_per_program
 
 
-def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
-    """-> (dx, dweight or None, dbias or None); dx in x's dtype (dy in x's or in y's, the
-    statistics' dtype after an out_dtype forward), dweight in weight's dtype, dbias in the
-    statistics' dtype (fp32; the caller casts it to the bias's)."""
+def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, narrow_dtype=None):
+    """-> (dx, dweight or None, dbias or None, dx in narrow_dtype or None); dx in x's dtype (dy
+    in x's or in y's, the statistics' dtype after an out_dtype forward), dweight in weight's
+    dtype, dbias in the statistics' dtype (fp32; the caller casts it to the bias's).
+    narrow_dtype: fp16 / bf16 beside fp32 rows (the sum of a 16-bit x and an fp32 residual):
+    dx also stored rounded to it, the 16-bit input's gradient, from the same registers, when
+    the rows move in 16-byte vectors; else cast after (one element a load and store, the tile
+    spilled registers at 16 warps holding both stores' addresses)."""
     n_rows, n_cols = x.shape
+    if narrow_dtype is not None and (x.dtype != torch.float32 or narrow_dtype not in (torch.float16, torch.bfloat16)):
+        raise ValueError(f"fastdl.layer_norm_backward (triton): narrow_dtype must be float16 or bfloat16 beside "
+                         f"float32 rows, got {narrow_dtype} beside {x.dtype}")
     dx = empty_output((n_rows, n_cols), x.dtype, x.device)
+    dx_narrow = None
     programs, rows_per_program = _backward_programs(n_rows, x.device)
     acc_dtype = stats_dtype(x.dtype)
     # Every program writes its partial rows whole, and the kernels never read what they have
@@ -430,17 +446,20 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
     dbias_partial = new_partial((programs, n_cols), dtype=acc_dtype, device=x.device) if has_bias else None
     if x.numel() > 0:
         tiled = n_cols <= BACKWARD_TILE_MAX_COLS
+        dsum_stride = dsum.stride(0) if dsum is not None else 0
+        align = row_alignment(x.dtype, n_cols, dy.stride(0), dsum_stride, x.stride(0))
+        if narrow_dtype is not None and align == 16 // x.element_size():
+            dx_narrow = empty_output((n_rows, n_cols), narrow_dtype, x.device)
         operands = dict(
             dsum_ptr=dsum if dsum is not None else dy,
             weight_ptr=weight if weight is not None else dy,
             mean_ptr=mean if mean is not None else rstd,
             dweight_partial_ptr=dweight_partial if dweight_partial is not None else rstd,
             dbias_partial_ptr=dbias_partial if dbias_partial is not None else rstd,
+            dx_narrow_ptr=dx_narrow if dx_narrow is not None else dx,
         )
         flags = dict(RMS=rms, HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
-                     ACC=accumulator_dtype(x.dtype))
-        dsum_stride = dsum.stride(0) if dsum is not None else 0
-        align = row_alignment(x.dtype, n_cols, dy.stride(0), dsum_stride, x.stride(0))
+                     HAS_DX_NARROW=dx_narrow is not None, ACC=accumulator_dtype(x.dtype))
         lengths = dict(dy_row_stride_vecs=dy.stride(0) // align, dsum_row_stride_vecs=dsum_stride // align,
                        x_row_stride_vecs=x.stride(0) // align, n_col_vecs=n_cols // align, ALIGN=align)
         if tiled:
@@ -467,4 +486,6 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool):
                 n_partial_rows=programs, n_col_vecs=n_cols // align, BLOCK_COLS=SUM_BLOCK_COLS, ROWS=SUM_ROWS,
                 HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None, ACC=accumulator_dtype(x.dtype),
                 ALIGN=align)
-    return dx, dweight, dbias
+    if narrow_dtype is not None and dx_narrow is None:  # not fused (above)
+        dx_narrow = dx.to(narrow_dtype)
+    return dx, dweight, dbias, dx_narrow

@@ -48,6 +48,7 @@ template <typename T, int kThreads, int kElems> struct RowTile {
       const int64_t c0 = pack_col(t, p);
       A* dst = out + p * kPack;
       if (aligned && c0 + kPack <= cols) {
+        FASTDL_CHECK_ALIGNED(row + c0, kVecBytes);
         const Vec<U>* src = reinterpret_cast<const Vec<U>*>(row + c0);
 #pragma unroll
         for (int v = 0; v < kVectors; ++v) {
@@ -62,25 +63,17 @@ template <typename T, int kThreads, int kElems> struct RowTile {
     }
   }
 
-  // Writes this thread's values (columns < cols) to a row of U (the row's T, or the
-  // accumulation type: a norm of 16-bit x written in fp32), rounded to U.
+  // Writes this thread's values (columns < cols) to a row of U (the row's T; the
+  // accumulation type: a norm of 16-bit x written in fp32; or a 16-bit type beside float
+  // rows, a pack in one NarrowPack move, the row aligned to its size), rounded to U.
   template <typename U, typename A>
   __device__ static __forceinline__ void store(U* row, int t, int64_t cols, bool aligned, const A (&in)[kElems]) {
-    constexpr int kVectors = kPack * static_cast<int>(sizeof(U)) / kVecBytes;
-    static_assert(kVectors * kVecBytes == kPack * static_cast<int>(sizeof(U)), "packs of whole vectors");
 #pragma unroll
     for (int p = 0; p < kPacks; ++p) {
       const int64_t c0 = pack_col(t, p);
       const A* src = in + p * kPack;
       if (aligned && c0 + kPack <= cols) {
-        Vec<U>* dst = reinterpret_cast<Vec<U>*>(row + c0);
-#pragma unroll
-        for (int v = 0; v < kVectors; ++v) {
-          Vec<U> vec;
-#pragma unroll
-          for (int k = 0; k < Vec<U>::kSize; ++k) vec.v[k] = from_acc<U>(src[v * Vec<U>::kSize + k]);
-          dst[v] = vec;
-        }
+        store_packed<kPack>(row + c0, src);
       } else {
 #pragma unroll
         for (int k = 0; k < kPack; ++k)
@@ -116,9 +109,11 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
     unsigned fill_word;
     memcpy(&fill_word, fills, sizeof fill_word);
 #pragma unroll
-    for (int p = 0; p < Layout::kPacks; ++p)
+    for (int p = 0; p < Layout::kPacks; ++p) {
+      if (pack_col(t, p) < cols) FASTDL_CHECK_ALIGNED(row + pack_col(t, p), sizeof(uint4));
       packs[p] = pack_col(t, p) < cols ? *reinterpret_cast<const uint4*>(row + pack_col(t, p))
                                        : make_uint4(fill_word, fill_word, fill_word, fill_word);
+    }
   }
 
   // Element k of a pack, converted.
@@ -152,6 +147,7 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
 #pragma unroll
     for (int p = 0; p < Layout::kPacks; ++p) {
       if (pack_col(t, p) < cols) {
+        FASTDL_CHECK_ALIGNED(other_row + pack_col(t, p), sizeof(uint4));
         const uint4 other = *reinterpret_cast<const uint4*>(other_row + pack_col(t, p));
 #pragma unroll
         for (int k = 0; k < kPack; ++k) total += f(element(packs[p], k), element(other, k));
@@ -173,6 +169,7 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
   template <typename F>
   __device__ __forceinline__ void store_with(const T* other_row, T* row, int t, int cols, F&& f) const {
     store_packs(row, t, cols, [&](const uint4& pack, int col, Vec<T>& out) {
+      FASTDL_CHECK_ALIGNED(other_row + col, sizeof(uint4));
       const uint4 other = *reinterpret_cast<const uint4*>(other_row + col);
 #pragma unroll
       for (int k = 0; k < kPack; ++k) out.v[k] = from_acc<T>(f(element(pack, k), element(other, k)));
@@ -195,6 +192,7 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
 #endif
         Vec<T> out;
         fill(pack, pack_col(t, p), out);
+        FASTDL_CHECK_ALIGNED(row + pack_col(t, p), kVecBytes);
         *reinterpret_cast<Vec<T>*>(row + pack_col(t, p)) = out;
       }
     }

@@ -33,6 +33,13 @@ __device__ __forceinline__ double log_acc(double v) { return log(v); }
 // max that propagates NaN (fmaxf drops it): torch's softmax of a row with a NaN is all NaN.
 template <typename A> __device__ __forceinline__ A nan_max(A a, A b) { return (a > b || a != a) ? a : b; }
 
+// Where a vector access's address must be aligned: a no-op here (on a GPU a misaligned one
+// faults); the CPU emulator of the tests (tests/cpp/cuda_emu) defines it to check, since its
+// sanitizer does not see every misaligned access of a 16-bit element type's vector.
+#ifndef FASTDL_CHECK_ALIGNED
+#define FASTDL_CHECK_ALIGNED(p, bytes)
+#endif
+
 // kVecBytes of elements moved by one load/store instruction.
 constexpr int kVecBytes = 16;
 template <typename T> struct alignas(kVecBytes) Vec {
@@ -50,6 +57,7 @@ __device__ __forceinline__ void load_acc(const U* p, A (&out)[kVec]) {
   } else {
     constexpr int kVectors = kVec * static_cast<int>(sizeof(U)) / kVecBytes;
     static_assert(kVectors * kVecBytes == kVec * static_cast<int>(sizeof(U)), "whole 16-byte vectors");
+    FASTDL_CHECK_ALIGNED(p, kVecBytes);
     const Vec<U>* src = reinterpret_cast<const Vec<U>*>(p);
 #pragma unroll
     for (int v = 0; v < kVectors; ++v) {
@@ -60,14 +68,26 @@ __device__ __forceinline__ void load_acc(const U* p, A (&out)[kVec]) {
   }
 }
 
-// The same moves the other way: in[] rounded to U and stored at p.
-template <int kVec, typename U, typename A>
-__device__ __forceinline__ void store_acc(U* p, const A (&in)[kVec]) {
-  if constexpr (kVec == 1) {
-    *p = from_acc<U>(in[0]);
+// kN elements of U moved as one aligned access of kN * sizeof(U) bytes: a pack of a row
+// narrower than the rows a kernel walks in 16-byte vectors (4 floats a step, whose gradient
+// also rounded to bf16 is 4 x 2 bytes). p aligned to the pack's size.
+template <typename U, int kN> struct alignas(sizeof(U) * kN) NarrowPack {
+  U v[kN];
+};
+
+// kN values of in[] rounded to U and stored at p, as whole 16-byte vectors, or as one
+// NarrowPack when kN values of U are less than a vector.
+template <int kN, typename U, typename A> __device__ __forceinline__ void store_packed(U* p, const A* in) {
+  if constexpr (kN * sizeof(U) < kVecBytes) {
+    NarrowPack<U, kN> pack;
+#pragma unroll
+    for (int k = 0; k < kN; ++k) pack.v[k] = from_acc<U>(in[k]);
+    FASTDL_CHECK_ALIGNED(p, sizeof pack);
+    *reinterpret_cast<NarrowPack<U, kN>*>(p) = pack;
   } else {
-    constexpr int kVectors = kVec * static_cast<int>(sizeof(U)) / kVecBytes;
-    static_assert(kVectors * kVecBytes == kVec * static_cast<int>(sizeof(U)), "whole 16-byte vectors");
+    constexpr int kVectors = kN * static_cast<int>(sizeof(U)) / kVecBytes;
+    static_assert(kVectors * kVecBytes == kN * static_cast<int>(sizeof(U)), "whole 16-byte vectors");
+    FASTDL_CHECK_ALIGNED(p, kVecBytes);
     Vec<U>* dst = reinterpret_cast<Vec<U>*>(p);
 #pragma unroll
     for (int v = 0; v < kVectors; ++v) {
@@ -76,6 +96,17 @@ __device__ __forceinline__ void store_acc(U* p, const A (&in)[kVec]) {
       for (int k = 0; k < Vec<U>::kSize; ++k) vec.v[k] = from_acc<U>(in[v * Vec<U>::kSize + k]);
       dst[v] = vec;
     }
+  }
+}
+
+// The same moves the other way: in[] rounded to U and stored at p (a U narrower than the
+// kernel's rows: one NarrowPack, p aligned to its size).
+template <int kVec, typename U, typename A>
+__device__ __forceinline__ void store_acc(U* p, const A (&in)[kVec]) {
+  if constexpr (kVec == 1) {
+    *p = from_acc<U>(in[0]);
+  } else {
+    store_packed<kVec>(p, in);
   }
 }
 

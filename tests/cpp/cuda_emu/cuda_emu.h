@@ -56,6 +56,14 @@ namespace fastdl_emu {
 // Stops the run: prints "cuda_emu error: <what>" with the kernel and block, exits 3.
 [[noreturn]] void fail(const char* what);
 
+// FASTDL_CHECK_ALIGNED (kernels/common/types.cuh): stops the run at a vector access whose
+// address is not a multiple of its size, as a GPU faults. (UBSan sees a misaligned
+// reinterpret_cast access only where it can tell the type's alignment is asked for; the
+// kernels' 16-bit vectors escaped it.)
+inline void check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) fail("misaligned vector access");
+}
+
 void syncthreads();
 // A __shared__ variable, declared by each thread as it passes the declaration: the first
 // thread of each block to pass it fills it with 0xff bytes (NaN in every float type), so
@@ -101,6 +109,8 @@ const std::vector<std::string>& launches();
 int occupancy_queries();
 
 }  // namespace fastdl_emu
+
+#define FASTDL_CHECK_ALIGNED(p, bytes) ::fastdl_emu::check_aligned((p), (bytes))
 
 inline void __syncthreads() { fastdl_emu::syncthreads(); }
 

@@ -180,16 +180,19 @@ void norm_backward(Run& run) {
   const DType dtype = parse_dtype(run.get("dtype"));
   const int64_t rows = run.num("rows"), cols = run.num("cols");
   const size_t acc = dtype == DType::kFloat64 ? 8 : 4;
+  // dx_narrow_dtype: dx also written rounded to it (dx_narrow), beside fp32 rows
+  const DType narrow = dtype_or(run, "dx_narrow_dtype", dtype);
   int64_t partial_rows = 0;
-  check(fastdl::kernels::norm_backward_partial_rows(dtype, rows, cols, &partial_rows), "norm_backward_partial_rows");
+  check(fastdl::kernels::norm_backward_partial_rows(dtype, narrow, rows, cols, &partial_rows),
+        "norm_backward_partial_rows");
   std::printf("partial_rows %lld\n", static_cast<long long>(partial_rows));
   std::printf("occupancy_queries %d\n", fastdl_emu::occupancy_queries());
   void* dweight_partial = run.ptr("dweight") ? run.make("dweight_partial", partial_rows * cols * acc, 0).data : nullptr;
   void* dbias_partial = run.ptr("dbias") ? run.make("dbias_partial", partial_rows * cols * acc, 0).data : nullptr;
-  check(fastdl::kernels::norm_backward(dtype, param_dtype(run, dtype), dtype_or(run, "dy_dtype", dtype),
+  check(fastdl::kernels::norm_backward(dtype, param_dtype(run, dtype), dtype_or(run, "dy_dtype", dtype), narrow,
                                        run.ptr("dy"), run.ptr("dsum"),
                                        run.ptr("x"), run.ptr("weight"), run.ptr("mean"), run.ptr("rstd"),
-                                       run.ptr("dx"), dweight_partial, dbias_partial, partial_rows,
+                                       run.ptr("dx"), run.ptr("dx_narrow"), dweight_partial, dbias_partial, partial_rows,
                                        run.ptr("dweight"), run.ptr("dbias"), rows, cols,
                                        run.num("dy_stride"), run.num("dsum_stride", 0), run.num("x_stride"),
                                        run.flag("rms"), nullptr),
@@ -197,7 +200,8 @@ void norm_backward(Run& run) {
   check(cudaGetLastError(), "norm_backward (launch)");
   // asked again after a launch (which may have opted a kernel in to more shared memory): a
   // second call must size its partial rows, and so sum dweight / dbias, as the first did
-  check(fastdl::kernels::norm_backward_partial_rows(dtype, rows, cols, &partial_rows), "norm_backward_partial_rows");
+  check(fastdl::kernels::norm_backward_partial_rows(dtype, narrow, rows, cols, &partial_rows),
+        "norm_backward_partial_rows");
   std::printf("partial_rows_after %lld\n", static_cast<long long>(partial_rows));
   std::printf("occupancy_queries_after %d\n", fastdl_emu::occupancy_queries());
 }
