@@ -516,7 +516,7 @@ PyObject* layer_norm_checked_py(PyObject*, PyObject* const* args, Py_ssize_t nar
     Py_RETURN_NOTIMPLEMENTED;
   }
   // the input in the dtype of the rows the norm reads: x's, or the fp32 one of a mixed pair
-  const at::Tensor& wide = mixed && residual->scalar_type() == at::kFloat ? *residual : x;
+  const at::Tensor& wide = mixed && wider_of_pair(x.scalar_type(), residual->scalar_type()) ? *residual : x;
   at::ScalarType dtype;
   int native = autocast_dtype(rms ? Probe::kRmsNorm : Probe::kLayerNorm, wide, &dtype);
   // the cast fused into the norm (out_dtype), as fastdl.ops' _norm decides it

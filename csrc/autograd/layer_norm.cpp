@@ -144,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_eager(const at::Tensor& x, const O
     node->has_bias = bias.has_value();
     node->mixed_params = weight.has_value() && param_type(x, {&weight}) != param_type(x, {&weight, &bias});
     if (fused && residual->scalar_type() != x.scalar_type()) {  // the fp32 sum of a 16-bit and an fp32 one
-      node->narrow_is_x = x.scalar_type() != h.scalar_type();
+      node->narrow_is_x = wider_of_pair(x.scalar_type(), residual->scalar_type());
       node->narrow_dtype = node->narrow_is_x ? x.scalar_type() : residual->scalar_type();
     }
     node->eps = eps;

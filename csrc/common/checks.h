@@ -65,6 +65,12 @@ inline bool fused_sum_dtypes(at::ScalarType x, at::ScalarType residual) {
   return residual == x || fused_cast_dtypes(x, residual) || fused_cast_dtypes(residual, x);
 }
 
+// Of a fused add's pair of dtypes (fused_sum_dtypes), whether `other` is the wider one: Float
+// beside a 16-bit `one`, the dtype the sum takes (false for one dtype). The norms read the
+// 16-bit one of such a pair as it is, as "x" (the add commutes), and its gradient is the
+// backward's narrow dx.
+inline bool wider_of_pair(at::ScalarType one, at::ScalarType other) { return other != one && other == at::kFloat; }
+
 // The dtype of a fused add's sum x + residual (fused_sum_dtypes), checked.
 inline at::ScalarType norm_sum_type(const char* fn, at::ScalarType x, at::ScalarType residual) {
   if (residual == x) return x;

@@ -342,7 +342,7 @@ at::Tensor param_or(const std::optional<at::Tensor>& p, int64_t n, at::ScalarTyp
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_forward_to_float(
     const char* fn, const at::Tensor& x, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps, bool rms) {
-  const bool swap = residual.has_value() && x.scalar_type() == at::kFloat;
+  const bool swap = residual.has_value() && wider_of_pair(residual->scalar_type(), x.scalar_type());
   const at::Tensor& narrow = swap ? *residual : x;
   const std::optional<at::Tensor>& other = swap ? std::optional<at::Tensor>(x) : residual;
   const int64_t rows = x.size(0), n = x.size(1);

@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_rows_forwa
   // The kernels read the narrower of x and residual as "x" (the add commutes): a 16-bit one
   // beside an fp32 one is read as it is, where torch's add reads both and writes the fp32 sum
   // the norm then reads back (18 bytes a value moved; 14 fused)
-  const bool swap = residual.has_value() && x.scalar_type() == sum_type && residual->scalar_type() != sum_type;
+  const bool swap = residual.has_value() && wider_of_pair(residual->scalar_type(), x.scalar_type());
   const at::Tensor& narrow = swap ? *residual : x;
   const std::optional<at::Tensor>& wide = swap ? std::optional<at::Tensor>(x) : residual;
   const auto dtype = kernel_dtype(fn, "x", narrow);
