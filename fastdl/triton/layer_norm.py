@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
+from fastdl.ops._common import fuses_cast
 from fastdl.triton._launch import (accumulator_dtype, cdiv, on_device, row_alignment, sm_count, tile_shape,
                                    tuned_num_warps)
 
@@ -431,7 +432,7 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, na
     the rows move in 16-byte vectors; else cast after (one element a load and store, the tile
     spilled registers at 16 warps holding both stores' addresses)."""
     n_rows, n_cols = x.shape
-    if narrow_dtype is not None and (x.dtype != torch.float32 or narrow_dtype not in (torch.float16, torch.bfloat16)):
+    if narrow_dtype is not None and not fuses_cast(narrow_dtype, x.dtype):
         raise ValueError(f"fastdl.layer_norm_backward (triton): narrow_dtype must be float16 or bfloat16 beside "
                          f"float32 rows, got {narrow_dtype} beside {x.dtype}")
     dx = empty_output((n_rows, n_cols), x.dtype, x.device)
