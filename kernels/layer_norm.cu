@@ -558,9 +558,9 @@ cudaError_t with_backward_kernels(int64_t cols, F&& use) {
 // kernel's two variants: which one depends on pointers not known here), the fewer blocks.
 // Asked of every kernel that may run for T and N (dx's narrow copy, N = T for none):
 // parameters in T or in A, dy in T or (with the parameters in A) in A; the caller does not
-// say which. Each is asked as it would launch (resident_blocks opts it in to its shared
-// memory first), so the answer, and with it the order dweight / dbias are summed in, is the
-// same at every call.
+// say which (for fp32 and fp64 rows, A = T: one set). Each is asked as it would launch
+// (resident_blocks opts it in to its shared memory first), so the answer, and with it the
+// order dweight / dbias are summed in, is the same at every call.
 template <typename T, typename N> cudaError_t backward_blocks(int64_t rows, int64_t cols, int64_t* blocks) {
   int device = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -580,10 +580,12 @@ template <typename T, typename N> cudaError_t backward_blocks(int64_t rows, int6
     *blocks = std::min(*blocks, std::max<int64_t>(1, std::min<int64_t>(fill, needed)));
   };
   using A = typename Acc<T>::type;
-  const cudaError_t in_t = with_backward_kernels<T, T, T, N>(cols, fewest);
-  const cudaError_t in_a = with_backward_kernels<T, A, T, N>(cols, fewest);
-  const cudaError_t dy_in_a = with_backward_kernels<T, A, A, N>(cols, fewest);
-  if (err == cudaSuccess) err = in_t != cudaSuccess ? in_t : in_a != cudaSuccess ? in_a : dy_in_a;
+  cudaError_t asked = with_backward_kernels<T, T, T, N>(cols, fewest);
+  if constexpr (!std::is_same_v<A, T>) {  // 16-bit rows: the parameters, then dy too, in fp32
+    if (asked == cudaSuccess) asked = with_backward_kernels<T, A, T, N>(cols, fewest);
+    if (asked == cudaSuccess) asked = with_backward_kernels<T, A, A, N>(cols, fewest);
+  }
+  if (err == cudaSuccess) err = asked;
   return err;
 }
 
