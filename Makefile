@@ -28,7 +28,8 @@ GPU_IMAGE_TORCH_PIN ?= torch==2.11.0
 # on the 2-core CI machine the suite took 23 min in one process, 20 in two (c7563c4).
 # worksteal: a worker that runs out of tests takes queued ones from the other. With the
 # default (load) the worker that drew tests/test_build.py's builds kept ~450 queued tests
-# to run alone after them, the other idle for the last ~17 min (a 7f1025e CI run).
+# to run alone after them; the other had none left for the run's last 17 min, where the
+# builds' own jobs kept both cores busy only part of the time (a 7f1025e CI run).
 PYTEST_ARGS ?= --durations=25 $(shell $(PY) -c "import xdist" 2>/dev/null && printf '%s' '-n 2 --dist worksteal')
 
 .PHONY: test bench venv build check-cuda-build clean
@@ -52,9 +53,9 @@ test: build
 bench: build
 	$(PY) -m fastdl.bench
 
-# Builds fastdl._C with its CUDA part against a CUDA torch, in a separate venv, and
-# against the GPU image's torch for its sm_90a, as scripts/gpu_check.sh builds there
-# (tests/test_build.py runs these too).
+# Builds fastdl._C with its CUDA part against a CUDA torch, in a separate venv (for the
+# default architectures; tests/test_build.py for sm_80 only), and against the GPU image's
+# torch for its sm_90a, as scripts/gpu_check.sh builds there (tests/test_build.py too).
 check-cuda-build:
 	bash scripts/check_cuda_build.sh $(CUDA_VENV) $(CUDA_TORCH_PIN)
 	TORCH_CUDA_ARCH_LIST=9.0a bash scripts/check_cuda_build.sh $(GPU_IMAGE_VENV) $(GPU_IMAGE_TORCH_PIN) cuda-only

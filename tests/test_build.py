@@ -232,7 +232,7 @@ def test_failed_cuda_build_not_asked_for_falls_back_to_cpu(tmp_path):
     (toolkit / "nvcc").write_text("#!/bin/sh\necho 'nvcc: this toolkit is broken' >&2\nexit 1\n")
     (toolkit / "nvcc").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("FASTDL_BUILD_CUDA", "CUDA_PATH", "CUDACXX")}
-    # the CPU kernels for one ISA level: the fallback is what is tested, in half the build time
+    # the CPU kernels for one ISA level: the fallback is what is tested, in ~60% of the build time
     env.update(CUDA_HOME=str(tmp_path / "cuda"), PATH=f"{Path(py).parent}:/usr/bin:/bin", FASTDL_CPU_ISA="baseline")
 
     def build(**extra):
