@@ -14,12 +14,16 @@ and ALIGN = 16 bytes of elements, the widths and row strides themselves unspecia
 width of 1000 fp16 values; the benchmark shapes, which Triton also specialises as divisible
 by 16, can only vectorise better); the kernels that peel rows (VEC) as for an odd width whose
 rows are all off 16-byte boundaries alike (ALIGN 1, VEC 16 bytes: a 50257 vocabulary).
-Checked on the SASS (nvdisasm), for fp32 / fp16 / bf16:
-  * no local memory (LDL / STL): a spill costs more than the bandwidth these kernels are
-    after. fp64 (for gradcheck) is exempt: its big tiles spill at any warp count;
-  * aligned: rows move in 128-bit loads and stores (LDG.E.128 / STG.E.128) where a thread
-    holds 16 bytes of the tile or more, and no 16-bit global access is left in the 16-bit
-    kernels but the peeling kernels' ragged edges (EDGE_ACCESSES).
+Checked, for fp32 / fp16 / bf16:
+  * no local memory: a spill costs more than the bandwidth these kernels are after. Read
+    from the cubin's resource usage (cuobjdump -res-usage: a stack frame, where ptxas puts
+    spills, or local memory), which agreed with the LDL / STL count of the SASS on all 1020
+    variants (23 fp64 ones spill). fp64 (for gradcheck) is exempt: its big tiles spill at
+    any warp count;
+  * aligned, on the SASS (nvdisasm): rows move in 128-bit loads and stores (LDG.E.128 /
+    STG.E.128) where a thread holds 16 bytes of the tile or more, and no 16-bit global
+    access is left in the 16-bit kernels but the peeling kernels' ragged edges
+    (EDGE_ACCESSES).
 """
 import argparse
 import itertools
@@ -180,7 +184,8 @@ def layer_norm_specs():
 
 
 ALL_SPECS = [softmax_specs, layer_norm_specs]
-LOCAL_MEMORY = re.compile(r"\b(?:LDL|STL)\b")
+# a thread's stack frame and local memory in bytes, in cuobjdump -res-usage's line
+LOCAL_MEMORY = re.compile(r"\b(?:STACK|LOCAL):(\d+)")
 SIXTEEN_BIT_GLOBAL = re.compile(r"\b(?:LDG|STG)\.E\.[US]16\b")
 # The kernels that peel rows (VEC) move the ragged head and tail of a row one element a
 # thread: one 16-bit instruction for each of their edge loads and stores in the source.
@@ -225,7 +230,8 @@ VARIANTS = []  # filled before the workers fork: kernels do not pickle, indices 
 
 
 def check_variant(index, arch):
-    """Compile VARIANTS[index] and check its SASS; returns (description, problems, fp64 spills)."""
+    """Compile VARIANTS[index] and check its resource usage and SASS; returns (description, problems,
+    fp64 spills)."""
     kernel, signature, constexprs, num_warps, aligned = VARIANTS[index]
     fn = kernel.fn  # the @triton.jit under tuned_num_warps
     dtype = row_dtype(signature)
@@ -248,21 +254,29 @@ def check_variant(index, arch):
     # a launch asking for more shared memory than a block may have fails on the GPU
     if compiled.metadata.shared > MAX_SHARED_BYTES[arch]:
         problems.append(f"needs {compiled.metadata.shared} bytes of shared memory")
+    # 128-bit accesses need 16 bytes of a row in each thread's share of the tile
+    thread_bytes = constexprs["BLOCK_COLS"] * constexprs.get("ROWS", 1) // (32 * num_warps) * ITEMSIZE[dtype]
+    check_vectors = aligned and dtype != "fp64" and thread_bytes >= 16
+    check_16_bit = aligned and dtype in ("fp16", "bf16") and thread_bytes >= 4
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        # -ndf: no dataflow analysis, which only labels branch-stack jumps (the text came out
-        # byte-identical for 60 variants sampled): 0.37 -> 0.25 s a cubin, over half a variant's
+        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", cubin.name], capture_output=True,
+                               text=True, check=True).stdout
+        # nvdisasm only where the SASS is read: ~0.18 s a cubin, most of it start-up, where
+        # the resource usage takes 2 ms. -ndf: no dataflow analysis, which only labels
+        # branch-stack jumps (the text came out byte-identical for 60 variants sampled)
         sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", "-ndf", cubin.name], capture_output=True, text=True,
-                              check=True).stdout
-    local = len(LOCAL_MEMORY.findall(sass))
+                              check=True).stdout if check_vectors or check_16_bit else ""
+    local = LOCAL_MEMORY.findall(usage)
+    if len(local) != 2:  # STACK and LOCAL of the one kernel
+        return what, problems + [f"cuobjdump -res-usage: no resource line for one kernel in {usage!r}"], 0
+    local_bytes = int(local[0]) + int(local[1])
     if dtype == "fp64":
-        return what, problems, local
-    if local:
-        problems.append(f"spills: {local} local-memory loads/stores in its SASS")
-    # 128-bit accesses need 16 bytes of a row in each thread's share of the tile
-    thread_bytes = constexprs["BLOCK_COLS"] * constexprs.get("ROWS", 1) // (32 * num_warps) * ITEMSIZE[dtype]
-    if aligned and thread_bytes >= 16:
+        return what, problems, local_bytes
+    if local_bytes:
+        problems.append(f"spills: {local_bytes} bytes of stack frame / local memory a thread")
+    if check_vectors:
         if "LDG.E.128" not in sass:
             problems.append("no 128-bit global load (LDG.E.128)")
         # rows written: dx, or y in a forward (a backward reads y)
@@ -271,7 +285,7 @@ def check_variant(index, arch):
             problems.append("writes rows without a 128-bit global store (STG.E.128)")
     sixteen_bit = SIXTEEN_BIT_GLOBAL.findall(sass)
     allowed = EDGE_ACCESSES.get(fn.__name__, 0)
-    if aligned and dtype in ("fp16", "bf16") and thread_bytes >= 4 and len(sixteen_bit) > allowed:
+    if check_16_bit and len(sixteen_bit) > allowed:
         problems.append(f"{len(sixteen_bit)} 16-bit global accesses left ({', '.join(sorted(set(sixteen_bit)))}), "
                         f"{allowed} allowed")
     return what, problems, 0
@@ -292,8 +306,8 @@ def main():
         print("FAILED", f)
     aligned = sum(1 for v in VARIANTS if v[-1])
     print(f"compiled {len(results)} Triton kernel variants for sm_{args.arch} ({aligned} of them for aligned rows) "
-          f"in {time.time() - start:.1f}s; SASS checked: no spills (fp32/fp16/bf16), 128-bit row loads and stores "
-          f"(aligned); {fp64_spills} fp64 variants spill (exempt); {len(failures)} problems")
+          f"in {time.time() - start:.1f}s; checked: no spills (fp32/fp16/bf16), 128-bit row loads and stores in the "
+          f"SASS (aligned); {fp64_spills} fp64 variants spill (exempt); {len(failures)} problems")
     sys.exit(1 if failures else 0)
 
 
