@@ -194,34 +194,39 @@ def _cpu_supports(*flags: str) -> bool:
     return all(flag in cpu_flags for flag in flags)
 
 
-@pytest.mark.parametrize("level", ["x86-64-v3", "baseline"])
-def test_cpu_kernels_of_the_other_isa_levels(tmp_path, level):
+def test_cpu_kernels_of_the_other_isa_levels(tmp_path):
     """The CPU kernels are built once per x86-64 ISA level (v4, v3, baseline) and the loader
     picks the one this CPU runs (csrc/cpu/common.h), so the suite alone tests one of them.
-    Here fastdl._C is built for one other level (FASTDL_CPU_ISA), in a copy of the sources,
-    and the CPU kernels' tests run against it (~2 min a level). The baseline build also
-    leaves out the x86 intrinsics kernels (F16C, AVX2), as a build for aarch64 does: fp16
-    rows take the software conversions."""
+    Here fastdl._C is built for each other level in turn (FASTDL_CPU_ISA), in one copy of
+    the sources, and the CPU kernels' tests run against it (~1-2 min a level): the second
+    build recompiles the kernels' two sources, which alone take the level (CMakeLists.txt).
+    The baseline build also leaves out the x86 intrinsics kernels (F16C, AVX2), as a build
+    for aarch64 does: fp16 rows take the software conversions."""
     import platform
 
     _require(platform.machine() == "x86_64", "an x86-64 machine")
-    if level == "x86-64-v3":
-        _require(_cpu_supports("avx2", "fma", "f16c", "bmi2", "movbe"), "a CPU with x86-64-v3")
     src = _copy_sources(tmp_path / "src")
-    env = {**os.environ, "FASTDL_BUILD_CUDA": "0", "FASTDL_CPU_ISA": level}
-    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True,
-                           text=True, env=env, timeout=1200)
-    log = (build.stdout + build.stderr)[-6000:]
-    assert build.returncode == 0, log
-    assert f"CPU kernels for one ISA level only: {level}" in build.stdout + build.stderr, log
-    # the copy's package, not the checkout's (the editable install's finder comes after sys.path)
-    where = subprocess.run([sys.executable, "-c", "import fastdl._C; print(fastdl._C.__file__)"], cwd=src,
-                           capture_output=True, text=True, env=env)
-    assert where.stdout.strip().startswith(str(src)), where.stdout + where.stderr
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "tests/test_softmax.py", "tests/test_layer_norm.py", "-k", "cpu and not triton and not torch-"],
-                         cwd=src, capture_output=True, text=True, env=env, timeout=1200)
-    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-6000:] + run.stderr[-3000:]
+    for level in ("baseline", "x86-64-v3"):
+        if level == "x86-64-v3":
+            _require(_cpu_supports("avx2", "fma", "f16c", "bmi2", "movbe"), "a CPU with x86-64-v3")
+        env = {**os.environ, "FASTDL_BUILD_CUDA": "0", "FASTDL_CPU_ISA": level}
+        build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True,
+                               text=True, env=env, timeout=1200)
+        log = (build.stdout + build.stderr)[-6000:]
+        assert build.returncode == 0, log
+        assert f"CPU kernels for one ISA level only: {level}" in build.stdout + build.stderr, log
+        for kernels in ("csrc/cpu/softmax.cpp", "csrc/cpu/layer_norm.cpp"):  # compiled for this level
+            assert f"Building CXX object CMakeFiles/_C.dir/{kernels}.o" in build.stdout, log
+        # the copy's package, not the checkout's (the editable install's finder comes after sys.path)
+        where = subprocess.run([sys.executable, "-c", "import fastdl._C; print(fastdl._C.__file__)"], cwd=src,
+                               capture_output=True, text=True, env=env)
+        assert where.stdout.strip().startswith(str(src)), where.stdout + where.stderr
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                              "tests/test_softmax.py", "tests/test_layer_norm.py", "-k",
+                              "cpu and not triton and not torch-"],
+                             cwd=src, capture_output=True, text=True, env=env, timeout=1200)
+        assert run.returncode == 0 and " passed" in run.stdout, (
+            f"{level}:\n" + run.stdout[-6000:] + run.stderr[-3000:])
 
 
 def test_failed_cuda_build_not_asked_for_falls_back_to_cpu(tmp_path):
