@@ -5,8 +5,9 @@
 # folders of that venv's own (the CPU build in fastdl/ is left alone): first CPU-only with
 # no CUDA toolkit in sight (`cuda-only` leaves this one out), then with FASTDL_BUILD_CUDA=ON
 # (kernels/ + csrc/ops); loads each and checks what it registers. Nothing runs on a GPU.
+# `venv` only makes the venv (tests/test_build.py's fallback test builds with its torch).
 #
-#   scripts/check_cuda_build.sh [VENV=.venv-cuda] [TORCH_PIN=torch==2.14.1] [cuda-only]
+#   scripts/check_cuda_build.sh [VENV=.venv-cuda] [TORCH_PIN=torch==2.14.1] [cuda-only | venv]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv-cuda}
@@ -16,21 +17,26 @@ tag=$(basename "$venv")
 build=build/cuda-check/$tag
 mkdir -p "$build"
 
+# One process makes the venv, under a lock: the tests that use it may run at once (pytest-xdist)
+(
+  flock 9
+  if [ ! -f "$venv/.installed" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    # --no-compile: no .pyc for the ~2400 modules of torch, of which these builds import a few
+    # (38 -> 25 s for torch 2.14.1)
+    "$venv/bin/python" -m pip install -q --no-compile "$pin" ninja "numpy<2.4"
+    touch "$venv/.installed"
+  fi
+) 9>"$build/venv.lock"
+[ "$parts" = venv ] && exit 0
+py="$venv/bin/python"
+
 cuda_home=${CUDA_HOME:-/usr/local/cuda}
 if [ ! -x "$cuda_home/bin/nvcc" ]; then
   echo "check_cuda_build: no nvcc under CUDA_HOME=$cuda_home (set CUDA_HOME to the toolkit folder that has bin/nvcc and lib64)" >&2
   exit 2
 fi
-
-if [ ! -f "$venv/.installed" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  # --no-compile: no .pyc for the ~2400 modules of torch, of which these builds import a few
-  # (38 -> 25 s for torch 2.14.1)
-  "$venv/bin/python" -m pip install -q --no-compile "$pin" ninja "numpy<2.4"
-  touch "$venv/.installed"
-fi
-py="$venv/bin/python"
 # What the minimal toolkit here lacks and the CUDA torch wheel ships: headers that
 # ATen/cuda/CUDAContext.h includes (cuBLAS, cuSPARSE...) and libnvrtc, which torch's
 # CMake config puts on the link line.

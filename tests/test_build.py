@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = sorted((ROOT / "kernels").glob("*.cu"))
 ARCHS = ("80", "90a")
 
+# The tests come in the order they run, the longest first (the CUDA builds ~3 min each, the
+# Triton check 2, nvcc 1-2, the fallback and the other ISA levels 1-1.5): with pytest-xdist's
+# worksteal the other worker takes the later ones, so the run ends on short tests rather than
+# one worker alone in a long build (the other-ISA test, last among the long ones, left one
+# worker idle for its 79 s at fb3dfab).
+
 
 def _nvcc():
     cuda_home = os.environ.get("CUDA_HOME")
@@ -47,12 +53,58 @@ def _require(tool_ok, what):
         pytest.skip(f"{what} not found")
 
 
-def test_cpu_extension_loaded():
-    from fastdl import _native
+def _run_check_cuda_build(venv_var: str, pin_var: str, part: str, **env: str) -> tuple[str, str, str]:
+    """scripts/check_cuda_build.sh with the venv and torch pin `make test` sets in the two
+    variables, asked for `part` (`venv`, `cuda-only`) with env added to the environment; it
+    must succeed. Returns (venv, pin, its stdout); the script makes the venv under a lock, as
+    the tests that use it may run at once."""
+    venv, pin = os.environ.get(venv_var), os.environ.get(pin_var)
+    _require(venv and pin, f"{venv_var} and {pin_var} (set by `make test`)")
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "check_cuda_build.sh"), venv, pin, part],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
+    # pip's notes about unreachable index folders would bury the real error
+    log = "\n".join(l for l in (result.stdout + result.stderr).splitlines() if not l.startswith("WARNING: Location"))
+    assert result.returncode == 0, log[-8000:]
+    return venv, pin, result.stdout
 
-    if not _native.LOADED and not ON_CI and os.environ.get("FASTDL_NO_NATIVE") == "1":
-        pytest.skip("built with FASTDL_NO_NATIVE=1")
-    assert _native.LOADED, f"fastdl._C did not load: {_native.LOAD_ERROR}"
+
+def _check_cuda_build(venv_var: str, pin_var: str, arch_list: str):
+    """check_cuda_build.sh's CUDA build (`cuda-only`: its CPU-only build is the fallback
+    test's), for the architectures in arch_list (TORCH_CUDA_ARCH_LIST): it must build the
+    CUDA part and find its kernels registered.
+
+    The CPU kernels in it are built for one ISA level, x86-64-v3 (its intrinsics kernels
+    included; the baseline leaves them out): what is checked is that the code compiles and
+    links against this torch, and the three multiversioned clones differ only in code
+    generation, which the main build's tests and the other-ISA builds' cover (~20 s of
+    csrc/cpu a build: layer_norm.cpp 31 -> 17 s against torch 2.14.1)."""
+    _require(_nvcc(), "nvcc")
+    _, pin, out = _run_check_cuda_build(venv_var, pin_var, "cuda-only", TORCH_CUDA_ARCH_LIST=arch_list,
+                                        FASTDL_CPU_ISA="x86-64-v3")
+    assert f"built against torch {pin.split('==')[-1]}" in out, out[-8000:]
+    assert "CUDA kernels registered" in out, out[-8000:]
+
+
+def test_cuda_part_builds_against_cuda_torch():
+    """For sm_80 only: the test below builds for sm_90a, and the nvcc_build tests below
+    compile kernels/ (framework-free, most of the build's time) for both."""
+    _check_cuda_build("FASTDL_CUDA_VENV", "FASTDL_CUDA_TORCH_PIN", "8.0")
+
+
+def test_cuda_part_builds_against_the_gpu_image_torch():
+    """The same build against the torch of the lent GPU machine's image (2.11 there), which
+    differs from the dev machine's in what the C++ autograd code meets: its graph nodes
+    are held in std::shared_ptr, not c10::intrusive_ptr (csrc/common/autograd.h). For sm_90a
+    only, as scripts/gpu_check.sh builds on that machine's H100 / H200."""
+    _check_cuda_build("FASTDL_GPU_IMAGE_VENV", "FASTDL_GPU_IMAGE_TORCH_PIN", "9.0a")
+
+
+def test_triton_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_compile_check.py"), "--arch", "90"],
+                            capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    assert re.search(r"compiled [1-9]\d* Triton kernel variants", result.stdout), result.stdout
 
 
 def _cuobjdump():
@@ -130,52 +182,6 @@ def test_kernels_move_rows_in_16_byte_vectors(nvcc_build):
     assert not missing, "\n".join(missing)
 
 
-def test_triton_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_compile_check.py"), "--arch", "90"],
-                            capture_output=True, text=True, env=env, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
-    assert re.search(r"compiled [1-9]\d* Triton kernel variants", result.stdout), result.stdout
-
-
-def _check_cuda_build(venv_var: str, pin_var: str, arch_list: str):
-    """scripts/check_cuda_build.sh's CUDA build (`cuda-only`: its CPU-only build is the
-    fallback test's) with the venv and torch pin `make test` sets in the two variables, for
-    the architectures in arch_list (TORCH_CUDA_ARCH_LIST): it must build the CUDA part and
-    find its kernels registered.
-
-    The CPU kernels in it are built for one ISA level, x86-64-v3 (its intrinsics kernels
-    included; the baseline leaves them out): what is checked is that the code compiles and
-    links against this torch, and the three multiversioned clones differ only in code
-    generation, which the main build's tests and the other-ISA builds' cover (~20 s of
-    csrc/cpu a build: layer_norm.cpp 31 -> 17 s against torch 2.14.1)."""
-    venv, pin = os.environ.get(venv_var), os.environ.get(pin_var)
-    _require(venv and pin, f"{venv_var} and {pin_var} (set by `make test`)")
-    _require(_nvcc(), "nvcc")
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "check_cuda_build.sh"), venv, pin, "cuda-only"],
-                            capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "TORCH_CUDA_ARCH_LIST": arch_list, "FASTDL_CPU_ISA": "x86-64-v3"})
-    # pip's notes about unreachable index folders would bury the real error
-    log = "\n".join(l for l in (result.stdout + result.stderr).splitlines() if not l.startswith("WARNING: Location"))
-    assert result.returncode == 0, log[-8000:]
-    assert f"built against torch {pin.split('==')[-1]}" in result.stdout, log[-8000:]
-    assert "CUDA kernels registered" in result.stdout
-
-
-def test_cuda_part_builds_against_cuda_torch():
-    """For sm_80 only: the test below builds for sm_90a, and the nvcc_build tests above
-    compile kernels/ (framework-free, most of the build's time) for both."""
-    _check_cuda_build("FASTDL_CUDA_VENV", "FASTDL_CUDA_TORCH_PIN", "8.0")
-
-
-def test_cuda_part_builds_against_the_gpu_image_torch():
-    """The same build against the torch of the lent GPU machine's image (2.11 there), which
-    differs from the dev machine's in what the C++ autograd code meets: its graph nodes
-    are held in std::shared_ptr, not c10::intrusive_ptr (csrc/common/autograd.h). For sm_90a
-    only, as scripts/gpu_check.sh builds on that machine's H100 / H200."""
-    _check_cuda_build("FASTDL_GPU_IMAGE_VENV", "FASTDL_GPU_IMAGE_TORCH_PIN", "9.0a")
-
-
 def _copy_sources(dest: Path) -> Path:
     """The tracked files of this checkout, copied to dest."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
@@ -184,6 +190,50 @@ def _copy_sources(dest: Path) -> Path:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, dest / name)
     return dest
+
+
+def test_failed_cuda_build_not_asked_for_falls_back_to_cpu(tmp_path):
+    """setup.py against a CUDA torch whose CUDA build fails (here: an nvcc that always fails,
+    as a toolkit with nvcc but not the rest would): without FASTDL_BUILD_CUDA it warns and
+    builds the CPU part; with FASTDL_BUILD_CUDA=1 it fails. Runs in a copy of the sources, with
+    the CUDA torch of test_cuda_part_builds_against_cuda_torch's venv (made by whichever
+    comes first).
+
+    The CPU part it builds is the CPU-only build against a CUDA torch (CMakeLists.txt's
+    branch that does without torch's CMake config, which would insist on a full toolkit),
+    with a toolkit of nothing but a broken nvcc in sight: it must load and run. (`make
+    check-cuda-build` builds it with no toolkit at all, scripts/check_cuda_build.sh's first
+    build; the tests leave that build out, the same compile a second time.)"""
+    venv, _, _ = _run_check_cuda_build("FASTDL_CUDA_VENV", "FASTDL_CUDA_TORCH_PIN", "venv")
+    py = str(ROOT / venv / "bin" / "python")
+    src = _copy_sources(tmp_path / "src")
+    toolkit = tmp_path / "cuda" / "bin"
+    toolkit.mkdir(parents=True)
+    (toolkit / "nvcc").write_text("#!/bin/sh\necho 'nvcc: this toolkit is broken' >&2\nexit 1\n")
+    (toolkit / "nvcc").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTDL_BUILD_CUDA", "CUDA_PATH", "CUDACXX")}
+    # the CPU kernels for one ISA level: the fallback is what is tested, in ~60% of the build time
+    env.update(CUDA_HOME=str(tmp_path / "cuda"), PATH=f"{Path(py).parent}:/usr/bin:/bin", FASTDL_CPU_ISA="baseline")
+
+    def build(**extra):
+        return subprocess.run([py, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True, text=True,
+                              env={**env, **extra})
+
+    asked = build(FASTDL_BUILD_CUDA="1")
+    assert asked.returncode != 0 and "WARNING: the CUDA build failed" not in asked.stdout
+    result = build()
+    log = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, log
+    assert "WARNING: the CUDA build failed" in result.stdout and "CPU only: the CUDA build failed" in result.stdout, log
+    built = list((src / "fastdl").glob("_C.*.so"))
+    assert built, log
+    check = ("import sys, torch\n"
+             "torch.ops.load_library(sys.argv[1])\n"
+             "assert torch.version.cuda and not torch.ops.fastdl.native_built_with_cuda()\n"
+             "x = torch.randn(3, 5)\n"
+             "assert torch.allclose(torch.ops.fastdl.softmax_rows_forward(x, False), torch.softmax(x, -1))\n")
+    run = subprocess.run([py, "-c", check, str(built[0])], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 def _cpu_supports(*flags: str) -> bool:
@@ -229,50 +279,6 @@ def test_cpu_kernels_of_the_other_isa_levels(tmp_path):
             f"{level}:\n" + run.stdout[-6000:] + run.stderr[-3000:])
 
 
-def test_failed_cuda_build_not_asked_for_falls_back_to_cpu(tmp_path):
-    """setup.py against a CUDA torch whose CUDA build fails (here: an nvcc that always fails,
-    as a toolkit with nvcc but not the rest would): without FASTDL_BUILD_CUDA it warns and
-    builds the CPU part; with FASTDL_BUILD_CUDA=1 it fails. Runs in a copy of the sources, with
-    the CUDA torch of test_cuda_part_builds_against_cuda_torch's venv.
-
-    The CPU part it builds is the CPU-only build against a CUDA torch (CMakeLists.txt's
-    branch that does without torch's CMake config, which would insist on a full toolkit),
-    with a toolkit of nothing but a broken nvcc in sight: it must load and run. (`make
-    check-cuda-build` builds it with no toolkit at all, scripts/check_cuda_build.sh's first
-    build; the tests leave that build out, the same compile a second time.)"""
-    venv = os.environ.get("FASTDL_CUDA_VENV")
-    _require(venv and (ROOT / venv / "bin" / "python").exists(), "FASTDL_CUDA_VENV's venv (made by the test above)")
-    py = str(ROOT / venv / "bin" / "python")
-    src = _copy_sources(tmp_path / "src")
-    toolkit = tmp_path / "cuda" / "bin"
-    toolkit.mkdir(parents=True)
-    (toolkit / "nvcc").write_text("#!/bin/sh\necho 'nvcc: this toolkit is broken' >&2\nexit 1\n")
-    (toolkit / "nvcc").chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTDL_BUILD_CUDA", "CUDA_PATH", "CUDACXX")}
-    # the CPU kernels for one ISA level: the fallback is what is tested, in ~60% of the build time
-    env.update(CUDA_HOME=str(tmp_path / "cuda"), PATH=f"{Path(py).parent}:/usr/bin:/bin", FASTDL_CPU_ISA="baseline")
-
-    def build(**extra):
-        return subprocess.run([py, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True, text=True,
-                              env={**env, **extra})
-
-    asked = build(FASTDL_BUILD_CUDA="1")
-    assert asked.returncode != 0 and "WARNING: the CUDA build failed" not in asked.stdout
-    result = build()
-    log = (result.stdout + result.stderr)[-6000:]
-    assert result.returncode == 0, log
-    assert "WARNING: the CUDA build failed" in result.stdout and "CPU only: the CUDA build failed" in result.stdout, log
-    built = list((src / "fastdl").glob("_C.*.so"))
-    assert built, log
-    check = ("import sys, torch\n"
-             "torch.ops.load_library(sys.argv[1])\n"
-             "assert torch.version.cuda and not torch.ops.fastdl.native_built_with_cuda()\n"
-             "x = torch.randn(3, 5)\n"
-             "assert torch.allclose(torch.ops.fastdl.softmax_rows_forward(x, False), torch.softmax(x, -1))\n")
-    run = subprocess.run([py, "-c", check, str(built[0])], capture_output=True, text=True, env=env)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
-
 def _run_cpp_check(tmp_path, name: str, expect: str):
     """Builds tests/cpp/<name>.cpp with -march=native (its loops vectorise as wide as this
     machine goes, as the kernels' clones do) and runs it; its output must hold `expect`."""
@@ -302,3 +308,11 @@ def test_half_row_conversions_match_c10(tmp_path):
     """csrc/cpu/half_rows.h's vectorised bf16 / fp16 conversions equal c10's, bit for bit:
     every 16-bit value, ties, overflow, subnormals and NaN (tests/cpp/half_rows_check.cpp)."""
     _run_cpp_check(tmp_path, "half_rows_check", "ok: 0 mismatches")
+
+
+def test_cpu_extension_loaded():
+    from fastdl import _native
+
+    if not _native.LOADED and not ON_CI and os.environ.get("FASTDL_NO_NATIVE") == "1":
+        pytest.skip("built with FASTDL_NO_NATIVE=1")
+    assert _native.LOADED, f"fastdl._C did not load: {_native.LOAD_ERROR}"
