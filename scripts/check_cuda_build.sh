@@ -80,6 +80,9 @@ extra_include=""
 [ "$cu_include" != "-" ] && extra_include="-isystem $cu_include"
 extra_args=()
 [ "$nvrtc" != "-" ] && extra_args+=("-DCUDA_nvrtc_LIBRARY=$nvrtc")
+# FASTDL_KERNEL_OBJECTS (tests/test_build.py): kernels/ as nvcc built it already, linked as it is
+# (CMakeLists.txt); set or not, it is passed, so that a folder configured with it forgets it
+extra_args+=("-DFASTDL_KERNEL_OBJECTS=${FASTDL_KERNEL_OBJECTS:-}")
 cmake -S . -B "$build" -GNinja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$torch_cmake" -DPython_EXECUTABLE="$py" \
   -DFASTDL_BUILD_CUDA=ON -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc" \

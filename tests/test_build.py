@@ -8,15 +8,18 @@
 * every Triton kernel compiles for sm_90 at every num_warps a launch may pick, with no
   spills and, on aligned rows, 128-bit loads and stores in its SASS
   (tests/triton_compile_check.py);
-* the torch-facing CUDA code (csrc/ops) compiles and links against a CUDA build of
-  torch (scripts/check_cuda_build.sh; `make test` provides the environment; for sm_80); the
-  CUDA part builds against the GPU machine's torch (2.11) too (for its sm_90a); a CUDA build
-  that fails without having been asked for leaves setup.py with the CPU part, which needs no
-  CUDA toolkit and loads and runs;
+* the torch-facing CUDA code (csrc/ops) compiles and links, with kernels/ as nvcc built it
+  above, against a CUDA build of torch (scripts/check_cuda_build.sh; `make test` provides
+  the environment) and against the GPU machine's torch (2.11); a CUDA build that fails
+  without having been asked for leaves setup.py with the CPU part, which needs no CUDA
+  toolkit and loads and runs;
 * the CPU extension was built and loads;
 * the CPU kernels built for the ISA levels this machine would not pick (x86-64-v3, the
   baseline) pass the CPU kernels' tests too.
 """
+import fcntl
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -53,6 +56,35 @@ def _require(tool_ok, what):
         pytest.skip(f"{what} not found")
 
 
+NVCC_CHECK_DIR = ROOT / "build" / "nvcc-check"
+
+
+def _nvcc_build(path: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """(nvcc's result, object file) of kernels/<path> built for ARCHS with warnings as errors
+    and ptxas -v, once for each content of kernels/ (kept in build/nvcc-check/): the nvcc
+    tests check it, and the CUDA builds link its object (FASTDL_KERNEL_OBJECTS) rather than
+    compile kernels/ again. Under a lock: tests in either pytest-xdist worker may ask first."""
+    nvcc = _nvcc()
+    _require(nvcc, "nvcc")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    flags = ["-std=c++17", "-O3", f"-I{ROOT / 'kernels'}", *gencode, "-Werror", "all-warnings",
+             "-Xcompiler", "-Wall,-Wextra,-Werror,-fPIC", "-Xptxas", "-v"]  # -fPIC: linked into fastdl._C
+    digest = hashlib.sha256(" ".join([nvcc, *flags]).encode())
+    for source in sorted((ROOT / "kernels").rglob("*")):
+        if source.is_file():
+            digest.update(str(source.relative_to(ROOT)).encode() + source.read_bytes())
+    out = NVCC_CHECK_DIR / f"{path.stem}-{digest.hexdigest()[:16]}"
+    out.mkdir(parents=True, exist_ok=True)
+    obj, done = out / f"{path.stem}.o", out / "result.json"
+    with open(out / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            cmd = [nvcc, *flags, "-c", str(path), "-o", str(obj)]
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            done.write_text(json.dumps([cmd, result.returncode, result.stdout, result.stderr]))
+    return subprocess.CompletedProcess(*json.loads(done.read_text())), obj
+
+
 def _run_check_cuda_build(venv_var: str, pin_var: str, part: str, **env: str) -> tuple[str, str, str]:
     """scripts/check_cuda_build.sh with the venv and torch pin `make test` sets in the two
     variables, asked for `part` (`venv`, `cuda-only`) with env added to the environment; it
@@ -71,7 +103,11 @@ def _run_check_cuda_build(venv_var: str, pin_var: str, part: str, **env: str) ->
 def _check_cuda_build(venv_var: str, pin_var: str, arch_list: str):
     """check_cuda_build.sh's CUDA build (`cuda-only`: its CPU-only build is the fallback
     test's), for the architectures in arch_list (TORCH_CUDA_ARCH_LIST): it must build the
-    CUDA part and find its kernels registered.
+    CUDA part and find its kernels registered. What it compiles is csrc/ against this torch:
+    kernels/, framework-free, is linked as the nvcc check built it (for sm_80 and sm_90a,
+    warnings as errors), not compiled a second and third time (~50 s of nvcc a file an
+    architecture); the GPU machine's build and `make check-cuda-build` compile it with
+    torch's CUDA flags.
 
     The CPU kernels in it are built for one ISA level, x86-64-v3 (its intrinsics kernels
     included; the baseline leaves them out): what is checked is that the code compiles and
@@ -79,15 +115,20 @@ def _check_cuda_build(venv_var: str, pin_var: str, arch_list: str):
     generation, which the main build's tests and the other-ISA builds' cover (~20 s of
     csrc/cpu a build: layer_norm.cpp 31 -> 17 s against torch 2.14.1)."""
     _require(_nvcc(), "nvcc")
-    _, pin, out = _run_check_cuda_build(venv_var, pin_var, "cuda-only", TORCH_CUDA_ARCH_LIST=arch_list,
-                                        FASTDL_CPU_ISA="x86-64-v3")
+    env = {"TORCH_CUDA_ARCH_LIST": arch_list, "FASTDL_CPU_ISA": "x86-64-v3"}
+    # kernels/ as the nvcc check built it, when it built: CMake then compiles csrc/ only (else
+    # it compiles kernels/ too, and the nvcc tests report what failed)
+    kernels = [_nvcc_build(path) for path in KERNELS]
+    if all(result.returncode == 0 for result, _ in kernels):
+        env["FASTDL_KERNEL_OBJECTS"] = ";".join(str(obj) for _, obj in kernels)
+    _, pin, out = _run_check_cuda_build(venv_var, pin_var, "cuda-only", **env)
     assert f"built against torch {pin.split('==')[-1]}" in out, out[-8000:]
     assert "CUDA kernels registered" in out, out[-8000:]
 
 
 def test_cuda_part_builds_against_cuda_torch():
-    """For sm_80 only: the test below builds for sm_90a, and the nvcc_build tests below
-    compile kernels/ (framework-free, most of the build's time) for both."""
+    """Against the CUDA 13 build of torch on this machine's disk, for sm_80 (what nvcc
+    compiles here only where the nvcc check's build of kernels/ failed)."""
     _check_cuda_build("FASTDL_CUDA_VENV", "FASTDL_CUDA_TORCH_PIN", "8.0")
 
 
@@ -126,16 +167,9 @@ def _accepted(source: str, what: str):
 
 
 @pytest.fixture(scope="module", params=KERNELS, ids=lambda p: p.name)
-def nvcc_build(request, tmp_path_factory):
-    """(source path, nvcc's result, object file) of one kernels/*.cu, built once for the tests below."""
-    path = request.param
-    nvcc = _nvcc()
-    _require(nvcc, "nvcc")
-    obj = tmp_path_factory.mktemp(path.stem) / "k.o"
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    cmd = [nvcc, "-std=c++17", "-O3", f"-I{ROOT / 'kernels'}", *gencode, "-Werror", "all-warnings",
-           "-Xcompiler", "-Wall,-Wextra,-Werror", "-Xptxas", "-v", "-c", str(path), "-o", str(obj)]
-    return path, subprocess.run(cmd, capture_output=True, text=True), obj
+def nvcc_build(request):
+    """(source path, nvcc's result, object file) of one kernels/*.cu, for the tests below."""
+    return request.param, *_nvcc_build(request.param)
 
 
 def test_kernel_compiles_without_warnings_or_spills(nvcc_build):
