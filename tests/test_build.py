@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = sorted((ROOT / "kernels").glob("*.cu"))
 ARCHS = ("80", "90a")
 
-# The tests come in the order they run, the longest first (the CUDA builds ~3 min each, the
-# Triton check 2, nvcc 1-2, the fallback and the other ISA levels 1-1.5): with pytest-xdist's
+# The tests come in the order they run, the longest first (the CUDA build against torch
+# 2.14.1 ~4 min with the nvcc build of kernels/ it asks for first, the Triton check ~3, the
+# image's CUDA build ~2, the other ISA levels ~2, the fallback ~1): with pytest-xdist's
 # worksteal the other worker takes the later ones, so the run ends on short tests rather than
 # one worker alone in a long build (the other-ISA test, last among the long ones, left one
 # worker idle for its 79 s at fb3dfab).
@@ -132,6 +133,14 @@ def test_cuda_part_builds_against_cuda_torch():
     _check_cuda_build("FASTDL_CUDA_VENV", "FASTDL_CUDA_TORCH_PIN", "8.0")
 
 
+def test_triton_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_compile_check.py"), "--arch", "90"],
+                            capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    assert re.search(r"compiled [1-9]\d* Triton kernel variants", result.stdout), result.stdout
+
+
 def test_cuda_part_builds_against_the_gpu_image_torch():
     """The same build against the torch of the lent GPU machine's image (2.11 there), which
     differs from the dev machine's in what the C++ autograd code meets: its graph nodes
@@ -140,12 +149,101 @@ def test_cuda_part_builds_against_the_gpu_image_torch():
     _check_cuda_build("FASTDL_GPU_IMAGE_VENV", "FASTDL_GPU_IMAGE_TORCH_PIN", "9.0a")
 
 
-def test_triton_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_compile_check.py"), "--arch", "90"],
-                            capture_output=True, text=True, env=env, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
-    assert re.search(r"compiled [1-9]\d* Triton kernel variants", result.stdout), result.stdout
+def _copy_sources(dest: Path) -> Path:
+    """The tracked files of this checkout, copied to dest."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    _require(files, "git ls-files")
+    for name in files:
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
+    return dest
+
+
+def _cpu_supports(*flags: str) -> bool:
+    try:
+        cpu_flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        return False
+    return all(flag in cpu_flags for flag in flags)
+
+
+def test_cpu_kernels_of_the_other_isa_levels(tmp_path):
+    """The CPU kernels are built once per x86-64 ISA level (v4, v3, baseline) and the loader
+    picks the one this CPU runs (csrc/cpu/common.h), so the suite alone tests one of them.
+    Here fastdl._C is built for each other level in turn (FASTDL_CPU_ISA), in one copy of
+    the sources, and the CPU kernels' tests run against it (~1-2 min a level): the second
+    build recompiles the kernels' two sources, which alone take the level (CMakeLists.txt).
+    The baseline build also leaves out the x86 intrinsics kernels (F16C, AVX2), as a build
+    for aarch64 does: fp16 rows take the software conversions."""
+    import platform
+
+    _require(platform.machine() == "x86_64", "an x86-64 machine")
+    src = _copy_sources(tmp_path / "src")
+    for level in ("baseline", "x86-64-v3"):
+        if level == "x86-64-v3":
+            _require(_cpu_supports("avx2", "fma", "f16c", "bmi2", "movbe"), "a CPU with x86-64-v3")
+        env = {**os.environ, "FASTDL_BUILD_CUDA": "0", "FASTDL_CPU_ISA": level}
+        build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True,
+                               text=True, env=env, timeout=1200)
+        log = (build.stdout + build.stderr)[-6000:]
+        assert build.returncode == 0, log
+        assert f"CPU kernels for one ISA level only: {level}" in build.stdout + build.stderr, log
+        for kernels in ("csrc/cpu/softmax.cpp", "csrc/cpu/layer_norm.cpp"):  # compiled for this level
+            assert f"Building CXX object CMakeFiles/_C.dir/{kernels}.o" in build.stdout, log
+        # the copy's package, not the checkout's (the editable install's finder comes after sys.path)
+        where = subprocess.run([sys.executable, "-c", "import fastdl._C; print(fastdl._C.__file__)"], cwd=src,
+                               capture_output=True, text=True, env=env)
+        assert where.stdout.strip().startswith(str(src)), where.stdout + where.stderr
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                              "tests/test_softmax.py", "tests/test_layer_norm.py", "-k",
+                              "cpu and not triton and not torch-"],
+                             cwd=src, capture_output=True, text=True, env=env, timeout=1200)
+        assert run.returncode == 0 and " passed" in run.stdout, (
+            f"{level}:\n" + run.stdout[-6000:] + run.stderr[-3000:])
+
+
+def test_failed_cuda_build_not_asked_for_falls_back_to_cpu(tmp_path):
+    """setup.py against a CUDA torch whose CUDA build fails (here: an nvcc that always fails,
+    as a toolkit with nvcc but not the rest would): without FASTDL_BUILD_CUDA it warns and
+    builds the CPU part; with FASTDL_BUILD_CUDA=1 it fails. Runs in a copy of the sources, with
+    the CUDA torch of test_cuda_part_builds_against_cuda_torch's venv (made by whichever
+    comes first).
+
+    The CPU part it builds is the CPU-only build against a CUDA torch (CMakeLists.txt's
+    branch that does without torch's CMake config, which would insist on a full toolkit),
+    with a toolkit of nothing but a broken nvcc in sight: it must load and run. (`make
+    check-cuda-build` builds it with no toolkit at all, scripts/check_cuda_build.sh's first
+    build; the tests leave that build out, the same compile a second time.)"""
+    venv, _, _ = _run_check_cuda_build("FASTDL_CUDA_VENV", "FASTDL_CUDA_TORCH_PIN", "venv")
+    py = str(ROOT / venv / "bin" / "python")
+    src = _copy_sources(tmp_path / "src")
+    toolkit = tmp_path / "cuda" / "bin"
+    toolkit.mkdir(parents=True)
+    (toolkit / "nvcc").write_text("#!/bin/sh\necho 'nvcc: this toolkit is broken' >&2\nexit 1\n")
+    (toolkit / "nvcc").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTDL_BUILD_CUDA", "CUDA_PATH", "CUDACXX")}
+    # the CPU kernels for one ISA level: the fallback is what is tested, in ~60% of the build time
+    env.update(CUDA_HOME=str(tmp_path / "cuda"), PATH=f"{Path(py).parent}:/usr/bin:/bin", FASTDL_CPU_ISA="baseline")
+
+    def build(**extra):
+        return subprocess.run([py, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True, text=True,
+                              env={**env, **extra})
+
+    asked = build(FASTDL_BUILD_CUDA="1")
+    assert asked.returncode != 0 and "WARNING: the CUDA build failed" not in asked.stdout
+    result = build()
+    log = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, log
+    assert "WARNING: the CUDA build failed" in result.stdout and "CPU only: the CUDA build failed" in result.stdout, log
+    built = list((src / "fastdl").glob("_C.*.so"))
+    assert built, log
+    check = ("import sys, torch\n"
+             "torch.ops.load_library(sys.argv[1])\n"
+             "assert torch.version.cuda and not torch.ops.fastdl.native_built_with_cuda()\n"
+             "x = torch.randn(3, 5)\n"
+             "assert torch.allclose(torch.ops.fastdl.softmax_rows_forward(x, False), torch.softmax(x, -1))\n")
+    run = subprocess.run([py, "-c", check, str(built[0])], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
 
 def _cuobjdump():
@@ -214,103 +312,6 @@ def test_kernels_move_rows_in_16_byte_vectors(nvcc_build):
             if not any(op in body for body in bodies) and kernel not in _accepted(source, what):
                 missing.append(f"{kernel}: no {op} in any of its {len(bodies)} instantiations")
     assert not missing, "\n".join(missing)
-
-
-def _copy_sources(dest: Path) -> Path:
-    """The tracked files of this checkout, copied to dest."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    _require(files, "git ls-files")
-    for name in files:
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, dest / name)
-    return dest
-
-
-def test_failed_cuda_build_not_asked_for_falls_back_to_cpu(tmp_path):
-    """setup.py against a CUDA torch whose CUDA build fails (here: an nvcc that always fails,
-    as a toolkit with nvcc but not the rest would): without FASTDL_BUILD_CUDA it warns and
-    builds the CPU part; with FASTDL_BUILD_CUDA=1 it fails. Runs in a copy of the sources, with
-    the CUDA torch of test_cuda_part_builds_against_cuda_torch's venv (made by whichever
-    comes first).
-
-    The CPU part it builds is the CPU-only build against a CUDA torch (CMakeLists.txt's
-    branch that does without torch's CMake config, which would insist on a full toolkit),
-    with a toolkit of nothing but a broken nvcc in sight: it must load and run. (`make
-    check-cuda-build` builds it with no toolkit at all, scripts/check_cuda_build.sh's first
-    build; the tests leave that build out, the same compile a second time.)"""
-    venv, _, _ = _run_check_cuda_build("FASTDL_CUDA_VENV", "FASTDL_CUDA_TORCH_PIN", "venv")
-    py = str(ROOT / venv / "bin" / "python")
-    src = _copy_sources(tmp_path / "src")
-    toolkit = tmp_path / "cuda" / "bin"
-    toolkit.mkdir(parents=True)
-    (toolkit / "nvcc").write_text("#!/bin/sh\necho 'nvcc: this toolkit is broken' >&2\nexit 1\n")
-    (toolkit / "nvcc").chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTDL_BUILD_CUDA", "CUDA_PATH", "CUDACXX")}
-    # the CPU kernels for one ISA level: the fallback is what is tested, in ~60% of the build time
-    env.update(CUDA_HOME=str(tmp_path / "cuda"), PATH=f"{Path(py).parent}:/usr/bin:/bin", FASTDL_CPU_ISA="baseline")
-
-    def build(**extra):
-        return subprocess.run([py, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True, text=True,
-                              env={**env, **extra})
-
-    asked = build(FASTDL_BUILD_CUDA="1")
-    assert asked.returncode != 0 and "WARNING: the CUDA build failed" not in asked.stdout
-    result = build()
-    log = (result.stdout + result.stderr)[-6000:]
-    assert result.returncode == 0, log
-    assert "WARNING: the CUDA build failed" in result.stdout and "CPU only: the CUDA build failed" in result.stdout, log
-    built = list((src / "fastdl").glob("_C.*.so"))
-    assert built, log
-    check = ("import sys, torch\n"
-             "torch.ops.load_library(sys.argv[1])\n"
-             "assert torch.version.cuda and not torch.ops.fastdl.native_built_with_cuda()\n"
-             "x = torch.randn(3, 5)\n"
-             "assert torch.allclose(torch.ops.fastdl.softmax_rows_forward(x, False), torch.softmax(x, -1))\n")
-    run = subprocess.run([py, "-c", check, str(built[0])], capture_output=True, text=True, env=env)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-
-
-def _cpu_supports(*flags: str) -> bool:
-    try:
-        cpu_flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
-    except (OSError, IndexError):
-        return False
-    return all(flag in cpu_flags for flag in flags)
-
-
-def test_cpu_kernels_of_the_other_isa_levels(tmp_path):
-    """The CPU kernels are built once per x86-64 ISA level (v4, v3, baseline) and the loader
-    picks the one this CPU runs (csrc/cpu/common.h), so the suite alone tests one of them.
-    Here fastdl._C is built for each other level in turn (FASTDL_CPU_ISA), in one copy of
-    the sources, and the CPU kernels' tests run against it (~1-2 min a level): the second
-    build recompiles the kernels' two sources, which alone take the level (CMakeLists.txt).
-    The baseline build also leaves out the x86 intrinsics kernels (F16C, AVX2), as a build
-    for aarch64 does: fp16 rows take the software conversions."""
-    import platform
-
-    _require(platform.machine() == "x86_64", "an x86-64 machine")
-    src = _copy_sources(tmp_path / "src")
-    for level in ("baseline", "x86-64-v3"):
-        if level == "x86-64-v3":
-            _require(_cpu_supports("avx2", "fma", "f16c", "bmi2", "movbe"), "a CPU with x86-64-v3")
-        env = {**os.environ, "FASTDL_BUILD_CUDA": "0", "FASTDL_CPU_ISA": level}
-        build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=src, capture_output=True,
-                               text=True, env=env, timeout=1200)
-        log = (build.stdout + build.stderr)[-6000:]
-        assert build.returncode == 0, log
-        assert f"CPU kernels for one ISA level only: {level}" in build.stdout + build.stderr, log
-        for kernels in ("csrc/cpu/softmax.cpp", "csrc/cpu/layer_norm.cpp"):  # compiled for this level
-            assert f"Building CXX object CMakeFiles/_C.dir/{kernels}.o" in build.stdout, log
-        # the copy's package, not the checkout's (the editable install's finder comes after sys.path)
-        where = subprocess.run([sys.executable, "-c", "import fastdl._C; print(fastdl._C.__file__)"], cwd=src,
-                               capture_output=True, text=True, env=env)
-        assert where.stdout.strip().startswith(str(src)), where.stdout + where.stderr
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                              "tests/test_softmax.py", "tests/test_layer_norm.py", "-k",
-                              "cpu and not triton and not torch-"],
-                             cwd=src, capture_output=True, text=True, env=env, timeout=1200)
-        assert run.returncode == 0 and " passed" in run.stdout, (
-            f"{level}:\n" + run.stdout[-6000:] + run.stderr[-3000:])
 
 
 def _run_cpp_check(tmp_path, name: str, expect: str):
