@@ -54,10 +54,10 @@ bench: build
 	$(PY) -m fastdl.bench
 
 # Builds fastdl._C CPU-only and with its CUDA part against a CUDA torch, in a separate venv
-# (for the default architectures; tests/test_build.py builds the CUDA part for sm_80 only,
-# its CPU kernels for one ISA level, and leaves the CPU-only build to its fallback test),
-# and against the GPU image's torch for its sm_90a, as scripts/gpu_check.sh builds there
-# (tests/test_build.py too).
+# (for the default architectures), and against the GPU image's torch for its sm_90a, as
+# scripts/gpu_check.sh builds there. tests/test_build.py's CUDA builds link kernels/ as its
+# nvcc check built it, build the CPU kernels for one ISA level, and leave the CPU-only build
+# to its fallback test.
 check-cuda-build:
 	bash scripts/check_cuda_build.sh $(CUDA_VENV) $(CUDA_TORCH_PIN)
 	TORCH_CUDA_ARCH_LIST=9.0a bash scripts/check_cuda_build.sh $(GPU_IMAGE_VENV) $(GPU_IMAGE_TORCH_PIN) cuda-only

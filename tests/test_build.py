@@ -82,6 +82,8 @@ def _nvcc_build(path: Path) -> tuple[subprocess.CompletedProcess, Path]:
         if not done.exists():
             cmd = [nvcc, *flags, "-c", str(path), "-o", str(obj)]
             result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:  # not kept: the next to ask compiles again
+                return result, obj
             done.write_text(json.dumps([cmd, result.returncode, result.stdout, result.stderr]))
     return subprocess.CompletedProcess(*json.loads(done.read_text())), obj
 
