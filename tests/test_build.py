@@ -37,10 +37,10 @@ ARCHS = ("80", "90a")
 
 # The tests come in the order they run, the longest first (the CUDA build against torch
 # 2.14.1 ~4 min with the nvcc build of kernels/ it asks for first, the Triton check ~3, the
-# image's CUDA build ~2, the other ISA levels ~2, the fallback ~1): with pytest-xdist's
-# worksteal the other worker takes the later ones, so the run ends on short tests rather than
-# one worker alone in a long build (the other-ISA test, last among the long ones, left one
-# worker idle for its 79 s at fb3dfab).
+# image's CUDA build ~2, the other ISA levels ~2, the fallback ~1), so that the worker that
+# runs out first can take the later, shorter ones (pytest-xdist's worksteal). It does not
+# make the end even: worksteal takes the back half of a queue, and at f0c6ca3 one worker
+# still waited ~75 s on the other's last long build, as at fb3dfab before this order.
 
 
 def _nvcc():
@@ -117,7 +117,6 @@ def _check_cuda_build(venv_var: str, pin_var: str, arch_list: str):
     links against this torch, and the three multiversioned clones differ only in code
     generation, which the main build's tests and the other-ISA builds' cover (~20 s of
     csrc/cpu a build: layer_norm.cpp 31 -> 17 s against torch 2.14.1)."""
-    _require(_nvcc(), "nvcc")
     env = {"TORCH_CUDA_ARCH_LIST": arch_list, "FASTDL_CPU_ISA": "x86-64-v3"}
     # kernels/ as the nvcc check built it, when it built: CMake then compiles csrc/ only (else
     # it compiles kernels/ too, and the nvcc tests report what failed)
