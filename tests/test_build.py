@@ -13,7 +13,8 @@
   the environment) and against the GPU machine's torch (2.11); a CUDA build that fails
   without having been asked for leaves setup.py with the CPU part, which needs no CUDA
   toolkit and loads and runs;
-* the CPU extension was built and loads;
+* the CPU extension was built and loads, and links the shared libstdc++ (torch's), also
+  with a g++ whose first library directory holds libstdc++.a alone (the H200 machine's);
 * the CPU kernels built for the ISA levels this machine would not pick (x86-64-v3, the
   baseline) pass the CPU kernels' tests too.
 """
@@ -344,6 +345,69 @@ def test_half_row_conversions_match_c10(tmp_path):
     """csrc/cpu/half_rows.h's vectorised bf16 / fp16 conversions equal c10's, bit for bit:
     every 16-bit value, ties, overflow, subnormals and NaN (tests/cpp/half_rows_check.cpp)."""
     _run_cpp_check(tmp_path, "half_rows_check", "ok: 0 mismatches")
+
+
+def _dynamic_section(library: Path) -> str:
+    out = subprocess.run(["readelf", "-dW", str(library)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _defines_ostream_code(library: Path) -> bool:
+    """Whether the library defines libstdc++'s number formatting itself (a private copy)."""
+    out = subprocess.run(["nm", "-D", "--defined-only", "-C", str(library)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return "std::ostream::_M_insert<long>" in out.stdout
+
+
+def test_libstdcxx_linked_shared_where_the_compiler_finds_the_archive_first(tmp_path):
+    """cmake/shared_libstdcxx.cmake, which CMakeLists.txt applies to fastdl._C: on the H200
+    machine a g++ wrapper whose -B directory holds libstdc++.a alone linked libstdc++ into the
+    module, and every op that raised segfaulted formatting its message. Here the same kind of
+    wrapper (a -B directory with this g++'s libstdc++.a) links a small module that formats a
+    number: without the function it carries the archive's ostream code and needs no
+    libstdc++.so.6 (the fault, reproduced); with it, it needs libstdc++.so.6 and defines none
+    of that code. fastdl._C as built here needs libstdc++.so.6 too."""
+    import platform
+
+    gxx, cmake = shutil.which("g++"), shutil.which("cmake")
+    _require(platform.system() == "Linux" and gxx and cmake and shutil.which("readelf") and shutil.which("nm"),
+             "Linux with g++, cmake, readelf and nm")
+    archive = subprocess.run([gxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    _require(os.path.isabs(archive), "g++'s libstdc++.a")
+    (tmp_path / "archive-only").mkdir()
+    (tmp_path / "archive-only" / "libstdc++.a").symlink_to(archive)
+    wrapper = tmp_path / "g++"
+    wrapper.write_text(f'#!/bin/sh\nexec {gxx} -B{tmp_path / "archive-only"}/ "$@"\n')
+    wrapper.chmod(0o755)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "formats.cpp").write_text(
+        '#include <sstream>\n#include <string>\n'
+        'std::string formats(long dim) { std::ostringstream s; s << "dim " << dim; return s.str(); }\n')
+    (project / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.22)\nproject(formats CXX)\n"
+        "add_library(formats MODULE formats.cpp)\n"
+        f'if(LINK_SHARED)\n  include("{ROOT / "cmake" / "shared_libstdcxx.cmake"}")\n'
+        "  fastdl_link_shared_libstdcxx(formats)\nendif()\n")
+    built = {}
+    for link_shared in ("OFF", "ON"):
+        build = tmp_path / f"build-{link_shared}"
+        for command in ([cmake, "-S", str(project), "-B", str(build), f"-DCMAKE_CXX_COMPILER={wrapper}",
+                         f"-DLINK_SHARED={link_shared}"], [cmake, "--build", str(build)]):
+            run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        built[link_shared] = build / "libformats.so"
+    assert "[libstdc++.so.6]" not in _dynamic_section(built["OFF"]) and _defines_ostream_code(built["OFF"]), (
+        "the wrapper no longer links the archive: this test reproduces nothing")
+    assert "[libstdc++.so.6]" in _dynamic_section(built["ON"]), _dynamic_section(built["ON"])
+    assert not _defines_ostream_code(built["ON"])
+
+    from fastdl import _native
+
+    if _native.LOADED:
+        module = Path(_native._C.__file__)
+        assert "[libstdc++.so.6]" in _dynamic_section(module) and not _defines_ostream_code(module)
 
 
 def test_cpu_extension_loaded():

@@ -777,7 +777,9 @@ def test_pre_norm_sequence_under_autocast(case, kind):
     the output's dtype and values are those of the same stack written with torch.nn."""
     backend, device = case
     d = 16
-    block = fastdl.nn.PreNormSequence(d, [torch.nn.Linear(d, d), torch.nn.Linear(d, d)], device=device)
+    # the sublayers are the caller's: built on the device (PreNormSequence's device= is its norms')
+    block = fastdl.nn.PreNormSequence(d, [torch.nn.Linear(d, d, device=device), torch.nn.Linear(d, d, device=device)],
+                                      device=device)
     x = torch.randn(4, d, device=device, requires_grad=True)
     with autocast_as(kind, device), fastdl.use_backend(backend):
         out = block(x)

@@ -131,6 +131,20 @@ def _l2_flush_buffer(device_index: int) -> torch.Tensor:
     return torch.empty(2 * l2_bytes // 4, dtype=torch.int32, device=f"cuda:{device_index}")
 
 
+def _end_generator_capture(device_index: int) -> None:
+    """After a failed capture, the device's default generator as if no capture had begun.
+
+    torch.cuda.graph registers the default CUDA generator when a capture begins and releases it
+    in capture_end after cudaStreamEndCapture; a capture that a sync invalidated fails in that
+    call, before the release (torch 2.11), and the generator stays capturing: every later random
+    draw on the device raises "Offset increment outside graph capture encountered unexpectedly"
+    (the H200 run at 3b332bb: each test after the fallback's test in its worker). A copy of its
+    state (seed and offset) holds no capture."""
+    generator = torch.cuda.default_generators[device_index]
+    if hasattr(generator, "graphsafe_set_state"):  # torch >= 2.4
+        generator.graphsafe_set_state(generator.clone_state())
+
+
 def time_device_ms(fn: Callable[[], object], quick: bool = False) -> tuple[float, float, float, str]:
     """(median, p20, p80, how) milliseconds of GPU time a call, host time excluded.
 
@@ -162,6 +176,7 @@ def time_device_ms(fn: Callable[[], object], quick: bool = False) -> tuple[float
                 fn()
     except Exception:  # not capturable: time it call by call instead
         torch.cuda.synchronize()
+        _end_generator_capture(device_index)
         import triton.testing
 
         q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
