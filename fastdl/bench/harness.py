@@ -126,9 +126,20 @@ GRAPH_CALLS = 20  # calls in one CUDA graph, each after an L2 flush
 
 @functools.lru_cache(maxsize=None)
 def _l2_flush_buffer(device_index: int) -> torch.Tensor:
-    """Twice the device's L2 (H100 / H200: 50 / 60 MiB): zeroing it evicts whatever a call left there."""
+    """Twice the device's L2 (H100 / H200: 50 / 60 MiB): reading it evicts whatever a call left there."""
     l2_bytes = getattr(torch.cuda.get_device_properties(device_index), "L2_cache_size", 0) or (64 << 20)
-    return torch.empty(2 * l2_bytes // 4, dtype=torch.int32, device=f"cuda:{device_index}")
+    return torch.zeros(2 * l2_bytes // 4, dtype=torch.int32, device=f"cuda:{device_index}")
+
+
+def _flush_l2(flush: torch.Tensor) -> None:
+    """Evicts the L2 by reading twice its size, writing nothing. A flush that writes (zero_) leaves
+    the L2 full of its own dirty lines: the next call pays their write-back, and the call's own
+    output, left dirty in the L2, is written back by the next flush in place of the flush's, which
+    the flushes-alone graph pays too, so up to an L2 of a call's writes went uncounted (the H200 run
+    at 3b332bb: rms_norm fwd under autocast, 4096 x 4096 bf16 -> fp32, at 5.1 TB/s, over the HBM's
+    4.8). A reading flush evicts the call's dirty lines, their write-back falls in the calls'
+    graph, and it leaves clean lines behind."""
+    torch.amax(flush)
 
 
 def _end_generator_capture(device_index: int) -> None:
@@ -151,8 +162,8 @@ def time_device_ms(fn: Callable[[], object], quick: bool = False) -> tuple[float
     Two CUDA graphs are captured: GRAPH_CALLS L2 flushes alone, and the same flushes each
     followed by a call of fn. Each replay is timed with CUDA events, the two alternately, and a
     call's time is (with calls - flushes alone) / GRAPH_CALLS for each pair of replays: the GPU
-    never waits for the host inside a graph, and the flush's time (its write-back of dirty lines
-    included, wherever it lands) cancels. how = "graph". An fn that cannot be captured (one that
+    never waits for the host inside a graph, and the flush's own time cancels, while the
+    write-back of what the call wrote falls in the next flush (_flush_l2) and counts. how = "graph". An fn that cannot be captured (one that
     syncs, say) falls back to triton.testing.do_bench, whose per-call events include any wait for
     the host: how = "events"."""
     device_index = torch.cuda.current_device()
@@ -169,10 +180,10 @@ def time_device_ms(fn: Callable[[], object], quick: bool = False) -> tuple[float
     try:
         with torch.cuda.graph(flushes):
             for _ in range(GRAPH_CALLS):
-                flush.zero_()
+                _flush_l2(flush)
         with torch.cuda.graph(calls):
             for _ in range(GRAPH_CALLS):
-                flush.zero_()
+                _flush_l2(flush)
                 fn()
     except Exception:  # not capturable: time it call by call instead
         torch.cuda.synchronize()
@@ -260,11 +271,24 @@ def time_host_ms(fn: Callable[[], object], device: torch.device, quick: bool = F
 
 
 def copy_bandwidth_gbps(device: torch.device, quick: bool = False) -> float:
-    """Device-to-device copy, bytes read + written per second: the ceiling for memory-bound ops."""
+    """Device-to-device copy, bytes read + written per second: the ceiling for memory-bound ops.
+
+    On a GPU the copy is timed call by call with CUDA events (triton's do_bench; a 512 MiB copy
+    takes ~0.25 ms, far over any host wait), not in a CUDA graph: captured, copy_'s cudaMemcpyAsync
+    becomes a graph memcpy node, which ran at 2.76 TB/s on the H200 (run at 3b332bb) where the
+    same copy launched directly ran at 4.17 TB/s (run at cc56307; KINDS.md: ~4.3) and the kernels
+    under test reached 4.2."""
     n_bytes = (512 << 20) if device.type == "cuda" else (64 << 20)
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    median, _, _ = time_ms(lambda: dst.copy_(src), device, quick)
+    if device.type == "cuda":
+        import triton.testing
+
+        median = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10 if quick else 25,
+                                         rep=30 if quick else 100, quantiles=[0.5])
+        median = median[0] if isinstance(median, (list, tuple)) else median
+    else:
+        median, _, _ = time_ms(lambda: dst.copy_(src), device, quick)
     return 2 * n_bytes / (median * 1e-3) / 1e9
 
 
