@@ -5,6 +5,7 @@
 #   STEPS="build bench" BENCH_MERGE=1 BENCH_OPS=layer_norm BENCH_ARGS="--dtypes float16 float32" \
 #     scripts/gpu_check.sh OUT_DIR   # a sweep in parts: adds to benchmarks/results/<device>/ as committed
 #   STEPS="build tune" scripts/gpu_check.sh OUT_DIR   # the launchers' knobs, each value timed
+#   STEPS="build profile" scripts/gpu_check.sh OUT_DIR   # Nsight Compute over the slow kernels
 #
 # The whole run keeps inside GPU_CHECK_SECONDS (default 570: one call of a lent GPU, whose
 # limit is 600 s): the build at most BUILD_TIMEOUT (default 300), the tests at most TEST_TIMEOUT
@@ -24,6 +25,8 @@
 #                   then python -m fastdl.bench.preference (the fastest backend per op and dtype)
 #   results.tar.gz  <op>.json, <op>.md and plots: unpack into benchmarks/results/<device>/
 #   tune.md         python -m fastdl.bench.tune (step "tune", not in the default steps)
+#   profile.log     ncu over scripts/profile_kernels.py's cases (step "profile", not in the
+#                   default steps): speed of light, occupancy, launch, warp stalls, memory
 # Exit status: non-zero when the build, the tests or the sanitizer failed (a failed build does not
 # stop the steps after it: the triton and torch backends run without fastdl._C).
 set -uo pipefail
@@ -136,6 +139,25 @@ if has_step sanitize; then
     fi
   done
   tail -3 "$out/sanitizer.log"
+fi
+
+if has_step profile; then
+  step "profile" | tee "$out/profile.log"
+  ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /usr/local/cuda-*/bin/ncu /opt/nvidia/nsight-compute/*/ncu \
+    2>/dev/null | head -1)
+  limit=$(cap "${PROFILE_TIMEOUT:-150}")
+  if [[ -z "$ncu" ]]; then
+    echo "profile: no ncu on this machine: NOT RUN" | tee -a "$out/profile.log"
+  elif (( limit < 20 )); then
+    echo "profile: no time left in the budget: NOT RUN" | tee -a "$out/profile.log"
+  else
+    # each case's one profiled call (cudaProfilerStart / Stop); the clocks as they are (METHOD.md)
+    timeout "$limit" "$ncu" --clock-control none --profile-from-start off --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+      $py scripts/profile_kernels.py >> "$out/profile.log" 2>&1 \
+      || echo "profile: ncu exited non-zero or was cut off (the cases before are above)" | tee -a "$out/profile.log"
+  fi
+  grep -c "^profile_kernels: " "$out/profile.log" | sed 's/^/profile: case lines: /'
 fi
 
 if has_step bench; then

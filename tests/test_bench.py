@@ -461,3 +461,26 @@ def test_tune_knobs_exist():
             else:
                 assert isinstance(case.knob.default(), int), case.knob.name
             assert case.op in tune.FNS
+
+
+def test_profile_script_runs_its_cases(capsys):
+    """scripts/profile_kernels.py (gpu_check.sh's "profile" step, under Nsight Compute): each
+    case runs at toy sizes on the CPU, those of a backend not here said to be skipped."""
+    import importlib.util
+    from pathlib import Path
+
+    import fastdl
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_kernels.py"
+    spec = importlib.util.spec_from_file_location("profile_kernels", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--device", "cpu", "--quick"]) == 0
+    out = capsys.readouterr().out
+    here = fastdl.available_backends("cpu")
+    for label, backend, _, quick, _ in script.CASES:
+        name = f"{label} {'x'.join(map(str, quick))} on {backend or 'torch'}"
+        ran = backend is None or backend in here
+        assert (f"profile_kernels: {name}\n" in out) == ran, (name, out)
+        assert (f"profile_kernels: {name}: backend {backend} not available here, skipped" in out) != ran
+    assert f"profile_kernels: {sum(b is None or b in here for _, b, _, _, _ in script.CASES)} cases" in out

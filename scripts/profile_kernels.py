@@ -1,0 +1,112 @@
+"""The kernels the H200 runs found slow, under Nsight Compute (gpu_check.sh's step "profile").
+
+    ncu --profile-from-start off ... python3 scripts/profile_kernels.py   # what gpu_check.sh runs
+    python3 scripts/profile_kernels.py --device cpu --quick                # the cases run, no profiler
+
+Each case is warmed up (compiles, autotuning, first allocations) outside the profiled range,
+then called once inside it (cudaProfilerStart / Stop), so the profiler reports that call's
+kernels alone, after a line naming the case ("profile_kernels: <op> <shape> on <backend>"). The cases, and why (benchmarks/results/h200/NOTES.md,
+the run at 3b332bb, bf16; % of the 4172 GB/s copy):
+  * CUDA norm forward at 4096 x 16384 (41%) and 4096 x 4096 (58%), beside Triton's (85%, 78%);
+  * CUDA softmax forward at 4096 x 16384 (66%) beside Triton's (90%), and of a GPT-2
+    vocabulary, 1024 x 50257 (0.59x eager);
+  * the norm backward at hidden 1024, both backends (Triton fwd+bwd 17%, CUDA 30%);
+  * a 512 MiB copy (copy_, and an elementwise kernel) and softmax at 4096 x 65536: every
+    implementation ran at 2.0-2.8 TB/s at these sizes, where 4096 x 16384 reached 4.2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+import torch
+
+import fastdl
+
+BF16 = torch.bfloat16
+
+
+def _softmax(shape, direction="fwd"):
+    def setup(device):
+        x = torch.randn(shape, device=device, dtype=BF16)
+        return lambda: fastdl.ops.softmax(x, -1)
+    return setup
+
+
+def _layer_norm(shape, direction):
+    def setup(device):
+        n = shape[1]
+        grad = direction == "fwd+bwd"
+        x = torch.randn(shape, device=device, dtype=BF16, requires_grad=grad)
+        w = torch.rand(n, device=device, dtype=BF16, requires_grad=grad)
+        b = torch.randn(n, device=device, dtype=BF16, requires_grad=grad)
+        if not grad:
+            return lambda: fastdl.ops.layer_norm(x, n, w, b)
+        dy = torch.randn(shape, device=device, dtype=BF16)
+        return lambda: torch.autograd.grad(fastdl.ops.layer_norm(x, n, w, b), (x, w, b), dy)
+    return setup
+
+
+def _copy(kind, n_bytes):
+    def setup(device):
+        src = torch.ones(n_bytes // 4, device=device)
+        dst = torch.empty_like(src)
+        if kind == "copy_":
+            return lambda: dst.copy_(src)
+        return lambda: torch.mul(src, 1.0, out=dst)  # an elementwise kernel, not cudaMemcpy
+    return setup
+
+
+# (label, backend or None for torch's own, full shape, quick shape, setup(shape) -> setup(device))
+CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
+    ("layer_norm fwd bf16", "cuda", (4096, 16384), (4, 1000), lambda s: _layer_norm(s, "fwd")),
+    ("layer_norm fwd bf16", "triton", (4096, 16384), (4, 1000), lambda s: _layer_norm(s, "fwd")),
+    ("layer_norm fwd bf16", "cuda", (4096, 4096), (4, 300), lambda s: _layer_norm(s, "fwd")),
+    ("layer_norm fwd bf16", "triton", (4096, 4096), (4, 300), lambda s: _layer_norm(s, "fwd")),
+    ("softmax fwd bf16", "cuda", (4096, 16384), (4, 1000), _softmax),
+    ("softmax fwd bf16", "triton", (4096, 16384), (4, 1000), _softmax),
+    ("softmax fwd bf16", "cuda", (1024, 50257), (2, 2001), _softmax),
+    ("layer_norm fwd+bwd bf16", "cuda", (4096, 1024), (4, 100), lambda s: _layer_norm(s, "fwd+bwd")),
+    ("layer_norm fwd+bwd bf16", "triton", (4096, 1024), (4, 100), lambda s: _layer_norm(s, "fwd+bwd")),
+    ("softmax fwd bf16", "cuda", (4096, 65536), (2, 3000), _softmax),
+    ("softmax fwd bf16", "triton", (4096, 65536), (2, 3000), _softmax),
+    ("copy_, bytes:", None, (512 << 20,), (4096,), lambda s: _copy("copy_", s[0])),
+    ("mul(1.0) fp32, bytes:", None, (512 << 20,), (4096,), lambda s: _copy("mul", s[0])),
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="toy shapes (a smoke test)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    profiling = device.type == "cuda"
+    ran = 0
+    for label, backend, shape, quick_shape, make in CASES:
+        shape = quick_shape if args.quick else shape
+        name = f"{label} {'x'.join(map(str, shape))} on {backend or 'torch'}"
+        if backend is not None and backend not in fastdl.available_backends(device.type):
+            print(f"profile_kernels: {name}: backend {backend} not available here, skipped", flush=True)
+            continue
+        with fastdl.use_backend(backend or "auto"):
+            call = make(shape)(device)
+            for _ in range(3):  # compiles, autotuning, allocations: outside the profiled range
+                call()
+            if profiling:
+                torch.cuda.synchronize()
+            print(f"profile_kernels: {name}", flush=True)
+            if profiling:
+                torch.cuda.cudart().cudaProfilerStart()
+            call()
+            if profiling:
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStop()
+        ran += 1
+    print(f"profile_kernels: {ran} cases", flush=True)
+    return 0 if ran else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
