@@ -9,8 +9,8 @@
 #
 # The whole run keeps inside GPU_CHECK_SECONDS (default 570: one call of a lent GPU, whose
 # limit is 600 s): the build at most BUILD_TIMEOUT (default 300), the tests at most TEST_TIMEOUT
-# (default 200) and each test 120 s (pytest-timeout), the sanitizer SANITIZER_TIMEOUT a tool
-# (default 50), the benchmark what is left (or BENCH_SECONDS), the tuner TUNE_TIMEOUT (default 240).
+# (default 200) and each test 120 s (pytest-timeout), the sanitizer SANITIZER_TIMEOUT (default 90,
+# its four runs at once), the benchmark what is left (or BENCH_SECONDS), the tuner TUNE_TIMEOUT (default 240).
 # A step never runs past the budget: one that gets too little is cut short or skipped, and says so.
 #
 # FASTDL_COMMIT=<hash> names the commit the results record where the copy has no .git.
@@ -20,7 +20,7 @@
 #   build.log       environment (nvidia-smi, versions), the build of fastdl._C with CUDA, and
 #                   scripts/diagnose_exceptions.py (does a C++ exception kill the process?)
 #   test.log        the whole test suite on the GPU (pytest-xdist when installed), a line a test
-#   sanitizer.log   compute-sanitizer memcheck + racecheck over every GPU kernel
+#   sanitizer.log   compute-sanitizer memcheck + racecheck over every GPU kernel (CUDA, Triton)
 #   bench.log       python -m fastdl.bench, one run per op, each with its share of the seconds,
 #                   then python -m fastdl.bench.preference (the fastest backend per op and dtype)
 #   results.tar.gz  <op>.json, <op>.md and plots: unpack into benchmarks/results/<device>/
@@ -90,9 +90,9 @@ if has_step test; then
   # themselves, and those would take minutes of the lent one
   # -v: a line for each test as it ends, so a run cut short still says what passed and failed;
   # a test that hangs is ended after 120 s (pytest-timeout; thread: also out of a CUDA call)
-  # the steps after keep their time: two sanitizer tools, three minutes of benchmark
+  # the steps after keep their time: the sanitizer's (its tools at once), three minutes of benchmark
   later=0
-  has_step sanitize && later=$(( later + 2 * ${SANITIZER_TIMEOUT:-50} ))
+  has_step sanitize && later=$(( later + ${SANITIZER_TIMEOUT:-90} ))
   has_step bench && later=$(( later + 150 ))
   limit=$(cap "${TEST_TIMEOUT:-200}" "$later")
   (( limit < 30 )) && limit=30  # the tests matter more than what comes after them
@@ -111,34 +111,48 @@ fi
 
 if has_step sanitize; then
   step "compute-sanitizer" | tee "$out/sanitizer.log"
-  for tool in memcheck racecheck; do
-    limit=$(cap "${SANITIZER_TIMEOUT:-50}" 60)
-    if (( limit < 20 )); then
-      echo "sanitizer $tool: no time left in the budget: NOT CHECKED" | tee -a "$out/sanitizer.log"
-      status=1
-      continue
-    fi
-    echo "== $tool" >> "$out/sanitizer.log"
-    timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      $py scripts/sanitize_kernels.py >> "$out/sanitizer.log" 2>&1
-    rc=$?
-    # what this tool reported before it ended (or was cut off): compute-sanitizer's error lines
-    if sed -n "/^== $tool\$/,\$p" "$out/sanitizer.log" | grep -qE '^========= (Invalid|Error|Program hit|Race|Warning: Race)'; then
-      rc=9
-    fi
-    case $rc in
-      0) ;;
-      124) echo "sanitizer $tool: cut off after ${limit} s, no error so far: PARTLY CHECKED (progress lines above)" \
-             | tee -a "$out/sanitizer.log" ;;
-      *) echo "sanitizer $tool failed" | tee -a "$out/sanitizer.log"; status=1 ;;
-    esac
+  # memcheck and racecheck, each over the CUDA C++ kernels and over the Triton ones: four
+  # processes at once (the machine has 16 cores; the sanitized kernels are slow, not the GPU
+  # busy), each cut off after the same SANITIZER_TIMEOUT. One after the other, the 2nd H200 run
+  # got through the CUDA kernels and Triton's fp32 in 75 s of memcheck, the CUDA ones in racecheck.
+  limit=$(cap "${SANITIZER_TIMEOUT:-90}" 30)
+  if (( limit < 20 )); then
+    echo "sanitizer: no time left in the budget: NOT CHECKED" | tee -a "$out/sanitizer.log"
+    status=1
+  else
+    parts=$(mktemp -d)
+    for tool in memcheck racecheck; do
+      for backend in cuda triton; do
+        ( FASTDL_SANITIZE_BACKENDS=$backend timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+            $py scripts/sanitize_kernels.py > "$parts/$tool-$backend.log" 2>&1
+          echo $? > "$parts/$tool-$backend.rc" ) &
+      done
+    done
+    wait
+    for tool in memcheck racecheck; do
+      for backend in cuda triton; do
+        echo "== $tool $backend" >> "$out/sanitizer.log"
+        cat "$parts/$tool-$backend.log" >> "$out/sanitizer.log"
+        rc=$(cat "$parts/$tool-$backend.rc")
+        # what this tool reported before it ended (or was cut off): compute-sanitizer's error lines
+        if grep -qE '^========= (Invalid|Error|Program hit|Race|Warning: Race)' "$parts/$tool-$backend.log"; then
+          rc=9
+        fi
+        case $rc in
+          0) ;;
+          124) echo "sanitizer $tool $backend: cut off after ${limit} s, no error so far: PARTLY CHECKED" \
+                 "(progress lines above)" | tee -a "$out/sanitizer.log" ;;
+          *) echo "sanitizer $tool $backend failed" | tee -a "$out/sanitizer.log"; status=1 ;;
+        esac
+      done
+    done
     # some runtimes (gVisor) refuse the sanitizer outright: say so, it found nothing
     if grep -q "Device not supported" "$out/sanitizer.log"; then
       echo "compute-sanitizer cannot run on this machine (Device not supported): NOT CHECKED" | tee -a "$out/sanitizer.log"
-      break
     fi
-  done
-  tail -3 "$out/sanitizer.log"
+    rm -rf "$parts"
+  fi
+  grep -E "^sanitize_kernels: ran" "$out/sanitizer.log"
 fi
 
 if has_step profile; then

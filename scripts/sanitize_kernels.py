@@ -73,8 +73,13 @@ def norm_calls(dtype):
         count += 2
 
 
-# the CUDA C++ kernels first: they need no JIT compile, so a run cut off early has checked them
-for backend in sorted((b for b in fastdl.available_backends("cuda") if b != "torch"), key=lambda b: b != "cuda"):
+# FASTDL_SANITIZE_BACKENDS (comma-separated: gpu_check.sh runs one process a backend) or every
+# fastdl backend on CUDA; the CUDA C++ kernels first: they need no JIT compile, so a run cut off
+# early has checked them
+wanted = os.environ.get("FASTDL_SANITIZE_BACKENDS", "").split(",")
+backends = [b for b in fastdl.available_backends("cuda") if b != "torch" and (wanted == [""] or b in wanted)]
+assert backends, f"no backend to sanitize: FASTDL_SANITIZE_BACKENDS={wanted}, here {fastdl.available_backends('cuda')}"
+for backend in sorted(backends, key=lambda b: b != "cuda"):
     with fastdl.use_backend(backend):
         for dtype in dtypes:
             softmax_calls(dtype)
