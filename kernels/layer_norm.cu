@@ -1,12 +1,18 @@
 // LayerNorm / RMSNorm (optionally fused with a residual add): CUDA C++ forward and
 // backward. See fastdl/reference/layer_norm.py for the math.
 //
-// Two shapes of kernel, picked by row length:
+// Three shapes of kernel, picked by row length (and, for the packed one, a knob):
 //   * tile (rows up to 16384 columns forward, 8192 backward; half that for fp64): a warp
 //     or a block holds its row in registers (common/row_tile.cuh: 16-byte loads, 8 to 32
 //     values a thread forward, 8 or 16 backward). Forward: one read of x (and the residual), one write of y (and of
 //     x + residual); the variance is taken from deviations from the mean, held in
 //     registers (numerically safe, unlike sum of squares minus square of sums).
+//   * packed (16-bit rows of 2049 to 16384 columns, 16-byte aligned, no residual; only with
+//     FASTDL_CUDA_PACKED_NORM=1 until a GPU has timed it against the tile): a block of 128 to
+//     512 threads holds its row as it is in memory, 32 values a thread in 16 registers
+//     (common/row_tile.cuh's PackedRowTile), converting where used. The tile kernel holds 16
+//     values a thread converted, in 45 registers at 1024 threads: one block a multiprocessor at
+//     16384 columns, 41% of the copy bandwidth on the H200 where Triton reached 85%.
 //   * loop (longer rows), a block per row: sweep 1 writes x + residual (when fused) and
 //     sums the row; sweep 2 sums squared deviations; sweep 3 normalises and writes.
 //     Sweeps 2-3 re-read the row from L1/L2. Each thread touches the same columns in
@@ -72,6 +78,29 @@ template <typename T, typename F> bool with_forward_tile(int64_t cols, F&& launc
 template <typename T, typename F> bool with_backward_tile(int64_t cols, F&& launch) {
   return with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>, kBackwardMaxCols<T>>(cols, tile_elems_knob(), launch);
 }
+// The packed forward: 32 16-bit values a thread, blocks of 128, 256 or 512 threads, for rows
+// past 2048 columns (shorter ones take the warp tiles, a few registers a thread).
+constexpr int kPackedNormElems = 32;
+constexpr int64_t kPackedNormMinCols = 2049;
+
+// Calls launch(std::integral_constant<int, kThreads>{}) with the packed forward's block for
+// rows of `cols`; false past its rows, or unless FASTDL_CUDA_PACKED_NORM is 1.
+template <typename F> bool with_packed_norm(int64_t cols, F&& launch) {
+  int64_t enabled = 0;
+  env_knob("FASTDL_CUDA_PACKED_NORM", 0, 1, &enabled);
+  if (!enabled || cols < kPackedNormMinCols) return false;
+  bool launched = false;
+  auto try_threads = [&](auto threads) {
+    if (!launched && cols <= static_cast<int64_t>(decltype(threads)::value) * kPackedNormElems) {
+      launch(threads);
+      launched = true;
+    }
+  };
+  try_threads(std::integral_constant<int, 128>{});
+  try_threads(std::integral_constant<int, 256>{});
+  try_threads(std::integral_constant<int, 512>{});
+  return launched;
+}
 constexpr int kSumCols = 32;  // columns per block of the partial-row sum
 constexpr int kSumRowThreads = 8;
 
@@ -134,6 +163,82 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     for (int i = 0; i < kElems; ++i) v[i] += b[i];
   }
   Tile::store(y + row * cols, t, cols, aligned, v);
+}
+
+// Rows of 16-bit x held as they are (PackedRowTile), a block of kThreads each; y in x's
+// dtype; weight / bias (W: x's dtype or fp32) read a 16-byte vector at a time as y is
+// written. Rows 16-byte aligned, of a whole number of vectors (PackedRowTile's). The bound of
+// 1024 threads an SM at least: with kThreads alone, ptxas (CUDA 13.0) held the fp32-weight
+// instantiations to 40 registers and spilled 4-84 bytes; with it they take 46, no spill, and
+// those of 16-bit weights 40 (three 512-thread blocks an SM).
+template <typename T, typename W, int kThreads>
+__global__ void __launch_bounds__(kThreads, 1024 / kThreads)
+    norm_forward_packed_kernel(const T* __restrict__ x, const W* __restrict__ weight, const W* __restrict__ bias,
+                               T* __restrict__ y, typename Acc<T>::type* __restrict__ mean_out,
+                               typename Acc<T>::type* __restrict__ rstd_out, int cols, int64_t x_row_stride,
+                               typename Acc<T>::type eps, bool rms) {
+  using A = typename Acc<T>::type;
+  using Tile = PackedRowTile<T, kThreads, kPackedNormElems>;
+  constexpr int kPack = Tile::kPack;
+  __shared__ A scratch[kThreads / kWarpSize];
+  const int64_t row = blockIdx.x;
+  const int t = threadIdx.x;
+  Tile tile;
+  tile.load(x + row * x_row_stride, t, cols, from_acc<T>(A(0)));  // past the row: 0, nothing to the sum
+  A mean = 0;
+  if (!rms) {
+    A total = 0;
+#pragma unroll
+    for (int i = 0; i < kPackedNormElems; ++i) total += tile.value(i);
+    mean = block_sum<kThreads>(total, scratch) / static_cast<A>(cols);
+    tile.reconvert_after_here();
+  }
+  A sq = 0;
+#pragma unroll
+  for (int p = 0; p < Tile::Layout::kPacks; ++p) {
+    if (Tile::pack_col(t, p) < cols) {  // a pack is all in the row or all past it
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) {
+        const A d = Tile::element(tile.packs[p], k) - mean;
+        sq += d * d;
+      }
+    }
+  }
+  sq = block_sum<kThreads>(sq, scratch);
+  const A rstd = A(1) / sqrt(sq / static_cast<A>(cols) + eps);
+  if (t == 0) {
+    if (!rms) mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+  tile.reconvert_after_here();
+  T* y_row = y + row * cols;
+#pragma unroll
+  for (int p = 0; p < Tile::Layout::kPacks; ++p) {
+    const int col = Tile::pack_col(t, p);
+    if (col < cols) {
+      A v[kPack];
+#pragma unroll
+      for (int k = 0; k < kPack; ++k) v[k] = (Tile::element(tile.packs[p], k) - mean) * rstd;
+      // weight and bias a 16-byte vector at a time (half a pack when they are fp32)
+      constexpr int kParamVec = Vec<W>::kSize;
+#pragma unroll
+      for (int h = 0; h < kPack; h += kParamVec) {
+        if (weight != nullptr) {
+          A w[kParamVec];
+          load_acc<kParamVec>(weight + col + h, w);
+#pragma unroll
+          for (int k = 0; k < kParamVec; ++k) v[h + k] *= w[k];
+        }
+        if (bias != nullptr) {
+          A b[kParamVec];
+          load_acc<kParamVec>(bias + col + h, b);
+#pragma unroll
+          for (int k = 0; k < kParamVec; ++k) v[h + k] += b[k];
+        }
+      }
+      store_acc<kPack>(y_row + col, v);
+    }
+  }
 }
 
 template <typename T, typename W, typename Y, typename R, int kVec>
@@ -485,6 +590,15 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
                        (residual == nullptr || rows_aligned<T>(residual, residual_stride)) &&
                        rows_aligned<Y>(y, cols) && (sum == nullptr || rows_aligned<T>(sum, cols)) &&
                        (weight == nullptr || ptr_aligned(weight)) && (bias == nullptr || ptr_aligned(bias));
+  if constexpr (sizeof(T) == 2 && std::is_same_v<Y, T> && std::is_same_v<R, T>) {
+    // rows 16-byte aligned and of whole vectors: y's rows (cols apart) are aligned
+    const bool packed = residual == nullptr && aligned && with_packed_norm(cols, [&](auto threads) {
+      constexpr int kThreads = decltype(threads)::value;
+      norm_forward_packed_kernel<T, W, kThreads><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+          x, weight, bias, y, mean, rstd, static_cast<int>(cols), x_stride, static_cast<A>(eps), rms);
+    });
+    if (packed) return cudaGetLastError();
+  }
   const bool tiled = with_forward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     constexpr int kRowsPerBlock = kTileBlockThreads<kThreads> / kThreads;

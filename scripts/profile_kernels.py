@@ -5,9 +5,11 @@
 
 Each case is warmed up (compiles, autotuning, first allocations) outside the profiled range,
 then called once inside it (cudaProfilerStart / Stop), so the profiler reports that call's
-kernels alone, after a line naming the case ("profile_kernels: <op> <shape> on <backend>"). The cases, and why (benchmarks/results/h200/NOTES.md,
-the run at 3b332bb, bf16; % of the 4172 GB/s copy):
-  * CUDA norm forward at 4096 x 16384 (41%) and 4096 x 4096 (58%), beside Triton's (85%, 78%);
+kernels alone, after a line naming the case ("profile_kernels: <op> <shape> on <backend>").
+The cases, and why (benchmarks/results/h200/NOTES.md, the run at 3b332bb, bf16; % of the 4172
+GB/s copy):
+  * CUDA norm forward at 4096 x 16384 (41%) and 4096 x 4096 (58%), beside Triton's (85%, 78%)
+    and the packed forward's (FASTDL_CUDA_PACKED_NORM=1, not timed yet);
   * CUDA softmax forward at 4096 x 16384 (66%) beside Triton's (90%), and of a GPT-2
     vocabulary, 1024 x 50257 (0.59x eager);
   * the norm backward at hidden 1024, both backends (Triton fwd+bwd 17%, CUDA 30%);
@@ -18,6 +20,7 @@ the run at 3b332bb, bf16; % of the 4172 GB/s copy):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -49,6 +52,30 @@ def _layer_norm(shape, direction):
     return setup
 
 
+def _with_env(env, setup):
+    """setup's call with the environment variables env set while it runs (the CUDA launchers
+    read their knobs at each launch)."""
+    def wrapped(device):
+        call = setup(device)
+
+        def run():
+            before = {name: os.environ.get(name) for name in env}
+            os.environ.update(env)
+            try:
+                return call()
+            finally:
+                for name, value in before.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+        return run
+    return wrapped
+
+
+PACKED_NORM = {"FASTDL_CUDA_PACKED_NORM": "1"}
+
+
 def _copy(kind, n_bytes):
     def setup(device):
         src = torch.ones(n_bytes // 4, device=device)
@@ -63,7 +90,11 @@ def _copy(kind, n_bytes):
 CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     ("layer_norm fwd bf16", "cuda", (4096, 16384), (4, 1000), lambda s: _layer_norm(s, "fwd")),
     ("layer_norm fwd bf16", "triton", (4096, 16384), (4, 1000), lambda s: _layer_norm(s, "fwd")),
+    ("layer_norm fwd bf16, packed", "cuda", (4096, 16384), (4, 1000),
+     lambda s: _with_env(PACKED_NORM, _layer_norm(s, "fwd"))),
     ("layer_norm fwd bf16", "cuda", (4096, 4096), (4, 300), lambda s: _layer_norm(s, "fwd")),
+    ("layer_norm fwd bf16, packed", "cuda", (4096, 4096), (4, 300),
+     lambda s: _with_env(PACKED_NORM, _layer_norm(s, "fwd"))),
     ("layer_norm fwd bf16", "triton", (4096, 4096), (4, 300), lambda s: _layer_norm(s, "fwd")),
     ("softmax fwd bf16", "cuda", (4096, 16384), (4, 1000), _softmax),
     ("softmax fwd bf16", "triton", (4096, 16384), (4, 1000), _softmax),

@@ -71,6 +71,14 @@ def norm_calls(dtype):
         y = fastdl.ops.rms_norm(x, cols)
         torch.autograd.grad(y, x, torch.randn_like(y))
         count += 2
+        if dtype in (torch.float16, torch.bfloat16) and cols > 2048:
+            # the packed forward (FASTDL_CUDA_PACKED_NORM=1), on rows it takes: aligned, contiguous
+            os.environ["FASTDL_CUDA_PACKED_NORM"] = "1"
+            aligned = torch.randn(rows, cols // 8 * 8, device="cuda", dtype=dtype)
+            fastdl.ops.layer_norm(aligned, aligned.shape[-1], w[: aligned.shape[-1]], b[: aligned.shape[-1]])
+            fastdl.ops.rms_norm(aligned, aligned.shape[-1])
+            os.environ.pop("FASTDL_CUDA_PACKED_NORM")
+            count += 2
 
 
 # FASTDL_SANITIZE_BACKENDS (comma-separated: gpu_check.sh runs one process a backend) or every

@@ -663,6 +663,59 @@ def test_norm_parameters_in_the_input_dtype(runner, tmp_path, dtype, cols):
         _norm_forward(runner, tmp_path / "other", inputs, offsets, False, param_dtype=other)
 
 
+PACKED_NORM = {"FASTDL_CUDA_PACKED_NORM": "1"}
+
+
+@pytest.mark.parametrize("params", ["fp32", "x's dtype"])
+@pytest.mark.parametrize("variant", ["layer_norm", "layer_norm_plain", "rms_norm"])
+@pytest.mark.parametrize("cols, threads", [(2056, 128), (4096, 128), (4104, 256), (9000, 512), (16384, 512)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_norm_forward_packed(runner, tmp_path, dtype, cols, threads, variant, params):
+    """FASTDL_CUDA_PACKED_NORM=1: aligned 16-bit rows of 2049-16384 columns without a residual
+    are held as they are, 32 values a thread (norm_forward_packed_kernel): the block the rule
+    says (128 threads up to 4096 columns, 256 to 8192, 512 to 16384, the last pack of a thread
+    past the row where cols is not a multiple of its span), y, mean and rstd against float64,
+    the parameters in fp32 or in x's dtype. Special values in the first rows."""
+    rows = 3
+    inputs, offsets = _norm_inputs((rows, cols), dtype, variant)
+    inputs["x"][0, 5] = float("nan")
+    inputs["x"][1, : cols // 2] = 1e4  # large values beside small ones: the variance from deviations
+    param_dtype = dtype if params == "x's dtype" else None
+    if param_dtype is not None:
+        for name in ("weight", "bias"):
+            if name in inputs:
+                inputs[name] = inputs[name].to(dtype)
+    rms = NORM_VARIANTS[variant][3]
+    result = _norm_forward(runner, tmp_path, inputs, offsets, rms, param_dtype=param_dtype, env=PACKED_NORM)
+    assert _kernels(result) == ["norm_forward_packed_kernel"] and _block_threads(result) == [threads], result.launches
+    _, y, mean, rstd = _norm_reference(inputs, rms, 1e-5)
+    got = result.outputs["y"].view(rows, cols)
+    assert got[0].isnan().all(), "a NaN in the row makes all of it NaN"
+    assert_close(got[1:], y[1:], dtype, "y")
+    assert_close(result.outputs["rstd"][1:], rstd[1:], torch.float32, "rstd")
+    if not rms:
+        assert_close(result.outputs["mean"][1:], mean[1:], torch.float32, "mean")
+
+
+@pytest.mark.parametrize("case", ["off", "2048 columns", "16392 columns", "residual", "strided", "offset", "fp32 y"])
+def test_norm_forward_packed_only_where_it_holds(runner, tmp_path, case):
+    """Rows the packed forward does not take go to the tile (or loop) kernel as before, and are
+    right: the knob off, rows too short or too long, a fused residual, rows off 16-byte
+    boundaries (strided, base offset), a y in fp32 (CUDA autocast's norm of bf16 x)."""
+    dtype, rows = torch.bfloat16, 3
+    cols = {"2048 columns": 2048, "16392 columns": 16392}.get(case, 4096)
+    variant = "add_layer_norm" if case == "residual" else "layer_norm"
+    layout = case if case in ("strided", "offset") else "contiguous"
+    inputs, offsets = _norm_inputs((rows, cols), dtype, variant, layout)
+    out_dtype = torch.float32 if case == "fp32 y" else None
+    env = None if case == "off" else PACKED_NORM
+    result = _norm_forward(runner, tmp_path, inputs, offsets, False, env=env, out_dtype=out_dtype)
+    expected = "norm_forward_loop_kernel" if cols > 16384 else "norm_forward_tile_kernel"
+    assert _kernels(result) == [expected], result.launches
+    _, y, _, _ = _norm_reference(inputs, False, 1e-5)
+    assert_close(result.outputs["y"].view(rows, cols), y, out_dtype or dtype, "y")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("cols", [7, 1000, 8193, 20000])
 @pytest.mark.parametrize("variant",

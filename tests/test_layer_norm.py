@@ -334,6 +334,21 @@ def test_cuda_backward_shared_sums_knob(case, dtype, monkeypatch):
     assert all(torch.equal(a, c) for a, c in zip(*runs)), "shared-memory sums gave other gradient bits"
 
 
+@pytest.mark.parametrize("cols", [2056, 4096, 8192, 12000, 16384])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, None], ids=["fp32 params", "x's dtype params"])
+@pytest.mark.parametrize("variant", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
+def test_cuda_packed_forward_knob(case, dtype, variant, weight_dtype, cols, monkeypatch):
+    """FASTDL_CUDA_PACKED_NORM=1: the forward of aligned 16-bit rows of 2049-16384 columns
+    held as they are (kernels/layer_norm.cu's packed kernel), forward and backward against
+    float64, as with the tile kernel (the default, until a GPU has timed both)."""
+    backend, _ = case
+    x, res, w, b = _inputs((64, cols), dtype, "cuda", variant, weight_dtype)
+    monkeypatch.setenv("FASTDL_CUDA_PACKED_NORM", "1")
+    _check(backend, variant, x, res, w, b, dtype)
+
+
 # Row lengths at each edge of the CUDA kernels' shapes (tiles of a warp x 8 values up to
 # 1024 x 16 forward and 512 x 16 backward, half that for fp64, then the loop kernels),
 # run on the native backends, which take them fast; rows aligned to 16 bytes and rows

@@ -135,6 +135,9 @@ def all_cases(quick: bool) -> list[TuneCase]:
         *[TuneCase("layer_norm", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_TILE_ELEMS",
                                                                         [None, 8, 16, 32]))
           for direction, cols in (("fwd", 1024), ("fwd", 4096), ("fwd", 16384), ("fwd+bwd", 1024), ("fwd+bwd", 4096))],
+        # the norm forward of 16-bit rows held as they are, 32 values a thread (the packed kernel), or the tile's
+        *[TuneCase("layer_norm", "fwd", "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_NORM", [None, 1]))
+          for cols in (4096, 8192, 16384)],
         # softmax's long rows in registers (the packed kernels) or read twice (the block kernels)
         *[TuneCase("softmax", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_ROWS", [None, 0]))
           for direction in ("fwd", "bwd") for cols in (32768, 65536)],
