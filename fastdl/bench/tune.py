@@ -144,6 +144,9 @@ def all_cases(quick: bool) -> list[TuneCase]:
         # layer_norm: the backward's programs (partial rows of dweight / dbias), tiles, long rows
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 1024), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),
         TuneCase("layer_norm", "fwd+bwd", "triton", (16384, 4096), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),
+        # the partial rows' sum: n_cols / SUM_BLOCK_COLS programs (16 at hidden 1024), each over every partial row
+        *[TuneCase("layer_norm", "fwd+bwd", "triton", (4096, cols), Knob(ln + "SUM_BLOCK_COLS", [16, 32, 64]))
+          for cols in (512, 1024)],
         TuneCase("layer_norm", "fwd+bwd", "cuda", (4096, 1024), Knob("env:FASTDL_CUDA_NORM_BLOCKS_PER_SM",
                                                                        [None, 1, 2, 4, 8, 16])),
         TuneCase("layer_norm", "fwd+bwd", "cuda", (16384, 4096), Knob("env:FASTDL_CUDA_NORM_BLOCKS_PER_SM",
