@@ -42,7 +42,8 @@ step() { echo "== $(date -u +%H:%M:%S) $* ($(left) s of the budget left)"; }
 budget=${GPU_CHECK_SECONDS:-570}
 left() { echo $(( budget - SECONDS )); }  # SECONDS: bash's count since the script started
 # at most $1 seconds, and never past the budget less $2 seconds kept for the steps after
-cap() { local n=$(( $(left) - ${2:-0} )); (( n > $1 )) && n=$1; (( n > 0 )) && echo "$n" || echo 0; }
+# (at least 1: `timeout 0` would mean no limit at all)
+cap() { local n=$(( $(left) - ${2:-0} )); (( n > $1 )) && n=$1; (( n > 1 )) && echo "$n" || echo 1; }
 has_step() { [[ " $steps " == *" $1 "* ]]; }
 
 if has_step build; then
@@ -75,9 +76,13 @@ if has_step build; then
   # which cases die, and the native backtrace of the first (cuda-gdb), into build.log
   if [[ "${DIAGNOSE:-1}" == 1 ]]; then
     step "C++ exceptions" >> "$out/build.log"
-    timeout "$(cap 100 300)" $py scripts/diagnose_exceptions.py >> "$out/build.log" 2>&1 \
-      || echo "gpu_check: a C++ exception killed a process (or the check was cut off): see build.log" \
+    limit=$(cap 100 300)  # 300 s kept for the steps after (the tests run the script too, without gdb)
+    if (( limit < 10 )); then
+      echo "gpu_check: no time left for the C++ exceptions check: NOT RUN" >> "$out/build.log"
+    elif ! timeout "$limit" $py scripts/diagnose_exceptions.py >> "$out/build.log" 2>&1; then
+      echo "gpu_check: a C++ exception killed a process (or the check was cut off): see build.log" \
         | tee -a "$out/build.log"
+    fi
   fi
 fi
 
