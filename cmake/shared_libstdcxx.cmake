@@ -25,6 +25,13 @@ function(fastdl_link_shared_libstdcxx target)
       return()
     endif()
   endforeach()
-  message(WARNING "fastdl: ${CMAKE_CXX_COMPILER} finds no shared libstdc++; if it links the archive, "
+  # a compiler that finds neither: the runtime where the system keeps it
+  find_library(FASTDL_SHARED_LIBSTDCXX NAMES libstdc++.so.6)
+  if(FASTDL_SHARED_LIBSTDCXX)
+    message(STATUS "fastdl: libstdc++ linked shared: ${FASTDL_SHARED_LIBSTDCXX} (found by CMake)")
+    target_link_libraries(${target} PRIVATE "${FASTDL_SHARED_LIBSTDCXX}")
+    return()
+  endif()
+  message(WARNING "fastdl: no shared libstdc++ found; if ${CMAKE_CXX_COMPILER} links the archive, "
                   "${target} carries its own copy beside torch's")
 endfunction()

@@ -367,7 +367,8 @@ def test_libstdcxx_linked_shared_where_the_compiler_finds_the_archive_first(tmp_
     wrapper (a -B directory with this g++'s libstdc++.a) links a small module that formats a
     number: without the function it carries the archive's ostream code and needs no
     libstdc++.so.6 (the fault, reproduced); with it, it needs libstdc++.so.6 and defines none
-    of that code. fastdl._C as built here needs libstdc++.so.6 too."""
+    of that code, also where the compiler cannot say where any libstdc++ is. fastdl._C as built
+    here needs libstdc++.so.6 too."""
     import platform
 
     gxx, cmake = shutil.which("g++"), shutil.which("cmake")
@@ -379,7 +380,13 @@ def test_libstdcxx_linked_shared_where_the_compiler_finds_the_archive_first(tmp_
     (tmp_path / "archive-only" / "libstdc++.a").symlink_to(archive)
     wrapper = tmp_path / "g++"
     wrapper.write_text(f'#!/bin/sh\nexec {gxx} -B{tmp_path / "archive-only"}/ "$@"\n')
-    wrapper.chmod(0o755)
+    # the same, asked where a file is, answers as g++ does when it finds none: the bare name
+    # (the function then asks CMake for the system's libstdc++.so.6)
+    blind = tmp_path / "g++-blind"
+    blind.write_text(f'#!/bin/sh\ncase "$1" in -print-file-name=*) echo "${{1#-print-file-name=}}"; exit 0;; esac\n'
+                     f'exec {gxx} -B{tmp_path / "archive-only"}/ "$@"\n')
+    for script in (wrapper, blind):
+        script.chmod(0o755)
     project = tmp_path / "project"
     project.mkdir()
     (project / "formats.cpp").write_text(
@@ -391,17 +398,18 @@ def test_libstdcxx_linked_shared_where_the_compiler_finds_the_archive_first(tmp_
         f'if(LINK_SHARED)\n  include("{ROOT / "cmake" / "shared_libstdcxx.cmake"}")\n'
         "  fastdl_link_shared_libstdcxx(formats)\nendif()\n")
     built = {}
-    for link_shared in ("OFF", "ON"):
-        build = tmp_path / f"build-{link_shared}"
-        for command in ([cmake, "-S", str(project), "-B", str(build), f"-DCMAKE_CXX_COMPILER={wrapper}",
+    for name, compiler, link_shared in (("off", wrapper, "OFF"), ("on", wrapper, "ON"), ("blind", blind, "ON")):
+        build = tmp_path / f"build-{name}"
+        for command in ([cmake, "-S", str(project), "-B", str(build), f"-DCMAKE_CXX_COMPILER={compiler}",
                          f"-DLINK_SHARED={link_shared}"], [cmake, "--build", str(build)]):
             run = subprocess.run(command, capture_output=True, text=True, timeout=300)
             assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        built[link_shared] = build / "libformats.so"
-    assert "[libstdc++.so.6]" not in _dynamic_section(built["OFF"]) and _defines_ostream_code(built["OFF"]), (
+        built[name] = build / "libformats.so"
+    assert "[libstdc++.so.6]" not in _dynamic_section(built["off"]) and _defines_ostream_code(built["off"]), (
         "the wrapper no longer links the archive: this test reproduces nothing")
-    assert "[libstdc++.so.6]" in _dynamic_section(built["ON"]), _dynamic_section(built["ON"])
-    assert not _defines_ostream_code(built["ON"])
+    for name in ("on", "blind"):
+        assert "[libstdc++.so.6]" in _dynamic_section(built[name]), (name, _dynamic_section(built[name]))
+        assert not _defines_ostream_code(built[name]), name
 
     from fastdl import _native
 
