@@ -697,6 +697,19 @@ def test_norm_forward_packed(runner, tmp_path, dtype, cols, threads, variant, pa
         assert_close(result.outputs["mean"][1:], mean[1:], torch.float32, "mean")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_norm_forward_packed_rows_apart(runner, tmp_path, dtype):
+    """The packed forward on aligned rows that are not contiguous (row stride a whole number of
+    16-byte vectors past cols): x read at its stride, y written contiguous."""
+    rows, cols = 3, 9000
+    inputs, offsets = _norm_inputs((rows, cols), dtype, "layer_norm", "padded")
+    assert inputs["x"].stride(0) > cols
+    result = _norm_forward(runner, tmp_path, inputs, offsets, False, env=PACKED_NORM)
+    assert _kernels(result) == ["norm_forward_packed_kernel"], result.launches
+    _, y, _, _ = _norm_reference(inputs, False, 1e-5)
+    assert_close(result.outputs["y"].view(rows, cols), y, dtype, "y")
+
+
 @pytest.mark.parametrize("case", ["off", "2048 columns", "16392 columns", "residual", "strided", "offset", "fp32 y"])
 def test_norm_forward_packed_only_where_it_holds(runner, tmp_path, case):
     """Rows the packed forward does not take go to the tile (or loop) kernel as before, and are
