@@ -34,7 +34,8 @@ py="$venv/bin/python"
 
 cuda_home=${CUDA_HOME:-/usr/local/cuda}
 if [ ! -x "$cuda_home/bin/nvcc" ]; then
-  echo "check_cuda_build: no nvcc under CUDA_HOME=$cuda_home (set CUDA_HOME to the toolkit folder that has bin/nvcc and lib64)" >&2
+  echo "check_cuda_build: no nvcc under CUDA_HOME=$cuda_home" \
+    "(set CUDA_HOME to the toolkit folder that has bin/nvcc and lib64)" >&2
   exit 2
 fi
 # What the minimal toolkit here lacks and the CUDA torch wheel ships: headers that
@@ -86,7 +87,8 @@ extra_args+=("-DFASTDL_KERNEL_OBJECTS=${FASTDL_KERNEL_OBJECTS:-}")
 cmake -S . -B "$build" -GNinja -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$torch_cmake" -DPython_EXECUTABLE="$py" \
   -DFASTDL_BUILD_CUDA=ON -DCMAKE_CUDA_COMPILER="$cuda_home/bin/nvcc" \
-  -DCMAKE_CXX_FLAGS="$extra_include" "${extra_args[@]}" >"$build/configure.log" 2>&1 || { cat "$build/configure.log"; exit 1; }
+  -DCMAKE_CXX_FLAGS="$extra_include" "${extra_args[@]}" >"$build/configure.log" 2>&1 \
+  || { cat "$build/configure.log"; exit 1; }
 cmake --build "$build" -j "$(nproc)"
 
 lib=$(ls "$build"/_C.*.so)
