@@ -71,14 +71,18 @@ def norm_calls(dtype):
         y = fastdl.ops.rms_norm(x, cols)
         torch.autograd.grad(y, x, torch.randn_like(y))
         count += 2
-        if dtype in (torch.float16, torch.bfloat16) and cols > 2048:
-            # the packed forward (FASTDL_CUDA_PACKED_NORM=1), on rows it takes: aligned, contiguous
+        n = cols // 8 * 8 + 8  # whole 16-byte vectors: 2056 (128 threads), 8200 (512), 12008, 20008 (loop)
+        if dtype in (torch.float16, torch.bfloat16) and n <= 16384 and cols > 2048:
+            # the packed forward (FASTDL_CUDA_PACKED_NORM=1), on rows it takes: aligned, contiguous;
+            # parameters in fp32 and in x's dtype
             os.environ["FASTDL_CUDA_PACKED_NORM"] = "1"
-            aligned = torch.randn(rows, cols // 8 * 8, device="cuda", dtype=dtype)
-            fastdl.ops.layer_norm(aligned, aligned.shape[-1], w[: aligned.shape[-1]], b[: aligned.shape[-1]])
-            fastdl.ops.rms_norm(aligned, aligned.shape[-1])
+            aligned = torch.randn(rows, n, device="cuda", dtype=dtype)
+            for param_dtype in (torch.float32, dtype):
+                fastdl.ops.layer_norm(aligned, n, torch.rand(n, device="cuda", dtype=param_dtype),
+                                      torch.randn(n, device="cuda", dtype=param_dtype))
+            fastdl.ops.rms_norm(aligned, n)
             os.environ.pop("FASTDL_CUDA_PACKED_NORM")
-            count += 2
+            count += 3
 
 
 # FASTDL_SANITIZE_BACKENDS (comma-separated: gpu_check.sh runs one process a backend) or every
