@@ -4,7 +4,8 @@
 //   * tile (rows up to 16384 columns; 8192 for fp64): a warp or a block holds its row in
 //     registers (common/row_tile.cuh: 16-byte loads, 8 to 32 values a thread), reduces
 //     max and sum, and writes: one read and one write of every element.
-//   * packed (16-bit rows up to 65536 columns, fp32 up to 32768, 16-byte aligned): 1024
+//   * packed (16-bit rows up to 65536 columns, fp32 up to 32768, 16-byte aligned; the
+//     forward also rows off a boundary as the block kernel takes them, below): 1024
 //     threads hold the row in registers as it is in memory (common/row_tile.cuh
 //     PackedRowTile), converting where used: one read and one write, as the tiles, at the
 //     price of exp taken twice (for the sum, then for the output). The backward holds one
@@ -114,29 +115,46 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   Tile::store(y + row * cols, t, cols, aligned, v);
 }
 
-// Long rows, one a block of kPackedThreads, held as they are (PackedRowTile).
+// Long rows, one a block of kPackedThreads, held as they are (PackedRowTile). Rows off a
+// 16-byte boundary, input and output by the same amount (rows_share_alignment: a 50257-wide
+// vocabulary), hold their whole vectors so, and each of the (fewer than kPack) columns before
+// the first and after the last in one more value of one thread (threads 0.., as
+// for_row_pieces deals them): one more register a thread, not a second read of the row.
 template <typename T, int kElems, bool kLog>
 __global__ void __launch_bounds__(kPackedThreads)
     softmax_forward_packed_kernel(const T* __restrict__ x, T* __restrict__ y, int cols, int64_t x_row_stride) {
   using A = typename Acc<T>::type;
+  constexpr int kPack = Vec<T>::kSize;
   __shared__ A scratch[kPackedThreads / kWarpSize];
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x;
+  const T* x_row = x + row * x_row_stride;
+  T* y_row = y + row * cols;
+  // columns before the first 16-byte boundary (the head), the whole vectors, the rest (the tail)
+  const int off = static_cast<int>(reinterpret_cast<uintptr_t>(x_row) / sizeof(T) % kPack);
+  const int head = (kPack - off) % kPack < cols ? (kPack - off) % kPack : cols;
+  const int vec_cols = (cols - head) / kPack * kPack;
+  const int tail = cols - head - vec_cols;
+  // this thread's ragged column, if any: head columns to threads 0.., then the tail's
+  const int edge_col = t < head ? t : t < head + tail ? head + vec_cols + (t - head) : -1;
+  const A edge = edge_col >= 0 ? to_acc(x_row[edge_col]) : A(-INFINITY);  // -inf: exp(-inf - m) = 0
   PackedRowTile<T, kPackedThreads, kElems> tile;
-  tile.load(x + row * x_row_stride, t, cols, from_acc<T>(A(-INFINITY)));  // padding: exp(-inf - m) = 0
-  A m = -INFINITY;
+  tile.load(x_row + head, t, vec_cols, from_acc<T>(A(-INFINITY)));  // padding: exp(-inf - m) = 0
+  A m = edge;
 #pragma unroll
   for (int i = 0; i < kElems; ++i) m = nan_max(m, tile.value(i));
   m = block_max<kPackedThreads>(m, scratch);
   tile.reconvert_after_here();
-  A s = 0;
+  A s = exp_acc(edge - m);
 #pragma unroll
   for (int i = 0; i < kElems; ++i) s += exp_acc(tile.value(i) - m);
   s = block_sum<kPackedThreads>(s, scratch);  // an all -inf row gives NaN, as torch
   tile.reconvert_after_here();
   // log_softmax = (x - max) - log(sum), as the tile kernel
   const A scale = kLog ? log_acc(s) : A(1) / s;
-  tile.store(y + row * cols, t, cols, [&](A v) { return kLog ? (v - m) - scale : exp_acc(v - m) * scale; });
+  auto out = [&](A v) { return kLog ? (v - m) - scale : exp_acc(v - m) * scale; };
+  if (edge_col >= 0) y_row[edge_col] = from_acc<T>(out(edge));
+  tile.store(y_row + head, t, vec_cols, out);
 }
 
 // Columns [begin, end) of a row walked by a block of kBlockThreads in kVec-wide pieces
@@ -459,7 +477,7 @@ cudaError_t forward(const T* x, Y* y, int64_t rows, int64_t cols, int64_t x_row_
     return err;
   // enough rows to fill the device, on 16-byte boundaries: held in registers when they fit
   if constexpr (!kMixed) {
-    if (split.chunks == 1 && aligned && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
+    if (split.chunks == 1 && step_vectors && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
           constexpr int kElems = decltype(elems)::value;
           softmax_forward_packed_kernel<T, kElems, kLog>
               <<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(x, y, c, x_row_stride);

@@ -187,10 +187,12 @@ def test_softmax_of_16_bit_x_in_fp32(runner, tmp_path, dtype, rows, cols, layout
 @pytest.mark.parametrize("how", ["split_off", "no_workspace", "short_workspace", "many_chunks"])
 def test_softmax_long_rows_every_way(runner, tmp_path, how):
     """The long-row split off (FASTDL_CUDA_SPLIT_PER_SM=0), the workspace missing or a byte
-    short (one block a row instead), and as many chunks as the row has steps."""
+    short (one block a row instead), and as many chunks as the row has steps. The packed
+    forward, which would take these rows unsplit, left out (FASTDL_CUDA_PACKED_ROWS=0)."""
     rows, cols, dtype = 2, 3 * 4096 * 2 + 5, torch.float32  # 6 whole steps and a partial one
     x, _ = _rows(rows, cols, dtype, "contiguous")
-    env = {"FASTDL_CUDA_SPLIT_PER_SM": {"split_off": "0", "many_chunks": "100000"}.get(how, "4")}
+    env = {"FASTDL_CUDA_SPLIT_PER_SM": {"split_off": "0", "many_chunks": "100000"}.get(how, "4"),
+           "FASTDL_CUDA_PACKED_ROWS": "0"}
     workspace = {"no_workspace": "none", "short_workspace": "short"}.get(how, "full")
     y, result = _softmax_forward(runner, tmp_path, x, 0, False, workspace=workspace, env=env)
     assert_close(y, _softmax_ref(x, False), dtype)
@@ -208,13 +210,16 @@ def _packed(dtype, cols, log):
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-@pytest.mark.parametrize("cols", [20000, 40000])
+@pytest.mark.parametrize("cols", [20000, 40000, 20001, 40001, 50257])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_softmax_packed_rows(runner, tmp_path, dtype, cols, log):
-    """Long aligned rows, enough of them not to be split, held in registers as they are
-    (the packed kernel): up to 32 values a thread (32768 columns), 64 for 16-bit softmax;
-    longer ones the block kernel. Special values (_special_rows) in the first rows; and the
-    same rows through the block kernel with FASTDL_CUDA_PACKED_ROWS=0, as right."""
+    """Long rows, enough of them not to be split, held in registers as they are (the packed
+    kernel): up to 32 values a thread (32768 columns), 64 for 16-bit softmax; longer ones the
+    block kernel. Aligned rows, and contiguous rows of an odd length (each row but the first
+    off a 16-byte boundary by its own amount: every head and tail length over the rows), whose
+    ragged columns a thread each holds beside the vectors. Special values (_special_rows) in
+    the first rows; and the same rows through the block kernel with FASTDL_CUDA_PACKED_ROWS=0,
+    as right."""
     rows = EMU_SPLIT_TARGET  # as many rows as the split aims for: none split
     x = torch.cat([_special_rows(cols, dtype), _rows(rows - 10, cols, dtype, "contiguous")[0]])
     expected = (torch.log_softmax if log else torch.softmax)(x.double(), -1).to(dtype).double()
@@ -249,28 +254,36 @@ def test_softmax_backward_packed_rows(runner, tmp_path, dtype, cols, log):
         assert_close(dx, expected, dtype, f"dx ({env})")
 
 
+SOFTMAX_LONG_ROW_WAYS = {"block": {"FASTDL_CUDA_SPLIT_PER_SM": "0", "FASTDL_CUDA_PACKED_ROWS": "0"},
+                         "packed": {"FASTDL_CUDA_SPLIT_PER_SM": "0"}, "split": None}
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "padded"])
-@pytest.mark.parametrize("split", [False, True], ids=["block", "split"])
+@pytest.mark.parametrize("way", SOFTMAX_LONG_ROW_WAYS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_softmax_rows_equally_off_16_byte_boundaries(runner, tmp_path, dtype, split, layout):
+def test_softmax_rows_equally_off_16_byte_boundaries(runner, tmp_path, dtype, way, layout):
     """Rows of an odd length (20001 columns: as with a 50257-wide vocabulary, rows after the
     first start off a 16-byte boundary, input and output rows by the same amount): the block
-    and split kernels cut every row into a ragged head, whole vectors and a ragged tail. A
-    vector access off a boundary fails the emulator's alignment check; a column missed or taken
-    twice, here."""
+    and split kernels cut every row into a ragged head, whole vectors and a ragged tail; the
+    packed forward holds the whole vectors and gives each ragged column to a thread. A vector
+    access off a boundary fails the emulator's alignment check; a column missed or taken twice,
+    here (padded rows too: x's row stride 16 elements past cols, so its rows and y's are off
+    alike). The packed backward takes aligned rows only."""
     rows, cols = 3, 20001
-    env = None if split else {"FASTDL_CUDA_SPLIT_PER_SM": "0"}
+    env = SOFTMAX_LONG_ROW_WAYS[way]
     x, _ = _rows(rows, cols, dtype, layout)
+    packed_forward = way == "packed" and dtype != torch.float64
     for log in (False, True):
         y, result = _softmax_forward(runner, tmp_path / f"fwd{log}", x, 0, log, env=env)
         assert_close(y, _softmax_ref(x, log), dtype, f"forward log={log}")
-        assert all(("chunk" if split else "block") in k for k in _kernels(result)), result.launches
+        kind = "chunk" if way == "split" else "packed" if packed_forward else "block"
+        assert all(kind in k for k in _kernels(result)), result.launches
         dy, _ = _rows(rows, cols, dtype, layout, scale=1.0)
         y_in, _ = _rows(rows, cols, dtype, layout)
         y_in.copy_(_softmax_ref(x, log))
         dx, out = _softmax_backward(runner, tmp_path / f"bwd{log}", dy, y_in, log, env=env)
         assert_close(dx, R.softmax_backward(dy.double(), y_in.double(), -1, log), dtype, f"backward log={log}")
-        assert all(("chunk" if split else "block") in k for k in _kernels(out)), out.launches
+        assert all(("chunk" if way == "split" else "block") in k for k in _kernels(out)), out.launches
 
 
 # one row length in each tile the shape sweeps above leave out: a warp x 16, 128 x 16, 512 x 8

@@ -310,6 +310,24 @@ def test_cuda_long_rows_every_way(case, dtype, shape, way, monkeypatch):
         _check_long_row_special_values(backend, device, shape)
 
 
+@pytest.mark.parametrize("shape", [(3, 20001), (4, 50257)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
+def test_cuda_packed_forward_of_rows_off_16_byte_boundaries(case, dtype, shape, monkeypatch):
+    """Contiguous rows of an odd width (a GPT-2 vocabulary: each row but the first off a 16-byte
+    boundary by its own amount): the packed forward holds the whole vectors and gives the
+    ragged columns a thread each, where it fits (fp32 up to 32768 columns); the backward, the
+    block kernel. Against float64, softmax and log_softmax."""
+    monkeypatch.setenv("FASTDL_CUDA_SPLIT_PER_SM", "0")
+    backend, device = case
+    x = torch.randn(shape, device=device).to(dtype)
+    with fastdl.use_backend(backend):
+        names = _cuda_kernel_names(lambda: fastdl.ops.softmax(x, -1))
+    packed = dtype != torch.float32 or shape[1] <= 32768
+    assert any(("_packed_kernel" if packed else "_block_kernel") in n for n in names), sorted(names)
+    _check_long_rows(backend, device, dtype, shape, "packed" if packed else "block")
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_nan_among_minus_inf_poisons_a_long_row(case):
     """A long row whose NaN sits in a stretch of -inf (a chunk of a split row with no finite
