@@ -20,18 +20,18 @@ GB/s copy):
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable
 
 import torch
 
 import fastdl
+from fastdl.bench.tune import Knob
 
 BF16 = torch.bfloat16
 
 
-def _softmax(shape, direction="fwd"):
+def _softmax(shape):
     def setup(device):
         x = torch.randn(shape, device=device, dtype=BF16)
         return lambda: fastdl.ops.softmax(x, -1)
@@ -52,28 +52,17 @@ def _layer_norm(shape, direction):
     return setup
 
 
-def _with_env(env, setup):
-    """setup's call with the environment variables env set while it runs (the CUDA launchers
-    read their knobs at each launch)."""
+def _packed_norm(setup):
+    """setup's call with FASTDL_CUDA_PACKED_NORM=1 while it runs (the CUDA launchers read their
+    knobs at each launch; tune.py's Knob sets and puts back an environment variable)."""
     def wrapped(device):
         call = setup(device)
 
         def run():
-            before = {name: os.environ.get(name) for name in env}
-            os.environ.update(env)
-            try:
+            with Knob("env:FASTDL_CUDA_PACKED_NORM", [1]).set(1):
                 return call()
-            finally:
-                for name, value in before.items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
         return run
     return wrapped
-
-
-PACKED_NORM = {"FASTDL_CUDA_PACKED_NORM": "1"}
 
 
 def _copy(kind, n_bytes):
@@ -91,10 +80,10 @@ CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     ("layer_norm fwd bf16", "cuda", (4096, 16384), (4, 1000), lambda s: _layer_norm(s, "fwd")),
     ("layer_norm fwd bf16", "triton", (4096, 16384), (4, 1000), lambda s: _layer_norm(s, "fwd")),
     ("layer_norm fwd bf16, packed", "cuda", (4096, 16384), (4, 1000),
-     lambda s: _with_env(PACKED_NORM, _layer_norm(s, "fwd"))),
+     lambda s: _packed_norm(_layer_norm(s, "fwd"))),
     ("layer_norm fwd bf16", "cuda", (4096, 4096), (4, 300), lambda s: _layer_norm(s, "fwd")),
     ("layer_norm fwd bf16, packed", "cuda", (4096, 4096), (4, 300),
-     lambda s: _with_env(PACKED_NORM, _layer_norm(s, "fwd"))),
+     lambda s: _packed_norm(_layer_norm(s, "fwd"))),
     ("layer_norm fwd bf16", "triton", (4096, 4096), (4, 300), lambda s: _layer_norm(s, "fwd")),
     ("softmax fwd bf16", "cuda", (4096, 16384), (4, 1000), _softmax),
     ("softmax fwd bf16", "triton", (4096, 16384), (4, 1000), _softmax),

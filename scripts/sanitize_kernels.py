@@ -72,9 +72,10 @@ def norm_calls(dtype):
         torch.autograd.grad(y, x, torch.randn_like(y))
         count += 2
         n = cols // 8 * 8 + 8  # whole 16-byte vectors: 2056 (128 threads), 8200 (512), 12008, 20008 (loop)
-        if dtype in (torch.float16, torch.bfloat16) and n <= 16384 and cols > 2048:
-            # the packed forward (FASTDL_CUDA_PACKED_NORM=1), on rows it takes: aligned, contiguous;
-            # parameters in fp32 and in x's dtype
+        packed_rows = dtype in (torch.float16, torch.bfloat16) and n <= 16384 and cols > 2048
+        if packed_rows and fastdl.get_backend() == "cuda":
+            # the CUDA packed forward (FASTDL_CUDA_PACKED_NORM=1), on rows it takes: aligned,
+            # contiguous; parameters in fp32 and in x's dtype (the other backends read no knob)
             os.environ["FASTDL_CUDA_PACKED_NORM"] = "1"
             aligned = torch.randn(rows, n, device="cuda", dtype=dtype)
             for param_dtype in (torch.float32, dtype):

@@ -156,6 +156,15 @@ def _end_generator_capture(device_index: int) -> None:
         generator.graphsafe_set_state(generator.clone_state())
 
 
+def _time_events_ms(fn: Callable[[], object], quick: bool = False) -> tuple[float, float, float]:
+    """(median, p20, p80) ms of fn timed call by call between CUDA events (triton's do_bench,
+    an L2 flush before each call): any wait of the GPU for the host counts."""
+    import triton.testing
+
+    q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, quantiles=[0.5, 0.2, 0.8])
+    return float(q[0]), float(q[1]), float(q[2])
+
+
 def time_device_ms(fn: Callable[[], object], quick: bool = False) -> tuple[float, float, float, str]:
     """(median, p20, p80, how) milliseconds of GPU time a call, host time excluded.
 
@@ -163,9 +172,9 @@ def time_device_ms(fn: Callable[[], object], quick: bool = False) -> tuple[float
     followed by a call of fn. Each replay is timed with CUDA events, the two alternately, and a
     call's time is (with calls - flushes alone) / GRAPH_CALLS for each pair of replays: the GPU
     never waits for the host inside a graph, and the flush's own time cancels, while the
-    write-back of what the call wrote falls in the next flush (_flush_l2) and counts. how = "graph". An fn that cannot be captured (one that
-    syncs, say) falls back to triton.testing.do_bench, whose per-call events include any wait for
-    the host: how = "events"."""
+    write-back of what the call wrote falls in the next flush (_flush_l2) and counts.
+    how = "graph". An fn that cannot be captured (one that syncs, say) falls back to
+    _time_events_ms, whose per-call events include any wait for the host: how = "events"."""
     device_index = torch.cuda.current_device()
     flush = _l2_flush_buffer(device_index)
     # warm-up on a side stream, as torch.cuda.graph wants: compiles, autotuning, first allocations
@@ -188,11 +197,7 @@ def time_device_ms(fn: Callable[[], object], quick: bool = False) -> tuple[float
     except Exception:  # not capturable: time it call by call instead
         torch.cuda.synchronize()
         _end_generator_capture(device_index)
-        import triton.testing
-
-        q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
-                                    quantiles=[0.5, 0.2, 0.8])
-        return float(q[0]), float(q[1]), float(q[2]), "events"
+        return (*_time_events_ms(fn, quick), "events")
 
     def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -273,7 +278,7 @@ def time_host_ms(fn: Callable[[], object], device: torch.device, quick: bool = F
 def copy_bandwidth_gbps(device: torch.device, quick: bool = False) -> float:
     """Device-to-device copy, bytes read + written per second: the ceiling for memory-bound ops.
 
-    On a GPU the copy is timed call by call with CUDA events (triton's do_bench; a 512 MiB copy
+    On a GPU the copy is timed call by call with CUDA events (_time_events_ms; a 512 MiB copy
     takes ~0.25 ms, far over any host wait), not in a CUDA graph: captured, copy_'s cudaMemcpyAsync
     becomes a graph memcpy node, which ran at 2.76 TB/s on the H200 (run at 3b332bb) where the
     same copy launched directly ran at 4.17 TB/s (run at cc56307; KINDS.md: ~4.3) and the kernels
@@ -281,14 +286,8 @@ def copy_bandwidth_gbps(device: torch.device, quick: bool = False) -> float:
     n_bytes = (512 << 20) if device.type == "cuda" else (64 << 20)
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
-    if device.type == "cuda":
-        import triton.testing
-
-        median = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10 if quick else 25,
-                                         rep=30 if quick else 100, quantiles=[0.5])
-        median = median[0] if isinstance(median, (list, tuple)) else median
-    else:
-        median, _, _ = time_ms(lambda: dst.copy_(src), device, quick)
+    copy = lambda: dst.copy_(src)  # noqa: E731
+    median = _time_events_ms(copy, quick)[0] if device.type == "cuda" else time_ms(copy, device, quick)[0]
     return 2 * n_bytes / (median * 1e-3) / 1e9
 
 
