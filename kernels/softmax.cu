@@ -131,8 +131,7 @@ __global__ void __launch_bounds__(kPackedThreads)
   const T* x_row = x + row * x_row_stride;
   T* y_row = y + row * cols;
   // columns before the first 16-byte boundary (the head), the whole vectors, the rest (the tail)
-  const int off = static_cast<int>(reinterpret_cast<uintptr_t>(x_row) / sizeof(T) % kPack);
-  const int head = (kPack - off) % kPack < cols ? (kPack - off) % kPack : cols;
+  const int head = ragged_head<kPack>(x_row, cols);
   const int vec_cols = (cols - head) / kPack * kPack;
   const int tail = cols - head - vec_cols;
   // this thread's ragged column, if any: head columns to threads 0.., then the tail's

@@ -237,6 +237,13 @@ template <typename T> inline bool rows_share_alignment(std::initializer_list<std
   return true;
 }
 
+// Elements of T from `row` to its first 16-byte boundary (kVec of T a vector), at most n: the
+// ragged head of a row that starts off a boundary (0 for one that starts on it).
+template <int kVec, typename T, typename I> __device__ __forceinline__ I ragged_head(const T* row, I n) {
+  const I off = static_cast<I>(reinterpret_cast<uintptr_t>(row) / sizeof(T) % kVec);
+  return (kVec - off) % kVec < n ? (kVec - off) % kVec : n;
+}
+
 // Calls f(col, std::integral_constant<int, n>{}) for this thread's pieces of the columns
 // [begin, end) of `row`, walked by a block of kThreads threads: n = kVec for the whole
 // 16-byte vectors, from the first column on a 16-byte boundary on, kThreads * kVec columns
@@ -250,9 +257,7 @@ __device__ __forceinline__ void for_row_pieces(const T* row, int64_t begin, int6
   if constexpr (kVec == 1) {
     for (int64_t col = begin + threadIdx.x; col < end; col += kThreads) f(col, one{});
   } else {
-    // elements from row + begin to the next 16-byte boundary, at most the columns there are
-    const int64_t off = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row + begin) / sizeof(T) % kVec);
-    const int64_t head = (kVec - off) % kVec < end - begin ? (kVec - off) % kVec : end - begin;
+    const int64_t head = ragged_head<kVec>(row + begin, end - begin);
     const int64_t vec_begin = begin + head;
     const int64_t vec_end = vec_begin + (end - vec_begin) / kVec * kVec;
     for (int64_t col = vec_begin + threadIdx.x * kVec; col < vec_end; col += static_cast<int64_t>(kThreads) * kVec)
