@@ -12,7 +12,8 @@ GB/s copy):
     and the packed forward's (FASTDL_CUDA_PACKED_NORM=1, not timed yet);
   * CUDA softmax forward at 4096 x 16384 (66%) beside Triton's (90%), and of a GPT-2
     vocabulary, 1024 x 50257 (0.59x eager);
-  * the norm backward at hidden 1024, both backends (Triton fwd+bwd 17%, CUDA 30%);
+  * the norm backward at hidden 1024, both backends (Triton fwd+bwd 17%, CUDA 30%), and at
+    16384 (Triton 30%, CUDA 44%; Triton's dweight / dbias since in a kernel of their own);
   * a 512 MiB copy (copy_, and an elementwise kernel) and softmax at 4096 x 65536: every
     implementation ran at 2.0-2.8 TB/s at these sizes, where 4096 x 16384 reached 4.2; and at
     4096 x 65280, rows not a power of two bytes long.
@@ -90,6 +91,9 @@ CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     ("softmax fwd bf16", "cuda", (1024, 50257), (2, 2001), _softmax),
     ("layer_norm fwd+bwd bf16", "cuda", (4096, 1024), (4, 100), lambda s: _layer_norm(s, "fwd+bwd")),
     ("layer_norm fwd+bwd bf16", "triton", (4096, 1024), (4, 100), lambda s: _layer_norm(s, "fwd+bwd")),
+    # the long-row backward: Triton's dx loop beside its dweight / dbias kernel (blocks of columns x rows), CUDA's
+    ("layer_norm fwd+bwd bf16", "triton", (4096, 16384), (4, 8200), lambda s: _layer_norm(s, "fwd+bwd")),
+    ("layer_norm fwd+bwd bf16", "cuda", (4096, 16384), (4, 8200), lambda s: _layer_norm(s, "fwd+bwd")),
     ("softmax fwd bf16", "cuda", (4096, 65536), (2, 3000), _softmax),
     ("softmax fwd bf16", "triton", (4096, 65536), (2, 3000), _softmax),
     # rows 255 x 256 long, not a power of two (128 KiB rows: the same offset of rows a power of

@@ -35,6 +35,8 @@ OFFERED = [
     (norm_kernels._norm_backward_tile_kernel, dict(BLOCK_COLS=1024, ROWS=4), [8, 16]),
     (norm_kernels._norm_forward_loop_kernel, dict(BLOCK_COLS=2048), [8, 4, 16]),
     (norm_kernels._norm_backward_loop_kernel, dict(BLOCK_COLS=2048), [8, 4, 16]),
+    # dy, x and the two per-lane sums: 4 warps would hold 128 values a thread
+    (norm_kernels._norm_param_grad_kernel, dict(BLOCK_COLS=256, ROWS=16), [8, 16]),
     # no choice fits (a tile far past the launchers' limits, as the tune tool may try): the most warps
     (norm_kernels._norm_backward_tile_kernel, dict(BLOCK_COLS=65536, ROWS=1), [16]),
 ]
@@ -91,12 +93,14 @@ def test_row_alignment(dtype, n_cols, strides, expected):
 
 
 class _LaunchSpy:
-    """Stands in for a kernel: records each launch's constexpr `name`, then launches the kernel."""
+    """Stands in for a kernel: records each launch's constexpr `name` and grid, then launches the kernel."""
 
     def __init__(self, kernel, name="ALIGN"):
-        self.kernel, self.name, self.values = kernel, name, []
+        self.kernel, self.name, self.values, self.grids = kernel, name, [], []
 
     def __getitem__(self, grid):
+        self.grids.append(grid)
+
         def launch(*args, **kwargs):
             self.values.append(kwargs[self.name])
             return self.kernel[grid](*args, **kwargs)
@@ -265,3 +269,48 @@ def test_softmax_kernels_can_run_again(split, monkeypatch):
             assert_close(y, (reference.log_softmax if log else reference.softmax)(x.double()), torch.float32, "y")
             dx = softmax_kernels.softmax_backward(dy, y, log)
             assert_close(dx, reference.softmax_backward(dy.double(), y.double(), -1, log), torch.float32, "dx")
+
+
+# --- the longer rows' dweight / dbias: _norm_param_grad_kernel's blocks of columns x rows ----------------
+@pytest.mark.parametrize("programs_per_sm, expected", [(1, (1, 40)), (5, (4, 12)), (4096, (10, 4))])
+def test_param_grad_row_blocks(programs_per_sm, expected, monkeypatch):
+    """37 rows of 600 columns (3 column blocks of 256), 4 rows at a time, on the interpreter's
+    2 SMs: one block of every row, a few blocks of whole tiles but the last, a tile a block."""
+    monkeypatch.setattr(norm_kernels, "PARAM_ROWS", 4)
+    monkeypatch.setattr(norm_kernels, "PARAM_PROGRAMS_PER_SM", programs_per_sm)
+    assert norm_kernels._param_grad_row_blocks(37, 600, torch.device("cpu")) == expected
+    assert norm_kernels._param_grad_row_blocks(0, 600, torch.device("cpu")) == (1, 4)  # no rows: one empty block
+
+
+@pytest.mark.parametrize("programs_per_sm", [1, 5, 4096])
+@pytest.mark.parametrize("rms, has_weight, has_bias", [(False, True, True), (True, True, False), (False, False, True)],
+                         ids=["layer_norm", "rms_norm", "bias_only"])
+def test_norm_backward_of_long_rows_over_row_blocks(rms, has_weight, has_bias, programs_per_sm, monkeypatch):
+    """The backward of rows past the tile (here past a tile limit of 256: 600 columns, three
+    column blocks, the last ragged) in the row blocks of test_param_grad_row_blocks: dx from
+    the loop kernel, dweight / dbias from the partial rows of every block, against float64."""
+    monkeypatch.setattr(norm_kernels, "BACKWARD_TILE_MAX_COLS", 256)
+    monkeypatch.setattr(norm_kernels, "PARAM_ROWS", 4)
+    monkeypatch.setattr(norm_kernels, "PARAM_PROGRAMS_PER_SM", programs_per_sm)
+    spy = _LaunchSpy(norm_kernels._norm_param_grad_kernel, "ALIGN")
+    monkeypatch.setattr(norm_kernels, "_norm_param_grad_kernel", spy)
+    rows, n_cols = 37, 600
+    x, dy = torch.randn(rows, n_cols, device=DEVICE) * 2 + 1, torch.randn(rows, n_cols, device=DEVICE)
+    weight = torch.rand(n_cols, device=DEVICE) + 0.5 if has_weight else None
+    bias = torch.randn(n_cols, device=DEVICE) if has_bias else None
+    _, _, mean, rstd = norm_kernels.norm_forward(x, None, weight, bias, 1e-5, rms)
+    dx, dweight, dbias, _ = norm_kernels.norm_backward(dy, None, x, weight, mean, rstd, has_bias, rms)
+    row_blocks = norm_kernels._param_grad_row_blocks(rows, n_cols, x.device)[0]
+    assert spy.grids == [(3, row_blocks)] and spy.values == [4], "not one launch over every block, in vectors"
+
+    leaves = [x.double().requires_grad_()] + [t.double().requires_grad_() for t in (weight, bias) if t is not None]
+    w64 = leaves[1] if has_weight else None
+    b64 = leaves[-1] if has_bias else None
+    y64 = (reference.rms_norm(leaves[0], (n_cols,), w64, 1e-5) if rms else
+           reference.layer_norm(leaves[0], (n_cols,), w64, b64))
+    grads = torch.autograd.grad(y64, leaves, dy.double())
+    assert_close(dx, grads[0], torch.float32, "dx")
+    if has_weight:
+        assert_close(dweight, grads[1], torch.float32, "dweight")
+    if has_bias:
+        assert_close(dbias, grads[-1], torch.float32, "dbias")

@@ -166,12 +166,21 @@ def layer_norm_specs():
             sig = {**fwd_ptrs, "x_row_stride_vecs": "i64", "residual_row_stride_vecs": "i64", "n_col_vecs": "i32",
                    "eps": "fp32", **{c: "constexpr" for c in const}}
             specs.append((k._norm_forward_loop_kernel, sig, const))
+            loop_flags = {f: v for f, v in flags.items() if f != "HAS_BIAS"}  # dx alone
+            loop_ptrs = {name: v for name, v in bwd_ptrs.items() if "partial" not in name}
             for narrow, has_narrow in narrows if res == p else []:
-                const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_DSUM=fused, HAS_DX_NARROW=has_narrow, **flags)
-                sig = {**bwd_ptrs, "dx_narrow_ptr": narrow, "dy_row_stride_vecs": "i64",
-                       "dsum_row_stride_vecs": "i64", "x_row_stride_vecs": "i64", "n_rows": "i32",
-                       "n_col_vecs": "i32", "rows_per_program": "i32", **{c: "constexpr" for c in const}}
+                const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_DSUM=fused, HAS_DX_NARROW=has_narrow, **loop_flags)
+                sig = {**loop_ptrs, "dx_narrow_ptr": narrow, "dy_row_stride_vecs": "i64",
+                       "dsum_row_stride_vecs": "i64", "x_row_stride_vecs": "i64", "n_col_vecs": "i32",
+                       **{c: "constexpr" for c in const}}
                 specs.append((k._norm_backward_loop_kernel, sig, const))
+            if res == p and not fused and (has_w or has_b):  # the longer rows' dweight / dbias (dy as dx's)
+                const = dict(BLOCK_COLS=k.PARAM_BLOCK_COLS, ROWS=k.PARAM_ROWS, **flags)
+                sig = {name: bwd_ptrs[name] for name in ("dy_ptr", "x_ptr", "mean_ptr", "rstd_ptr",
+                                                         "dweight_partial_ptr", "dbias_partial_ptr")}
+                sig.update({"dy_row_stride_vecs": "i64", "x_row_stride_vecs": "i64", "n_rows": "i32",
+                            "n_col_vecs": "i32", "rows_per_block": "i32", **{c: "constexpr" for c in const}})
+                specs.append((k._norm_param_grad_kernel, sig, const))
         # stage 2 of dweight / dbias: dweight in x's dtype (a 16-bit model's weight), dbias in fp32
         stat = "*fp64" if dtype == "fp64" else "*fp32"
         for has_w, has_b in ((True, True), (True, False), (False, True)):

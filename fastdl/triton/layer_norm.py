@@ -16,10 +16,15 @@ from its other uses (dsum) to dx, which is then both d(x) and d(residual).
 Backward (xhat = normalised input, g = dy * weight, means over the row):
     layer_norm: dx = rstd * (g - mean(g) - xhat * mean(g * xhat));  rms_norm drops mean(g)
     dweight = sum over rows of dy * xhat,  dbias = sum over rows of dy
-dweight / dbias are reduced in two deterministic stages: each program sums its own
-block of rows into one fp32 row of a partial buffer, then one launch sums the partial
-rows of both in a fixed order and writes each in its output's dtype. No atomics: two runs
-give bitwise-equal gradients.
+dweight / dbias are reduced in two deterministic stages: stage 1 sums blocks of rows into
+the fp32 rows of a partial buffer, then one launch sums the partial rows of both in a fixed
+order and writes each in its output's dtype. No atomics: two runs give bitwise-equal
+gradients. Stage 1 is the tile kernel's own (each program its block of rows, whole rows in
+registers); for longer rows it is a kernel of its own (_norm_param_grad_kernel: blocks of
+columns x blocks of rows) that reads x and dy again. Summed by the loop kernel instead,
+each program's partial row (64 KiB at 16384 fp32 columns, two of them) was read and
+written for every row it walked, 2.7x the row's own traffic, from a footprint past the L2
+(528 programs): ~0.9 TB/s on the H200 (4096 x 16384 bf16 at 3b332bb, fwd+bwd less fwd).
 Statistics (mean, rstd) are saved in fp32 (fp64 for fp64 inputs); arithmetic likewise.
 Row lengths and strides reach the kernels divided by ALIGN, as in softmax.py.
 """
@@ -40,8 +45,13 @@ BACKWARD_TILE_MAX_COLS = 8192
 LOOP_BLOCK_COLS = 2048
 # Elements a tile program aims to hold (several short rows each).
 TILE_ELEMENTS = 4096
-# Backward programs per SM: each reduces its rows' dweight into one partial row.
+# Backward tile programs per SM: each reduces its rows' dweight into one partial row.
 PROGRAMS_PER_SM = 4
+# Longer rows' dweight / dbias (_norm_param_grad_kernel): columns and rows a program holds
+# at once, and programs an SM (over column blocks x row blocks, a partial row each block).
+PARAM_BLOCK_COLS = 256
+PARAM_ROWS = 16
+PARAM_PROGRAMS_PER_SM = 8
 # The partial-row sum: columns a program, partial rows an iteration.
 SUM_BLOCK_COLS = 64
 SUM_ROWS = 32
@@ -292,84 +302,116 @@ def _sum_partial_rows_kernel(
         tl.store(dbias_ptr + cols, tl.sum(dbias_acc, axis=0).to(dbias_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
+@triton.jit
+def _xhat_and_g(x_row, dy_row, weight_ptr, cols, mask, mean, rstd, HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr):
+    """A chunk of one row: (xhat, g = dy * weight), 0 where masked off."""
+    xhat = tl.where(mask, (tl.load(x_row + cols, mask=mask, other=0.0).to(ACC) - mean) * rstd, 0.0)
+    g = tl.load(dy_row + cols, mask=mask, other=0.0).to(ACC)
+    if HAS_WEIGHT:
+        g *= tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
+    return xhat, g
+
+
 @tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=4)
 @triton.jit
 def _norm_backward_loop_kernel(
     dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dx_narrow_ptr,
-    dweight_partial_ptr,  # (programs, n_cols) fp32: accumulated row by row, chunk by chunk
-    dbias_partial_ptr,
-    dy_row_stride_vecs, dsum_row_stride_vecs, x_row_stride_vecs, n_rows, n_col_vecs, rows_per_program,
+    dy_row_stride_vecs, dsum_row_stride_vecs, x_row_stride_vecs, n_col_vecs,
     BLOCK_COLS: tl.constexpr,
     RMS: tl.constexpr,
     HAS_DSUM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     HAS_DX_NARROW: tl.constexpr,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
+    """dx of one row too long for registers, in two sweeps (the second's reads served by L2);
+    dweight / dbias are _norm_param_grad_kernel's."""
     dy_row_stride, dsum_row_stride = dy_row_stride_vecs * ALIGN, dsum_row_stride_vecs * ALIGN
     x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
-    pid = tl.program_id(0)
-    first = pid.to(tl.int64) * rows_per_program
-    last = tl.minimum(first + rows_per_program, n_rows)
-    for row in range(first, last):
-        x_row = x_ptr + row * x_row_stride
-        dy_row = dy_ptr + row * dy_row_stride
-        rstd = tl.load(rstd_ptr + row).to(ACC)
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_row_stride
+    dy_row = dy_ptr + row * dy_row_stride
+    rstd = tl.load(rstd_ptr + row).to(ACC)
+    if RMS:
+        mean = 0.0
+    else:
+        mean = tl.load(mean_ptr + row).to(ACC)
+    # sweep 1: mean(g * xhat) and mean(g)
+    acc_gx = tl.zeros([BLOCK_COLS], ACC)
+    acc_g = tl.zeros([BLOCK_COLS], ACC)
+    for start in range(0, n_cols, BLOCK_COLS):
+        cols = start + tl.arange(0, BLOCK_COLS)
+        mask = cols < n_cols
+        xhat, g = _xhat_and_g(x_row, dy_row, weight_ptr, cols, mask, mean, rstd, HAS_WEIGHT, ACC)
+        acc_gx += g * xhat
+        acc_g += g
+    c1 = tl.sum(acc_gx, axis=0) / n_cols
+    c2 = tl.sum(acc_g, axis=0) / n_cols
+    # sweep 2: dx
+    for start in range(0, n_cols, BLOCK_COLS):
+        cols = start + tl.arange(0, BLOCK_COLS)
+        mask = cols < n_cols
+        xhat, g = _xhat_and_g(x_row, dy_row, weight_ptr, cols, mask, mean, rstd, HAS_WEIGHT, ACC)
         if RMS:
-            mean = 0.0
+            dx = (g - xhat * c1) * rstd
         else:
-            mean = tl.load(mean_ptr + row).to(ACC)
-        # sweep 1: mean(g * xhat) and mean(g)
-        acc_gx = tl.zeros([BLOCK_COLS], ACC)
-        acc_g = tl.zeros([BLOCK_COLS], ACC)
-        for start in range(0, n_cols, BLOCK_COLS):
-            cols = start + tl.arange(0, BLOCK_COLS)
-            mask = cols < n_cols
-            xhat = tl.where(mask, (tl.load(x_row + cols, mask=mask, other=0.0).to(ACC) - mean) * rstd, 0.0)
-            g = tl.load(dy_row + cols, mask=mask, other=0.0).to(ACC)
-            if HAS_WEIGHT:
-                g *= tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
-            acc_gx += g * xhat
-            acc_g += g
-        c1 = tl.sum(acc_gx, axis=0) / n_cols
-        c2 = tl.sum(acc_g, axis=0) / n_cols
-        # sweep 2: dx, and this program's running dweight / dbias
-        for start in range(0, n_cols, BLOCK_COLS):
-            cols = start + tl.arange(0, BLOCK_COLS)
-            mask = cols < n_cols
-            xhat = tl.where(mask, (tl.load(x_row + cols, mask=mask, other=0.0).to(ACC) - mean) * rstd, 0.0)
-            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(ACC)
-            if HAS_WEIGHT:
-                g = dy * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(ACC)
-            else:
-                g = dy
+            dx = (g - c2 - xhat * c1) * rstd
+        if HAS_DSUM:
+            dx += tl.load(dsum_ptr + row * dsum_row_stride + cols, mask=mask, other=0.0).to(ACC)
+        tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_DX_NARROW:
+            tl.store(dx_narrow_ptr + row * n_cols + cols, dx.to(dx_narrow_ptr.dtype.element_ty), mask=mask)
+
+
+@tuned_num_warps(8, 16, key=["BLOCK_COLS", "ROWS"], live_tiles=4)
+@triton.jit
+def _norm_param_grad_kernel(
+    dy_ptr, x_ptr, mean_ptr, rstd_ptr,
+    dweight_partial_ptr,  # (row blocks, n_cols) ACC: row `block` is this program's sum of dy * xhat
+    dbias_partial_ptr,  # likewise, of dy
+    dy_row_stride_vecs, x_row_stride_vecs, n_rows, n_col_vecs, rows_per_block,
+    BLOCK_COLS: tl.constexpr,
+    ROWS: tl.constexpr,
+    RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
+):
+    """Stage 1 of dweight / dbias for rows too long for registers: program (c, b) sums
+    BLOCK_COLS columns (block c) over rows_per_block rows (block b), ROWS rows at a time
+    into per-lane sums, then across the lanes, and writes partial row b of those columns."""
+    dy_row_stride, x_row_stride = dy_row_stride_vecs * ALIGN, x_row_stride_vecs * ALIGN
+    n_cols = n_col_vecs * ALIGN
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col = cols[None, :]
+    block = tl.program_id(1)
+    first = block.to(tl.int64) * rows_per_block
+    last = tl.minimum(first + rows_per_block, n_rows)
+    dweight_acc = tl.zeros([ROWS, BLOCK_COLS], ACC)
+    dbias_acc = tl.zeros([ROWS, BLOCK_COLS], ACC)
+    for start in range(first, last, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        row_mask = rows < last
+        row = rows[:, None]
+        mask = row_mask[:, None] & (col < n_cols)
+        dy = tl.load(dy_ptr + row * dy_row_stride + col, mask=mask, other=0.0).to(ACC)
+        if HAS_WEIGHT:
+            x = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(ACC)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
             if RMS:
-                dx = (g - xhat * c1) * rstd
+                xhat = x * rstd
             else:
-                dx = (g - c2 - xhat * c1) * rstd
-            if HAS_DSUM:
-                dx += tl.load(dsum_ptr + row * dsum_row_stride + cols, mask=mask, other=0.0).to(ACC)
-            tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            if HAS_DX_NARROW:
-                tl.store(dx_narrow_ptr + row * n_cols + cols, dx.to(dx_narrow_ptr.dtype.element_ty), mask=mask)
-            # each program owns its partial row: read-modify-write without atomics. Its first
-            # row writes it without reading, so the row needs no zeroing and a launch run
-            # again (as the autotuner does) writes the same sums. (A masked-off load instead of
-            # the branch spilled at 4 warps in bf16.)
-            if HAS_WEIGHT:
-                p = dweight_partial_ptr + pid * n_cols + cols
-                dweight = dy * xhat
-                if row > first:
-                    dweight += tl.load(p, mask=mask, other=0.0)
-                tl.store(p, dweight, mask=mask)
-            if HAS_BIAS:
-                p = dbias_partial_ptr + pid * n_cols + cols
-                dbias = dy
-                if row > first:
-                    dbias += tl.load(p, mask=mask, other=0.0)
-                tl.store(p, dbias, mask=mask)
+                mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
+                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            dweight_acc += dy * xhat
+        if HAS_BIAS:
+            dbias_acc += dy
+    if HAS_WEIGHT:
+        tl.store(dweight_partial_ptr + block * n_cols + cols, tl.sum(dweight_acc, axis=0), mask=cols < n_cols)
+    if HAS_BIAS:
+        tl.store(dbias_partial_ptr + block * n_cols + cols, tl.sum(dbias_acc, axis=0), mask=cols < n_cols)
 
 
 # ---------------------------------------------------------------------------------
@@ -416,11 +458,21 @@ def norm_forward(x, residual, weight, bias, eps: float, rms: bool, out_dtype=Non
 
 
 def _backward_programs(n_rows: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rows_per_program) of the backward: up to PROGRAMS_PER_SM an SM, none
-    without rows (each program writes its partial rows whole). The interpreter counts 2
-    SMs: few programs, so each walks several rows."""
+    """(programs, rows_per_program) of the backward tile kernel: up to PROGRAMS_PER_SM an SM,
+    none without rows (each program writes its partial rows whole). The interpreter counts
+    2 SMs: few programs, so each walks several rows."""
     rows_per_program = max(1, cdiv(n_rows, max(1, min(n_rows, PROGRAMS_PER_SM * sm_count(device)))))
     return max(1, cdiv(n_rows, rows_per_program)), rows_per_program
+
+
+def _param_grad_row_blocks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, int]:
+    """(row blocks, rows_per_block) of _norm_param_grad_kernel: enough blocks for about
+    PARAM_PROGRAMS_PER_SM programs an SM over all the column blocks, each a whole number
+    of PARAM_ROWS rows, none without rows (each writes its partial rows whole)."""
+    col_blocks = cdiv(n_cols, PARAM_BLOCK_COLS)
+    wanted = max(1, min(cdiv(PARAM_PROGRAMS_PER_SM * sm_count(device), col_blocks), cdiv(n_rows, PARAM_ROWS)))
+    rows_per_block = max(1, cdiv(cdiv(n_rows, wanted), PARAM_ROWS)) * PARAM_ROWS
+    return max(1, cdiv(n_rows, rows_per_block)), rows_per_block
 
 
 def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, narrow_dtype=None):
@@ -437,16 +489,21 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, na
                          f"float32 rows, got {narrow_dtype} beside {x.dtype}")
     dx = empty_output((n_rows, n_cols), x.dtype, x.device)
     dx_narrow = None
-    programs, rows_per_program = _backward_programs(n_rows, x.device)
+    tiled = n_cols <= BACKWARD_TILE_MAX_COLS
+    if tiled:
+        programs, rows_per_program = _backward_programs(n_rows, x.device)
+        partial_rows = programs
+    else:
+        partial_rows, rows_per_block = _param_grad_row_blocks(n_rows, n_cols, x.device)
     acc_dtype = stats_dtype(x.dtype)
     # Every program writes its partial rows whole, and the kernels never read what they have
     # not written: a launch run again (Triton's autotuner times each choice on these
     # tensors) gives the same sums. Only an empty input's partials (no kernel runs) are zeros.
     new_partial = empty_output if x.numel() > 0 else torch.zeros
-    dweight_partial = new_partial((programs, n_cols), dtype=acc_dtype, device=x.device) if weight is not None else None
-    dbias_partial = new_partial((programs, n_cols), dtype=acc_dtype, device=x.device) if has_bias else None
+    shape = (partial_rows, n_cols)
+    dweight_partial = new_partial(shape, dtype=acc_dtype, device=x.device) if weight is not None else None
+    dbias_partial = new_partial(shape, dtype=acc_dtype, device=x.device) if has_bias else None
     if x.numel() > 0:
-        tiled = n_cols <= BACKWARD_TILE_MAX_COLS
         dsum_stride = dsum.stride(0) if dsum is not None else 0
         align = row_alignment(x.dtype, n_cols, dy.stride(0), dsum_stride, x.stride(0))
         if narrow_dtype is not None and align == 16 // x.element_size():
@@ -455,11 +512,11 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, na
             dsum_ptr=dsum if dsum is not None else dy,
             weight_ptr=weight if weight is not None else dy,
             mean_ptr=mean if mean is not None else rstd,
-            dweight_partial_ptr=dweight_partial if dweight_partial is not None else rstd,
-            dbias_partial_ptr=dbias_partial if dbias_partial is not None else rstd,
             dx_narrow_ptr=dx_narrow if dx_narrow is not None else dx,
         )
-        flags = dict(RMS=rms, HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
+        partials = dict(dweight_partial_ptr=dweight_partial if dweight_partial is not None else rstd,
+                        dbias_partial_ptr=dbias_partial if dbias_partial is not None else rstd)
+        flags = dict(RMS=rms, HAS_DSUM=dsum is not None, HAS_WEIGHT=weight is not None,
                      HAS_DX_NARROW=dx_narrow is not None, ACC=accumulator_dtype(x.dtype))
         lengths = dict(dy_row_stride_vecs=dy.stride(0) // align, dsum_row_stride_vecs=dsum_stride // align,
                        x_row_stride_vecs=x.stride(0) // align, n_col_vecs=n_cols // align, ALIGN=align)
@@ -468,12 +525,19 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, na
             with on_device(x):
                 _norm_backward_tile_kernel[(programs,)](
                     dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, rows_per_program=rows_per_program,
-                    BLOCK_COLS=block_cols, ROWS=rows, **lengths, **operands, **flags)
+                    BLOCK_COLS=block_cols, ROWS=rows, HAS_BIAS=has_bias, **lengths, **operands, **partials, **flags)
         else:
             with on_device(x):
-                _norm_backward_loop_kernel[(programs,)](
-                    dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, rows_per_program=rows_per_program,
-                    BLOCK_COLS=LOOP_BLOCK_COLS, **lengths, **operands, **flags)
+                _norm_backward_loop_kernel[(n_rows,)](
+                    dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, BLOCK_COLS=LOOP_BLOCK_COLS, **lengths, **operands,
+                    **flags)
+                if weight is not None or has_bias:
+                    _norm_param_grad_kernel[(cdiv(n_cols, PARAM_BLOCK_COLS), partial_rows)](
+                        dy_ptr=dy, x_ptr=x, mean_ptr=operands["mean_ptr"], rstd_ptr=rstd,
+                        dy_row_stride_vecs=lengths["dy_row_stride_vecs"], x_row_stride_vecs=lengths["x_row_stride_vecs"],
+                        n_rows=n_rows, n_col_vecs=lengths["n_col_vecs"], rows_per_block=rows_per_block,
+                        BLOCK_COLS=PARAM_BLOCK_COLS, ROWS=PARAM_ROWS, RMS=rms, HAS_WEIGHT=weight is not None,
+                        HAS_BIAS=has_bias, ACC=flags["ACC"], ALIGN=align, **partials)
     # stage 2: the partial rows, summed in a fixed order, in one launch for both
     dweight = empty_output((n_cols,), weight.dtype, x.device) if weight is not None else None
     dbias = empty_output((n_cols,), acc_dtype, x.device) if has_bias else None
@@ -484,7 +548,7 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, na
                 dweight_partial_ptr=dweight_partial if dweight_partial is not None else rstd,
                 dbias_partial_ptr=dbias_partial if dbias_partial is not None else rstd,
                 dweight_ptr=dweight if dweight is not None else rstd, dbias_ptr=dbias if dbias is not None else rstd,
-                n_partial_rows=programs, n_col_vecs=n_cols // align, BLOCK_COLS=SUM_BLOCK_COLS, ROWS=SUM_ROWS,
+                n_partial_rows=partial_rows, n_col_vecs=n_cols // align, BLOCK_COLS=SUM_BLOCK_COLS, ROWS=SUM_ROWS,
                 HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None, ACC=accumulator_dtype(x.dtype),
                 ALIGN=align)
     if narrow_dtype is not None and dx_narrow is None:  # not fused (above)
