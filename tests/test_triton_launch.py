@@ -280,16 +280,24 @@ def test_param_grad_row_blocks(programs_per_sm, expected, monkeypatch):
     monkeypatch.setattr(norm_kernels, "PARAM_PROGRAMS_PER_SM", programs_per_sm)
     assert norm_kernels._param_grad_row_blocks(37, 600, torch.device("cpu")) == expected
     assert norm_kernels._param_grad_row_blocks(0, 600, torch.device("cpu")) == (1, 4)  # no rows: one empty block
+    blocks, rows_per_block = norm_kernels._param_grad_row_blocks(37, 0, torch.device("cpu"))  # no columns
+    assert blocks >= 1 and rows_per_block % 4 == 0 and blocks * rows_per_block >= 37
 
 
 @pytest.mark.parametrize("programs_per_sm", [1, 5, 4096])
 @pytest.mark.parametrize("rms, has_weight, has_bias", [(False, True, True), (True, True, False), (False, False, True)],
                          ids=["layer_norm", "rms_norm", "bias_only"])
-def test_norm_backward_of_long_rows_over_row_blocks(rms, has_weight, has_bias, programs_per_sm, monkeypatch):
-    """The backward of rows past the tile (here past a tile limit of 256: 600 columns, three
-    column blocks, the last ragged) in the row blocks of test_param_grad_row_blocks: dx from
-    the loop kernel, dweight / dbias from the partial rows of every block, against float64."""
-    monkeypatch.setattr(norm_kernels, "BACKWARD_TILE_MAX_COLS", 256)
+@pytest.mark.parametrize("dx_kernel", ["loop", "tile"])
+def test_norm_backward_param_grad_kernel_over_row_blocks(dx_kernel, rms, has_weight, has_bias, programs_per_sm,
+                                                         monkeypatch):
+    """dweight / dbias from _norm_param_grad_kernel in the row blocks of
+    test_param_grad_row_blocks (600 columns: three column blocks, the last ragged), beside dx
+    from the loop kernel (rows past a tile limit of 256 here) or from the tile kernel, a tile
+    a program (TILE_PARAM_SUMS off), against float64."""
+    if dx_kernel == "loop":
+        monkeypatch.setattr(norm_kernels, "BACKWARD_TILE_MAX_COLS", 256)
+    else:
+        monkeypatch.setattr(norm_kernels, "TILE_PARAM_SUMS", False)
     monkeypatch.setattr(norm_kernels, "PARAM_ROWS", 4)
     monkeypatch.setattr(norm_kernels, "PARAM_PROGRAMS_PER_SM", programs_per_sm)
     spy = _LaunchSpy(norm_kernels._norm_param_grad_kernel, "ALIGN")

@@ -157,11 +157,14 @@ def layer_norm_specs():
             # (the backward of an fp32 sum is the fp32 one's: no spec of its own)
             for (block_cols, rows), (narrow, has_narrow) in itertools.product(
                     [(1024, 4), (k.BACKWARD_TILE_MAX_COLS, 1)] if res == p else [], narrows):
-                const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_DSUM=fused, HAS_DX_NARROW=has_narrow, **flags)
+                const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_DSUM=fused, HAS_DX_NARROW=has_narrow,
+                             PARAM_SUMS=True, **flags)
                 sig = {**bwd_ptrs, "dx_narrow_ptr": narrow, "dy_row_stride_vecs": "i64", "dsum_row_stride_vecs": "i64",
                        "x_row_stride_vecs": "i64", "n_rows": "i32", "n_col_vecs": "i32", "rows_per_program": "i32",
                        **{c: "constexpr" for c in const}}
                 specs.append((k._norm_backward_tile_kernel, sig, const))
+                if not fused and not has_narrow and (has_w or has_b):  # dx alone (TILE_PARAM_SUMS off)
+                    specs.append((k._norm_backward_tile_kernel, sig, {**const, "PARAM_SUMS": False}))
             const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_RESIDUAL=fused, **flags)
             sig = {**fwd_ptrs, "x_row_stride_vecs": "i64", "residual_row_stride_vecs": "i64", "n_col_vecs": "i32",
                    "eps": "fp32", **{c: "constexpr" for c in const}}

@@ -144,6 +144,9 @@ def all_cases(quick: bool) -> list[TuneCase]:
         # layer_norm: the backward's programs (partial rows of dweight / dbias), tiles, long rows
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 1024), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),
         TuneCase("layer_norm", "fwd+bwd", "triton", (16384, 4096), Knob(ln + "PROGRAMS_PER_SM", [1, 2, 4, 8, 16])),
+        # dweight / dbias summed by the tile kernel's programs, or by a kernel of their own (x and dy read again)
+        *[TuneCase("layer_norm", "fwd+bwd", "triton", shape, Knob(ln + "TILE_PARAM_SUMS", [True, False]))
+          for shape in ((4096, 512), (4096, 1024), (16384, 1024), (4096, 4096))],
         # the partial rows' sum: n_cols / SUM_BLOCK_COLS programs (16 at hidden 1024), each over every partial row
         *[TuneCase("layer_norm", "fwd+bwd", "triton", (4096, cols), Knob(ln + "SUM_BLOCK_COLS", [16, 32, 64]))
           for cols in (512, 1024)],

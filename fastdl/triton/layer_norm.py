@@ -47,6 +47,10 @@ LOOP_BLOCK_COLS = 2048
 TILE_ELEMENTS = 4096
 # Backward tile programs per SM: each reduces its rows' dweight into one partial row.
 PROGRAMS_PER_SM = 4
+# The tile kernel sums its rows' dweight / dbias (True: programs that walk PROGRAMS_PER_SM's
+# blocks of rows), or leaves them to _norm_param_grad_kernel, as for longer rows (False: a
+# tile a program, no loop, as the forward; x and dy read again, from L2 when small).
+TILE_PARAM_SUMS = True
 # Longer rows' dweight / dbias (_norm_param_grad_kernel): columns and rows a program holds
 # at once, and programs an SM (over column blocks x row blocks, a partial row each block).
 PARAM_BLOCK_COLS = 256
@@ -196,7 +200,7 @@ def _norm_backward_tile_kernel(
     rstd_ptr,
     dx_ptr,  # (n_rows, n_cols) contiguous
     dx_narrow_ptr,  # likewise, in a 16-bit dtype beside fp32 rows (written when HAS_DX_NARROW)
-    dweight_partial_ptr,  # (programs, n_cols) fp32: this program's sum of dy * xhat
+    dweight_partial_ptr,  # (programs, n_cols) fp32: this program's sum of dy * xhat (written when PARAM_SUMS)
     dbias_partial_ptr,  # (programs, n_cols) fp32: this program's sum of dy
     dy_row_stride_vecs,  # / ALIGN, as n_col_vecs
     dsum_row_stride_vecs,
@@ -211,6 +215,7 @@ def _norm_backward_tile_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DX_NARROW: tl.constexpr,
+    PARAM_SUMS: tl.constexpr,  # dweight / dbias summed here (else by _norm_param_grad_kernel)
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
@@ -255,13 +260,13 @@ def _norm_backward_tile_kernel(
         if HAS_DX_NARROW:  # stored first: after dx, the unaligned tile spilled a register at 16 warps
             tl.store(dx_narrow_ptr + out_offsets, dx.to(dx_narrow_ptr.dtype.element_ty), mask=mask)
         tl.store(dx_ptr + out_offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if HAS_WEIGHT:
+        if HAS_WEIGHT and PARAM_SUMS:
             dweight_acc += tl.sum(dy * xhat, axis=0)
-        if HAS_BIAS:
+        if HAS_BIAS and PARAM_SUMS:
             dbias_acc += tl.sum(dy, axis=0)
-    if HAS_WEIGHT:
+    if HAS_WEIGHT and PARAM_SUMS:
         tl.store(dweight_partial_ptr + pid * n_cols + cols, dweight_acc, mask=cols < n_cols)
-    if HAS_BIAS:
+    if HAS_BIAS and PARAM_SUMS:
         tl.store(dbias_partial_ptr + pid * n_cols + cols, dbias_acc, mask=cols < n_cols)
 
 
@@ -469,7 +474,7 @@ def _param_grad_row_blocks(n_rows: int, n_cols: int, device: torch.device) -> tu
     """(row blocks, rows_per_block) of _norm_param_grad_kernel: enough blocks for about
     PARAM_PROGRAMS_PER_SM programs an SM over all the column blocks, each a whole number
     of PARAM_ROWS rows, none without rows (each writes its partial rows whole)."""
-    col_blocks = cdiv(n_cols, PARAM_BLOCK_COLS)
+    col_blocks = max(1, cdiv(n_cols, PARAM_BLOCK_COLS))
     wanted = max(1, min(cdiv(PARAM_PROGRAMS_PER_SM * sm_count(device), col_blocks), cdiv(n_rows, PARAM_ROWS)))
     rows_per_block = max(1, cdiv(cdiv(n_rows, wanted), PARAM_ROWS)) * PARAM_ROWS
     return max(1, cdiv(n_rows, rows_per_block)), rows_per_block
@@ -490,10 +495,14 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, na
     dx = empty_output((n_rows, n_cols), x.dtype, x.device)
     dx_narrow = None
     tiled = n_cols <= BACKWARD_TILE_MAX_COLS
-    if tiled:
+    # dweight / dbias's stage 1: in the tile kernel's programs, or a kernel of their own
+    param_sums_in_tile = tiled and TILE_PARAM_SUMS
+    block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
+    if param_sums_in_tile:
         programs, rows_per_program = _backward_programs(n_rows, x.device)
         partial_rows = programs
     else:
+        programs, rows_per_program = max(1, cdiv(n_rows, rows)), rows  # tiles: no loop, as the forward's
         partial_rows, rows_per_block = _param_grad_row_blocks(n_rows, n_cols, x.device)
     acc_dtype = stats_dtype(x.dtype)
     # Every program writes its partial rows whole, and the kernels never read what they have
@@ -520,24 +529,23 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, na
                      HAS_DX_NARROW=dx_narrow is not None, ACC=accumulator_dtype(x.dtype))
         lengths = dict(dy_row_stride_vecs=dy.stride(0) // align, dsum_row_stride_vecs=dsum_stride // align,
                        x_row_stride_vecs=x.stride(0) // align, n_col_vecs=n_cols // align, ALIGN=align)
-        if tiled:
-            block_cols, rows = tile_shape(n_cols, TILE_ELEMENTS)
-            with on_device(x):
+        with on_device(x):
+            if tiled:
                 _norm_backward_tile_kernel[(programs,)](
                     dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, rows_per_program=rows_per_program,
-                    BLOCK_COLS=block_cols, ROWS=rows, HAS_BIAS=has_bias, **lengths, **operands, **partials, **flags)
-        else:
-            with on_device(x):
+                    BLOCK_COLS=block_cols, ROWS=rows, HAS_BIAS=has_bias, PARAM_SUMS=param_sums_in_tile, **lengths,
+                    **operands, **partials, **flags)
+            else:
                 _norm_backward_loop_kernel[(n_rows,)](
                     dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, BLOCK_COLS=LOOP_BLOCK_COLS, **lengths, **operands,
                     **flags)
-                if weight is not None or has_bias:
-                    _norm_param_grad_kernel[(cdiv(n_cols, PARAM_BLOCK_COLS), partial_rows)](
-                        dy_ptr=dy, x_ptr=x, mean_ptr=operands["mean_ptr"], rstd_ptr=rstd,
-                        dy_row_stride_vecs=lengths["dy_row_stride_vecs"], x_row_stride_vecs=lengths["x_row_stride_vecs"],
-                        n_rows=n_rows, n_col_vecs=lengths["n_col_vecs"], rows_per_block=rows_per_block,
-                        BLOCK_COLS=PARAM_BLOCK_COLS, ROWS=PARAM_ROWS, RMS=rms, HAS_WEIGHT=weight is not None,
-                        HAS_BIAS=has_bias, ACC=flags["ACC"], ALIGN=align, **partials)
+            if not param_sums_in_tile and (weight is not None or has_bias):
+                _norm_param_grad_kernel[(cdiv(n_cols, PARAM_BLOCK_COLS), partial_rows)](
+                    dy_ptr=dy, x_ptr=x, mean_ptr=operands["mean_ptr"], rstd_ptr=rstd,
+                    dy_row_stride_vecs=lengths["dy_row_stride_vecs"], x_row_stride_vecs=lengths["x_row_stride_vecs"],
+                    n_rows=n_rows, n_col_vecs=lengths["n_col_vecs"], rows_per_block=rows_per_block,
+                    BLOCK_COLS=PARAM_BLOCK_COLS, ROWS=PARAM_ROWS, RMS=rms, HAS_WEIGHT=weight is not None,
+                    HAS_BIAS=has_bias, ACC=flags["ACC"], ALIGN=align, **partials)
     # stage 2: the partial rows, summed in a fixed order, in one launch for both
     dweight = empty_output((n_cols,), weight.dtype, x.device) if weight is not None else None
     dbias = empty_output((n_cols,), acc_dtype, x.device) if has_bias else None
