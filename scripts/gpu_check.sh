@@ -225,7 +225,8 @@ if has_step tune; then
   if (( limit < 20 )); then
     echo "tune: no time left in the budget: NOT RUN" | tee -a "$out/tune.log"
   else
-    timeout "$limit" $py -m fastdl.bench.tune --out "$out/tune.md" >> "$out/tune.log" 2>&1 \
+    # TUNE_ARGS: e.g. "--match layer_norm --match PACKED" (the cases whose label holds either)
+    timeout "$limit" $py -m fastdl.bench.tune --out "$out/tune.md" ${TUNE_ARGS:-} >> "$out/tune.log" 2>&1 \
       || echo "tune exited non-zero or was cut off (a failed value shows its error in the table)" >> "$out/tune.log"
   fi
   tail -3 "$out/tune.log"

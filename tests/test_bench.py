@@ -445,6 +445,18 @@ def test_tune_times_each_knob_value_and_puts_it_back(tmp_path):
     assert triton_softmax.SPLIT_PROGRAMS_PER_SM == before
 
 
+def test_tune_match_picks_cases_by_label():
+    """--match keeps the cases whose label holds one of its strings, and only those."""
+    import fastdl
+    from fastdl.bench import tune
+
+    everything = tune.all_cases(quick=False)
+    picked = tune.cases(torch.device("cpu"), quick=False, match=["TILE_PARAM_SUMS", "16384 triton.layer_norm.PARAM"])
+    wanted = [c for c in everything if c.backend in fastdl.available_backends("cpu") and
+              (c.knob.name.endswith("TILE_PARAM_SUMS") or (c.shape == (4096, 16384) and ".PARAM_" in c.knob.name))]
+    assert picked == wanted and len(picked) == (7 if "triton" in fastdl.available_backends("cpu") else 0)
+
+
 def test_tune_knobs_exist():
     """Every knob tune.py sweeps is still a constant of its module or a variable the CUDA
     launchers read: a renamed constant fails here, not on a lent GPU."""

@@ -172,10 +172,17 @@ def all_cases(quick: bool) -> list[TuneCase]:
     ]
 
 
-def cases(device: torch.device, quick: bool) -> list[TuneCase]:
-    """The cases whose backend runs on `device` here."""
+def case_label(case: TuneCase) -> str:
+    """"layer_norm fwd+bwd triton 4096x1024 triton.layer_norm.TILE_PARAM_SUMS": what --match looks in."""
+    return f"{case.op} {case.direction} {case.backend} {case.shape[0]}x{case.shape[1]} {case.knob.name}"
+
+
+def cases(device: torch.device, quick: bool, match: list[str] | None = None) -> list[TuneCase]:
+    """The cases whose backend runs on `device` here; with `match`, those whose label
+    (case_label) holds one of its strings."""
     backends = fastdl.available_backends(device.type)
-    return [c for c in all_cases(quick) if c.backend in backends]
+    return [c for c in all_cases(quick) if c.backend in backends
+            and (not match or any(m in case_label(c) for m in match))]
 
 
 def _label(knob: Knob, value) -> str:
@@ -183,15 +190,15 @@ def _label(knob: Knob, value) -> str:
     return text + ("*" if value == knob.default() else "")
 
 
-def run(device: torch.device, quick: bool, write: Callable[[str], None]) -> int:
-    """Times every case; returns how many knob values failed (an error, not a time)."""
+def run(device: torch.device, quick: bool, write: Callable[[str], None], match: list[str] | None = None) -> int:
+    """Times every case (those `match` picks); returns how many knob values failed (an error, not a time)."""
     copy_gbps = copy_bandwidth_gbps(device, quick)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     write(f"# fastdl.bench.tune on {name}: copy bandwidth {copy_gbps:.0f} GB/s; * marks the default")
     write("| op | dir | backend | dtype | shape | knob | eager ms | value: ms (GB/s, % copy) ... |")
     write("| --- | --- | --- | --- | --- | --- | --- | --- |")
     failures = 0
-    for case in cases(device, quick):
+    for case in cases(device, quick, match):
         fastdl_fn, eager_fn, n_bytes = FNS[case.op](case.direction, case.shape, case.dtype, device)
         eager_ms = time_ms(eager_fn, device, quick)[0]
         cells = []
@@ -215,6 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="toy sizes and short timings (a smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--match", action="append", metavar="TEXT",
+                        help="only the cases whose 'op dir backend shape knob' holds TEXT (repeatable: any of them)")
     args = parser.parse_args(argv)
     lines: list[str] = []
 
@@ -222,7 +231,7 @@ def main(argv=None) -> int:
         print(line, flush=True)
         lines.append(line)
 
-    failures = run(torch.device(args.device), args.quick, write)
+    failures = run(torch.device(args.device), args.quick, write, args.match)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
