@@ -30,7 +30,11 @@
 // with one partial row; a second kernel sums
 // the partial rows in a fixed order (dweight's and dbias's in one launch). No atomics: two
 // runs give bitwise-equal gradients, and dy and x are read once, not once more for the
-// parameter gradients.
+// parameter gradients. With FASTDL_CUDA_NORM_PARAM_KERNEL=1 the tile kernel writes dx alone
+// (a row a block, as the forward, no running sums: 2 x kElems registers a thread fewer) and
+// norm_param_grad_kernel sums the partial rows' blocks of rows, reading x and dy again (as
+// PyTorch's and apex's CUDA backward do): at 4097-8192 columns the tile with its sums takes
+// 118 registers at 512 threads, one block an SM walking its rows' loads one at a time.
 //
 // weight / bias come in the row's element type or the accumulation type (W): a 16-bit
 // model's parameters are read as they are, with no conversion kernel before each call, and
@@ -78,6 +82,32 @@ template <typename T, typename F> bool with_forward_tile(int64_t cols, F&& launc
 template <typename T, typename F> bool with_backward_tile(int64_t cols, F&& launch) {
   return with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>, kBackwardMaxCols<T>>(cols, tile_elems_knob(), launch);
 }
+// FASTDL_CUDA_NORM_PARAM_KERNEL=1: the tile backward writes dx alone, a row a block (or a warp
+// group), and norm_param_grad_kernel sums dweight / dbias, reading x and dy again over blocks of
+// columns x blocks of rows; 0 (the default until a GPU has timed it): the tile's blocks sum
+// them. Rows past the tiles keep the loop kernel either way.
+template <typename T> bool uses_param_kernel(int64_t cols) {
+  int64_t on = 0;
+  env_knob("FASTDL_CUDA_NORM_PARAM_KERNEL", 0, 1, &on);
+  return on == 1 && cols <= kBackwardMaxCols<T>;
+}
+// norm_param_grad_kernel's blocks: 8 warps, a column of 16-byte vectors a lane; at least 4
+// resident an SM (64 registers a thread: a loop unrolled twice spilled 4-8 bytes in 16 bits),
+// 32 KiB of loads in flight an SM.
+constexpr int kParamWarps = 8;
+constexpr int kParamBlocksPerSm = 4;
+template <int kVec> constexpr int kParamWidth = kWarpSize * kVec;
+// Its row blocks (the partial rows): with the column blocks of 16-byte vectors, about
+// FASTDL_CUDA_NORM_BLOCKS_PER_SM (default 8: 2048 threads) blocks an SM, none of fewer rows
+// than it has warps unless that is all there is.
+template <typename T> int64_t param_row_blocks(int64_t rows, int64_t cols, int sms) {
+  int64_t per_sm = 8;
+  env_knob("FASTDL_CUDA_NORM_BLOCKS_PER_SM", 1, 1 << 16, &per_sm);
+  const int64_t col_blocks = (cols + kParamWidth<Vec<T>::kSize> - 1) / kParamWidth<Vec<T>::kSize>;
+  const int64_t wanted = (static_cast<int64_t>(sms) * per_sm + col_blocks - 1) / col_blocks;
+  return std::max<int64_t>(1, std::min({wanted, (rows + kParamWarps - 1) / kParamWarps, int64_t{65535}}));  // grid.y
+}
+
 // The packed forward: 32 16-bit values a thread, blocks of 128, 256 or 512 threads, for rows
 // past 2048 columns (shorter ones take the warp tiles, a few registers a thread).
 constexpr int kPackedNormElems = 32;
@@ -352,7 +382,9 @@ __device__ __forceinline__ void write_block_partial(const A (&v)[kElems], A* __r
   }
 }
 
-template <typename T, typename W, typename D, typename N, int kThreads, int kElems>
+// kParamSums: the block also sums its rows' dweight / dbias (in registers: 2 x kElems a
+// thread) and writes its partial rows; without, dx alone (norm_param_grad_kernel sums them).
+template <typename T, typename W, typename D, typename N, int kThreads, int kElems, bool kParamSums>
 __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     norm_backward_tile_kernel(const D* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
                               const W* __restrict__ weight,
@@ -366,7 +398,7 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   using Tile = RowTile<T, kThreads, kElems>;
   constexpr int kGroups = kTileBlockThreads<kThreads> / kThreads;
   __shared__ A scratch[kThreads / kWarpSize];
-  __shared__ A combined[kGroups > 1 ? kThreads * kElems : 1];
+  __shared__ A combined[kParamSums && kGroups > 1 ? kThreads * kElems : 1];
   const int t = threadIdx.x % kThreads, group = threadIdx.x / kThreads;
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * rows_per_block;
   const int64_t end = begin + rows_per_block < rows ? begin + rows_per_block : rows;
@@ -392,8 +424,10 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
       xhat[i] = Tile::col(t, i) < cols ? (xhat[i] - m) * r : A(0);
-      dw[i] += g[i] * xhat[i];  // g holds dy here
-      db[i] += g[i];
+      if constexpr (kParamSums) {
+        dw[i] += g[i] * xhat[i];  // g holds dy here
+        db[i] += g[i];
+      }
       g[i] *= w[i];
       sum_gx += g[i] * xhat[i];
       sum_g += g[i];
@@ -411,12 +445,80 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     if constexpr (!std::is_same_v<N, T>) Tile::store(dx_narrow + row * cols, t, cols, aligned, xhat);
   }
   // Every block writes its partial row, zeros when it had no rows.
-  if (dweight_partial != nullptr)
-    write_block_partial<T, kThreads, kElems>(dw, dweight_partial + static_cast<int64_t>(blockIdx.x) * cols, combined,
-                                             cols);
-  if (dbias_partial != nullptr)
-    write_block_partial<T, kThreads, kElems>(db, dbias_partial + static_cast<int64_t>(blockIdx.x) * cols, combined,
-                                             cols);
+  if constexpr (kParamSums) {
+    if (dweight_partial != nullptr)
+      write_block_partial<T, kThreads, kElems>(dw, dweight_partial + static_cast<int64_t>(blockIdx.x) * cols, combined,
+                                               cols);
+    if (dbias_partial != nullptr)
+      write_block_partial<T, kThreads, kElems>(db, dbias_partial + static_cast<int64_t>(blockIdx.x) * cols, combined,
+                                               cols);
+  }
+}
+
+// dweight / dbias of the rows [begin, begin + rows_per_block) of block (blockIdx.x, blockIdx.y)
+// at its kParamWidth<kVec> columns, for the tile backward without kParamSums: lane l of every
+// warp holds kVec consecutive columns (a warp reads 32 x 16 bytes of a row), warp w the rows
+// begin + w, + kParamWarps, ...; the warps' sums are then added in warp order and written as
+// the block's partial row blockIdx.y. x and dy are read a second time (after the dx kernel),
+// but by as many blocks as fill the device, where the tile's own sums held 2 x kElems
+// registers a thread (118 at 512 x 16 bf16: one block an SM, its rows' loads one at a time).
+// no 16-byte stores accepted: norm_param_grad_kernel: one partial value a column, once a block
+template <typename T, typename D, int kVec>
+__global__ void __launch_bounds__(kParamWarps* kWarpSize, kParamBlocksPerSm)
+    norm_param_grad_kernel(const D* __restrict__ dy, const T* __restrict__ x,
+                           const typename Acc<T>::type* __restrict__ mean,
+                           const typename Acc<T>::type* __restrict__ rstd, typename Acc<T>::type* __restrict__ dweight_partial,
+                           typename Acc<T>::type* __restrict__ dbias_partial, int64_t rows, int64_t cols,
+                           int64_t rows_per_block, int64_t dy_row_stride, int64_t x_row_stride, bool rms) {
+  using A = typename Acc<T>::type;
+  __shared__ A sums[2][kParamWarps][kParamWidth<kVec>];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kParamWidth<kVec> + static_cast<int64_t>(lane) * kVec;
+  const int64_t begin = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t end = begin + rows_per_block < rows ? begin + rows_per_block : rows;
+  const bool whole = col + kVec <= cols;  // else the row's last columns, one at a time
+  A dw[kVec] = {}, db[kVec] = {};
+  if (col < cols) {
+#pragma unroll 1
+    for (int64_t row = begin + warp; row < end; row += kParamWarps) {
+      A xs[kVec], ds[kVec];
+      if (whole) {
+        load_acc<kVec>(x + row * x_row_stride + col, xs);
+        load_acc<kVec>(dy + row * dy_row_stride + col, ds);
+      } else {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) {
+          xs[k] = col + k < cols ? to_acc(x[row * x_row_stride + col + k]) : A(0);
+          ds[k] = col + k < cols ? to_acc(dy[row * dy_row_stride + col + k]) : A(0);
+        }
+      }
+      const A m = rms ? A(0) : mean[row];
+      const A r = rstd[row];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        dw[k] += ds[k] * ((xs[k] - m) * r);
+        db[k] += ds[k];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    sums[0][warp][lane * kVec + k] = dw[k];
+    sums[1][warp][lane * kVec + k] = db[k];
+  }
+  __syncthreads();
+  // the warps' sums added in warp order, a column of dweight or dbias a thread at a time
+  for (int i = threadIdx.x; i < 2 * kParamWidth<kVec>; i += kParamWarps * kWarpSize) {
+    const int which = i / kParamWidth<kVec>, c = i % kParamWidth<kVec>;
+    A* partial = which == 0 ? dweight_partial : dbias_partial;
+    const int64_t out_col = static_cast<int64_t>(blockIdx.x) * kParamWidth<kVec> + c;
+    if (partial != nullptr && out_col < cols) {
+      A total = 0;
+#pragma unroll
+      for (int w = 0; w < kParamWarps; ++w) total += sums[which][w][c];
+      partial[static_cast<int64_t>(blockIdx.y) * cols + out_col] = total;
+    }
+  }
 }
 
 // kSharedSums: the block's running dweight / dbias sums are kept in dynamic shared memory
@@ -650,7 +752,7 @@ template <typename T, typename W, typename D, typename N, typename F>
 cudaError_t with_backward_kernels(int64_t cols, F&& use) {
   const bool tiled = with_backward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    use(norm_backward_tile_kernel<T, W, D, N, kThreads, kElems>, kTileBlockThreads<kThreads>,
+    use(norm_backward_tile_kernel<T, W, D, N, kThreads, kElems, true>, kTileBlockThreads<kThreads>,
         kTileBlockThreads<kThreads> / kThreads, size_t{0});
   });
   if (tiled) return cudaSuccess;
@@ -680,6 +782,10 @@ template <typename T, typename N> cudaError_t backward_blocks(int64_t rows, int6
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
+  if (uses_param_kernel<T>(cols)) {  // the row blocks of norm_param_grad_kernel
+    *blocks = param_row_blocks<T>(rows, cols, sms);
+    return cudaSuccess;
+  }
   *blocks = INT64_MAX;
   auto fewest = [&](auto kernel, int threads, int rows_at_once, size_t shared_bytes) {
     int64_t per_sm = 0;
@@ -725,6 +831,7 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
   A* dbias_partial = dbias != nullptr ? static_cast<A*>(dbias_partial_) : nullptr;
   const int64_t rows_per_block = (rows + partial_rows - 1) / partial_rows;
   const auto grid = static_cast<unsigned>(partial_rows);
+  const bool param_kernel = uses_param_kernel<T>(cols);
   // partial rows are cols apart too: aligned with the rows of dx when their base is; so are
   // the narrow copy's rows to its packs' size (a pack of T's kPack elements of N)
   const bool aligned = rows_aligned<D>(dy, dy_stride) && (dsum == nullptr || rows_aligned<T>(dsum, dsum_stride)) &&
@@ -735,9 +842,25 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
                        (dbias_partial == nullptr || ptr_aligned(dbias_partial));
   const bool tiled = with_backward_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    norm_backward_tile_kernel<T, W, D, N, kThreads, kElems><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
-        dy, dsum, x, weight, mean, rstd, dx, dx_narrow, dweight_partial, dbias_partial, rows, cols, rows_per_block,
-        dy_stride, dsum_stride, x_stride, rms, aligned);
+    if (!param_kernel) {
+      norm_backward_tile_kernel<T, W, D, N, kThreads, kElems, true><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
+          dy, dsum, x, weight, mean, rstd, dx, dx_narrow, dweight_partial, dbias_partial, rows, cols, rows_per_block,
+          dy_stride, dsum_stride, x_stride, rms, aligned);
+      return;
+    }
+    // dx alone, a row a group as the forward; then the parameters' sums, partial_rows row blocks
+    constexpr int kRowsPerBlock = kTileBlockThreads<kThreads> / kThreads;
+    const auto dx_grid = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+    norm_backward_tile_kernel<T, W, D, N, kThreads, kElems, false><<<dx_grid, kTileBlockThreads<kThreads>, 0, stream>>>(
+        dy, dsum, x, weight, mean, rstd, dx, dx_narrow, nullptr, nullptr, rows, cols, kRowsPerBlock, dy_stride,
+        dsum_stride, x_stride, rms, aligned);
+    if (dweight_partial == nullptr && dbias_partial == nullptr) return;
+    with_vec<T>(aligned, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      const dim3 param_grid(static_cast<unsigned>((cols + kParamWidth<kVec> - 1) / kParamWidth<kVec>), grid);
+      norm_param_grad_kernel<T, D, kVec><<<param_grid, kParamWarps * kWarpSize, 0, stream>>>(
+          dy, x, mean, rstd, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride, x_stride, rms);
+    });
   });
   cudaError_t err = cudaSuccess;
   if (!tiled) {

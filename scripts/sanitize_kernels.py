@@ -84,6 +84,18 @@ def norm_calls(dtype):
             fastdl.ops.rms_norm(aligned, n)
             os.environ.pop("FASTDL_CUDA_PACKED_NORM")
             count += 3
+        if fastdl.get_backend() == "cuda" and n <= (4096 if dtype == torch.float64 else 8192):
+            # the CUDA tile backward writing dx alone and norm_param_grad_kernel's dweight / dbias
+            # (FASTDL_CUDA_NORM_PARAM_KERNEL=1), on rows off 16-byte boundaries (x) and on them
+            os.environ["FASTDL_CUDA_NORM_PARAM_KERNEL"] = "1"
+            for rows_in in (x, torch.randn(rows, n, device="cuda", dtype=dtype, requires_grad=True)):
+                width = rows_in.shape[1]
+                w = torch.rand(width, device="cuda", requires_grad=True)
+                b = torch.randn(width, device="cuda", requires_grad=True)
+                y = fastdl.ops.layer_norm(rows_in, width, w, b)
+                torch.autograd.grad(y, (rows_in, w, b), torch.randn_like(y))
+                count += 2
+            os.environ.pop("FASTDL_CUDA_NORM_PARAM_KERNEL")
 
 
 # FASTDL_SANITIZE_BACKENDS (comma-separated: gpu_check.sh runs one process a backend) or every

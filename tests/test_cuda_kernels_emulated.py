@@ -531,6 +531,63 @@ def test_norm_parameter_gradients_deterministic(runner, tmp_path, cols, blocks_p
         assert torch.equal(first.outputs[name], again.outputs[name]), f"{name} differs between runs"
 
 
+# FASTDL_CUDA_NORM_PARAM_KERNEL=1: the tile backward writes dx alone and norm_param_grad_kernel sums
+# dweight / dbias over blocks of columns x blocks of rows; rows past the tiles keep the loop kernel.
+PARAM_KERNEL = {"FASTDL_CUDA_NORM_PARAM_KERNEL": "1"}
+
+
+def _param_row_blocks(rows, cols, dtype, per_sm=8, sms=4):
+    """kernels/layer_norm.cu's param_row_blocks on the emulated device (4 SMs)."""
+    width = 32 * (16 // dtype.itemsize)  # a warp of 16-byte vectors
+    col_blocks = -(-cols // width)
+    return max(1, min(-(-sms * per_sm // col_blocks), -(-rows // 8)))
+
+
+@pytest.mark.parametrize("cols", [7, 1001, 5000, 20000])
+@pytest.mark.parametrize("variant", ["layer_norm", "rms_norm", "add_layer_norm", "layer_norm_plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norm_backward_param_kernel(runner, tmp_path, dtype, variant, cols):
+    """dx from the tile kernel without its sums (a row a block or warp group), dweight / dbias
+    from norm_param_grad_kernel's row blocks (37 rows: several, the last short; 7 and 1001
+    columns one element a lane, 5000 in 16-byte vectors, ragged in the last column block),
+    against float64; a row past the tiles (fp64's from 4097) takes the loop kernel as before."""
+    rows = 37
+    rms = NORM_VARIANTS[variant][3]
+    inputs, _ = _norm_inputs((rows, cols), dtype, variant)
+    result, grads = _norm_backward(runner, tmp_path, inputs, rms, env=PARAM_KERNEL)
+    for name, ref in grads.items():
+        assert_close(result.outputs[name].view(ref.shape), ref, dtype if name == "dx" else _acc(dtype), name)
+    params = "weight" in inputs or "bias" in inputs
+    tiled = cols <= (4096 if dtype == torch.float64 else 8192)
+    if tiled:
+        expected = ["norm_backward_tile_kernel"] + ["norm_param_grad_kernel", "sum_partial_rows_kernel"] * params
+        sizes = dict(line.split() for line in result.stdout.splitlines() if line.startswith("partial_rows "))
+        assert int(sizes["partial_rows"]) == _param_row_blocks(rows, cols, dtype), sizes
+    else:
+        expected = ["norm_backward_loop_kernel"] + ["sum_partial_rows_kernel"] * params
+    assert _kernels(result) == expected, result.launches
+
+
+@pytest.mark.parametrize("blocks_per_sm", ["1", "3", "4096"])
+@pytest.mark.parametrize("cols", [33, 768])
+def test_norm_param_kernel_deterministic(runner, tmp_path, cols, blocks_per_sm):
+    """The param kernel's row blocks as FASTDL_CUDA_NORM_BLOCKS_PER_SM sets them (1 a SM, a few,
+    as many as there are rows over 8 warps): right, and bitwise the same when the emulated
+    threads run in another order."""
+    rows = 45
+    inputs, _ = _norm_inputs((rows, cols), torch.float32, "layer_norm")
+    dy = torch.randn(rows, cols)
+    env = {**PARAM_KERNEL, "FASTDL_CUDA_NORM_BLOCKS_PER_SM": blocks_per_sm}
+    first, grads = _norm_backward(runner, tmp_path / "a", inputs, False, env={**env, "FASTDL_EMU_SEED": "1"}, dy=dy)
+    for name, ref in grads.items():
+        assert_close(first.outputs[name].view(ref.shape), ref, torch.float32, name)
+    sizes = dict(line.split() for line in first.stdout.splitlines() if line.startswith("partial_rows "))
+    assert int(sizes["partial_rows"]) == _param_row_blocks(rows, cols, torch.float32, int(blocks_per_sm)), sizes
+    again, _ = _norm_backward(runner, tmp_path / "b", inputs, False, env={**env, "FASTDL_EMU_SEED": "2"}, dy=dy)
+    for name in grads:
+        assert torch.equal(first.outputs[name], again.outputs[name]), f"{name} differs between runs"
+
+
 def _shared_bytes(launch: str) -> int:
     return int(launch.split(" shared=")[1].split()[0]) if " shared=" in launch else 0
 
