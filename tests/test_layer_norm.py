@@ -314,6 +314,25 @@ def test_cuda_backward_blocks_knob(case, shape, blocks_per_sm, monkeypatch):
     assert all(torch.equal(a, c) for a, c in zip(*runs)), "two runs gave different parameter gradients"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(37, 7), (1000, 512), (300, 1001), (64, 8192)], ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
+def test_cuda_backward_param_kernel_knob(case, shape, dtype, monkeypatch):
+    """FASTDL_CUDA_NORM_PARAM_KERNEL=1 (the tile backward writes dx alone, norm_param_grad_kernel
+    sums dweight / dbias): warp and block tiles, rows on 16-byte boundaries and not, parameters
+    in fp32 and in x's dtype; right, and the same bits twice."""
+    monkeypatch.setenv("FASTDL_CUDA_NORM_PARAM_KERNEL", "1")
+    backend, _ = case
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    _check(backend, "add_layer_norm", *_inputs(shape, dtype, "cuda", "add_layer_norm", weight_dtype=wide), dtype)
+    _check(backend, "rms_norm", *_inputs(shape, dtype, "cuda", "rms_norm"), dtype)
+    x, res, w, b = _inputs(shape, dtype, "cuda", "layer_norm")
+    dy = torch.randn(shape, device="cuda", dtype=dtype)
+    with fastdl.use_backend(backend):
+        runs = [torch.autograd.grad(fastdl.ops.layer_norm(x, shape[-1], w, b), (x, w, b), dy) for _ in range(2)]
+    assert all(torch.equal(a, c) for a, c in zip(*runs)), "two runs gave different gradients"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
 def test_cuda_backward_shared_sums_knob(case, dtype, monkeypatch):
