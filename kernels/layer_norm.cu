@@ -34,7 +34,10 @@
 // (a row a block, as the forward, no running sums: 2 x kElems registers a thread fewer) and
 // norm_param_grad_kernel sums the partial rows' blocks of rows, reading x and dy again (as
 // PyTorch's and apex's CUDA backward do): at 4097-8192 columns the tile with its sums takes
-// 118 registers at 512 threads, one block an SM walking its rows' loads one at a time.
+// 118 registers at 512 threads, one block an SM walking its rows' loads one at a time. 16-bit
+// rows of whole vectors from 2049 to 16384 columns (dy in x's dtype) then take the packed
+// backward for dx (x and dy held as they are, as the packed forward holds x), and 16-bit rows
+// of 8193-16384 columns that are not, the loop kernel without its sums.
 //
 // weight / bias come in the row's element type or the accumulation type (W): a 16-bit
 // model's parameters are read as they are, with no conversion kernel before each call, and
@@ -86,10 +89,13 @@ template <typename T, typename F> bool with_backward_tile(int64_t cols, F&& laun
 // group), and norm_param_grad_kernel sums dweight / dbias, reading x and dy again over blocks of
 // columns x blocks of rows; 0 (the default until a GPU has timed it): the tile's blocks sum
 // them. Rows past the tiles keep the loop kernel either way.
+// 16-bit rows past the tiles up to 16384 columns too: dx from the packed backward where the rows
+// are aligned (else the loop kernel, without its sums).
+template <typename T> constexpr int64_t kParamKernelMaxCols = sizeof(T) == 2 ? 16384 : kBackwardMaxCols<T>;
 template <typename T> bool uses_param_kernel(int64_t cols) {
   int64_t on = 0;
   env_knob("FASTDL_CUDA_NORM_PARAM_KERNEL", 0, 1, &on);
-  return on == 1 && cols <= kBackwardMaxCols<T>;
+  return on == 1 && cols <= kParamKernelMaxCols<T>;
 }
 // norm_param_grad_kernel's blocks: 8 warps, a column of 16-byte vectors a lane; at least 4
 // resident an SM (64 registers a thread: a loop unrolled twice spilled 4-8 bytes in 16 bits),
@@ -113,12 +119,10 @@ template <typename T> int64_t param_row_blocks(int64_t rows, int64_t cols, int s
 constexpr int kPackedNormElems = 32;
 constexpr int64_t kPackedNormMinCols = 2049;
 
-// Calls launch(std::integral_constant<int, kThreads>{}) with the packed forward's block for
-// rows of `cols`; false past its rows, or unless FASTDL_CUDA_PACKED_NORM is 1.
-template <typename F> bool with_packed_norm(int64_t cols, F&& launch) {
-  int64_t enabled = 0;
-  env_knob("FASTDL_CUDA_PACKED_NORM", 0, 1, &enabled);
-  if (!enabled || cols < kPackedNormMinCols) return false;
+// Calls launch(std::integral_constant<int, kThreads>{}) with the packed kernels' block for
+// rows of `cols` (the fewest threads of 32 values that hold it); false past their rows.
+template <typename F> bool with_packed_block(int64_t cols, F&& launch) {
+  if (cols < kPackedNormMinCols) return false;
   bool launched = false;
   auto try_threads = [&](auto threads) {
     if (!launched && cols <= static_cast<int64_t>(decltype(threads)::value) * kPackedNormElems) {
@@ -130,6 +134,12 @@ template <typename F> bool with_packed_norm(int64_t cols, F&& launch) {
   try_threads(std::integral_constant<int, 256>{});
   try_threads(std::integral_constant<int, 512>{});
   return launched;
+}
+// The packed forward's: unless FASTDL_CUDA_PACKED_NORM is 1, none.
+template <typename F> bool with_packed_norm(int64_t cols, F&& launch) {
+  int64_t enabled = 0;
+  env_knob("FASTDL_CUDA_PACKED_NORM", 0, 1, &enabled);
+  return enabled == 1 && with_packed_block(cols, launch);
 }
 constexpr int kSumCols = 32;  // columns per block of the partial-row sum
 constexpr int kSumRowThreads = 8;
@@ -201,6 +211,21 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
 // 1024 threads an SM at least: with kThreads alone, ptxas (CUDA 13.0) held the fp32-weight
 // instantiations to 40 registers and spilled 4-84 bytes; with it they take 46, no spill, and
 // those of 16-bit weights 40 (three 512-thread blocks an SM).
+// v[k] *= p[k] (a weight), or v[k] += p[k] (kAdd: a bias), for a pack of kN values: the packed
+// kernels' parameters, read a 16-byte vector of W at a time where used (half a pack of 16-bit
+// values when W is fp32).
+template <bool kAdd, int kN, typename W, typename A>
+__device__ __forceinline__ void apply_param(const W* p, A (&v)[kN]) {
+  constexpr int kParamVec = Vec<W>::kSize;
+#pragma unroll
+  for (int h = 0; h < kN; h += kParamVec) {
+    A w[kParamVec];
+    load_acc<kParamVec>(p + h, w);
+#pragma unroll
+    for (int k = 0; k < kParamVec; ++k) v[h + k] = kAdd ? v[h + k] + w[k] : v[h + k] * w[k];
+  }
+}
+
 template <typename T, typename W, int kThreads>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     norm_forward_packed_kernel(const T* __restrict__ x, const W* __restrict__ weight, const W* __restrict__ bias,
@@ -249,23 +274,8 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       A v[kPack];
 #pragma unroll
       for (int k = 0; k < kPack; ++k) v[k] = (Tile::element(tile.packs[p], k) - mean) * rstd;
-      // weight and bias a 16-byte vector at a time (half a pack when they are fp32)
-      constexpr int kParamVec = Vec<W>::kSize;
-#pragma unroll
-      for (int h = 0; h < kPack; h += kParamVec) {
-        if (weight != nullptr) {
-          A w[kParamVec];
-          load_acc<kParamVec>(weight + col + h, w);
-#pragma unroll
-          for (int k = 0; k < kParamVec; ++k) v[h + k] *= w[k];
-        }
-        if (bias != nullptr) {
-          A b[kParamVec];
-          load_acc<kParamVec>(bias + col + h, b);
-#pragma unroll
-          for (int k = 0; k < kParamVec; ++k) v[h + k] += b[k];
-        }
-      }
+      if (weight != nullptr) apply_param<false>(weight + col, v);
+      if (bias != nullptr) apply_param<true>(bias + col, v);
       store_acc<kPack>(y_row + col, v);
     }
   }
@@ -521,6 +531,35 @@ __global__ void __launch_bounds__(kParamWarps* kWarpSize, kParamBlocksPerSm)
   }
 }
 
+// The backward's steps over kN values of a row (loop and packed kernels): this thread's sums of g * xhat
+// and of g; the row's means of them (c1, c2: 0 for RMS) from every thread's; dx of the values
+// (plus, when fused, the gradient dsum reaching x + residual from elsewhere, at dsum_at).
+template <int kN, typename A>
+__device__ __forceinline__ void add_row_sums(const A (&xhat)[kN], const A (&g)[kN], A& sum_gx, A& sum_g) {
+#pragma unroll
+  for (int k = 0; k < kN; ++k) {
+    sum_gx += g[k] * xhat[k];
+    sum_g += g[k];
+  }
+}
+template <int kThreads, typename A>
+__device__ __forceinline__ void row_means(A sum_gx, A sum_g, int64_t cols, bool rms, A* scratch, A& c1, A& c2) {
+  c1 = block_sum<kThreads>(sum_gx, scratch) / static_cast<A>(cols);
+  c2 = rms ? A(0) : block_sum<kThreads>(sum_g, scratch) / static_cast<A>(cols);
+}
+template <int kN, typename T, typename A>
+__device__ __forceinline__ void dx_values(const A (&xhat)[kN], const A (&g)[kN], A c1, A c2, A r, const T* dsum_at,
+                                          A (&v)[kN]) {
+#pragma unroll
+  for (int k = 0; k < kN; ++k) v[k] = (g[k] - c2 - xhat[k] * c1) * r;
+  if (dsum_at != nullptr) {
+    A ds[kN];
+    load_acc<kN>(dsum_at, ds);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) v[k] += ds[k];
+  }
+}
+
 // kSharedSums: the block's running dweight / dbias sums are kept in dynamic shared memory
 // (dweight's cols values, then dbias's) and written to its partial rows once, at the end.
 // Otherwise they sit in its partial rows, a read and a write of each per row: at hidden
@@ -585,19 +624,16 @@ __global__ void __launch_bounds__(kLoopThreads)
     for (int64_t col = first_col; col < cols; col += kStep) {
       A xhat[kVec], d[kVec], g[kVec];
       load_step(col, xhat, d, g);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        sum_gx += g[k] * xhat[k];
-        sum_g += g[k];
-      }
+      add_row_sums(xhat, g, sum_gx, sum_g);
     }
-    const A c1 = block_sum<kLoopThreads>(sum_gx, scratch) / static_cast<A>(cols);
-    const A c2 = rms ? A(0) : block_sum<kLoopThreads>(sum_g, scratch) / static_cast<A>(cols);
+    A c1, c2;
+    row_means<kLoopThreads>(sum_gx, sum_g, cols, rms, scratch, c1, c2);
     const bool first = row == begin;
     T* dx_row = dx + row * cols;
     for (int64_t col = first_col; col < cols; col += kStep) {
       A xhat[kVec], d[kVec], g[kVec], v[kVec];
       load_step(col, xhat, d, g);
+      // dx_values's steps written out: called here, the fp64 instantiation spilled 4 bytes
 #pragma unroll
       for (int k = 0; k < kVec; ++k) v[k] = (g[k] - c2 - xhat[k] * c1) * r;
       if (dsum != nullptr) {
@@ -638,6 +674,65 @@ __global__ void __launch_bounds__(kLoopThreads)
         load_acc<kVec>(shared_sums + db_shared_at + static_cast<int>(col), p);
         store_acc<kVec>(db_row + col, p);
       }
+    }
+  }
+}
+
+// dx of a 16-bit row of 2049 to 16384 columns (16-byte aligned, dy in x's dtype, no narrow copy)
+// for the backward without its sums (FASTDL_CUDA_NORM_PARAM_KERNEL=1): a block of kThreads holds
+// the row's x and dy as they are in memory, 32 values a thread in 16 registers each
+// (PackedRowTile), and converts where used; the weight is read a 16-byte vector at a time
+// where used (L1), twice. A block of the tile kernel held them converted, and at 4097-8192
+// columns 88 registers a thread (one block of 512 an SM).
+template <typename T, typename W, int kThreads>
+__global__ void __launch_bounds__(kThreads, 1024 / kThreads)
+    norm_backward_packed_kernel(const T* __restrict__ dy, const T* __restrict__ dsum, const T* __restrict__ x,
+                                const W* __restrict__ weight, const typename Acc<T>::type* __restrict__ mean,
+                                const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ dx, int cols,
+                                int64_t dy_row_stride, int64_t dsum_row_stride, int64_t x_row_stride, bool rms) {
+  using A = typename Acc<T>::type;
+  using Tile = PackedRowTile<T, kThreads, kPackedNormElems>;
+  constexpr int kPack = Tile::kPack;
+  __shared__ A scratch[kThreads / kWarpSize];
+  const int64_t row = blockIdx.x;
+  const int t = threadIdx.x;
+  Tile xs, dys;
+  xs.load(x + row * x_row_stride, t, cols, from_acc<T>(A(0)));
+  dys.load(dy + row * dy_row_stride, t, cols, from_acc<T>(A(0)));
+  const A m = rms ? A(0) : mean[row];
+  const A r = rstd[row];
+  // xhat and g = dy * weight at pack p of this thread (its first column col, within the row)
+  auto pack_values = [&](int p, int col, A (&xhat)[kPack], A (&g)[kPack]) {
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      xhat[k] = (Tile::element(xs.packs[p], k) - m) * r;
+      g[k] = Tile::element(dys.packs[p], k);
+    }
+    if (weight != nullptr) apply_param<false>(weight + col, g);
+  };
+  A sum_gx = 0, sum_g = 0;
+#pragma unroll
+  for (int p = 0; p < Tile::Layout::kPacks; ++p) {
+    const int col = Tile::pack_col(t, p);
+    if (col < cols) {  // a pack is all in the row or all past it
+      A xhat[kPack], g[kPack];
+      pack_values(p, col, xhat, g);
+      add_row_sums(xhat, g, sum_gx, sum_g);
+    }
+  }
+  A c1, c2;
+  row_means<kThreads>(sum_gx, sum_g, cols, rms, scratch, c1, c2);
+  xs.reconvert_after_here();
+  dys.reconvert_after_here();
+  T* dx_row = dx + row * cols;
+#pragma unroll
+  for (int p = 0; p < Tile::Layout::kPacks; ++p) {
+    const int col = Tile::pack_col(t, p);
+    if (col < cols) {
+      A xhat[kPack], g[kPack], v[kPack];
+      pack_values(p, col, xhat, g);
+      dx_values(xhat, g, c1, c2, r, dsum != nullptr ? dsum + row * dsum_row_stride + col : nullptr, v);
+      store_acc<kPack>(dx_row + col, v);
     }
   }
 }
@@ -840,32 +935,44 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
                        (weight == nullptr || ptr_aligned(weight)) &&
                        (dweight_partial == nullptr || ptr_aligned(dweight_partial)) &&
                        (dbias_partial == nullptr || ptr_aligned(dbias_partial));
-  const bool tiled = with_backward_tile<T>(cols, [&](auto threads, auto elems) {
-    constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
-    if (!param_kernel) {
-      norm_backward_tile_kernel<T, W, D, N, kThreads, kElems, true><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
-          dy, dsum, x, weight, mean, rstd, dx, dx_narrow, dweight_partial, dbias_partial, rows, cols, rows_per_block,
-          dy_stride, dsum_stride, x_stride, rms, aligned);
-      return;
+  // dx, and without the param kernel the blocks' partial rows; with it, dx alone (a row a
+  // block or warp group, as the forward) and then the param kernel's partial rows
+  bool launched = false;
+  if constexpr (sizeof(T) == 2 && std::is_same_v<D, T> && std::is_same_v<N, T>) {
+    if (param_kernel && aligned) {
+      launched = with_packed_block(cols, [&](auto threads) {
+        constexpr int kThreads = decltype(threads)::value;
+        norm_backward_packed_kernel<T, W, kThreads><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+            dy, dsum, x, weight, mean, rstd, dx, static_cast<int>(cols), dy_stride, dsum_stride, x_stride, rms);
+      });
     }
-    // dx alone, a row a group as the forward; then the parameters' sums, partial_rows row blocks
-    constexpr int kRowsPerBlock = kTileBlockThreads<kThreads> / kThreads;
-    const auto dx_grid = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-    norm_backward_tile_kernel<T, W, D, N, kThreads, kElems, false><<<dx_grid, kTileBlockThreads<kThreads>, 0, stream>>>(
-        dy, dsum, x, weight, mean, rstd, dx, dx_narrow, nullptr, nullptr, rows, cols, kRowsPerBlock, dy_stride,
-        dsum_stride, x_stride, rms, aligned);
-    if (dweight_partial == nullptr && dbias_partial == nullptr) return;
-    with_vec<T>(aligned, [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      const dim3 param_grid(static_cast<unsigned>((cols + kParamWidth<kVec> - 1) / kParamWidth<kVec>), grid);
-      norm_param_grad_kernel<T, D, kVec><<<param_grid, kParamWarps * kWarpSize, 0, stream>>>(
-          dy, x, mean, rstd, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride, x_stride, rms);
+  }
+  if (!launched) {
+    launched = with_backward_tile<T>(cols, [&](auto threads, auto elems) {
+      constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
+      if (!param_kernel) {
+        norm_backward_tile_kernel<T, W, D, N, kThreads, kElems, true><<<grid, kTileBlockThreads<kThreads>, 0, stream>>>(
+            dy, dsum, x, weight, mean, rstd, dx, dx_narrow, dweight_partial, dbias_partial, rows, cols, rows_per_block,
+            dy_stride, dsum_stride, x_stride, rms, aligned);
+        return;
+      }
+      constexpr int kRowsPerBlock = kTileBlockThreads<kThreads> / kThreads;
+      const auto dx_grid = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+      norm_backward_tile_kernel<T, W, D, N, kThreads, kElems, false>
+          <<<dx_grid, kTileBlockThreads<kThreads>, 0, stream>>>(dy, dsum, x, weight, mean, rstd, dx, dx_narrow, nullptr,
+                                                                 nullptr, rows, cols, kRowsPerBlock, dy_stride,
+                                                                 dsum_stride, x_stride, rms, aligned);
     });
-  });
+  }
   cudaError_t err = cudaSuccess;
-  if (!tiled) {
+  if (!launched) {
+    // the loop kernel: with the param kernel, a block a row and no sums (no partial rows)
+    A* const dw_sums = param_kernel ? nullptr : dweight_partial;
+    A* const db_sums = param_kernel ? nullptr : dbias_partial;
+    const auto loop_grid = param_kernel ? static_cast<unsigned>(rows) : grid;
+    const int64_t loop_rows_per_block = param_kernel ? 1 : rows_per_block;
     size_t shared_bytes = 0;
-    err = loop_shared_bytes<A>(cols, (dweight_partial != nullptr) + (dbias_partial != nullptr), &shared_bytes);
+    err = loop_shared_bytes<A>(cols, (dw_sums != nullptr) + (db_sums != nullptr), &shared_bytes);
     if (err != cudaSuccess) return err;
     with_vec<T>(aligned, [&](auto vec) {
       with_shared_sums(shared_bytes, [&](auto shared) {
@@ -875,10 +982,18 @@ cudaError_t backward_typed(const void* dy_, const void* dsum_, const void* x_, c
           err = opt_in_shared_memory(
               reinterpret_cast<const void*>(norm_backward_loop_kernel<T, W, D, N, kVec, kShared>), shared_bytes);
         if (err != cudaSuccess) return;
-        norm_backward_loop_kernel<T, W, D, N, kVec, kShared><<<grid, kLoopThreads, shared_bytes, stream>>>(
-            dy, dsum, x, weight, mean, rstd, dx, dx_narrow, dweight_partial, dbias_partial, rows, cols, rows_per_block,
+        norm_backward_loop_kernel<T, W, D, N, kVec, kShared><<<loop_grid, kLoopThreads, shared_bytes, stream>>>(
+            dy, dsum, x, weight, mean, rstd, dx, dx_narrow, dw_sums, db_sums, rows, cols, loop_rows_per_block,
             dy_stride, dsum_stride, x_stride, rms);
       });
+    });
+  }
+  if (err == cudaSuccess && param_kernel && (dweight_partial != nullptr || dbias_partial != nullptr)) {
+    with_vec<T>(aligned, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      const dim3 param_grid(static_cast<unsigned>((cols + kParamWidth<kVec> - 1) / kParamWidth<kVec>), grid);
+      norm_param_grad_kernel<T, D, kVec><<<param_grid, kParamWarps * kWarpSize, 0, stream>>>(
+          dy, x, mean, rstd, dweight_partial, dbias_partial, rows, cols, rows_per_block, dy_stride, x_stride, rms);
     });
   }
   if (err == cudaSuccess) err = cudaGetLastError();

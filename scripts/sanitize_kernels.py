@@ -84,9 +84,11 @@ def norm_calls(dtype):
             fastdl.ops.rms_norm(aligned, n)
             os.environ.pop("FASTDL_CUDA_PACKED_NORM")
             count += 3
-        if fastdl.get_backend() == "cuda" and n <= (4096 if dtype == torch.float64 else 8192):
-            # the CUDA tile backward writing dx alone and norm_param_grad_kernel's dweight / dbias
-            # (FASTDL_CUDA_NORM_PARAM_KERNEL=1), on rows off 16-byte boundaries (x) and on them
+        param_kernel_cols = 4096 if dtype == torch.float64 else 16384 if dtype.itemsize == 2 else 8192
+        if fastdl.get_backend() == "cuda" and n <= param_kernel_cols:
+            # the CUDA backward writing dx alone (the tile, packed or loop kernel) and
+            # norm_param_grad_kernel's dweight / dbias (FASTDL_CUDA_NORM_PARAM_KERNEL=1), on rows off
+            # 16-byte boundaries (x) and on them (16-bit from 2049 columns: the packed backward)
             os.environ["FASTDL_CUDA_NORM_PARAM_KERNEL"] = "1"
             for rows_in in (x, torch.randn(rows, n, device="cuda", dtype=dtype, requires_grad=True)):
                 width = rows_in.shape[1]

@@ -543,29 +543,65 @@ def _param_row_blocks(rows, cols, dtype, per_sm=8, sms=4):
     return max(1, min(-(-sms * per_sm // col_blocks), -(-rows // 8)))
 
 
-@pytest.mark.parametrize("cols", [7, 1001, 5000, 20000])
+def _param_kernel_launches(dtype, cols, params):
+    """The kernels a backward launches with FASTDL_CUDA_NORM_PARAM_KERNEL=1, contiguous rows and
+    dy in x's dtype (kernels/layer_norm.cu: uses_param_kernel and backward_typed)."""
+    tile_max = 4096 if dtype == torch.float64 else 8192
+    sixteen_bit = dtype.itemsize == 2
+    sums = ["sum_partial_rows_kernel"] * params
+    if cols > (16384 if sixteen_bit else tile_max):  # the loop kernel with its sums, as without the knob
+        return ["norm_backward_loop_kernel"] + sums
+    if sixteen_bit and cols % 8 == 0 and cols >= 2049:  # whole 16-byte vectors: held as they are
+        dx = "norm_backward_packed_kernel"
+    else:
+        dx = "norm_backward_tile_kernel" if cols <= tile_max else "norm_backward_loop_kernel"
+    return [dx] + ["norm_param_grad_kernel"] * params + sums
+
+
+@pytest.mark.parametrize("cols", [7, 1001, 5000, 12001, 12008, 20000])
 @pytest.mark.parametrize("variant", ["layer_norm", "rms_norm", "add_layer_norm", "layer_norm_plain"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_norm_backward_param_kernel(runner, tmp_path, dtype, variant, cols):
-    """dx from the tile kernel without its sums (a row a block or warp group), dweight / dbias
-    from norm_param_grad_kernel's row blocks (37 rows: several, the last short; 7 and 1001
-    columns one element a lane, 5000 in 16-byte vectors, ragged in the last column block),
-    against float64; a row past the tiles (fp64's from 4097) takes the loop kernel as before."""
-    rows = 37
+    """dx from the tile kernel without its sums (a row a block or warp group), from the packed
+    backward (16-bit rows of whole vectors, 2049-16384 columns) or from the loop kernel without
+    its sums (16-bit rows past the tiles not of whole vectors), and dweight / dbias from
+    norm_param_grad_kernel's row blocks (several, the last short; 7, 1001 and 12001 columns one
+    element a lane, the others in 16-byte vectors, ragged in the last column block), against
+    float64; rows past all of them take the loop kernel with its sums as before."""
+    rows = 37 if cols <= 5000 else 9
     rms = NORM_VARIANTS[variant][3]
     inputs, _ = _norm_inputs((rows, cols), dtype, variant)
     result, grads = _norm_backward(runner, tmp_path, inputs, rms, env=PARAM_KERNEL)
     for name, ref in grads.items():
         assert_close(result.outputs[name].view(ref.shape), ref, dtype if name == "dx" else _acc(dtype), name)
-    params = "weight" in inputs or "bias" in inputs
-    tiled = cols <= (4096 if dtype == torch.float64 else 8192)
-    if tiled:
-        expected = ["norm_backward_tile_kernel"] + ["norm_param_grad_kernel", "sum_partial_rows_kernel"] * params
+    expected = _param_kernel_launches(dtype, cols, "weight" in inputs or "bias" in inputs)
+    assert _kernels(result) == expected, result.launches
+    if "norm_param_grad_kernel" in expected:
         sizes = dict(line.split() for line in result.stdout.splitlines() if line.startswith("partial_rows "))
         assert int(sizes["partial_rows"]) == _param_row_blocks(rows, cols, dtype), sizes
-    else:
-        expected = ["norm_backward_loop_kernel"] + ["sum_partial_rows_kernel"] * params
-    assert _kernels(result) == expected, result.launches
+
+
+@pytest.mark.parametrize("cols", [2056, 8200, 16384])
+@pytest.mark.parametrize("variant", ["layer_norm", "add_rms_norm_plain"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_norm_backward_packed_only_where_it_fits(runner, tmp_path, dtype, variant, cols):
+    """The packed backward takes 16-bit rows of whole vectors with dy in x's dtype (128, 512 and
+    512 threads here); dy in fp32 (the parameters in fp32 too) or rows off 16-byte boundaries
+    take the tile kernel or, past it, the loop kernel, both without their sums."""
+    rows = 5
+    rms = NORM_VARIANTS[variant][3]
+    inputs, _ = _norm_inputs((rows, cols), dtype, variant)
+    packed, grads = _norm_backward(runner, tmp_path / "packed", inputs, rms, env=PARAM_KERNEL)
+    for name, ref in grads.items():
+        assert_close(packed.outputs[name].view(ref.shape), ref, dtype if name == "dx" else torch.float32, name)
+    assert _kernels(packed)[0] == "norm_backward_packed_kernel", packed.launches
+    threads = next(t for t in (128, 256, 512) if t * 32 >= cols)  # the fewest that hold the row, 32 values each
+    assert int(packed.launches[0].split(" block=(")[1].split(",")[0]) == threads, packed.launches
+    other = "norm_backward_tile_kernel" if cols <= 8192 else "norm_backward_loop_kernel"
+    wide, grads = _norm_backward(runner, tmp_path / "wide", inputs, rms, env=PARAM_KERNEL, dy_dtype=torch.float32)
+    for name, ref in grads.items():
+        assert_close(wide.outputs[name].view(ref.shape), ref, dtype if name == "dx" else torch.float32, name)
+    assert _kernels(wide)[0] == other, wide.launches
 
 
 @pytest.mark.parametrize("blocks_per_sm", ["1", "3", "4096"])

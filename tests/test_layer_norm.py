@@ -315,12 +315,14 @@ def test_cuda_backward_blocks_knob(case, shape, blocks_per_sm, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", [(37, 7), (1000, 512), (300, 1001), (64, 8192)], ids=str)
+@pytest.mark.parametrize("shape", [(37, 7), (1000, 512), (300, 1001), (64, 8192), (64, 12008), (16, 12001)],
+                         ids=str)
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
 def test_cuda_backward_param_kernel_knob(case, shape, dtype, monkeypatch):
-    """FASTDL_CUDA_NORM_PARAM_KERNEL=1 (the tile backward writes dx alone, norm_param_grad_kernel
-    sums dweight / dbias): warp and block tiles, rows on 16-byte boundaries and not, parameters
-    in fp32 and in x's dtype; right, and the same bits twice."""
+    """FASTDL_CUDA_NORM_PARAM_KERNEL=1 (dx alone from the tile, packed or loop kernel,
+    norm_param_grad_kernel sums dweight / dbias): warp and block tiles, 16-bit rows held packed
+    and past the tiles, rows on 16-byte boundaries and not, parameters in fp32 and in x's dtype;
+    right, and the same bits twice."""
     monkeypatch.setenv("FASTDL_CUDA_NORM_PARAM_KERNEL", "1")
     backend, _ = case
     wide = torch.float64 if dtype == torch.float64 else torch.float32

@@ -150,9 +150,10 @@ def all_cases(quick: bool) -> list[TuneCase]:
         # the partial rows' sum: n_cols / SUM_BLOCK_COLS programs (16 at hidden 1024), each over every partial row
         *[TuneCase("layer_norm", "fwd+bwd", "triton", (4096, cols), Knob(ln + "SUM_BLOCK_COLS", [16, 32, 64]))
           for cols in (512, 1024)],
-        # the CUDA tile backward's dweight / dbias in its blocks (unset) or by norm_param_grad_kernel (1)
+        # the CUDA backward's dweight / dbias in its blocks (unset) or by norm_param_grad_kernel (1; dx alone,
+        # 16-bit rows of whole vectors held as they are up to 16384 columns)
         *[TuneCase("layer_norm", "fwd+bwd", "cuda", shape, Knob("env:FASTDL_CUDA_NORM_PARAM_KERNEL", [None, 1]))
-          for shape in ((4096, 1024), (16384, 1024), (4096, 4096), (4096, 8192))],
+          for shape in ((4096, 1024), (16384, 1024), (4096, 4096), (4096, 8192), (4096, 16384))],
         TuneCase("layer_norm", "fwd+bwd", "cuda", (4096, 1024), Knob("env:FASTDL_CUDA_NORM_BLOCKS_PER_SM",
                                                                        [None, 1, 2, 4, 8, 16])),
         TuneCase("layer_norm", "fwd+bwd", "cuda", (16384, 4096), Knob("env:FASTDL_CUDA_NORM_BLOCKS_PER_SM",
