@@ -53,14 +53,14 @@ def _layer_norm(shape, direction):
     return setup
 
 
-def _packed_norm(setup):
-    """setup's call with FASTDL_CUDA_PACKED_NORM=1 while it runs (the CUDA launchers read their
-    knobs at each launch; tune.py's Knob sets and puts back an environment variable)."""
+def _knob(variable, setup):
+    """setup's call with the environment variable `variable` at 1 while it runs (the CUDA
+    launchers read their knobs at each launch; tune.py's Knob sets and puts it back)."""
     def wrapped(device):
         call = setup(device)
 
         def run():
-            with Knob("env:FASTDL_CUDA_PACKED_NORM", [1]).set(1):
+            with Knob(f"env:{variable}", [1]).set(1):
                 return call()
         return run
     return wrapped
@@ -81,10 +81,10 @@ CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     ("layer_norm fwd bf16", "cuda", (4096, 16384), (4, 1000), lambda s: _layer_norm(s, "fwd")),
     ("layer_norm fwd bf16", "triton", (4096, 16384), (4, 1000), lambda s: _layer_norm(s, "fwd")),
     ("layer_norm fwd bf16, packed", "cuda", (4096, 16384), (4, 1000),
-     lambda s: _packed_norm(_layer_norm(s, "fwd"))),
+     lambda s: _knob("FASTDL_CUDA_PACKED_NORM", _layer_norm(s, "fwd"))),
     ("layer_norm fwd bf16", "cuda", (4096, 4096), (4, 300), lambda s: _layer_norm(s, "fwd")),
     ("layer_norm fwd bf16, packed", "cuda", (4096, 4096), (4, 300),
-     lambda s: _packed_norm(_layer_norm(s, "fwd"))),
+     lambda s: _knob("FASTDL_CUDA_PACKED_NORM", _layer_norm(s, "fwd"))),
     ("layer_norm fwd bf16", "triton", (4096, 4096), (4, 300), lambda s: _layer_norm(s, "fwd")),
     ("softmax fwd bf16", "cuda", (4096, 16384), (4, 1000), _softmax),
     ("softmax fwd bf16", "triton", (4096, 16384), (4, 1000), _softmax),
@@ -94,6 +94,9 @@ CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     # the long-row backward: Triton's dx loop beside its dweight / dbias kernel (blocks of columns x rows), CUDA's
     ("layer_norm fwd+bwd bf16", "triton", (4096, 16384), (4, 8200), lambda s: _layer_norm(s, "fwd+bwd")),
     ("layer_norm fwd+bwd bf16", "cuda", (4096, 16384), (4, 8200), lambda s: _layer_norm(s, "fwd+bwd")),
+    # the CUDA backward's dx alone (the packed kernel here) and dweight / dbias by norm_param_grad_kernel
+    ("layer_norm fwd+bwd bf16, param kernel", "cuda", (4096, 8192), (4, 2056),
+     lambda s: _knob("FASTDL_CUDA_NORM_PARAM_KERNEL", _layer_norm(s, "fwd+bwd"))),
     ("softmax fwd bf16", "cuda", (4096, 65536), (2, 3000), _softmax),
     ("softmax fwd bf16", "triton", (4096, 65536), (2, 3000), _softmax),
     # rows 255 x 256 long, not a power of two (128 KiB rows: the same offset of rows a power of
