@@ -122,18 +122,7 @@ constexpr int64_t kPackedNormMinCols = 2049;
 // Calls launch(std::integral_constant<int, kThreads>{}) with the packed kernels' block for
 // rows of `cols` (the fewest threads of 32 values that hold it); false past their rows.
 template <typename F> bool with_packed_block(int64_t cols, F&& launch) {
-  if (cols < kPackedNormMinCols) return false;
-  bool launched = false;
-  auto try_threads = [&](auto threads) {
-    if (!launched && cols <= static_cast<int64_t>(decltype(threads)::value) * kPackedNormElems) {
-      launch(threads);
-      launched = true;
-    }
-  };
-  try_threads(std::integral_constant<int, 128>{});
-  try_threads(std::integral_constant<int, 256>{});
-  try_threads(std::integral_constant<int, 512>{});
-  return launched;
+  return cols >= kPackedNormMinCols && with_packed_threads<kPackedNormElems>(cols, launch);
 }
 // The packed forward's: unless FASTDL_CUDA_PACKED_NORM is 1, none.
 template <typename F> bool with_packed_norm(int64_t cols, F&& launch) {

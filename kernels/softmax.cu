@@ -11,6 +11,8 @@
 //     price of exp taken twice (for the sum, then for the output). The backward holds one
 //     input and reads the other a pack at a time (softmax: dy twice, log_softmax: y once).
 //     FASTDL_CUDA_PACKED_ROWS=0 turns both off (the tuner compares the two).
+//     FASTDL_CUDA_PACKED_TILES=1 (off until timed) has the forward take rows of the tiles'
+//     lengths from 2049 columns too, in blocks of 128-512 threads of 32 values.
 //   * block per row (longer rows): the block walks the row in 16-byte vectors keeping an
 //     online (max, sum) state per thread (Milakov & Gimelshein 2018), combines the states
 //     across the block, then a second sweep writes the output. The second read of the row
@@ -115,17 +117,19 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   Tile::store(y + row * cols, t, cols, aligned, v);
 }
 
-// Long rows, one a block of kPackedThreads, held as they are (PackedRowTile). Rows off a
+// Long rows, one a block of kThreads (kPackedThreads; with FASTDL_CUDA_PACKED_TILES=1 also
+// rows of the tiles' lengths from 2049 columns, blocks of 128-512), held as they are
+// (PackedRowTile). Rows off a
 // 16-byte boundary, input and output by the same amount (rows_share_alignment: a 50257-wide
 // vocabulary), hold their whole vectors so, and each of the (fewer than kPack) columns before
 // the first and after the last in one more value of one thread (threads 0.., as
 // for_row_pieces deals them): one more register a thread, not a second read of the row.
-template <typename T, int kElems, bool kLog>
-__global__ void __launch_bounds__(kPackedThreads)
+template <typename T, int kThreads, int kElems, bool kLog>
+__global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     softmax_forward_packed_kernel(const T* __restrict__ x, T* __restrict__ y, int cols, int64_t x_row_stride) {
   using A = typename Acc<T>::type;
   constexpr int kPack = Vec<T>::kSize;
-  __shared__ A scratch[kPackedThreads / kWarpSize];
+  __shared__ A scratch[kThreads / kWarpSize];
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x;
   const T* x_row = x + row * x_row_stride;
@@ -137,17 +141,17 @@ __global__ void __launch_bounds__(kPackedThreads)
   // this thread's ragged column, if any: head columns to threads 0.., then the tail's
   const int edge_col = t < head ? t : t < head + tail ? head + vec_cols + (t - head) : -1;
   const A edge = edge_col >= 0 ? to_acc(x_row[edge_col]) : A(-INFINITY);  // -inf: exp(-inf - m) = 0
-  PackedRowTile<T, kPackedThreads, kElems> tile;
+  PackedRowTile<T, kThreads, kElems> tile;
   tile.load(x_row + head, t, vec_cols, from_acc<T>(A(-INFINITY)));  // padding: exp(-inf - m) = 0
   A m = edge;
 #pragma unroll
   for (int i = 0; i < kElems; ++i) m = nan_max(m, tile.value(i));
-  m = block_max<kPackedThreads>(m, scratch);
+  m = block_max<kThreads>(m, scratch);
   tile.reconvert_after_here();
   A s = exp_acc(edge - m);
 #pragma unroll
   for (int i = 0; i < kElems; ++i) s += exp_acc(tile.value(i) - m);
-  s = block_sum<kPackedThreads>(s, scratch);  // an all -inf row gives NaN, as torch
+  s = block_sum<kThreads>(s, scratch);  // an all -inf row gives NaN, as torch
   tile.reconvert_after_here();
   // log_softmax = (x - max) - log(sum), as the tile kernel
   const A scale = kLog ? log_acc(s) : A(1) / s;
@@ -439,6 +443,19 @@ template <typename T> size_t split_bytes(int64_t rows, const Split& split) {
   return split.chunks == 1 ? 0 : static_cast<size_t>(rows * split.chunks) * sizeof(MaxSum<typename Acc<T>::type>);
 }
 
+// FASTDL_CUDA_PACKED_TILES=1 (off by default until a GPU has timed it): the forward of rows of
+// 2049 to 16384 columns (fp32, fp16, bf16; whole vectors, or input and output rows equally off
+// a 16-byte boundary) held as they are by the packed kernel, 32 values a thread in blocks of
+// 128-512 threads, instead of the tile (at 16384 columns 1024 threads x 16 values converted:
+// one block a multiprocessor, 66% of the copy bandwidth on the H200 where Triton ran 90%).
+constexpr int kPackedTileElems = 32;
+constexpr int64_t kPackedTileMinCols = 2049;
+inline bool packed_tiles_knob() {
+  int64_t on = 0;
+  env_knob("FASTDL_CUDA_PACKED_TILES", 0, 1, &on);
+  return on == 1;
+}
+
 // The split a launch takes: split_for's, or none when the caller gave too little workspace.
 template <typename T>
 cudaError_t plan_split(int64_t rows, int64_t cols, const void* workspace, size_t workspace_bytes, Split* split) {
@@ -462,6 +479,15 @@ cudaError_t forward(const T* x, Y* y, int64_t rows, int64_t cols, int64_t x_row_
   // rows in steps also on rows equally far off (a ragged head and tail an element a thread)
   const bool aligned = rows_aligned<T>(x, x_row_stride) && rows_aligned<Y>(y, cols);
   const bool step_vectors = kMixed ? aligned : rows_share_alignment<T>({{x, x_row_stride}, {y, cols}});
+  if constexpr (!kMixed && sizeof(T) <= 4) {
+    if (step_vectors && packed_tiles_knob() && cols >= kPackedTileMinCols &&
+        with_packed_threads<kPackedTileElems>(cols, [&](auto threads) {
+          constexpr int kThreads = decltype(threads)::value;
+          softmax_forward_packed_kernel<T, kThreads, kPackedTileElems, kLog>
+              <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, y, static_cast<int>(cols), x_row_stride);
+        }))
+      return cudaGetLastError();
+  }
   const bool tiled = with_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     softmax_forward_tile_kernel<T, Y, kThreads, kElems, kLog>
@@ -478,7 +504,7 @@ cudaError_t forward(const T* x, Y* y, int64_t rows, int64_t cols, int64_t x_row_
   if constexpr (!kMixed) {
     if (split.chunks == 1 && step_vectors && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
           constexpr int kElems = decltype(elems)::value;
-          softmax_forward_packed_kernel<T, kElems, kLog>
+          softmax_forward_packed_kernel<T, kPackedThreads, kElems, kLog>
               <<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(x, y, c, x_row_stride);
         }))
       return cudaGetLastError();

@@ -235,6 +235,32 @@ def test_softmax_packed_rows(runner, tmp_path, dtype, cols, log):
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("cols", [2049, 4096, 8200, 12001, 16384])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_softmax_packed_tiles(runner, tmp_path, dtype, cols, log):
+    """FASTDL_CUDA_PACKED_TILES=1: the forward of rows of the tiles' lengths from 2049 columns by
+    the packed kernel, in blocks of the fewest of 128, 256 and 512 threads whose 32 values each
+    hold the row. Aligned rows, and contiguous rows of an odd length (each off a 16-byte boundary
+    by its own amount, the ragged columns held beside the vectors); special values in the first
+    rows. Rows whose input and output are off by different amounts take the tile kernel."""
+    env = {"FASTDL_CUDA_PACKED_TILES": "1"}
+    x = torch.cat([_special_rows(cols, dtype), _rows(6, cols, dtype, "contiguous")[0]])
+    expected = (torch.log_softmax if log else torch.softmax)(x.double(), -1).to(dtype).double()
+    y, result = _softmax_forward(runner, tmp_path / "packed", x, 0, log, env=env)
+    threads = next(t for t in (128, 256, 512) if t * 32 >= cols)
+    assert _kernels(result) == ["softmax_forward_packed_kernel"], result.launches
+    assert int(result.launches[0].split(" block=(")[1].split(",")[0]) == threads, result.launches
+    assert torch.equal(y.isnan(), expected.isnan()), "NaN where torch has none or none where it has"
+    fin = ~expected.isnan()
+    torch.testing.assert_close(y.double()[fin], expected[fin], rtol=TOLERANCE[dtype] * 10, atol=TOLERANCE[dtype])
+    assert_close(y[10:], _softmax_ref(x[10:], log), dtype, "random rows")
+    strided, _ = _rows(3, cols, dtype, "strided")  # row stride cols + 3, y's cols: off by other amounts
+    y, result = _softmax_forward(runner, tmp_path / "strided", strided, 0, log, env=env)
+    assert _kernels(result) == ["softmax_forward_tile_kernel"], result.launches
+    assert_close(y, _softmax_ref(strided, log), dtype, "strided rows")
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("cols", [20000, 40000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_softmax_backward_packed_rows(runner, tmp_path, dtype, cols, log):

@@ -328,6 +328,24 @@ def test_cuda_packed_forward_of_rows_off_16_byte_boundaries(case, dtype, shape, 
     _check_long_rows(backend, device, dtype, shape, "packed" if packed else "block")
 
 
+@pytest.mark.parametrize("cols", [2056, 4097, 8200, 16383])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
+def test_cuda_packed_tiles_knob(case, dtype, cols, monkeypatch):
+    """FASTDL_CUDA_PACKED_TILES=1: rows of the tiles' lengths from 2049 columns by the packed
+    forward (blocks of 128-512 threads), aligned and of odd widths, softmax and log_softmax,
+    against float64."""
+    monkeypatch.setenv("FASTDL_CUDA_PACKED_TILES", "1")
+    backend, device = case
+    x = torch.randn(37, cols, device=device).to(dtype) * 3
+    with fastdl.use_backend(backend):
+        names = _cuda_kernel_names(lambda: fastdl.ops.softmax(x, -1))
+        y, log_y = fastdl.ops.softmax(x, -1), fastdl.ops.log_softmax(x, -1)
+    assert any("softmax_forward_packed_kernel" in n for n in names), sorted(names)
+    assert_close(y, ref_softmax(x.double()), dtype, "softmax")
+    assert_close(log_y, ref_log_softmax(x.double()), dtype, "log_softmax")
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_nan_among_minus_inf_poisons_a_long_row(case):
     """A long row whose NaN sits in a stretch of -inf (a chunk of a split row with no finite

@@ -276,6 +276,23 @@ template <typename T, typename F> void with_vec(bool aligned, F&& launch) {
   else launch(std::integral_constant<int, 1>{});
 }
 
+// Calls launch(std::integral_constant<int, kThreads>{}) with the fewest threads of 128, 256 and
+// 512 whose kElems values each hold `cols` columns (the packed kernels' blocks at the tiles'
+// lengths); false when none does.
+template <int kElems, typename F> bool with_packed_threads(int64_t cols, F&& launch) {
+  bool launched = false;
+  auto try_threads = [&](auto threads) {
+    if (!launched && cols <= static_cast<int64_t>(decltype(threads)::value) * kElems) {
+      launch(threads);
+      launched = true;
+    }
+  };
+  try_threads(std::integral_constant<int, 128>{});
+  try_threads(std::integral_constant<int, 256>{});
+  try_threads(std::integral_constant<int, 512>{});
+  return launched;
+}
+
 // Values a thread of a tile holds before the tile takes more threads: the launch-time knob
 // FASTDL_CUDA_TILE_ELEMS (8, 16 or 32; python -m fastdl.bench.tune sweeps it), or 0 when it is
 // unset, for the default order of with_row_tile.
