@@ -114,17 +114,8 @@ template <typename T> int64_t param_row_blocks(int64_t rows, int64_t cols, int s
   return std::max<int64_t>(1, std::min({wanted, (rows + kParamWarps - 1) / kParamWarps, int64_t{65535}}));  // grid.y
 }
 
-// The packed forward: 32 16-bit values a thread, blocks of 128, 256 or 512 threads, for rows
-// past 2048 columns (shorter ones take the warp tiles, a few registers a thread).
-constexpr int kPackedNormElems = 32;
-constexpr int64_t kPackedNormMinCols = 2049;
-
-// Calls launch(std::integral_constant<int, kThreads>{}) with the packed kernels' block for
-// rows of `cols` (the fewest threads of 32 values that hold it); false past their rows.
-template <typename F> bool with_packed_block(int64_t cols, F&& launch) {
-  return cols >= kPackedNormMinCols && with_packed_threads<kPackedNormElems>(cols, launch);
-}
-// The packed forward's: unless FASTDL_CUDA_PACKED_NORM is 1, none.
+// The packed forward's block (row_tile.cuh's with_packed_block): unless FASTDL_CUDA_PACKED_NORM is 1,
+// none.
 template <typename F> bool with_packed_norm(int64_t cols, F&& launch) {
   int64_t enabled = 0;
   env_knob("FASTDL_CUDA_PACKED_NORM", 0, 1, &enabled);
@@ -194,12 +185,6 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   Tile::store(y + row * cols, t, cols, aligned, v);
 }
 
-// Rows of 16-bit x held as they are (PackedRowTile), a block of kThreads each; y in x's
-// dtype; weight / bias (W: x's dtype or fp32) read a 16-byte vector at a time as y is
-// written. Rows 16-byte aligned, of a whole number of vectors (PackedRowTile's). The bound of
-// 1024 threads an SM at least: with kThreads alone, ptxas (CUDA 13.0) held the fp32-weight
-// instantiations to 40 registers and spilled 4-84 bytes; with it they take 46, no spill, and
-// those of 16-bit weights 40 (three 512-thread blocks an SM).
 // v[k] *= p[k] (a weight), or v[k] += p[k] (kAdd: a bias), for a pack of kN values: the packed
 // kernels' parameters, read a 16-byte vector of W at a time where used (half a pack of 16-bit
 // values when W is fp32).
@@ -215,6 +200,12 @@ __device__ __forceinline__ void apply_param(const W* p, A (&v)[kN]) {
   }
 }
 
+// Rows of 16-bit x held as they are (PackedRowTile), a block of kThreads each; y in x's
+// dtype; weight / bias (W: x's dtype or fp32) read a 16-byte vector at a time as y is
+// written. Rows 16-byte aligned, of a whole number of vectors (PackedRowTile's). The bound of
+// 1024 threads an SM at least: with kThreads alone, ptxas (CUDA 13.0) held the fp32-weight
+// instantiations to 40 registers and spilled 4-84 bytes; with it they take 46, no spill, and
+// those of 16-bit weights 40 (three 512-thread blocks an SM).
 template <typename T, typename W, int kThreads>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     norm_forward_packed_kernel(const T* __restrict__ x, const W* __restrict__ weight, const W* __restrict__ bias,
@@ -222,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
                                typename Acc<T>::type* __restrict__ rstd_out, int cols, int64_t x_row_stride,
                                typename Acc<T>::type eps, bool rms) {
   using A = typename Acc<T>::type;
-  using Tile = PackedRowTile<T, kThreads, kPackedNormElems>;
+  using Tile = PackedRowTile<T, kThreads, kPackedBlockElems>;
   constexpr int kPack = Tile::kPack;
   __shared__ A scratch[kThreads / kWarpSize];
   const int64_t row = blockIdx.x;
@@ -233,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   if (!rms) {
     A total = 0;
 #pragma unroll
-    for (int i = 0; i < kPackedNormElems; ++i) total += tile.value(i);
+    for (int i = 0; i < kPackedBlockElems; ++i) total += tile.value(i);
     mean = block_sum<kThreads>(total, scratch) / static_cast<A>(cols);
     tile.reconvert_after_here();
   }
@@ -466,7 +457,8 @@ template <typename T, typename D, int kVec>
 __global__ void __launch_bounds__(kParamWarps* kWarpSize, kParamBlocksPerSm)
     norm_param_grad_kernel(const D* __restrict__ dy, const T* __restrict__ x,
                            const typename Acc<T>::type* __restrict__ mean,
-                           const typename Acc<T>::type* __restrict__ rstd, typename Acc<T>::type* __restrict__ dweight_partial,
+                           const typename Acc<T>::type* __restrict__ rstd,
+                           typename Acc<T>::type* __restrict__ dweight_partial,
                            typename Acc<T>::type* __restrict__ dbias_partial, int64_t rows, int64_t cols,
                            int64_t rows_per_block, int64_t dy_row_stride, int64_t x_row_stride, bool rms) {
   using A = typename Acc<T>::type;
@@ -680,7 +672,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
                                 const typename Acc<T>::type* __restrict__ rstd, T* __restrict__ dx, int cols,
                                 int64_t dy_row_stride, int64_t dsum_row_stride, int64_t x_row_stride, bool rms) {
   using A = typename Acc<T>::type;
-  using Tile = PackedRowTile<T, kThreads, kPackedNormElems>;
+  using Tile = PackedRowTile<T, kThreads, kPackedBlockElems>;
   constexpr int kPack = Tile::kPack;
   __shared__ A scratch[kThreads / kWarpSize];
   const int64_t row = blockIdx.x;

@@ -119,11 +119,11 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
 
 // Long rows, one a block of kThreads (kPackedThreads; with FASTDL_CUDA_PACKED_TILES=1 also
 // rows of the tiles' lengths from 2049 columns, blocks of 128-512), held as they are
-// (PackedRowTile). Rows off a
-// 16-byte boundary, input and output by the same amount (rows_share_alignment: a 50257-wide
-// vocabulary), hold their whole vectors so, and each of the (fewer than kPack) columns before
-// the first and after the last in one more value of one thread (threads 0.., as
-// for_row_pieces deals them): one more register a thread, not a second read of the row.
+// (PackedRowTile). Rows off a 16-byte boundary, input and output by the same amount
+// (rows_share_alignment: a 50257-wide vocabulary), hold their whole vectors so, and each of
+// the (fewer than kPack) columns before the first and after the last in one more value of one
+// thread (threads 0.., as for_row_pieces deals them): one more register a thread, not a second
+// read of the row.
 template <typename T, int kThreads, int kElems, bool kLog>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     softmax_forward_packed_kernel(const T* __restrict__ x, T* __restrict__ y, int cols, int64_t x_row_stride) {
@@ -445,11 +445,10 @@ template <typename T> size_t split_bytes(int64_t rows, const Split& split) {
 
 // FASTDL_CUDA_PACKED_TILES=1 (off by default until a GPU has timed it): the forward of rows of
 // 2049 to 16384 columns (fp32, fp16, bf16; whole vectors, or input and output rows equally off
-// a 16-byte boundary) held as they are by the packed kernel, 32 values a thread in blocks of
-// 128-512 threads, instead of the tile (at 16384 columns 1024 threads x 16 values converted:
-// one block a multiprocessor, 66% of the copy bandwidth on the H200 where Triton ran 90%).
-constexpr int kPackedTileElems = 32;
-constexpr int64_t kPackedTileMinCols = 2049;
+// a 16-byte boundary) held as they are by the packed kernel in row_tile.cuh's with_packed_block
+// (32 values a thread, blocks of 128-512 threads), instead of the tile (at 16384 columns 1024
+// threads x 16 values converted: one block a multiprocessor, 66% of the copy bandwidth on the
+// H200 where Triton ran 90%).
 inline bool packed_tiles_knob() {
   int64_t on = 0;
   env_knob("FASTDL_CUDA_PACKED_TILES", 0, 1, &on);
@@ -480,10 +479,9 @@ cudaError_t forward(const T* x, Y* y, int64_t rows, int64_t cols, int64_t x_row_
   const bool aligned = rows_aligned<T>(x, x_row_stride) && rows_aligned<Y>(y, cols);
   const bool step_vectors = kMixed ? aligned : rows_share_alignment<T>({{x, x_row_stride}, {y, cols}});
   if constexpr (!kMixed && sizeof(T) <= 4) {
-    if (step_vectors && packed_tiles_knob() && cols >= kPackedTileMinCols &&
-        with_packed_threads<kPackedTileElems>(cols, [&](auto threads) {
+    if (step_vectors && packed_tiles_knob() && with_packed_block(cols, [&](auto threads) {
           constexpr int kThreads = decltype(threads)::value;
-          softmax_forward_packed_kernel<T, kThreads, kPackedTileElems, kLog>
+          softmax_forward_packed_kernel<T, kThreads, kPackedBlockElems, kLog>
               <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, y, static_cast<int>(cols), x_row_stride);
         }))
       return cudaGetLastError();

@@ -276,13 +276,18 @@ template <typename T, typename F> void with_vec(bool aligned, F&& launch) {
   else launch(std::integral_constant<int, 1>{});
 }
 
-// Calls launch(std::integral_constant<int, kThreads>{}) with the fewest threads of 128, 256 and
-// 512 whose kElems values each hold `cols` columns (the packed kernels' blocks at the tiles'
-// lengths); false when none does.
-template <int kElems, typename F> bool with_packed_threads(int64_t cols, F&& launch) {
+// The packed kernels at the tiles' lengths (norm forward and backward, softmax forward): a row
+// from 2049 columns held as it is in memory, kPackedBlockElems values a thread, by a block of
+// the fewest of 128, 256 and 512 threads that hold it (shorter rows take the warp tiles, a few
+// registers a thread). Calls launch(std::integral_constant<int, kThreads>{}); false for rows
+// outside 2049-16384 columns.
+constexpr int kPackedBlockElems = 32;
+constexpr int64_t kPackedBlockMinCols = 2049;
+template <typename F> bool with_packed_block(int64_t cols, F&& launch) {
+  if (cols < kPackedBlockMinCols) return false;
   bool launched = false;
   auto try_threads = [&](auto threads) {
-    if (!launched && cols <= static_cast<int64_t>(decltype(threads)::value) * kElems) {
+    if (!launched && cols <= static_cast<int64_t>(decltype(threads)::value) * kPackedBlockElems) {
       launch(threads);
       launched = true;
     }
