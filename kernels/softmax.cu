@@ -11,8 +11,8 @@
 //     price of exp taken twice (for the sum, then for the output). The backward holds one
 //     input and reads the other a pack at a time (softmax: dy twice, log_softmax: y once).
 //     FASTDL_CUDA_PACKED_ROWS=0 turns both off (the tuner compares the two).
-//     FASTDL_CUDA_PACKED_TILES=1 (off until timed) has the forward take rows of the tiles'
-//     lengths from 2049 columns too, in blocks of 128-512 threads of 32 values.
+//     FASTDL_CUDA_PACKED_TILES=1 (off until timed) has both take rows of the tiles' lengths
+//     from 2049 columns too, in blocks of 128-512 threads of 32 values.
 //   * block per row (longer rows): the block walks the row in 16-byte vectors keeping an
 //     online (max, sum) state per thread (Milakov & Gimelshein 2018), combines the states
 //     across the block, then a second sweep writes the output. The second read of the row
@@ -318,21 +318,23 @@ __global__ void __launch_bounds__(kBlockThreads)
   block_write_dx<T, kLog, kVec>(dy_row, y_row, dx + row * cols, 0, cols, total);
 }
 
-// Long rows, one a block of kPackedThreads, one input held as it is (PackedRowTile) and the
-// other read a pack at a time. softmax holds y: dy is read for the dot product and again
-// for dx, 4 moves of a row where the block kernel makes 5. log_softmax holds dy, whose sum
-// is all the first sweep needs: y is read once, 3 moves.
-template <typename T, int kElems, bool kLog>
-__global__ void __launch_bounds__(kPackedThreads)
+// Long rows, one a block of kThreads (kPackedThreads; with FASTDL_CUDA_PACKED_TILES=1 also
+// aligned rows of the tiles' lengths from 2049 columns, blocks of 128-512), one input held as
+// it is (PackedRowTile) and the other read a pack at a time. softmax holds y: dy is read for
+// the dot product and again for dx, 4 moves of a row where the block kernel makes 5 (at the
+// tiles' lengths the second read of a row of at most 32 KiB comes from L2). log_softmax holds
+// dy, whose sum is all the first sweep needs: y is read once, 3 moves.
+template <typename T, int kThreads, int kElems, bool kLog>
+__global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     softmax_backward_packed_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int cols,
                                    int64_t dy_row_stride, int64_t y_row_stride) {
   using A = typename Acc<T>::type;
-  __shared__ A scratch[kPackedThreads / kWarpSize];
+  __shared__ A scratch[kThreads / kWarpSize];
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x;
   const T* dy_row = dy + row * dy_row_stride;
   const T* y_row = y + row * y_row_stride;
-  PackedRowTile<T, kPackedThreads, kElems> held;  // y (softmax) or dy (log_softmax); 0 past the row
+  PackedRowTile<T, kThreads, kElems> held;  // y (softmax) or dy (log_softmax); 0 past the row
   held.load(kLog ? dy_row : y_row, t, cols, from_acc<T>(A(0)));
   A total = 0;
   if constexpr (kLog) {
@@ -341,7 +343,7 @@ __global__ void __launch_bounds__(kPackedThreads)
   } else {
     total = held.template sum_with<A>(dy_row, t, cols, [](A o, A g) { return g * o; });
   }
-  total = block_sum<kPackedThreads>(total, scratch);
+  total = block_sum<kThreads>(total, scratch);
   held.reconvert_after_here();
   if constexpr (kLog) {
     held.store_with(y_row, dx + row * cols, t, cols, [&](A g, A o) { return g - exp_acc(o) * total; });
@@ -448,7 +450,8 @@ template <typename T> size_t split_bytes(int64_t rows, const Split& split) {
 // a 16-byte boundary) held as they are by the packed kernel in row_tile.cuh's with_packed_block
 // (32 values a thread, blocks of 128-512 threads), instead of the tile (at 16384 columns 1024
 // threads x 16 values converted: one block a multiprocessor, 66% of the copy bandwidth on the
-// H200 where Triton ran 90%).
+// H200 where Triton ran 90%); the backward of such rows when dy, y and dx are 16-byte aligned
+// likewise (the tile at 16384: 64%, torch.compile's 102%).
 inline bool packed_tiles_knob() {
   int64_t on = 0;
   env_knob("FASTDL_CUDA_PACKED_TILES", 0, 1, &on);
@@ -535,6 +538,15 @@ cudaError_t backward(const D* dy, const D* y, T* dx, int64_t rows, int64_t cols,
                        rows_aligned<T>(dx, cols);
   const bool step_vectors =
       kMixed ? aligned : rows_share_alignment<T>({{dy, dy_row_stride}, {y, y_row_stride}, {dx, cols}});
+  if constexpr (!kMixed && sizeof(T) <= 4) {
+    if (aligned && packed_tiles_knob() && with_packed_block(cols, [&](auto threads) {
+          constexpr int kThreads = decltype(threads)::value;
+          softmax_backward_packed_kernel<T, kThreads, kPackedBlockElems, kLog>
+              <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(dy, y, dx, static_cast<int>(cols), dy_row_stride,
+                                                                     y_row_stride);
+        }))
+      return cudaGetLastError();
+  }
   const bool tiled = with_tile<T>(cols, [&](auto threads, auto elems) {
     constexpr int kThreads = decltype(threads)::value, kElems = decltype(elems)::value;
     softmax_backward_tile_kernel<T, D, kThreads, kElems, kLog>
@@ -550,8 +562,8 @@ cudaError_t backward(const D* dy, const D* y, T* dx, int64_t rows, int64_t cols,
   if constexpr (!kMixed) {
     if (split.chunks == 1 && aligned && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
           constexpr int kElems = decltype(elems)::value;
-          softmax_backward_packed_kernel<T, kElems, kLog><<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(
-              dy, y, dx, c, dy_row_stride, y_row_stride);
+          softmax_backward_packed_kernel<T, kPackedThreads, kElems, kLog>
+              <<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(dy, y, dx, c, dy_row_stride, y_row_stride);
         }))
       return cudaGetLastError();
   }

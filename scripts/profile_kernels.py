@@ -11,7 +11,8 @@ GB/s copy):
   * CUDA norm forward at 4096 x 16384 (41%) and 4096 x 4096 (58%), beside Triton's (85%, 78%)
     and the packed forward's (FASTDL_CUDA_PACKED_NORM=1, not timed yet);
   * CUDA softmax forward at 4096 x 16384 (66%) beside Triton's (90%), and of a GPT-2
-    vocabulary, 1024 x 50257 (0.59x eager);
+    vocabulary, 1024 x 50257 (0.59x eager); its forward and backward (64%, torch.compile's 102%)
+    there by the packed kernels (FASTDL_CUDA_PACKED_TILES=1, not timed yet);
   * the norm backward at hidden 1024, both backends (Triton fwd+bwd 17%, CUDA 30%), and at
     16384 (Triton 30%, CUDA 44%; Triton's dweight / dbias since in a kernel of their own);
   * a 512 MiB copy (copy_, and an elementwise kernel) and softmax at 4096 x 65536: every
@@ -36,6 +37,14 @@ def _softmax(shape):
     def setup(device):
         x = torch.randn(shape, device=device, dtype=BF16)
         return lambda: fastdl.ops.softmax(x, -1)
+    return setup
+
+
+def _softmax_backward(shape):
+    def setup(device):
+        y = torch.softmax(torch.randn(shape, device=device, dtype=BF16), -1)
+        dy = torch.randn_like(y)
+        return lambda: fastdl.ops.softmax_backward(dy, y, -1)
     return setup
 
 
@@ -89,6 +98,12 @@ CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     ("softmax fwd bf16", "cuda", (4096, 16384), (4, 1000), _softmax),
     ("softmax fwd bf16", "triton", (4096, 16384), (4, 1000), _softmax),
     ("softmax fwd bf16", "cuda", (1024, 50257), (2, 2001), _softmax),
+    # the packed kernels at the tiles' lengths (FASTDL_CUDA_PACKED_TILES=1, blocks of 512 threads here)
+    ("softmax fwd bf16, packed tiles", "cuda", (4096, 16384), (4, 2056),
+     lambda s: _knob("FASTDL_CUDA_PACKED_TILES", _softmax(s))),
+    ("softmax bwd bf16", "cuda", (4096, 16384), (4, 2056), _softmax_backward),
+    ("softmax bwd bf16, packed tiles", "cuda", (4096, 16384), (4, 2056),
+     lambda s: _knob("FASTDL_CUDA_PACKED_TILES", _softmax_backward(s))),
     ("layer_norm fwd+bwd bf16", "cuda", (4096, 1024), (4, 100), lambda s: _layer_norm(s, "fwd+bwd")),
     ("layer_norm fwd+bwd bf16", "triton", (4096, 1024), (4, 100), lambda s: _layer_norm(s, "fwd+bwd")),
     # the long-row backward: Triton's dx loop beside its dweight / dbias kernel (blocks of columns x rows), CUDA's

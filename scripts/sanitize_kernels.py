@@ -52,14 +52,16 @@ def softmax_calls(dtype):
                     count += 2
     long_rows_split(True)
     if fastdl.get_backend() == "cuda" and dtype != torch.float64:
-        # the CUDA forward of rows of the tiles' lengths by the packed kernel (FASTDL_CUDA_PACKED_TILES=1,
-        # 128 / 256 / 512 threads): aligned, and contiguous odd widths (ragged columns held beside)
+        # rows of the tiles' lengths by the packed kernels (FASTDL_CUDA_PACKED_TILES=1, 128 / 256 / 512
+        # threads): aligned, and contiguous odd widths (the forward holds their ragged columns beside;
+        # the backward leaves them to the tile kernel)
         os.environ["FASTDL_CUDA_PACKED_TILES"] = "1"
         for cols in (2056, 4097, 8200, 16383):
             for log in (False, True):
                 x = torch.randn(3, cols, device="cuda", dtype=dtype)
-                (fastdl.ops.log_softmax if log else fastdl.ops.softmax)(x, -1)
-                count += 1
+                y = (fastdl.ops.log_softmax if log else fastdl.ops.softmax)(x, -1)
+                fastdl.ops.softmax_backward(torch.randn_like(y), y, -1, log)
+                count += 2
         os.environ.pop("FASTDL_CUDA_PACKED_TILES")
 
 

@@ -261,6 +261,31 @@ def test_softmax_packed_tiles(runner, tmp_path, dtype, cols, log):
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("cols", [2056, 4096, 8200, 12008, 16384])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_softmax_backward_packed_tiles(runner, tmp_path, dtype, cols, log):
+    """FASTDL_CUDA_PACKED_TILES=1: the backward of aligned rows of the tiles' lengths from 2049
+    columns by the packed kernel (y held for softmax, dy for log_softmax), in blocks of the
+    fewest of 128, 256 and 512 threads whose 32 values each hold the row; against float64.
+    Rows off a 16-byte boundary (an odd width, contiguous) take the tile kernel."""
+    env = {"FASTDL_CUDA_PACKED_TILES": "1"}
+    x, _ = _rows(7, cols, dtype, "contiguous")
+    y = _softmax_ref(x, log).to(dtype)
+    dy, _ = _rows(7, cols, dtype, "contiguous", scale=1.0)
+    dx, result = _softmax_backward(runner, tmp_path / "packed", dy, y, log, env=env)
+    threads = next(t for t in (128, 256, 512) if t * 32 >= cols)
+    assert _kernels(result) == ["softmax_backward_packed_kernel"], result.launches
+    assert int(result.launches[0].split(" block=(")[1].split(",")[0]) == threads, result.launches
+    assert_close(dx, R.softmax_backward(dy.double(), y.double(), -1, log), dtype, "dx")
+    odd_x, _ = _rows(3, cols - 1, dtype, "contiguous")  # rows after the first off a boundary
+    odd_y = _softmax_ref(odd_x, log).to(dtype)
+    odd_dy, _ = _rows(3, cols - 1, dtype, "contiguous", scale=1.0)
+    dx, result = _softmax_backward(runner, tmp_path / "odd", odd_dy, odd_y, log, env=env)
+    assert _kernels(result) == ["softmax_backward_tile_kernel"], result.launches
+    assert_close(dx, R.softmax_backward(odd_dy.double(), odd_y.double(), -1, log), dtype, "dx of odd rows")
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
 @pytest.mark.parametrize("cols", [20000, 40000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_softmax_backward_packed_rows(runner, tmp_path, dtype, cols, log):

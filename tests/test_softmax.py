@@ -5,6 +5,7 @@ import torch
 import fastdl
 from fastdl.reference import log_softmax as ref_log_softmax
 from fastdl.reference import softmax as ref_softmax
+from fastdl.reference import softmax_backward as ref_softmax_backward
 
 from conftest import assert_close, autocast_as, backend_cases, case_id, compile_backends, rel_err
 
@@ -334,16 +335,24 @@ def test_cuda_packed_forward_of_rows_off_16_byte_boundaries(case, dtype, shape, 
 def test_cuda_packed_tiles_knob(case, dtype, cols, monkeypatch):
     """FASTDL_CUDA_PACKED_TILES=1: rows of the tiles' lengths from 2049 columns by the packed
     forward (blocks of 128-512 threads), aligned and of odd widths, softmax and log_softmax,
-    against float64."""
+    against float64; the backward of the aligned ones (2056, 8200) by the packed backward, the
+    others by the tile kernel."""
     monkeypatch.setenv("FASTDL_CUDA_PACKED_TILES", "1")
     backend, device = case
     x = torch.randn(37, cols, device=device).to(dtype) * 3
+    dy = torch.randn_like(x)
     with fastdl.use_backend(backend):
         names = _cuda_kernel_names(lambda: fastdl.ops.softmax(x, -1))
         y, log_y = fastdl.ops.softmax(x, -1), fastdl.ops.log_softmax(x, -1)
+        backward_names = _cuda_kernel_names(lambda: fastdl.ops.softmax_backward(dy, y, -1, False))
+        dx, log_dx = fastdl.ops.softmax_backward(dy, y, -1, False), fastdl.ops.softmax_backward(dy, log_y, -1, True)
     assert any("softmax_forward_packed_kernel" in n for n in names), sorted(names)
     assert_close(y, ref_softmax(x.double()), dtype, "softmax")
     assert_close(log_y, ref_log_softmax(x.double()), dtype, "log_softmax")
+    kernel = "softmax_backward_packed_kernel" if cols % 8 == 0 else "softmax_backward_tile_kernel"
+    assert any(kernel in n for n in backward_names), sorted(backward_names)
+    assert_close(dx, ref_softmax_backward(dy.double(), y.double(), -1, False), dtype, "softmax backward")
+    assert_close(log_dx, ref_softmax_backward(dy.double(), log_y.double(), -1, True), dtype, "log_softmax backward")
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

@@ -139,8 +139,8 @@ def all_cases(quick: bool) -> list[TuneCase]:
         *[TuneCase("layer_norm", "fwd", "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_NORM", [None, 1]))
           for cols in (4096, 8192, 16384)],
         # softmax's rows of the tiles' lengths held packed in blocks of 128-512 threads (1) or by the tile (unset)
-        *[TuneCase("softmax", "fwd", "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_TILES", [None, 1]))
-          for cols in (4096, 8192, 16384)],
+        *[TuneCase("softmax", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_TILES", [None, 1]))
+          for direction in ("fwd", "bwd") for cols in (4096, 8192, 16384)],
         TuneCase("softmax", "fwd", "cuda", (1024, 8193), Knob("env:FASTDL_CUDA_PACKED_TILES", [None, 1])),
         # softmax's long rows in registers (the packed kernels) or read twice (the block kernels)
         *[TuneCase("softmax", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_ROWS", [None, 0]))
