@@ -564,6 +564,24 @@ def test_norm_backward(runner, tmp_path, dtype, variant, shape):
     assert _kernels(result) == [main, *sums], result.launches
 
 
+@pytest.mark.parametrize("variant", ["layer_norm", "add_rms_norm_plain"])
+@pytest.mark.parametrize("dtype, cols", [(torch.bfloat16, 65536), (torch.float32, 65543)], ids=str)
+def test_norm_hidden_65536_and_past(runner, tmp_path, dtype, cols, variant):
+    """The issue's largest hidden size, 65536, and an odd one past it (rows after the first
+    off 16-byte boundaries): the loop kernels forward and backward against float64."""
+    rms = NORM_VARIANTS[variant][3]
+    inputs, offsets = _norm_inputs((2, cols), dtype, variant)
+    result = _norm_forward(runner, tmp_path / "forward", inputs, offsets, rms)
+    _, y, _, rstd = _norm_reference(inputs, rms, 1e-5)
+    assert _kernels(result) == ["norm_forward_loop_kernel"], result.launches
+    assert_close(result.outputs["y"].view(2, cols), y, dtype, "y")
+    assert_close(result.outputs["rstd"], rstd, _acc(dtype), "rstd")
+    result, grads = _norm_backward(runner, tmp_path / "backward", inputs, rms)
+    assert _kernels(result)[0] == "norm_backward_loop_kernel", result.launches
+    for name, ref in grads.items():
+        assert_close(result.outputs[name].view(ref.shape), ref, dtype if name == "dx" else _acc(dtype), name)
+
+
 @pytest.mark.parametrize("blocks_per_sm", ["1", "3", "4096"])
 @pytest.mark.parametrize("cols", [7, 768, 20000])
 def test_norm_parameter_gradients_deterministic(runner, tmp_path, cols, blocks_per_sm):

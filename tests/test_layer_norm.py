@@ -91,6 +91,18 @@ def test_forward_backward(case, dtype, shape, variant):
     _check(backend, variant, *_inputs(shape, dtype, device, variant), dtype)
 
 
+@pytest.mark.parametrize("variant", ["layer_norm", "rms_norm", "add_layer_norm"])
+@pytest.mark.parametrize("dtype, hidden", [(torch.bfloat16, 65536), (torch.float32, 65543)], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_hidden_65536_and_past(case, dtype, hidden, variant):
+    """The issue's largest hidden size, 65536, and an odd one past it (rows off 16-byte
+    boundaries after the first), forward and backward against float64: the loop kernels, and
+    every dweight / dbias column block of the long rows. (Under Triton's interpreter ~4 s a
+    case: two, not every dtype x size.)"""
+    backend, device = case
+    _check(backend, variant, *_inputs((3, hidden), dtype, device, variant), dtype)
+
+
 @pytest.mark.parametrize("variant", ["layer_norm", "layer_norm_plain", "rms_norm", "add_layer_norm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_cpu_every_row_tail(dtype, variant):
