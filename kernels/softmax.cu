@@ -4,8 +4,8 @@
 //   * tile (rows up to 16384 columns; 8192 for fp64): a warp or a block holds its row in
 //     registers (common/row_tile.cuh: 16-byte loads, 8 to 32 values a thread), reduces
 //     max and sum, and writes: one read and one write of every element.
-//   * packed (16-bit rows up to 65536 columns, fp32 up to 32768, 16-byte aligned; the
-//     forward also rows off a boundary as the block kernel takes them, below): 1024
+//   * packed (16-bit rows up to 65536 columns, fp32 up to 32768, 16-byte aligned, or off a
+//     boundary as the block kernel takes them, below, each ragged column one more value): 1024
 //     threads hold the row in registers as it is in memory (common/row_tile.cuh
 //     PackedRowTile), converting where used: one read and one write, as the tiles, at the
 //     price of exp taken twice (for the sum, then for the output). The backward holds one
@@ -319,36 +319,54 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // Long rows, one a block of kThreads (kPackedThreads; with FASTDL_CUDA_PACKED_TILES=1 also
-// aligned rows of the tiles' lengths from 2049 columns, blocks of 128-512), one input held as
-// it is (PackedRowTile) and the other read a pack at a time. softmax holds y: dy is read for
-// the dot product and again for dx, 4 moves of a row where the block kernel makes 5 (at the
+// rows of the tiles' lengths from 2049 columns, blocks of 128-512), one input held as it is
+// (PackedRowTile) and the other read a pack at a time. softmax holds y: dy is read for the
+// dot product and again for dx, 4 moves of a row where the block kernel makes 5 (at the
 // tiles' lengths the second read of a row of at most 32 KiB comes from L2). log_softmax holds
-// dy, whose sum is all the first sweep needs: y is read once, 3 moves.
+// dy, whose sum is all the first sweep needs: y is read once, 3 moves. Rows off a 16-byte
+// boundary, dy, y and dx by the same amount (rows_share_alignment: a 50257-wide vocabulary),
+// hold their whole vectors so, and each ragged column one value of one thread, as the
+// packed forward's.
 template <typename T, int kThreads, int kElems, bool kLog>
 __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     softmax_backward_packed_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, int cols,
                                    int64_t dy_row_stride, int64_t y_row_stride) {
   using A = typename Acc<T>::type;
+  constexpr int kPack = Vec<T>::kSize;
   __shared__ A scratch[kThreads / kWarpSize];
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x;
   const T* dy_row = dy + row * dy_row_stride;
   const T* y_row = y + row * y_row_stride;
+  T* dx_row = dx + row * cols;
+  const T* held_row = kLog ? dy_row : y_row;
+  // columns before the first 16-byte boundary (the head), the whole vectors, the rest (the tail)
+  const int head = ragged_head<kPack>(dy_row, cols);
+  const int vec_cols = (cols - head) / kPack * kPack;
+  const int tail = cols - head - vec_cols;
+  // this thread's ragged column, if any (head columns to threads 0.., then the tail's), and
+  // the held input's value there
+  const int edge_col = t < head ? t : t < head + tail ? head + vec_cols + (t - head) : -1;
+  const A edge = edge_col >= 0 ? to_acc(held_row[edge_col]) : A(0);
   PackedRowTile<T, kThreads, kElems> held;  // y (softmax) or dy (log_softmax); 0 past the row
-  held.load(kLog ? dy_row : y_row, t, cols, from_acc<T>(A(0)));
-  A total = 0;
+  held.load(held_row + head, t, vec_cols, from_acc<T>(A(0)));
+  A total = edge;  // log_softmax: sum(dy)
+  A edge_dy = 0;
   if constexpr (kLog) {
 #pragma unroll
     for (int i = 0; i < kElems; ++i) total += held.value(i);
   } else {
-    total = held.template sum_with<A>(dy_row, t, cols, [](A o, A g) { return g * o; });
+    if (edge_col >= 0) edge_dy = to_acc(dy_row[edge_col]);
+    total = edge * edge_dy + held.template sum_with<A>(dy_row + head, t, vec_cols, [](A o, A g) { return g * o; });
   }
   total = block_sum<kThreads>(total, scratch);
   held.reconvert_after_here();
   if constexpr (kLog) {
-    held.store_with(y_row, dx + row * cols, t, cols, [&](A g, A o) { return g - exp_acc(o) * total; });
+    if (edge_col >= 0) dx_row[edge_col] = from_acc<T>(edge - exp_acc(to_acc(y_row[edge_col])) * total);
+    held.store_with(y_row + head, dx_row + head, t, vec_cols, [&](A g, A o) { return g - exp_acc(o) * total; });
   } else {
-    held.store_with(dy_row, dx + row * cols, t, cols, [&](A o, A g) { return o * (g - total); });
+    if (edge_col >= 0) dx_row[edge_col] = from_acc<T>(edge * (edge_dy - total));
+    held.store_with(dy_row + head, dx_row + head, t, vec_cols, [&](A o, A g) { return o * (g - total); });
   }
 }
 
@@ -450,8 +468,8 @@ template <typename T> size_t split_bytes(int64_t rows, const Split& split) {
 // a 16-byte boundary) held as they are by the packed kernel in row_tile.cuh's with_packed_block
 // (32 values a thread, blocks of 128-512 threads), instead of the tile (at 16384 columns 1024
 // threads x 16 values converted: one block a multiprocessor, 66% of the copy bandwidth on the
-// H200 where Triton ran 90%); the backward of such rows when dy, y and dx are 16-byte aligned
-// likewise (the tile at 16384: 64%, torch.compile's 102%).
+// H200 where Triton ran 90%); the backward of such rows likewise (the tile at 16384: 64%,
+// torch.compile's 102%).
 inline bool packed_tiles_knob() {
   int64_t on = 0;
   env_knob("FASTDL_CUDA_PACKED_TILES", 0, 1, &on);
@@ -539,7 +557,7 @@ cudaError_t backward(const D* dy, const D* y, T* dx, int64_t rows, int64_t cols,
   const bool step_vectors =
       kMixed ? aligned : rows_share_alignment<T>({{dy, dy_row_stride}, {y, y_row_stride}, {dx, cols}});
   if constexpr (!kMixed && sizeof(T) <= 4) {
-    if (aligned && packed_tiles_knob() && with_packed_block(cols, [&](auto threads) {
+    if (step_vectors && packed_tiles_knob() && with_packed_block(cols, [&](auto threads) {
           constexpr int kThreads = decltype(threads)::value;
           softmax_backward_packed_kernel<T, kThreads, kPackedBlockElems, kLog>
               <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(dy, y, dx, static_cast<int>(cols), dy_row_stride,
@@ -558,9 +576,9 @@ cudaError_t backward(const D* dy, const D* y, T* dx, int64_t rows, int64_t cols,
   Split split{1, cols};
   if (const cudaError_t err = plan_split<T>(rows, cols, workspace, workspace_bytes, &split); err != cudaSuccess)
     return err;
-  // enough rows to fill the device, on 16-byte boundaries: one input held in registers
+  // enough rows to fill the device, on 16-byte boundaries or equally off them: one input held
   if constexpr (!kMixed) {
-    if (split.chunks == 1 && aligned && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
+    if (split.chunks == 1 && step_vectors && with_packed_tile<kMaxPackedElems<T, kLog>>(cols, [&](auto elems) {
           constexpr int kElems = decltype(elems)::value;
           softmax_backward_packed_kernel<T, kPackedThreads, kElems, kLog>
               <<<static_cast<unsigned>(rows), kPackedThreads, 0, stream>>>(dy, y, dx, c, dy_row_stride, y_row_stride);

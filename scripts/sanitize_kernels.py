@@ -53,8 +53,7 @@ def softmax_calls(dtype):
     long_rows_split(True)
     if fastdl.get_backend() == "cuda" and dtype != torch.float64:
         # rows of the tiles' lengths by the packed kernels (FASTDL_CUDA_PACKED_TILES=1, 128 / 256 / 512
-        # threads): aligned, and contiguous odd widths (the forward holds their ragged columns beside;
-        # the backward leaves them to the tile kernel)
+        # threads): aligned, and contiguous odd widths (their ragged columns held beside)
         os.environ["FASTDL_CUDA_PACKED_TILES"] = "1"
         for cols in (2056, 4097, 8200, 16383):
             for log in (False, True):

@@ -314,18 +314,22 @@ def test_cuda_long_rows_every_way(case, dtype, shape, way, monkeypatch):
 @pytest.mark.parametrize("shape", [(3, 20001), (4, 50257)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
-def test_cuda_packed_forward_of_rows_off_16_byte_boundaries(case, dtype, shape, monkeypatch):
+def test_cuda_packed_kernels_of_rows_off_16_byte_boundaries(case, dtype, shape, monkeypatch):
     """Contiguous rows of an odd width (a GPT-2 vocabulary: each row but the first off a 16-byte
-    boundary by its own amount): the packed forward holds the whole vectors and gives the
-    ragged columns a thread each, where it fits (fp32 up to 32768 columns); the backward, the
-    block kernel. Against float64, softmax and log_softmax."""
+    boundary by its own amount): the packed forward and backward hold the whole vectors and
+    give the ragged columns a thread each, where they fit (fp32 up to 32768 columns). Against
+    float64, softmax and log_softmax."""
     monkeypatch.setenv("FASTDL_CUDA_SPLIT_PER_SM", "0")
     backend, device = case
     x = torch.randn(shape, device=device).to(dtype)
     with fastdl.use_backend(backend):
         names = _cuda_kernel_names(lambda: fastdl.ops.softmax(x, -1))
+        y = fastdl.ops.softmax(x, -1)
+        backward_names = _cuda_kernel_names(lambda: fastdl.ops.softmax_backward(torch.randn_like(y), y, -1, False))
     packed = dtype != torch.float32 or shape[1] <= 32768
-    assert any(("_packed_kernel" if packed else "_block_kernel") in n for n in names), sorted(names)
+    kernel = "_packed_kernel" if packed else "_block_kernel"
+    assert any(kernel in n for n in names), sorted(names)
+    assert any(kernel in n and "backward" in n for n in backward_names), sorted(backward_names)
     _check_long_rows(backend, device, dtype, shape, "packed" if packed else "block")
 
 
@@ -334,9 +338,8 @@ def test_cuda_packed_forward_of_rows_off_16_byte_boundaries(case, dtype, shape, 
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
 def test_cuda_packed_tiles_knob(case, dtype, cols, monkeypatch):
     """FASTDL_CUDA_PACKED_TILES=1: rows of the tiles' lengths from 2049 columns by the packed
-    forward (blocks of 128-512 threads), aligned and of odd widths, softmax and log_softmax,
-    against float64; the backward of the aligned ones (2056, 8200) by the packed backward, the
-    others by the tile kernel."""
+    kernels (blocks of 128-512 threads), aligned and of odd widths, softmax and log_softmax,
+    forward and backward against float64."""
     monkeypatch.setenv("FASTDL_CUDA_PACKED_TILES", "1")
     backend, device = case
     x = torch.randn(37, cols, device=device).to(dtype) * 3
@@ -349,8 +352,7 @@ def test_cuda_packed_tiles_knob(case, dtype, cols, monkeypatch):
     assert any("softmax_forward_packed_kernel" in n for n in names), sorted(names)
     assert_close(y, ref_softmax(x.double()), dtype, "softmax")
     assert_close(log_y, ref_log_softmax(x.double()), dtype, "log_softmax")
-    kernel = "softmax_backward_packed_kernel" if cols % 8 == 0 else "softmax_backward_tile_kernel"
-    assert any(kernel in n for n in backward_names), sorted(backward_names)
+    assert any("softmax_backward_packed_kernel" in n for n in backward_names), sorted(backward_names)
     assert_close(dx, ref_softmax_backward(dy.double(), y.double(), -1, False), dtype, "softmax backward")
     assert_close(log_dx, ref_softmax_backward(dy.double(), log_y.double(), -1, True), dtype, "log_softmax backward")
 
