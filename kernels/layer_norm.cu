@@ -229,16 +229,13 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     tile.reconvert_after_here();
   }
   A sq = 0;
+  Tile::for_each_pack(t, cols, [&](int p, int) {
 #pragma unroll
-  for (int p = 0; p < Tile::Layout::kPacks; ++p) {
-    if (Tile::pack_col(t, p) < cols) {  // a pack is all in the row or all past it
-#pragma unroll
-      for (int k = 0; k < kPack; ++k) {
-        const A d = Tile::element(tile.packs[p], k) - mean;
-        sq += d * d;
-      }
+    for (int k = 0; k < kPack; ++k) {
+      const A d = Tile::element(tile.packs[p], k) - mean;
+      sq += d * d;
     }
-  }
+  });
   sq = block_sum<kThreads>(sq, scratch);
   const A rstd = A(1) / sqrt(sq / static_cast<A>(cols) + eps);
   if (t == 0) {
@@ -247,18 +244,14 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   }
   tile.reconvert_after_here();
   T* y_row = y + row * cols;
+  Tile::for_each_pack(t, cols, [&](int p, int col) {
+    A v[kPack];
 #pragma unroll
-  for (int p = 0; p < Tile::Layout::kPacks; ++p) {
-    const int col = Tile::pack_col(t, p);
-    if (col < cols) {
-      A v[kPack];
-#pragma unroll
-      for (int k = 0; k < kPack; ++k) v[k] = (Tile::element(tile.packs[p], k) - mean) * rstd;
-      if (weight != nullptr) apply_param<false>(weight + col, v);
-      if (bias != nullptr) apply_param<true>(bias + col, v);
-      store_acc<kPack>(y_row + col, v);
-    }
-  }
+    for (int k = 0; k < kPack; ++k) v[k] = (Tile::element(tile.packs[p], k) - mean) * rstd;
+    if (weight != nullptr) apply_param<false>(weight + col, v);
+    if (bias != nullptr) apply_param<true>(bias + col, v);
+    store_acc<kPack>(y_row + col, v);
+  });
 }
 
 template <typename T, typename W, typename Y, typename R, int kVec>
@@ -692,30 +685,22 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     if (weight != nullptr) apply_param<false>(weight + col, g);
   };
   A sum_gx = 0, sum_g = 0;
-#pragma unroll
-  for (int p = 0; p < Tile::Layout::kPacks; ++p) {
-    const int col = Tile::pack_col(t, p);
-    if (col < cols) {  // a pack is all in the row or all past it
-      A xhat[kPack], g[kPack];
-      pack_values(p, col, xhat, g);
-      add_row_sums(xhat, g, sum_gx, sum_g);
-    }
-  }
+  Tile::for_each_pack(t, cols, [&](int p, int col) {
+    A xhat[kPack], g[kPack];
+    pack_values(p, col, xhat, g);
+    add_row_sums(xhat, g, sum_gx, sum_g);
+  });
   A c1, c2;
   row_means<kThreads>(sum_gx, sum_g, cols, rms, scratch, c1, c2);
   xs.reconvert_after_here();
   dys.reconvert_after_here();
   T* dx_row = dx + row * cols;
-#pragma unroll
-  for (int p = 0; p < Tile::Layout::kPacks; ++p) {
-    const int col = Tile::pack_col(t, p);
-    if (col < cols) {
-      A xhat[kPack], g[kPack], v[kPack];
-      pack_values(p, col, xhat, g);
-      dx_values(xhat, g, c1, c2, r, dsum != nullptr ? dsum + row * dsum_row_stride + col : nullptr, v);
-      store_acc<kPack>(dx_row + col, v);
-    }
-  }
+  Tile::for_each_pack(t, cols, [&](int p, int col) {
+    A xhat[kPack], g[kPack], v[kPack];
+    pack_values(p, col, xhat, g);
+    dx_values(xhat, g, c1, c2, r, dsum != nullptr ? dsum + row * dsum_row_stride + col : nullptr, v);
+    store_acc<kPack>(dx_row + col, v);
+  });
 }
 
 // out[col] = sum over the partial rows of partial[row][col], in a fixed order, rounded to

@@ -101,6 +101,16 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
   // First column of pack p of thread t.
   __device__ static __forceinline__ int pack_col(int t, int p) { return (p * kThreads + t) * kPack; }
 
+  // Calls f(p, col) for each pack p of thread t that lies in the row (a pack is all in the row
+  // or all past its end), col its first column.
+  template <typename F> __device__ static __forceinline__ void for_each_pack(int t, int cols, F&& f) {
+#pragma unroll
+    for (int p = 0; p < Layout::kPacks; ++p) {
+      const int col = pack_col(t, p);
+      if (col < cols) f(p, col);
+    }
+  }
+
   // This thread's values of the row; `fill` past `cols`.
   __device__ __forceinline__ void load(const T* row, int t, int cols, T fill) {
     T fills[kPerWord];
@@ -144,15 +154,12 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
   template <typename A, typename F>
   __device__ __forceinline__ A sum_with(const T* other_row, int t, int cols, F&& f) const {
     A total = 0;
+    for_each_pack(t, cols, [&](int p, int col) {
+      FASTDL_CHECK_ALIGNED(other_row + col, sizeof(uint4));
+      const uint4 other = *reinterpret_cast<const uint4*>(other_row + col);
 #pragma unroll
-    for (int p = 0; p < Layout::kPacks; ++p) {
-      if (pack_col(t, p) < cols) {
-        FASTDL_CHECK_ALIGNED(other_row + pack_col(t, p), sizeof(uint4));
-        const uint4 other = *reinterpret_cast<const uint4*>(other_row + pack_col(t, p));
-#pragma unroll
-        for (int k = 0; k < kPack; ++k) total += f(element(packs[p], k), element(other, k));
-      }
-    }
+      for (int k = 0; k < kPack; ++k) total += f(element(packs[p], k), element(other, k));
+    });
     return total;
   }
 
@@ -183,19 +190,16 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
 #if defined(__CUDA_ARCH__)
     asm volatile("" : "+r"(t), "+r"(cols));  // addresses worked out here, not kept from the load
 #endif
-#pragma unroll
-    for (int p = 0; p < Layout::kPacks; ++p) {
-      if (pack_col(t, p) < cols) {
-        uint4 pack = packs[p];
+    for_each_pack(t, cols, [&](int p, int col) {
+      uint4 pack = packs[p];
 #if defined(__CUDA_ARCH__)
-        asm volatile("" : "+r"(pack.x), "+r"(pack.y), "+r"(pack.z), "+r"(pack.w));  // a pack at a time
+      asm volatile("" : "+r"(pack.x), "+r"(pack.y), "+r"(pack.z), "+r"(pack.w));  // a pack at a time
 #endif
-        Vec<T> out;
-        fill(pack, pack_col(t, p), out);
-        FASTDL_CHECK_ALIGNED(row + pack_col(t, p), kVecBytes);
-        *reinterpret_cast<Vec<T>*>(row + pack_col(t, p)) = out;
-      }
-    }
+      Vec<T> out;
+      fill(pack, col, out);
+      FASTDL_CHECK_ALIGNED(row + col, kVecBytes);
+      *reinterpret_cast<Vec<T>*>(row + col) = out;
+    });
   }
 };
 
