@@ -15,6 +15,9 @@ GB/s copy):
     there by the packed kernels (FASTDL_CUDA_PACKED_TILES=1, not timed yet);
   * the norm backward at hidden 1024, both backends (Triton fwd+bwd 17%, CUDA 30%), and at
     16384 (Triton 30%, CUDA 44%; Triton's dweight / dbias since in a kernel of their own);
+  * softmax of a GPT-2 vocabulary, 1024 x 50257, on Triton (fwd 55%, bwd 58%: its loop kernels
+    read a row twice; a program a row puts all 98 MiB in flight, past the 50 MB L2) and CUDA's
+    backward (60%, the packed backward since);
   * a 512 MiB copy (copy_, and an elementwise kernel) and softmax at 4096 x 65536: every
     implementation ran at 2.0-2.8 TB/s at these sizes, where 4096 x 16384 reached 4.2; and at
     4096 x 65280, rows not a power of two bytes long.
@@ -98,6 +101,11 @@ CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     ("softmax fwd bf16", "cuda", (4096, 16384), (4, 1000), _softmax),
     ("softmax fwd bf16", "triton", (4096, 16384), (4, 1000), _softmax),
     ("softmax fwd bf16", "cuda", (1024, 50257), (2, 2001), _softmax),
+    # a vocabulary's rows: Triton's loop kernels read each row twice (does the second read hit L2, with
+    # every row in flight at once? the Memory Workload section's L2 hit rate), CUDA's packed backward
+    ("softmax fwd bf16", "triton", (1024, 50257), (2, 2001), _softmax),
+    ("softmax bwd bf16", "triton", (1024, 50257), (2, 2001), _softmax_backward),
+    ("softmax bwd bf16", "cuda", (1024, 50257), (2, 2001), _softmax_backward),
     # the packed kernels at the tiles' lengths (FASTDL_CUDA_PACKED_TILES=1, blocks of 512 threads here)
     ("softmax fwd bf16, packed tiles", "cuda", (4096, 16384), (4, 2056),
      lambda s: _knob("FASTDL_CUDA_PACKED_TILES", _softmax(s))),
