@@ -171,6 +171,17 @@ def test_row_vector(row_stride, offset, expected):
     assert _launch.row_vector(torch.float16, (x, x.stride(0)), (y, 20001)) == expected
 
 
+def _check_softmax_both_ways(x, dy, dtype):
+    """softmax and log_softmax of x, forward and backward (for dy), through the Triton launchers,
+    against float64."""
+    for log in (False, True):
+        y = softmax_kernels.softmax_forward(x, log)
+        ref = (reference.log_softmax if log else reference.softmax)(x.double())
+        assert_close(y, ref, dtype, f"forward log={log}")
+        dx = softmax_kernels.softmax_backward(dy, y, log)
+        assert_close(dx, reference.softmax_backward(dy.double(), y.double(), -1, log), dtype, f"backward log={log}")
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["loop", "split"])
 @pytest.mark.parametrize("row_stride, offset", [(20001, 0), (20009, 0), (20004, 0), (20001, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -186,14 +197,29 @@ def test_loop_kernels_peel_rows(dtype, row_stride, offset, split, monkeypatch):
     x = _rows_of(20001, row_stride, dtype, offset, scale=3.0)
     dy = _rows_of(20001, row_stride, dtype, offset)
     expected_vec = 16 // dtype.itemsize if (row_stride - 20001) % (16 // dtype.itemsize) == 0 and offset == 0 else 1
-    for log in (False, True):
-        y = softmax_kernels.softmax_forward(x, log)
-        ref = (reference.log_softmax if log else reference.softmax)(x.double())
-        assert_close(y, ref, dtype, f"forward log={log}")
-        dx = softmax_kernels.softmax_backward(dy, y, log)
-        assert_close(dx, reference.softmax_backward(dy.double(), y.double(), -1, log), dtype, f"backward log={log}")
+    _check_softmax_both_ways(x, dy, dtype)
     # the backward's y is contiguous, dy as x: alike exactly when x's rows are alike with y's
     assert vecs == {name: [expected_vec] * 2 for name in kernels}
+
+
+@pytest.mark.parametrize("programs_per_sm, programs", [(0, 7), (1, 2), (3, 6), (4, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_loop_kernels_walk_rows(dtype, programs_per_sm, programs, monkeypatch):
+    """LOOP_PROGRAMS_PER_SM: the loop kernels in a program a row (0, or as many programs as
+    rows) or at most K programs an SM (the interpreter's 2), each walking rows pid, pid + grid,
+    ... (ROW_LOOP): every one of 7 rows of an odd width (rows off 16-byte boundaries alike,
+    peeled) right, forward and backward, softmax and log_softmax, against float64; a row
+    walked twice or skipped fails (outputs poisoned)."""
+    monkeypatch.setattr(softmax_kernels, "SPLIT_PROGRAMS_PER_SM", 0)
+    monkeypatch.setattr(softmax_kernels, "LOOP_PROGRAMS_PER_SM", programs_per_sm)
+    kernels = ["_softmax_forward_loop_kernel", "_softmax_backward_loop_kernel"]
+    row_loops = _spy_on(monkeypatch, softmax_kernels, kernels, "ROW_LOOP")
+    x = (torch.randn(7, 16389, device=DEVICE) * 3).to(dtype)
+    dy = torch.randn(7, 16389, device=DEVICE).to(dtype)
+    _check_softmax_both_ways(x, dy, dtype)
+    grids = {name: getattr(softmax_kernels, name).grids for name in kernels}
+    assert grids == {name: [(programs,)] * 2 for name in kernels}, grids
+    assert row_loops == {name: [programs < 7] * 2 for name in kernels}, row_loops
 
 
 def test_host_cdiv_and_next_power_of_2_match_tritons():

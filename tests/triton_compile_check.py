@@ -66,14 +66,15 @@ def softmax_specs():
                        "dy_row_stride_vecs": "i64", "y_row_stride_vecs": "i64", "n_rows": "i32",
                        "n_col_vecs": "i32", **{c: "constexpr" for c in const}}
                 specs.append((k._softmax_backward_tile_kernel, sig, const))
-            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, LOG=log, ACC=ACC[dtype])
-            sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "x_row_stride_vecs": "i64",
-                   "n_col_vecs": "i32", **{c: "constexpr" for c in const}}
-            specs.append((k._softmax_forward_loop_kernel, sig, const))
-            sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype],
-                   "dy_row_stride_vecs": "i64", "y_row_stride_vecs": "i64", "n_col_vecs": "i32",
-                   **{c: "constexpr" for c in const}}
-            specs.append((k._softmax_backward_loop_kernel, sig, const))
+            for row_loop in (False, True):  # a program a row, or programs walking rows (LOOP_PROGRAMS_PER_SM)
+                const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, LOG=log, ACC=ACC[dtype], ROW_LOOP=row_loop)
+                sig = {"x_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "x_row_stride_vecs": "i64",
+                       "n_rows": "i32", "n_col_vecs": "i32", **{c: "constexpr" for c in const}}
+                specs.append((k._softmax_forward_loop_kernel, sig, const))
+                sig = {"dy_ptr": POINTER[dtype], "y_ptr": POINTER[dtype], "dx_ptr": POINTER[dtype],
+                       "dy_row_stride_vecs": "i64", "y_row_stride_vecs": "i64", "n_rows": "i32", "n_col_vecs": "i32",
+                       **{c: "constexpr" for c in const}}
+                specs.append((k._softmax_backward_loop_kernel, sig, const))
             # split rows: (max, sum) / dot per chunk, then the write; up to 1024 chunks a row
             stat = "*fp64" if dtype == "fp64" else "*fp32"
             chunk_args = {"n_col_vecs": "i32", "chunk_cols": "i32", "n_chunks": "i32"}
@@ -107,8 +108,8 @@ def softmax_specs():
                           {"x_ptr": p, "y_ptr": "*fp32", "x_row_stride_vecs": "i64", **tile}, const))
             specs.append((k._softmax_backward_tile_kernel,
                           {"dy_ptr": "*fp32", "y_ptr": "*fp32", "dx_ptr": p, **rows_args, **tile}, const))
-            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, LOG=log, ACC=tl.float32)
-            loop = {"n_col_vecs": "i32", **{c: "constexpr" for c in const}}
+            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, LOG=log, ACC=tl.float32, ROW_LOOP=False)
+            loop = {"n_rows": "i32", "n_col_vecs": "i32", **{c: "constexpr" for c in const}}
             specs.append((k._softmax_forward_loop_kernel,
                           {"x_ptr": p, "y_ptr": "*fp32", "x_row_stride_vecs": "i64", **loop}, const))
             specs.append((k._softmax_backward_loop_kernel,
@@ -202,6 +203,7 @@ SIXTEEN_BIT_GLOBAL = re.compile(r"\b(?:LDG|STG)\.E\.[US]16\b")
 # The kernels that peel rows (VEC) move the ragged head and tail of a row one element a
 # thread: one 16-bit instruction for each of their edge loads and stores in the source.
 # A body moved element by element would take at least 8 per load (4096 columns, 16 warps).
+ROW_LOOP_SPILL_BYTES = 32
 EDGE_ACCESSES = {"_softmax_forward_loop_kernel": 3, "_softmax_chunk_stats_kernel": 1, "_softmax_chunk_write_kernel": 2,
                  "_softmax_backward_loop_kernel": 5, "_softmax_backward_chunk_dot_kernel": 2,
                  "_softmax_backward_chunk_write_kernel": 3}
@@ -286,7 +288,10 @@ def check_variant(index, arch):
     local_bytes = int(local[0]) + int(local[1])
     if dtype == "fp64":
         return what, problems, local_bytes
-    if local_bytes:
+    # the softmax loop kernels' row loop (LOOP_PROGRAMS_PER_SM, off by default) saves a value or
+    # two a row in local memory in some variants (fastdl/triton/softmax.py says which): accepted
+    # there up to ROW_LOOP_SPILL_BYTES, for the tuner to weigh
+    if local_bytes and not (constexprs.get("ROW_LOOP") and local_bytes <= ROW_LOOP_SPILL_BYTES):
         problems.append(f"spills: {local_bytes} bytes of stack frame / local memory a thread")
     if check_vectors:
         if "LDG.E.128" not in sass:

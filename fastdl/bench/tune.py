@@ -125,6 +125,9 @@ def all_cases(quick: bool) -> list[TuneCase]:
         TuneCase("softmax", "bwd", "triton", (4096, 16384), Knob(sm + "SINGLE_PASS_MAX_COLS", [8192, 16384])),
         TuneCase("softmax", "fwd", "triton", (4096, 65536), Knob(sm + "LOOP_BLOCK_COLS", [1024, 2048, 4096, 8192])),
         TuneCase("softmax", "bwd", "triton", (4096, 65536), Knob(sm + "LOOP_BLOCK_COLS", [1024, 2048, 4096, 8192])),
+        # the loop kernels' programs: a program a row (0) or K an SM walking rows (is a row's second read from L2?)
+        *[TuneCase("softmax", direction, "triton", shape, Knob(sm + "LOOP_PROGRAMS_PER_SM", [0, 1, 2, 4]))
+          for direction in ("fwd", "bwd") for shape in ((4096, 65536), (1024, 50257))],
         TuneCase("softmax", "fwd", "triton", (8, 262144), Knob(sm + "SPLIT_PROGRAMS_PER_SM", [0, 1, 2, 4, 8, 16])),
         TuneCase("softmax", "bwd", "triton", (8, 262144), Knob(sm + "SPLIT_PROGRAMS_PER_SM", [0, 1, 2, 4, 8, 16])),
         TuneCase("softmax", "fwd", "cuda", (8, 262144), Knob("env:FASTDL_CUDA_SPLIT_PER_SM", [None, 0, 1, 2, 4, 8])),

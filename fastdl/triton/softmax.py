@@ -47,6 +47,19 @@ TILE_ELEMENTS = 4096
 # this many programs per SM (the split kernels below); FASTDL_TRITON_SPLIT_PER_SM=0 turns
 # the split off (to time it against the loop kernels).
 SPLIT_PROGRAMS_PER_SM = int(os.environ.get("FASTDL_TRITON_SPLIT_PER_SM", "4"))
+# Programs of the loop kernels: 0, a program a row; K, at most K programs an SM, each walking
+# rows pid, pid + grid, ... (ROW_LOOP). The loop kernels read each row twice (forward: x;
+# backward: dy and y), the second time hoping for L2. A program a row puts every row in
+# flight at once, and the H200 run (3b332bb) shows the second read coming from DRAM: at
+# 4096 x 65536 fp32 Triton, CUDA's block kernels and torch.compile all ran the forward at
+# ~2.76 TB/s and the backward at ~2.56 TB/s counting the least traffic, i.e. 4.1-4.3 TB/s, the
+# copy's rate, counting 3 and 5 moves of a row; CUDA's packed backward (one block an SM, 132 rows
+# in flight) read dy twice and still ran 3.66 TB/s counting 3 moves: its second read hit L2.
+# K programs an SM keep ~132 K rows in flight. 0 until a GPU has timed it (python -m
+# fastdl.bench.tune). The row loop costs registers: 5 of its sm_90 variants (fp32 log_softmax
+# forward at 8 warps; the unaligned 16-bit backward) save a value or two in local memory
+# (8-32 bytes), which tests/triton_compile_check.py accepts for it alone.
+LOOP_PROGRAMS_PER_SM = 0
 
 
 # ---------------------------------------------------------------------------------
@@ -168,24 +181,37 @@ def _write_softmax(x_ptr, y_ptr, x_first, y_first, n, row_max, row_sum, BLOCK_CO
              mask=edge >= 0)
 
 
-@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=3)
+@triton.jit
+def _softmax_forward_row(x_ptr, y_ptr, row, x_row_stride, n_cols, BLOCK_COLS: tl.constexpr, LOG: tl.constexpr,
+                         ACC: tl.constexpr, VEC: tl.constexpr):
+    row_max, row_sum = _online_max_sum(x_ptr, row * x_row_stride, n_cols, BLOCK_COLS, VEC, ACC)
+    _write_softmax(x_ptr, y_ptr, row * x_row_stride, row * n_cols, n_cols, row_max, row_sum, BLOCK_COLS, VEC, LOG,
+                   ACC)
+
+
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS", "ROW_LOOP"], live_tiles=3)
 @triton.jit
 def _softmax_forward_loop_kernel(
     x_ptr,  # input, (n_rows, n_cols), last dim contiguous
     y_ptr,  # output, (n_rows, n_cols), contiguous
     x_row_stride_vecs,
+    n_rows,
     n_col_vecs,
     BLOCK_COLS: tl.constexpr,  # chunk walked per iteration
     LOG: tl.constexpr,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
     VEC: tl.constexpr,  # elements per 16 bytes when all rows are off 16-byte boundaries alike, else 1
+    ROW_LOOP: tl.constexpr,  # a program walks rows pid, pid + grid, ... (LOOP_PROGRAMS_PER_SM), else one row
 ):
     x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
-    row = tl.program_id(0).to(tl.int64)
-    row_max, row_sum = _online_max_sum(x_ptr, row * x_row_stride, n_cols, BLOCK_COLS, VEC, ACC)
-    _write_softmax(x_ptr, y_ptr, row * x_row_stride, row * n_cols, n_cols, row_max, row_sum, BLOCK_COLS, VEC, LOG,
-                   ACC)
+    if ROW_LOOP:
+        for program_row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            row = tl.cast(program_row, tl.int64)  # a Python int under the interpreter: no .to()
+            _softmax_forward_row(x_ptr, y_ptr, row, x_row_stride, n_cols, BLOCK_COLS, LOG, ACC, VEC)
+    else:
+        _softmax_forward_row(x_ptr, y_ptr, tl.program_id(0).to(tl.int64), x_row_stride, n_cols, BLOCK_COLS, LOG,
+                             ACC, VEC)
 
 
 # Split rows: the online softmax across programs (Milakov & Gimelshein 2018, sec. 3:
@@ -333,7 +359,15 @@ def _write_dx(dy_ptr, y_ptr, dx_ptr, dy_first, y_first, dx_first, n, total, BLOC
     tl.store(dx_ptr + dx_first + edge, _dx_of(dy, y, total, LOG).to(dx_ptr.dtype.element_ty), mask=edge >= 0)
 
 
-@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=3)
+@triton.jit
+def _softmax_backward_row(dy_ptr, y_ptr, dx_ptr, row, dy_row_stride, y_row_stride, n_cols, BLOCK_COLS: tl.constexpr,
+                          LOG: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr):
+    total = _row_dot(dy_ptr, y_ptr, row * dy_row_stride, row * y_row_stride, n_cols, BLOCK_COLS, VEC, LOG, ACC)
+    _write_dx(dy_ptr, y_ptr, dx_ptr, row * dy_row_stride, row * y_row_stride, row * n_cols, n_cols, total, BLOCK_COLS,
+              VEC, LOG, ACC)
+
+
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS", "ROW_LOOP"], live_tiles=3)
 @triton.jit
 def _softmax_backward_loop_kernel(
     dy_ptr,
@@ -341,18 +375,24 @@ def _softmax_backward_loop_kernel(
     dx_ptr,
     dy_row_stride_vecs,
     y_row_stride_vecs,
+    n_rows,
     n_col_vecs,
     BLOCK_COLS: tl.constexpr,
     LOG: tl.constexpr,
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
     VEC: tl.constexpr,
+    ROW_LOOP: tl.constexpr,  # as the forward's
 ):
     dy_row_stride, y_row_stride, n_cols = dy_row_stride_vecs * ALIGN, y_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
-    row = tl.program_id(0).to(tl.int64)
-    total = _row_dot(dy_ptr, y_ptr, row * dy_row_stride, row * y_row_stride, n_cols, BLOCK_COLS, VEC, LOG, ACC)
-    _write_dx(dy_ptr, y_ptr, dx_ptr, row * dy_row_stride, row * y_row_stride, row * n_cols, n_cols, total, BLOCK_COLS,
-              VEC, LOG, ACC)
+    if ROW_LOOP:
+        for program_row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            row = tl.cast(program_row, tl.int64)  # a Python int under the interpreter: no .to()
+            _softmax_backward_row(dy_ptr, y_ptr, dx_ptr, row, dy_row_stride, y_row_stride, n_cols, BLOCK_COLS, LOG,
+                                  ACC, VEC)
+    else:
+        _softmax_backward_row(dy_ptr, y_ptr, dx_ptr, tl.program_id(0).to(tl.int64), dy_row_stride, y_row_stride,
+                              n_cols, BLOCK_COLS, LOG, ACC, VEC)
 
 
 # Split rows, backward: pass 1 writes each chunk's share of the row's dot product, pass 2
@@ -427,6 +467,13 @@ def split_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, i
     return cdiv(n_cols, chunk_cols), chunk_cols  # no empty chunk
 
 
+def loop_programs(n_rows: int, device: torch.device) -> int:
+    """Programs of a loop kernel for n_rows rows: one a row, or at most LOOP_PROGRAMS_PER_SM an SM."""
+    if LOOP_PROGRAMS_PER_SM <= 0:
+        return n_rows
+    return min(n_rows, LOOP_PROGRAMS_PER_SM * sm_count(device))
+
+
 def softmax_forward(x: torch.Tensor, log: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y in out_dtype (None: x's; fp32 beside a 16-bit x, which the kernels read as it is).
     ALIGN and VEC count x's elements, the narrower: their multiples are whole 16-byte
@@ -451,9 +498,10 @@ def softmax_forward(x: torch.Tensor, log: bool, out_dtype: torch.dtype | None = 
     chunks, chunk_cols = split_chunks(n_rows, n_cols, x.device)
     if chunks == 1:
         with on_device(x):
-            _softmax_forward_loop_kernel[(n_rows,)](
-                x, y, x_row_stride_vecs, n_col_vecs, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align,
-                VEC=vec,
+            programs = loop_programs(n_rows, x.device)
+            _softmax_forward_loop_kernel[(programs,)](
+                x, y, x_row_stride_vecs, n_rows, n_col_vecs, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc,
+                ALIGN=align, VEC=vec, ROW_LOOP=programs < n_rows,
             )
         return y
     stats = stats_dtype(x.dtype)
@@ -497,9 +545,10 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool,
     chunks, chunk_cols = split_chunks(n_rows, n_cols, out.device)
     if chunks == 1:
         with on_device(out):
-            _softmax_backward_loop_kernel[(n_rows,)](
-                grad_out, out, dx, dy_row_stride_vecs, y_row_stride_vecs, n_col_vecs,
-                BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align, VEC=vec,
+            programs = loop_programs(n_rows, out.device)
+            _softmax_backward_loop_kernel[(programs,)](
+                grad_out, out, dx, dy_row_stride_vecs, y_row_stride_vecs, n_rows, n_col_vecs,
+                BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align, VEC=vec, ROW_LOOP=programs < n_rows,
             )
         return dx
     chunk_dot = torch.empty((n_rows, chunks), dtype=stats_dtype(out.dtype), device=out.device)
