@@ -199,14 +199,18 @@ __device__ __forceinline__ void block_write_softmax(const T* x_row, Y* y_row, in
   });
 }
 
+// A block a row, or with FASTDL_CUDA_LOOP_BLOCKS_PER_SM fewer blocks, each walking rows
+// blockIdx.x, + gridDim.x, ... (loop_grid): the row's second read from L2 needs few rows in flight.
 template <typename T, typename Y, bool kLog, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
-    softmax_forward_block_kernel(const T* __restrict__ x, Y* __restrict__ y, int cols, int64_t x_row_stride) {
+    softmax_forward_block_kernel(const T* __restrict__ x, Y* __restrict__ y, int64_t rows, int cols,
+                                 int64_t x_row_stride) {
   using A = typename Acc<T>::type;
   __shared__ MaxSum<A> scratch[kBlockThreads / kWarpSize];
-  const int64_t row = blockIdx.x;
-  const MaxSum<A> state = block_max_sum<T, kVec>(x + row * x_row_stride, 0, cols, scratch);
-  block_write_softmax<T, kLog, kVec>(x + row * x_row_stride, y + row * cols, 0, cols, state);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const MaxSum<A> state = block_max_sum<T, kVec>(x + row * x_row_stride, 0, cols, scratch);
+    block_write_softmax<T, kLog, kVec>(x + row * x_row_stride, y + row * cols, 0, cols, state);
+  }
 }
 
 // Split rows, grid (chunks, rows): chunk blockIdx.x of row blockIdx.y is columns
@@ -305,17 +309,19 @@ __device__ __forceinline__ void block_write_dx(const D* dy_row, const D* y_row, 
   });
 }
 
+// A block a row, or fewer walking rows, as the forward's.
 template <typename T, typename D, bool kLog, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
-    softmax_backward_block_kernel(const D* __restrict__ dy, const D* __restrict__ y, T* __restrict__ dx, int cols,
-                                  int64_t dy_row_stride, int64_t y_row_stride) {
+    softmax_backward_block_kernel(const D* __restrict__ dy, const D* __restrict__ y, T* __restrict__ dx, int64_t rows,
+                                  int cols, int64_t dy_row_stride, int64_t y_row_stride) {
   using A = typename Acc<T>::type;
   __shared__ A scratch[kBlockThreads / kWarpSize];
-  const int64_t row = blockIdx.x;
-  const D* dy_row = dy + row * dy_row_stride;
-  const D* y_row = y + row * y_row_stride;
-  const A total = block_sum<kBlockThreads>(thread_dot<T, kLog, kVec>(dy_row, y_row, 0, cols), scratch);
-  block_write_dx<T, kLog, kVec>(dy_row, y_row, dx + row * cols, 0, cols, total);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const D* dy_row = dy + row * dy_row_stride;
+    const D* y_row = y + row * y_row_stride;
+    const A total = block_sum<kBlockThreads>(thread_dot<T, kLog, kVec>(dy_row, y_row, 0, cols), scratch);
+    block_write_dx<T, kLog, kVec>(dy_row, y_row, dx + row * cols, 0, cols, total);
+  }
 }
 
 // Long rows, one a block of kThreads (kPackedThreads; with FASTDL_CUDA_PACKED_TILES=1 also
@@ -476,6 +482,21 @@ inline bool packed_tiles_knob() {
   return on == 1;
 }
 
+// Blocks of the block kernels: a block a row, or with FASTDL_CUDA_LOOP_BLOCKS_PER_SM=K (unset or 0:
+// a block a row, until a GPU has timed it) at most K an SM, each walking several rows. These
+// kernels read a row twice; with a block a row every row is in flight at once and the second
+// read comes from DRAM (fp32 4096 x 65536 on the H200: ~4.1 TB/s counting 3 moves of a row,
+// the copy's rate); K blocks an SM keep ~132 K rows in flight, for L2 to hold.
+inline unsigned loop_grid(int64_t rows) {
+  int64_t per_sm = 0;
+  env_knob("FASTDL_CUDA_LOOP_BLOCKS_PER_SM", 0, 1 << 16, &per_sm);
+  int device = 0, sms = 0;
+  if (per_sm > 0 && cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && sms > 0)
+    return static_cast<unsigned>(std::min<int64_t>(rows, per_sm * sms));
+  return static_cast<unsigned>(rows);
+}
+
 // The split a launch takes: split_for's, or none when the caller gave too little workspace.
 template <typename T>
 cudaError_t plan_split(int64_t rows, int64_t cols, const void* workspace, size_t workspace_bytes, Split* split) {
@@ -539,7 +560,7 @@ cudaError_t forward(const T* x, Y* y, int64_t rows, int64_t cols, int64_t x_row_
           <<<split.grid(rows), kBlockThreads, 0, stream>>>(x, stats, y, c, chunk_cols, x_row_stride);
     } else {
       softmax_forward_block_kernel<T, Y, kLog, kVec>
-          <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(x, y, c, x_row_stride);
+          <<<loop_grid(rows), kBlockThreads, 0, stream>>>(x, y, rows, c, x_row_stride);
     }
   });
   return cudaGetLastError();
@@ -595,8 +616,8 @@ cudaError_t backward(const D* dy, const D* y, T* dx, int64_t rows, int64_t cols,
       softmax_backward_chunk_write_kernel<T, D, kLog, kVec><<<split.grid(rows), kBlockThreads, 0, stream>>>(
           dy, y, dots, dx, c, chunk_cols, dy_row_stride, y_row_stride);
     } else {
-      softmax_backward_block_kernel<T, D, kLog, kVec>
-          <<<static_cast<unsigned>(rows), kBlockThreads, 0, stream>>>(dy, y, dx, c, dy_row_stride, y_row_stride);
+      softmax_backward_block_kernel<T, D, kLog, kVec><<<loop_grid(rows), kBlockThreads, 0, stream>>>(
+          dy, y, dx, rows, c, dy_row_stride, y_row_stride);
     }
   });
   return cudaGetLastError();

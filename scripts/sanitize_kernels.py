@@ -50,6 +50,21 @@ def softmax_calls(dtype):
                     y = (fastdl.ops.log_softmax if log else fastdl.ops.softmax)(x, -1)
                     fastdl.ops.softmax_backward(torch.randn_like(y), y, -1, log)
                     count += 2
+    # long rows in fewer programs / blocks than rows, each walking rows (Triton's LOOP_PROGRAMS_PER_SM,
+    # FASTDL_CUDA_LOOP_BLOCKS_PER_SM; the block kernels, not the packed ones): aligned and odd widths
+    long_rows_split(False)
+    triton_softmax.LOOP_PROGRAMS_PER_SM = 1
+    os.environ.update(FASTDL_CUDA_LOOP_BLOCKS_PER_SM="1", FASTDL_CUDA_PACKED_ROWS="0")
+    for cols in (16392, 16385):
+        x = torch.randn(torch.cuda.get_device_properties(0).multi_processor_count + 5, cols, device="cuda",
+                        dtype=dtype)
+        for log in (False, True):
+            y = (fastdl.ops.log_softmax if log else fastdl.ops.softmax)(x, -1)
+            fastdl.ops.softmax_backward(torch.randn_like(y), y, -1, log)
+            count += 2
+    triton_softmax.LOOP_PROGRAMS_PER_SM = 0
+    os.environ.pop("FASTDL_CUDA_LOOP_BLOCKS_PER_SM")
+    os.environ.pop("FASTDL_CUDA_PACKED_ROWS")
     long_rows_split(True)
     if fastdl.get_backend() == "cuda" and dtype != torch.float64:
         # rows of the tiles' lengths by the packed kernels (FASTDL_CUDA_PACKED_TILES=1, 128 / 256 / 512

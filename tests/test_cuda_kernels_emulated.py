@@ -318,6 +318,26 @@ def test_softmax_backward_packed_rows(runner, tmp_path, dtype, cols, log):
         assert_close(dx, expected, dtype, f"dx ({env})")
 
 
+@pytest.mark.parametrize("blocks_per_sm, grid", [("1", 4), ("2", 8), ("3", 11), ("0", 11)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_softmax_block_kernels_walk_rows(runner, tmp_path, dtype, blocks_per_sm, grid):
+    """FASTDL_CUDA_LOOP_BLOCKS_PER_SM: the block kernels in a block a row (0), or at most K blocks
+    an SM (the emulated device's 4), each walking rows blockIdx.x, + gridDim.x, ...: 11 rows of
+    an odd width (off 16-byte boundaries alike), forward and backward, softmax and log_softmax,
+    against float64; a row walked twice or skipped fails (outputs poisoned)."""
+    env = {"FASTDL_CUDA_SPLIT_PER_SM": "0", "FASTDL_CUDA_PACKED_ROWS": "0",
+           "FASTDL_CUDA_LOOP_BLOCKS_PER_SM": blocks_per_sm}
+    x, _ = _rows(11, 20001, dtype, "contiguous")
+    for log in (False, True):
+        y, result = _softmax_forward(runner, tmp_path / f"fwd{log}", x, 0, log, env=env)
+        assert _kernels(result) == ["softmax_forward_block_kernel"] and f"grid=({grid},1,1)" in result.launches[0]
+        assert_close(y, _softmax_ref(x, log), dtype, f"forward log={log}")
+        dy, y_in = _edge_heavy_backward_inputs(11, 20001, dtype, log)
+        dx, result = _softmax_backward(runner, tmp_path / f"bwd{log}", dy, y_in, log, env=env)
+        assert _kernels(result) == ["softmax_backward_block_kernel"] and f"grid=({grid},1,1)" in result.launches[0]
+        assert_close(dx, R.softmax_backward(dy.double(), y_in.double(), -1, log), dtype, f"backward log={log}")
+
+
 SOFTMAX_LONG_ROW_WAYS = {"block": {"FASTDL_CUDA_SPLIT_PER_SM": "0", "FASTDL_CUDA_PACKED_ROWS": "0"},
                          "packed": {"FASTDL_CUDA_SPLIT_PER_SM": "0"}, "split": None}
 

@@ -311,6 +311,24 @@ def test_cuda_long_rows_every_way(case, dtype, shape, way, monkeypatch):
         _check_long_row_special_values(backend, device, shape)
 
 
+@pytest.mark.parametrize("cols", [16392, 20001])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
+def test_cuda_block_kernels_walk_rows(case, dtype, cols, monkeypatch):
+    """FASTDL_CUDA_LOOP_BLOCKS_PER_SM=1: the block kernels in one block an SM, each walking rows,
+    over more rows than SMs (aligned and odd widths), forward and backward against float64."""
+    for name, value in (("FASTDL_CUDA_SPLIT_PER_SM", "0"), ("FASTDL_CUDA_PACKED_ROWS", "0"),
+                        ("FASTDL_CUDA_LOOP_BLOCKS_PER_SM", "1")):
+        monkeypatch.setenv(name, value)
+    backend, device = case
+    shape = (torch.cuda.get_device_properties(device).multi_processor_count * 2 + 3, cols)
+    x = torch.randn(shape, device=device).to(dtype)
+    with fastdl.use_backend(backend):
+        names = _cuda_kernel_names(lambda: fastdl.ops.softmax(x, -1))
+    assert any("softmax_forward_block_kernel" in n for n in names), sorted(names)
+    _check_long_rows(backend, device, dtype, shape, "block, walking rows")
+
+
 @pytest.mark.parametrize("shape", [(3, 20001), (4, 50257)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)

@@ -131,6 +131,10 @@ def all_cases(quick: bool) -> list[TuneCase]:
         TuneCase("softmax", "fwd", "triton", (8, 262144), Knob(sm + "SPLIT_PROGRAMS_PER_SM", [0, 1, 2, 4, 8, 16])),
         TuneCase("softmax", "bwd", "triton", (8, 262144), Knob(sm + "SPLIT_PROGRAMS_PER_SM", [0, 1, 2, 4, 8, 16])),
         TuneCase("softmax", "fwd", "cuda", (8, 262144), Knob("env:FASTDL_CUDA_SPLIT_PER_SM", [None, 0, 1, 2, 4, 8])),
+        # the CUDA block kernels (fp32 rows past 32768 columns) in a block a row (unset) or K an SM walking rows
+        *[TuneCase("softmax", direction, "cuda", (4096, 65536), Knob("env:FASTDL_CUDA_LOOP_BLOCKS_PER_SM",
+                                                                       [None, 1, 2, 4]), torch.float32)
+          for direction in ("fwd", "bwd")],
         TuneCase("softmax", "bwd", "cuda", (8, 262144), Knob("env:FASTDL_CUDA_SPLIT_PER_SM", [None, 0, 1, 2, 4, 8])),
         # the CUDA tiles: values a thread before a tile takes more threads (kernels/common/row_tile.cuh)
         *[TuneCase("softmax", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_TILE_ELEMS", [None, 8, 16, 32]))
