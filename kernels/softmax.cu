@@ -16,7 +16,9 @@
 //   * block per row (longer rows): the block walks the row in 16-byte vectors keeping an
 //     online (max, sum) state per thread (Milakov & Gimelshein 2018), combines the states
 //     across the block, then a second sweep writes the output. The second read of the row
-//     usually hits L2. Rows off a 16-byte boundary (50257 columns, a GPT-2 vocabulary)
+//     hits L2 only when few rows are in flight: with a block a row and many rows it came from
+//     DRAM on the H200 (loop_grid: FASTDL_CUDA_LOOP_BLOCKS_PER_SM has fewer blocks walk the
+//     rows, off until timed). Rows off a 16-byte boundary (50257 columns, a GPT-2 vocabulary)
 //     take their ragged head and tail one element a thread and the rest in vectors, as long
 //     as input and output rows are off by the same amount (rows_share_alignment); other
 //     layouts (a row stride that is not) one element at a time.

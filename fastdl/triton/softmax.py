@@ -8,7 +8,8 @@ Forward, three ways by row length and row count:
     chunks keeping a running max m and a running sum s, rescaling s whenever m grows
     (s <- s * exp(m_old - m_new) + sum exp(x - m_new); Milakov & Gimelshein 2018,
     "Online normalizer calculation for softmax"), then a second sweep writes the
-    output. That second read usually hits L2, which holds the row just read.
+    output. That second read hits L2 only when few rows are in flight: with a program a
+    row and many rows it came from DRAM on the H200 (LOOP_PROGRAMS_PER_SM below).
   * split: long rows too few to give every SM several programs (a few rows over a 256k
     vocabulary) are cut into chunks, a program each: one kernel writes each chunk's
     (max, sum) pair, a second combines its row's pairs and writes its chunk.
