@@ -9,6 +9,7 @@ import os
 import torch
 
 import fastdl
+from fastdl.triton import layer_norm as triton_norm
 from fastdl.triton import softmax as triton_softmax
 
 assert torch.cuda.is_available(), "needs a GPU"
@@ -124,6 +125,18 @@ def norm_calls(dtype):
                 torch.autograd.grad(y, (rows_in, w, b), torch.randn_like(y))
                 count += 2
             os.environ.pop("FASTDL_CUDA_NORM_PARAM_KERNEL")
+    if fastdl.get_backend() == "triton":
+        # the Triton loop kernels in fewer programs than rows, each walking rows (LOOP_PROGRAMS_PER_SM):
+        # the fused norm forward past 16384 columns and its dx past 8192, aligned and not
+        triton_norm.LOOP_PROGRAMS_PER_SM = 1
+        for cols in (16392, 16385):
+            rows = torch.cuda.get_device_properties(0).multi_processor_count + 5
+            x, res = (torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+            w = torch.rand(cols, device="cuda", requires_grad=True)
+            h, y = fastdl.ops.add_layer_norm(x, res, cols, w)
+            torch.autograd.grad((h, y), (x, res, w), (torch.randn_like(h), torch.randn_like(y)))
+            count += 2
+        triton_norm.LOOP_PROGRAMS_PER_SM = 0
 
 
 # FASTDL_SANITIZE_BACKENDS (comma-separated: gpu_check.sh runs one process a backend) or every

@@ -222,6 +222,34 @@ def test_loop_kernels_walk_rows(dtype, programs_per_sm, programs, monkeypatch):
     assert row_loops == {name: [programs < 7] * 2 for name in kernels}, row_loops
 
 
+@pytest.mark.parametrize("programs_per_sm, programs", [(0, 7), (1, 2), (3, 6)])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_norm_loop_kernels_walk_rows(rms, programs_per_sm, programs, monkeypatch):
+    """layer_norm.LOOP_PROGRAMS_PER_SM: the norm loop kernels (forward past 16384 columns, the
+    backward's dx past 8192) in a program a row or fewer programs walking rows (ROW_LOOP): the
+    fused norm of 7 rows of 16389, forward and backward, against float64, and the grids."""
+    monkeypatch.setattr(norm_kernels, "LOOP_PROGRAMS_PER_SM", programs_per_sm)
+    kernels = ["_norm_forward_loop_kernel", "_norm_backward_loop_kernel"]
+    row_loops = _spy_on(monkeypatch, norm_kernels, kernels, "ROW_LOOP")
+    n_cols = 16389
+    x, residual, dy, dsum = (torch.randn(7, n_cols, device=DEVICE) for _ in range(4))
+    weight, bias = torch.rand(n_cols, device=DEVICE) + 0.5, None if rms else torch.randn(n_cols, device=DEVICE)
+    y, h, mean, rstd = norm_kernels.norm_forward(x, residual, weight, bias, 1e-5, rms)
+    dx, dweight, _, _ = norm_kernels.norm_backward(dy, dsum, h, weight, mean, rstd, bias is not None, rms)
+    leaves = [t.double().requires_grad_() for t in (x, residual, weight)]
+    h64 = leaves[0] + leaves[1]
+    bias64 = None if rms else bias.double()
+    y64 = (reference.rms_norm(h64, (n_cols,), leaves[2], 1e-5) if rms else
+           reference.layer_norm(h64, (n_cols,), leaves[2], bias64))
+    grads = torch.autograd.grad([y64, h64], leaves, [dy.double(), dsum.double()])
+    assert_close(y, y64, torch.float32, "y")
+    assert_close(dx, grads[0], torch.float32, "dx")
+    assert_close(dweight, grads[2], torch.float32, "dweight")
+    grids = {name: getattr(norm_kernels, name).grids for name in kernels}
+    assert grids == {name: [(programs,)] for name in kernels}, grids
+    assert row_loops == {name: [programs < 7] for name in kernels}, row_loops
+
+
 def test_host_cdiv_and_next_power_of_2_match_tritons():
     """_launch's host-side cdiv / next_power_of_2 (cheaper than Triton's ConstexprFunction
     wrappers) give Triton's answers, powers of two and their neighbours included."""

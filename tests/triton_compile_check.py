@@ -166,18 +166,20 @@ def layer_norm_specs():
                 specs.append((k._norm_backward_tile_kernel, sig, const))
                 if not fused and not has_narrow and (has_w or has_b):  # dx alone (TILE_PARAM_SUMS off)
                     specs.append((k._norm_backward_tile_kernel, sig, {**const, "PARAM_SUMS": False}))
-            const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_RESIDUAL=fused, **flags)
-            sig = {**fwd_ptrs, "x_row_stride_vecs": "i64", "residual_row_stride_vecs": "i64", "n_col_vecs": "i32",
-                   "eps": "fp32", **{c: "constexpr" for c in const}}
-            specs.append((k._norm_forward_loop_kernel, sig, const))
             loop_flags = {f: v for f, v in flags.items() if f != "HAS_BIAS"}  # dx alone
             loop_ptrs = {name: v for name, v in bwd_ptrs.items() if "partial" not in name}
-            for narrow, has_narrow in narrows if res == p else []:
-                const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_DSUM=fused, HAS_DX_NARROW=has_narrow, **loop_flags)
-                sig = {**loop_ptrs, "dx_narrow_ptr": narrow, "dy_row_stride_vecs": "i64",
-                       "dsum_row_stride_vecs": "i64", "x_row_stride_vecs": "i64", "n_col_vecs": "i32",
-                       **{c: "constexpr" for c in const}}
-                specs.append((k._norm_backward_loop_kernel, sig, const))
+            for row_loop in (False, True):  # a program a row, or programs walking rows (LOOP_PROGRAMS_PER_SM)
+                const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_RESIDUAL=fused, ROW_LOOP=row_loop, **flags)
+                sig = {**fwd_ptrs, "x_row_stride_vecs": "i64", "residual_row_stride_vecs": "i64", "n_rows": "i32",
+                       "n_col_vecs": "i32", "eps": "fp32", **{c: "constexpr" for c in const}}
+                specs.append((k._norm_forward_loop_kernel, sig, const))
+                for narrow, has_narrow in narrows if res == p else []:
+                    const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_DSUM=fused, HAS_DX_NARROW=has_narrow,
+                                 ROW_LOOP=row_loop, **loop_flags)
+                    sig = {**loop_ptrs, "dx_narrow_ptr": narrow, "dy_row_stride_vecs": "i64",
+                           "dsum_row_stride_vecs": "i64", "x_row_stride_vecs": "i64", "n_rows": "i32",
+                           "n_col_vecs": "i32", **{c: "constexpr" for c in const}}
+                    specs.append((k._norm_backward_loop_kernel, sig, const))
             if res == p and not fused and (has_w or has_b):  # the longer rows' dweight / dbias (dy as dx's)
                 const = dict(BLOCK_COLS=k.PARAM_BLOCK_COLS, ROWS=k.PARAM_ROWS, **flags)
                 sig = {name: bwd_ptrs[name] for name in ("dy_ptr", "x_ptr", "mean_ptr", "rstd_ptr",
@@ -288,9 +290,9 @@ def check_variant(index, arch):
     local_bytes = int(local[0]) + int(local[1])
     if dtype == "fp64":
         return what, problems, local_bytes
-    # the softmax loop kernels' row loop (LOOP_PROGRAMS_PER_SM, off by default) saves a value or
-    # two a row in local memory in some variants (fastdl/triton/softmax.py says which): accepted
-    # there up to ROW_LOOP_SPILL_BYTES, for the tuner to weigh
+    # the loop kernels' row loop (LOOP_PROGRAMS_PER_SM, off by default) saves a value or two a
+    # row in local memory in some variants (fastdl/triton/softmax.py says which): accepted there
+    # up to ROW_LOOP_SPILL_BYTES, for the tuner to weigh
     if local_bytes and not (constexprs.get("ROW_LOOP") and local_bytes <= ROW_LOOP_SPILL_BYTES):
         problems.append(f"spills: {local_bytes} bytes of stack frame / local memory a thread")
     if check_vectors:

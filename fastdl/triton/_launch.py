@@ -114,6 +114,14 @@ def tile_shape(n_cols: int, tile_elements: int):
     return block_cols, max(1, tile_elements // block_cols)
 
 
+def loop_programs(n_rows: int, device: torch.device, per_sm: int) -> int:
+    """Programs of a loop kernel (a program a row, or fewer walking rows: ROW_LOOP) for n_rows
+    rows: one a row when per_sm <= 0, else at most per_sm an SM."""
+    if per_sm <= 0:
+        return n_rows
+    return min(n_rows, per_sm * sm_count(device))
+
+
 def on_device(t: torch.Tensor):
     """The context a launch for tensor t runs in: Triton launches on the current CUDA
     device and its stream, which need not be t's (a model on cuda:1 while cuda:0 is

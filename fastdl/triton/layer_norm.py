@@ -35,14 +35,21 @@ import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
 from fastdl.ops._common import fuses_cast
-from fastdl.triton._launch import (accumulator_dtype, cdiv, on_device, row_alignment, sm_count, tile_shape,
-                                   tuned_num_warps)
+from fastdl.triton._launch import (accumulator_dtype, cdiv, loop_programs, on_device, row_alignment, sm_count,
+                                   tile_shape, tuned_num_warps)
 
 # Longest row the tile kernels keep whole in registers.
 FORWARD_TILE_MAX_COLS = 16384
 BACKWARD_TILE_MAX_COLS = 8192
 # Chunk of a row per iteration of the loop kernels.
 LOOP_BLOCK_COLS = 2048
+# Programs of the loop kernels (forward past FORWARD_TILE_MAX_COLS, the backward's dx past
+# BACKWARD_TILE_MAX_COLS), which read a row again in later sweeps: 0, a program a row; K, at most
+# K programs an SM, each walking rows (ROW_LOOP), so that fewer rows are in flight and the
+# later sweeps' reads can come from L2 (as softmax.py's LOOP_PROGRAMS_PER_SM, which says why).
+# 0 until a GPU has timed it. The row loop costs registers: 3 of its sm_90 variants (the fused
+# forward at 16 warps) keep 8 bytes in local memory, accepted for ROW_LOOP alone.
+LOOP_PROGRAMS_PER_SM = 0
 # Elements a tile program aims to hold (several short rows each).
 TILE_ELEMENTS = 4096
 # Backward tile programs per SM: each reduces its rows' dweight into one partial row.
@@ -119,22 +126,12 @@ def _norm_forward_tile_kernel(
     tl.store(y_ptr + row * n_cols + col, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=3)
 @triton.jit
-def _norm_forward_loop_kernel(
-    x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, sum_ptr, mean_ptr, rstd_ptr,
-    x_row_stride_vecs, residual_row_stride_vecs, n_col_vecs, eps,
-    BLOCK_COLS: tl.constexpr,
-    RMS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACC: tl.constexpr,
-    ALIGN: tl.constexpr,
-):
-    x_row_stride, residual_row_stride = x_row_stride_vecs * ALIGN, residual_row_stride_vecs * ALIGN
-    n_cols = n_col_vecs * ALIGN
-    row = tl.program_id(0).to(tl.int64)
+def _norm_forward_row(x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, sum_ptr, mean_ptr, rstd_ptr, row,
+                      x_row_stride, residual_row_stride, n_cols, eps, BLOCK_COLS: tl.constexpr, RMS: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      ACC: tl.constexpr):
+    """The loop kernel's work on one row, `row` (int64), in sweeps."""
     x_row = x_ptr + row * x_row_stride
     sum_row = sum_ptr + row * n_cols
     # the row the later sweeps normalise: the stored sum when fused, else x
@@ -184,6 +181,34 @@ def _norm_forward_loop_kernel(
         if HAS_BIAS:
             y += tl.load(bias_ptr + col, mask=mask, other=0.0).to(ACC)
         tl.store(y_ptr + row * n_cols + col, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS", "ROW_LOOP"], live_tiles=3)
+@triton.jit
+def _norm_forward_loop_kernel(
+    x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, sum_ptr, mean_ptr, rstd_ptr,
+    x_row_stride_vecs, residual_row_stride_vecs, n_rows, n_col_vecs, eps,
+    BLOCK_COLS: tl.constexpr,
+    RMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ROW_LOOP: tl.constexpr,  # a program walks rows pid, pid + grid, ... (LOOP_PROGRAMS_PER_SM), else one row
+):
+    x_row_stride, residual_row_stride = x_row_stride_vecs * ALIGN, residual_row_stride_vecs * ALIGN
+    n_cols = n_col_vecs * ALIGN
+    if ROW_LOOP:
+        for program_row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            row = tl.cast(program_row, tl.int64)  # a Python int under the interpreter: no .to()
+            _norm_forward_row(x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, sum_ptr, mean_ptr, rstd_ptr, row,
+                              x_row_stride, residual_row_stride, n_cols, eps, BLOCK_COLS, RMS, HAS_RESIDUAL,
+                              HAS_WEIGHT, HAS_BIAS, ACC)
+    else:
+        _norm_forward_row(x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, sum_ptr, mean_ptr, rstd_ptr,
+                          tl.program_id(0).to(tl.int64), x_row_stride, residual_row_stride, n_cols, eps, BLOCK_COLS,
+                          RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, ACC)
 
 
 # ---------------------------------------------------------------------------------
@@ -317,24 +342,13 @@ def _xhat_and_g(x_row, dy_row, weight_ptr, cols, mask, mean, rstd, HAS_WEIGHT: t
     return xhat, g
 
 
-@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS"], live_tiles=4)
 @triton.jit
-def _norm_backward_loop_kernel(
-    dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dx_narrow_ptr,
-    dy_row_stride_vecs, dsum_row_stride_vecs, x_row_stride_vecs, n_col_vecs,
-    BLOCK_COLS: tl.constexpr,
-    RMS: tl.constexpr,
-    HAS_DSUM: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_DX_NARROW: tl.constexpr,
-    ACC: tl.constexpr,
-    ALIGN: tl.constexpr,
-):
-    """dx of one row too long for registers, in two sweeps (the second's reads served by L2);
-    dweight / dbias are _norm_param_grad_kernel's."""
-    dy_row_stride, dsum_row_stride = dy_row_stride_vecs * ALIGN, dsum_row_stride_vecs * ALIGN
-    x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
-    row = tl.program_id(0).to(tl.int64)
+def _norm_backward_dx_row(dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dx_narrow_ptr, row,
+                          dy_row_stride, dsum_row_stride, x_row_stride, n_cols, BLOCK_COLS: tl.constexpr,
+                          RMS: tl.constexpr, HAS_DSUM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                          HAS_DX_NARROW: tl.constexpr, ACC: tl.constexpr):
+    """dx of one row too long for registers, `row` (int64), in two sweeps (the second's reads
+    from L2 when few rows are in flight); dweight / dbias are _norm_param_grad_kernel's."""
     x_row = x_ptr + row * x_row_stride
     dy_row = dy_ptr + row * dy_row_stride
     rstd = tl.load(rstd_ptr + row).to(ACC)
@@ -367,6 +381,34 @@ def _norm_backward_loop_kernel(
         tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if HAS_DX_NARROW:
             tl.store(dx_narrow_ptr + row * n_cols + cols, dx.to(dx_narrow_ptr.dtype.element_ty), mask=mask)
+
+
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS", "ROW_LOOP"], live_tiles=4)
+@triton.jit
+def _norm_backward_loop_kernel(
+    dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dx_narrow_ptr,
+    dy_row_stride_vecs, dsum_row_stride_vecs, x_row_stride_vecs, n_rows, n_col_vecs,
+    BLOCK_COLS: tl.constexpr,
+    RMS: tl.constexpr,
+    HAS_DSUM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_DX_NARROW: tl.constexpr,
+    ACC: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ROW_LOOP: tl.constexpr,  # as the forward loop kernel's
+):
+    dy_row_stride, dsum_row_stride = dy_row_stride_vecs * ALIGN, dsum_row_stride_vecs * ALIGN
+    x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
+    if ROW_LOOP:
+        for program_row in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            row = tl.cast(program_row, tl.int64)  # a Python int under the interpreter: no .to()
+            _norm_backward_dx_row(dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dx_narrow_ptr, row,
+                                  dy_row_stride, dsum_row_stride, x_row_stride, n_cols, BLOCK_COLS, RMS, HAS_DSUM,
+                                  HAS_WEIGHT, HAS_DX_NARROW, ACC)
+    else:
+        _norm_backward_dx_row(dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dx_narrow_ptr,
+                              tl.program_id(0).to(tl.int64), dy_row_stride, dsum_row_stride, x_row_stride, n_cols,
+                              BLOCK_COLS, RMS, HAS_DSUM, HAS_WEIGHT, HAS_DX_NARROW, ACC)
 
 
 @tuned_num_warps(8, 16, key=["BLOCK_COLS", "ROWS"], live_tiles=4)
@@ -457,8 +499,10 @@ def norm_forward(x, residual, weight, bias, eps: float, rms: bool, out_dtype=Non
                 **lengths, **operands, **flags)
     else:
         with on_device(x):
-            _norm_forward_loop_kernel[(n_rows,)](
-                x_ptr=x, y_ptr=y, rstd_ptr=rstd, eps=eps, BLOCK_COLS=LOOP_BLOCK_COLS, **lengths, **operands, **flags)
+            programs = loop_programs(n_rows, x.device, LOOP_PROGRAMS_PER_SM)
+            _norm_forward_loop_kernel[(programs,)](
+                x_ptr=x, y_ptr=y, rstd_ptr=rstd, n_rows=n_rows, eps=eps, BLOCK_COLS=LOOP_BLOCK_COLS,
+                ROW_LOOP=programs < n_rows, **lengths, **operands, **flags)
     return y, h, mean, rstd
 
 
@@ -536,9 +580,10 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, na
                     BLOCK_COLS=block_cols, ROWS=rows, HAS_BIAS=has_bias, PARAM_SUMS=param_sums_in_tile, **lengths,
                     **operands, **partials, **flags)
             else:
-                _norm_backward_loop_kernel[(n_rows,)](
-                    dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, BLOCK_COLS=LOOP_BLOCK_COLS, **lengths, **operands,
-                    **flags)
+                programs = loop_programs(n_rows, x.device, LOOP_PROGRAMS_PER_SM)
+                _norm_backward_loop_kernel[(programs,)](
+                    dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, BLOCK_COLS=LOOP_BLOCK_COLS,
+                    ROW_LOOP=programs < n_rows, **lengths, **operands, **flags)
             if not param_sums_in_tile and (weight is not None or has_bias):
                 _norm_param_grad_kernel[(cdiv(n_cols, PARAM_BLOCK_COLS), partial_rows)](
                     dy_ptr=dy, x_ptr=x, mean_ptr=operands["mean_ptr"], rstd_ptr=rstd,

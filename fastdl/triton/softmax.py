@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
-from fastdl.triton._launch import (accumulator_dtype, cdiv, next_power_of_2, on_device, row_alignment, row_vector,
-                                   sm_count, tile_shape, tuned_num_warps)
+from fastdl.triton._launch import (accumulator_dtype, cdiv, loop_programs, next_power_of_2, on_device, row_alignment,
+                                   row_vector, sm_count, tile_shape, tuned_num_warps)
 
 # Longest row kept whole in registers by the one-pass kernels (16k fp32 = 64 KiB a row).
 SINGLE_PASS_MAX_COLS = 16384
@@ -468,13 +468,6 @@ def split_chunks(n_rows: int, n_cols: int, device: torch.device) -> tuple[int, i
     return cdiv(n_cols, chunk_cols), chunk_cols  # no empty chunk
 
 
-def loop_programs(n_rows: int, device: torch.device) -> int:
-    """Programs of a loop kernel for n_rows rows: one a row, or at most LOOP_PROGRAMS_PER_SM an SM."""
-    if LOOP_PROGRAMS_PER_SM <= 0:
-        return n_rows
-    return min(n_rows, LOOP_PROGRAMS_PER_SM * sm_count(device))
-
-
 def softmax_forward(x: torch.Tensor, log: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y in out_dtype (None: x's; fp32 beside a 16-bit x, which the kernels read as it is).
     ALIGN and VEC count x's elements, the narrower: their multiples are whole 16-byte
@@ -499,7 +492,7 @@ def softmax_forward(x: torch.Tensor, log: bool, out_dtype: torch.dtype | None = 
     chunks, chunk_cols = split_chunks(n_rows, n_cols, x.device)
     if chunks == 1:
         with on_device(x):
-            programs = loop_programs(n_rows, x.device)
+            programs = loop_programs(n_rows, x.device, LOOP_PROGRAMS_PER_SM)
             _softmax_forward_loop_kernel[(programs,)](
                 x, y, x_row_stride_vecs, n_rows, n_col_vecs, BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc,
                 ALIGN=align, VEC=vec, ROW_LOOP=programs < n_rows,
@@ -546,7 +539,7 @@ def softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, log: bool,
     chunks, chunk_cols = split_chunks(n_rows, n_cols, out.device)
     if chunks == 1:
         with on_device(out):
-            programs = loop_programs(n_rows, out.device)
+            programs = loop_programs(n_rows, out.device, LOOP_PROGRAMS_PER_SM)
             _softmax_backward_loop_kernel[(programs,)](
                 grad_out, out, dx, dy_row_stride_vecs, y_row_stride_vecs, n_rows, n_col_vecs,
                 BLOCK_COLS=LOOP_BLOCK_COLS, LOG=log, ACC=acc, ALIGN=align, VEC=vec, ROW_LOOP=programs < n_rows,
