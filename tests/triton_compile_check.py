@@ -168,7 +168,10 @@ def layer_norm_specs():
                     specs.append((k._norm_backward_tile_kernel, sig, {**const, "PARAM_SUMS": False}))
             loop_flags = {f: v for f, v in flags.items() if f != "HAS_BIAS"}  # dx alone
             loop_ptrs = {name: v for name, v in bwd_ptrs.items() if "partial" not in name}
-            for row_loop in (False, True):  # a program a row, or programs walking rows (LOOP_PROGRAMS_PER_SM)
+            # a program a row, and programs walking rows (LOOP_PROGRAMS_PER_SM, off by default: for
+            # rows and parameters of one dtype with a weight, the cases tune.py times; every
+            # variant of it took CI's compile check from ~190 s to ~280 s)
+            for row_loop in (False, True) if out == p and res == p and has_w else (False,):
                 const = dict(BLOCK_COLS=k.LOOP_BLOCK_COLS, HAS_RESIDUAL=fused, ROW_LOOP=row_loop, **flags)
                 sig = {**fwd_ptrs, "x_row_stride_vecs": "i64", "residual_row_stride_vecs": "i64", "n_rows": "i32",
                        "n_col_vecs": "i32", "eps": "fp32", **{c: "constexpr" for c in const}}

@@ -48,7 +48,8 @@ LOOP_BLOCK_COLS = 2048
 # K programs an SM, each walking rows (ROW_LOOP), so that fewer rows are in flight and the
 # later sweeps' reads can come from L2 (as softmax.py's LOOP_PROGRAMS_PER_SM, which says why).
 # 0 until a GPU has timed it. The row loop costs registers: 3 of its sm_90 variants (the fused
-# forward at 16 warps) keep 8 bytes in local memory, accepted for ROW_LOOP alone.
+# forward at 16 warps: fp32, and 16-bit x beside an fp32 y) keep 8 bytes in local memory,
+# accepted for ROW_LOOP alone (tests/triton_compile_check.py checks its one-dtype variants).
 LOOP_PROGRAMS_PER_SM = 0
 # Elements a tile program aims to hold (several short rows each).
 TILE_ELEMENTS = 4096
