@@ -136,12 +136,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   const int t = threadIdx.x;
   const T* x_row = x + row * x_row_stride;
   T* y_row = y + row * cols;
-  // columns before the first 16-byte boundary (the head), the whole vectors, the rest (the tail)
-  const int head = ragged_head<kPack>(x_row, cols);
-  const int vec_cols = (cols - head) / kPack * kPack;
-  const int tail = cols - head - vec_cols;
-  // this thread's ragged column, if any: head columns to threads 0.., then the tail's
-  const int edge_col = t < head ? t : t < head + tail ? head + vec_cols + (t - head) : -1;
+  const auto [head, vec_cols, edge_col] = ragged_row<kPack>(x_row, cols, t);
   const A edge = edge_col >= 0 ? to_acc(x_row[edge_col]) : A(-INFINITY);  // -inf: exp(-inf - m) = 0
   PackedRowTile<T, kThreads, kElems> tile;
   tile.load(x_row + head, t, vec_cols, from_acc<T>(A(-INFINITY)));  // padding: exp(-inf - m) = 0
@@ -348,14 +343,8 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   const T* y_row = y + row * y_row_stride;
   T* dx_row = dx + row * cols;
   const T* held_row = kLog ? dy_row : y_row;
-  // columns before the first 16-byte boundary (the head), the whole vectors, the rest (the tail)
-  const int head = ragged_head<kPack>(dy_row, cols);
-  const int vec_cols = (cols - head) / kPack * kPack;
-  const int tail = cols - head - vec_cols;
-  // this thread's ragged column, if any (head columns to threads 0.., then the tail's), and
-  // the held input's value there
-  const int edge_col = t < head ? t : t < head + tail ? head + vec_cols + (t - head) : -1;
-  const A edge = edge_col >= 0 ? to_acc(held_row[edge_col]) : A(0);
+  const auto [head, vec_cols, edge_col] = ragged_row<kPack>(dy_row, cols, t);
+  const A edge = edge_col >= 0 ? to_acc(held_row[edge_col]) : A(0);  // the held input's ragged value
   PackedRowTile<T, kThreads, kElems> held;  // y (softmax) or dy (log_softmax); 0 past the row
   held.load(held_row + head, t, vec_cols, from_acc<T>(A(0)));
   A total = edge;  // log_softmax: sum(dy)

@@ -249,7 +249,7 @@ def test_softmax_packed_tiles(runner, tmp_path, dtype, cols, log):
     y, result = _softmax_forward(runner, tmp_path / "packed", x, 0, log, env=env)
     threads = next(t for t in (128, 256, 512) if t * 32 >= cols)
     assert _kernels(result) == ["softmax_forward_packed_kernel"], result.launches
-    assert int(result.launches[0].split(" block=(")[1].split(",")[0]) == threads, result.launches
+    assert _block_threads(result) == [threads], result.launches
     assert torch.equal(y.isnan(), expected.isnan()), "NaN where torch has none or none where it has"
     fin = ~expected.isnan()
     torch.testing.assert_close(y.double()[fin], expected[fin], rtol=TOLERANCE[dtype] * 10, atol=TOLERANCE[dtype])
@@ -288,7 +288,7 @@ def test_softmax_backward_packed_tiles(runner, tmp_path, dtype, cols, log):
         dy, y = _edge_heavy_backward_inputs(7, width, dtype, log)
         dx, result = _softmax_backward(runner, tmp_path / str(width), dy, y, log, env=env)
         assert _kernels(result) == ["softmax_backward_packed_kernel"], result.launches
-        assert int(result.launches[0].split(" block=(")[1].split(",")[0]) == threads, result.launches
+        assert _block_threads(result) == [threads], result.launches
         assert_close(dx, R.softmax_backward(dy.double(), y.double(), -1, log), dtype, f"dx, {width} columns")
     strided_dy, _ = _rows(3, cols, dtype, "strided", scale=1.0)  # row stride cols + 3: off by other amounts
     y = _softmax_ref(_rows(3, cols, dtype, "contiguous")[0], log).to(dtype)
@@ -698,7 +698,7 @@ def test_norm_backward_packed_only_where_it_fits(runner, tmp_path, dtype, varian
         assert_close(packed.outputs[name].view(ref.shape), ref, dtype if name == "dx" else torch.float32, name)
     assert _kernels(packed)[0] == "norm_backward_packed_kernel", packed.launches
     threads = next(t for t in (128, 256, 512) if t * 32 >= cols)  # the fewest that hold the row, 32 values each
-    assert int(packed.launches[0].split(" block=(")[1].split(",")[0]) == threads, packed.launches
+    assert _block_threads(packed)[0] == threads, packed.launches
     other = "norm_backward_tile_kernel" if cols <= 8192 else "norm_backward_loop_kernel"
     wide, grads = _norm_backward(runner, tmp_path / "wide", inputs, rms, env=PARAM_KERNEL, dy_dtype=torch.float32)
     for name, ref in grads.items():

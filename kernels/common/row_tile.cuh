@@ -248,6 +248,21 @@ template <int kVec, typename T, typename I> __device__ __forceinline__ I ragged_
   return (kVec - off) % kVec < n ? (kVec - off) % kVec : n;
 }
 
+// A row cut for the packed kernels, which hold its whole 16-byte vectors (PackedRowTile from
+// column head on, vec_cols of them) and give each of the fewer than kVec columns before the
+// first vector (the head) and after the last (the tail) to one thread as one more value:
+// threads 0.. take the head's columns, the next ones the tail's. edge_col: thread t's ragged
+// column, -1 for none.
+struct RaggedRow {
+  int head, vec_cols, edge_col;
+};
+template <int kVec, typename T> __device__ __forceinline__ RaggedRow ragged_row(const T* row, int cols, int t) {
+  const int head = ragged_head<kVec>(row, cols);
+  const int vec_cols = (cols - head) / kVec * kVec;
+  const int tail = cols - head - vec_cols;
+  return {head, vec_cols, t < head ? t : t < head + tail ? head + vec_cols + (t - head) : -1};
+}
+
 // Calls f(col, std::integral_constant<int, n>{}) for this thread's pieces of the columns
 // [begin, end) of `row`, walked by a block of kThreads threads: n = kVec for the whole
 // 16-byte vectors, from the first column on a 16-byte boundary on, kThreads * kVec columns
