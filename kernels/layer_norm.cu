@@ -15,7 +15,9 @@
 //     16384 columns, 41% of the copy bandwidth on the H200 where Triton reached 85%.
 //   * loop (longer rows), a block per row: sweep 1 writes x + residual (when fused) and
 //     sums the row; sweep 2 sums squared deviations; sweep 3 normalises and writes.
-//     Sweeps 2-3 re-read the row from L1/L2. Each thread touches the same columns in
+//     Sweeps 2-3 re-read the row, from L2 only when few rows are in flight:
+//     FASTDL_CUDA_LOOP_BLOCKS_PER_SM (common/occupancy.h loop_grid, off until timed) has fewer
+//     blocks walk the rows, as softmax's block kernels. Each thread touches the same columns in
 //     every sweep, so the sum it wrote in sweep 1 is its own to read back, no barrier.
 //     Rows walked in 16-byte vectors (kVec elements a step), or one element at a time
 //     when some row is not 16-byte aligned.
@@ -49,9 +51,10 @@
 // the backward would read it again (22).
 //
 // Register spills accepted (tests/test_build.py reads these lines): the double
-// instantiation (mangled "...Id...") on sm_80 keeps 8 bytes on the stack for the slow
-// path of double sqrt. fp64 is there for gradcheck, not for speed.
-// spills accepted: norm_forward_loop_kernelId: fp64 sqrt slow path on sm_80
+// instantiation (mangled "...Id...") keeps 8 bytes on the stack around the call of double
+// sqrt's slow path (sm_80 once; sm_90a's 16-byte-vector instantiation since the kernel walks
+// rows: 4 bytes stored, 20 loaded a row). fp64 is there for gradcheck, not for speed.
+// spills accepted: norm_forward_loop_kernelId: fp64 sqrt slow path
 #include <algorithm>
 #include <climits>
 #include <type_traits>
@@ -254,81 +257,85 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   });
 }
 
+// A block a row, or with FASTDL_CUDA_LOOP_BLOCKS_PER_SM fewer blocks, each walking rows
+// blockIdx.x, + gridDim.x, ... (loop_grid): sweeps 2-3 read the row from L2 only with few rows in
+// flight.
 template <typename T, typename W, typename Y, typename R, int kVec>
 __global__ void __launch_bounds__(kLoopThreads)
     norm_forward_loop_kernel(const T* __restrict__ x, const R* __restrict__ residual, const W* __restrict__ weight,
                              const W* __restrict__ bias, Y* __restrict__ y, R* __restrict__ sum,
                              typename Acc<T>::type* __restrict__ mean_out, typename Acc<T>::type* __restrict__ rstd_out,
-                             int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
+                             int64_t rows, int64_t cols, int64_t x_row_stride, int64_t residual_row_stride,
                              typename Acc<T>::type eps, bool rms) {
   using A = typename Acc<T>::type;
   __shared__ A scratch[kLoopThreads / kWarpSize];
   constexpr int64_t kStep = static_cast<int64_t>(kLoopThreads) * kVec;
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * kVec;
-  const int64_t row = blockIdx.x;
-  const T* x_row = x + row * x_row_stride;
-  // the row sweeps 2-3 read: the sum when fused, else x (R is T but for a residual wider than
-  // x, which the launch never leaves out)
-  const R* src = nullptr;
-  if constexpr (std::is_same_v<R, T>) src = x_row;
-  A total = 0;
-  if (residual != nullptr) {
-    const R* r_row = residual + row * residual_row_stride;
-    R* h_row = sum + row * cols;
-    for (int64_t col = first_col; col < cols; col += kStep) {
-      A h[kVec], r[kVec];
-      load_acc<kVec>(x_row + col, h);
-      load_acc<kVec>(r_row + col, r);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* x_row = x + row * x_row_stride;
+    // the row sweeps 2-3 read: the sum when fused, else x (R is T but for a residual wider than
+    // x, which the launch never leaves out)
+    const R* src = nullptr;
+    if constexpr (std::is_same_v<R, T>) src = x_row;
+    A total = 0;
+    if (residual != nullptr) {
+      const R* r_row = residual + row * residual_row_stride;
+      R* h_row = sum + row * cols;
+      for (int64_t col = first_col; col < cols; col += kStep) {
+        A h[kVec], r[kVec];
+        load_acc<kVec>(x_row + col, h);
+        load_acc<kVec>(r_row + col, r);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        h[k] = to_acc(from_acc<R>(h[k] + r[k]));  // rounded, as the unfused add
-        total += h[k];
+        for (int k = 0; k < kVec; ++k) {
+          h[k] = to_acc(from_acc<R>(h[k] + r[k]));  // rounded, as the unfused add
+          total += h[k];
+        }
+        store_acc<kVec>(h_row + col, h);
       }
-      store_acc<kVec>(h_row + col, h);
+      src = h_row;
+    } else if (!rms) {
+      for (int64_t col = first_col; col < cols; col += kStep) {
+        A v[kVec];
+        load_acc<kVec>(x_row + col, v);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) total += v[k];
+      }
     }
-    src = h_row;
-  } else if (!rms) {
+    A mean = 0;
+    if (!rms) mean = block_sum<kLoopThreads>(total, scratch) / static_cast<A>(cols);
+    A sq = 0;
     for (int64_t col = first_col; col < cols; col += kStep) {
       A v[kVec];
-      load_acc<kVec>(x_row + col, v);
+      load_acc<kVec>(src + col, v);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) total += v[k];
+      for (int k = 0; k < kVec; ++k) sq += (v[k] - mean) * (v[k] - mean);
     }
-  }
-  A mean = 0;
-  if (!rms) mean = block_sum<kLoopThreads>(total, scratch) / static_cast<A>(cols);
-  A sq = 0;
-  for (int64_t col = first_col; col < cols; col += kStep) {
-    A v[kVec];
-    load_acc<kVec>(src + col, v);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) sq += (v[k] - mean) * (v[k] - mean);
-  }
-  sq = block_sum<kLoopThreads>(sq, scratch);
-  const A rstd = A(1) / sqrt(sq / static_cast<A>(cols) + eps);
-  if (threadIdx.x == 0) {
-    if (!rms) mean_out[row] = mean;
-    rstd_out[row] = rstd;
-  }
-  Y* y_row = y + row * cols;
-  for (int64_t col = first_col; col < cols; col += kStep) {
-    A v[kVec];
-    load_acc<kVec>(src + col, v);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) v[k] = (v[k] - mean) * rstd;
-    if (weight != nullptr) {
-      A w[kVec];
-      load_acc<kVec>(weight + col, w);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) v[k] *= w[k];
+    sq = block_sum<kLoopThreads>(sq, scratch);
+    const A rstd = A(1) / sqrt(sq / static_cast<A>(cols) + eps);
+    if (threadIdx.x == 0) {
+      if (!rms) mean_out[row] = mean;
+      rstd_out[row] = rstd;
     }
-    if (bias != nullptr) {
-      A b[kVec];
-      load_acc<kVec>(bias + col, b);
+    Y* y_row = y + row * cols;
+    for (int64_t col = first_col; col < cols; col += kStep) {
+      A v[kVec];
+      load_acc<kVec>(src + col, v);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) v[k] += b[k];
+      for (int k = 0; k < kVec; ++k) v[k] = (v[k] - mean) * rstd;
+      if (weight != nullptr) {
+        A w[kVec];
+        load_acc<kVec>(weight + col, w);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) v[k] *= w[k];
+      }
+      if (bias != nullptr) {
+        A b[kVec];
+        load_acc<kVec>(bias + col, b);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) v[k] += b[k];
+      }
+      store_acc<kVec>(y_row + col, v);
     }
-    store_acc<kVec>(y_row + col, v);
   }
 }
 
@@ -773,8 +780,9 @@ cudaError_t forward_typed(const void* x_, const void* residual_, const void* wei
   if (!tiled) {
     with_vec<T>(aligned, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
-      norm_forward_loop_kernel<T, W, Y, R, kVec><<<static_cast<unsigned>(rows), kLoopThreads, 0, stream>>>(
-          x, residual, weight, bias, y, sum, mean, rstd, cols, x_stride, residual_stride, static_cast<A>(eps), rms);
+      norm_forward_loop_kernel<T, W, Y, R, kVec><<<loop_grid(rows), kLoopThreads, 0, stream>>>(
+          x, residual, weight, bias, y, sum, mean, rstd, rows, cols, x_stride, residual_stride, static_cast<A>(eps),
+          rms);
     });
   }
   return cudaGetLastError();

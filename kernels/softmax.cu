@@ -473,21 +473,6 @@ inline bool packed_tiles_knob() {
   return on == 1;
 }
 
-// Blocks of the block kernels: a block a row, or with FASTDL_CUDA_LOOP_BLOCKS_PER_SM=K (unset or 0:
-// a block a row, until a GPU has timed it) at most K an SM, each walking several rows. These
-// kernels read a row twice; with a block a row every row is in flight at once and the second
-// read comes from DRAM (fp32 4096 x 65536 on the H200: ~4.1 TB/s counting 3 moves of a row,
-// the copy's rate); K blocks an SM keep ~132 K rows in flight, for L2 to hold.
-inline unsigned loop_grid(int64_t rows) {
-  int64_t per_sm = 0;
-  env_knob("FASTDL_CUDA_LOOP_BLOCKS_PER_SM", 0, 1 << 16, &per_sm);
-  int device = 0, sms = 0;
-  if (per_sm > 0 && cudaGetDevice(&device) == cudaSuccess &&
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && sms > 0)
-    return static_cast<unsigned>(std::min<int64_t>(rows, per_sm * sms));
-  return static_cast<unsigned>(rows);
-}
-
 // The split a launch takes: split_for's, or none when the caller gave too little workspace.
 template <typename T>
 cudaError_t plan_split(int64_t rows, int64_t cols, const void* workspace, size_t workspace_bytes, Split* split) {

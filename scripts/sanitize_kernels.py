@@ -125,10 +125,12 @@ def norm_calls(dtype):
                 torch.autograd.grad(y, (rows_in, w, b), torch.randn_like(y))
                 count += 2
             os.environ.pop("FASTDL_CUDA_NORM_PARAM_KERNEL")
-    if fastdl.get_backend() == "triton":
-        # the Triton loop kernels in fewer programs than rows, each walking rows (LOOP_PROGRAMS_PER_SM):
-        # the fused norm forward past 16384 columns and its dx past 8192, aligned and not
+    if fastdl.get_backend() in ("triton", "cuda"):
+        # the loop kernels in fewer programs (blocks) than rows, each walking rows (Triton's
+        # LOOP_PROGRAMS_PER_SM: the fused norm forward past 16384 columns and its dx past 8192;
+        # FASTDL_CUDA_LOOP_BLOCKS_PER_SM: the forward past 16384), aligned and not
         triton_norm.LOOP_PROGRAMS_PER_SM = 1
+        os.environ["FASTDL_CUDA_LOOP_BLOCKS_PER_SM"] = "1"
         for cols in (16392, 16385):
             rows = torch.cuda.get_device_properties(0).multi_processor_count + 5
             x, res = (torch.randn(rows, cols, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
@@ -137,6 +139,7 @@ def norm_calls(dtype):
             torch.autograd.grad((h, y), (x, res, w), (torch.randn_like(h), torch.randn_like(y)))
             count += 2
         triton_norm.LOOP_PROGRAMS_PER_SM = 0
+        os.environ.pop("FASTDL_CUDA_LOOP_BLOCKS_PER_SM")
 
 
 # FASTDL_SANITIZE_BACKENDS (comma-separated: gpu_check.sh runs one process a backend) or every

@@ -465,7 +465,8 @@ def test_tune_knobs_exist():
     from fastdl.bench import tune
 
     kernels = Path(__file__).resolve().parents[1] / "kernels"
-    cuda_source = "\n".join(p.read_text() for p in [*kernels.glob("*.cu"), *kernels.glob("common/*.cuh")])
+    cuda_source = "\n".join(p.read_text() for p in [*kernels.glob("*.cu"), *kernels.glob("common/*.cuh"),
+                                                    *kernels.glob("common/*.h")])
     for quick in (True, False):
         for case in tune.all_cases(quick):
             if case.knob.name.startswith("env:"):

@@ -615,6 +615,28 @@ def test_norm_hidden_65536_and_past(runner, tmp_path, dtype, cols, variant):
         assert_close(result.outputs[name].view(ref.shape), ref, dtype if name == "dx" else _acc(dtype), name)
 
 
+@pytest.mark.parametrize("blocks_per_sm, grid", [("1", 4), ("2", 8), ("3", 11), ("0", 11)])
+@pytest.mark.parametrize("variant", ["layer_norm", "add_rms_norm_plain"])
+@pytest.mark.parametrize("dtype, cols", [(torch.bfloat16, 16392), (torch.float32, 16389)], ids=str)
+def test_norm_forward_loop_kernel_walks_rows(runner, tmp_path, dtype, cols, variant, blocks_per_sm, grid):
+    """FASTDL_CUDA_LOOP_BLOCKS_PER_SM: the norm forward's loop kernel in a block a row (0), or at
+    most K blocks an SM (the emulated device's 4), each walking rows blockIdx.x, + gridDim.x, ...:
+    11 rows of whole vectors and of an odd width (one element at a time), plain and fused, against
+    float64; a row walked twice or skipped fails (outputs poisoned)."""
+    rms = NORM_VARIANTS[variant][3]
+    inputs, offsets = _norm_inputs((11, cols), dtype, variant)
+    env = {"FASTDL_CUDA_LOOP_BLOCKS_PER_SM": blocks_per_sm}
+    result = _norm_forward(runner, tmp_path, inputs, offsets, rms, env=env)
+    assert _kernels(result) == ["norm_forward_loop_kernel"] and f"grid=({grid},1,1)" in result.launches[0]
+    _, y, mean, rstd = _norm_reference(inputs, rms, 1e-5)
+    assert_close(result.outputs["y"].view(11, cols), y, dtype, "y")
+    assert_close(result.outputs["rstd"], rstd, _acc(dtype), "rstd")
+    if not rms:
+        assert_close(result.outputs["mean"], mean, _acc(dtype), "mean")
+    if "residual" in inputs:
+        assert torch.equal(result.outputs["sum"].view(11, cols), inputs["x"] + inputs["residual"]), "x + residual"
+
+
 @pytest.mark.parametrize("blocks_per_sm", ["1", "3", "4096"])
 @pytest.mark.parametrize("cols", [7, 768, 20000])
 def test_norm_parameter_gradients_deterministic(runner, tmp_path, cols, blocks_per_sm):

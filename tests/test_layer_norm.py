@@ -367,6 +367,20 @@ def test_cuda_backward_shared_sums_knob(case, dtype, monkeypatch):
     assert all(torch.equal(a, c) for a, c in zip(*runs)), "shared-memory sums gave other gradient bits"
 
 
+@pytest.mark.parametrize("cols", [16392, 16389])
+@pytest.mark.parametrize("variant", ["add_layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
+def test_cuda_forward_loop_blocks_knob(case, dtype, variant, cols, monkeypatch):
+    """FASTDL_CUDA_LOOP_BLOCKS_PER_SM=1: the forward's loop kernel (past 16384 columns) in one block
+    an SM, each walking rows, over more rows than SMs (whole vectors and an odd width), forward and
+    backward against float64."""
+    backend, device = case
+    monkeypatch.setenv("FASTDL_CUDA_LOOP_BLOCKS_PER_SM", "1")
+    rows = torch.cuda.get_device_properties(device).multi_processor_count * 2 + 3
+    _check(backend, variant, *_inputs((rows, cols), dtype, "cuda", variant), dtype)
+
+
 @pytest.mark.parametrize("cols", [2056, 4096, 8192, 12000, 16384])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, None], ids=["fp32 params", "x's dtype params"])
 @pytest.mark.parametrize("variant", ["layer_norm", "rms_norm"])

@@ -1,13 +1,18 @@
 // A kernel's shared memory opt-in and its resident blocks, each asked of the runtime once
-// per (kernel, device, ...) and remembered. Host code only; no torch here.
+// per (kernel, device, ...) and remembered; the grid of the kernels that walk rows. Host code
+// only; no torch here.
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <utility>
+
+#include "env.h"
 
 namespace fastdl::kernels {
 
@@ -63,6 +68,22 @@ inline cudaError_t resident_blocks(const void* kernel, int threads, size_t share
   known[key] = answer;
   *blocks = answer;
   return cudaSuccess;
+}
+
+// Blocks of a kernel that walks rows blockIdx.x, + gridDim.x, ... (softmax's block kernels, the
+// norm forward's loop kernel): a block a row, or with FASTDL_CUDA_LOOP_BLOCKS_PER_SM=K (unset or
+// 0: a block a row, until a GPU has timed it) at most K an SM. These kernels read a row twice or
+// three times; with a block a row every row is in flight at once and the later reads come from
+// DRAM (softmax fp32 4096 x 65536 on the H200: ~4.1 TB/s counting 3 moves of a row, the copy's
+// rate); K blocks an SM keep ~132 K rows in flight, for L2 to hold.
+inline unsigned loop_grid(int64_t rows) {
+  int64_t per_sm = 0;
+  env_knob("FASTDL_CUDA_LOOP_BLOCKS_PER_SM", 0, 1 << 16, &per_sm);
+  int device = 0, sms = 0;
+  if (per_sm > 0 && cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess && sms > 0)
+    return static_cast<unsigned>(std::min<int64_t>(rows, per_sm * sms));
+  return static_cast<unsigned>(rows);
 }
 
 }  // namespace fastdl::kernels
