@@ -14,11 +14,14 @@
 //     values a thread converted, in 45 registers at 1024 threads: one block a multiprocessor at
 //     16384 columns, 41% of the copy bandwidth on the H200 where Triton reached 85%.
 //   * loop (longer rows), a block per row: sweep 1 writes x + residual (when fused) and
-//     sums the row; sweep 2 sums squared deviations; sweep 3 normalises and writes.
-//     Sweeps 2-3 re-read the row, from L2 only when few rows are in flight:
+//     takes the row's mean and squared deviations in one pass (Welford's update a 16-byte
+//     vector at a time, the threads' states combined as Chan et al.'s: common/reduce.cuh
+//     MeanM2), or its sum of squares (RMS); sweep 2 normalises and writes. Two reads of the
+//     row, not three (a sweep for the mean, one for the deviations from it, one to write).
+//     Sweep 2 re-reads the row, from L2 only when few rows are in flight:
 //     FASTDL_CUDA_LOOP_BLOCKS_PER_SM (common/occupancy.h loop_grid, off until timed) has fewer
 //     blocks walk the rows, as softmax's block kernels. Each thread touches the same columns in
-//     every sweep, so the sum it wrote in sweep 1 is its own to read back, no barrier.
+//     both sweeps, so the sum it wrote in sweep 1 is its own to read back, no barrier.
 //     Rows walked in 16-byte vectors (kVec elements a step), or one element at a time
 //     when some row is not 16-byte aligned.
 //
@@ -49,12 +52,6 @@
 // rows (fp32) also writes dx rounded to x's dtype (N, a second store of the values it holds),
 // the 16-bit input's gradient: 18 bytes a value moved, where a cast of the fp32 dx after
 // the backward would read it again (22).
-//
-// Register spills accepted (tests/test_build.py reads these lines): the double
-// instantiation (mangled "...Id...") keeps 8 bytes on the stack around the call of double
-// sqrt's slow path (sm_80 once; sm_90a's 16-byte-vector instantiation since the kernel walks
-// rows: 4 bytes stored, 20 loaded a row). fp64 is there for gradcheck, not for speed.
-// spills accepted: norm_forward_loop_kernelId: fp64 sqrt slow path
 #include <algorithm>
 #include <climits>
 #include <type_traits>
@@ -258,8 +255,8 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 }
 
 // A block a row, or with FASTDL_CUDA_LOOP_BLOCKS_PER_SM fewer blocks, each walking rows
-// blockIdx.x, + gridDim.x, ... (loop_grid): sweeps 2-3 read the row from L2 only with few rows in
-// flight.
+// blockIdx.x, + gridDim.x, ... (loop_grid): the second sweep reads the row from L2 only with few
+// rows in flight.
 template <typename T, typename W, typename Y, typename R, int kVec>
 __global__ void __launch_bounds__(kLoopThreads)
     norm_forward_loop_kernel(const T* __restrict__ x, const R* __restrict__ residual, const W* __restrict__ weight,
@@ -273,49 +270,50 @@ __global__ void __launch_bounds__(kLoopThreads)
   const int64_t first_col = static_cast<int64_t>(threadIdx.x) * kVec;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* x_row = x + row * x_row_stride;
-    // the row sweeps 2-3 read: the sum when fused, else x (R is T but for a residual wider than
+    const R* r_row = residual != nullptr ? residual + row * residual_row_stride : nullptr;
+    R* h_row = residual != nullptr ? sum + row * cols : nullptr;
+    // the row sweep 2 reads: the sum when fused, else x (R is T but for a residual wider than
     // x, which the launch never leaves out)
-    const R* src = nullptr;
-    if constexpr (std::is_same_v<R, T>) src = x_row;
-    A total = 0;
-    if (residual != nullptr) {
-      const R* r_row = residual + row * residual_row_stride;
-      R* h_row = sum + row * cols;
-      for (int64_t col = first_col; col < cols; col += kStep) {
-        A h[kVec], r[kVec];
-        load_acc<kVec>(x_row + col, h);
+    const R* src = h_row;
+    if constexpr (std::is_same_v<R, T>) {
+      if (residual == nullptr) src = x_row;
+    }
+    // sweep 1: the sum (written when fused) and the row's statistics: its sum of squares (RMS),
+    // or this thread's count, mean and squared deviations (MeanM2: a vector's, combined into the
+    // running state), then the block's
+    A sq = 0;
+    MeanM2<A> stats{A(0), A(0), A(0)};
+    for (int64_t col = first_col; col < cols; col += kStep) {
+      A v[kVec];
+      load_acc<kVec>(x_row + col, v);
+      if (residual != nullptr) {
+        A r[kVec];
         load_acc<kVec>(r_row + col, r);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          h[k] = to_acc(from_acc<R>(h[k] + r[k]));  // rounded, as the unfused add
-          total += h[k];
-        }
-        store_acc<kVec>(h_row + col, h);
+        for (int k = 0; k < kVec; ++k) v[k] = to_acc(from_acc<R>(v[k] + r[k]));  // rounded, as the unfused add
+        store_acc<kVec>(h_row + col, v);
       }
-      src = h_row;
-    } else if (!rms) {
-      for (int64_t col = first_col; col < cols; col += kStep) {
-        A v[kVec];
-        load_acc<kVec>(x_row + col, v);
+      if (rms) {
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) total += v[k];
+        for (int k = 0; k < kVec; ++k) sq += v[k] * v[k];
+      } else {
+        stats = combine(stats, mean_m2(v));
       }
     }
     A mean = 0;
-    if (!rms) mean = block_sum<kLoopThreads>(total, scratch) / static_cast<A>(cols);
-    A sq = 0;
-    for (int64_t col = first_col; col < cols; col += kStep) {
-      A v[kVec];
-      load_acc<kVec>(src + col, v);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) sq += (v[k] - mean) * (v[k] - mean);
+    if (rms) {
+      sq = block_sum<kLoopThreads>(sq, scratch);
+    } else {
+      stats = block_mean_m2<kLoopThreads>(stats, static_cast<A>(cols), scratch);
+      mean = stats.mean;
+      sq = stats.m2;
     }
-    sq = block_sum<kLoopThreads>(sq, scratch);
     const A rstd = A(1) / sqrt(sq / static_cast<A>(cols) + eps);
     if (threadIdx.x == 0) {
       if (!rms) mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
+    // sweep 2: normalise and write. Each thread reads the columns it wrote in sweep 1.
     Y* y_row = y + row * cols;
     for (int64_t col = first_col; col < cols; col += kStep) {
       A v[kVec];

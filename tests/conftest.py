@@ -93,6 +93,19 @@ def backend_cases():
     return [(b, d) for d in DEVICES for b in backends.available_backends(d)]
 
 
+def hard_statistics_rows(cols, device="cpu"):
+    """fp32 rows whose mean and variance a careless one-sweep method gets wrong: an offset 50x
+    the spread (100 +- 2: an fp32 mean is within 4e-6 of it, 2e-6 of the spread), an outlier
+    first value (1e5 among N(0, 1)), a spread 0.03 of the offset (1 +- 0.03: the sum of squares
+    less the squared sum loses 3 of fp32's 7 digits), plain N(0, 1). (fp32 itself puts a mean
+    half an ulp off: relative to the spread, 2e-6 at either offset, within the 1e-5 tolerance.)"""
+    x = torch.randn(4, cols, device=device)
+    x[0] = x[0] * 2 + 100
+    x[1, 0] = 1e5
+    x[2] = x[2] * 0.03 + 1
+    return x
+
+
 def case_id(case):
     return f"{case[0]}-{case[1]}"
 

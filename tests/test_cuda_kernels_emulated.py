@@ -21,7 +21,7 @@ import torch
 
 import emulated_cuda
 from fastdl import reference as R
-from conftest import ON_CI, TOLERANCE, assert_close
+from conftest import ON_CI, TOLERANCE, assert_close, hard_statistics_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 # with a GPU the kernels themselves run (tests/test_softmax.py, tests/test_layer_norm.py)
@@ -613,6 +613,25 @@ def test_norm_hidden_65536_and_past(runner, tmp_path, dtype, cols, variant):
     assert _kernels(result)[0] == "norm_backward_loop_kernel", result.launches
     for name, ref in grads.items():
         assert_close(result.outputs[name].view(ref.shape), ref, dtype if name == "dx" else _acc(dtype), name)
+
+
+@pytest.mark.parametrize("variant", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("cols", [20000, 20001])  # 16-byte vectors, and one element at a time
+def test_norm_forward_loop_statistics_of_hard_rows(runner, tmp_path, cols, variant):
+    """The loop kernel's one-sweep mean and variance (Welford's, a vector at a time, the
+    threads' states combined) as exact as fp32 allows on rows that break careless methods
+    (conftest.hard_statistics_rows), each row against float64 on its own."""
+    inputs, offsets = _norm_inputs((4, cols), torch.float32, variant)
+    inputs["x"] = hard_statistics_rows(cols)
+    if "residual" in inputs:
+        inputs["residual"] = inputs["residual"] * 1e-3
+    result = _norm_forward(runner, tmp_path, inputs, offsets, rms=False)
+    assert _kernels(result) == ["norm_forward_loop_kernel"], result.launches
+    _, y, mean, rstd = _norm_reference(inputs, False, 1e-5)
+    for i in range(4):
+        assert_close(result.outputs["y"].view(4, cols)[i], y[i], torch.float32, f"y row {i}")
+    assert_close(result.outputs["mean"], mean, torch.float32, "mean")
+    assert_close(result.outputs["rstd"], rstd, torch.float32, "rstd")
 
 
 @pytest.mark.parametrize("blocks_per_sm, grid", [("1", 4), ("2", 8), ("3", 11), ("0", 11)])

@@ -6,7 +6,8 @@ import torch
 import fastdl
 from fastdl import reference as R
 
-from conftest import TOLERANCE, assert_close, autocast_as, backend_cases, case_id, compile_backends
+from conftest import (TOLERANCE, assert_close, autocast_as, backend_cases, case_id, compile_backends,
+                      hard_statistics_rows)
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -101,6 +102,30 @@ def test_hidden_65536_and_past(case, dtype, hidden, variant):
     case: two, not every dtype x size.)"""
     backend, device = case
     _check(backend, variant, *_inputs((3, hidden), dtype, device, variant), dtype)
+
+
+@pytest.mark.parametrize("cols", [20000, 20001])  # whole 16-byte vectors, and not
+@pytest.mark.parametrize("variant", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_long_row_statistics_offset_outlier_spread(case, variant, cols):
+    """Mean and variance of long rows (the loop kernels: one sweep for both, Welford's) as exact
+    as fp32 allows on rows that break careless methods (conftest.hard_statistics_rows), each row
+    against float64 on its own; the backward too."""
+    backend, device = case
+    x = hard_statistics_rows(cols, device)
+    _, _, has_res, *_ = VARIANTS[variant]
+    res = torch.randn_like(x) * 1e-3 if has_res else None
+    w, b = torch.rand(cols, device=device) + 0.5, torch.randn(cols, device=device)
+    fn, ref_fn = VARIANTS[variant][:2]
+    with fastdl.use_backend(backend):
+        out = _call(fn, variant, x, res, w, b, cols, 1e-5)
+    y = out[1] if has_res else out
+    h64 = (x + res).double() if has_res else x.double()  # the sum rounded to fp32, as the kernels normalise it
+    ref = R.layer_norm(h64, cols, w.double(), b.double(), 1e-5)
+    for i in range(x.shape[0]):
+        assert_close(y[i], ref[i], torch.float32, f"row {i}")
+    _check(backend, variant, x.requires_grad_(), res.requires_grad_() if has_res else None, w.requires_grad_(),
+           b.requires_grad_(), torch.float32)
 
 
 @pytest.mark.parametrize("variant", ["layer_norm", "layer_norm_plain", "rms_norm", "add_layer_norm"])

@@ -5,10 +5,11 @@ One forward and one backward kernel serve all four ops through constexpr flags
 (RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS), each in two shapes by row length:
   * tile: a program holds ROWS whole rows in registers; one read and one write of
     every element (plus the residual and the sum when fused).
-  * loop: for rows too long for registers, a program walks its row in chunks:
-    sum -> mean, sum of squared deviations -> variance (two sweeps, not sum of squares
-    minus square of sums, which cancels catastrophically in fp32), then a sweep that
-    writes. The repeated reads of a row just read are served by L2.
+  * loop: for rows too long for registers, a program walks its row in chunks: a sweep
+    takes mean and variance (Welford's running update in each lane, the lanes combined
+    as Chan et al.'s; not sum of squares minus square of sums, which cancels
+    catastrophically in fp32), then a sweep normalises and writes: two reads of the row,
+    the second from L2 when few rows are in flight (LOOP_PROGRAMS_PER_SM).
 Fused residual: the forward writes h = x + residual (rounded to the input dtype, as
 the unfused add would) and normalises h; the backward adds the gradient that reaches h
 from its other uses (dsum) to dx, which is then both d(x) and d(residual).
@@ -135,14 +136,17 @@ def _norm_forward_row(x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, sum_ptr,
     """The loop kernel's work on one row, `row` (int64), in sweeps."""
     x_row = x_ptr + row * x_row_stride
     sum_row = sum_ptr + row * n_cols
-    # the row the later sweeps normalise: the stored sum when fused, else x
+    # the row sweep 2 normalises: the stored sum when fused, else x
     if HAS_RESIDUAL:
         src_row = sum_row
     else:
         src_row = x_row
-    # sweep 1: the sum (written when fused), and sum and sum of squares of the row
-    acc_sum = tl.zeros([BLOCK_COLS], ACC)
+    # sweep 1: the sum (written when fused), and the row's statistics: its sum of squares
+    # (RMS), or each lane's running mean and squared deviations from it (Welford 1962), then
+    # combined: the variance in one read of the row, as stable as from deviations of the mean
+    # (not the sum of squares less the squared sum, which cancels catastrophically in fp32)
     acc_sq = tl.zeros([BLOCK_COLS], ACC)
+    lane_mean = tl.zeros([BLOCK_COLS], ACC)
     for start in range(0, n_cols, BLOCK_COLS):
         col = start + tl.arange(0, BLOCK_COLS)
         mask = col < n_cols
@@ -152,26 +156,31 @@ def _norm_forward_row(x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, sum_ptr,
             h = x.to(sum_ptr.dtype.element_ty)
             tl.store(sum_row + col, h, mask=mask)
             x = h.to(ACC)
-        acc_sum += x
-        acc_sq += x * x
+        if RMS:
+            acc_sq += x * x
+        else:
+            # a lane in the row now was in every chunk before (they were whole): its count is
+            # this chunk's number, the same for all; a lane past the row's end adds nothing
+            delta = tl.where(mask, x - lane_mean, 0.0)
+            lane_mean += delta * (1.0 / tl.cast(start // BLOCK_COLS + 1, ACC))
+            acc_sq += delta * (x - lane_mean)
     if RMS:
         mean = 0.0
         var = tl.sum(acc_sq, axis=0) / n_cols
     else:
-        mean = tl.sum(acc_sum, axis=0) / n_cols
+        # the lanes' states as one (Chan et al. 1979): the mean of their means weighted by their
+        # counts, and their squared deviations plus each lane mean's from it, count times (a
+        # lane past the row's end: count 0, adds nothing)
+        lanes = tl.arange(0, BLOCK_COLS)
+        lane_count = (tl.maximum(n_cols - lanes + BLOCK_COLS - 1, 0) // BLOCK_COLS).to(ACC)  # chunks a lane was in
+        mean = tl.sum(lane_count * lane_mean, axis=0) / n_cols
+        lane_dev = lane_mean - mean
+        m2 = tl.sum(acc_sq + lane_count * lane_dev * lane_dev, axis=0)
         tl.store(mean_ptr + row, mean)
-        # sweep 2: variance from deviations (numerically safe), rows re-read from L2
-        acc_sq = tl.zeros([BLOCK_COLS], ACC)
-        for start in range(0, n_cols, BLOCK_COLS):
-            col = start + tl.arange(0, BLOCK_COLS)
-            mask = col < n_cols
-            x = tl.load(src_row + col, mask=mask, other=0.0).to(ACC)
-            d = tl.where(mask, x - mean, 0.0)
-            acc_sq += d * d
-        var = tl.sum(acc_sq, axis=0) / n_cols
+        var = m2 / n_cols
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(rstd_ptr + row, rstd)
-    # last sweep: normalise and write
+    # sweep 2: normalise and write (the row read again, from L2 when few rows are in flight)
     for start in range(0, n_cols, BLOCK_COLS):
         col = start + tl.arange(0, BLOCK_COLS)
         mask = col < n_cols

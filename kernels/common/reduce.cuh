@@ -88,4 +88,41 @@ __device__ __forceinline__ MaxSum<A> block_combine(MaxSum<A> v, MaxSum<A>* scrat
   return warp_combine(v);
 }
 
+// Count n, mean and sum of squared deviations from the mean m2 of some values, for the
+// variance in one sweep (m2 / n), as stable as from deviations of a mean found first (the sum
+// of squares less the squared sum cancels in fp32): Welford's running update (1962), here a
+// state taken over a few values at once combined with another as Chan, Golub & LeVeque (1979).
+template <typename A> struct MeanM2 {
+  A n, mean, m2;
+};
+
+template <typename A> __device__ __forceinline__ MeanM2<A> combine(MeanM2<A> a, MeanM2<A> b) {
+  const A n = a.n + b.n;
+  if (n == A(0)) return a;
+  const A delta = b.mean - a.mean, share = ratio_acc(b.n, n);
+  return {n, a.mean + delta * share, a.m2 + b.m2 + delta * delta * a.n * share};
+}
+
+// The state of kN values held at once: their mean, then their squared deviations from it.
+template <int kN, typename A> __device__ __forceinline__ MeanM2<A> mean_m2(const A (&v)[kN]) {
+  A total = 0;
+#pragma unroll
+  for (int k = 0; k < kN; ++k) total += v[k];
+  const A mean = total / static_cast<A>(kN);
+  A m2 = 0;
+#pragma unroll
+  for (int k = 0; k < kN; ++k) m2 += (v[k] - mean) * (v[k] - mean);
+  return {static_cast<A>(kN), mean, m2};
+}
+
+// The block's threads' states (of n values in all) as one, every thread getting it (Chan et
+// al.: the mean of the means weighted by their counts, then the squared deviations plus each
+// mean's from it, count times). Two block sums, the same bits in every thread.
+template <int kThreads, typename A>
+__device__ __forceinline__ MeanM2<A> block_mean_m2(MeanM2<A> v, A n, A* scratch) {
+  const A mean = block_sum<kThreads>(v.n * v.mean, scratch) / n;
+  const A dev = v.mean - mean;
+  return {n, mean, block_sum<kThreads>(v.m2 + v.n * dev * dev, scratch)};
+}
+
 }  // namespace fastdl::kernels

@@ -29,6 +29,10 @@ __device__ __forceinline__ float exp_acc(float v) { return expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
 __device__ __forceinline__ float log_acc(float v) { return logf(v); }
 __device__ __forceinline__ double log_acc(double v) { return log(v); }
+// a / b where 2 ulp will do (weights of running means): fp32's fast divide, no IEEE slow path
+// (a subroutine call, which cost some instantiations a stack frame and spills)
+__device__ __forceinline__ float ratio_acc(float a, float b) { return __fdividef(a, b); }
+__device__ __forceinline__ double ratio_acc(double a, double b) { return a / b; }
 
 // max that propagates NaN (fmaxf drops it): torch's softmax of a row with a NaN is all NaN.
 template <typename A> __device__ __forceinline__ A nan_max(A a, A b) { return (a > b || a != a) ? a : b; }

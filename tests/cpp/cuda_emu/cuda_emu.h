@@ -114,6 +114,9 @@ int occupancy_queries();
 
 inline void __syncthreads() { fastdl_emu::syncthreads(); }
 
+// The fast single-precision divide (the GPU's is within 2 ulp): here an exact one.
+inline float __fdividef(float a, float b) { return a / b; }
+
 template <typename T> T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffles move up to 8 bytes");
   if (width != 32) fastdl_emu::fail("__shfl_xor_sync: only width 32 is emulated");
