@@ -6,6 +6,7 @@ set here, before fastdl.triton is imported. On a GPU machine it is left unset.
 """
 import contextlib
 import importlib
+import math
 import os
 
 import torch
@@ -103,6 +104,17 @@ def hard_statistics_rows(cols, device="cpu"):
     x[0] = x[0] * 2 + 100
     x[1, 0] = 1e5
     x[2] = x[2] * 0.03 + 1
+    return x
+
+
+def nonfinite_rows(cols, device="cpu"):
+    """fp32 rows holding NaN (first, and mid-row), +inf mid-row, -inf first, and a plain row
+    last: a norm of each of the first four is NaN throughout (torch's), the last finite."""
+    x = torch.randn(5, cols, device=device)
+    x[0, 0] = math.nan
+    x[1, cols // 2] = math.nan
+    x[2, cols // 3] = math.inf
+    x[3, 0] = -math.inf
     return x
 
 

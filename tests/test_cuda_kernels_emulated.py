@@ -21,7 +21,7 @@ import torch
 
 import emulated_cuda
 from fastdl import reference as R
-from conftest import ON_CI, TOLERANCE, assert_close, hard_statistics_rows
+from conftest import ON_CI, TOLERANCE, assert_close, hard_statistics_rows, nonfinite_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 # with a GPU the kernels themselves run (tests/test_softmax.py, tests/test_layer_norm.py)
@@ -613,6 +613,28 @@ def test_norm_hidden_65536_and_past(runner, tmp_path, dtype, cols, variant):
     assert _kernels(result)[0] == "norm_backward_loop_kernel", result.launches
     for name, ref in grads.items():
         assert_close(result.outputs[name].view(ref.shape), ref, dtype if name == "dx" else _acc(dtype), name)
+
+
+@pytest.mark.parametrize("variant", ["layer_norm", "add_rms_norm_plain"])
+@pytest.mark.parametrize("cols", [7, 1000, 20000, 20001])
+def test_norm_nonfinite_rows_are_nan(runner, tmp_path, cols, variant):
+    """Rows holding NaN or +-inf give NaN where torch's norm does (layer_norm: the whole row;
+    rms_norm: the non-finite column, the others 0), in the warp and block tiles and the loop
+    kernel (vectors and single elements); the other values as torch's."""
+    inputs, offsets = _norm_inputs((5, cols), torch.float32, variant)
+    inputs["x"] = nonfinite_rows(cols)
+    rms = NORM_VARIANTS[variant][3]
+    result = _norm_forward(runner, tmp_path, inputs, offsets, rms)
+    y = result.outputs["y"].view(5, cols)
+    h = inputs["x"] + inputs["residual"] if "residual" in inputs else inputs["x"]
+    weight, bias = inputs.get("weight"), inputs.get("bias")
+    ref = (torch.nn.functional.rms_norm(h, (cols,), weight, 1e-5) if rms
+           else torch.nn.functional.layer_norm(h, (cols,), weight, bias, 1e-5))
+    assert ref[:4].isnan().any(-1).all()
+    assert torch.equal(y.isnan(), ref.isnan()), \
+        f"NaN a row {y.isnan().sum(-1).tolist()}, torch's {ref.isnan().sum(-1).tolist()}"
+    finite = ~ref.isnan()
+    torch.testing.assert_close(y[finite], ref[finite], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["layer_norm", "add_layer_norm"])

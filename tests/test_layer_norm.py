@@ -7,7 +7,7 @@ import fastdl
 from fastdl import reference as R
 
 from conftest import (TOLERANCE, assert_close, autocast_as, backend_cases, case_id, compile_backends,
-                      hard_statistics_rows)
+                      hard_statistics_rows, nonfinite_rows)
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -126,6 +126,30 @@ def test_long_row_statistics_offset_outlier_spread(case, variant, cols):
         assert_close(y[i], ref[i], torch.float32, f"row {i}")
     _check(backend, variant, x.requires_grad_(), res.requires_grad_() if has_res else None, w.requires_grad_(),
            b.requires_grad_(), torch.float32)
+
+
+@pytest.mark.parametrize("cols", [7, 1000, 20000])  # a warp tile, a block tile, the loop kernels
+@pytest.mark.parametrize("variant", ["layer_norm", "rms_norm", "add_layer_norm"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_nonfinite_rows_are_nan_as_torchs(case, variant, cols):
+    """Rows holding NaN or +-inf give NaN where torch's norm does (layer_norm: the whole row;
+    rms_norm: the non-finite column, the others 0): an overflow upstream stays visible to
+    GradScaler and to anomaly checks. The other values, and the plain row, as torch's."""
+    backend, device = case
+    x = nonfinite_rows(cols, device)
+    fn, _, has_res, *_ = VARIANTS[variant]
+    res = torch.zeros_like(x) if has_res else None
+    w, b = torch.rand(cols, device=device) + 0.5, torch.randn(cols, device=device)
+    with fastdl.use_backend(backend):
+        out = _call(fn, variant, x, res, w, b, cols, 1e-5)
+    y = out[1] if has_res else out
+    ref = (torch.nn.functional.rms_norm(x, (cols,), w, 1e-5) if VARIANTS[variant][5]
+           else torch.nn.functional.layer_norm(x, (cols,), w, b, 1e-5))
+    assert ref[:4].isnan().any(-1).all()
+    assert torch.equal(y.isnan(), ref.isnan()), \
+        f"NaN a row {y.isnan().sum(-1).tolist()}, torch's {ref.isnan().sum(-1).tolist()}"
+    finite = ~ref.isnan()
+    torch.testing.assert_close(y[finite], ref[finite], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["layer_norm", "layer_norm_plain", "rms_norm", "add_layer_norm"])
