@@ -118,6 +118,20 @@ def nonfinite_rows(cols, device="cpu"):
     return x
 
 
+def assert_norm_nans_as_torchs(y, h, rms, weight, bias):
+    """y, a norm (eps 1e-5) of h = nonfinite_rows (plus any residual), has NaN where torch's
+    has (layer_norm: each of the first four rows throughout; rms_norm: their non-finite
+    columns) and torch's values elsewhere."""
+    cols = h.shape[-1]
+    ref = (torch.nn.functional.rms_norm(h, (cols,), weight, 1e-5) if rms
+           else torch.nn.functional.layer_norm(h, (cols,), weight, bias, 1e-5))
+    assert ref[:4].isnan().any(-1).all()
+    assert torch.equal(y.isnan(), ref.isnan()), \
+        f"NaN a row {y.isnan().sum(-1).tolist()}, torch's {ref.isnan().sum(-1).tolist()}"
+    finite = ~ref.isnan()
+    torch.testing.assert_close(y[finite], ref[finite], rtol=1e-4, atol=1e-4)
+
+
 def case_id(case):
     return f"{case[0]}-{case[1]}"
 

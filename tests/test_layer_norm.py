@@ -6,8 +6,8 @@ import torch
 import fastdl
 from fastdl import reference as R
 
-from conftest import (TOLERANCE, assert_close, autocast_as, backend_cases, case_id, compile_backends,
-                      hard_statistics_rows, nonfinite_rows)
+from conftest import (TOLERANCE, assert_close, assert_norm_nans_as_torchs, autocast_as, backend_cases, case_id,
+                      compile_backends, hard_statistics_rows, nonfinite_rows)
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -142,14 +142,7 @@ def test_nonfinite_rows_are_nan_as_torchs(case, variant, cols):
     w, b = torch.rand(cols, device=device) + 0.5, torch.randn(cols, device=device)
     with fastdl.use_backend(backend):
         out = _call(fn, variant, x, res, w, b, cols, 1e-5)
-    y = out[1] if has_res else out
-    ref = (torch.nn.functional.rms_norm(x, (cols,), w, 1e-5) if VARIANTS[variant][5]
-           else torch.nn.functional.layer_norm(x, (cols,), w, b, 1e-5))
-    assert ref[:4].isnan().any(-1).all()
-    assert torch.equal(y.isnan(), ref.isnan()), \
-        f"NaN a row {y.isnan().sum(-1).tolist()}, torch's {ref.isnan().sum(-1).tolist()}"
-    finite = ~ref.isnan()
-    torch.testing.assert_close(y[finite], ref[finite], rtol=1e-4, atol=1e-4)
+    assert_norm_nans_as_torchs(out[1] if has_res else out, x, VARIANTS[variant][5], w, b)
 
 
 @pytest.mark.parametrize("variant", ["layer_norm", "layer_norm_plain", "rms_norm", "add_layer_norm"])
