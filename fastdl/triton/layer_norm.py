@@ -45,12 +45,13 @@ BACKWARD_TILE_MAX_COLS = 8192
 # Chunk of a row per iteration of the loop kernels.
 LOOP_BLOCK_COLS = 2048
 # Programs of the loop kernels (forward past FORWARD_TILE_MAX_COLS, the backward's dx past
-# BACKWARD_TILE_MAX_COLS), which read a row again in later sweeps: 0, a program a row; K, at most
-# K programs an SM, each walking rows (ROW_LOOP), so that fewer rows are in flight and the
-# later sweeps' reads can come from L2 (as softmax.py's LOOP_PROGRAMS_PER_SM, which says why).
-# 0 until a GPU has timed it. The row loop costs registers: 3 of its sm_90 variants (the fused
-# forward at 16 warps: fp32, and 16-bit x beside an fp32 y) keep 8 bytes in local memory,
-# accepted for ROW_LOOP alone (tests/triton_compile_check.py checks its one-dtype variants).
+# BACKWARD_TILE_MAX_COLS), which read a row again in a second sweep: 0, a program a row; K, at
+# most K programs an SM, each walking rows (ROW_LOOP), so that fewer rows are in flight and the
+# second sweep's reads can come from L2 (as softmax.py's LOOP_PROGRAMS_PER_SM, which says why).
+# 0 until a GPU has timed it. tests/triton_compile_check.py compiles the row loop for rows and
+# parameters of one dtype with a weight; every ROW_LOOP variant of the forward compiled for sm_90
+# without spilling (session 31, its one-sweep statistics; before them 3 of the fused forward at
+# 16 warps kept 8 bytes in local memory, which ROW_LOOP_SPILL_BYTES accepts).
 LOOP_PROGRAMS_PER_SM = 0
 # Elements a tile program aims to hold (several short rows each).
 TILE_ELEMENTS = 4096
