@@ -249,6 +249,10 @@ def test_targets_take_the_best_fastdl_backend_per_case():
     assert (none.cases, none.status) == (0, "NOT RUN")
     met = check([bandwidth], records[:3], "cuda")[0]
     assert (met.met, met.cases, met.status) == (1, 1, "MET")
+    # max_cols: the 4096-column case (85%) left out, the 1024 one met
+    capped = Target("capped", "softmax", "fwd", "cuda", ("bfloat16",), "pct_of_copy", 90.0, min_cols=1024,
+                    max_cols=2048)
+    assert check([capped], records, "cuda")[0].status == "MET"
     assert "| bw | MISSED | 1/2 |" in markdown(verdicts)
     # rows=: the sweep's cases only, not an extra case of other rows (the vocabulary softmax)
     few_rows = Record("softmax", "fwd", "bfloat16", [8, 262144], "fastdl-triton", 1.0, 1.0, 1.0, 1.0, 20.0, 1.0, 1.0)
@@ -284,7 +288,8 @@ def test_gpu_sweep_times_the_autocast_norms_after_bf16():
              if c.direction.startswith(("fwd autocast", "fwd+bwd autocast")) and c.timing != "host"]
     assert {cases[i].op for i in mixed} == {"layer_norm", "rms_norm", "add_layer_norm"} and len(mixed) == 24
     assert all(cases[i].dtype == torch.bfloat16 for i in mixed)
-    last_bf16 = max(i for i, c in enumerate(cases) if c.dtype == torch.bfloat16 and i not in mixed)
+    last_bf16 = max(i for i, c in enumerate(cases)
+                    if c.dtype == torch.bfloat16 and i not in mixed and c.shape != bench_layer_norm.GPU_LONG_SHAPE)
     assert mixed == list(range(last_bf16 + 1, last_bf16 + 25))
     bytes_a_value = {("add_layer_norm", ""): (10, 20), ("add_layer_norm", ", fp32 residual"): (14, 32)}
     for i in mixed:
@@ -292,6 +297,23 @@ def test_gpu_sweep_times_the_autocast_norms_after_bf16():
         direction, _, residual = cases[i].direction.partition(" autocast")
         fwd, fwd_bwd = bytes_a_value.get((cases[i].op, residual), (6, 14))
         assert cases[i].bytes_moved == (fwd if direction == "fwd" else fwd_bwd) * rows * n
+
+
+def test_gpu_sweep_ends_with_long_norm_rows_the_targets_leave_out():
+    """After every dtype's sweep the GPU run times the issue's longest hidden size (bf16, the loop
+    kernels' rows), layer_norm and the fused add both ways; no target covers it (the issue's
+    targets name the sweep's sizes)."""
+    from fastdl.bench.targets import _covers
+    from fastdl.bench.harness import Record
+
+    cases = bench_layer_norm.cases(torch.device("cuda"))
+    long_rows = [c for c in cases if c.shape == bench_layer_norm.GPU_LONG_SHAPE]
+    assert cases[-len(long_rows):] == long_rows and len(long_rows) == 4
+    assert {(c.op, c.direction, c.dtype) for c in long_rows} == {
+        (op, d, torch.bfloat16) for op in ("layer_norm", "add_layer_norm") for d in ("fwd", "fwd+bwd")}
+    for c in long_rows:
+        record = Record(c.op, c.direction, "bfloat16", list(c.shape), "fastdl-cuda", 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+        assert not any(_covers(t, record) for t in bench_layer_norm.TARGETS), c
 
 
 def test_cpu_sweep_times_the_fused_add_of_an_fp32_residual_stream():

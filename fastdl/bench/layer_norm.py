@@ -35,19 +35,23 @@ GPU_AUTOCAST_ROWS, GPU_AUTOCAST_HIDDEN = 4096, (1024, 4096, 8192)
 # sum and y: 14 bytes a value. Backward: dy, the sum's gradient and the sum read, the
 # residual's gradient (fp32) and x's (bf16) written: 18 more
 FP32_RESIDUAL = ", fp32 residual"
+# past the sweep, at the longest hidden size (bf16, after every dtype's sweep): rows the
+# loop kernels take, two reads of each forward (the targets cover the sweep's sizes only)
+GPU_LONG_SHAPE = (1024, 65536)
 
 # the norm issue's targets (H100, side by side in one run)
 _ALL = ("bfloat16", "float16", "float32")
+_SWEEP = max(GPU_HIDDEN)
 TARGETS = [t for op in ("layer_norm", "rms_norm") for t in (
     Target(f"{op} fwd bf16, hidden >= 1024: >= 90% of copy bandwidth", op, "fwd", "cuda", ("bfloat16",),
-           "pct_of_copy", 90.0, min_cols=1024),
+           "pct_of_copy", 90.0, min_cols=1024, max_cols=_SWEEP),
     Target(f"{op} fwd+bwd bf16, hidden >= 1024: >= 80% of copy bandwidth", op, "fwd+bwd", "cuda", ("bfloat16",),
-           "pct_of_copy", 80.0, min_cols=1024),
-    Target(f"{op} fwd+bwd: >= 1.3x torch eager", op, "fwd+bwd", "cuda", _ALL, "vs_eager", 1.3),
-    Target(f"{op} fwd+bwd: >= 1.0x torch.compile", op, "fwd+bwd", "cuda", _ALL, "vs_compile", 1.0),
+           "pct_of_copy", 80.0, min_cols=1024, max_cols=_SWEEP),
+    Target(f"{op} fwd+bwd: >= 1.3x torch eager", op, "fwd+bwd", "cuda", _ALL, "vs_eager", 1.3, max_cols=_SWEEP),
+    Target(f"{op} fwd+bwd: >= 1.0x torch.compile", op, "fwd+bwd", "cuda", _ALL, "vs_compile", 1.0, max_cols=_SWEEP),
 )] + [
     Target("add_layer_norm fwd+bwd: >= 1.5x torch eager's add + layer_norm", "add_layer_norm", "fwd+bwd", "cuda",
-           _ALL, "vs_eager", 1.5),
+           _ALL, "vs_eager", 1.5, max_cols=_SWEEP),
 ] + [
     Target(f"{op} {direction} fp32 4096x4096 (CPU): >= 1.0x torch eager", op, direction, "cpu", ("float32",),
            "vs_eager", 1.0, shapes=((4096, 4096),))
@@ -202,6 +206,12 @@ def cases(device: torch.device, quick: bool = False):
                                         functools.partial(_impls, op, device, dtype, (rows, n), direction)))
         if device.type == "cuda" and dtype == torch.bfloat16:
             out += _gpu_autocast_cases(device, quick)  # after the bf16 sweep the targets name
+    if device.type == "cuda" and not quick:
+        rows, n = GPU_LONG_SHAPE
+        for op in ("layer_norm", "add_layer_norm"):
+            for direction in ("fwd", "fwd+bwd"):
+                out.append(Case(op, direction, torch.bfloat16, GPU_LONG_SHAPE, _bytes(op, direction, rows, n, 2),
+                                functools.partial(_impls, op, device, torch.bfloat16, GPU_LONG_SHAPE, direction)))
     if device.type == "cpu" and not quick:
         for dtype in CPU_HALF_DTYPES:
             for op in ("layer_norm", "rms_norm", "add_layer_norm"):

@@ -1,7 +1,7 @@
 """The issues' speed targets, checked against the records of one benchmark run.
 
 Each op's benchmark module lists its targets (`TARGETS`) beside its cases. A target
-names the cases it covers (op, direction, device, dtypes, shortest row) and a floor on one
+names the cases it covers (op, direction, device, dtypes, shortest and longest row) and a floor on one
 column of the table: % of copy bandwidth, or a speed-up against torch eager or
 torch.compile. A case meets it when its best fastdl backend does; the report gives, for
 each target, how many of its cases meet it and the worst one, so a run says at a glance
@@ -24,6 +24,7 @@ class Target:
     metric: str  # a key of METRICS
     minimum: float
     min_cols: int = 0  # cases whose rows are at least this long
+    max_cols: int | None = None  # and at most this long (the issue's sweep, not the longer extra cases)
     shapes: tuple[tuple[int, ...], ...] | None = None  # or exactly these shapes
     rows: int | None = None  # only cases of this many rows (the issue's sweep, not the extra cases)
 
@@ -47,7 +48,7 @@ class Verdict:
 
 def _covers(target: Target, r: Record) -> bool:
     return (r.op == target.op and r.direction == target.direction and r.dtype in target.dtypes
-            and r.shape[-1] >= target.min_cols
+            and r.shape[-1] >= target.min_cols and (target.max_cols is None or r.shape[-1] <= target.max_cols)
             and (target.shapes is None or tuple(r.shape) in target.shapes)
             and (target.rows is None or r.shape[0] == target.rows))
 
