@@ -120,6 +120,9 @@ CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     # the CUDA backward's dx alone (the packed kernel here) and dweight / dbias by norm_param_grad_kernel
     ("layer_norm fwd+bwd bf16, param kernel", "cuda", (4096, 8192), (4, 2056),
      lambda s: _knob("FASTDL_CUDA_NORM_PARAM_KERNEL", _layer_norm(s, "fwd+bwd"))),
+    # the norm forward's loop kernels past 16384 columns (two reads of a row: is the second from L2?)
+    ("layer_norm fwd bf16", "cuda", (1024, 65536), (2, 20000), lambda s: _layer_norm(s, "fwd")),
+    ("layer_norm fwd bf16", "triton", (1024, 65536), (2, 20000), lambda s: _layer_norm(s, "fwd")),
     ("softmax fwd bf16", "cuda", (4096, 65536), (2, 3000), _softmax),
     ("softmax fwd bf16", "triton", (4096, 65536), (2, 3000), _softmax),
     # rows 255 x 256 long, not a power of two (128 KiB rows: the same offset of rows a power of

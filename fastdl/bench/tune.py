@@ -183,6 +183,7 @@ def all_cases(quick: bool) -> list[TuneCase]:
         # the loop kernels' programs: a program a row (0) or K an SM walking rows (the later sweeps' reads from L2?)
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 16384), Knob(ln + "LOOP_PROGRAMS_PER_SM", [0, 1, 2, 4])),
         TuneCase("layer_norm", "fwd", "triton", (4096, 32768), Knob(ln + "LOOP_PROGRAMS_PER_SM", [0, 1, 2, 4])),
+        TuneCase("layer_norm", "fwd", "triton", (4096, 32768), Knob(ln + "LOOP_BLOCK_COLS", [1024, 2048, 4096])),
         # CUDA's norm forward loop kernel (past 16384 columns, two sweeps) in a block a row or K an SM walking rows
         *[TuneCase("layer_norm", "fwd", "cuda", (4096, 32768),
                    Knob("env:FASTDL_CUDA_LOOP_BLOCKS_PER_SM", [None, 1, 2, 4]), dtype)
