@@ -78,14 +78,7 @@ template <typename A> __device__ __forceinline__ MaxSum<A> warp_combine(MaxSum<A
 
 template <int kThreads, typename A>
 __device__ __forceinline__ MaxSum<A> block_combine(MaxSum<A> v, MaxSum<A>* scratch) {
-  constexpr int kWarps = kThreads / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  v = warp_combine(v);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < kWarps ? scratch[lane] : MaxSum<A>{-INFINITY, A(0)};
-  return warp_combine(v);
+  return block_reduce<kThreads>(v, scratch, MaxSum<A>{-INFINITY, A(0)}, [](MaxSum<A> u) { return warp_combine(u); });
 }
 
 // Count n, mean and sum of squared deviations from the mean m2 of some values, for the
