@@ -180,7 +180,7 @@ def all_cases(quick: bool) -> list[TuneCase]:
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 16384), Knob(ln + "BACKWARD_TILE_MAX_COLS",
                                                                            [4096, 8192, 16384])),
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 16384), Knob(ln + "LOOP_BLOCK_COLS", [1024, 2048, 4096])),
-        # the loop kernels' programs: a program a row (0) or K an SM walking rows (the later sweeps' reads from L2?)
+        # the loop kernels' programs: a program a row (0) or K an SM walking rows (the second sweep's reads from L2?)
         TuneCase("layer_norm", "fwd+bwd", "triton", (4096, 16384), Knob(ln + "LOOP_PROGRAMS_PER_SM", [0, 1, 2, 4])),
         TuneCase("layer_norm", "fwd", "triton", (4096, 32768), Knob(ln + "LOOP_PROGRAMS_PER_SM", [0, 1, 2, 4])),
         TuneCase("layer_norm", "fwd", "triton", (4096, 32768), Knob(ln + "LOOP_BLOCK_COLS", [1024, 2048, 4096])),
