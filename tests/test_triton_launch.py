@@ -206,12 +206,13 @@ def test_loop_kernels_peel_rows(dtype, row_stride, offset, split, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_loop_kernels_walk_rows(dtype, programs_per_sm, programs, monkeypatch):
     """LOOP_PROGRAMS_PER_SM: the loop kernels in a program a row (0, or as many programs as
-    rows) or at most K programs an SM (the interpreter's 2), each walking rows pid, pid + grid,
-    ... (ROW_LOOP): every one of 7 rows of an odd width (rows off 16-byte boundaries alike,
-    peeled) right, forward and backward, softmax and log_softmax, against float64; a row
-    walked twice or skipped fails (outputs poisoned)."""
+    rows) or at most K programs an SM (2 SMs, the interpreter's, patched on a GPU), each
+    walking rows pid, pid + grid, ... (ROW_LOOP): every one of 7 rows of an odd width (rows
+    off 16-byte boundaries alike, peeled) right, forward and backward, softmax and
+    log_softmax, against float64; a row walked twice or skipped fails (outputs poisoned)."""
     monkeypatch.setattr(softmax_kernels, "SPLIT_PROGRAMS_PER_SM", 0)
     monkeypatch.setattr(softmax_kernels, "LOOP_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(_launch, "sm_count", lambda device: 2)  # a GPU's too (an H200's 132: 7 programs)
     kernels = ["_softmax_forward_loop_kernel", "_softmax_backward_loop_kernel"]
     row_loops = _spy_on(monkeypatch, softmax_kernels, kernels, "ROW_LOOP")
     x = (torch.randn(7, 16389, device=DEVICE) * 3).to(dtype)
@@ -229,6 +230,7 @@ def test_norm_loop_kernels_walk_rows(rms, programs_per_sm, programs, monkeypatch
     backward's dx past 8192) in a program a row or fewer programs walking rows (ROW_LOOP): the
     fused norm of 7 rows of 16389, forward and backward, against float64, and the grids."""
     monkeypatch.setattr(norm_kernels, "LOOP_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(_launch, "sm_count", lambda device: 2)  # a GPU's too (an H200's 132: 7 programs)
     kernels = ["_norm_forward_loop_kernel", "_norm_backward_loop_kernel"]
     row_loops = _spy_on(monkeypatch, norm_kernels, kernels, "ROW_LOOP")
     n_cols = 16389
