@@ -198,6 +198,15 @@ __device__ __forceinline__ void block_write_softmax(const T* x_row, Y* y_row, in
 
 // A block a row, or with FASTDL_CUDA_LOOP_BLOCKS_PER_SM fewer blocks, each walking rows
 // blockIdx.x, + gridDim.x, ... (loop_grid): the row's second read from L2 needs few rows in flight.
+// split stores accepted: softmax_forward_block_kernel: nvcc splits some instantiations' 16-byte y
+// stores in the unrolled write loop (block_write_softmax) into 2- and 4-byte ones (sm_90a, 2b1309b;
+// the chunk write kernels' too), as it did the norm forward loop kernel's, which lost two thirds of
+// its speed to it. Not unrolling the loop (for_row_pieces) cost the chunk kernels their 16-byte
+// stores instead; untimed either way: left for a GPU session (tests/test_build.py
+// test_row_loops_store_whole_vectors)
+// split stores accepted: softmax_backward_block_kernel: likewise (block_write_dx)
+// split stores accepted: softmax_forward_chunk_write_kernel: likewise
+// split stores accepted: softmax_backward_chunk_write_kernel: likewise
 template <typename T, typename Y, bool kLog, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
     softmax_forward_block_kernel(const T* __restrict__ x, Y* __restrict__ y, int64_t rows, int cols,

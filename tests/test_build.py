@@ -316,6 +316,64 @@ def test_kernels_move_rows_in_16_byte_vectors(nvcc_build):
     assert not missing, "\n".join(missing)
 
 
+def split_vector_stores(sass_body: str) -> list[tuple[str, int]]:
+    """(base register, offset) of each run of 16 bytes that narrow stores (STG.E.U16 / STG.E /
+    STG.E.64) from one base register cover whole, starting at one of them: a 16-byte vector
+    store that nvcc split into 2-, 4- or 8-byte ones (whatever offset it gave the base)."""
+    widths = {"U16": 2, None: 4, "64": 8}
+    covered: dict[str, set[int]] = {}
+    starts: dict[str, set[int]] = {}
+    for m in re.finditer(r"STG\.E(?:\.(U16|64))?\s+desc\[\w+\]\[(R\d+)\.64(?:\+?(-?0x[0-9a-f]+))?\]", sass_body):
+        offset, width = int(m.group(3) or "0", 16), widths[m.group(1)]
+        covered.setdefault(m.group(2), set()).update(range(offset, offset + width))
+        starts.setdefault(m.group(2), set()).add(offset)
+    return [(reg, o) for reg in covered for o in sorted(starts[reg]) if all(o + b in covered[reg] for b in range(16))]
+
+
+def test_split_vector_stores_are_found():
+    """split_vector_stores finds a bf16 vector stored as 8 two-byte stores (SASS of the norm
+    forward loop kernel at 2b1309b) and passes whole 16-byte stores and a lone scalar."""
+    split = "\n".join(f"STG.E.U16 desc[UR8][R32.64+{hex(o)}], R24 ;" for o in range(0x4000, 0x4010, 2))
+    assert split_vector_stores(split) == [("R32", 0x4000)]
+    assert split_vector_stores("STG.E.128 desc[UR8][R20.64], R16 ;\nSTG.E desc[UR10][R6.64], R3 ;") == []
+    assert split_vector_stores(split.replace("+0x400e", "+0x4010")) == []  # one short: not a whole vector
+    # 2 + 3 x 4 + 2 bytes around a base 2 bytes into the vector (a softmax chunk kernel's, once)
+    shifted = ("STG.E desc[UR20][R4.64+0x2], R19 ;\nSTG.E desc[UR20][R4.64+0x6], R9 ;\n"
+               "STG.E desc[UR20][R4.64+0xa], R21 ;\nSTG.E.U16 desc[UR20][R4.64+-0x2], R7 ;\n"
+               "STG.E.U16 desc[UR20][R4.64], R6 ;\nSTG.E.U16 desc[UR20][R4.64+0xe], R6 ;")
+    assert ("R4", -2) in split_vector_stores(shifted)
+
+
+def test_row_loops_store_whole_vectors(nvcc_build):
+    """The kernels that walk a row in a loop (*_loop_kernel, *_block_kernel, *_write_kernel) store each 16-byte
+    vector whole in their vectorised instantiations (those with a STG.E.128): nvcc split the
+    unrolled write loop of the norm forward's loop kernel into 2- and 4-byte stores (2b1309b: at
+    bf16 1024 x 65536 7.4x the L2 write sectors, a third of Triton's speed on the H200).
+    Exceptions are named in the source: `// split stores accepted: <kernel>: <reason>`. fp64
+    instantiations are left out (no bandwidth target: the norm backward loop kernel's fp64 dx
+    goes out in 8-byte halves)."""
+    path, result, obj = nvcc_build
+    assert result.returncode == 0, f"nvcc failed:\n{result.stderr[-6000:]}"
+    cuobjdump = _cuobjdump()
+    _require(cuobjdump, "cuobjdump")
+    sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90a", str(obj)], capture_output=True, text=True,
+                          check=True).stdout
+    source = path.read_text()
+    accepted = _accepted(source, "split stores")
+    kernels = [k for k in re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(", source)
+               if k.endswith(("_loop_kernel", "_block_kernel", "_write_kernel")) and k not in accepted]
+    offenders, checked = [], 0
+    for body in re.split(r"\n\s*Function : ", sass)[1:]:
+        name = body.split("\n", 1)[0]
+        if "STG.E.128" not in body or not any(f"{len(k)}{k}I" in name for k in kernels) or "_kernelId" in name:
+            continue
+        checked += 1
+        if split := split_vector_stores(body):
+            offenders.append(f"{name[:160]}: {len(split)} vectors stored in pieces, e.g. {split[0]}")
+    assert checked or not kernels, f"no vectorised instantiation of {kernels} in the SASS: no check was made"
+    assert not offenders, "\n".join(offenders)
+
+
 def _run_cpp_check(tmp_path, name: str, expect: str):
     """Builds tests/cpp/<name>.cpp with -march=native (its loops vectorise as wide as this
     machine goes, as the kernels' clones do) and runs it; its output must hold `expect`."""
