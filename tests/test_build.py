@@ -290,20 +290,25 @@ def test_kernel_compiles_without_warnings_or_spills(nvcc_build):
     assert not offenders, "kernels spill registers (say why in the source if accepted):\n" + "\n".join(offenders)
 
 
-def test_kernels_move_rows_in_16_byte_vectors(nvcc_build):
-    """Every __global__ kernel template has an instantiation whose sm_90a SASS loads with
-    LDG.E.128 and stores with STG.E.128: the 16-byte moves the bandwidth targets need (the
-    scalar variants for unaligned rows may lack them). Exceptions are named in the source:
-    `// no 16-byte loads accepted: <kernel>: <reason>`, likewise for stores."""
+def _source_and_sass(nvcc_build) -> tuple[str, str]:
+    """(the kernels/*.cu source, the sm_90a SASS of its object) of an nvcc_build."""
     path, result, obj = nvcc_build
     assert result.returncode == 0, f"nvcc failed:\n{result.stderr[-6000:]}"
     cuobjdump = _cuobjdump()
     _require(cuobjdump, "cuobjdump")
     sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90a", str(obj)], capture_output=True, text=True,
                           check=True).stdout
-    source = path.read_text()
+    return path.read_text(), sass
+
+
+def test_kernels_move_rows_in_16_byte_vectors(nvcc_build):
+    """Every __global__ kernel template has an instantiation whose sm_90a SASS loads with
+    LDG.E.128 and stores with STG.E.128: the 16-byte moves the bandwidth targets need (the
+    scalar variants for unaligned rows may lack them). Exceptions are named in the source:
+    `// no 16-byte loads accepted: <kernel>: <reason>`, likewise for stores."""
+    source, sass = _source_and_sass(nvcc_build)
     kernels = re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(", source)
-    assert kernels, f"no __global__ kernel found in {path.name}"
+    assert kernels, f"no __global__ kernel found in {nvcc_build[0].name}"
     # each kernel's functions: the mangled names hold <length><name>
     functions = re.split(r"\n\s*Function : ", sass)[1:]
     missing = []
@@ -352,13 +357,7 @@ def test_row_loops_store_whole_vectors(nvcc_build):
     Exceptions are named in the source: `// split stores accepted: <kernel>: <reason>`. fp64
     instantiations are left out (no bandwidth target: the norm backward loop kernel's fp64 dx
     goes out in 8-byte halves)."""
-    path, result, obj = nvcc_build
-    assert result.returncode == 0, f"nvcc failed:\n{result.stderr[-6000:]}"
-    cuobjdump = _cuobjdump()
-    _require(cuobjdump, "cuobjdump")
-    sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90a", str(obj)], capture_output=True, text=True,
-                          check=True).stdout
-    source = path.read_text()
+    source, sass = _source_and_sass(nvcc_build)
     accepted = _accepted(source, "split stores")
     kernels = [k for k in re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(", source)
                if k.endswith(("_loop_kernel", "_block_kernel", "_write_kernel")) and k not in accepted]
