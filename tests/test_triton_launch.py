@@ -332,6 +332,7 @@ def test_softmax_kernels_can_run_again(split, monkeypatch):
 def test_param_grad_row_blocks(programs_per_sm, expected, monkeypatch):
     """37 rows of 600 columns (3 column blocks of 256), 4 rows at a time, on the interpreter's
     2 SMs: one block of every row, a few blocks of whole tiles but the last, a tile a block."""
+    monkeypatch.setattr(norm_kernels, "PARAM_BLOCK_COLS", 256)
     monkeypatch.setattr(norm_kernels, "PARAM_ROWS", 4)
     monkeypatch.setattr(norm_kernels, "PARAM_PROGRAMS_PER_SM", programs_per_sm)
     assert norm_kernels._param_grad_row_blocks(37, 600, torch.device("cpu")) == expected
@@ -354,6 +355,7 @@ def test_norm_backward_param_grad_kernel_over_row_blocks(dx_kernel, rms, has_wei
         monkeypatch.setattr(norm_kernels, "BACKWARD_TILE_MAX_COLS", 256)
     else:
         monkeypatch.setattr(norm_kernels, "TILE_PARAM_SUMS", False)
+    monkeypatch.setattr(norm_kernels, "PARAM_BLOCK_COLS", 256)
     monkeypatch.setattr(norm_kernels, "PARAM_ROWS", 4)
     monkeypatch.setattr(norm_kernels, "PARAM_PROGRAMS_PER_SM", programs_per_sm)
     spy = _LaunchSpy(norm_kernels._norm_param_grad_kernel, "ALIGN")

@@ -42,32 +42,45 @@ from fastdl.triton._launch import (accumulator_dtype, cdiv, loop_programs, on_de
 # Longest row the tile kernels keep whole in registers.
 FORWARD_TILE_MAX_COLS = 16384
 BACKWARD_TILE_MAX_COLS = 8192
-# Chunk of a row per iteration of the loop kernels.
+# Chunk of a row per iteration of the loop kernels. 4096 ran faster (H200 tune of 2b1309b, bf16:
+# forward 4096 x 32768 0.216 -> 0.182 ms, fwd+bwd 4096 x 16384 0.316 -> 0.298; 1024: 0.218,
+# 0.329) but spills 8 bytes a thread at 8 warps in 4 variants (the fused forward with an fp32 y,
+# the backward: tests/triton_compile_check.py): kept at 2048 until those are looked at.
 LOOP_BLOCK_COLS = 2048
 # Programs of the loop kernels (forward past FORWARD_TILE_MAX_COLS, the backward's dx past
 # BACKWARD_TILE_MAX_COLS), which read a row again in a second sweep: 0, a program a row; K, at
 # most K programs an SM, each walking rows (ROW_LOOP), so that fewer rows are in flight and the
 # second sweep's reads can come from L2 (as softmax.py's LOOP_PROGRAMS_PER_SM, which says why).
-# 0 until a GPU has timed it. tests/triton_compile_check.py compiles the row loop for rows and
-# parameters of one dtype with a weight; every ROW_LOOP variant of the forward compiled for sm_90
-# without spilling (session 31, its one-sweep statistics; before them 3 of the fused forward at
+# 0: timed best (H200 tune of 2b1309b, bf16: 4096 x 32768 forward 0.217 ms,
+# 1 / 2 / 4 programs an SM 0.421 / 0.252 / 0.222; fwd+bwd 4096 x 16384 0.315 against 0.415 /
+# 0.340 / 0.330, with 2048-column chunks). tests/triton_compile_check.py compiles the row loop
+# for rows and parameters of one dtype with a weight; every ROW_LOOP variant of the forward
+# compiled for sm_90 without spilling (session 31, its one-sweep statistics; before them 3 of the fused forward at
 # 16 warps kept 8 bytes in local memory, which ROW_LOOP_SPILL_BYTES accepts).
 LOOP_PROGRAMS_PER_SM = 0
-# Elements a tile program aims to hold (several short rows each).
-TILE_ELEMENTS = 4096
-# Backward tile programs per SM: each reduces its rows' dweight into one partial row.
-PROGRAMS_PER_SM = 4
+# Elements a tile program aims to hold (several short rows each). 2048 (was 4096): fwd+bwd
+# 4096 x 1024 0.062 -> 0.045 ms, the forward alone 0.0087 -> 0.0086 (H200 tune of 2b1309b,
+# bf16).
+TILE_ELEMENTS = 2048
+# Backward tile programs per SM: each reduces its rows' dweight into one partial row. 2 (was
+# 4): fwd+bwd 4096 x 1024 0.062 -> 0.050 ms, 16384 x 4096 0.241 -> 0.218 (H200 tune of
+# 2b1309b, bf16; 1: 0.050, 0.278; 8: 0.085, 0.287).
+PROGRAMS_PER_SM = 2
 # The tile kernel sums its rows' dweight / dbias (True: programs that walk PROGRAMS_PER_SM's
 # blocks of rows), or leaves them to _norm_param_grad_kernel, as for longer rows (False: a
 # tile a program, no loop, as the forward; x and dy read again, from L2 when small).
 TILE_PARAM_SUMS = True
 # Longer rows' dweight / dbias (_norm_param_grad_kernel): columns and rows a program holds
 # at once, and programs an SM (over column blocks x row blocks, a partial row each block).
-PARAM_BLOCK_COLS = 256
+# PARAM_BLOCK_COLS 128 (was 256): fwd+bwd 4096 x 16384 0.315 -> 0.296 ms (H200 tune of
+# 2b1309b, bf16; PARAM_ROWS 8 and PARAM_PROGRAMS_PER_SM 2 were within 1.5% of their defaults).
+PARAM_BLOCK_COLS = 128
 PARAM_ROWS = 16
 PARAM_PROGRAMS_PER_SM = 8
-# The partial-row sum: columns a program, partial rows an iteration.
-SUM_BLOCK_COLS = 64
+# The partial-row sum: columns a program, partial rows an iteration. SUM_BLOCK_COLS 16 (was
+# 64): fwd+bwd 4096 x 512 0.055 -> 0.040 ms, 4096 x 1024 0.062 -> 0.045 (H200 tune of
+# 2b1309b, bf16).
+SUM_BLOCK_COLS = 16
 SUM_ROWS = 32
 
 
