@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 // rows in flight.
 // spills accepted: norm_forward_loop_kernelIffffLi4E: 4 bytes stored and loaded once a row in the
 // fused path's set-up (sm_80, sm_90a), since sweep 2 is not unrolled; ptxas keeps the fp32 kernel
-// at 32 registers for two blocks an SM. __launch_bounds__(kLoopThreads, 1) ends the spill but
+// at 32 registers for two blocks an SM. Launch bounds of one block an SM end the spill but
 // gives every single-element instantiation 40 registers (one block an SM, from two)
 template <typename T, typename W, typename Y, typename R, int kVec>
 __global__ void __launch_bounds__(kLoopThreads)
