@@ -7,12 +7,14 @@
 //     values a thread forward, 8 or 16 backward). Forward: one read of x (and the residual), one write of y (and of
 //     x + residual); the variance is taken from deviations from the mean, held in
 //     registers (numerically safe, unlike sum of squares minus square of sums).
-//   * packed (16-bit rows of 2049 to 16384 columns, 16-byte aligned, no residual; only with
-//     FASTDL_CUDA_PACKED_NORM=1 until a GPU has timed it against the tile): a block of 128 to
-//     512 threads holds its row as it is in memory, 32 values a thread in 16 registers
-//     (common/row_tile.cuh's PackedRowTile), converting where used. The tile kernel holds 16
-//     values a thread converted, in 45 registers at 1024 threads: one block a multiprocessor at
-//     16384 columns, 41% of the copy bandwidth on the H200 where Triton reached 85%.
+//   * packed (16-bit rows of 2049 to 16384 columns, 16-byte aligned, no residual;
+//     FASTDL_CUDA_PACKED_NORM=0 gives them the tile): a block of 128 to 512 threads holds its
+//     row as it is in memory, 32 values a thread in 16 registers (common/row_tile.cuh's
+//     PackedRowTile), converting where used. The tile kernel holds 16 values a thread
+//     converted, in 45 registers at 1024 threads: one block a multiprocessor at 16384 columns.
+//     H200, bf16, 4096 rows (tuner, 2b1309b): 4096 / 8192 / 16384 columns 0.0242 / 0.0405 /
+//     0.0736 ms packed, 0.0322 / 0.0687 / 0.159 the tile (16384: 88% of the copy bandwidth,
+//     torch.compile's 88%); 2049-4095 columns untimed.
 //   * loop (longer rows), a block per row: sweep 1 writes x + residual (when fused) and
 //     takes the row's mean and squared deviations in one pass (Welford's update a 16-byte
 //     vector at a time, the threads' states combined as Chan et al.'s: common/reduce.cuh
@@ -35,7 +37,8 @@
 // with one partial row; a second kernel sums
 // the partial rows in a fixed order (dweight's and dbias's in one launch). No atomics: two
 // runs give bitwise-equal gradients, and dy and x are read once, not once more for the
-// parameter gradients. With FASTDL_CUDA_NORM_PARAM_KERNEL=1 the tile kernel writes dx alone
+// parameter gradients. For 16-bit rows past 2048 columns (FASTDL_CUDA_NORM_PARAM_KERNEL=1 for
+// every row up to the limit below, 0 for none) the tile kernel writes dx alone
 // (a row a block, as the forward, no running sums: 2 x kElems registers a thread fewer) and
 // norm_param_grad_kernel sums the partial rows' blocks of rows, reading x and dy again (as
 // PyTorch's and apex's CUDA backward do): at 4097-8192 columns the tile with its sums takes
@@ -85,15 +88,19 @@ template <typename T, typename F> bool with_forward_tile(int64_t cols, F&& launc
 template <typename T, typename F> bool with_backward_tile(int64_t cols, F&& launch) {
   return with_row_tile<kBackwardMaxThreads, kBackwardMaxElems<T>, kBackwardMaxCols<T>>(cols, tile_elems_knob(), launch);
 }
-// FASTDL_CUDA_NORM_PARAM_KERNEL=1: the tile backward writes dx alone, a row a block (or a warp
-// group), and norm_param_grad_kernel sums dweight / dbias, reading x and dy again over blocks of
-// columns x blocks of rows; 0 (the default until a GPU has timed it): the tile's blocks sum
-// them. Rows past the tiles keep the loop kernel either way.
+// The param kernel (16-bit rows of 2049 columns on; FASTDL_CUDA_NORM_PARAM_KERNEL=1 every row
+// up to kParamKernelMaxCols, 0 none): the tile backward writes dx alone, a row a block (or a
+// warp group), and norm_param_grad_kernel sums dweight / dbias, reading x and dy again over
+// blocks of columns x blocks of rows; else the tile's blocks sum them. Rows past the tiles keep
+// the loop kernel either way. H200, bf16 fwd+bwd (tuner, 2b1309b): 4096 rows of 4096 / 8192 /
+// 16384 columns 0.0854 / 0.161 / 0.340 ms with it, 0.101 / 0.216 / 0.372 without; at 1024
+// columns 4096 rows 0.0350 against 0.0392, but 16384 rows 0.1000 against 0.0932 (so not at
+// 1024); 2049-4095 columns and fp32 untimed.
 // 16-bit rows past the tiles up to 16384 columns too: dx from the packed backward where the rows
 // are aligned (else the loop kernel, without its sums).
 template <typename T> constexpr int64_t kParamKernelMaxCols = sizeof(T) == 2 ? 16384 : kBackwardMaxCols<T>;
 template <typename T> bool uses_param_kernel(int64_t cols) {
-  int64_t on = 0;
+  int64_t on = sizeof(T) == 2 && cols > 2048 ? 1 : 0;
   env_knob("FASTDL_CUDA_NORM_PARAM_KERNEL", 0, 1, &on);
   return on == 1 && cols <= kParamKernelMaxCols<T>;
 }
@@ -114,10 +121,10 @@ template <typename T> int64_t param_row_blocks(int64_t rows, int64_t cols, int s
   return std::max<int64_t>(1, std::min({wanted, (rows + kParamWarps - 1) / kParamWarps, int64_t{65535}}));  // grid.y
 }
 
-// The packed forward's block (row_tile.cuh's with_packed_block): unless FASTDL_CUDA_PACKED_NORM is 1,
-// none.
+// The packed forward's block (row_tile.cuh's with_packed_block): none when FASTDL_CUDA_PACKED_NORM
+// is 0.
 template <typename F> bool with_packed_norm(int64_t cols, F&& launch) {
-  int64_t enabled = 0;
+  int64_t enabled = 1;
   env_knob("FASTDL_CUDA_PACKED_NORM", 0, 1, &enabled);
   return enabled == 1 && with_packed_block(cols, launch);
 }

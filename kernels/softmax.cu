@@ -11,8 +11,8 @@
 //     price of exp taken twice (for the sum, then for the output). The backward holds one
 //     input and reads the other a pack at a time (softmax: dy twice, log_softmax: y once).
 //     FASTDL_CUDA_PACKED_ROWS=0 turns both off (the tuner compares the two).
-//     FASTDL_CUDA_PACKED_TILES=1 (off until timed) has both take rows of the tiles' lengths
-//     from 2049 columns too, in blocks of 128-512 threads of 32 values.
+//     16-bit rows of the tiles' lengths from 2049 columns take them too, in blocks of 128-512
+//     threads of 32 values (FASTDL_CUDA_PACKED_TILES=0: the tiles; =1: fp32 rows as well).
 //   * block per row (longer rows): the block walks the row in 16-byte vectors keeping an
 //     online (max, sum) state per thread (Milakov & Gimelshein 2018), combines the states
 //     across the block, then a second sweep writes the output. The second read of the row
@@ -469,15 +469,16 @@ template <typename T> size_t split_bytes(int64_t rows, const Split& split) {
   return split.chunks == 1 ? 0 : static_cast<size_t>(rows * split.chunks) * sizeof(MaxSum<typename Acc<T>::type>);
 }
 
-// FASTDL_CUDA_PACKED_TILES=1 (off by default until a GPU has timed it): the forward of rows of
-// 2049 to 16384 columns (fp32, fp16, bf16; whole vectors, or input and output rows equally off
-// a 16-byte boundary) held as they are by the packed kernel in row_tile.cuh's with_packed_block
-// (32 values a thread, blocks of 128-512 threads), instead of the tile (at 16384 columns 1024
-// threads x 16 values converted: one block a multiprocessor, 66% of the copy bandwidth on the
-// H200 where Triton ran 90%); the backward of such rows likewise (the tile at 16384: 64%,
-// torch.compile's 102%).
-inline bool packed_tiles_knob() {
-  int64_t on = 0;
+// The forward of 16-bit rows of 2049 to 16384 columns (whole vectors, or input and output rows
+// equally off a 16-byte boundary) held as they are by the packed kernel in row_tile.cuh's
+// with_packed_block (32 values a thread, blocks of 128-512 threads), instead of the tile (at
+// 16384 columns 1024 threads x 16 values converted: one block a multiprocessor); the backward
+// of such rows likewise. FASTDL_CUDA_PACKED_TILES=0 keeps them on the tiles, =1 takes fp32 rows
+// too (untimed). H200, bf16, 4096 rows (tuner, 2b1309b): backward 8192 / 16384 columns 0.0535 /
+// 0.101 ms packed, 0.0729 / 0.153 the tile (16384: 96% of the copy bandwidth); forward 16384
+// 0.097 against 0.102, 1024 x 8193 0.025 against 0.056, but 8192 0.0519 against 0.0489.
+template <typename T> bool packed_tiles_knob() {
+  int64_t on = sizeof(T) == 2 ? 1 : 0;
   env_knob("FASTDL_CUDA_PACKED_TILES", 0, 1, &on);
   return on == 1;
 }
@@ -506,7 +507,7 @@ cudaError_t forward(const T* x, Y* y, int64_t rows, int64_t cols, int64_t x_row_
   const bool aligned = rows_aligned<T>(x, x_row_stride) && rows_aligned<Y>(y, cols);
   const bool step_vectors = kMixed ? aligned : rows_share_alignment<T>({{x, x_row_stride}, {y, cols}});
   if constexpr (!kMixed && sizeof(T) <= 4) {
-    if (step_vectors && packed_tiles_knob() && with_packed_block(cols, [&](auto threads) {
+    if (step_vectors && packed_tiles_knob<T>() && with_packed_block(cols, [&](auto threads) {
           constexpr int kThreads = decltype(threads)::value;
           softmax_forward_packed_kernel<T, kThreads, kPackedBlockElems, kLog>
               <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, y, static_cast<int>(cols), x_row_stride);
@@ -563,7 +564,7 @@ cudaError_t backward(const D* dy, const D* y, T* dx, int64_t rows, int64_t cols,
   const bool step_vectors =
       kMixed ? aligned : rows_share_alignment<T>({{dy, dy_row_stride}, {y, y_row_stride}, {dx, cols}});
   if constexpr (!kMixed && sizeof(T) <= 4) {
-    if (step_vectors && packed_tiles_knob() && with_packed_block(cols, [&](auto threads) {
+    if (step_vectors && packed_tiles_knob<T>() && with_packed_block(cols, [&](auto threads) {
           constexpr int kThreads = decltype(threads)::value;
           softmax_backward_packed_kernel<T, kThreads, kPackedBlockElems, kLog>
               <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(dy, y, dx, static_cast<int>(cols), dy_row_stride,

@@ -8,11 +8,12 @@ then called once inside it (cudaProfilerStart / Stop), so the profiler reports t
 kernels alone, after a line naming the case ("profile_kernels: <op> <shape> on <backend>").
 The cases, and why (benchmarks/results/h200/NOTES.md, the run at 3b332bb, bf16; % of the 4172
 GB/s copy):
-  * CUDA norm forward at 4096 x 16384 (41%) and 4096 x 4096 (58%), beside Triton's (85%, 78%)
-    and the packed forward's (FASTDL_CUDA_PACKED_NORM=1, not timed yet);
-  * CUDA softmax forward at 4096 x 16384 (66%) beside Triton's (90%), and of a GPT-2
-    vocabulary, 1024 x 50257 (0.59x eager); its forward and backward (64%, torch.compile's 102%)
-    there by the packed kernels (FASTDL_CUDA_PACKED_TILES=1, not timed yet);
+  * CUDA norm forward at 4096 x 16384 and 4096 x 4096 by the packed kernel (the default for
+    16-bit rows since the run of 2b1309b: 88% and 66%) and by the tile (41%, 50%), beside
+    Triton's (85%, 78%);
+  * CUDA softmax forward at 4096 x 16384 (packed by default since 2b1309b: 67%; the tile 63%)
+    beside Triton's (90%), and of a GPT-2 vocabulary, 1024 x 50257 (0.59x eager); its backward
+    packed and by the tile (96%, 64%);
   * the norm backward at hidden 1024, both backends (Triton fwd+bwd 17%, CUDA 30%), and at
     16384 (Triton 30%, CUDA 44%; Triton's dweight / dbias since in a kernel of their own);
   * softmax of a GPT-2 vocabulary, 1024 x 50257, on Triton (fwd 55%, bwd 58%: its loop kernels
@@ -65,14 +66,14 @@ def _layer_norm(shape, direction):
     return setup
 
 
-def _knob(variable, setup):
-    """setup's call with the environment variable `variable` at 1 while it runs (the CUDA
+def _knob(variable, setup, value=1):
+    """setup's call with the environment variable `variable` at `value` while it runs (the CUDA
     launchers read their knobs at each launch; tune.py's Knob sets and puts it back)."""
     def wrapped(device):
         call = setup(device)
 
         def run():
-            with Knob(f"env:{variable}", [1]).set(1):
+            with Knob(f"env:{variable}", [value]).set(value):
                 return call()
         return run
     return wrapped
@@ -92,11 +93,11 @@ def _copy(kind, n_bytes):
 CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     ("layer_norm fwd bf16", "cuda", (4096, 16384), (4, 1000), lambda s: _layer_norm(s, "fwd")),
     ("layer_norm fwd bf16", "triton", (4096, 16384), (4, 1000), lambda s: _layer_norm(s, "fwd")),
-    ("layer_norm fwd bf16, packed", "cuda", (4096, 16384), (4, 1000),
-     lambda s: _knob("FASTDL_CUDA_PACKED_NORM", _layer_norm(s, "fwd"))),
+    ("layer_norm fwd bf16, tile", "cuda", (4096, 16384), (4, 1000),
+     lambda s: _knob("FASTDL_CUDA_PACKED_NORM", _layer_norm(s, "fwd"), 0)),
     ("layer_norm fwd bf16", "cuda", (4096, 4096), (4, 300), lambda s: _layer_norm(s, "fwd")),
-    ("layer_norm fwd bf16, packed", "cuda", (4096, 4096), (4, 300),
-     lambda s: _knob("FASTDL_CUDA_PACKED_NORM", _layer_norm(s, "fwd"))),
+    ("layer_norm fwd bf16, tile", "cuda", (4096, 4096), (4, 300),
+     lambda s: _knob("FASTDL_CUDA_PACKED_NORM", _layer_norm(s, "fwd"), 0)),
     ("layer_norm fwd bf16", "triton", (4096, 4096), (4, 300), lambda s: _layer_norm(s, "fwd")),
     ("softmax fwd bf16", "cuda", (4096, 16384), (4, 1000), _softmax),
     ("softmax fwd bf16", "triton", (4096, 16384), (4, 1000), _softmax),
@@ -106,20 +107,22 @@ CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     ("softmax fwd bf16", "triton", (1024, 50257), (2, 2001), _softmax),
     ("softmax bwd bf16", "triton", (1024, 50257), (2, 2001), _softmax_backward),
     ("softmax bwd bf16", "cuda", (1024, 50257), (2, 2001), _softmax_backward),
-    # the packed kernels at the tiles' lengths (FASTDL_CUDA_PACKED_TILES=1, blocks of 512 threads here)
-    ("softmax fwd bf16, packed tiles", "cuda", (4096, 16384), (4, 2056),
-     lambda s: _knob("FASTDL_CUDA_PACKED_TILES", _softmax(s))),
+    # the tiles at lengths the packed kernels take by default (FASTDL_CUDA_PACKED_TILES=0)
+    ("softmax fwd bf16, tile", "cuda", (4096, 16384), (4, 2056),
+     lambda s: _knob("FASTDL_CUDA_PACKED_TILES", _softmax(s), 0)),
     ("softmax bwd bf16", "cuda", (4096, 16384), (4, 2056), _softmax_backward),
-    ("softmax bwd bf16, packed tiles", "cuda", (4096, 16384), (4, 2056),
-     lambda s: _knob("FASTDL_CUDA_PACKED_TILES", _softmax_backward(s))),
+    ("softmax bwd bf16, tile", "cuda", (4096, 16384), (4, 2056),
+     lambda s: _knob("FASTDL_CUDA_PACKED_TILES", _softmax_backward(s), 0)),
     ("layer_norm fwd+bwd bf16", "cuda", (4096, 1024), (4, 100), lambda s: _layer_norm(s, "fwd+bwd")),
     ("layer_norm fwd+bwd bf16", "triton", (4096, 1024), (4, 100), lambda s: _layer_norm(s, "fwd+bwd")),
     # the long-row backward: Triton's dx loop beside its dweight / dbias kernel (blocks of columns x rows), CUDA's
     ("layer_norm fwd+bwd bf16", "triton", (4096, 16384), (4, 8200), lambda s: _layer_norm(s, "fwd+bwd")),
     ("layer_norm fwd+bwd bf16", "cuda", (4096, 16384), (4, 8200), lambda s: _layer_norm(s, "fwd+bwd")),
     # the CUDA backward's dx alone (the packed kernel here) and dweight / dbias by norm_param_grad_kernel
-    ("layer_norm fwd+bwd bf16, param kernel", "cuda", (4096, 8192), (4, 2056),
-     lambda s: _knob("FASTDL_CUDA_NORM_PARAM_KERNEL", _layer_norm(s, "fwd+bwd"))),
+    # (the default since the H200 tuner), beside the tile with its own sums
+    ("layer_norm fwd+bwd bf16", "cuda", (4096, 8192), (4, 2056), lambda s: _layer_norm(s, "fwd+bwd")),
+    ("layer_norm fwd+bwd bf16, tile sums", "cuda", (4096, 8192), (4, 2056),
+     lambda s: _knob("FASTDL_CUDA_NORM_PARAM_KERNEL", _layer_norm(s, "fwd+bwd"), 0)),
     # the norm forward's loop kernels past 16384 columns (two reads of a row: is the second from L2?)
     ("layer_norm fwd bf16", "cuda", (1024, 65536), (2, 20000), lambda s: _layer_norm(s, "fwd")),
     ("layer_norm fwd bf16", "triton", (1024, 65536), (2, 20000), lambda s: _layer_norm(s, "fwd")),

@@ -19,6 +19,11 @@ torch.ones(1, device="cuda")
 print(f"sanitize_kernels: torch {torch.__version__} and CUDA ready", flush=True)
 dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 count = 0
+# The shapes below run the tiles and the tiles' own dweight / dbias sums (knobs at 0) where the
+# CUDA launchers' defaults take the packed kernels and norm_param_grad_kernel for 16-bit rows
+# past 2048 columns; the passes further down set each knob to 1 for those.
+TILE_KERNELS = {"FASTDL_CUDA_PACKED_TILES": "0", "FASTDL_CUDA_PACKED_NORM": "0", "FASTDL_CUDA_NORM_PARAM_KERNEL": "0"}
+os.environ.update(TILE_KERNELS)
 
 
 TRITON_SPLIT = triton_softmax.SPLIT_PROGRAMS_PER_SM
@@ -77,7 +82,7 @@ def softmax_calls(dtype):
                 y = (fastdl.ops.log_softmax if log else fastdl.ops.softmax)(x, -1)
                 fastdl.ops.softmax_backward(torch.randn_like(y), y, -1, log)
                 count += 2
-        os.environ.pop("FASTDL_CUDA_PACKED_TILES")
+        os.environ["FASTDL_CUDA_PACKED_TILES"] = "0"
 
 
 def norm_calls(dtype):
@@ -109,7 +114,7 @@ def norm_calls(dtype):
                 fastdl.ops.layer_norm(aligned, n, torch.rand(n, device="cuda", dtype=param_dtype),
                                       torch.randn(n, device="cuda", dtype=param_dtype))
             fastdl.ops.rms_norm(aligned, n)
-            os.environ.pop("FASTDL_CUDA_PACKED_NORM")
+            os.environ["FASTDL_CUDA_PACKED_NORM"] = "0"
             count += 3
         param_kernel_cols = 4096 if dtype == torch.float64 else 16384 if dtype.itemsize == 2 else 8192
         if fastdl.get_backend() == "cuda" and n <= param_kernel_cols:
@@ -124,7 +129,7 @@ def norm_calls(dtype):
                 y = fastdl.ops.layer_norm(rows_in, width, w, b)
                 torch.autograd.grad(y, (rows_in, w, b), torch.randn_like(y))
                 count += 2
-            os.environ.pop("FASTDL_CUDA_NORM_PARAM_KERNEL")
+            os.environ["FASTDL_CUDA_NORM_PARAM_KERNEL"] = "0"
     if fastdl.get_backend() in ("triton", "cuda"):
         # the loop kernels in fewer programs (blocks) than rows, each walking rows (Triton's
         # LOOP_PROGRAMS_PER_SM: the fused norm forward past 16384 columns and its dx past 8192;

@@ -44,9 +44,17 @@ def runner():
     return emulated_cuda.build(ROOT / "build" / "cuda-emu")
 
 
+# The kernels the tests below name, unless a test's env says otherwise: the tiles, and the tiles'
+# own parameter-gradient sums, where the launchers' defaults take the packed kernels and
+# norm_param_grad_kernel for 16-bit rows past 2048 columns (test_cuda_defaults_for_16_bit_rows;
+# a test that wants the defaults gives these keys None).
+TILE_KERNELS = {"FASTDL_CUDA_PACKED_TILES": "0", "FASTDL_CUDA_PACKED_NORM": "0", "FASTDL_CUDA_NORM_PARAM_KERNEL": "0"}
+
+
 def _run(runner, tmp_path, op, inputs, outputs, settings, offsets=None, env=None):
     # the threads' order between barriers: another per test (conftest seeds torch per test id)
-    env = {"FASTDL_EMU_SEED": str(torch.initial_seed() % 2**32), **(env or {})}
+    env = {"FASTDL_EMU_SEED": str(torch.initial_seed() % 2**32), **TILE_KERNELS, **(env or {})}
+    env = {key: value for key, value in env.items() if value is not None}
     result = emulated_cuda.run(runner, op, tmp_path, inputs, outputs, settings, offsets, env)
     assert result.returncode == 0, f"{op} failed (exit {result.returncode}):\n{result.stderr[-6000:]}"
     return result
@@ -992,6 +1000,39 @@ def test_norm_forward_packed_only_where_it_holds(runner, tmp_path, case):
     assert _kernels(result) == [expected], result.launches
     _, y, _, _ = _norm_reference(inputs, False, 1e-5)
     assert_close(result.outputs["y"].view(rows, cols), y, out_dtype or dtype, "y")
+
+
+DEFAULTS = dict.fromkeys(TILE_KERNELS)  # the launchers' own defaults: no knob set
+
+
+@pytest.mark.parametrize("cols", [2048, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_defaults_for_16_bit_rows(runner, tmp_path, dtype, cols):
+    """With no knob set, aligned 16-bit rows of 2049-16384 columns take the packed kernels
+    (softmax forward and backward, the norm forward) and norm_param_grad_kernel for dweight /
+    dbias (dx from the packed backward); 2048 columns and fp32 rows the tiles and the tile's own
+    sums, as the tuner on the H200 had it (2b1309b). Each against float64."""
+    rows = 5
+    packed = dtype == torch.bfloat16 and cols > 2048
+    x, _ = _rows(rows, cols, dtype, "contiguous")
+    y, result = _softmax_forward(runner, tmp_path / "softmax", x, 0, False, env=DEFAULTS)
+    assert _kernels(result) == ["softmax_forward_packed_kernel" if packed else "softmax_forward_tile_kernel"]
+    assert_close(y, _softmax_ref(x, False), dtype, "softmax")
+    dy = torch.randn(rows, cols).to(dtype)
+    y_in = _softmax_ref(x, False).to(dtype)
+    dx, result = _softmax_backward(runner, tmp_path / "softmax_bwd", dy, y_in, False, env=DEFAULTS)
+    assert _kernels(result) == ["softmax_backward_packed_kernel" if packed else "softmax_backward_tile_kernel"]
+    assert_close(dx, R.softmax_backward(dy.double(), y_in.double(), -1, False), dtype, "softmax dx")
+    inputs, offsets = _norm_inputs((rows, cols), dtype, "layer_norm")
+    result = _norm_forward(runner, tmp_path / "norm", inputs, offsets, False, env=DEFAULTS)
+    assert _kernels(result) == ["norm_forward_packed_kernel" if packed else "norm_forward_tile_kernel"]
+    assert_close(result.outputs["y"].view(rows, cols), _norm_reference(inputs, False, 1e-5)[1], dtype, "y")
+    result, grads = _norm_backward(runner, tmp_path / "norm_bwd", inputs, False, env=DEFAULTS)
+    expected = (["norm_backward_packed_kernel", "norm_param_grad_kernel", "sum_partial_rows_kernel"] if packed
+                else ["norm_backward_tile_kernel", "sum_partial_rows_kernel"])
+    assert _kernels(result) == expected, result.launches
+    for name, ref in grads.items():
+        assert_close(result.outputs[name].view(ref.shape), ref, dtype if name == "dx" else _acc(dtype), name)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])

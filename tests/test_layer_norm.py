@@ -372,12 +372,14 @@ def test_cuda_backward_blocks_knob(case, shape, blocks_per_sm, monkeypatch):
 @pytest.mark.parametrize("shape", [(37, 7), (1000, 512), (300, 1001), (64, 8192), (64, 12008), (16, 12001)],
                          ids=str)
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
-def test_cuda_backward_param_kernel_knob(case, shape, dtype, monkeypatch):
+@pytest.mark.parametrize("knob", ["1", "0"])
+def test_cuda_backward_param_kernel_knob(case, shape, dtype, knob, monkeypatch):
     """FASTDL_CUDA_NORM_PARAM_KERNEL=1 (dx alone from the tile, packed or loop kernel,
     norm_param_grad_kernel sums dweight / dbias): warp and block tiles, 16-bit rows held packed
     and past the tiles, rows on 16-byte boundaries and not, parameters in fp32 and in x's dtype;
-    right, and the same bits twice."""
-    monkeypatch.setenv("FASTDL_CUDA_NORM_PARAM_KERNEL", "1")
+    right, and the same bits twice. =0 likewise (the tile's own sums, which 16-bit rows past 2048
+    columns take only so)."""
+    monkeypatch.setenv("FASTDL_CUDA_NORM_PARAM_KERNEL", knob)
     backend, _ = case
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     _check(backend, "add_layer_norm", *_inputs(shape, dtype, "cuda", "add_layer_norm", weight_dtype=wide), dtype)
@@ -428,13 +430,14 @@ def test_cuda_forward_loop_blocks_knob(case, dtype, variant, cols, monkeypatch):
 @pytest.mark.parametrize("variant", ["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
-def test_cuda_packed_forward_knob(case, dtype, variant, weight_dtype, cols, monkeypatch):
-    """FASTDL_CUDA_PACKED_NORM=1: the forward of aligned 16-bit rows of 2049-16384 columns
-    held as they are (kernels/layer_norm.cu's packed kernel), forward and backward against
-    float64, as with the tile kernel (the default, until a GPU has timed both)."""
+@pytest.mark.parametrize("knob", ["1", "0"])
+def test_cuda_packed_forward_knob(case, dtype, variant, weight_dtype, cols, knob, monkeypatch):
+    """FASTDL_CUDA_PACKED_NORM=1 (the default): the forward of aligned 16-bit rows of 2049-16384
+    columns held as they are (kernels/layer_norm.cu's packed kernel), forward and backward
+    against float64; =0, the tile kernel likewise."""
     backend, _ = case
     x, res, w, b = _inputs((64, cols), dtype, "cuda", variant, weight_dtype)
-    monkeypatch.setenv("FASTDL_CUDA_PACKED_NORM", "1")
+    monkeypatch.setenv("FASTDL_CUDA_PACKED_NORM", knob)
     _check(backend, variant, x, res, w, b, dtype)
 
 

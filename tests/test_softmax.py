@@ -354,11 +354,13 @@ def test_cuda_packed_kernels_of_rows_off_16_byte_boundaries(case, dtype, shape, 
 @pytest.mark.parametrize("cols", [2056, 4097, 8200, 16383])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CUDA_CASES, ids=case_id)
-def test_cuda_packed_tiles_knob(case, dtype, cols, monkeypatch):
-    """FASTDL_CUDA_PACKED_TILES=1: rows of the tiles' lengths from 2049 columns by the packed
-    kernels (blocks of 128-512 threads), aligned and of odd widths, softmax and log_softmax,
-    forward and backward against float64."""
-    monkeypatch.setenv("FASTDL_CUDA_PACKED_TILES", "1")
+@pytest.mark.parametrize("knob", ["1", "0"])
+def test_cuda_packed_tiles_knob(case, dtype, cols, knob, monkeypatch):
+    """FASTDL_CUDA_PACKED_TILES=1 (16-bit rows' default): rows of the tiles' lengths from 2049
+    columns by the packed kernels (blocks of 128-512 threads), aligned and of odd widths,
+    softmax and log_softmax, forward and backward against float64; =0, by the tile kernels."""
+    monkeypatch.setenv("FASTDL_CUDA_PACKED_TILES", knob)
+    kind = "packed" if knob == "1" else "tile"
     backend, device = case
     x = torch.randn(37, cols, device=device).to(dtype) * 3
     dy = torch.randn_like(x)
@@ -367,10 +369,10 @@ def test_cuda_packed_tiles_knob(case, dtype, cols, monkeypatch):
         y, log_y = fastdl.ops.softmax(x, -1), fastdl.ops.log_softmax(x, -1)
         backward_names = _cuda_kernel_names(lambda: fastdl.ops.softmax_backward(dy, y, -1, False))
         dx, log_dx = fastdl.ops.softmax_backward(dy, y, -1, False), fastdl.ops.softmax_backward(dy, log_y, -1, True)
-    assert any("softmax_forward_packed_kernel" in n for n in names), sorted(names)
+    assert any(f"softmax_forward_{kind}_kernel" in n for n in names), sorted(names)
     assert_close(y, ref_softmax(x.double()), dtype, "softmax")
     assert_close(log_y, ref_log_softmax(x.double()), dtype, "log_softmax")
-    assert any("softmax_backward_packed_kernel" in n for n in backward_names), sorted(backward_names)
+    assert any(f"softmax_backward_{kind}_kernel" in n for n in backward_names), sorted(backward_names)
     assert_close(dx, ref_softmax_backward(dy.double(), y.double(), -1, False), dtype, "softmax backward")
     assert_close(log_dx, ref_softmax_backward(dy.double(), log_y.double(), -1, True), dtype, "log_softmax backward")
 

@@ -142,13 +142,15 @@ def all_cases(quick: bool) -> list[TuneCase]:
         *[TuneCase("layer_norm", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_TILE_ELEMS",
                                                                         [None, 8, 16, 32]))
           for direction, cols in (("fwd", 1024), ("fwd", 4096), ("fwd", 16384), ("fwd+bwd", 1024), ("fwd+bwd", 4096))],
-        # the norm forward of 16-bit rows held as they are, 32 values a thread (the packed kernel), or the tile's
-        *[TuneCase("layer_norm", "fwd", "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_NORM", [None, 1]))
+        # the norm forward of 16-bit rows held as they are, 32 values a thread (the packed kernel, unset), or the
+        # tile's (0)
+        *[TuneCase("layer_norm", "fwd", "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_NORM", [None, 0]))
           for cols in (4096, 8192, 16384)],
-        # softmax's rows of the tiles' lengths held packed in blocks of 128-512 threads (1) or by the tile (unset)
-        *[TuneCase("softmax", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_TILES", [None, 1]))
+        # softmax's 16-bit rows of the tiles' lengths held packed in blocks of 128-512 threads (unset) or by the
+        # tile (0)
+        *[TuneCase("softmax", direction, "cuda", (4096, cols), Knob("env:FASTDL_CUDA_PACKED_TILES", [None, 0]))
           for direction in ("fwd", "bwd") for cols in (4096, 8192, 16384)],
-        TuneCase("softmax", "fwd", "cuda", (1024, 8193), Knob("env:FASTDL_CUDA_PACKED_TILES", [None, 1])),
+        TuneCase("softmax", "fwd", "cuda", (1024, 8193), Knob("env:FASTDL_CUDA_PACKED_TILES", [None, 0])),
         # softmax's long rows in registers (the packed kernels) or read twice (the block kernels); a GPT-2
         # vocabulary's rows off 16-byte boundaries (the ragged columns held beside the vectors)
         *[TuneCase("softmax", direction, "cuda", shape, Knob("env:FASTDL_CUDA_PACKED_ROWS", [None, 0]))
@@ -162,9 +164,11 @@ def all_cases(quick: bool) -> list[TuneCase]:
         # the partial rows' sum: n_cols / SUM_BLOCK_COLS programs (16 at hidden 1024), each over every partial row
         *[TuneCase("layer_norm", "fwd+bwd", "triton", (4096, cols), Knob(ln + "SUM_BLOCK_COLS", [16, 32, 64]))
           for cols in (512, 1024)],
-        # the CUDA backward's dweight / dbias in its blocks (unset) or by norm_param_grad_kernel (1; dx alone,
-        # 16-bit rows of whole vectors held as they are up to 16384 columns)
-        *[TuneCase("layer_norm", "fwd+bwd", "cuda", shape, Knob("env:FASTDL_CUDA_NORM_PARAM_KERNEL", [None, 1]))
+        # the CUDA backward's dweight / dbias by norm_param_grad_kernel (dx alone, 16-bit rows of whole
+        # vectors held as they are up to 16384 columns: unset past 2048 columns, 1) or in its blocks (0; unset
+        # up to 2048)
+        *[TuneCase("layer_norm", "fwd+bwd", "cuda", shape, Knob("env:FASTDL_CUDA_NORM_PARAM_KERNEL",
+                                                                   [None, 0, 1]))
           for shape in ((4096, 1024), (16384, 1024), (4096, 4096), (4096, 8192), (4096, 16384))],
         TuneCase("layer_norm", "fwd+bwd", "cuda", (4096, 1024), Knob("env:FASTDL_CUDA_NORM_BLOCKS_PER_SM",
                                                                        [None, 1, 2, 4, 8, 16])),
