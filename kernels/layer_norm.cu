@@ -21,9 +21,11 @@
 //     MeanM2), or its sum of squares (RMS); sweep 2 normalises and writes. Two reads of the
 //     row, not three (a sweep for the mean, one for the deviations from it, one to write).
 //     Sweep 2 re-reads the row, from L2 only when few rows are in flight:
-//     FASTDL_CUDA_LOOP_BLOCKS_PER_SM (common/occupancy.h loop_grid, off until timed) has fewer
-//     blocks walk the rows, as softmax's block kernels. Each thread touches the same columns in
-//     both sweeps, so the sum it wrote in sweep 1 is its own to read back, no barrier.
+//     FASTDL_CUDA_LOOP_BLOCKS_PER_SM (common/occupancy.h loop_grid; unset, a block a row) has
+//     fewer blocks walk the rows, as softmax's block kernels (timed on the H200 only before
+//     sweep 2's stores were whole vectors: 1 / 2 / 4 an SM within 7% of a block a row). Each
+//     thread touches the same columns in both sweeps, so the sum it wrote in sweep 1 is its own
+//     to read back, no barrier.
 //     Rows walked in 16-byte vectors (kVec elements a step), or one element at a time
 //     when some row is not 16-byte aligned.
 //
@@ -267,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 // spills accepted: norm_forward_loop_kernelIffffLi4E: 4 bytes stored and loaded once a row in the
 // fused path's set-up (sm_80, sm_90a), since sweep 2 is not unrolled; ptxas keeps the fp32 kernel
 // at 32 registers for two blocks an SM. Launch bounds of one block an SM end the spill but
-// gives every single-element instantiation 40 registers (one block an SM, from two)
+// give every single-element instantiation 40 registers (one block an SM, from two)
 template <typename T, typename W, typename Y, typename R, int kVec>
 __global__ void __launch_bounds__(kLoopThreads)
     norm_forward_loop_kernel(const T* __restrict__ x, const R* __restrict__ residual, const W* __restrict__ weight,

@@ -18,9 +18,10 @@
 //     across the block, then a second sweep writes the output. The second read of the row
 //     hits L2 only when few rows are in flight: with a block a row and many rows it came from
 //     DRAM on the H200 (loop_grid: FASTDL_CUDA_LOOP_BLOCKS_PER_SM has fewer blocks walk the
-//     rows, off until timed). Rows off a 16-byte boundary (50257 columns, a GPT-2 vocabulary)
-//     take their ragged head and tail one element a thread and the rest in vectors, as long
-//     as input and output rows are off by the same amount (rows_share_alignment); other
+//     rows; unset, a block a row, ran best or level: common/occupancy.h). Rows off a 16-byte
+//     boundary (50257 columns, a GPT-2 vocabulary) take their ragged head and tail one element
+//     a thread and the rest in vectors, as long as input and output rows are off by the same
+//     amount (rows_share_alignment); other
 //     layouts (a row stride that is not) one element at a time.
 //   * split (long rows too few to fill the device with a block each: a 256k vocabulary
 //     over a small batch): each row is cut into chunks, a block each. A first kernel
