@@ -266,10 +266,6 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 // A block a row, or with FASTDL_CUDA_LOOP_BLOCKS_PER_SM fewer blocks, each walking rows
 // blockIdx.x, + gridDim.x, ... (loop_grid): the second sweep reads the row from L2 only with few
 // rows in flight.
-// spills accepted: norm_forward_loop_kernelIffffLi4E: 4 bytes stored and loaded once a row in the
-// fused path's set-up (sm_80, sm_90a), since sweep 2 is not unrolled; ptxas keeps the fp32 kernel
-// at 32 registers for two blocks an SM. Launch bounds of one block an SM end the spill but
-// give every single-element instantiation 40 registers (one block an SM, from two)
 template <typename T, typename W, typename Y, typename R, int kVec>
 __global__ void __launch_bounds__(kLoopThreads)
     norm_forward_loop_kernel(const T* __restrict__ x, const R* __restrict__ residual, const W* __restrict__ weight,
@@ -326,13 +322,13 @@ __global__ void __launch_bounds__(kLoopThreads)
       if (!rms) mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
-    // sweep 2: normalise and write. Each thread reads the columns it wrote in sweep 1. Not
-    // unrolled: nvcc split the unrolled loop's 16-byte y stores into 2- and 4-byte ones (sm_90a,
-    // 2b1309b: 8 STG.E.U16 a bf16 vector, 4 STG.E an fp32 one; at bf16 1024 x 65536 7.4x y's L2
-    // write sectors and a third of Triton's speed, Nsight Compute on the H200). Unrolled twice,
-    // or with each vector stored by inline PTX, some instantiations split or spilled.
+    // sweep 2: normalise and write. Each thread reads the columns it wrote in sweep 1. y goes
+    // out by store_acc_whole: stored as a Vec, nvcc split this unrolled loop's 16-byte y stores
+    // into 2- and 4-byte ones (sm_90a, 2b1309b: 8 STG.E.U16 a bf16 vector, 4 STG.E an fp32 one;
+    // at bf16 1024 x 65536 7.4x y's L2 write sectors and a third of Triton's speed, Nsight
+    // Compute on the H200). 7c856bd kept them whole by not unrolling, with one load in flight a
+    // thread and 4 bytes of fp32 spill; unrolled, nvcc issues the loads of two steps at once.
     Y* y_row = y + row * cols;
-#pragma unroll 1
     for (int64_t col = first_col; col < cols; col += kStep) {
       A v[kVec];
       load_acc<kVec>(src + col, v);
@@ -350,7 +346,7 @@ __global__ void __launch_bounds__(kLoopThreads)
 #pragma unroll
         for (int k = 0; k < kVec; ++k) v[k] += b[k];
       }
-      store_acc<kVec>(y_row + col, v);
+      store_acc_whole<kVec>(y_row + col, v);
     }
   }
 }

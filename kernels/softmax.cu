@@ -181,7 +181,8 @@ __device__ __forceinline__ MaxSum<A> block_max_sum(const T* x_row, int64_t begin
 }
 
 // y over columns [begin, end) from the row's max and sum; y_row shares x_row's alignment
-// (y of the accumulation type beside a 16-bit x: both rows 16-byte aligned).
+// (y of the accumulation type beside a 16-bit x: both rows 16-byte aligned). Each 16-byte
+// vector of y goes out in one store (store_acc_whole), as does dx's below.
 template <typename T, bool kLog, int kVec, typename Y, typename A>
 __device__ __forceinline__ void block_write_softmax(const T* x_row, Y* y_row, int64_t begin, int64_t end,
                                                     MaxSum<A> row) {
@@ -193,21 +194,12 @@ __device__ __forceinline__ void block_write_softmax(const T* x_row, Y* y_row, in
     load_acc<n>(x_row + col, v);
 #pragma unroll
     for (int k = 0; k < n; ++k) v[k] = kLog ? (v[k] - row.m) - scale : exp_acc(v[k] - row.m) * scale;
-    store_acc<n>(y_row + col, v);
+    store_acc_whole<n>(y_row + col, v);
   });
 }
 
 // A block a row, or with FASTDL_CUDA_LOOP_BLOCKS_PER_SM fewer blocks, each walking rows
 // blockIdx.x, + gridDim.x, ... (loop_grid): the row's second read from L2 needs few rows in flight.
-// split stores accepted: softmax_forward_block_kernel: nvcc splits some instantiations' 16-byte y
-// stores in the unrolled write loop (block_write_softmax) into 2- and 4-byte ones (sm_90a, 2b1309b;
-// the chunk write kernels' too), as it did the norm forward loop kernel's, which lost two thirds of
-// its speed to it. Not unrolling the loop (for_row_pieces) cost the chunk kernels their 16-byte
-// stores instead; untimed either way: left for a GPU session (tests/test_build.py
-// test_row_loops_store_whole_vectors)
-// split stores accepted: softmax_backward_block_kernel: likewise (block_write_dx)
-// split stores accepted: softmax_forward_chunk_write_kernel: likewise
-// split stores accepted: softmax_backward_chunk_write_kernel: likewise
 template <typename T, typename Y, bool kLog, int kVec>
 __global__ void __launch_bounds__(kBlockThreads)
     softmax_forward_block_kernel(const T* __restrict__ x, Y* __restrict__ y, int64_t rows, int cols,
@@ -312,7 +304,7 @@ __device__ __forceinline__ void block_write_dx(const D* dy_row, const D* y_row, 
     load_acc<n>(y_row + col, o);
 #pragma unroll
     for (int k = 0; k < n; ++k) g[k] = kLog ? g[k] - exp_acc(o[k]) * total : o[k] * (g[k] - total);
-    store_acc<n>(dx_row + col, g);
+    store_acc_whole<n>(dx_row + col, g);
   });
 }
 

@@ -4,6 +4,8 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "common/dtype.h"
 
@@ -111,6 +113,38 @@ __device__ __forceinline__ void store_acc(U* p, const A (&in)[kVec]) {
     *p = from_acc<U>(in[0]);
   } else {
     store_packed<kVec>(p, in);
+  }
+}
+
+// store_acc for the loops that walk a row in 16-byte steps (softmax's block and chunk write
+// kernels, the norm forward loop kernel's sweep 2): each vector's bits gathered into one
+// 128-bit integer and stored as one, so that it goes out as one STG.E.128. Stored as a Vec<U>
+// in those loops, nvcc split some into 2- and 4-byte stores (a bf16 vector as 8 STG.E.U16,
+// sm_90a; the norm forward loop kernel ran at a third of Triton's speed with them, 2b1309b), and
+// a uint4 into four 4-byte ones. Inline PTX keeps them whole too, but nvcc then orders every
+// load after the store before it (one 16-byte load in flight a thread, and no ld.global.nc).
+// The tiles keep store_acc: built this way, some of theirs took up to 15 more registers a thread.
+template <int kVec, typename U, typename A>
+__device__ __forceinline__ void store_acc_whole(U* p, const A (&in)[kVec]) {
+  if constexpr (kVec * sizeof(U) < kVecBytes) {
+    store_acc<kVec>(p, in);
+  } else {
+    using Bits = std::conditional_t<sizeof(U) == 2, uint16_t, std::conditional_t<sizeof(U) == 4, uint32_t, uint64_t>>;
+    static_assert(sizeof(Bits) == sizeof(U), "elements of 2, 4 or 8 bytes");
+    constexpr int kVectors = kVec * static_cast<int>(sizeof(U)) / kVecBytes;
+    FASTDL_CHECK_ALIGNED(p, kVecBytes);
+#pragma unroll
+    for (int v = 0; v < kVectors; ++v) {
+      unsigned __int128 word = 0;
+#pragma unroll
+      for (int k = 0; k < Vec<U>::kSize; ++k) {
+        const U element = from_acc<U>(in[v * Vec<U>::kSize + k]);
+        Bits bits;
+        memcpy(&bits, &element, sizeof bits);
+        word |= static_cast<unsigned __int128>(bits) << (8 * sizeof(U) * k);  // little-endian: column k at byte k * size
+      }
+      reinterpret_cast<unsigned __int128*>(p)[v] = word;
+    }
   }
 }
 
