@@ -130,8 +130,13 @@ template <typename F> bool with_packed_norm(int64_t cols, F&& launch) {
   env_knob("FASTDL_CUDA_PACKED_NORM", 0, 1, &enabled);
   return enabled == 1 && with_packed_block(cols, launch);
 }
-constexpr int kSumCols = 32;  // columns per block of the partial-row sum
-constexpr int kSumRowThreads = 8;
+// The partial-row sum's block: kSumCols columns (a 32-byte sector of a partial row) by
+// kSumRowThreads threads, each summing every kSumRowThreads-th partial row of its column. At
+// 32 x 8 the 660 partial rows of a 4096 x 1024 backward took 8.7 us, as long as the forward:
+// 64 blocks on 132 SMs, 12% occupancy, waiting on its loads (Nsight Compute, H200, 2b1309b).
+// 8 x 32 gives four times the blocks (two an SM at hidden 1024). UNTIMED.
+constexpr int kSumCols = 8;
+constexpr int kSumRowThreads = 32;
 
 // ---------------------------------------------------------------------------------
 // forward
@@ -416,12 +421,41 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   for (int i = 0; i < kElems; ++i) dw[i] = db[i] = A(0);
   // The groups of a block take its rows in turn. Warp groups reduce with shuffles, so
   // their trip counts may differ; a block group is the whole block.
+  // A row's x and dy as they lie in memory, its mean and rstd (and the sum's gradient): all
+  // loaded before any is used (load_raw), a DRAM latency a row where the tile waited for each
+  // in turn. kPrefetch: the
+  // group loads its next row before this row's sums and dx store, so that two rows are in
+  // flight. Without either, the 4096 x 1024 backward (bf16, 128 x 8, 92 registers: 31%
+  // occupancy) took 21.9 us for its 24 MiB, its warps stalled on loads (Nsight Compute, H200,
+  // 2b1309b). Tiles of 512 threads have no registers to spare (up to 128 a thread); the
+  // dx-alone tiles take one row a group. UNTIMED.
+  constexpr bool kPrefetch = kParamSums && kThreads < 512;
+  struct RowIn {
+    typename Tile::template Raw<T> x;
+    typename Tile::template Raw<D> dy;
+    A m, r;
+  };
+  auto load_row = [&](int64_t row, RowIn& in) {
+    Tile::load_raw(x + row * x_row_stride, t, cols, aligned, in.x, from_acc<T>(A(0)));
+    Tile::load_raw(dy + row * dy_row_stride, t, cols, aligned, in.dy, from_acc<D>(A(0)));
+    in.m = rms ? A(0) : mean[row];
+    in.r = rstd[row];
+  };
+  RowIn in{};
+  if constexpr (kPrefetch) {
+    if (begin + group < end) load_row(begin + group, in);
+  }
   for (int64_t row = begin + group; row < end; row += kGroups) {
+    RowIn next{};
+    if constexpr (kPrefetch) {
+      if (row + kGroups < end) load_row(row + kGroups, next);
+    } else {
+      load_row(row, in);
+    }
     A xhat[kElems], g[kElems];
-    Tile::load(x + row * x_row_stride, t, cols, aligned, xhat, A(0));
-    Tile::load(dy + row * dy_row_stride, t, cols, aligned, g, A(0));
-    const A m = rms ? A(0) : mean[row];
-    const A r = rstd[row];
+    Tile::convert(in.x, xhat);
+    Tile::convert(in.dy, g);
+    const A m = in.m, r = in.r;
     A sum_gx = 0, sum_g = 0;
 #pragma unroll
     for (int i = 0; i < kElems; ++i) {
@@ -445,6 +479,7 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     }
     Tile::store(dx + row * cols, t, cols, aligned, xhat);
     if constexpr (!std::is_same_v<N, T>) Tile::store(dx_narrow + row * cols, t, cols, aligned, xhat);
+    if constexpr (kPrefetch) in = next;
   }
   // Every block writes its partial row, zeros when it had no rows.
   if constexpr (kParamSums) {
@@ -738,8 +773,10 @@ __global__ void __launch_bounds__(kSumCols* kSumRowThreads)
   Out* out = blockIdx.y == 0 ? out0 : out1;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kSumCols + threadIdx.x;
   A total = 0;
-  if (col < cols)
+  if (col < cols) {
+#pragma unroll 4
     for (int64_t r = threadIdx.y; r < partial_rows; r += kSumRowThreads) total += partial[r * cols + col];
+  }
   sums[threadIdx.y][threadIdx.x] = total;
   __syncthreads();
   if (threadIdx.y == 0 && col < cols) {

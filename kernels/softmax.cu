@@ -260,9 +260,13 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   const int64_t row = tile_row<kThreads>();
   if (row >= rows) return;  // whole groups only (tile_row)
   const int t = threadIdx.x % kThreads;
+  // dy and y both in flight before either is converted (RowTile::load_raw)
+  typename Tile::template Raw<D> dy_in, y_in;
+  Tile::load_raw(dy + row * dy_row_stride, t, cols, aligned, dy_in, from_acc<D>(A(0)));
+  Tile::load_raw(y + row * y_row_stride, t, cols, aligned, y_in, from_acc<D>(A(0)));
   A g[kElems], o[kElems];
-  Tile::load(dy + row * dy_row_stride, t, cols, aligned, g, A(0));
-  Tile::load(y + row * y_row_stride, t, cols, aligned, o, A(0));
+  Tile::convert(dy_in, g);
+  Tile::convert(y_in, o);
   A total = 0;
 #pragma unroll
   for (int i = 0; i < kElems; ++i) total += kLog ? g[i] : g[i] * o[i];

@@ -63,6 +63,74 @@ template <typename T, int kThreads, int kElems> struct RowTile {
     }
   }
 
+  // load in two steps, for a kernel that reads several rows (x and dy, a next row): load_raw
+  // reads this thread's kElems values of a row of U as they lie in memory, convert turns them
+  // into the accumulation type, and the kernel calls load_raw for every row before it converts
+  // any, so that all their loads are in flight at once. load converts each pack inside its
+  // branch (whole vector, or element by element), so the warp waits for that load before it
+  // issues the next: the norm backward tile waited for x, then dy, then its mean and rstd, a
+  // DRAM latency each, every row (sm_90a SASS, 2b1309b). load stays as it is for the kernels
+  // that read one row: built on these, some took 3-4 more registers a thread.
+  // Held as 32-bit words, 16 bytes at a time: held as elements, a 16-bit type's vector was
+  // unpacked (and so waited for) in its branch again.
+  template <typename U> struct Raw {
+    uint4 vectors[kElems * static_cast<int>(sizeof(U)) / kVecBytes];
+  };
+
+  // load_raw: `fill` (a U) where a column is past `cols`.
+  template <typename U>
+  __device__ static __forceinline__ void load_raw(const U* row, int t, int64_t cols, bool aligned, Raw<U>& out,
+                                                  U fill) {
+    // kPack elements of U are a whole number of 16-byte vectors (U is at least as wide as T)
+    constexpr int kVectors = kPack * static_cast<int>(sizeof(U)) / kVecBytes;
+    static_assert(kVectors * kVecBytes == kPack * static_cast<int>(sizeof(U)), "packs of whole vectors");
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p) {
+      const int64_t c0 = pack_col(t, p);
+      uint4* dst = out.vectors + p * kVectors;
+      if (aligned && c0 + kPack <= cols) {
+        FASTDL_CHECK_ALIGNED(row + c0, kVecBytes);
+        const uint4* src = reinterpret_cast<const uint4*>(row + c0);
+#pragma unroll
+        for (int v = 0; v < kVectors; ++v) dst[v] = src[v];
+      } else {
+#pragma unroll
+        for (int v = 0; v < kVectors; ++v) {
+          U elements[Vec<U>::kSize];
+#pragma unroll
+          for (int k = 0; k < Vec<U>::kSize; ++k) {
+            const int64_t c = c0 + v * Vec<U>::kSize + k;
+            elements[k] = c < cols ? row[c] : fill;
+          }
+          memcpy(&dst[v], elements, sizeof dst[v]);
+        }
+      }
+    }
+  }
+
+  // Value i of a Raw is column col(t, i), converted to A.
+  template <typename U, typename A>
+  __device__ static __forceinline__ void convert(const Raw<U>& in, A (&out)[kElems]) {
+    constexpr int kPerWord = 4 / static_cast<int>(sizeof(U)) > 0 ? 4 / static_cast<int>(sizeof(U)) : 1;
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) {
+      const uint4& vec = in.vectors[i / Vec<U>::kSize];
+      U element;
+      if constexpr (sizeof(U) <= 4) {
+        const int k = i % Vec<U>::kSize, w = k / kPerWord;
+        const unsigned word = w == 0 ? vec.x : w == 1 ? vec.y : w == 2 ? vec.z : vec.w;
+        U elements[kPerWord];
+        memcpy(elements, &word, sizeof word);
+        element = elements[k % kPerWord];
+      } else {  // 8-byte elements: two a vector
+        U elements[2];
+        memcpy(elements, &vec, sizeof vec);
+        element = elements[i % 2];
+      }
+      out[i] = to_acc(element);
+    }
+  }
+
   // Writes this thread's values (columns < cols) to a row of U (the row's T; the
   // accumulation type: a norm of 16-bit x written in fp32; or a 16-bit type beside float
   // rows, a pack in one NarrowPack move, the row aligned to its size), rounded to U.
