@@ -27,6 +27,7 @@
 #   tune.md         python -m fastdl.bench.tune (step "tune", not in the default steps)
 #   profile.log     ncu over scripts/profile_kernels.py's cases (step "profile", not in the
 #                   default steps): speed of light, occupancy, launch, warp stalls, memory
+#   profile.md      its table, a kernel a line (scripts/profile_summary.py): commit it beside tune.md
 # Exit status: non-zero when the build, the tests or the sanitizer failed (a failed build does not
 # stop the steps after it: the triton and torch backends run without fastdl._C).
 set -uo pipefail
@@ -177,6 +178,7 @@ if has_step profile; then
       || echo "profile: ncu exited non-zero or was cut off (the cases before are above)" | tee -a "$out/profile.log"
   fi
   grep -c "^profile_kernels: " "$out/profile.log" | sed 's/^/profile: case lines: /'
+  $py scripts/profile_summary.py "$out/profile.log" > "$out/profile.md" || rm -f "$out/profile.md"
 fi
 
 if has_step bench; then

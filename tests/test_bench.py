@@ -519,3 +519,63 @@ def test_profile_script_runs_its_cases(capsys):
         assert (f"profile_kernels: {name}\n" in out) == ran, (name, out)
         assert (f"profile_kernels: {name}: backend {backend} not available here, skipped" in out) != ran
     assert f"profile_kernels: {sum(b is None or b in here for _, b, _, _, _ in script.CASES)} cases" in out
+
+
+_NCU_LOG = """\
+profile_kernels: layer_norm fwd+bwd bf16 4096x1024 on cuda
+==PROF== Profiling "norm_forward_tile_kernel" - 0: 0%....50%....100% - 18 passes
+==PROF== Profiling "sum_partial_rows_kernel" - 1: 0%....50%....100% - 18 passes
+profile_kernels: softmax fwd bf16 1024x50257 on triton
+==PROF== Profiling "_softmax_forward_loop_kernel" - 2: 0%....50%....100% - 18 passes
+profile_kernels: 2 cases
+==PROF== Disconnected from process 7502
+  void fastdl::<unnamed>::norm_forward_tile_kernel<__nv_bfloat16, float, 128, 8>(const T1 *, long) (4096, 1, 1)x(128, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Section: GPU Speed Of Light Throughput
+    Memory Throughput                 %        34.25
+    DRAM Throughput                   %        19.96
+    Duration                         us         8.77
+    Section: Memory Workload Analysis
+    Memory Throughput                          Gbyte/s       959.12
+    L2 Hit Rate                                      %        53.76
+    Registers Per Thread             register/thread              30
+    Achieved Occupancy                        %        80.82
+  void fastdl::<unnamed>::sum_partial_rows_kernel<float, __nv_bfloat16>(const T1 *, long) (32, 2, 1)x(32, 8, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Duration                         ms         1.50
+    Memory Throughput                          Tbyte/s         3.49
+    Grid Size                                                  64
+  _softmax_forward_loop_kernel (1024, 1, 1)x(256, 1, 1), Context 1, Stream 7, Device 0, CC 9.0
+    Duration                         us        85.41
+    Registers Per Thread             register/thread              64
+"""
+
+
+def test_profile_summary_reads_an_ncu_log(tmp_path):
+    """scripts/profile_summary.py joins each kernel of ncu's report (printed after the process
+    ends) to the case that launched it, and keeps its shape, registers and metrics in common
+    units (ms -> us, Tbyte/s -> GB/s); a metric ncu did not print stays empty."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "profile_summary.py"
+    spec = importlib.util.spec_from_file_location("profile_summary", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.parse(_NCU_LOG)
+    assert [r["case"] for r in rows] == ["layer_norm fwd+bwd bf16 4096x1024 on cuda"] * 2 + [
+        "softmax fwd bf16 1024x50257 on triton"]
+    assert [r["kernel"] for r in rows] == ["norm_forward_tile_kernel<bf16, float, 128, 8>",
+                                           "sum_partial_rows_kernel<float, bf16>", "_softmax_forward_loop_kernel"]
+    assert [r["grid x block"] for r in rows] == ["4096 x 128", "32x2 x 32x8", "1024 x 256"]
+    first, second, third = rows
+    assert (first["time us"], first["DRAM %"], first["memory GB/s"], first["registers"]) == (8.77, 19.96, 959.12, 30)
+    assert (first["L2 hit %"], first["occupancy %"]) == (53.76, 80.82)
+    assert second["time us"] == 1500.0 and second["memory GB/s"] == 3490.0 and "registers" not in second
+    assert third["registers"] == 64 and "DRAM %" not in third
+    log = tmp_path / "profile.log"
+    log.write_text(_NCU_LOG)
+    table = script.markdown(rows, log.name)
+    assert ("| 1 | layer_norm fwd+bwd bf16 4096x1024 on cuda | sum_partial_rows_kernel<float, bf16> | 32x2 x 32x8 |"
+            in table)
+    empty = tmp_path / "empty.log"
+    empty.write_text("==PROF== Disconnected from process 1\n")
+    assert script.main([str(empty)]) == 1  # no report: an error, not an empty table
