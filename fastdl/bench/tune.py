@@ -161,8 +161,8 @@ def all_cases(quick: bool) -> list[TuneCase]:
         # dweight / dbias summed by the tile kernel's programs, or by a kernel of their own (x and dy read again)
         *[TuneCase("layer_norm", "fwd+bwd", "triton", shape, Knob(ln + "TILE_PARAM_SUMS", [True, False]))
           for shape in ((4096, 512), (4096, 1024), (16384, 1024), (4096, 4096))],
-        # the partial rows' sum: n_cols / SUM_BLOCK_COLS programs (16 at hidden 1024), each over every partial row
-        *[TuneCase("layer_norm", "fwd+bwd", "triton", (4096, cols), Knob(ln + "SUM_BLOCK_COLS", [16, 32, 64]))
+        # the partial rows' sum: n_cols / SUM_BLOCK_COLS programs (128 at hidden 1024), each over every partial row
+        *[TuneCase("layer_norm", "fwd+bwd", "triton", (4096, cols), Knob(ln + "SUM_BLOCK_COLS", [4, 8, 16, 32]))
           for cols in (512, 1024)],
         # the CUDA backward's dweight / dbias by norm_param_grad_kernel (dx alone, 16-bit rows of whole
         # vectors held as they are up to 16384 columns: unset past 2048 columns, 1) or in its blocks (0; unset

@@ -77,10 +77,11 @@ TILE_PARAM_SUMS = True
 PARAM_BLOCK_COLS = 128
 PARAM_ROWS = 16
 PARAM_PROGRAMS_PER_SM = 8
-# The partial-row sum: columns a program, partial rows an iteration. SUM_BLOCK_COLS 16 (was
-# 64): fwd+bwd 4096 x 512 0.055 -> 0.040 ms, 4096 x 1024 0.062 -> 0.045 (H200 tune of
-# 2b1309b, bf16).
-SUM_BLOCK_COLS = 16
+# The partial-row sum: columns a program, partial rows an iteration. SUM_BLOCK_COLS 8 (was
+# 64; 32-byte rows of a tile): the H200 tune of 2b1309b (bf16 fwd+bwd) ran 64 / 32 / 16 at 4096
+# x 512 in 0.055 / 0.044 / 0.040 ms, at 4096 x 1024 0.062 / 0.049 / 0.045, and its profile the
+# sum at 64 in 45.6 us of 0.062 ms (16 programs on 132 SMs, 6% occupancy). 8: UNTIMED.
+SUM_BLOCK_COLS = 8
 SUM_ROWS = 32
 
 
