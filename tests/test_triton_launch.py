@@ -327,6 +327,31 @@ def test_softmax_kernels_can_run_again(split, monkeypatch):
             assert_close(dx, reference.softmax_backward(dy.double(), y.double(), -1, log), torch.float32, "dx")
 
 
+def _norm_inputs(rows, n_cols, has_weight, has_bias):
+    """x, dy, weight and bias (None where not asked for) of a norm backward test."""
+    x, dy = torch.randn(rows, n_cols, device=DEVICE) * 2 + 1, torch.randn(rows, n_cols, device=DEVICE)
+    weight = torch.rand(n_cols, device=DEVICE) + 0.5 if has_weight else None
+    bias = torch.randn(n_cols, device=DEVICE) if has_bias else None
+    return x, dy, weight, bias
+
+
+def _assert_norm_grads(x, dy, weight, bias, rms, dx, dweight, dbias, dsum=None):
+    """dx (plus dsum, the sum's gradient, when fused), dweight and dbias against float64 autograd
+    of the reference norm."""
+    n_cols = x.shape[-1]
+    leaves = [x.double().requires_grad_()] + [t.double().requires_grad_() for t in (weight, bias) if t is not None]
+    w64 = leaves[1] if weight is not None else None
+    b64 = leaves[-1] if bias is not None else None
+    y64 = (reference.rms_norm(leaves[0], (n_cols,), w64, 1e-5) if rms else
+           reference.layer_norm(leaves[0], (n_cols,), w64, b64))
+    grads = torch.autograd.grad(y64, leaves, dy.double())
+    assert_close(dx, grads[0] + (dsum.double() if dsum is not None else 0), torch.float32, "dx")
+    if weight is not None:
+        assert_close(dweight, grads[1], torch.float32, "dweight")
+    if bias is not None:
+        assert_close(dbias, grads[-1], torch.float32, "dbias")
+
+
 # --- the longer rows' dweight / dbias: _norm_param_grad_kernel's blocks of columns x rows ----------------
 @pytest.mark.parametrize("programs_per_sm, expected", [(1, (1, 40)), (5, (4, 12)), (4096, (10, 4))])
 def test_param_grad_row_blocks(programs_per_sm, expected, monkeypatch):
@@ -361,22 +386,38 @@ def test_norm_backward_param_grad_kernel_over_row_blocks(dx_kernel, rms, has_wei
     spy = _LaunchSpy(norm_kernels._norm_param_grad_kernel, "ALIGN")
     monkeypatch.setattr(norm_kernels, "_norm_param_grad_kernel", spy)
     rows, n_cols = 37, 600
-    x, dy = torch.randn(rows, n_cols, device=DEVICE) * 2 + 1, torch.randn(rows, n_cols, device=DEVICE)
-    weight = torch.rand(n_cols, device=DEVICE) + 0.5 if has_weight else None
-    bias = torch.randn(n_cols, device=DEVICE) if has_bias else None
+    x, dy, weight, bias = _norm_inputs(rows, n_cols, has_weight, has_bias)
     _, _, mean, rstd = norm_kernels.norm_forward(x, None, weight, bias, 1e-5, rms)
     dx, dweight, dbias, _ = norm_kernels.norm_backward(dy, None, x, weight, mean, rstd, has_bias, rms)
     row_blocks = norm_kernels._param_grad_row_blocks(rows, n_cols, x.device)[0]
     assert spy.grids == [(3, row_blocks)] and spy.values == [4], "not one launch over every block, in vectors"
+    _assert_norm_grads(x, dy, weight, bias, rms, dx, dweight, dbias)
 
-    leaves = [x.double().requires_grad_()] + [t.double().requires_grad_() for t in (weight, bias) if t is not None]
-    w64 = leaves[1] if has_weight else None
-    b64 = leaves[-1] if has_bias else None
-    y64 = (reference.rms_norm(leaves[0], (n_cols,), w64, 1e-5) if rms else
-           reference.layer_norm(leaves[0], (n_cols,), w64, b64))
-    grads = torch.autograd.grad(y64, leaves, dy.double())
-    assert_close(dx, grads[0], torch.float32, "dx")
-    if has_weight:
-        assert_close(dweight, grads[1], torch.float32, "dweight")
-    if has_bias:
-        assert_close(dbias, grads[-1], torch.float32, "dbias")
+
+# --- the walking backward tile with its next tile's loads first (TILE_PREFETCH) ---------------------------
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("rms, has_weight, has_bias, fused", [
+    (False, True, True, False), (True, True, False, False), (False, False, True, False), (False, True, True, True)],
+    ids=["layer_norm", "rms_norm", "bias_only", "fused_add"])
+def test_norm_backward_tile_walks_rows_with_prefetch(rms, has_weight, has_bias, fused, prefetch, monkeypatch):
+    """37 rows of 100 columns, tiles of 2 rows (TILE_ELEMENTS 256): the interpreter's 2 SMs give
+    4 programs of 10 rows, 5 tiles each, the last program's rows ending inside a tile. With
+    TILE_PREFETCH the launch asks for the prefetching kernel (and not for tiles past
+    TILE_ELEMENTS); dx (plus the sum's gradient when fused), dweight and dbias against float64."""
+    monkeypatch.setattr(norm_kernels, "TILE_ELEMENTS", 256)
+    monkeypatch.setattr(norm_kernels, "TILE_PREFETCH", prefetch)
+    spy = _LaunchSpy(norm_kernels._norm_backward_tile_kernel, "PREFETCH")
+    monkeypatch.setattr(norm_kernels, "_norm_backward_tile_kernel", spy)
+    rows, n_cols = 37, 100
+    x, dy, weight, bias = _norm_inputs(rows, n_cols, has_weight, has_bias)
+    dsum = torch.randn(rows, n_cols, device=DEVICE) if fused else None
+    _, _, mean, rstd = norm_kernels.norm_forward(x, None, weight, bias, 1e-5, rms)
+    dx, dweight, dbias, _ = norm_kernels.norm_backward(dy, dsum, x, weight, mean, rstd, has_bias, rms)
+    assert spy.values == [prefetch]
+    assert norm_kernels._backward_programs(rows, x.device) == (4, 10)
+    _assert_norm_grads(x, dy, weight, bias, rms, dx, dweight, dbias, dsum)
+    if prefetch:  # a tile of more than TILE_ELEMENTS (one 512-column row): no prefetch
+        x_long, dy_long = torch.randn(3, 500, device=DEVICE), torch.randn(3, 500, device=DEVICE)
+        _, _, m_long, r_long = norm_kernels.norm_forward(x_long, None, None, None, 1e-5, rms)
+        norm_kernels.norm_backward(dy_long, None, x_long, None, m_long, r_long, False, rms)
+        assert spy.values == [True, False]

@@ -159,13 +159,18 @@ def layer_norm_specs():
             for (block_cols, rows), (narrow, has_narrow) in itertools.product(
                     [(1024, 4), (k.BACKWARD_TILE_MAX_COLS, 1)] if res == p else [], narrows):
                 const = dict(BLOCK_COLS=block_cols, ROWS=rows, HAS_DSUM=fused, HAS_DX_NARROW=has_narrow,
-                             PARAM_SUMS=True, **flags)
+                             PARAM_SUMS=True, PREFETCH=False, **flags)
                 sig = {**bwd_ptrs, "dx_narrow_ptr": narrow, "dy_row_stride_vecs": "i64", "dsum_row_stride_vecs": "i64",
                        "x_row_stride_vecs": "i64", "n_rows": "i32", "n_col_vecs": "i32", "rows_per_program": "i32",
                        **{c: "constexpr" for c in const}}
                 specs.append((k._norm_backward_tile_kernel, sig, const))
                 if not fused and not has_narrow and (has_w or has_b):  # dx alone (TILE_PARAM_SUMS off)
                     specs.append((k._norm_backward_tile_kernel, sig, {**const, "PARAM_SUMS": False}))
+                # the next tile's loads first (TILE_PREFETCH, off until timed; tiles of TILE_ELEMENTS at
+                # most): the tile tune.py times it with, for rows and parameters of one dtype with a weight
+                if block_cols == 1024 and out == p and has_w and not has_narrow:
+                    prefetch_rows = max(1, k.TILE_ELEMENTS // block_cols)
+                    specs.append((k._norm_backward_tile_kernel, sig, {**const, "ROWS": prefetch_rows, "PREFETCH": True}))
             loop_flags = {f: v for f, v in flags.items() if f != "HAS_BIAS"}  # dx alone
             loop_ptrs = {name: v for name, v in bwd_ptrs.items() if "partial" not in name}
             # a program a row, and programs walking rows (LOOP_PROGRAMS_PER_SM, off by default: for

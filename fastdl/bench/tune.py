@@ -161,6 +161,9 @@ def all_cases(quick: bool) -> list[TuneCase]:
         # dweight / dbias summed by the tile kernel's programs, or by a kernel of their own (x and dy read again)
         *[TuneCase("layer_norm", "fwd+bwd", "triton", shape, Knob(ln + "TILE_PARAM_SUMS", [True, False]))
           for shape in ((4096, 512), (4096, 1024), (16384, 1024), (4096, 4096))],
+        # the walking backward tile's next tile loaded before this one's sums
+        *[TuneCase("layer_norm", "fwd+bwd", "triton", shape, Knob(ln + "TILE_PREFETCH", [False, True]))
+          for shape in ((4096, 512), (4096, 1024), (16384, 1024))],
         # the partial rows' sum: n_cols / SUM_BLOCK_COLS programs (128 at hidden 1024), each over every partial row
         *[TuneCase("layer_norm", "fwd+bwd", "triton", (4096, cols), Knob(ln + "SUM_BLOCK_COLS", [4, 8, 16, 32]))
           for cols in (512, 1024)],

@@ -70,6 +70,13 @@ PROGRAMS_PER_SM = 2
 # blocks of rows), or leaves them to _norm_param_grad_kernel, as for longer rows (False: a
 # tile a program, no loop, as the forward; x and dy read again, from L2 when small).
 TILE_PARAM_SUMS = True
+# The walking backward tile (TILE_PARAM_SUMS) loads its next tile's x, dy, mean and rstd before
+# this tile's sums, so that two tiles' loads are in flight (as CUDA's backward tile since
+# a6aa72b): the H200 profile of 2b1309b had it at 27.3 us for 4096 x 1024 bf16 (24 MiB), 2
+# programs an SM. Tiles of TILE_ELEMENTS at most (rows to 2048 columns): longer ones hold too
+# many values a thread for two. Off until a GPU times it (tune.py: True / False at 4096 x 512 /
+# 1024 and 16384 x 1024).
+TILE_PREFETCH = False
 # Longer rows' dweight / dbias (_norm_param_grad_kernel): columns and rows a program holds
 # at once, and programs an SM (over column blocks x row blocks, a partial row each block).
 # PARAM_BLOCK_COLS 128 (was 256): fwd+bwd 4096 x 16384 0.315 -> 0.296 ms (H200 tune of
@@ -239,6 +246,25 @@ def _norm_forward_loop_kernel(
 # ---------------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------------
+@triton.jit
+def _load_backward_rows(x_ptr, dy_ptr, mean_ptr, rstd_ptr, start, last, col, col_mask, x_row_stride, dy_row_stride,
+                        ROWS: tl.constexpr, RMS: tl.constexpr):
+    """x and dy of the ROWS rows from `start` (those before `last`) as stored, and their mean (0
+    for RMS) and rstd: masked loads, converted where used."""
+    rows = start + tl.arange(0, ROWS)
+    row = rows[:, None]
+    row_mask = rows < last
+    mask = row_mask[:, None] & col_mask
+    x = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + row * dy_row_stride + col, mask=mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+    if RMS:
+        mean = tl.zeros([ROWS], rstd.dtype)
+    else:
+        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+    return x, dy, mean, rstd
+
+
 @tuned_num_warps(4, 8, 16, key=["BLOCK_COLS", "ROWS"], live_tiles=3)
 @triton.jit
 def _norm_backward_tile_kernel(
@@ -266,6 +292,7 @@ def _norm_backward_tile_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_DX_NARROW: tl.constexpr,
     PARAM_SUMS: tl.constexpr,  # dweight / dbias summed here (else by _norm_param_grad_kernel)
+    PREFETCH: tl.constexpr,  # the next tile's loads before this tile's sums (TILE_PREFETCH)
     ACC: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
@@ -281,19 +308,28 @@ def _norm_backward_tile_kernel(
     dbias_acc = tl.zeros([BLOCK_COLS], ACC)
     first = pid.to(tl.int64) * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
+    if PREFETCH:
+        x_in, dy_in, mean_in, rstd_in = _load_backward_rows(x_ptr, dy_ptr, mean_ptr, rstd_ptr, first, last, col,
+                                                            col_mask, x_row_stride, dy_row_stride, ROWS, RMS)
     for start in range(first, last, ROWS):
         rows = start + tl.arange(0, ROWS)
         row = rows[:, None]
         row_mask = rows < last
         mask = row_mask[:, None] & col_mask
-        x = tl.load(x_ptr + row * x_row_stride + col, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(dy_ptr + row * dy_row_stride + col, mask=mask, other=0.0).to(ACC)
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
+        if PREFETCH:  # this tile's loads were issued last iteration; the next tile's go out now
+            x, dy, mean, rstd = x_in, dy_in, mean_in, rstd_in
+            x_in, dy_in, mean_in, rstd_in = _load_backward_rows(x_ptr, dy_ptr, mean_ptr, rstd_ptr, start + ROWS,
+                                                                last, col, col_mask, x_row_stride, dy_row_stride,
+                                                                ROWS, RMS)
+        else:
+            x, dy, mean, rstd = _load_backward_rows(x_ptr, dy_ptr, mean_ptr, rstd_ptr, start, last, col, col_mask,
+                                                    x_row_stride, dy_row_stride, ROWS, RMS)
+        x, dy = x.to(ACC), dy.to(ACC)
+        rstd = rstd.to(ACC)[:, None]
         if RMS:
             xhat = x * rstd
         else:
-            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0).to(ACC)[:, None]
-            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            xhat = tl.where(mask, (x - mean.to(ACC)[:, None]) * rstd, 0.0)
         if HAS_WEIGHT:
             g = dy * w
         else:
@@ -602,8 +638,9 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, na
             if tiled:
                 _norm_backward_tile_kernel[(programs,)](
                     dy_ptr=dy, x_ptr=x, rstd_ptr=rstd, dx_ptr=dx, n_rows=n_rows, rows_per_program=rows_per_program,
-                    BLOCK_COLS=block_cols, ROWS=rows, HAS_BIAS=has_bias, PARAM_SUMS=param_sums_in_tile, **lengths,
-                    **operands, **partials, **flags)
+                    BLOCK_COLS=block_cols, ROWS=rows, HAS_BIAS=has_bias, PARAM_SUMS=param_sums_in_tile,
+                    PREFETCH=param_sums_in_tile and TILE_PREFETCH and block_cols * rows <= TILE_ELEMENTS,
+                    **lengths, **operands, **partials, **flags)
             else:
                 programs = loop_programs(n_rows, x.device, LOOP_PROGRAMS_PER_SM)
                 _norm_backward_loop_kernel[(programs,)](
