@@ -421,14 +421,14 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
   for (int i = 0; i < kElems; ++i) dw[i] = db[i] = A(0);
   // The groups of a block take its rows in turn. Warp groups reduce with shuffles, so
   // their trip counts may differ; a block group is the whole block.
-  // A row's x and dy as they lie in memory, its mean and rstd (and the sum's gradient): all
-  // loaded before any is used (load_raw), a DRAM latency a row where the tile waited for each
-  // in turn. kPrefetch: the
+  // A row's x and dy as they lie in memory, its mean and rstd: all loaded before any is used
+  // (load_raw), one DRAM latency a row where the tile waited for each in turn. kPrefetch: the
   // group loads its next row before this row's sums and dx store, so that two rows are in
   // flight. Without either, the 4096 x 1024 backward (bf16, 128 x 8, 92 registers: 31%
   // occupancy) took 21.9 us for its 24 MiB, its warps stalled on loads (Nsight Compute, H200,
   // 2b1309b). Tiles of 512 threads have no registers to spare (up to 128 a thread); the
-  // dx-alone tiles take one row a group. UNTIMED.
+  // dx-alone tiles take one row a group. The sum's gradient (fused add) is still loaded after
+  // the sums: loaded with the row, it cost up to 70 registers a thread and spilled fp64. UNTIMED.
   constexpr bool kPrefetch = kParamSums && kThreads < 512;
   struct RowIn {
     typename Tile::template Raw<T> x;
