@@ -167,8 +167,9 @@ def layer_norm_specs():
                 if not fused and not has_narrow and (has_w or has_b):  # dx alone (TILE_PARAM_SUMS off)
                     specs.append((k._norm_backward_tile_kernel, sig, {**const, "PARAM_SUMS": False}))
                 # the next tile's loads first (TILE_PREFETCH, off until timed; tiles of TILE_ELEMENTS at
-                # most): the tile tune.py times it with, for rows and parameters of one dtype with a weight
-                if block_cols == 1024 and out == p and has_w and not has_narrow:
+                # most): the tile tune.py times it with, for rows and parameters of one dtype with a
+                # weight, unfused (the fused ones would double its variants in CI's compile check)
+                if block_cols == 1024 and out == p and has_w and not has_narrow and not fused:
                     prefetch_rows = max(1, k.TILE_ELEMENTS // block_cols)
                     specs.append((k._norm_backward_tile_kernel, sig, {**const, "ROWS": prefetch_rows, "PREFETCH": True}))
             loop_flags = {f: v for f, v in flags.items() if f != "HAS_BIAS"}  # dx alone
