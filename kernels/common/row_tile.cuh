@@ -23,6 +23,24 @@
 
 namespace fastdl::kernels {
 
+// Element k of a 16-byte vector of U held as 32-bit words (a uint4): RowTile::Raw's and
+// PackedRowTile's rows. Words, not an array of U, which the compiler keeps one 16-bit element to a
+// register (twice the registers, and a vector loaded in a branch unpacked, so waited for, there).
+template <typename U> __device__ __forceinline__ U vec_element(const uint4& vec, int k) {
+  if constexpr (sizeof(U) <= 4) {
+    constexpr int kPerWord = 4 / static_cast<int>(sizeof(U));
+    const int w = k / kPerWord;
+    const unsigned word = w == 0 ? vec.x : w == 1 ? vec.y : w == 2 ? vec.z : vec.w;
+    U elements[kPerWord];
+    memcpy(elements, &word, sizeof word);
+    return elements[k % kPerWord];
+  } else {  // 8-byte elements: two a vector
+    U elements[2];
+    memcpy(elements, &vec, sizeof vec);
+    return elements[k];
+  }
+}
+
 template <typename T, int kThreads, int kElems> struct RowTile {
   static constexpr int kPack = Vec<T>::kSize;
   static_assert(kElems % kPack == 0, "a thread holds whole packs");
@@ -71,8 +89,7 @@ template <typename T, int kThreads, int kElems> struct RowTile {
   // issues the next: the norm backward tile waited for x, then dy, then its mean and rstd, a
   // DRAM latency each, every row (sm_90a SASS, 2b1309b). load stays as it is for the kernels
   // that read one row: built on these, some took 3-4 more registers a thread.
-  // Held as 32-bit words, 16 bytes at a time: held as elements, a 16-bit type's vector was
-  // unpacked (and so waited for) in its branch again.
+  // Held as 32-bit words, 16 bytes at a time (vec_element).
   template <typename U> struct Raw {
     uint4 vectors[kElems * static_cast<int>(sizeof(U)) / kVecBytes];
   };
@@ -111,24 +128,8 @@ template <typename T, int kThreads, int kElems> struct RowTile {
   // Value i of a Raw is column col(t, i), converted to A.
   template <typename U, typename A>
   __device__ static __forceinline__ void convert(const Raw<U>& in, A (&out)[kElems]) {
-    constexpr int kPerWord = 4 / static_cast<int>(sizeof(U)) > 0 ? 4 / static_cast<int>(sizeof(U)) : 1;
 #pragma unroll
-    for (int i = 0; i < kElems; ++i) {
-      const uint4& vec = in.vectors[i / Vec<U>::kSize];
-      U element;
-      if constexpr (sizeof(U) <= 4) {
-        const int k = i % Vec<U>::kSize, w = k / kPerWord;
-        const unsigned word = w == 0 ? vec.x : w == 1 ? vec.y : w == 2 ? vec.z : vec.w;
-        U elements[kPerWord];
-        memcpy(elements, &word, sizeof word);
-        element = elements[k % kPerWord];
-      } else {  // 8-byte elements: two a vector
-        U elements[2];
-        memcpy(elements, &vec, sizeof vec);
-        element = elements[i % 2];
-      }
-      out[i] = to_acc(element);
-    }
+    for (int i = 0; i < kElems; ++i) out[i] = to_acc(vec_element<U>(in.vectors[i / Vec<U>::kSize], i % Vec<U>::kSize));
   }
 
   // Writes this thread's values (columns < cols) to a row of U (the row's T; the
@@ -195,13 +196,7 @@ template <typename T, int kThreads, int kElems> struct PackedRowTile {
   }
 
   // Element k of a pack, converted.
-  __device__ static __forceinline__ auto element(const uint4& pack, int k) {
-    const int w = k / kPerWord;
-    const unsigned word = w == 0 ? pack.x : w == 1 ? pack.y : w == 2 ? pack.z : pack.w;
-    T elements[kPerWord];
-    memcpy(elements, &word, sizeof word);
-    return to_acc(elements[k % kPerWord]);
-  }
+  __device__ static __forceinline__ auto element(const uint4& pack, int k) { return to_acc(vec_element<T>(pack, k)); }
 
   // Value i of this thread, converted.
   __device__ __forceinline__ auto value(int i) const { return element(packs[i / kPack], i % kPack); }
