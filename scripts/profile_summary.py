@@ -104,7 +104,7 @@ def markdown(rows: list[dict], source: str) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        print("usage: python3 scripts/profile_summary.py OUT/profile.log > OUT/profile.md", file=sys.stderr)
         return 2
     path = Path(argv[0])
     rows = parse(path.read_text(errors="replace"))
