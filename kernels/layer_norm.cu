@@ -294,26 +294,45 @@ __global__ void __launch_bounds__(kLoopThreads)
     }
     // sweep 1: the sum (written when fused) and the row's statistics: its sum of squares (RMS),
     // or this thread's count, mean and squared deviations (MeanM2: a vector's, combined into the
-    // running state), then the block's
+    // running state), then the block's. kUnroll steps at a time, their loads issued together: a
+    // step past the row loads the first step's columns again (no use of them), so no load waits
+    // in a branch. One step at a time, nvcc issued each load after the step before it (sm_90a
+    // SASS, 12f6ed2: one 16-byte load in flight a thread, and one 1024-thread block an SM).
     A sq = 0;
     MeanM2<A> stats{A(0), A(0), A(0)};
-    for (int64_t col = first_col; col < cols; col += kStep) {
-      A v[kVec];
-      load_acc<kVec>(x_row + col, v);
-      if (residual != nullptr) {
-        A r[kVec];
-        load_acc<kVec>(r_row + col, r);
+    auto sweep1 = [&](auto fused) {
+      constexpr bool kFused = decltype(fused)::value;
+      constexpr int kUnroll = kFused ? 2 : 4;  // the residual's steps too: twice the registers a step
+      for (int64_t col0 = first_col; col0 < cols; col0 += kUnroll * kStep) {
+        A v[kUnroll][kVec];
+        A r[kFused ? kUnroll : 1][kVec];
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) v[k] = to_acc(from_acc<R>(v[k] + r[k]));  // rounded, as the unfused add
-        store_acc<kVec>(h_row + col, v);
-      }
-      if (rms) {
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t col = col0 + u * kStep < cols ? col0 + u * kStep : col0;
+          load_acc<kVec>(x_row + col, v[u]);
+          if constexpr (kFused) load_acc<kVec>(r_row + col, r[u]);
+        }
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) sq += v[k] * v[k];
-      } else {
-        stats = combine(stats, mean_m2(v));
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t col = col0 + u * kStep;
+          if (u > 0 && col >= cols) break;
+          if constexpr (kFused) {
+            // rounded, as the unfused add
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) v[u][k] = to_acc(from_acc<R>(v[u][k] + r[u][k]));
+            store_acc<kVec>(h_row + col, v[u]);
+          }
+          if (rms) {
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) sq += v[u][k] * v[u][k];
+          } else {
+            stats = combine(stats, mean_m2(v[u]));
+          }
+        }
       }
-    }
+    };
+    if (residual != nullptr) sweep1(std::true_type{});
+    else sweep1(std::false_type{});
     A mean = 0;
     if (rms) {
       sq = block_sum<kLoopThreads>(sq, scratch);

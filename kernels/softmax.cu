@@ -164,19 +164,23 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 template <typename T, int kVec, typename A = typename Acc<T>::type>
 __device__ __forceinline__ MaxSum<A> block_max_sum(const T* x_row, int64_t begin, int64_t end, MaxSum<A>* scratch) {
   MaxSum<A> state{-INFINITY, A(0)};
-  for_row_pieces<kBlockThreads, kVec>(x_row, begin, end, [&](int64_t col, auto width) {
-    constexpr int n = decltype(width)::value;
-    A v[n];
-    load_acc<n>(x_row + col, v);
-    MaxSum<A> piece{v[0], A(0)};
+  // the loads of 4 steps at once (2 of fp64; for_row_pieces_ahead), held as loaded (load_vec_raw):
+  // a step's exps and the branches around them held the next step's load back
+  for_row_pieces_ahead<kBlockThreads, kVec, sizeof(T) == 8 ? 2 : 4>(
+      x_row, begin, end, [&](int64_t col, auto width) { return load_vec_raw<decltype(width)::value>(x_row + col); },
+      [&](const auto& raw, auto width, int64_t) {
+        constexpr int n = decltype(width)::value;
+        A v[n];
+        convert_vec_raw<T>(raw, v);
+        MaxSum<A> piece{v[0], A(0)};
 #pragma unroll
-    for (int k = 1; k < n; ++k) piece.m = nan_max(piece.m, v[k]);
-    if (piece.m != -INFINITY) {
+        for (int k = 1; k < n; ++k) piece.m = nan_max(piece.m, v[k]);
+        if (piece.m != -INFINITY) {
 #pragma unroll
-      for (int k = 0; k < n; ++k) piece.s += exp_acc(v[k] - piece.m);
-    }
-    state = combine(state, piece);
-  });
+          for (int k = 0; k < n; ++k) piece.s += exp_acc(v[k] - piece.m);
+        }
+        state = combine(state, piece);
+      });
   return block_combine<kBlockThreads>(state, scratch);
 }
 
@@ -188,14 +192,18 @@ __device__ __forceinline__ void block_write_softmax(const T* x_row, Y* y_row, in
                                                     MaxSum<A> row) {
   // log_softmax = (x - max) - log(sum): never x - (max + log(sum)), which loses log(sum) near 3e38
   const A scale = kLog ? log_acc(row.s) : A(1) / row.s;
-  for_row_pieces<kBlockThreads, kVec>(x_row, begin, end, [&](int64_t col, auto width) {
-    constexpr int n = decltype(width)::value;
-    A v[n];
-    load_acc<n>(x_row + col, v);
+  // the loads of 4 steps at once, as block_max_sum's (stepped one at a time, nvcc issued each
+  // load after the step before it: sm_90a SASS, 12f6ed2)
+  for_row_pieces_ahead<kBlockThreads, kVec, sizeof(T) == 8 ? 2 : 4>(
+      x_row, begin, end, [&](int64_t col, auto width) { return load_vec_raw<decltype(width)::value>(x_row + col); },
+      [&](const auto& raw, auto width, int64_t col) {
+        constexpr int n = decltype(width)::value;
+        A v[n];
+        convert_vec_raw<T>(raw, v);
 #pragma unroll
-    for (int k = 0; k < n; ++k) v[k] = kLog ? (v[k] - row.m) - scale : exp_acc(v[k] - row.m) * scale;
-    store_acc_whole<n>(y_row + col, v);
-  });
+        for (int k = 0; k < n; ++k) v[k] = kLog ? (v[k] - row.m) - scale : exp_acc(v[k] - row.m) * scale;
+        store_acc_whole<n>(y_row + col, v);
+      });
 }
 
 // A block a row, or with FASTDL_CUDA_LOOP_BLOCKS_PER_SM fewer blocks, each walking rows

@@ -128,6 +128,13 @@ CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     ("layer_norm fwd bf16", "triton", (1024, 65536), (2, 20000), lambda s: _layer_norm(s, "fwd")),
     ("softmax fwd bf16", "cuda", (4096, 65536), (2, 3000), _softmax),
     ("softmax fwd bf16", "triton", (4096, 65536), (2, 3000), _softmax),
+    # CUDA's block kernel there (FASTDL_CUDA_PACKED_ROWS=0; what fp32 rows past 32768 and 16-bit
+    # past 65536 take), and a few rows split into chunks (two kernels): both read 4 steps ahead since
+    # session 34 (for_row_pieces_ahead), untimed
+    ("softmax fwd bf16, block", "cuda", (4096, 65536), (2, 3000),
+     lambda s: _knob("FASTDL_CUDA_PACKED_ROWS", _softmax(s), 0)),
+    ("softmax fwd bf16", "cuda", (8, 262144), (2, 3000), _softmax),
+    ("softmax fwd bf16", "triton", (8, 262144), (2, 3000), _softmax),
     # rows 255 x 256 long, not a power of two (128 KiB rows: the same offset of rows a power of
     # two apart may land in the same memory channels)
     ("softmax fwd bf16", "triton", (4096, 65280), (2, 3000), _softmax),

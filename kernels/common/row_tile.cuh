@@ -41,6 +41,30 @@ template <typename U> __device__ __forceinline__ U vec_element(const uint4& vec,
   }
 }
 
+// kVec elements of U at p as they lie in memory, to convert later (convert_vec_raw): one 16-byte
+// vector as 32-bit words (p 16-byte aligned), or one element (kVec = 1). A kernel that loads
+// several steps before it works on any holds them so, half the registers of 16-bit values
+// converted.
+template <int kVec, typename U> __device__ __forceinline__ auto load_vec_raw(const U* p) {
+  if constexpr (kVec == 1) {
+    return *p;
+  } else {
+    static_assert(kVec * sizeof(U) == sizeof(uint4), "one 16-byte vector");
+    FASTDL_CHECK_ALIGNED(p, kVecBytes);
+    return *reinterpret_cast<const uint4*>(p);
+  }
+}
+// load_vec_raw's kVec elements of U, converted to A.
+template <typename U, int kVec, typename Raw, typename A>
+__device__ __forceinline__ void convert_vec_raw(const Raw& raw, A (&out)[kVec]) {
+  if constexpr (kVec == 1) {
+    out[0] = to_acc(raw);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) out[k] = to_acc(vec_element<U>(raw, k));
+  }
+}
+
 template <typename T, int kThreads, int kElems> struct RowTile {
   static constexpr int kPack = Vec<T>::kSize;
   static_assert(kElems % kPack == 0, "a thread holds whole packs");
@@ -326,27 +350,71 @@ template <int kVec, typename T> __device__ __forceinline__ RaggedRow ragged_row(
   return {head, vec_cols, t < head ? t : t < head + tail ? head + vec_cols + (t - head) : -1};
 }
 
-// Calls f(col, std::integral_constant<int, n>{}) for this thread's pieces of the columns
-// [begin, end) of `row`, walked by a block of kThreads threads: n = kVec for the whole
-// 16-byte vectors, from the first column on a 16-byte boundary on, kThreads * kVec columns
-// a step; n = 1 for the fewer than kVec columns before them (the head) and after the last
-// whole vector (the tail), one a thread. With kVec = 1, every column, one a thread a step.
-// Tensors whose rows share `row`'s alignment (rows_share_alignment) are cut the same way.
-template <int kThreads, int kVec, typename T, typename F>
-__device__ __forceinline__ void for_row_pieces(const T* row, int64_t begin, int64_t end, F&& f) {
-  using one = std::integral_constant<int, 1>;
-  static_assert(kThreads >= 2 * kVec, "a thread for each column of the head and the tail");
+// How a block of kThreads threads cuts the columns [begin, end) of `row` (for_row_pieces): whole
+// 16-byte vectors over [vec_begin, vec_end), from the first column on a 16-byte boundary on,
+// kThreads * kVec columns a step; the fewer than kVec columns before them (the head) and after
+// the last whole vector (the tail) one a thread (edge_col). With kVec = 1 every column is in
+// the steps.
+struct RowCut {
+  int64_t head, vec_begin, vec_end;
+};
+template <int kVec, typename T> __device__ __forceinline__ RowCut row_cut(const T* row, int64_t begin, int64_t end) {
   if constexpr (kVec == 1) {
-    for (int64_t col = begin + threadIdx.x; col < end; col += kThreads) f(col, one{});
+    return {0, begin, end};
   } else {
     const int64_t head = ragged_head<kVec>(row + begin, end - begin);
     const int64_t vec_begin = begin + head;
-    const int64_t vec_end = vec_begin + (end - vec_begin) / kVec * kVec;
-    for (int64_t col = vec_begin + threadIdx.x * kVec; col < vec_end; col += static_cast<int64_t>(kThreads) * kVec)
-      f(col, std::integral_constant<int, kVec>{});
-    const int64_t edge = threadIdx.x;  // threads 0.. take the head's columns, the next ones the tail's
-    if (edge < head) f(begin + edge, one{});
-    else if (edge < head + (end - vec_end)) f(vec_end + (edge - head), one{});
+    return {head, vec_begin, vec_begin + (end - vec_begin) / kVec * kVec};
+  }
+}
+// This thread's column of the head or the tail, -1 for none: threads 0.. take the head's
+// columns, the next ones the tail's.
+__device__ __forceinline__ int64_t edge_col(const RowCut& cut, int64_t begin, int64_t end) {
+  const int64_t edge = threadIdx.x;
+  return edge < cut.head ? begin + edge : edge < cut.head + (end - cut.vec_end) ? cut.vec_end + (edge - cut.head) : -1;
+}
+
+// Calls f(col, std::integral_constant<int, n>{}) for this thread's pieces of the columns
+// [begin, end) of `row` (row_cut): n = kVec for the whole 16-byte vectors, n = 1 for its column
+// of the head or the tail. Tensors whose rows share `row`'s alignment (rows_share_alignment) are
+// cut the same way.
+template <int kThreads, int kVec, typename T, typename F>
+__device__ __forceinline__ void for_row_pieces(const T* row, int64_t begin, int64_t end, F&& f) {
+  static_assert(kThreads >= 2 * kVec, "a thread for each column of the head and the tail");
+  constexpr int64_t kStep = static_cast<int64_t>(kThreads) * kVec;
+  const RowCut cut = row_cut<kVec>(row, begin, end);
+  for (int64_t col = cut.vec_begin + threadIdx.x * kVec; col < cut.vec_end; col += kStep)
+    f(col, std::integral_constant<int, kVec>{});
+  if constexpr (kVec > 1) {
+    const int64_t edge = edge_col(cut, begin, end);
+    if (edge >= 0) f(edge, std::integral_constant<int, 1>{});
+  }
+}
+
+// for_row_pieces for a walk whose every step loads and then works on what it loaded, where the
+// work would hold the next load back (a branch, a long chain): load(col, n) does the loads and
+// returns what they gave, use(that, n, col) the rest. The steps go kUnroll at a time, all their loads
+// issued before the first use; a step past the end loads the first step's columns again, for
+// no use, so that no load sits in a branch. (Stepped as for_row_pieces, block_max_sum's steps
+// went one 16-byte load in flight a thread: nvcc issued each after the step before, sm_90a SASS.)
+template <int kThreads, int kVec, int kUnroll, typename T, typename Load, typename Use>
+__device__ __forceinline__ void for_row_pieces_ahead(const T* row, int64_t begin, int64_t end, Load&& load, Use&& use) {
+  using Step = std::integral_constant<int, kVec>;
+  constexpr int64_t kStep = static_cast<int64_t>(kThreads) * kVec;
+  static_assert(kThreads >= 2 * kVec, "a thread for each column of the head and the tail");
+  const RowCut cut = row_cut<kVec>(row, begin, end);
+  for (int64_t col0 = cut.vec_begin + threadIdx.x * kVec; col0 < cut.vec_end; col0 += kUnroll * kStep) {
+    decltype(load(col0, Step{})) held[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) held[u] = load(col0 + u * kStep < cut.vec_end ? col0 + u * kStep : col0, Step{});
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (u == 0 || col0 + u * kStep < cut.vec_end) use(held[u], Step{}, col0 + u * kStep);
+  }
+  if constexpr (kVec > 1) {
+    using Edge = std::integral_constant<int, 1>;
+    const int64_t edge = edge_col(cut, begin, end);
+    if (edge >= 0) use(load(edge, Edge{}), Edge{}, edge);
   }
 }
 

@@ -141,7 +141,8 @@ __device__ __forceinline__ void store_acc_whole(U* p, const A (&in)[kVec]) {
         const U element = from_acc<U>(in[v * Vec<U>::kSize + k]);
         Bits bits;
         memcpy(&bits, &element, sizeof bits);
-        word |= static_cast<unsigned __int128>(bits) << (8 * sizeof(U) * k);  // little-endian: column k at byte k * size
+        // little-endian: column k at byte k * size
+        word |= static_cast<unsigned __int128>(bits) << (8 * sizeof(U) * k);
       }
       reinterpret_cast<unsigned __int128*>(p)[v] = word;
     }
