@@ -9,6 +9,7 @@ import os
 import torch
 
 import fastdl
+from fastdl.bench.tune import CUDA_TILE_KERNELS
 from fastdl.triton import layer_norm as triton_norm
 from fastdl.triton import softmax as triton_softmax
 
@@ -22,8 +23,7 @@ count = 0
 # The shapes below run the tiles and the tiles' own dweight / dbias sums (knobs at 0) where the
 # CUDA launchers' defaults take the packed kernels and norm_param_grad_kernel for 16-bit rows
 # past 2048 columns; the passes further down set each knob to 1 for those.
-TILE_KERNELS = {"FASTDL_CUDA_PACKED_TILES": "0", "FASTDL_CUDA_PACKED_NORM": "0", "FASTDL_CUDA_NORM_PARAM_KERNEL": "0"}
-os.environ.update(TILE_KERNELS)
+os.environ.update(CUDA_TILE_KERNELS)
 
 
 TRITON_SPLIT = triton_softmax.SPLIT_PROGRAMS_PER_SM

@@ -21,6 +21,7 @@ import torch
 
 import emulated_cuda
 from fastdl import reference as R
+from fastdl.bench.tune import CUDA_TILE_KERNELS as TILE_KERNELS
 from conftest import (ON_CI, TOLERANCE, assert_close, assert_norm_nans_as_torchs, hard_statistics_rows,
                       nonfinite_rows)
 
@@ -44,15 +45,11 @@ def runner():
     return emulated_cuda.build(ROOT / "build" / "cuda-emu")
 
 
-# The kernels the tests below name, unless a test's env says otherwise: the tiles, and the tiles'
-# own parameter-gradient sums, where the launchers' defaults take the packed kernels and
-# norm_param_grad_kernel for 16-bit rows past 2048 columns (test_cuda_defaults_for_16_bit_rows;
-# a test that wants the defaults gives these keys None).
-TILE_KERNELS = {"FASTDL_CUDA_PACKED_TILES": "0", "FASTDL_CUDA_PACKED_NORM": "0", "FASTDL_CUDA_NORM_PARAM_KERNEL": "0"}
-
-
 def _run(runner, tmp_path, op, inputs, outputs, settings, offsets=None, env=None):
-    # the threads' order between barriers: another per test (conftest seeds torch per test id)
+    # the threads' order between barriers: another per test (conftest seeds torch per test id).
+    # The kernels the tests name, unless a test's env says otherwise: the tiles, and the tiles' own
+    # parameter-gradient sums (TILE_KERNELS; test_cuda_defaults_for_16_bit_rows runs the launchers'
+    # defaults: a test that wants them gives these keys None).
     env = {"FASTDL_EMU_SEED": str(torch.initial_seed() % 2**32), **TILE_KERNELS, **(env or {})}
     env = {key: value for key, value in env.items() if value is not None}
     result = emulated_cuda.run(runner, op, tmp_path, inputs, outputs, settings, offsets, env)

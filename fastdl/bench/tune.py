@@ -67,6 +67,14 @@ def _set_env(var: str, value) -> None:
         os.environ[var] = str(value)
 
 
+# The CUDA knobs at the values that keep every launch on the tiles and the tiles' own dweight /
+# dbias sums, where the launchers' defaults (from the H200 tuner, 2b1309b) take the packed kernels
+# and norm_param_grad_kernel for 16-bit rows past 2048 columns: what the emulated kernel tests and
+# scripts/sanitize_kernels.py run unless a test or pass names another.
+CUDA_TILE_KERNELS = {"FASTDL_CUDA_PACKED_TILES": "0", "FASTDL_CUDA_PACKED_NORM": "0",
+                     "FASTDL_CUDA_NORM_PARAM_KERNEL": "0"}
+
+
 @dataclasses.dataclass
 class TuneCase:
     op: str  # softmax, layer_norm
