@@ -22,6 +22,10 @@ GB/s copy):
   * a 512 MiB copy (copy_, and an elementwise kernel) and softmax at 4096 x 65536: every
     implementation ran at 2.0-2.8 TB/s at these sizes, where 4096 x 16384 reached 4.2; and at
     4096 x 65280, rows not a power of two bytes long.
+Since the third run (2b1309b): the norm forward's loop kernels at 1024 x 65536 (CUDA 351 us,
+Triton 114); CUDA's softmax block kernel at 4096 x 65536 and the split of 8 x 262144 (583 GB/s,
+Triton 912), which load 4 steps ahead since session 34; the fp32 norm backward at 4096 x 16384
+(CUDA's loop kernel, with its sums in shared memory).
 """
 from __future__ import annotations
 
@@ -52,16 +56,16 @@ def _softmax_backward(shape):
     return setup
 
 
-def _layer_norm(shape, direction):
+def _layer_norm(shape, direction, dtype=BF16):
     def setup(device):
         n = shape[1]
         grad = direction == "fwd+bwd"
-        x = torch.randn(shape, device=device, dtype=BF16, requires_grad=grad)
-        w = torch.rand(n, device=device, dtype=BF16, requires_grad=grad)
-        b = torch.randn(n, device=device, dtype=BF16, requires_grad=grad)
+        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=grad)
+        w = torch.rand(n, device=device, dtype=dtype, requires_grad=grad)
+        b = torch.randn(n, device=device, dtype=dtype, requires_grad=grad)
         if not grad:
             return lambda: fastdl.ops.layer_norm(x, n, w, b)
-        dy = torch.randn(shape, device=device, dtype=BF16)
+        dy = torch.randn(shape, device=device, dtype=dtype)
         return lambda: torch.autograd.grad(fastdl.ops.layer_norm(x, n, w, b), (x, w, b), dy)
     return setup
 
@@ -123,6 +127,12 @@ CASES: list[tuple[str, str | None, tuple, tuple, Callable]] = [
     ("layer_norm fwd+bwd bf16", "cuda", (4096, 8192), (4, 2056), lambda s: _layer_norm(s, "fwd+bwd")),
     ("layer_norm fwd+bwd bf16, tile sums", "cuda", (4096, 8192), (4, 2056),
      lambda s: _knob("FASTDL_CUDA_NORM_PARAM_KERNEL", _layer_norm(s, "fwd+bwd"), 0)),
+    # fp32 rows past 8192 columns: the CUDA backward's loop kernel (dweight / dbias in shared memory),
+    # which 16-bit rows left for the packed backward and norm_param_grad_kernel in 2b1309b's defaults
+    ("layer_norm fwd+bwd fp32", "cuda", (4096, 16384), (4, 8200),
+     lambda s: _layer_norm(s, "fwd+bwd", torch.float32)),
+    ("layer_norm fwd+bwd fp32", "triton", (4096, 16384), (4, 8200),
+     lambda s: _layer_norm(s, "fwd+bwd", torch.float32)),
     # the norm forward's loop kernels past 16384 columns (two reads of a row: is the second from L2?)
     ("layer_norm fwd bf16", "cuda", (1024, 65536), (2, 20000), lambda s: _layer_norm(s, "fwd")),
     ("layer_norm fwd bf16", "triton", (1024, 65536), (2, 20000), lambda s: _layer_norm(s, "fwd")),
