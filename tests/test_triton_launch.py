@@ -394,6 +394,29 @@ def test_norm_backward_param_grad_kernel_over_row_blocks(dx_kernel, rms, has_wei
     _assert_norm_grads(x, dy, weight, bias, rms, dx, dweight, dbias)
 
 
+# --- the partial-row sum at the GPU's width (the interpreter's programs are wider) ----------------------
+@pytest.mark.parametrize("n_cols", [37, 1000])
+def test_partial_row_sum_at_the_gpus_width(n_cols, monkeypatch):
+    """The interpreter sums dweight's and dbias's partial rows INTERPRET_SUM_BLOCK_COLS columns
+    a program, a GPU SUM_BLOCK_COLS: both widths on this device (37 rows of 37 or 1000 columns:
+    4 partial rows on the interpreter's 2 SMs, the last block ragged at either width but 1000 /
+    8), dweight and dbias bit for bit the same, and against float64."""
+    assert norm_kernels.INTERPRET_SUM_BLOCK_COLS > norm_kernels.SUM_BLOCK_COLS, "nothing to compare"
+    x, dy, weight, bias = _norm_inputs(37, n_cols, True, True)
+    _, _, mean, rstd = norm_kernels.norm_forward(x, None, weight, bias, 1e-5, False)
+    spy = _LaunchSpy(norm_kernels._sum_partial_rows_kernel, "BLOCK_COLS")
+    monkeypatch.setattr(norm_kernels, "_sum_partial_rows_kernel", spy)
+    grads = {}
+    for interpreted in (True, False):
+        monkeypatch.setattr(norm_kernels, "INTERPRET", interpreted)
+        grads[interpreted] = norm_kernels.norm_backward(dy, None, x, weight, mean, rstd, True, False)
+    assert spy.values == [norm_kernels.INTERPRET_SUM_BLOCK_COLS, norm_kernels.SUM_BLOCK_COLS]
+    assert spy.grids == [(-(-n_cols // width),) for width in spy.values]
+    dx, dweight, dbias, _ = grads[False]
+    assert torch.equal(dweight, grads[True][1]) and torch.equal(dbias, grads[True][2])
+    _assert_norm_grads(x, dy, weight, bias, False, dx, dweight, dbias)
+
+
 # --- the walking backward tile with its next tile's loads first (TILE_PREFETCH) ---------------------------
 @pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("rms, has_weight, has_bias, fused", [

@@ -36,8 +36,8 @@ import triton.language as tl
 
 from fastdl._outputs import empty_output, stats_dtype
 from fastdl.ops._common import fuses_cast
-from fastdl.triton._launch import (accumulator_dtype, cdiv, loop_programs, on_device, row_alignment, sm_count,
-                                   tile_shape, tuned_num_warps)
+from fastdl.triton._launch import (INTERPRET, accumulator_dtype, cdiv, loop_programs, on_device, row_alignment,
+                                   sm_count, tile_shape, tuned_num_warps)
 
 # Longest row the tile kernels keep whole in registers.
 FORWARD_TILE_MAX_COLS = 16384
@@ -90,6 +90,16 @@ PARAM_PROGRAMS_PER_SM = 8
 # sum at 64 in 45.6 us of 0.062 ms (16 programs on 132 SMs, 6% occupancy). 8: UNTIMED.
 SUM_BLOCK_COLS = 8
 SUM_ROWS = 32
+# Under the interpreter (CPU tensors: the test suite) every program is a Python call, ~9 ms of
+# this kernel's: at 8 columns a program a backward of 20000 columns ran 2500 of them, 90% of its
+# time (65536 columns: 8192). There a program sums at least INTERPRET_SUM_BLOCK_COLS columns. A
+# column's sum is the same at any width (its partial rows added in the same order), and
+# tests/test_triton_launch.py runs SUM_BLOCK_COLS itself against this width, bit for bit.
+INTERPRET_SUM_BLOCK_COLS = 128
+
+
+def _sum_block_cols() -> int:
+    return max(SUM_BLOCK_COLS, INTERPRET_SUM_BLOCK_COLS) if INTERPRET else SUM_BLOCK_COLS
 
 
 # ---------------------------------------------------------------------------------
@@ -659,11 +669,12 @@ def norm_backward(dy, dsum, x, weight, mean, rstd, has_bias: bool, rms: bool, na
     if (dweight is not None or dbias is not None) and n_cols > 0:
         align = row_alignment(acc_dtype, n_cols)  # the partial rows are n_cols apart
         with on_device(x):
-            _sum_partial_rows_kernel[(cdiv(n_cols, SUM_BLOCK_COLS),)](
+            sum_block_cols = _sum_block_cols()
+            _sum_partial_rows_kernel[(cdiv(n_cols, sum_block_cols),)](
                 dweight_partial_ptr=dweight_partial if dweight_partial is not None else rstd,
                 dbias_partial_ptr=dbias_partial if dbias_partial is not None else rstd,
                 dweight_ptr=dweight if dweight is not None else rstd, dbias_ptr=dbias if dbias is not None else rstd,
-                n_partial_rows=partial_rows, n_col_vecs=n_cols // align, BLOCK_COLS=SUM_BLOCK_COLS, ROWS=SUM_ROWS,
+                n_partial_rows=partial_rows, n_col_vecs=n_cols // align, BLOCK_COLS=sum_block_cols, ROWS=SUM_ROWS,
                 HAS_WEIGHT=dweight is not None, HAS_BIAS=dbias is not None, ACC=accumulator_dtype(x.dtype),
                 ALIGN=align)
     if narrow_dtype is not None and dx_narrow is None:  # not fused (above)
