@@ -146,14 +146,14 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   for (int i = 0; i < kElems; ++i) m = nan_max(m, tile.value(i));
   m = block_max<kThreads>(m, scratch);
   tile.reconvert_after_here();
-  A s = exp_acc(edge - m);
+  A s = exp_fast_acc(edge - m);
 #pragma unroll
-  for (int i = 0; i < kElems; ++i) s += exp_acc(tile.value(i) - m);
+  for (int i = 0; i < kElems; ++i) s += exp_fast_acc(tile.value(i) - m);
   s = block_sum<kThreads>(s, scratch);  // an all -inf row gives NaN, as torch
   tile.reconvert_after_here();
   // log_softmax = (x - max) - log(sum), as the tile kernel
   const A scale = kLog ? log_acc(s) : A(1) / s;
-  auto out = [&](A v) { return kLog ? (v - m) - scale : exp_acc(v - m) * scale; };
+  auto out = [&](A v) { return kLog ? (v - m) - scale : exp_fast_acc(v - m) * scale; };
   if (edge_col >= 0) y_row[edge_col] = from_acc<T>(out(edge));
   tile.store(y_row + head, t, vec_cols, out);
 }
@@ -177,7 +177,7 @@ __device__ __forceinline__ MaxSum<A> block_max_sum(const T* x_row, int64_t begin
         for (int k = 1; k < n; ++k) piece.m = nan_max(piece.m, v[k]);
         if (piece.m != -INFINITY) {
 #pragma unroll
-          for (int k = 0; k < n; ++k) piece.s += exp_acc(v[k] - piece.m);
+          for (int k = 0; k < n; ++k) piece.s += exp_fast_acc(v[k] - piece.m);
         }
         state = combine(state, piece);
       });
@@ -201,7 +201,7 @@ __device__ __forceinline__ void block_write_softmax(const T* x_row, Y* y_row, in
         A v[n];
         convert_vec_raw<T>(raw, v);
 #pragma unroll
-        for (int k = 0; k < n; ++k) v[k] = kLog ? (v[k] - row.m) - scale : exp_acc(v[k] - row.m) * scale;
+        for (int k = 0; k < n; ++k) v[k] = kLog ? (v[k] - row.m) - scale : exp_fast_acc(v[k] - row.m) * scale;
         store_acc_whole<n>(y_row + col, v);
       });
 }

@@ -64,7 +64,7 @@ template <typename A> struct MaxSum {
 template <typename A> __device__ __forceinline__ MaxSum<A> combine(MaxSum<A> a, MaxSum<A> b) {
   const A m = nan_max(a.m, b.m);
   if (m == -INFINITY) return {m, A(0)};  // nothing but -inf seen yet: exp(-inf - -inf) would be NaN
-  return {m, a.s * exp_acc(a.m - m) + b.s * exp_acc(b.m - m)};
+  return {m, a.s * exp_fast_acc(a.m - m) + b.s * exp_fast_acc(b.m - m)};
 }
 
 template <typename A> __device__ __forceinline__ MaxSum<A> warp_combine(MaxSum<A> v) {
