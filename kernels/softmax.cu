@@ -45,6 +45,9 @@ namespace fastdl::kernels {
 namespace {
 
 constexpr int kBlockThreads = 512;  // threads of the block-per-row kernels
+// Steps a thread of the block and chunk kernels loads at once (for_row_pieces_ahead): 4 16-byte
+// vectors, 2 of fp64.
+template <typename T> constexpr int kAheadSteps = sizeof(T) == 8 ? 2 : 4;
 constexpr int kPackedThreads = 1024;  // threads of the packed kernel
 // Values a thread of the packed kernels holds, at most: 128 bytes (32 registers), so 64
 // halves or 32 floats; none for fp64, whose tiles already reach its register space. log_softmax
@@ -164,9 +167,9 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
 template <typename T, int kVec, typename A = typename Acc<T>::type>
 __device__ __forceinline__ MaxSum<A> block_max_sum(const T* x_row, int64_t begin, int64_t end, MaxSum<A>* scratch) {
   MaxSum<A> state{-INFINITY, A(0)};
-  // the loads of 4 steps at once (2 of fp64; for_row_pieces_ahead), held as loaded (load_vec_raw):
+  // the loads of kAheadSteps steps at once (for_row_pieces_ahead), held as loaded (load_vec_raw):
   // a step's exps and the branches around them held the next step's load back
-  for_row_pieces_ahead<kBlockThreads, kVec, sizeof(T) == 8 ? 2 : 4>(
+  for_row_pieces_ahead<kBlockThreads, kVec, kAheadSteps<T>>(
       x_row, begin, end, [&](int64_t col, auto width) { return load_vec_raw<decltype(width)::value>(x_row + col); },
       [&](const auto& raw, auto width, int64_t) {
         constexpr int n = decltype(width)::value;
@@ -192,9 +195,9 @@ __device__ __forceinline__ void block_write_softmax(const T* x_row, Y* y_row, in
                                                     MaxSum<A> row) {
   // log_softmax = (x - max) - log(sum): never x - (max + log(sum)), which loses log(sum) near 3e38
   const A scale = kLog ? log_acc(row.s) : A(1) / row.s;
-  // the loads of 4 steps at once, as block_max_sum's (stepped one at a time, nvcc issued each
+  // the loads of kAheadSteps steps at once, as block_max_sum's (stepped one at a time, nvcc issued each
   // load after the step before it: sm_90a SASS, 12f6ed2)
-  for_row_pieces_ahead<kBlockThreads, kVec, sizeof(T) == 8 ? 2 : 4>(
+  for_row_pieces_ahead<kBlockThreads, kVec, kAheadSteps<T>>(
       x_row, begin, end, [&](int64_t col, auto width) { return load_vec_raw<decltype(width)::value>(x_row + col); },
       [&](const auto& raw, auto width, int64_t col) {
         constexpr int n = decltype(width)::value;
