@@ -94,6 +94,58 @@ def backend_cases():
     return [(b, d) for d in DEVICES for b in backends.available_backends(d)]
 
 
+# Tensors of more than 2^31 elements (test_past_2_31_elements in test_softmax.py and
+# test_layer_norm.py), where an int32 element offset wraps. fastdl's own backends only, on a GPU
+# when its memory is free; on the CPU only when asked (FASTDL_TEST_LARGE=1: ~18 GB of memory
+# and ~1 min a case; CI's machine has 24 GiB for two test workers), and never Triton's
+# interpreter (a Python call a program).
+LARGE_ELEMENTS = 2**31
+LARGE_CASES = [(b, d) for b, d in backend_cases() if b in ("triton", "cuda", "cpu") and (d == "cuda" or b == "cpu")]
+
+
+@contextlib.contextmanager
+def large_tensor_turn():
+    """One large-tensor test at a time across the pytest-xdist workers of this machine (a
+    file lock: 14 workers at ~18 GB each would not fit an H200's 141 GB), and its memory
+    handed back to the device afterwards, not kept in this worker's cache."""
+    import fcntl
+    import gc
+    import tempfile
+
+    with open(os.path.join(tempfile.gettempdir(), "fastdl-large-tensors.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def skip_without_memory(device, nbytes):
+    """Skip a large-tensor test whose tensors (nbytes in all) the device cannot hold (a GPU:
+    twice over), or on the CPU unless FASTDL_TEST_LARGE=1."""
+    if device == "cpu" and os.environ.get("FASTDL_TEST_LARGE") != "1":
+        pytest.skip("tensors of 2^31 elements on the CPU: only with FASTDL_TEST_LARGE=1")
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        if free < 2 * nbytes:
+            pytest.skip(f"needs {2 * nbytes / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} free")
+    else:
+        with open("/proc/meminfo") as meminfo:
+            available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+        if available < 1.1 * nbytes:
+            pytest.skip(f"needs {1.1 * nbytes / 2**30:.0f} GiB of free memory, {available / 2**30:.0f} available")
+
+
+def large_rows_to_check(rows, cols):
+    """The rows a large-tensor test compares with float64: the first, those either side of
+    element 2^31 (the first row to start past it), the last."""
+    past = -(-LARGE_ELEMENTS // cols)
+    return sorted({0, past - 2, past - 1, past, rows - 1})
+
+
 def hard_statistics_rows(cols, device="cpu"):
     """fp32 rows whose mean and variance a careless one-sweep method gets wrong: an offset 50x
     the spread (100 +- 2: an fp32 mean is within 4e-6 of it, 2e-6 of the spread), an outlier

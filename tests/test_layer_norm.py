@@ -6,8 +6,9 @@ import torch
 import fastdl
 from fastdl import reference as R
 
-from conftest import (TOLERANCE, assert_close, assert_norm_nans_as_torchs, autocast_as, backend_cases, case_id,
-                      compile_backends, hard_statistics_rows, nonfinite_rows)
+from conftest import (LARGE_CASES, LARGE_ELEMENTS, TOLERANCE, assert_close, assert_norm_nans_as_torchs, autocast_as,
+                      backend_cases, case_id, compile_backends, hard_statistics_rows, large_rows_to_check,
+                      large_tensor_turn, nonfinite_rows, skip_without_memory)
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -304,6 +305,49 @@ def test_parameter_gradients_are_deterministic(case, shape):
             results.append(torch.autograd.grad((y,), (w, b), (dy,)))
     for first, second in zip(*results):
         assert torch.equal(first, second), "two runs gave different parameter gradients"
+
+
+# 1000: a tile, rows off 16-byte boundaries; 8192: the packed forward and backward (16-bit rows
+# of whole vectors), dweight / dbias from the param kernel; 65536: the loop kernels
+@pytest.mark.parametrize("cols", [1000, 8192, 65536])
+@pytest.mark.parametrize("case", LARGE_CASES, ids=case_id)
+def test_past_2_31_elements(case, cols):
+    """bf16 layer_norm of (rows, cols) with more than 2^31 elements, bf16 weight and bias: y and
+    dx of the rows past element 2^31, where an int32 offset wraps (reading and writing rows near
+    the start, or out of bounds), and of the first rows, which such a wrap would overwrite,
+    against float64 row by row; dweight and dbias, sums over every row, against float64 sums
+    taken a chunk of rows at a time. (GPU, or FASTDL_TEST_LARGE=1 on the CPU: conftest.LARGE_CASES.)"""
+    backend, device = case
+    bf16, eps = torch.bfloat16, 1e-5
+    rows = LARGE_ELEMENTS // cols + 2
+    skip_without_memory(device, 4 * rows * cols * 2)  # x, y, dy, dx
+    with large_tensor_turn():
+        x = torch.randn(rows, cols, device=device, dtype=bf16).requires_grad_()
+        w = (torch.rand(cols, device=device) + 0.5).to(bf16).requires_grad_()
+        b = torch.randn(cols, device=device).to(bf16).requires_grad_()
+        dy = torch.randn(rows, cols, device=device, dtype=bf16)
+        with fastdl.use_backend(backend):
+            y = fastdl.ops.layer_norm(x, cols, w, b, eps)
+            dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
+        w64, b64 = w.detach().double(), b.detach().double()
+        for row in large_rows_to_check(rows, cols):
+            x64 = x[row].detach().double().requires_grad_()
+            ref = R.layer_norm(x64, cols, w64, b64, eps)
+            (ref_dx,) = torch.autograd.grad(ref, x64, dy[row].double())
+            assert_close(y[row], ref, bf16, f"row {row} (element {row * cols}) forward")
+            assert_close(dx[row], ref_dx, bf16, f"row {row} (element {row * cols}) dx")
+        ref_dw = torch.zeros(cols, device=device, dtype=torch.float64)
+        ref_db = torch.zeros_like(ref_dw)
+        chunk = max(1, 2**24 // cols)
+        for start in range(0, rows, chunk):
+            x64 = x[start:start + chunk].detach().double()
+            xhat = (x64 - x64.mean(-1, keepdim=True)) * (x64.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
+            dy64 = dy[start:start + chunk].double()
+            ref_dw += (dy64 * xhat).sum(0)
+            ref_db += dy64.sum(0)
+        assert_close(dw, ref_dw, bf16, "dweight")
+        assert_close(db, ref_db, bf16, "dbias")
+        del x, dy, y, dx
 
 
 @pytest.mark.parametrize("shape", [(5, 1000), (2, 20000)], ids=["tile", "loop"])

@@ -7,7 +7,8 @@ from fastdl.reference import log_softmax as ref_log_softmax
 from fastdl.reference import softmax as ref_softmax
 from fastdl.reference import softmax_backward as ref_softmax_backward
 
-from conftest import assert_close, autocast_as, backend_cases, case_id, compile_backends, rel_err
+from conftest import (LARGE_CASES, LARGE_ELEMENTS, assert_close, autocast_as, backend_cases, case_id, compile_backends,
+                      large_rows_to_check, large_tensor_turn, rel_err, skip_without_memory)
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -625,3 +626,31 @@ def test_torch_compile_fullgraph(backend):
         (g_out,) = torch.autograd.grad(out.sum(), x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(g_out, g_eager)
+
+
+# 1000: a tile, rows off 16-byte boundaries; 4096: a tile; 65536: the packed / block kernels
+@pytest.mark.parametrize("cols", [1000, 4096, 65536])
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("case", LARGE_CASES, ids=case_id)
+def test_past_2_31_elements(case, log, cols):
+    """bf16 (rows, cols) of more than 2^31 elements: the rows past element 2^31, where an int32
+    offset wraps (reading and writing rows near the start, or out of bounds), forward and
+    backward, each checked row against float64, with the first rows, which such a wrap would
+    overwrite. (GPU, or FASTDL_TEST_LARGE=1 on the CPU: conftest.LARGE_CASES.)"""
+    backend, device = case
+    rows = LARGE_ELEMENTS // cols + 2
+    skip_without_memory(device, 4 * rows * cols * 2)  # x, y, dy, dx
+    with large_tensor_turn():
+        fn = fastdl.ops.log_softmax if log else fastdl.ops.softmax
+        x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16).mul_(3).requires_grad_()
+        grad = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
+        with fastdl.use_backend(backend):
+            y = fn(x, -1)
+            (dx,) = torch.autograd.grad(y, x, grad)
+        for row in large_rows_to_check(rows, cols):
+            x64 = x[row].detach().double().requires_grad_()
+            ref = _reference(x64, -1, log)
+            (ref_dx,) = torch.autograd.grad(ref, x64, grad[row].double())
+            assert_close(y[row], ref, torch.bfloat16, f"row {row} (element {row * cols}) forward")
+            assert_close(dx[row], ref_dx, torch.bfloat16, f"row {row} (element {row * cols}) backward")
+        del x, grad, y, dx
