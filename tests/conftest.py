@@ -139,6 +139,19 @@ def skip_without_memory(device, nbytes):
             pytest.skip(f"needs {1.1 * nbytes / 2**30:.0f} GiB of free memory, {available / 2**30:.0f} available")
 
 
+def rows_2_31_elements_apart(cols, dtype, device):
+    """Three rows of `cols` random values, 2^31 + 8 elements apart: a view into a buffer of more
+    than 2^32 elements, of which only the rows' own pages are ever touched (the CPU maps the rest
+    as it is touched; a GPU's memory is taken whole, so skipped without it)."""
+    stride = LARGE_ELEMENTS + 8  # rows stay 16-byte aligned
+    if device == "cuda":
+        skip_without_memory(device, (2 * stride + cols) * dtype.itemsize)
+    base = torch.empty(2 * stride + cols, dtype=dtype, device=device)
+    rows = base.as_strided((3, cols), (stride, 1))
+    rows.copy_(torch.randn(3, cols, device=device) * 3)
+    return rows
+
+
 def large_rows_to_check(rows, cols):
     """The rows a large-tensor test compares with float64: the first, those either side of
     element 2^31 (the first row to start past it), the last."""

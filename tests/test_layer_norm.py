@@ -8,7 +8,7 @@ from fastdl import reference as R
 
 from conftest import (LARGE_CASES, LARGE_ELEMENTS, TOLERANCE, assert_close, assert_norm_nans_as_torchs, autocast_as,
                       backend_cases, case_id, compile_backends, hard_statistics_rows, large_rows_to_check,
-                      large_tensor_turn, nonfinite_rows, skip_without_memory)
+                      large_tensor_turn, nonfinite_rows, rows_2_31_elements_apart, skip_without_memory)
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -348,6 +348,22 @@ def test_past_2_31_elements(case, cols):
         assert_close(dw, ref_dw, bf16, "dweight")
         assert_close(db, ref_db, bf16, "dbias")
         del x, dy, y, dx
+
+
+@pytest.mark.parametrize("cols", [1000, 8192, 65536])  # as test_past_2_31_elements
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_rows_2_31_elements_apart(case, cols):
+    """x's rows 2^31 + 8 elements apart (conftest.rows_2_31_elements_apart: a few pages of a
+    buffer of 2^32 elements, so this runs in CI on every backend): row * row stride in 64 bits,
+    layer_norm forward and backward (which reads x again) against float64. (test_past_2_31_elements
+    covers outputs that long.)"""
+    backend, device = case
+    with large_tensor_turn():
+        x = rows_2_31_elements_apart(cols, torch.bfloat16, device).requires_grad_()
+        w = (torch.rand(cols, device=device) + 0.5).to(torch.bfloat16).requires_grad_()
+        b = torch.randn(cols, device=device).to(torch.bfloat16).requires_grad_()
+        _check(backend, "layer_norm", x, None, w, b, torch.bfloat16)
+        del x
 
 
 @pytest.mark.parametrize("shape", [(5, 1000), (2, 20000)], ids=["tile", "loop"])

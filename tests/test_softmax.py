@@ -8,7 +8,8 @@ from fastdl.reference import softmax as ref_softmax
 from fastdl.reference import softmax_backward as ref_softmax_backward
 
 from conftest import (LARGE_CASES, LARGE_ELEMENTS, assert_close, autocast_as, backend_cases, case_id, compile_backends,
-                      large_rows_to_check, large_tensor_turn, rel_err, skip_without_memory)
+                      large_rows_to_check, large_tensor_turn, rel_err, rows_2_31_elements_apart,
+                      skip_without_memory)
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -654,3 +655,24 @@ def test_past_2_31_elements(case, log, cols):
             assert_close(y[row], ref, torch.bfloat16, f"row {row} (element {row * cols}) forward")
             assert_close(dx[row], ref_dx, torch.bfloat16, f"row {row} (element {row * cols}) backward")
         del x, grad, y, dx
+
+
+@pytest.mark.parametrize("cols", [1000, 65536])  # a tile; the packed / block kernels
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_rows_2_31_elements_apart(case, cols):
+    """x's rows 2^31 + 8 elements apart (conftest.rows_2_31_elements_apart: a few pages of a
+    buffer of 2^32 elements, so this runs in CI on every backend): row * row stride in 64 bits,
+    forward and backward, against float64. (test_past_2_31_elements covers outputs that long.)"""
+    backend, device = case
+    with large_tensor_turn():
+        x = rows_2_31_elements_apart(cols, torch.bfloat16, device).requires_grad_()
+        grad = torch.randn(x.shape, device=device).to(torch.bfloat16)
+        with fastdl.use_backend(backend):
+            y = fastdl.ops.softmax(x, -1)
+            (dx,) = torch.autograd.grad(y, x, grad)
+        x64 = x.detach().double().requires_grad_()
+        ref = _reference(x64, -1, False)
+        (ref_dx,) = torch.autograd.grad(ref, x64, grad.double())
+        assert_close(y, ref, torch.bfloat16, "forward")
+        assert_close(dx, ref_dx, torch.bfloat16, "backward")
+        del x, y, dx

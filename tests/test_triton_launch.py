@@ -87,6 +87,9 @@ def test_without_autotuning_the_first_offered(block_cols, rows, expected, monkey
     (torch.float16, 1000, [1000, 0], 8),  # stride 0: an absent operand
     (torch.float16, 999, [999], 1),
     (torch.float32, 2, [6], 2),
+    (torch.bfloat16, 1000, [2**31 + 8], 1),  # 2^28 + 1 vectors: int32, whose product by 8 would wrap
+    (torch.bfloat16, 1000, [2**31 - 8], 8),
+    (torch.float32, 1024, [], 4),  # no row stride: the partial rows (n_cols apart)
 ])
 def test_row_alignment(dtype, n_cols, strides, expected):
     assert _launch.row_alignment(dtype, n_cols, *strides) == expected

@@ -68,7 +68,14 @@ def row_alignment(dtype: torch.dtype, n_cols: int, *row_strides: int) -> int:
     ALIGN, so it can move 16 bytes per access. Its own specialisation marks integers only
     when they divide by 16, so a row of 1000 fp16 or fp32 values (1000 = 8 * 125) was read
     one element at a time. Whether the pointers themselves are 16-byte aligned Triton
-    checks at each launch, as before."""
+    checks at each launch, as before.
+
+    Triton types an integer argument by its value (int32 below 2^31), and the kernels multiply
+    back in that type: rows 2^31 elements apart or more would wrap there (a stride of 2^31 + 8
+    bf16 values passed as 2^28 + 1 vectors). Such strides go whole (ALIGN 1), which Triton
+    types int64."""
+    if max((n_cols, *row_strides)) >= 2**31:
+        return 1
     align = 16 // dtype.itemsize
     common = math.gcd(n_cols, *row_strides)  # gcd(0, k) = k: an absent operand's stride 0 adds nothing
     while align > 1 and common % align:
