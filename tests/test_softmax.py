@@ -657,6 +657,42 @@ def test_past_2_31_elements(case, log, cols):
         del x, grad, y, dx
 
 
+# 2^31 + 2^29: Triton's split (chunks a row ~4 an SM) starts its last chunks past element 2^31
+@pytest.mark.parametrize("cols", [LARGE_ELEMENTS + 8, LARGE_ELEMENTS + 2**29])
+@pytest.mark.parametrize("case", LARGE_CASES, ids=case_id)
+def test_one_row_past_2_31_elements(case, cols):
+    """A single bf16 row of more than 2^31 elements, forward and backward: its first elements,
+    those around element 2^31 and its last against float64 (the row's max and sum taken a piece
+    at a time). Triton splits such a row into chunks; the CUDA kernels take rows and columns
+    below 2^31 and say so. (GPU, or FASTDL_TEST_LARGE=1 on the CPU.)"""
+    backend, device = case
+    skip_without_memory(device, 4 * cols * 2)  # x, y, dy, dx
+    with large_tensor_turn():
+        x = torch.randn(1, cols, device=device, dtype=torch.bfloat16).mul_(3).requires_grad_()
+        grad = torch.randn(1, cols, device=device, dtype=torch.bfloat16)
+        if backend == "cuda":
+            with fastdl.use_backend(backend), pytest.raises(RuntimeError, match=r"fastdl.softmax \(cuda\): x of "
+                                                                                r"shape .* is too large \(rows and "
+                                                                                r"cols must each be below 2\^31\)"):
+                fastdl.ops.softmax(x, -1)
+            return
+        with fastdl.use_backend(backend):
+            y = fastdl.ops.softmax(x, -1)
+            (dx,) = torch.autograd.grad(y, x, grad)
+        x, y, dx, grad = x.detach()[0], y[0], dx[0], grad[0]
+        pieces = range(0, cols, 2**26)
+        row_max = x.max().double()
+        row_sum = sum((x[p:p + 2**26].double() - row_max).exp().sum() for p in pieces)
+        dot = sum((grad[p:p + 2**26].double() * (x[p:p + 2**26].double() - row_max).exp()).sum() for p in pieces)
+        dot = dot / row_sum  # sum(dy * y)
+        for first, last in [(0, 2**20), (LARGE_ELEMENTS - 2**20, LARGE_ELEMENTS + 8), (cols - 2**20, cols)]:
+            ref = (x[first:last].double() - row_max).exp() / row_sum
+            assert_close(y[first:last], ref, torch.bfloat16, f"y[{first}:{last}]")
+            assert_close(dx[first:last], ref * (grad[first:last].double() - dot), torch.bfloat16,
+                         f"dx[{first}:{last}]")
+        del x, y, dx, grad
+
+
 @pytest.mark.parametrize("cols", [1000, 65536])  # a tile; the packed / block kernels
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_rows_2_31_elements_apart(case, cols):

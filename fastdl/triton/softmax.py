@@ -238,7 +238,7 @@ def _softmax_chunk_stats_kernel(
     x_row_stride, n_cols = x_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    begin = chunk * chunk_cols
+    begin = chunk.to(tl.int64) * chunk_cols  # past 2^31 in a row that long
     chunk_max, chunk_sum = _online_max_sum(x_ptr, row * x_row_stride + begin, tl.minimum(chunk_cols, n_cols - begin),
                                            BLOCK_COLS, VEC, ACC)
     tl.store(max_ptr + row * n_chunks + chunk, chunk_max)
@@ -275,7 +275,7 @@ def _softmax_chunk_write_kernel(
     # (the max reduction may skip NaN) but always makes its sum NaN, which must reach every
     # output of the row.
     row_sum = tl.sum(tl.where(chunk_sums == 0.0, 0.0, chunk_sums * tl.exp(chunk_maxes - row_max)), axis=0)
-    begin = chunk * chunk_cols
+    begin = chunk.to(tl.int64) * chunk_cols  # past 2^31 in a row that long
     _write_softmax(x_ptr, y_ptr, row * x_row_stride + begin, row * n_cols + begin,
                    tl.minimum(chunk_cols, n_cols - begin), row_max, row_sum, BLOCK_COLS, VEC, LOG, ACC)
 
@@ -419,7 +419,7 @@ def _softmax_backward_chunk_dot_kernel(
     dy_row_stride, y_row_stride, n_cols = dy_row_stride_vecs * ALIGN, y_row_stride_vecs * ALIGN, n_col_vecs * ALIGN
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    begin = chunk * chunk_cols
+    begin = chunk.to(tl.int64) * chunk_cols  # past 2^31 in a row that long
     share = _row_dot(dy_ptr, y_ptr, row * dy_row_stride + begin, row * y_row_stride + begin,
                      tl.minimum(chunk_cols, n_cols - begin), BLOCK_COLS, VEC, LOG, ACC)
     tl.store(dot_ptr + row * n_chunks + chunk, share)
@@ -449,7 +449,7 @@ def _softmax_backward_chunk_write_kernel(
     chunk = tl.program_id(1)
     c = tl.arange(0, BLOCK_CHUNKS)
     total = tl.sum(tl.load(dot_ptr + row * n_chunks + c, mask=c < n_chunks, other=0.0), axis=0)
-    begin = chunk * chunk_cols
+    begin = chunk.to(tl.int64) * chunk_cols  # past 2^31 in a row that long
     _write_dx(dy_ptr, y_ptr, dx_ptr, row * dy_row_stride + begin, row * y_row_stride + begin, row * n_cols + begin,
               tl.minimum(chunk_cols, n_cols - begin), total, BLOCK_COLS, VEC, LOG, ACC)
 
