@@ -159,6 +159,46 @@ def large_rows_to_check(rows, cols):
     return sorted({0, past - 2, past - 1, past, rows - 1})
 
 
+def random_shape(rng, max_dims=4, max_numel=4096, last_sizes=(1, 2, 3, 5, 8, 17, 33, 64, 100)):
+    """1 to max_dims sizes, odd and even (the last one of last_sizes), of at most max_numel
+    elements in all."""
+    shape = [rng.choice(last_sizes)]
+    for _ in range(rng.randint(0, max_dims - 1)):
+        size = rng.choice([1, 2, 3, 5, 8, 17, 33, 64, 100])
+        if math.prod(shape) * size > max_numel:
+            break
+        shape.insert(0, size)
+    return shape
+
+
+def random_layout(shape, dtype, device, rng, varies_along=None):
+    """(N(0, 1) values of `shape` in dtype, in a layout drawn from rng: contiguous, its dims
+    permuted, sliced out of a larger tensor, every other element, expanded along a dim (stride
+    0; never dim `varies_along`), or one element past its storage's start; and the layout's
+    name)."""
+    n = len(shape)
+    kept = None if varies_along is None else varies_along % n
+    expandable = [d for d in range(n) if d != kept]
+    kind = rng.choice(["contiguous", "permuted", "sliced", "stepped", "offset"] + (["expanded"] if expandable else []))
+    if kind == "permuted":
+        order = list(range(n))
+        rng.shuffle(order)
+        return torch.randn([shape[d] for d in order], device=device).to(dtype).permute(
+            [order.index(d) for d in range(n)]), kind
+    if kind == "sliced":
+        base = torch.randn([size + 2 for size in shape], device=device).to(dtype)
+        return base[tuple(slice(start := rng.randint(0, 2), start + size) for size in shape)], kind
+    if kind == "stepped":
+        return torch.randn([2 * size for size in shape], device=device).to(dtype)[(slice(None, None, 2),) * n], kind
+    if kind == "expanded":
+        one = list(shape)
+        one[rng.choice(expandable)] = 1
+        return torch.randn(one, device=device).to(dtype).expand(shape), kind
+    if kind == "offset":
+        return torch.randn(math.prod(shape) + 1, device=device).to(dtype)[1:].view(shape), kind
+    return torch.randn(shape, device=device).to(dtype), kind
+
+
 def hard_statistics_rows(cols, device="cpu"):
     """fp32 rows whose mean and variance a careless one-sweep method gets wrong: an offset 50x
     the spread (100 +- 2: an fp32 mean is within 4e-6 of it, 2e-6 of the spread), an outlier

@@ -1,5 +1,7 @@
 """layer_norm, rms_norm, add_layer_norm, add_rms_norm: every backend x dtype x shape
 against float64, forward and backward, determinism, modules, bad inputs."""
+import random
+
 import pytest
 import torch
 
@@ -8,7 +10,8 @@ from fastdl import reference as R
 
 from conftest import (LARGE_CASES, LARGE_ELEMENTS, TOLERANCE, assert_close, assert_norm_nans_as_torchs, autocast_as,
                       backend_cases, case_id, compile_backends, hard_statistics_rows, large_rows_to_check,
-                      large_tensor_turn, nonfinite_rows, rows_2_31_elements_apart, skip_without_memory)
+                      large_tensor_turn, nonfinite_rows, random_layout, random_shape, rows_2_31_elements_apart,
+                      skip_without_memory)
 
 CASES = backend_cases()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -91,6 +94,39 @@ def _check(backend, variant, x, res, w, b, dtype, eps=None):
 def test_forward_backward(case, dtype, shape, variant):
     backend, device = case
     _check(backend, variant, *_inputs(shape, dtype, device, variant), dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_random_layouts(case):
+    """30 calls drawn at random (seeded per test): every variant, every dtype, 1 to 4 dims
+    normalised over the last, x, residual, weight and bias each in a layout from
+    conftest.random_layout (permuted, sliced, stepped, expanded, offset), the parameters in x's
+    dtype or, beside 16-bit x, fp32: forward and backward against float64 (_check). x and the
+    residual are not expanded along the normalised dim: a constant row's exact norm is 0, and
+    its mean, a sum over n, rounds (fp32 gives ~4e-5 where float64 gives 0; torch's CPU kernel
+    gives 0). Rows of 8 or more: two or three close values make an ill-conditioned row, whose fp32
+    sum x + residual rounds far from float64's (test_forward_backward has hidden 1 and 7)."""
+    backend, device = case
+    rng = random.Random(torch.initial_seed())
+    for call in range(30):
+        variant, dtype = rng.choice(list(VARIANTS)), rng.choice(DTYPES)
+        shape = random_shape(rng, last_sizes=(8, 17, 100))
+        _, _, has_res, has_w, has_b, _ = VARIANTS[variant]
+        weight_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) and rng.random() < 0.5 else dtype
+        tensors, layouts = {}, []
+        operands = [("x", True, shape, dtype), ("residual", has_res, shape, dtype),
+                    ("weight", has_w, shape[-1:], weight_dtype), ("bias", has_b, shape[-1:], weight_dtype)]
+        for name, present, tensor_shape, tensor_dtype in operands:
+            if present:
+                tensor, layout = random_layout(tensor_shape, tensor_dtype, device, rng,
+                                               varies_along=-1 if name in ("x", "residual") else None)
+                tensors[name] = tensor.requires_grad_()
+                layouts.append(f"{name} {layout}")
+        what = f"call {call}: {variant} of {dtype} {shape}, parameters in {weight_dtype}, {', '.join(layouts)}"
+        try:
+            _check(backend, variant, *(tensors.get(name) for name in ("x", "residual", "weight", "bias")), dtype)
+        except AssertionError as error:
+            raise AssertionError(f"{what}: {error}") from None
 
 
 @pytest.mark.parametrize("variant", ["layer_norm", "rms_norm", "add_layer_norm"])

@@ -73,12 +73,10 @@ def as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     """Inverse of as_rows for a contiguous (rows, cols) result: a contiguous tensor of like's shape."""
-    if rows.shape == like.shape:
-        return rows
     if like.dim() == 0:
         return rows.reshape(())
-    if dim == like.dim() - 1:
-        return rows.view(like.shape)
+    if dim == like.dim() - 1:  # (not for another dim of a 2-D like: a square one's rows are its transpose)
+        return rows if rows.shape == like.shape else rows.view(like.shape)
     moved = list(like.shape)
     moved.append(moved.pop(dim))
     return rows.view(moved).movedim(-1, dim).contiguous()
