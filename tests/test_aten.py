@@ -50,13 +50,15 @@ def _grads(fn, *leaves):
     return out, torch.autograd.grad(out, leaves, grad_out), grad_out
 
 
+# a square matrix's dim 0: its rows have its own shape (the override once returned them transposed)
+@pytest.mark.parametrize("shape, dim", [((4, 37, 50), 1), ((37, 37), 0)], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-def test_softmax_calls_run_fastdl(case, dtype, log, calls):
+def test_softmax_calls_run_fastdl(case, dtype, log, shape, dim, calls):
     backend, device = case
-    x = (torch.randn(4, 37, 50, device=device) * 3).to(dtype).requires_grad_()
-    fn = (lambda t: F.log_softmax(t, dim=1)) if log else (lambda t: t.softmax(1))
+    x = (torch.randn(shape, device=device) * 3).to(dtype).requires_grad_()
+    fn = (lambda t: F.log_softmax(t, dim=dim)) if log else (lambda t: t.softmax(dim))
     with fastdl.use_backend(backend), fastdl.enabled():
         out, (dx,), grad_out = _grads(fn, x)
     x64 = x.detach().double().requires_grad_()
