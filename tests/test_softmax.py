@@ -61,11 +61,11 @@ def test_random_layouts(case):
     """40 calls (10 for Triton on a GPU) drawn at random (seeded per test): 1 to 4 dims, any
     dim, every dtype, softmax or log_softmax, x and dy each in a layout from
     conftest.random_layout (permuted, sliced, stepped, expanded, offset), forward and backward
-    against float64, x unchanged. dx's error
-    is measured against the size of its terms where that is larger: a dy constant along the dim
-    (expanded there) makes softmax's dx 0, and its rounding relative to nothing; log_softmax's
-    is dy - exp(y) sum(dy), whose second term carries y's rounding times |y| (bf16: 1.1e-2 of
-    ||dy|| at 100 columns, in torch's own backward too)."""
+    against float64, x unchanged. dx's error is measured against the size of its terms where
+    that is larger: a dy constant along the dim (expanded there) makes softmax's dx 0, and its
+    rounding relative to nothing; log_softmax's is dy - exp(y) sum(dy), whose second term
+    carries y's rounding times |y| (bf16: 1.1e-2 of ||dy|| at 100 columns, in torch's own
+    backward too)."""
     backend, device = case
     rng = random.Random(torch.initial_seed())
     # Triton on a GPU compiles each new variant as it meets it (up to ~5 s a shape, fwd and bwd,
@@ -725,11 +725,12 @@ def test_one_row_past_2_31_elements(case, cols):
             y = fastdl.ops.softmax(x, -1)
             (dx,) = torch.autograd.grad(y, x, grad)
         x, y, dx, grad = x.detach()[0], y[0], dx[0], grad[0]
-        pieces = range(0, cols, 2**26)
-        row_max = x.max().double()
-        row_sum = sum((x[p:p + 2**26].double() - row_max).exp().sum() for p in pieces)
-        dot = sum((grad[p:p + 2**26].double() * (x[p:p + 2**26].double() - row_max).exp()).sum() for p in pieces)
-        dot = dot / row_sum  # sum(dy * y)
+        row_max, row_sum, dot = x.max().double(), 0.0, 0.0  # dot: sum(dy * exp(x - max)), then sum(dy * y)
+        for first in range(0, cols, 2**26):
+            e = (x[first:first + 2**26].double() - row_max).exp()
+            row_sum += e.sum()
+            dot += (grad[first:first + 2**26].double() * e).sum()
+        dot = dot / row_sum
         for first, last in [(0, 2**20), (LARGE_ELEMENTS - 2**20, LARGE_ELEMENTS + 8), (cols - 2**20, cols)]:
             ref = (x[first:last].double() - row_max).exp() / row_sum
             assert_close(y[first:last], ref, torch.bfloat16, f"y[{first}:{last}]")
