@@ -6,7 +6,8 @@
 //     or a block holds its row in registers (common/row_tile.cuh: 16-byte loads, 8 to 32
 //     values a thread forward, 8 or 16 backward). Forward: one read of x (and the residual), one write of y (and of
 //     x + residual); the variance is taken from deviations from the mean, held in
-//     registers (numerically safe, unlike sum of squares minus square of sums).
+//     registers (numerically safe, unlike sum of squares minus square of sums), the mean
+//     corrected by their sum (corrected_variance: a constant row's norm is exactly 0).
 //   * packed (16-bit rows of 2049 to 16384 columns, 16-byte aligned, no residual;
 //     FASTDL_CUDA_PACKED_NORM=0 gives them the tile): a block of 128 to 512 threads holds its
 //     row as it is in memory, 32 values a thread in 16 registers (common/row_tile.cuh's
@@ -141,6 +142,35 @@ constexpr int kSumRowThreads = 32;
 // ---------------------------------------------------------------------------------
 // forward
 // ---------------------------------------------------------------------------------
+// The corrected two-pass algorithm (Chan, Golub & LeVeque 1983, "Algorithms for computing the
+// sample variance", eq. 1.7), for the row kernels: from the deviations of n values from their
+// mean as first found (the sum / n, rounded), their sum `dev` (near 0: n times that mean's
+// error) and their sum of squares `sq`, the variance. It corrects `mean` by dev / n and gives
+// `shift` = dev / n, what each deviation is then off. A constant row comes out exact: its
+// deviations are all the first mean's error e, so dev = n e and sq = n e^2 exactly, the mean
+// is the row's value and the variance 0. The sum / n alone left that row's norm e / sqrt(eps)
+// from 0 (fp32 rows of 3.7, 4096 wide: 5.8e-4 off float64 in the CPU kernel, which did the same;
+// torch's Welford kernels give 0).
+// The correction is taken only where it is more than its own error (kShiftFloor2): x - mean
+// rounds away the mean's bits below x's last one (16-bit x, or |x| > |mean|), the same way for
+// all of a binade's values, so dev / n can be off by up to half an ulp of the deviations. For a
+// row centred near 0 that is more than the first mean's error (fp16 rows of 20000 randn: the
+// corrected mean 2e-5 off float64, the sum / n 2e-6). Below 8 eps of the deviations' root mean
+// square the shift changes y by less than that, and is left out.
+// shift is the one IEEE division (exact for a constant row: dev is n e); the first mean and the
+// variance need no more than ratio_acc (2 ulp): a third division's slow-path call cost the fp32
+// warp tile of 32 x 32 values 4 bytes of spill (sm_90a).
+template <typename A> constexpr A kShiftFloor2 = std::is_same_v<A, double> ? 0x1p-98 : 0x1p-40f;  // (8 eps)^2
+
+template <typename A> __device__ __forceinline__ A corrected_variance(A sq, A dev, int64_t n, A& mean, A& shift) {
+  shift = dev / static_cast<A>(n);
+  const A sq_mean = ratio_acc(sq, static_cast<A>(n));
+  if (!(shift * shift > kShiftFloor2<A> * sq_mean)) shift = A(0);  // (NaN: the row's NaN anyway)
+  mean += shift;
+  const A var = sq_mean - shift * shift;
+  return var < A(0) ? A(0) : var;  // rounding may leave it a hair below 0 (NaN stays NaN)
+}
+
 template <typename T, typename W, typename Y, typename R, int kThreads, int kElems>
 __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     norm_forward_tile_kernel(const T* __restrict__ x, const R* __restrict__ residual, const W* __restrict__ weight,
@@ -150,7 +180,7 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
                              typename Acc<T>::type eps, bool rms, bool aligned) {
   using A = typename Acc<T>::type;
   using Tile = RowTile<T, kThreads, kElems>;
-  __shared__ A scratch[kThreads / kWarpSize];
+  __shared__ A scratch[2 * kThreads / kWarpSize];  // group_sum2's
   const int64_t row = tile_row<kThreads>();
   if (row >= rows) return;  // whole groups only (tile_row)
   const int t = threadIdx.x % kThreads;
@@ -168,22 +198,29 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     A total = 0;
 #pragma unroll
     for (int i = 0; i < kElems; ++i) total += v[i];  // padding holds 0
-    mean = group_sum<kThreads>(total, scratch) / static_cast<A>(cols);
+    mean = ratio_acc(group_sum<kThreads>(total, scratch), static_cast<A>(cols));  // corrected below
   }
-  A sq = 0;
+  A sq = 0, dev = 0;
 #pragma unroll
   for (int i = 0; i < kElems; ++i) {
     v[i] = Tile::col(t, i) < cols ? v[i] - mean : A(0);
     sq += v[i] * v[i];
+    dev += v[i];
   }
-  sq = group_sum<kThreads>(sq, scratch);
-  const A rstd = A(1) / sqrt(sq / static_cast<A>(cols) + eps);
+  A var, shift = 0;
+  if (rms) {
+    var = group_sum<kThreads>(sq, scratch) / static_cast<A>(cols);
+  } else {
+    group_sum2<kThreads>(sq, dev, scratch);
+    var = corrected_variance(sq, dev, cols, mean, shift);
+  }
+  const A rstd = A(1) / sqrt(var + eps);
   if (t == 0) {
     if (!rms) mean_out[row] = mean;
     rstd_out[row] = rstd;
   }
 #pragma unroll
-  for (int i = 0; i < kElems; ++i) v[i] *= rstd;
+  for (int i = 0; i < kElems; ++i) v[i] = (v[i] - shift) * rstd;
   if (weight != nullptr) {
     A w[kElems];
     Tile::load(weight, t, cols, aligned, w, A(0));
@@ -229,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   using A = typename Acc<T>::type;
   using Tile = PackedRowTile<T, kThreads, kPackedBlockElems>;
   constexpr int kPack = Tile::kPack;
-  __shared__ A scratch[kThreads / kWarpSize];
+  __shared__ A scratch[2 * kThreads / kWarpSize];  // group_sum2's
   const int64_t row = blockIdx.x;
   const int t = threadIdx.x;
   Tile tile;
@@ -239,19 +276,26 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
     A total = 0;
 #pragma unroll
     for (int i = 0; i < kPackedBlockElems; ++i) total += tile.value(i);
-    mean = block_sum<kThreads>(total, scratch) / static_cast<A>(cols);
+    mean = ratio_acc(block_sum<kThreads>(total, scratch), static_cast<A>(cols));  // corrected below
     tile.reconvert_after_here();
   }
-  A sq = 0;
+  A sq = 0, dev = 0;
   Tile::for_each_pack(t, cols, [&](int p, int) {
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
       const A d = Tile::element(tile.packs[p], k) - mean;
       sq += d * d;
+      dev += d;
     }
   });
-  sq = block_sum<kThreads>(sq, scratch);
-  const A rstd = A(1) / sqrt(sq / static_cast<A>(cols) + eps);
+  A var, shift = 0;
+  if (rms) {
+    var = block_sum<kThreads>(sq, scratch) / static_cast<A>(cols);
+  } else {
+    group_sum2<kThreads>(sq, dev, scratch);
+    var = corrected_variance(sq, dev, cols, mean, shift);
+  }
+  const A rstd = A(1) / sqrt(var + eps);
   if (t == 0) {
     if (!rms) mean_out[row] = mean;
     rstd_out[row] = rstd;
@@ -260,6 +304,9 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
   T* y_row = y + row * cols;
   Tile::for_each_pack(t, cols, [&](int p, int col) {
     A v[kPack];
+    // from the corrected mean (exact for a constant row), not the tile's deviation less shift:
+    // a 16-bit row gains nothing from the latter, which held both means in registers (40 -> 44-48
+    // registers, two 512-thread blocks an SM where there are three)
 #pragma unroll
     for (int k = 0; k < kPack; ++k) v[k] = (Tile::element(tile.packs[p], k) - mean) * rstd;
     if (weight != nullptr) apply_param<false>(weight + col, v);

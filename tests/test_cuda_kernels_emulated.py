@@ -999,6 +999,34 @@ def test_norm_forward_packed_only_where_it_holds(runner, tmp_path, case):
     assert_close(result.outputs["y"].view(rows, cols), y, out_dtype or dtype, "y")
 
 
+@pytest.mark.parametrize("variant", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("kernel, cols", [("tile", 7), ("tile", 1000), ("tile", 4104), ("packed", 4104),
+                                          ("loop", 20000)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_norm_forward_constant_rows(runner, tmp_path, dtype, kernel, cols, variant):
+    """A constant row's norm is exactly its bias, and its mean exactly its value: the row
+    kernels' corrected mean (corrected_variance) and the loop kernel's combine of equal means.
+    With the sum / n alone, rows of 3.7 came out ~1e-4 off in fp32 (the mean's rounding over
+    sqrt(eps)). Values that round in a sum: 0.1, 3.7, -1234.5678, 1/3 of 1e-3, a power of 2."""
+    if kernel == "packed" and (dtype not in (torch.float16, torch.bfloat16) or variant == "add_layer_norm"):
+        pytest.skip("the packed forward takes 16-bit rows without a residual")
+    values = torch.tensor([0.1, 3.7, -1234.5678, 1e-3 / 3, 8.0]).to(dtype)
+    rows = len(values)
+    inputs, offsets = _norm_inputs((rows, cols), dtype, variant)
+    inputs["x"] = values[:, None].expand(rows, cols).contiguous()
+    if "residual" in inputs:
+        inputs["residual"] = torch.full((rows, cols), 0.3).to(dtype)
+    result = _norm_forward(runner, tmp_path, inputs, offsets, False,
+                           env=PACKED_NORM if kernel == "packed" else None)
+    assert _kernels(result) == [f"norm_forward_{kernel}_kernel"], result.launches
+    h = inputs["x"] + inputs["residual"] if "residual" in inputs else inputs["x"]
+    expected = inputs["bias"].to(dtype).expand(rows, cols)
+    assert torch.equal(result.outputs["y"].view(rows, cols), expected), "y is not the bias"
+    assert torch.equal(result.outputs["mean"], h[:, 0].to(_acc(dtype))), "mean is not the row's value"
+    assert_close(result.outputs["rstd"], torch.full((rows,), 1e-5, dtype=torch.float64).rsqrt(), _acc(dtype),
+                 "rstd")
+
+
 DEFAULTS = dict.fromkeys(TILE_KERNELS)  # the launchers' own defaults: no knob set
 
 

@@ -1,5 +1,6 @@
 """layer_norm, rms_norm, add_layer_norm, add_rms_norm: every backend x dtype x shape
 against float64, forward and backward, determinism, modules, bad inputs."""
+import importlib
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from conftest import (LARGE_CASES, LARGE_ELEMENTS, TOLERANCE, assert_close, asse
                       skip_without_memory)
 
 CASES = backend_cases()
+norm_ops = importlib.import_module("fastdl.ops.layer_norm")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # (rows, hidden): the issue's hidden sizes 1, 7, 768, 1000, 4096, 8193 and rows 1, 3,
 # 1024, plus a row long enough for the loop kernels
@@ -102,10 +104,11 @@ def test_random_layouts(case):
     dtype, 1 to 4 dims normalised over the last, x, residual, weight and bias each in a layout from
     conftest.random_layout (permuted, sliced, stepped, expanded, offset), the parameters in x's
     dtype or, beside 16-bit x, fp32: forward and backward against float64 (_check). x and the
-    residual are not expanded along the normalised dim: a constant row's exact norm is 0, and
-    its mean, a sum over n, rounds (fp32 gives ~4e-5 where float64 gives 0; torch's CPU kernel
-    gives 0). Rows of 8 or more: two or three close values make an ill-conditioned row, whose fp32
-    sum x + residual rounds far from float64's (test_forward_backward has hidden 1 and 7)."""
+    residual are not expanded along the normalised dim: a constant row's norm is exactly 0,
+    against which float64's own rounding is all the error there is to measure
+    (test_constant_rows_normalise_to_bias checks such rows). Rows of 8 or more: two or three
+    close values make an ill-conditioned row, whose fp32 sum x + residual rounds far from
+    float64's (test_forward_backward has hidden 1 and 7)."""
     backend, device = case
     rng = random.Random(torch.initial_seed())
     # Triton on a GPU compiles each new variant as it meets it (up to ~5 s a shape, fwd and bwd,
@@ -165,6 +168,72 @@ def test_long_row_statistics_offset_outlier_spread(case, variant, cols):
         assert_close(y[i], ref[i], torch.float32, f"row {i}")
     _check(backend, variant, x.requires_grad_(), res.requires_grad_() if has_res else None, w.requires_grad_(),
            b.requires_grad_(), torch.float32)
+
+
+# rows of one value each, values that round when summed (and a power of 2)
+CONSTANT_ROW_VALUES = [0.1, 3.7, -1234.5678, 1e-3 / 3, 8.0]
+
+
+@pytest.mark.parametrize("cols", [7, 1000, 4104, 20000])  # warp tile, block tiles (CUDA: packed for 16-bit), loop
+@pytest.mark.parametrize("variant", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_constant_rows_normalise_to_bias(case, dtype, variant, cols):
+    """A row of one value normalises to exactly 0, so its output is exactly the bias, as torch's:
+    the row kernels correct their first mean by the deviations' mean (the corrected two-pass
+    variance), the loop kernels combine equal means exactly. With the sum / n alone, fp32 rows
+    of 3.7, 4096 wide, were 5.8e-4 off float64 (the mean's rounding over sqrt(eps)), 58 times the
+    tolerance. The backward of such rows against float64 too."""
+    backend, device = case
+    x, res, w, b = _inputs((len(CONSTANT_ROW_VALUES), cols), dtype, device, variant)
+    values = torch.tensor(CONSTANT_ROW_VALUES, device=device).to(dtype)
+    x = values[:, None].expand(-1, cols).contiguous().requires_grad_()
+    if res is not None:
+        res = torch.full_like(res, 0.3).requires_grad_()
+    fn = VARIANTS[variant][0]
+    with fastdl.use_backend(backend):
+        out = _call(fn, variant, x, res, w, b, cols, 1e-5)
+    y = out[1] if res is not None else out
+    assert torch.equal(y, b.detach().expand_as(y)), f"not the bias: {(y.double() - b.double()).abs().max():.3g} off"
+    if dtype != torch.float64:  # there the float64 reference's own mean rounds: its xhat, so dweight, is noise
+        _check(backend, variant, x, res, w, b, dtype)
+
+
+@pytest.mark.parametrize("cols", [7, 1000, 4096])  # the row kernels: warp and block tiles
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_offset_rows_forward_to_the_spread(case, cols):
+    """fp32 rows 1e5 times their spread from 0 (1000 +- 0.01): the row kernels' forward is
+    exact relative to the spread (each deviation from the first mean exact, then the mean's
+    correction taken from it), 5e-8 off float64 on the dev machine where torch's eager CPU norm is
+    2e-3 off (the mean rounded to fp32 first: an ulp of 1000 is 0.006 of the spread). The loop
+    kernels' (longer rows) take deviations from the rounded mean, as torch's."""
+    backend, device = case
+    x = 1000 + 0.01 * torch.randn(5, cols, device=device)
+    w, b = torch.rand(cols, device=device) + 0.5, torch.randn(cols, device=device)
+    with fastdl.use_backend(backend):
+        y = fastdl.ops.layer_norm(x, cols, w, b, 1e-5)
+    assert_close(y, R.layer_norm(x.double(), cols, w.double(), b.double(), 1e-5), torch.float32, "y")
+
+
+@pytest.mark.parametrize("cols", [1000, 8192, 20000])  # block tiles (CUDA: packed for 16-bit at 8192), loop
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_statistics_of_rows_centred_near_0(case, dtype, cols):
+    """The mean and rstd the forward saves, of randn rows, against float64: the mean (~1 /
+    sqrt(cols) of the spread) relative to itself. The deviations' sum that corrects the first
+    mean rounds too: x - mean loses the mean's bits below x's last one, the same way for a
+    binade's values (16-bit x, or |x| > |mean|). Taken always, that correction left fp16 rows of
+    20000 with means 2e-5 off float64 (cpu), where the sum / n alone was 8e-8 off; the kernels
+    take it only where it is more than 8 eps of the deviations' root mean square."""
+    backend, device = case
+    x = torch.randn(5, cols, device=device).to(dtype)
+    _, _, mean, rstd = norm_ops._forward(x, None, None, None, 1, 1e-5, False, backend=backend)
+    x64 = x.double()
+    mean64 = x64.mean(-1)
+    rstd64 = ((x64 - mean64[:, None]) ** 2).mean(-1).add(1e-5).rsqrt()
+    tolerance_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # statistics in fp32
+    assert_close(mean, mean64, tolerance_dtype, "mean")
+    assert_close(rstd, rstd64, tolerance_dtype, "rstd")
 
 
 @pytest.mark.parametrize("cols", [7, 1000, 20000])  # a warp tile, a block tile, the loop kernels

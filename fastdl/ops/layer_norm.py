@@ -32,6 +32,24 @@ backends.register_dtypes(RMS_OP, {b: FLOAT_DTYPES for b in backends.BACKENDS}, n
 
 
 # --- the torch backend: the kernels' math in plain PyTorch ------------------------------
+def _statistics(acc, dims, rms):
+    """(mean, centred, var) of acc over dims (mean None for RMS, centred then acc): the
+    corrected two-pass variance (Chan, Golub & LeVeque 1983), as the kernels (kernels/layer_norm.cu
+    corrected_variance): the deviations' mean corrects the first mean where it is more than its
+    own error, (8 eps)^2 of their mean square, so that a constant row's mean is exact and its
+    norm 0. Plain differentiable ops (torch.func, create_graph)."""
+    if rms:
+        return None, acc, (acc * acc).mean(dims, keepdim=True)
+    first_mean = acc.mean(dims, keepdim=True)
+    dev = acc - first_mean
+    shift = dev.mean(dims, keepdim=True)
+    sq_mean = (dev * dev).mean(dims, keepdim=True)
+    shift_floor2 = 2.0**-98 if acc.dtype == torch.float64 else 2.0**-40
+    shift = torch.where(shift * shift > shift_floor2 * sq_mean, shift, torch.zeros_like(shift))
+    var = (sq_mean - shift * shift).clamp_min(0)  # NaN stays NaN
+    return first_mean + shift, dev - shift, var
+
+
 def _torch_forward(x, residual, weight, bias, eps, rms, normalized_ndim=1, out_dtype=None):
     """(y, h, mean, rstd) over the last normalized_ndim dims, the statistics in x's leading
     shape (h / mean None when absent), y in out_dtype (None: x's). The torch backend runs it
@@ -44,9 +62,8 @@ def _torch_forward(x, residual, weight, bias, eps, rms, normalized_ndim=1, out_d
     dims = tuple(range(-normalized_ndim, 0))
     stats_shape = x.shape[: x.dim() - normalized_ndim]
     acc = x.to(stats_dtype(x.dtype))
-    mean = None if rms else acc.mean(dims, keepdim=True)
-    centred = acc if rms else acc - mean
-    rstd = torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+    mean, centred, var = _statistics(acc, dims, rms)
+    rstd = torch.rsqrt(var + eps)
     y = centred * rstd
     if weight is not None:
         y = y * weight
@@ -261,8 +278,8 @@ def _differentiable_grads(ctx, dy, dsum):
     dims = tuple(range(x.dim() - ctx.normalized_ndim, x.dim()))
     rows = tuple(range(x.dim() - ctx.normalized_ndim))
     xa, dya = x.to(acc), dy.to(acc)
-    centred = xa if ctx.rms else xa - xa.mean(dims, keepdim=True)
-    rstd = torch.rsqrt((centred * centred).mean(dims, keepdim=True) + ctx.eps)
+    _, centred, var = _statistics(xa, dims, ctx.rms)
+    rstd = torch.rsqrt(var + ctx.eps)
     xhat = centred * rstd
     g = dya * weight.to(acc) if weight is not None else dya
     dx = g - xhat * (g * xhat).mean(dims, keepdim=True)

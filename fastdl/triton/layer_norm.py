@@ -4,7 +4,8 @@ a residual add: Triton kernels.
 One forward and one backward kernel serve all four ops through constexpr flags
 (RMS, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS), each in two shapes by row length:
   * tile: a program holds ROWS whole rows in registers; one read and one write of
-    every element (plus the residual and the sum when fused).
+    every element (plus the residual and the sum when fused). The variance from the
+    deviations from the mean, which their sum corrects (the corrected two-pass variance).
   * loop: for rows too long for registers, a program walks its row in chunks: a sweep
     takes mean and variance (Welford's running update in each lane, the lanes combined
     as Chan et al.'s; not sum of squares minus square of sums, which cancels
@@ -144,15 +145,35 @@ def _norm_forward_tile_kernel(
         tl.store(sum_ptr + row * n_cols + col, h, mask=mask)
         x = h.to(ACC)  # normalise the sum as stored, as the unfused add would
     if RMS:
-        centred = x
+        var = tl.sum(x * x, axis=1) / n_cols
     else:
         mean = tl.sum(x, axis=1) / n_cols
-        centred = tl.where(col_mask, x - mean[:, None], 0.0)
+        dev = tl.where(col_mask, x - mean[:, None], 0.0)
+        # the corrected two-pass variance (Chan, Golub & LeVeque 1983): the deviations' sum, n
+        # times the first mean's error, corrects it where it is more than its own error, (8 eps)^2
+        # of the mean square (kernels/layer_norm.cu corrected_variance says more: a constant row's
+        # norm comes out exactly 0, its mean exact). Two tl.sum, not one tl.reduce of the pair:
+        # the interpreter adds a custom combine's terms in order, tl.sum's pairwise (4096 columns
+        # of 1000 +- 0.01: rstd 1e-5 off, against 7e-8).
+        shift = tl.sum(dev, axis=1) / n_cols
+        sq_mean = tl.sum(dev * dev, axis=1) / n_cols
+        if ACC == tl.float64:
+            shift_floor2 = 2.0**-98
+        else:
+            shift_floor2 = 2.0**-40
+        shift = tl.where(shift * shift > shift_floor2 * sq_mean, shift, 0.0)
+        mean += shift
+        var = sq_mean - shift * shift
+        var = tl.where(var < 0.0, 0.0, var)  # a hair below 0 from rounding (NaN stays NaN)
         tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
-    var = tl.sum(centred * centred, axis=1) / n_cols
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
-    y = centred * rstd[:, None]
+    if RMS:
+        y = x * rstd[:, None]
+    else:
+        # (dev - shift) * rstd in y's own line: kept as a tile of its own, the deviations less
+        # shift cost the fp32 1024 x 4 tile of 512 threads 8 bytes of spill (sm_90)
+        y = (dev - shift[:, None]) * rstd[:, None]
     if HAS_WEIGHT:
         y *= tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(ACC)
     if HAS_BIAS:
@@ -202,10 +223,14 @@ def _norm_forward_row(x_ptr, residual_ptr, weight_ptr, bias_ptr, y_ptr, sum_ptr,
     else:
         # the lanes' states as one (Chan et al. 1979): the mean of their means weighted by their
         # counts, and their squared deviations plus each lane mean's from it, count times (a
-        # lane past the row's end: count 0, adds nothing)
+        # lane past the row's end: count 0, adds nothing). The means weighted as differences
+        # from lane 0's (which holds the row's first column): a constant row's lanes all hold
+        # its value, and its mean comes out exact, where the sum of that value times each count,
+        # over n, may round (kernels/common/reduce.cuh block_mean_m2, the same)
         lanes = tl.arange(0, BLOCK_COLS)
         lane_count = (tl.maximum(n_cols - lanes + BLOCK_COLS - 1, 0) // BLOCK_COLS).to(ACC)  # chunks a lane was in
-        mean = tl.sum(lane_count * lane_mean, axis=0) / n_cols
+        first = tl.sum(tl.where(lanes == 0, lane_mean, 0.0), axis=0)
+        mean = first + tl.sum(lane_count * (lane_mean - first), axis=0) / n_cols
         lane_dev = lane_mean - mean
         m2 = tl.sum(acc_sq + lane_count * lane_dev * lane_dev, axis=0)
         tl.store(mean_ptr + row, mean)

@@ -49,6 +49,26 @@ template <int kThreads, typename A> __device__ __forceinline__ A group_sum(A v, 
   else return block_sum<kThreads>(v, scratch);
 }
 
+// Two sums over a group at once (the same as group_sum of each): one barrier round where a block
+// shares the row, the two shuffles of a step independent. `scratch` holds 2 * kThreads/32 values.
+template <int kThreads, typename A> __device__ __forceinline__ void group_sum2(A& a, A& b, A* scratch) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if constexpr (kThreads > kWarpSize) {
+    static_assert(kThreads % kWarpSize == 0 && kThreads <= 1024, "block of whole warps");
+    constexpr int kWarps = kThreads / kWarpSize;
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    __syncthreads();  // scratch may still be read from a previous reduction
+    if (lane == 0) {
+      scratch[warp] = a;
+      scratch[kWarps + warp] = b;
+    }
+    __syncthreads();
+    a = warp_sum(lane < kWarps ? scratch[lane] : A(0));
+    b = warp_sum(lane < kWarps ? scratch[kWarps + lane] : A(0));
+  }
+}
+
 template <int kThreads, typename A> __device__ __forceinline__ A group_max(A v, A* scratch) {
   if constexpr (kThreads == kWarpSize) return warp_max(v);
   else return block_max<kThreads>(v, scratch);
@@ -93,15 +113,25 @@ template <typename A> __device__ __forceinline__ MeanM2<A> combine(MeanM2<A> a, 
   const A n = a.n + b.n;
   if (n == A(0)) return a;
   const A delta = b.mean - a.mean, share = ratio_acc(b.n, n);
-  return {n, a.mean + delta * share, a.m2 + b.m2 + delta * delta * a.n * share};
+  // b's mean as it is into an empty a (not b.mean times ratio_acc's b.n / n, which may be a hair
+  // off 1): then equal means, a constant row's, stay exact
+  return {n, a.n == A(0) ? b.mean : a.mean + delta * share, a.m2 + b.m2 + delta * delta * a.n * share};
 }
 
 // The state of kN values held at once: their mean, then their squared deviations from it.
+// The sum pairwise, so that kN (a power of 2) equal values give their value exactly as the
+// mean (in order, 3 c could round), and combine keeps a constant row's mean exact.
 template <int kN, typename A> __device__ __forceinline__ MeanM2<A> mean_m2(const A (&v)[kN]) {
-  A total = 0;
+  static_assert((kN & (kN - 1)) == 0, "a power of 2 of values");
+  A part[kN];
 #pragma unroll
-  for (int k = 0; k < kN; ++k) total += v[k];
-  const A mean = total / static_cast<A>(kN);
+  for (int k = 0; k < kN; ++k) part[k] = v[k];
+#pragma unroll
+  for (int width = kN / 2; width > 0; width /= 2) {
+#pragma unroll
+    for (int k = 0; k < width; ++k) part[k] += part[k + width];
+  }
+  const A mean = part[0] / static_cast<A>(kN);
   A m2 = 0;
 #pragma unroll
   for (int k = 0; k < kN; ++k) m2 += (v[k] - mean) * (v[k] - mean);
@@ -110,10 +140,17 @@ template <int kN, typename A> __device__ __forceinline__ MeanM2<A> mean_m2(const
 
 // The block's threads' states (of n values in all) as one, every thread getting it (Chan et
 // al.: the mean of the means weighted by their counts, then the squared deviations plus each
-// mean's from it, count times). Two block sums, the same bits in every thread.
+// mean's from it, count times). The means are weighted as differences from the first thread's
+// (the row's first values): equal means, a constant row's, then give that mean exactly, where
+// the sum of c times each count, over n, may round. Block sums: the same bits in every thread.
+// Thread 0 holds values (n >= 1).
 template <int kThreads, typename A>
 __device__ __forceinline__ MeanM2<A> block_mean_m2(MeanM2<A> v, A n, A* scratch) {
-  const A mean = block_sum<kThreads>(v.n * v.mean, scratch) / n;
+  __syncthreads();  // scratch may still be read from a previous reduction
+  if (threadIdx.x == 0) scratch[0] = v.mean;
+  __syncthreads();
+  const A first = scratch[0];
+  const A mean = first + block_sum<kThreads>(v.n * (v.mean - first), scratch) / n;
   const A dev = v.mean - mean;
   return {n, mean, block_sum<kThreads>(v.m2 + v.n * dev * dev, scratch)};
 }
