@@ -32,6 +32,7 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
 #include <limits>
 
@@ -401,11 +402,16 @@ bool native_device(const at::Tensor& x) { return x.is_cpu() || x.is_cuda(); }
 
 // For a softmax call along dim of t, computed in dtype, its other arguments checked: 1 (dim
 // made non-negative) when dim is in range and the backend chosen is native, 0 when not, -1
-// with a Python error set.
+// with a Python error set. A CUDA t of 2^31 rows or columns or more is left to Python, whose
+// "auto" takes the next backend for it (backends.SIZE_LIMITS: the CUDA kernels' int sizes).
 int softmax_dim_on_native(const at::Tensor& t, at::ScalarType dtype, int64_t* dim) {
   const int64_t rank = std::max<int64_t>(t.dim(), 1);  // a 0-d t takes dim 0 or -1, as torch
   if (*dim < -rank || *dim >= rank) return 0;
   *dim = (*dim + rank) % rank;
+  if (t.is_cuda() && t.numel() > INT_MAX) {
+    const int64_t cols = t.dim() == 0 ? 1 : t.size(*dim);
+    if (cols > INT_MAX || (cols > 0 && t.numel() / cols > INT_MAX)) return 0;
+  }
   return resolves_native(Op::kSoftmax, t.is_cuda(), dtype);
 }
 

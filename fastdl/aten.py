@@ -44,18 +44,20 @@ _library: torch.library.Library | None = None
 _warned: set[str] = set()
 
 
-def _backend(op: str, t: torch.Tensor) -> str:
-    """The fastdl backend for this call; "torch" (plain tensor ops) when the choice in force
-    cannot run it, with one warning per reason."""
+def _backend(op: str, t: torch.Tensor, dim: int | None = None) -> str:
+    """The fastdl backend for this call (dim: the one it reduces along, for SIZE_LIMITS);
+    "torch" (plain tensor ops) when the choice in force cannot run it, with one warning per
+    reason."""
     if t.dtype not in FLOAT_DTYPES:
         return "torch"
     try:
-        backend = backends.resolve(op, t)
+        backend = backends.resolve(op, t, dim)
         if backend == "torch" and backends.get_backend() == "auto":
             # auto prefers torch's own kernel here, which the override has replaced: a fastdl
             # kernel still beats plain tensor ops
             runnable = backends.runnable(op, t)
-            backend = next((b for b in ("cuda", "cpu", "triton") if b in runnable), "torch")
+            backend = next((b for b in ("cuda", "cpu", "triton")
+                            if b in runnable and (dim is None or backends.within_limits(op, b, t, dim))), "torch")
         return backend
     except backends.BackendUnavailableError as exc:
         if str(exc) not in _warned:
@@ -88,7 +90,7 @@ def _softmax_forward(x: torch.Tensor, dim: int, half_to_float: bool, log: bool) 
     # backends read the half x as it is and write float)
     dim = dim % max(x.dim(), 1)
     rows = as_rows(x, dim)
-    backend = _backend("softmax", x)
+    backend = _backend("softmax", x, dim)
     if backend == "torch":
         out = _plain_softmax_rows(rows.float() if half_to_float else rows, log)
     else:
@@ -102,7 +104,7 @@ def _softmax_backward(grad_output: torch.Tensor, output: torch.Tensor, dim: int,
     if grad_output.dtype != output.dtype:
         grad_output = grad_output.to(output.dtype)
     grad_rows, out_rows = as_rows(grad_output, dim), as_rows(output, dim)
-    backend = _backend("softmax", output)
+    backend = _backend("softmax", output, dim)
     if backend == "torch":
         dx = _plain_softmax_backward_rows(grad_rows, out_rows, log)
     else:  # after a half_to_float forward, dx written in the half dtype by the backend itself

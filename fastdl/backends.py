@@ -11,7 +11,8 @@ The choice, in order of precedence: `with fastdl.use_backend(...)`, then
 `fastdl.set_backend(...)`, then the FASTDL_BACKEND environment variable (read when fastdl
 is imported), then "auto".
 "auto" walks PREFERENCE for the op and device and takes the first backend that can
-run the call; a named backend that cannot run it raises BackendUnavailableError.
+run the call (within SIZE_LIMITS); a named backend that cannot run it raises
+BackendUnavailableError.
 """
 from __future__ import annotations
 
@@ -67,6 +68,14 @@ PREFERENCE = {
         "cpu": ("cpu", "torch"),  # fp32 8.43x / 12.10x, bf16 8.28x / 13.19x, fp16 11.06x / 23.56x
     },
 }
+
+
+# (op, backend) -> the most rows, and the most columns, its kernels take, where that is less
+# than any tensor's: "auto" passes over the backend for a call beyond it, to the next in
+# PREFERENCE; a backend chosen by name runs the call, and its op says the tensor is too large.
+# The CUDA softmax kernels take rows and columns in 32 bits (csrc/ops/softmax.cpp; the checked
+# entries in csrc/python.cpp leave such calls to Python, which resolves them here).
+SIZE_LIMITS = {("softmax", "cuda"): 2**31 - 1}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -197,12 +206,25 @@ def _resolve_cached(op: str, device_type: str, dtype: torch.dtype, choice: str) 
         if reason is not None:
             return None, f"fastdl.{op}: backend {choice!r} cannot run here: {reason}"
         return choice, None
-    table = PREFERENCE.get(op, {})
-    # an entry for (device, dtype) overrides the device's own
-    for backend in table.get((device_type, dtype), table.get(device_type, ("torch",))):
+    for backend in _preference(op, device_type, dtype):
         if _why_not(op, backend, device_type, dtype) is None:
             return backend, None
     return "torch", None
+
+
+def _preference(op: str, device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
+    table = PREFERENCE.get(op, {})
+    # an entry for (device, dtype) overrides the device's own
+    return table.get((device_type, dtype), table.get(device_type, ("torch",)))
+
+
+def within_limits(op: str, backend: str, t: torch.Tensor, dim: int) -> bool:
+    """Whether t's rows and columns along dim are within backend's SIZE_LIMITS for op."""
+    limit = SIZE_LIMITS.get((op, backend))
+    if limit is None or t.numel() <= limit:  # (the common case: no tensor of < 2^31 elements is over)
+        return True
+    cols = t.shape[dim] if t.dim() else 1
+    return max(cols, t.numel() // cols if cols else 0) <= limit
 
 
 def runnable(op: str, t: torch.Tensor) -> list[str]:
@@ -211,8 +233,9 @@ def runnable(op: str, t: torch.Tensor) -> list[str]:
     return [b for b in BACKENDS if _why_not(op, b, device_type, t.dtype) is None]
 
 
-def resolve(op: str, t: torch.Tensor) -> str:
-    """The backend that runs `op` on tensor t (its device and dtype) now.
+def resolve(op: str, t: torch.Tensor, dim: int | None = None) -> str:
+    """The backend that runs `op` on tensor t (its device and dtype) now; with `dim`, the dim
+    the op reduces along, one within SIZE_LIMITS for t under "auto".
 
     Raises BackendUnavailableError when a named backend cannot run it.
     """
@@ -226,4 +249,7 @@ def resolve(op: str, t: torch.Tensor) -> str:
     backend, error = _resolve_cached(op, device_type, t.dtype, choice)
     if error is not None:
         raise BackendUnavailableError(error)
+    if dim is not None and choice == "auto" and not within_limits(op, backend, t, dim):
+        backend = next((b for b in _preference(op, device_type, t.dtype)
+                        if _why_not(op, b, device_type, t.dtype) is None and within_limits(op, b, t, dim)), "torch")
     return backend

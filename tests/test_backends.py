@@ -158,6 +158,46 @@ def test_preference_by_dtype(monkeypatch):
         backends.forget_resolutions()
 
 
+def test_auto_passes_over_a_backend_for_sizes_beyond_its_limit(monkeypatch):
+    """backends.SIZE_LIMITS (the CUDA softmax kernels' 32-bit rows and columns; here 100 put
+    on the cpu backend): under "auto" a call with more rows or columns along its dim than a
+    backend takes goes to the next backend in PREFERENCE; a call within the limit, one without
+    a dim, and a backend chosen by name are left as they are."""
+    if "cpu" not in fastdl.available_backends("cpu"):
+        pytest.skip("the cpu backend is not built")
+    import importlib
+
+    from fastdl import aten
+
+    softmax_module = importlib.import_module("fastdl.ops.softmax")
+    monkeypatch.setitem(backends.SIZE_LIMITS, ("softmax", "cpu"), 100)
+    monkeypatch.setitem(backends.PREFERENCE, "softmax", {"cpu": ("cpu", "torch")})
+    backends.forget_resolutions()
+    try:
+        wide = torch.randn(3, 101)
+        assert backends.resolve("softmax", wide, -1) == "torch"  # 101 columns
+        assert backends.resolve("softmax", wide, 0) == "torch"  # 101 rows of 3
+        assert backends.resolve("softmax", wide.T, 0) == "torch"  # 101 columns along dim 0
+        assert backends.resolve("softmax", torch.ones(50, 2), 0) == "cpu"  # 100 elements
+        assert backends.resolve("softmax", torch.ones(60, 3), -1) == "cpu"  # 60 rows of 3
+        assert backends.resolve("softmax", wide) == "cpu"
+        assert backends.resolve("layer_norm", wide, -1) == "cpu"  # no limit for the op
+        with fastdl.use_backend("cpu"):
+            assert backends.resolve("softmax", wide, -1) == "cpu"
+        # the Python path, and fastdl.enable()'s override, whose own fallback takes a fastdl kernel
+        ran = []
+        rows_forward = softmax_module._rows_forward
+        monkeypatch.setattr(softmax_module, "_rows_forward", lambda backend, *a: ran.append(backend) or rows_forward(
+            backend, *a))
+        torch.testing.assert_close(softmax_module._forward(wide, -1, False), torch.softmax(wide, -1))
+        assert ran == ["torch"]
+        assert aten._backend("softmax", wide, -1) != "cpu"
+        assert aten._backend("softmax", wide) == "cpu"
+    finally:
+        monkeypatch.undo()
+        backends.forget_resolutions()
+
+
 @pytest.mark.parametrize("op", ["softmax", "layer_norm"])
 def test_backward_runs_on_the_forwards_backend(op, monkeypatch):
     """The backend is looked up when the forward runs; the backward pairs with it, whatever

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastdl
+from fastdl import _native
 from fastdl.reference import log_softmax as ref_log_softmax
 from fastdl.reference import softmax as ref_softmax
 from fastdl.reference import softmax_backward as ref_softmax_backward
@@ -712,14 +713,23 @@ def test_one_row_past_2_31_elements(case, cols):
     below 2^31 and say so. (GPU, or FASTDL_TEST_LARGE=1 on the CPU.)"""
     backend, device = case
     if backend == "cuda":  # the size is checked before any kernel runs: x's values need not be drawn
-        skip_without_memory(device, cols * 2)
+        skip_without_memory(device, 2 * cols * 2)  # x, y
         with large_tensor_turn():
-            x = torch.empty(1, cols, device=device, dtype=torch.bfloat16)
+            x = torch.zeros(1, cols, device=device, dtype=torch.bfloat16)
             with fastdl.use_backend(backend), pytest.raises(RuntimeError, match=r"fastdl.softmax \(cuda\): x of "
                                                                                 r"shape .* is too large \(rows and "
                                                                                 r"cols must each be below 2\^31\)"):
                 fastdl.ops.softmax(x, -1)
-            del x
+            # "auto" passes such a call to the next backend (backends.SIZE_LIMITS), the checked C++
+            # entry to Python
+            assert _native._C.softmax_checked(x, -1, None, False) is NotImplemented
+            expected = "triton" if "triton" in fastdl.available_backends("cuda") else "torch"
+            assert fastdl.backends.resolve("softmax", x, -1) == expected
+            with fastdl.use_backend("auto"):
+                y = fastdl.ops.softmax(x, -1)
+            assert_close(y[0, -2**20:], torch.full((2**20,), 1 / cols, dtype=torch.float64, device=device),
+                         torch.bfloat16, "auto's y of a row of zeros")
+            del x, y
         return
     skip_without_memory(device, 4 * cols * 2)  # x, y, dy, dx
     with large_tensor_turn():

@@ -62,12 +62,12 @@ def _rows_backward(backend: str, grad_out: Tensor, out: Tensor, log: bool,
 def _forward(x: Tensor, dim: int, log: bool, backend: str | None = None,
              out_dtype: torch.dtype | None = None) -> Tensor:
     """(log_)softmax of x along dim on `backend`, or the one resolved now; in out_dtype (None: x's)."""
-    backend = backend or backends.resolve("softmax", x)
+    backend = backend or backends.resolve("softmax", x, dim)
     return from_rows(_rows_forward(backend, as_rows(x, dim), log, out_dtype), x, dim)
 
 
 def _backward(grad_out: Tensor, out: Tensor, dim: int, log: bool, grad_in_dtype: torch.dtype | None = None) -> Tensor:
-    backend = backends.resolve("softmax", out)
+    backend = backends.resolve("softmax", out, dim)
     return from_rows(_rows_backward(backend, as_rows(grad_out, dim), as_rows(out, dim), log, grad_in_dtype), out, dim)
 
 
@@ -172,7 +172,7 @@ def _softmax(op: str, x: Tensor, dim: int, dtype: torch.dtype | None, log: bool)
     # dynamo cannot call tracing())
     if compiling() or tracing():
         return torch.ops.fastdl.softmax(x, dim, log, out_dtype)
-    backend = backends.resolve("softmax", x)
+    backend = backends.resolve("softmax", x, dim)
     if backend in backends.NATIVE:
         # the layout moves and the autograd node (when x requires grad) in C++
         # (csrc/autograd/softmax.cpp): no Python in the backward, and less host time
