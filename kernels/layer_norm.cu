@@ -171,6 +171,17 @@ template <typename A> __device__ __forceinline__ A corrected_variance(A sq, A de
   return var < A(0) ? A(0) : var;  // rounding may leave it a hair below 0 (NaN stays NaN)
 }
 
+// The row's variance (of its deviations from `mean`, each thread's sums of squares `sq` and of the
+// deviations `dev` over a group of kThreads): sq / n for rms_norm (mean 0, no shift), else the
+// corrected variance, which also corrects `mean` and sets `shift`.
+template <int kThreads, typename A>
+__device__ __forceinline__ A row_variance(A sq, A dev, int64_t n, bool rms, A& mean, A& shift, A* scratch) {
+  shift = A(0);
+  if (rms) return group_sum<kThreads>(sq, scratch) / static_cast<A>(n);
+  group_sum2<kThreads>(sq, dev, scratch);
+  return corrected_variance(sq, dev, n, mean, shift);
+}
+
 template <typename T, typename W, typename Y, typename R, int kThreads, int kElems>
 __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     norm_forward_tile_kernel(const T* __restrict__ x, const R* __restrict__ residual, const W* __restrict__ weight,
@@ -207,13 +218,8 @@ __global__ void __launch_bounds__(kTileBlockThreads<kThreads>)
     sq += v[i] * v[i];
     dev += v[i];
   }
-  A var, shift = 0;
-  if (rms) {
-    var = group_sum<kThreads>(sq, scratch) / static_cast<A>(cols);
-  } else {
-    group_sum2<kThreads>(sq, dev, scratch);
-    var = corrected_variance(sq, dev, cols, mean, shift);
-  }
+  A shift;
+  const A var = row_variance<kThreads>(sq, dev, cols, rms, mean, shift, scratch);
   const A rstd = A(1) / sqrt(var + eps);
   if (t == 0) {
     if (!rms) mean_out[row] = mean;
@@ -288,13 +294,8 @@ __global__ void __launch_bounds__(kThreads, 1024 / kThreads)
       dev += d;
     }
   });
-  A var, shift = 0;
-  if (rms) {
-    var = block_sum<kThreads>(sq, scratch) / static_cast<A>(cols);
-  } else {
-    group_sum2<kThreads>(sq, dev, scratch);
-    var = corrected_variance(sq, dev, cols, mean, shift);
-  }
+  A shift;
+  const A var = row_variance<kThreads>(sq, dev, cols, rms, mean, shift, scratch);
   const A rstd = A(1) / sqrt(var + eps);
   if (t == 0) {
     if (!rms) mean_out[row] = mean;
