@@ -221,7 +221,7 @@ def _build_runner(out_dir: Path, runner: Path) -> None:
     """Compile the rewritten kernels, the emulator and the runner in out_dir and link them."""
     include = ["-I", str(ROOT / "kernels"), "-I", str(EMU), "-isystem", str(cuda_include())]
     jobs = []
-    for cu in KERNEL_SOURCES:
+    for cu in [*KERNEL_SOURCES, EMU / "self_check.cu"]:
         rewritten = out_dir / f"{cu.stem}.emu.cpp"
         text = rewrite_source(cu.read_text())
         rewritten.write_text(f'#line 1 "{cu}"\n{text}')

@@ -1163,6 +1163,34 @@ def test_norm_backward_writes_dx_narrow_beside_fp32_rows(runner, tmp_path, dtype
             _norm_backward(runner, tmp_path / "refused", refused_inputs, rms, dx_narrow_dtype=refused)
 
 
+@pytest.mark.parametrize("case", ["switches", "missing barrier", "deadlock", "stack overflow"])
+def test_emulator_self_check(runner, tmp_path, case):
+    """tests/cpp/cuda_emu/self_check.cu, two blocks of two warps: a fiber's registers and stack
+    hold across its switches (barriers, shuffles), and the emulator catches what these tests
+    rely on it to: a missing __syncthreads (threads run in a random order between barriers, so
+    some read a shared slot before it is written: NaN, the poison), a thread that skips one
+    (a deadlock, named) and a write past a local array on a fiber's stack (ASan)."""
+    what = ["switches", "missing barrier", "deadlock", "stack overflow"].index(case)
+    result = emulated_cuda.run(runner, "self_check", tmp_path, {}, {"out": (torch.float32, 128)}, {"case": what},
+                               env={"FASTDL_EMU_SEED": str(torch.initial_seed() % 2**32)})
+    if case == "deadlock":
+        assert result.returncode == 3 and "deadlock: 63 threads wait at __syncthreads" in result.stderr, result.stderr
+        return
+    if case == "stack overflow":
+        assert result.returncode != 0 and "stack-buffer-overflow" in result.stderr, result.stderr
+        assert "self_check.cu:" in result.stderr, result.stderr  # the frame, file:line
+        return
+    assert result.returncode == 0, result.stderr
+    t = torch.arange(128) % 64
+    warp_total = (t // 32 * 32 * 32 + 496).float()  # 32 * (the warp's first index) + 0 + 1 + ... + 31
+    expected = (t + 1) % 64 + 1000 * warp_total
+    out = result.outputs["out"]
+    if case == "switches":
+        assert torch.equal(out, expected), out
+    else:  # a thread that read its neighbour's slot first read NaN; the others are right
+        assert out.isnan().any() and torch.equal(out[~out.isnan()], expected[~out.isnan()]), out
+
+
 def test_rewrite_keeps_lines_and_finds_every_launch():
     """The rewrite leaves no <<< behind, checks every __launch_bounds__, declares every
     __shared__ variable (a dynamic one as a pointer to the launch's shared memory), and keeps

@@ -6,7 +6,7 @@
 // shared_memory() call after each __shared__ declaration (only in kernels/*.cu: a
 // __shared__ variable in a header would not be poisoned).
 //
-// Every GPU thread is a fiber (ucontext) and runs until it reaches a barrier:
+// Every GPU thread is a fiber (a stack of its own) and runs until it reaches a barrier:
 // __syncthreads for its block, a warp shuffle for its warp. When every fiber is waiting,
 // the barrier whose threads have all arrived opens. Between barriers the fibers run in a
 // random order (seeded), so a missing barrier shows as a wrong result; a barrier that

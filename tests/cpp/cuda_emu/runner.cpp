@@ -24,6 +24,8 @@
 
 using fastdl::kernels::DType;
 
+cudaError_t emulator_self_check(int what, float* out);  // self_check.cu
+
 namespace {
 
 [[noreturn]] void usage(const std::string& what) {
@@ -248,6 +250,8 @@ int main(int argc, char** argv) {
   else if (op == "softmax_backward") softmax_backward(run);
   else if (op == "norm_forward") norm_forward(run);
   else if (op == "norm_backward") norm_backward(run);
+  else if (op == "self_check")
+    check(emulator_self_check(run.num("case"), static_cast<float*>(run.ptr("out"))), "self_check");
   else usage("unknown op " + op);
 
   for (const std::string& line : fastdl_emu::launches()) std::printf("launch %s\n", line.c_str());
