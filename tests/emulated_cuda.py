@@ -243,6 +243,26 @@ def _build_runner(out_dir: Path, runner: Path) -> None:
     tmp.rename(runner)
 
 
+def build_ucontext_variant(runner: Path) -> Path:
+    """The runner `build` made, relinked with the emulator's portable fiber switch (ucontext, what
+    other architectures than x86-64 run): cuda_emu.cpp compiled again with FASTDL_EMU_UCONTEXT."""
+    out_dir = runner.parent
+    variant = out_dir / "runner-ucontext"
+    with open(out_dir / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not variant.exists():
+            include = ["-I", str(ROOT / "kernels"), "-I", str(EMU), "-isystem", str(cuda_include())]
+            obj = out_dir / "cuda_emu.ucontext.o"
+            objects = [obj, *(o for o in sorted(out_dir.glob("*.o")) if o.name not in ("cuda_emu.cpp.o", obj.name))]
+            for cmd in (["g++", *FLAGS, *include, "-DFASTDL_EMU_UCONTEXT", "-c", str(EMU / "cuda_emu.cpp"), "-o",
+                         str(obj)], ["g++", *FLAGS, *map(str, objects), "-o", str(out_dir / "runner-ucontext.tmp")]):
+                result = subprocess.run(cmd, capture_output=True, text=True)
+                if result.returncode != 0:
+                    raise RuntimeError(f"building the ucontext runner failed:\n{result.stderr[-8000:]}")
+            (out_dir / "runner-ucontext.tmp").rename(variant)
+    return variant
+
+
 @dataclass
 class Result:
     returncode: int

@@ -14,6 +14,7 @@ The emulated device has FASTDL_EMU_SMS = 4 SMs, so small inputs reach the paths 
 large ones reach on 132 SMs (the split of few long rows, several rows a backward block).
 """
 import math
+import platform
 from pathlib import Path
 
 import pytest
@@ -1163,13 +1164,20 @@ def test_norm_backward_writes_dx_narrow_beside_fp32_rows(runner, tmp_path, dtype
             _norm_backward(runner, tmp_path / "refused", refused_inputs, rms, dx_narrow_dtype=refused)
 
 
+@pytest.mark.parametrize("switch", ["x86-64", "ucontext"])
 @pytest.mark.parametrize("case", ["switches", "missing barrier", "deadlock", "stack overflow"])
-def test_emulator_self_check(runner, tmp_path, case):
+def test_emulator_self_check(runner, tmp_path, case, switch):
     """tests/cpp/cuda_emu/self_check.cu, two blocks of two warps: a fiber's registers and stack
     hold across its switches (barriers, shuffles), and the emulator catches what these tests
     rely on it to: a missing __syncthreads (threads run in a random order between barriers, so
     some read a shared slot before it is written: NaN, the poison), a thread that skips one
-    (a deadlock, named) and a write past a local array on a fiber's stack (ASan)."""
+    (a deadlock, named) and a write past a local array on a fiber's stack (ASan). With the
+    emulator's own x86-64 fiber switch (what the suite runs here) and with the portable one
+    (ucontext, which other architectures run)."""
+    if switch == "ucontext":
+        runner = emulated_cuda.build_ucontext_variant(runner)
+    elif platform.machine() != "x86_64":
+        pytest.skip("the emulator's own fiber switch is x86-64 assembly")
     what = ["switches", "missing barrier", "deadlock", "stack overflow"].index(case)
     result = emulated_cuda.run(runner, "self_check", tmp_path, {}, {"out": (torch.float32, 128)}, {"case": what},
                                env={"FASTDL_EMU_SEED": str(torch.initial_seed() % 2**32)})

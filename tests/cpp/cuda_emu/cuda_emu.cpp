@@ -3,7 +3,10 @@
 #include "cuda_emu.h"
 
 #include <sys/mman.h>
-#if !defined(__x86_64__)
+// FASTDL_EMU_UCONTEXT: the portable fiber switch on x86-64 too (test_emulator_self_check runs both)
+#if defined(__x86_64__) && !defined(FASTDL_EMU_UCONTEXT)
+#define FASTDL_EMU_X86_64_SWITCH 1
+#else
 #include <ucontext.h>
 #endif
 
@@ -35,7 +38,7 @@ namespace {
 
 enum class State { kReady, kAtSync, kAtShuffle, kDone };
 
-#if defined(__x86_64__)
+#if FASTDL_EMU_X86_64_SWITCH
 // A fiber switch without what swapcontext does each time: a system call for the signal mask,
 // and under ASan an interceptor that clears the shadow of the whole target stack (together
 // three quarters of the emulator's time in a norm backward). fastdl_emu_switch_stacks(&from, to)
