@@ -217,49 +217,55 @@ def build(build_dir: Path) -> Path:
     return runner
 
 
+def _include() -> list[str]:
+    return ["-I", str(ROOT / "kernels"), "-I", str(EMU), "-isystem", str(cuda_include())]
+
+
+def _gxx(args: list[str], what: str) -> None:
+    """g++ with FLAGS and args; raises with its messages where it fails."""
+    result = subprocess.run(["g++", *FLAGS, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{result.stderr[-8000:]}")
+
+
+def _link(objects: list[Path], dest: Path) -> None:
+    """Links objects into dest, through dest.tmp (so that a dest that exists is whole)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    _gxx([*map(str, objects), "-o", str(tmp)], f"linking {dest.name}")
+    tmp.rename(dest)
+
+
 def _build_runner(out_dir: Path, runner: Path) -> None:
     """Compile the rewritten kernels, the emulator and the runner in out_dir and link them."""
-    include = ["-I", str(ROOT / "kernels"), "-I", str(EMU), "-isystem", str(cuda_include())]
     jobs = []
     for cu in [*KERNEL_SOURCES, EMU / "self_check.cu"]:
         rewritten = out_dir / f"{cu.stem}.emu.cpp"
         text = rewrite_source(cu.read_text())
         rewritten.write_text(f'#line 1 "{cu}"\n{text}')
-        jobs.append([*include, "-include", str(EMU / "cuda_emu.h"), "-c", str(rewritten)])
-    jobs += [[*include, "-c", str(EMU / "cuda_emu.cpp")], [*include, "-c", str(EMU / "runner.cpp")]]
+        jobs.append([*_include(), "-include", str(EMU / "cuda_emu.h"), "-c", str(rewritten)])
+    jobs += [[*_include(), "-c", str(EMU / "cuda_emu.cpp")], [*_include(), "-c", str(EMU / "runner.cpp")]]
     def compile_one(args):
         obj = out_dir / (Path(args[-1]).name + ".o")
-        result = subprocess.run(["g++", *FLAGS, *args, "-o", str(obj)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"g++ failed on {args[-1]}:\n{result.stderr[-8000:]}")
+        _gxx([*args, "-o", str(obj)], f"g++ on {args[-1]}")
         return obj
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        objects = list(pool.map(compile_one, jobs))
-    tmp = out_dir / "runner.tmp"
-    result = subprocess.run(["g++", *FLAGS, *map(str, objects), "-o", str(tmp)], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"linking the emulator failed:\n{result.stderr[-8000:]}")
-    tmp.rename(runner)
+        _link(list(pool.map(compile_one, jobs)), runner)
 
 
 def build_ucontext_variant(runner: Path) -> Path:
     """The runner `build` made, relinked with the emulator's portable fiber switch (ucontext, what
-    other architectures than x86-64 run): cuda_emu.cpp compiled again with FASTDL_EMU_UCONTEXT."""
+    other architectures than x86-64 run): cuda_emu.cpp compiled again with FASTDL_EMU_UCONTEXT,
+    the other objects as `build` compiled them."""
     out_dir = runner.parent
     variant = out_dir / "runner-ucontext"
     with open(out_dir / "build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not variant.exists():
-            include = ["-I", str(ROOT / "kernels"), "-I", str(EMU), "-isystem", str(cuda_include())]
-            obj = out_dir / "cuda_emu.ucontext.o"
-            objects = [obj, *(o for o in sorted(out_dir.glob("*.o")) if o.name not in ("cuda_emu.cpp.o", obj.name))]
-            for cmd in (["g++", *FLAGS, *include, "-DFASTDL_EMU_UCONTEXT", "-c", str(EMU / "cuda_emu.cpp"), "-o",
-                         str(obj)], ["g++", *FLAGS, *map(str, objects), "-o", str(out_dir / "runner-ucontext.tmp")]):
-                result = subprocess.run(cmd, capture_output=True, text=True)
-                if result.returncode != 0:
-                    raise RuntimeError(f"building the ucontext runner failed:\n{result.stderr[-8000:]}")
-            (out_dir / "runner-ucontext.tmp").rename(variant)
+            switch = out_dir / "cuda_emu.ucontext.o"
+            _gxx([*_include(), "-DFASTDL_EMU_UCONTEXT", "-c", str(EMU / "cuda_emu.cpp"), "-o", str(switch)],
+                 "g++ on cuda_emu.cpp (ucontext)")
+            _link([switch, *sorted(out_dir.glob("*.emu.cpp.o")), out_dir / "runner.cpp.o"], variant)
     return variant
 
 

@@ -1164,8 +1164,11 @@ def test_norm_backward_writes_dx_narrow_beside_fp32_rows(runner, tmp_path, dtype
             _norm_backward(runner, tmp_path / "refused", refused_inputs, rms, dx_narrow_dtype=refused)
 
 
+SELF_CHECK_CASES = ["switches", "missing barrier", "deadlock", "stack overflow"]  # self_check.cu's Case, in order
+
+
 @pytest.mark.parametrize("switch", ["x86-64", "ucontext"])
-@pytest.mark.parametrize("case", ["switches", "missing barrier", "deadlock", "stack overflow"])
+@pytest.mark.parametrize("case", SELF_CHECK_CASES)
 def test_emulator_self_check(runner, tmp_path, case, switch):
     """tests/cpp/cuda_emu/self_check.cu, two blocks of two warps: a fiber's registers and stack
     hold across its switches (barriers, shuffles), and the emulator catches what these tests
@@ -1178,8 +1181,8 @@ def test_emulator_self_check(runner, tmp_path, case, switch):
         runner = emulated_cuda.build_ucontext_variant(runner)
     elif platform.machine() != "x86_64":
         pytest.skip("the emulator's own fiber switch is x86-64 assembly")
-    what = ["switches", "missing barrier", "deadlock", "stack overflow"].index(case)
-    result = emulated_cuda.run(runner, "self_check", tmp_path, {}, {"out": (torch.float32, 128)}, {"case": what},
+    result = emulated_cuda.run(runner, "self_check", tmp_path, {}, {"out": (torch.float32, 128)},
+                               {"case": SELF_CHECK_CASES.index(case)},
                                env={"FASTDL_EMU_SEED": str(torch.initial_seed() % 2**32)})
     if case == "deadlock":
         assert result.returncode == 3 and "deadlock: 63 threads wait at __syncthreads" in result.stderr, result.stderr

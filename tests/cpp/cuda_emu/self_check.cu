@@ -14,7 +14,7 @@ __global__ void __launch_bounds__(kThreads) self_check_kernel(float* out, int wh
   __shared__ float slots[kThreads];
   const int t = threadIdx.x;
   const int row = blockIdx.x * kThreads + t;
-  // integers and pointers live across every switch below, in callee-saved registers or on the stack
+  // values on the fiber's stack across every switch below
   int kept[4];
   for (int i = 0; i < 4; ++i) kept[i] = row * 4 + i;
   if (what == kStackOverflow) {
