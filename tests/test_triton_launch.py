@@ -34,7 +34,10 @@ OFFERED = [
     (norm_kernels._norm_backward_tile_kernel, dict(BLOCK_COLS=8192, ROWS=1), [16]),
     (norm_kernels._norm_backward_tile_kernel, dict(BLOCK_COLS=1024, ROWS=4), [8, 16]),
     (norm_kernels._norm_forward_loop_kernel, dict(BLOCK_COLS=2048), [8, 4, 16]),
-    (norm_kernels._norm_backward_loop_kernel, dict(BLOCK_COLS=2048), [8, 4, 16]),
+    (norm_kernels._norm_forward_loop_kernel, dict(BLOCK_COLS=4096), [8, 16]),
+    # two sums beside x, dy and the weight: at 4096 columns 8 warps spilled (bf16)
+    (norm_kernels._norm_backward_loop_kernel, dict(BLOCK_COLS=2048), [8, 16]),
+    (norm_kernels._norm_backward_loop_kernel, dict(BLOCK_COLS=4096), [16]),
     # dy, x and the two per-lane sums: 4 warps would hold 128 values a thread
     (norm_kernels._norm_param_grad_kernel, dict(BLOCK_COLS=256, ROWS=16), [8, 16]),
     # no choice fits (a tile far past the launchers' limits, as the tune tool may try): the most warps

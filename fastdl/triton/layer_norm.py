@@ -43,11 +43,15 @@ from fastdl.triton._launch import (INTERPRET, accumulator_dtype, cdiv, loop_prog
 # Longest row the tile kernels keep whole in registers.
 FORWARD_TILE_MAX_COLS = 16384
 BACKWARD_TILE_MAX_COLS = 8192
-# Chunk of a row per iteration of the loop kernels. 4096 ran faster (H200 tune of 2b1309b, bf16:
-# forward 4096 x 32768 0.216 -> 0.182 ms, fwd+bwd 4096 x 16384 0.316 -> 0.298; 1024: 0.218,
-# 0.329) but spills 8 bytes a thread at 8 warps in 4 variants (the fused forward with an fp32 y,
-# the backward: tests/triton_compile_check.py): kept at 2048 until those are looked at.
-LOOP_BLOCK_COLS = 2048
+# Chunk of a row per iteration of the loop kernels. 4096 ran fastest (H200 tune of 2b1309b, bf16:
+# forward 4096 x 32768 0.216 ms at 2048 -> 0.182; fwd+bwd 4096 x 16384 0.316 -> 0.298; 1024: 0.218,
+# 0.329), but then spilled 8 bytes a thread at 8 warps in 4 variants. Session 39 compiled every
+# loop variant at 4096 for sm_90: the forward spills no more but in 1 of its row-walking variants
+# (ROW_LOOP, off by default; 8 bytes, which the compile check accepts there, as in 2 of the
+# backward's); the backward's 8 warps spilled in two (bf16, aligned, layer_norm with and without
+# the fused add), so its loop kernel counts 5 live tiles and takes 16 warps at 4096. Both kernels
+# have changed since that tune (the forward's statistics, session 37): untimed as they are now.
+LOOP_BLOCK_COLS = 4096
 # Programs of the loop kernels (forward past FORWARD_TILE_MAX_COLS, the backward's dx past
 # BACKWARD_TILE_MAX_COLS), which read a row again in a second sweep: 0, a program a row; K, at
 # most K programs an SM, each walking rows (ROW_LOOP), so that fewer rows are in flight and the
@@ -479,7 +483,9 @@ def _norm_backward_dx_row(dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_pt
             tl.store(dx_narrow_ptr + row * n_cols + cols, dx.to(dx_narrow_ptr.dtype.element_ty), mask=mask)
 
 
-@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS", "ROW_LOOP"], live_tiles=4)
+# live_tiles: sweep 1 holds two accumulators beside x, dy and the weight's chunk; at 4 (8 warps
+# offered at 4096 columns) ptxas spilled 8 bytes a thread in the bf16 layer_norm variants
+@tuned_num_warps(8, 4, 16, key=["BLOCK_COLS", "ROW_LOOP"], live_tiles=5)
 @triton.jit
 def _norm_backward_loop_kernel(
     dy_ptr, dsum_ptr, x_ptr, weight_ptr, mean_ptr, rstd_ptr, dx_ptr, dx_narrow_ptr,
