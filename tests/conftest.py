@@ -68,9 +68,10 @@ def _interpreter_patches_the_language_once_a_launch():
     (triton.runtime.interpreter._patch_lang, undone when the launch ends), and swaps them again
     at every call of a @triton.jit helper inside it (tl.sum included), never undone: four
     inspect.getmembers and 17 setattrs of the same values each time, ~5,400 times in the
-    add_layer_norm bf16 test of 1024 x 768 (3.4 of its 18 s under cProfile). Skip that where the running launch has patched every
-    language module the helper sees (tl, tl.core); patch as Triton does otherwise. The tests
-    with "triton" in their names: 362 -> 313 s of CPU (2 workers, 183 -> 158 s)."""
+    add_layer_norm bf16 test of 1024 x 768 (3.4 of its 18 s under cProfile). Skip that where
+    the running launch has patched every language module the helper sees (tl, tl.core); patch
+    as Triton does otherwise. The tests with "triton" in their names: 362 -> 313 s of CPU
+    (2 workers, 183 -> 158 s)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     try:

@@ -46,8 +46,8 @@ BACKWARD_TILE_MAX_COLS = 8192
 # Chunk of a row per iteration of the loop kernels. 4096 ran fastest (H200 tune of 2b1309b, bf16:
 # forward 4096 x 32768 0.216 ms at 2048 -> 0.182; fwd+bwd 4096 x 16384 0.316 -> 0.298; 1024: 0.218,
 # 0.329), but then spilled 8 bytes a thread at 8 warps in 4 variants. Session 39 compiled every
-# loop variant at 4096 for sm_90: the forward spills no more but in 1 of its row-walking variants
-# (ROW_LOOP, off by default; 8 bytes, which the compile check accepts there, as in 2 of the
+# loop variant at 4096 for sm_90: the forward spills no more but in 2 of its row-walking variants
+# (ROW_LOOP, off by default; 8 bytes, which the compile check accepts there, as in 1 of the
 # backward's); the backward's 8 warps spilled in two (bf16, aligned, layer_norm with and without
 # the fused add), so its loop kernel counts 5 live tiles and takes 16 warps at 4096. Both kernels
 # have changed since that tune (the forward's statistics, session 37): untimed as they are now.
