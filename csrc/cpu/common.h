@@ -75,9 +75,8 @@ template <int L, typename Step> FASTDL_INLINE void for_each_lane(int64_t n, Step
   for (int64_t k = 0; k < rest; ++k) step(j + k, k);
 }
 
-// The sum over j in [0, n) of term(j) (which may also store).
-template <typename A, typename Term> FASTDL_INLINE A sum_lanes(int64_t n, Term term) {
-  constexpr int L = kLanes<A>;
+// The sum over j in [0, n) of term(j) (which may also store), in L lanes.
+template <typename A, int L = kLanes<A>, typename Term> FASTDL_INLINE A sum_lanes(int64_t n, Term term) {
   A acc[L] = {};
   for_each_lane<L>(n, [&](int64_t j, int64_t k) FASTDL_LAMBDA_INLINE { acc[k] += term(j); });
   return add_lanes(acc);
